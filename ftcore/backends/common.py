@@ -1,0 +1,98 @@
+"""What every backend's loop shares: throughput from step times, the result's common fields,
+and a progress line. The framework code itself stays in each backend module."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ftcore.config import RunConfig
+from ftcore.data import IGNORE_INDEX, Batches
+from ftcore.lora import trainable_params
+from ftcore.measure import RunResult, env_info, flops_per_token, gemm_peak_cached, mfu
+from ftcore.models import read_arch
+
+
+def optimizer_info(cfg: RunConfig, name: str = "AdamW") -> dict[str, Any]:
+    """The optimiser settings a backend really used; compared across backends for fairness."""
+    return {
+        "name": name,
+        "lr": cfg.lr,
+        "lr_schedule": cfg.lr_schedule,
+        "warmup_steps": cfg.warmup_steps,
+        "betas": [cfg.adam_beta1, cfg.adam_beta2],
+        "eps": cfg.adam_eps,
+        "weight_decay": cfg.weight_decay,
+        "bias_correction": True,
+        "max_grad_norm": cfg.max_grad_norm,
+    }
+
+
+def throughput(cfg: RunConfig, batches: Batches, step_times: list[float]) -> dict[str, float]:
+    """Timing figures over the steps after the timing warm-up.
+
+    tokens_per_s counts every token in the (padded) batch; loss_tokens_per_s counts only the
+    targets that enter the loss (labels after the shift that are not IGNORE_INDEX).
+    """
+    w = cfg.timing_warmup_steps
+    timed = step_times[w:]
+    train_time = sum(timed)
+    labels = batches.train["labels"][w : len(step_times)]
+    all_tokens = labels.size
+    loss_tokens = int((labels[:, :, 1:] != IGNORE_INDEX).sum())
+    return {
+        "train_time_s": train_time,
+        "warmup_time_s": sum(step_times[:w]),
+        "tokens_per_s": all_tokens / train_time if train_time > 0 else 0.0,
+        "loss_tokens_per_s": loss_tokens / train_time if train_time > 0 else 0.0,
+    }
+
+
+def base_result(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches, framework: str) -> RunResult:
+    """A RunResult with every field that does not depend on the training itself."""
+    arch = read_arch(model_dir)
+    flops = flops_per_token(arch, cfg.max_seq_len, cfg.lora_targets, cfg.lora_rank)["total"]
+    return RunResult(
+        backend=backend,
+        status="ok",
+        config=cfg.to_dict(),
+        env=env_info(framework),
+        steps=cfg.steps,
+        trainable_params=trainable_params(arch, cfg.lora_targets, cfg.lora_rank),
+        flops_per_token=flops,
+        batch_fingerprint=batches.fingerprint,
+        optimizer=optimizer_info(cfg),
+        precision=cfg.precision,
+    )
+
+
+def finish(result: RunResult, cfg: RunConfig, batches: Batches, step_times: list[float], framework: str) -> RunResult:
+    """Fill the throughput and MFU fields from the per-step wall times."""
+    result.step_times_s = list(step_times)
+    for k, v in throughput(cfg, batches, step_times).items():
+        setattr(result, k, v)
+    result.final_loss = result.losses[-1] if result.losses else None
+    if cfg.device == "cpu":  # the GEMM probe measures this machine's CPU peak only
+        peak = gemm_peak_cached(framework, cfg.precision)
+        result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
+        result.extra["gemm_peak_gflops"] = peak
+    return result
+
+
+class Progress:
+    """One status line on stderr: a live line on a terminal, a line every ~10% otherwise."""
+
+    def __init__(self, backend: str, total: int) -> None:
+        self.backend, self.total = backend, total
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float, tokens_per_s: float | None) -> None:
+        done = step + 1
+        if not self.tty and done != self.total and done % max(1, self.total // 10):
+            return
+        tps = f"{tokens_per_s:8.1f} tok/s" if tokens_per_s else "    warm-up"
+        line = f"[{self.backend}] step {done:>4}/{self.total}  loss {loss:.4f}  {tps}  {time.perf_counter() - self.t0:6.1f}s"
+        print(("\r" + line) if self.tty else line, end="" if self.tty and done < self.total else "\n", file=sys.stderr, flush=True)

@@ -1,0 +1,217 @@
+"""ftcore command line: run | compare | convert | profile.
+
+A user mistake prints one line `error: ...` on stderr and exits 2, with no traceback and no
+result file that claims success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ftcore.config import DEVICES, LORA_TARGETS, LR_SCHEDULES, PRECISIONS, PRESETS, RunConfig, UserError
+
+DEFAULT_BACKENDS = "torch,mlx"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints the whole usage block
+        raise UserError(f"{self.prog}: {message}")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field (dest = field name); unset flags keep RunConfig's default."""
+    d = RunConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="local Hugging Face Llama folder (overrides --preset)")
+    g.add_argument("--preset", choices=PRESETS, help=f"built-in architecture, random init (default {d.preset})")
+    g.add_argument("--num-layers", type=int, help="keep only the first N layers of the preset")
+    g.add_argument("--allow-pickle", action="store_true", default=None, help="accept pickle weights from --model")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="Alpaca .json/.jsonl or datasets.save_to_disk folder (default: built-in synthetic)")
+    g.add_argument("--num-samples", type=int, help=f"training records drawn by seed (default {d.num_samples})")
+    g.add_argument("--eval-samples", type=int, help=f"held-out records for eval loss (default {d.eval_samples})")
+    g.add_argument("--max-seq-len", type=int, help=f"tokens per row, padded/truncated (default {d.max_seq_len})")
+    g.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None, help="loss on the response only (default on)")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
+    g.add_argument("--steps", type=int, help=f"optimiser steps (default {d.steps})")
+    g.add_argument("--timing-warmup-steps", type=int, help=f"first steps left out of throughput (default {d.timing_warmup_steps})")
+    g.add_argument("--eval-every", type=int, help="also evaluate every N steps (default: at the end only)")
+    g.add_argument("--seed", type=int, help=f"data subset, batch order and initial LoRA weights (default {d.seed})")
+    g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
+    g.add_argument("--device", choices=DEVICES, help=f"(default {d.device})")
+    g.add_argument("--threads", type=int, help="threads per framework (default: all cores)")
+    g = p.add_argument_group("optimiser (AdamW with bias correction)")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"after warm-up (default {d.lr_schedule})")
+    g.add_argument("--warmup-steps", type=int, help=f"linear LR warm-up steps (default {d.warmup_steps})")
+    g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    g.add_argument("--adam-beta1", type=float, help=f"(default {d.adam_beta1})")
+    g.add_argument("--adam-beta2", type=float, help=f"(default {d.adam_beta2})")
+    g.add_argument("--adam-eps", type=float, help=f"(default {d.adam_eps})")
+    g.add_argument("--max-grad-norm", type=float, help="clip gradients to this norm (default: no clipping)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, help=f"(default {d.lora_rank})")
+    g.add_argument("--lora-alpha", type=float, help=f"scale = alpha / rank (default {d.lora_alpha:g})")
+    g.add_argument("--lora-dropout", type=float, help=f"(default {d.lora_dropout})")
+    g.add_argument("--lora-targets", help=f"comma list from {','.join(LORA_TARGETS)} (default {','.join(d.lora_targets)})")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
+def build_parser() -> Parser:
+    from ftcore.backends import BACKENDS
+
+    ap = Parser(prog="ftcore", description="LoRA fine-tuning benchmarks: PyTorch vs MLX on identical inputs.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("run", help="fine-tune with one backend", description="Fine-tune with one backend in a fresh process; writes OUT/result.json and OUT/adapter/.")
+    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    add_run_options(p)
+
+    p = sub.add_parser("compare", help="run backends side by side and report", description="Run each backend on one config (each in its own process) and write OUT/<backend>/result.json, comparison.json, report.md and plots.")
+    p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list from {','.join(BACKENDS)} (default {DEFAULT_BACKENDS})")
+    p.add_argument("--out", type=Path, help="output folder (default: a new runs/compare-<time> folder)")
+    add_run_options(p)
+
+    p = sub.add_parser("convert", help="convert a HF Llama checkpoint to MLX", description="Convert a local Hugging Face Llama folder to MLX weights + config.")
+    p.add_argument("--model", required=True, type=Path, help="local Hugging Face Llama folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
+
+    p = sub.add_parser("profile", help="memray-profile one backend's fine-tune", description="Record a memray capture of one backend's whole fine-tune process (a separate, untimed pass) and write its flamegraph.")
+    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--native", action=argparse.BooleanOptionalAction, default=True, help="record native (C/C++) stacks (default on)")
+    add_run_options(p)
+    return ap
+
+
+def parse_backends(text: str) -> list[str]:
+    from ftcore.backends import BACKENDS
+
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise UserError(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'} (choose from {','.join(BACKENDS)})")
+    if len(set(names)) != len(names):
+        raise UserError("--backends: a backend is named twice")
+    return names
+
+
+def new_run_dir(root: Path = Path("runs")) -> Path:
+    """A folder that did not exist before: runs/compare-YYYYmmdd-HHMMSS[-n]."""
+    base = root / time.strftime("compare-%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        out, n = Path(f"{base}-{n}"), n + 1
+    return out
+
+
+def fmt(v: object, spec: str = ".1f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_summary(r) -> None:
+    if r.status != "ok":
+        return
+    first = r.losses[0] if r.losses else None
+    print(f"backend          {r.backend} ({r.precision}, {r.extra.get('device', 'cpu')}, {r.threads} threads, BLAS {r.blas})")
+    print(f"loss             {fmt(first, '.4f')} -> {fmt(r.final_loss, '.4f')} over {r.steps} steps; eval {fmt(r.eval_loss, '.4f')}")
+    print(f"time             load {fmt(r.load_time_s, '.2f')} s, warm-up {fmt(r.warmup_time_s, '.2f')} s, train {fmt(r.train_time_s, '.2f')} s")
+    print(f"throughput       {fmt(r.tokens_per_s)} tok/s (all tokens), {fmt(r.loss_tokens_per_s)} loss tok/s")
+    print(f"memory           peak RSS {fmt(r.peak_rss_mb, '.0f')} MB, after load {fmt(r.baseline_rss_mb, '.0f')} MB, framework peak {fmt(r.framework_peak_mb, '.0f')} MB")
+    print(f"MFU              {fmt(None if r.mfu is None else 100 * r.mfu, '.2f')} % of measured GEMM peak")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ftcore.runner import prepare, run_backend
+
+    prep = prepare(config_from_args(args), args.out)
+    result = run_backend(args.backend, prep, args.out)
+    print_summary(result)
+    print(f"result           {args.out / 'result.json'}")
+    if result.status != "ok":
+        print(f"error: {args.backend} failed: {result.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ftcore.report import build_comparison, format_table, write_report
+    from ftcore.runner import prepare, run_backend
+
+    backends = parse_backends(args.backends)
+    cfg = config_from_args(args)
+    out = args.out or new_run_dir()
+    prep = prepare(cfg, out)
+    results = []
+    for i, name in enumerate(backends, 1):
+        print(f"== [{i}/{len(backends)}] {name}", file=sys.stderr, flush=True)
+        results.append(run_backend(name, prep, out / name).to_dict())
+    comparison = build_comparison(results)
+    write_report(comparison, out)
+    print(format_table(comparison))
+    print(f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: {out / 'loss_curves.png'}")
+    return 0 if any(r["status"] == "ok" for r in results) else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ftcore.convert import ConversionError, convert_hf_to_mlx
+
+    try:
+        out = convert_hf_to_mlx(args.model, args.out, dtype=args.dtype)
+    except ConversionError as e:
+        raise UserError(str(e)) from None
+    print(f"MLX weights and config written to {out}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from ftcore.runner import prepare, run_backend
+
+    prep = prepare(config_from_args(args), args.out)
+    capture = args.out / f"memray-{args.backend}.bin"
+    capture.unlink(missing_ok=True)  # memray refuses to overwrite
+    wrap = [sys.executable, "-m", "memray", "run", "-q", *(["--native"] if args.native else []), "-o", str(capture), "-m"]
+    result = run_backend(args.backend, prep, args.out, wrap=wrap)
+    if result.status != "ok" or not capture.exists():
+        print(f"error: profiling {args.backend} failed: {result.error}", file=sys.stderr)
+        return 1
+    html = args.out / f"memray-flamegraph-{args.backend}.html"
+    subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-f", "-o", str(html), str(capture)], check=True, stdout=subprocess.DEVNULL)
+    print_summary(result)
+    print(f"memray capture   {capture}\nflamegraph       {html}")
+    print("note: timings under memray include its tracking overhead; use `ftcore run` for speed figures")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "profile": cmd_profile}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # unwritable --out, disk full, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

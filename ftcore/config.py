@@ -1,0 +1,151 @@
+"""RunConfig: the one object that drives every backend.
+
+Every CLI flag maps onto one field here. A bad value is refused on creation with a
+message naming the field, before any model is loaded or any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for. The CLI prints `error: <message>` and exits 2."""
+
+
+# Llama linear layers LoRA can attach to (HF names, used by both frameworks).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRESETS = ("tiny", "tinyllama-1.1b")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("cpu", "gpu")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # model: a local HF folder wins over a preset
+    model: str | None = None
+    preset: str = "tiny"
+    num_layers: int | None = None  # truncate the preset to its first N layers
+    allow_pickle: bool = False  # accept *.bin / *.pt weights from --model
+    # data: None means the built-in synthetic Alpaca-format set
+    data: str | None = None
+    num_samples: int = 64  # training records drawn (by seed) from the data
+    eval_samples: int = 16  # held-out records for eval loss; 0 disables eval
+    max_seq_len: int = 128  # every batch is padded/truncated to exactly this length
+    mask_prompt: bool = True  # loss on the response only
+    # run
+    batch_size: int = 4
+    steps: int = 20
+    timing_warmup_steps: int = 1  # first steps (compilation, allocator) left out of throughput
+    eval_every: int = 0  # 0: eval only at the end
+    seed: int = 0
+    precision: str = "fp32"
+    device: str = "cpu"
+    threads: int | None = None  # per framework; None: all logical cores
+    # optimiser: AdamW with bias correction in every backend
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 2  # linear LR warm-up from 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = None  # None: no clipping
+    # LoRA: y = W x + (alpha / rank) * B(A(dropout(x)))
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
+        else:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        self._validate()
+
+    def _validate(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise UserError(f"--{name.replace('_', '-')}: {why}")
+
+        need(self.preset in PRESETS, "preset", f"unknown preset {self.preset!r} (one of {', '.join(PRESETS)})")
+        need(self.num_layers is None or self.num_layers >= 1, "num_layers", "must be >= 1")
+        need(self.num_samples >= 1, "num_samples", "must be >= 1")
+        need(self.eval_samples >= 0, "eval_samples", "must be >= 0")
+        need(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(
+            self.batch_size <= self.num_samples,
+            "batch_size",
+            f"batch size {self.batch_size} is larger than the training subset ({self.num_samples} samples)",
+        )
+        need(self.steps >= 1, "steps", "must be >= 1")
+        need(0 <= self.timing_warmup_steps < self.steps, "timing_warmup_steps", "must be >= 0 and < --steps")
+        need(self.eval_every >= 0, "eval_every", "must be >= 0")
+        need(self.seed >= 0, "seed", "must be >= 0")
+        need(self.precision in PRECISIONS, "precision", f"unknown precision {self.precision!r} (one of {', '.join(PRECISIONS)})")
+        need(self.device in DEVICES, "device", f"unknown device {self.device!r} (one of {', '.join(DEVICES)})")
+        need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", f"learning rate must be a positive number, got {self.lr}")
+        need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"unknown schedule {self.lr_schedule!r} (one of {', '.join(LR_SCHEDULES)})")
+        need(0 <= self.warmup_steps <= self.steps, "warmup_steps", "must be between 0 and --steps")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+        need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
+        need(self.adam_eps > 0, "adam_eps", "must be > 0")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        need(self.lora_rank >= 1, "lora_rank", f"rank must be >= 1, got {self.lora_rank}")
+        need(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(len(self.lora_targets) > 0, "lora_targets", "name at least one module")
+        for t in self.lora_targets:
+            need(t in LORA_TARGETS, "lora_targets", f"unknown target module {t!r} (choose from {','.join(LORA_TARGETS)})")
+
+    @property
+    def lora_scale(self) -> float:
+        """The literal multiplier on B(A(x)): alpha / rank (mlx-lm calls this `scale`)."""
+        return self.lora_alpha / self.lora_rank
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate used for optimiser step `step` (0-based); the same formula in every backend.
+
+        Linear warm-up over `warmup_steps` (like transformers' schedules), then constant, linear
+        decay to 0 or cosine decay to 0 over the remaining steps.
+        """
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / (self.warmup_steps + 1)
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        if self.lr_schedule == "linear":
+            return self.lr * (1.0 - progress)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())

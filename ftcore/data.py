@@ -1,0 +1,282 @@
+"""Alpaca data pipeline, the same for every backend.
+
+records (instruction, input, output) -> Alpaca prompt + response + EOS -> token ids, labels with
+-100 on prompt (when masking) and padding -> fixed-shape numpy batches. Every backend consumes
+the byte-identical arrays; their sha256 fingerprint goes into every result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftcore.config import RunConfig, UserError
+from ftcore.synthetic import synthetic_records
+
+IGNORE_INDEX = -100  # label value excluded from the loss (torch's cross_entropy default)
+
+# The Stanford Alpaca prompt templates (tatsu-lab/stanford_alpaca, train.py).
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+SYNTHETIC_SIZE = 4096  # records in the built-in set
+
+
+def format_prompt(record: dict[str, str]) -> str:
+    """The Alpaca prompt for one record; the variant without `### Input:` when input is empty."""
+    if record.get("input", ""):
+        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_records(path: str | Path | None, seed: int = 0) -> list[dict[str, str]]:
+    """Alpaca-format records from a .json list, a .jsonl file or a `save_to_disk` folder.
+
+    None gives the built-in synthetic set. Every record must have string `instruction` and
+    `output`; `input` is optional. Problems raise UserError naming the file and record.
+    """
+    if path is None:
+        return synthetic_records(SYNTHETIC_SIZE, seed=seed)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"data path not found: {p}")
+    if p.is_dir():
+        rows = _load_saved_dataset(p)
+    elif p.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{p}: line {lineno} is not valid JSON ({e.msg})") from None
+    else:
+        try:
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{p}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if isinstance(rows, dict) and isinstance(rows.get("train"), list):
+            rows = rows["train"]
+        if not isinstance(rows, list):
+            raise UserError(f"{p}: expected a JSON list of Alpaca records")
+    if not rows:
+        raise UserError(f"{p}: the dataset is empty")
+    return [_check_record(r, i, p) for i, r in enumerate(rows)]
+
+
+def _load_saved_dataset(p: Path) -> list[dict[str, Any]]:
+    import datasets  # slow import; only needed for save_to_disk folders
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # datasets raises FileNotFoundError / ValueError variants
+        raise UserError(f"{p}: not a datasets.save_to_disk folder ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        else:
+            raise UserError(f"{p}: dataset has splits {sorted(ds)}; expected a 'train' split")
+    missing = {"instruction", "output"} - set(ds.column_names)
+    if missing:
+        raise UserError(f"{p}: dataset lacks column(s) {', '.join(sorted(missing))}")
+    return ds.to_list()
+
+
+def _check_record(r: Any, i: int, p: Path) -> dict[str, str]:
+    if not isinstance(r, dict):
+        raise UserError(f"{p}: record {i} is not an object")
+    for key in ("instruction", "output"):
+        if not isinstance(r.get(key), str):
+            raise UserError(f"{p}: record {i} has no string '{key}'")
+    inp = r.get("input") or ""
+    if not isinstance(inp, str):
+        raise UserError(f"{p}: record {i} has a non-string 'input'")
+    return {"instruction": r["instruction"], "input": inp, "output": r["output"]}
+
+
+def select_records(
+    records: list[dict[str, str]], num_samples: int, eval_samples: int, seed: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Deterministic (train, eval) subsets drawn without overlap by a seeded permutation."""
+    need = num_samples + eval_samples
+    if need > len(records):
+        raise UserError(
+            f"--num-samples {num_samples} + --eval-samples {eval_samples} = {need} records "
+            f"requested, but the data has only {len(records)}"
+        )
+    order = np.random.default_rng(seed).permutation(len(records))[:need]
+    picked = [records[i] for i in order]
+    return picked[:num_samples], picked[num_samples:]
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+
+@dataclass
+class Tokenized:
+    ids: list[list[int]]  # prompt + response + EOS, truncated to max_seq_len
+    labels: list[list[int]]  # ids with IGNORE_INDEX on the prompt (when masking)
+    dropped: int  # records left with no loss token after truncation
+
+
+def template_length(tokenizer: Any) -> int:
+    """Tokens the bare prompt template takes (empty instruction, no input), BOS included."""
+    return len(tokenizer(PROMPT_NO_INPUT.format(instruction=""))["input_ids"])
+
+
+def tokenize_records(
+    records: list[dict[str, str]], tokenizer: Any, max_seq_len: int, mask_prompt: bool
+) -> Tokenized:
+    """Tokenise in two batched calls (prompts, prompt+response); the prompt's token count marks
+    where the loss starts, as in Stanford Alpaca's own preprocessing."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer defines no EOS token")
+    prompts = [format_prompt(r) for r in records]
+    fulls = [pr + r["output"] for pr, r in zip(prompts, records, strict=True)]
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    full_ids = tokenizer(fulls)["input_ids"]
+    ids_out, labels_out, dropped = [], [], 0
+    for p_ids, f_ids in zip(prompt_ids, full_ids, strict=True):
+        ids = (list(f_ids) + [eos])[:max_seq_len]
+        labels = list(ids)
+        if mask_prompt:
+            n = min(len(p_ids), len(ids))
+            labels[:n] = [IGNORE_INDEX] * n
+        # position 0 is never a target (labels shift by one), so a loss token must sit at >= 1
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            dropped += 1
+            continue
+        ids_out.append(ids)
+        labels_out.append(labels)
+    return Tokenized(ids_out, labels_out, dropped)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _pack(tok: Tokenized, rows: list[int], max_seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded (len(rows), max_seq_len) int64 arrays for the given example indices."""
+    n = len(rows)
+    input_ids = np.full((n, max_seq_len), pad_id, dtype=np.int64)
+    labels = np.full((n, max_seq_len), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((n, max_seq_len), dtype=np.int64)
+    for r, i in enumerate(rows):
+        k = len(tok.ids[i])
+        input_ids[r, :k] = tok.ids[i]
+        labels[r, :k] = tok.labels[i]
+        mask[r, :k] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batches:
+    """What every backend trains and evaluates on.
+
+    train[k]: (steps, batch, max_seq_len) int64 for k in input_ids / labels / attention_mask;
+    step s uses train[k][s]. eval: list of dicts of (<=batch, max_seq_len) arrays.
+    """
+
+    train: dict[str, np.ndarray]
+    eval: list[dict[str, np.ndarray]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for part in [self.train, *self.eval]:
+            for k in ("input_ids", "labels", "attention_mask"):
+                a = np.ascontiguousarray(part[k], dtype=np.int64)
+                h.update(k.encode())
+                h.update(str(a.shape).encode())
+                h.update(a.tobytes())
+        return h.hexdigest()[:16]
+
+    def step(self, s: int) -> dict[str, np.ndarray]:
+        return {k: v[s] for k, v in self.train.items()}
+
+    def save(self, path: str | Path) -> None:
+        arrays = {f"train_{k}": v for k, v in self.train.items()}
+        for i, b in enumerate(self.eval):
+            arrays.update({f"eval{i}_{k}": v for k, v in b.items()})
+        arrays["stats"] = np.frombuffer(json.dumps(self.stats).encode(), dtype=np.uint8)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Batches:
+        with np.load(path) as z:
+            train = {k[len("train_") :]: z[k] for k in z.files if k.startswith("train_")}
+            n_eval = len({k.split("_")[0] for k in z.files if k.startswith("eval")})
+            evals = [
+                {k: z[f"eval{i}_{k}"] for k in ("input_ids", "labels", "attention_mask")}
+                for i in range(n_eval)
+            ]
+            stats = json.loads(z["stats"].tobytes().decode())
+        return cls(train=train, eval=evals, stats=stats)
+
+
+def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None) -> Batches:
+    """Records -> subset/split by seed -> tokens -> `cfg.steps` training batches + eval batches.
+
+    Training batches walk seeded permutations of the training examples, epoch after epoch.
+    """
+    if records is None:
+        records = load_records(cfg.data, seed=cfg.seed)
+    t_len = template_length(tokenizer)
+    if cfg.max_seq_len <= t_len:
+        raise UserError(
+            f"--max-seq-len {cfg.max_seq_len} is shorter than the prompt template ({t_len} tokens)"
+        )
+    train_recs, eval_recs = select_records(records, cfg.num_samples, cfg.eval_samples, cfg.seed)
+    train_tok = tokenize_records(train_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt)
+    eval_tok = tokenize_records(eval_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt)
+    n = len(train_tok.ids)
+    if n < cfg.batch_size:
+        raise UserError(
+            f"only {n} training records keep a loss token at --max-seq-len {cfg.max_seq_len} "
+            f"({train_tok.dropped} dropped); need at least --batch-size {cfg.batch_size}"
+        )
+    rng = np.random.default_rng(cfg.seed + 1)
+    need = cfg.steps * cfg.batch_size
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
+    pad_id = pad_id_of(tokenizer)
+    train = _pack(train_tok, order.tolist(), cfg.max_seq_len, pad_id)
+    train = {k: v.reshape(cfg.steps, cfg.batch_size, cfg.max_seq_len) for k, v in train.items()}
+    evals = [
+        _pack(eval_tok, list(range(i, min(i + cfg.batch_size, len(eval_tok.ids)))), cfg.max_seq_len, pad_id)
+        for i in range(0, len(eval_tok.ids), cfg.batch_size)
+    ]
+    stats = {
+        "train_records": n,
+        "eval_records": len(eval_tok.ids),
+        "dropped_records": train_tok.dropped + eval_tok.dropped,
+        "tokens_per_step": cfg.batch_size * cfg.max_seq_len,
+        "loss_tokens": int((train["labels"][:, :, 1:] != IGNORE_INDEX).sum()),
+        "real_tokens": int(train["attention_mask"].sum()),
+    }
+    return Batches(train=train, eval=evals, stats=stats)

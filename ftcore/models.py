@@ -1,0 +1,222 @@
+"""Model presets, offline checkpoint materialisation, and checks on local HF folders.
+
+A preset becomes an ordinary HF checkpoint folder (config.json, model.safetensors, SentencePiece
+tokenizer) in the cache, random-initialised with a fixed seed and a tokenizer trained locally on
+the built-in data. Nothing here touches a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ftcore.config import RunConfig, UserError
+
+PRESET_INIT_SEED = 0  # weights of a preset are the same for every run seed
+TOKENIZER_VOCAB = 1024  # SentencePiece BPE vocab trained on the built-in data
+TOKENIZER_CORPUS = 4000  # built-in records the tokenizer is trained on
+
+# HF LlamaConfig fields. `tinyllama-1.1b` is TinyLlama-1.1B-Chat-v1.0's architecture exactly.
+PRESET_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=TOKENIZER_VOCAB,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA, as TinyLlama (32 heads, 4 kv heads)
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "tinyllama-1.1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+}
+
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FTCORE_CACHE", Path.home() / ".cache" / "ftcore")).expanduser()
+
+
+def preset_config(preset: str, num_layers: int | None = None) -> dict[str, Any]:
+    cfg = dict(PRESET_CONFIGS[preset])
+    if num_layers is not None:
+        if num_layers > cfg["num_hidden_layers"]:
+            raise UserError(
+                f"--num-layers {num_layers}: preset {preset} has only {cfg['num_hidden_layers']} layers"
+            )
+        cfg["num_hidden_layers"] = num_layers
+    return cfg
+
+
+def hf_llama_config(arch: dict[str, Any]) -> Any:
+    """A transformers LlamaConfig from our flat preset dict (rope theta as rope_parameters)."""
+    from transformers import LlamaConfig
+
+    arch = dict(arch)
+    theta = arch.pop("rope_theta")
+    return LlamaConfig(
+        **arch,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def train_sentencepiece(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB, n_records: int = TOKENIZER_CORPUS) -> Path:
+    """Train a Llama-style SentencePiece BPE tokenizer (byte fallback, <unk>=0 <s>=1 </s>=2) on the
+    built-in data and write `tokenizer.model` + `tokenizer_config.json` into out_dir."""
+    import sentencepiece as spm
+
+    from ftcore.data import format_prompt
+    from ftcore.synthetic import synthetic_records
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = "\n".join(format_prompt(r) + r["output"] for r in synthetic_records(n_records, seed=0))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "corpus.txt").write_text(corpus, encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(Path(tmp) / "corpus.txt"),
+            model_prefix=str(out_dir / "tokenizer"),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,  # any text encodes, as in Llama's tokenizer
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,  # deterministic
+            minloglevel=2,
+        )
+    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "model_max_length": 2048,
+            },
+            indent=2,
+        )
+    )
+    return out_dir / "tokenizer.model"
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The model's own tokenizer, from local files only (tokenizer.json or SentencePiece model)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for broken tokenizer folders
+        raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def materialize_preset(preset: str, num_layers: int | None = None, root: Path | None = None) -> Path:
+    """The preset's HF checkpoint folder, made once (atomically) and reused from the cache."""
+    arch = preset_config(preset, num_layers)
+    name = f"{preset}-L{arch['num_hidden_layers']}-init{PRESET_INIT_SEED}"
+    out = (root or cache_root()) / "models" / name
+    if (out / "ftcore_preset.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    try:
+        import torch
+        from transformers import LlamaForCausalLM
+
+        train_sentencepiece(tmp)
+        tok = load_tokenizer(tmp)
+        if len(tok) > arch["vocab_size"]:
+            raise RuntimeError(f"tokenizer has {len(tok)} tokens, model vocab {arch['vocab_size']}")
+        tok.save_pretrained(str(tmp))  # adds tokenizer.json for fast loading
+        torch.manual_seed(PRESET_INIT_SEED)
+        model = LlamaForCausalLM(hf_llama_config(arch)).float()
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "ftcore_preset.json").write_text(
+            json.dumps({"preset": preset, "arch": arch, "init_seed": PRESET_INIT_SEED}, indent=2)
+        )
+        if out.exists():  # a half-made folder from a killed run
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
+    """Refuse, with one clear message, a folder ftcore cannot train: no config.json, not a Llama,
+    no weights, or only pickle weights (unless allowed). Returns the resolved path."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"model folder not found: {p}")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{p}: no config.json (not a Hugging Face model folder)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_file}: not valid JSON ({e.msg})") from None
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" and not set(archs) & set(LLAMA_ARCHITECTURES):
+        what = ", ".join(archs) or cfg.get("model_type") or "unknown"
+        raise UserError(f"{p}: a {what} model; ftcore supports Llama-architecture models only")
+    if not list(p.glob("*.safetensors")):
+        pickles = [f.name for pat in PICKLE_WEIGHTS for f in p.glob(pat)]
+        if not pickles:
+            raise UserError(f"{p}: no model weights (*.safetensors)")
+        if not allow_pickle:
+            raise UserError(
+                f"{p}: only pickle weights ({', '.join(sorted(pickles))}); loading them can run "
+                "arbitrary code - convert to safetensors or pass --allow-pickle"
+            )
+    if not ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()):
+        raise UserError(f"{p}: no tokenizer (tokenizer.json or tokenizer.model)")
+    return p
+
+
+def resolve_model_dir(cfg: RunConfig) -> Path:
+    """The checkpoint folder a run trains: --model if given, else the materialised preset."""
+    if cfg.model:
+        return check_model_dir(cfg.model, cfg.allow_pickle)
+    return materialize_preset(cfg.preset, cfg.num_layers)
+
+
+def read_arch(model_dir: str | Path) -> dict[str, Any]:
+    """The HF config.json of a checkpoint folder, with rope_theta flattened to the top level."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or {}
+    cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    return cfg
