@@ -13,7 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from ftcore.config import DEVICES, LORA_TARGETS, LR_SCHEDULES, PRECISIONS, PRESETS, RunConfig, UserError
+from ftcore.config import (
+    DEVICES,
+    LORA_TARGETS,
+    LR_SCHEDULES,
+    PRECISIONS,
+    PRESETS,
+    RunConfig,
+    UserError,
+)
 
 DEFAULT_BACKENDS = "torch,mlx"
 
@@ -199,6 +207,12 @@ COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "pro
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from ftcore.runner import OFFLINE_ENV
+
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

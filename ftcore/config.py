@@ -48,7 +48,7 @@ class RunConfig:
     device: str = "cpu"
     threads: int | None = None  # per framework; None: all logical cores
     # optimiser: AdamW with bias correction in every backend
-    lr: float = 1e-3
+    lr: float = 3e-3
     lr_schedule: str = "cosine"
     warmup_steps: int = 2  # linear LR warm-up from 0
     weight_decay: float = 0.0

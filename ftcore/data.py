@@ -147,6 +147,8 @@ def tokenize_records(
 ) -> Tokenized:
     """Tokenise in two batched calls (prompts, prompt+response); the prompt's token count marks
     where the loss starts, as in Stanford Alpaca's own preprocessing."""
+    if not records:
+        return Tokenized([], [], 0)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer defines no EOS token")

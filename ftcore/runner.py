@@ -29,6 +29,15 @@ from ftcore.measure import PeakRSS, RunResult
 from ftcore.models import load_tokenizer, resolve_model_dir
 
 RESULT_FILE = "result.json"
+# Never reach for a hub, and keep library chatter (weight-loading bars) off the progress stream.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @dataclass
@@ -58,7 +67,9 @@ def prepare(cfg: RunConfig, work_dir: Path) -> Prepared:
 def child_env(backend: str, threads: int) -> dict[str, str]:
     """Environment for a backend's process: equal thread counts; a fast BLAS preloaded for MLX."""
     env = dict(os.environ)
+    env.update(OFFLINE_ENV)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONWARNINGS"] = "ignore::FutureWarning"  # transformers' deprecation chatter
     if backend.startswith("mlx"):
         from ftcore.blas import mlx_child_env
 

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import random
 
-WORDS = (
-    "apple river stone cloud garden candle mirror forest window ladder pepper marble "
-    "rocket silver velvet harbor pencil meadow copper lantern puzzle engine orange tiger "
-    "violin basket falcon island jacket kettle lemon magnet needle ocean planet quartz"
-).split()
+WORDS = ["apple", "river", "stone", "cloud", "garden", "candle", "mirror", "forest", "window", "ladder", "pepper", "marble", "rocket", "silver", "velvet", "harbor", "pencil", "meadow", "copper", "lantern", "puzzle", "engine", "orange", "tiger", "violin", "basket", "falcon", "island", "jacket", "kettle", "lemon", "magnet", "needle", "ocean", "planet", "quartz"]
 
 UNITS = (  # (from, to, factor)
     ("meters", "centimeters", 100),

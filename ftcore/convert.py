@@ -1,0 +1,429 @@
+"""HF <-> MLX weights, PEFT <-> MLX adapters, and an mlx-lm adapter writer.
+
+Every source tensor goes through an explicit name table (`HF_TO_MLX`): it is either mapped or
+deliberately dropped, and an unknown key is an error. MLX uses HF's names, so the table is mostly
+identity; it exists so that nothing is copied (or lost) by accident.
+
+A conversion folder holds `weights.safetensors`, `config.json` (the HF config) and
+`ftcore_conversion.json`, a manifest written last that fingerprints the source files. The folder
+is built under a temporary name next to its destination and renamed into place, so a folder
+without a matching manifest is never a finished conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ftcore.mlx_llama import LORA_LEAVES, Model, ModelArgs
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "ftcore_conversion.json"
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+_MIB = 1 << 20
+
+_DTYPES = {
+    "fp32": mx.float32, "float32": mx.float32,
+    "bf16": mx.bfloat16, "bfloat16": mx.bfloat16,
+    "fp16": mx.float16, "float16": mx.float16,
+}  # fmt: skip
+_DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+
+
+class ConversionError(Exception):
+    """A source or conversion folder that cannot be converted; the message is one line."""
+
+
+# HF key template -> MLX key template ("{}" = layer index); None = deliberately dropped.
+HF_TO_MLX: dict[str, str | None] = {
+    "model.embed_tokens.weight": "model.embed_tokens.weight",
+    "model.layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+    "model.norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",  # dropped instead when tie_word_embeddings
+    # RoPE frequencies, stored by old checkpoints; MLX recomputes them from rope_theta.
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+}
+MLX_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_MLX.items() if v is not None}
+
+
+def _map_key(key: str, table: Mapping[str, str | None]) -> str | None:
+    template = re.sub(r"\.(\d+)\.", ".{}.", key, count=1)
+    if template not in table:
+        raise ConversionError(f"no mapping for tensor {key!r}")
+    target = table[template]
+    if target is None or "{}" not in template:
+        return target
+    return target.format(re.search(r"\.(\d+)\.", key).group(1))
+
+
+def hf_to_mlx_key(key: str, tie_word_embeddings: bool = False) -> str | None:
+    """MLX name of an HF tensor; None if deliberately dropped; ConversionError if unknown."""
+    if tie_word_embeddings and key == "lm_head.weight":
+        return None  # the head is embed_tokens; some tied checkpoints still store a copy
+    return _map_key(key, HF_TO_MLX)
+
+
+def mlx_to_hf_key(key: str) -> str:
+    """HF name of an MLX tensor; ConversionError if unknown."""
+    return _map_key(key, MLX_TO_HF)
+
+
+def _normalise_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r} (one of {', '.join(_DTYPES)})")
+    return _DTYPES[dtype]
+
+
+def _read_config(hf_dir: Path) -> tuple[dict[str, Any], ModelArgs]:
+    path = hf_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: unreadable config ({e})") from e
+    if (
+        "LlamaForCausalLM" not in (cfg.get("architectures") or [])
+        and cfg.get("model_type") != "llama"
+    ):
+        arch = cfg.get("architectures") or cfg.get("model_type")
+        raise ConversionError(f"{hf_dir}: not a Llama model (architectures/model_type: {arch})")
+    try:
+        return cfg, ModelArgs.from_hf_config(cfg)
+    except KeyError as e:
+        raise ConversionError(f"{path}: config lacks {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{path}: unsupported Llama config: {e}") from e
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+    """The safetensors files of a model folder: sharded (via the index) or single."""
+    index = hf_dir / _INDEX_FILE
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConversionError(f"{index}: unreadable index ({e!r})") from e
+        files = [hf_dir / n for n in names]
+        if missing := [f.name for f in files if not f.is_file()]:
+            raise ConversionError(
+                f"{hf_dir}: shard(s) named in the index are missing: {', '.join(missing)}"
+            )
+        return files
+    if (hf_dir / _SINGLE_FILE).is_file():
+        return [hf_dir / _SINGLE_FILE]
+    pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    if pickles:
+        raise ConversionError(
+            f"{hf_dir}: only pickle weights ({', '.join(pickles)}); safetensors required "
+            "(re-save with save_pretrained(..., safe_serialization=True))"
+        )
+    raise ConversionError(f"{hf_dir}: no model.safetensors or {_INDEX_FILE}")
+
+
+def _source_paths(hf_dir: Path) -> list[Path]:
+    """Every file a conversion depends on: config, index (if any), weights."""
+    extra = [hf_dir / _INDEX_FILE] if (hf_dir / _INDEX_FILE).is_file() else []
+    return [hf_dir / CONFIG_FILE, *extra, *_weight_files(hf_dir)]
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """Cheap for a multi-GB file, yet catches a replaced or edited one: size, mtime, edge hashes."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_MIB))
+        if st.st_size > _MIB:
+            f.seek(max(_MIB, st.st_size - _MIB))
+            h.update(f.read(_MIB))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "edge_sha256": h.hexdigest()}
+
+
+def _sources_fingerprint(hf_dir: Path) -> dict[str, dict[str, Any]]:
+    return {p.name: _fingerprint(p) for p in _source_paths(hf_dir)}
+
+
+def _safetensors_keys(path: Path) -> set[str]:
+    """Tensor names from a safetensors header; ConversionError if the file is cut short."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or 8 + n > size:
+            raise ConversionError(f"{path}: truncated or not safetensors")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end != size:
+        raise ConversionError(f"{path}: size {size} does not match its header ({8 + n + end})")
+    return set(header)
+
+
+def _load_hf_tensors(hf_dir: Path, args: ModelArgs) -> dict[str, mx.array]:
+    """All source tensors under MLX names, checked against the model's names and shapes."""
+    # Model(args) only builds lazy arrays: names and shapes, no compute, no memory.
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}
+    out: dict[str, mx.array] = {}
+    for path in _weight_files(hf_dir):
+        # mx.load reads safetensors bit-exactly, bf16 included (numpy cannot hold bf16).
+        try:
+            tensors = mx.load(str(path))
+        except Exception as e:  # mlx raises plain RuntimeError/ValueError for a bad file
+            raise ConversionError(f"{path}: cannot read safetensors ({e})") from e
+        for key, value in tensors.items():
+            name = hf_to_mlx_key(key, args.tie_word_embeddings)
+            if name is None:
+                continue
+            if name not in expected:
+                raise ConversionError(f"{path.name}: tensor {key!r} does not belong to this config")
+            if tuple(value.shape) != expected[name]:
+                raise ConversionError(
+                    f"{path.name}: {key} has shape {tuple(value.shape)}, config says {expected[name]}"
+                )
+            if value.dtype not in _DTYPE_NAMES:
+                raise ConversionError(
+                    f"{path.name}: {key} has dtype {value.dtype}; only fp32/bf16/fp16"
+                )
+            out[name] = value
+    if missing := sorted(expected.keys() - out.keys()):
+        raise ConversionError(
+            f"{hf_dir}: missing tensor {mlx_to_hf_key(missing[0])} ({len(missing)} missing)"
+        )
+    return out
+
+
+def _is_replaceable(out_dir: Path) -> bool:
+    """Only an absent folder, an empty one or an earlier conversion may be replaced."""
+    if not out_dir.exists():
+        return True
+    return out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {
+        WEIGHTS_FILE,
+        CONFIG_FILE,
+        MANIFEST_FILE,
+    }
+
+
+def convert_hf_to_mlx(
+    hf_dir: str | Path, out_dir: str | Path, dtype: str | mx.Dtype | None = None
+) -> Path:
+    """Convert a local HF Llama folder (safetensors) into an MLX conversion folder; returns out_dir.
+
+    `dtype` (fp32/bf16/fp16) casts every tensor; None keeps the source dtype bit for bit.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    target = _normalise_dtype(dtype)
+    cfg, args = _read_config(hf_dir)
+    if not _is_replaceable(out_dir):
+        raise ConversionError(
+            f"{out_dir} exists and is not an ftcore conversion; refusing to overwrite it"
+        )
+    sources = _sources_fingerprint(hf_dir)  # taken first: a source edited meanwhile reads as stale
+    weights = _load_hf_tensors(hf_dir, args)
+    if target is not None:
+        weights = {k: v.astype(target) for k, v in weights.items()}
+        cfg["dtype"] = _DTYPE_NAMES[target]
+        cfg.pop("torch_dtype", None)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
+        if target is None:
+            shutil.copyfile(hf_dir / CONFIG_FILE, tmp / CONFIG_FILE)
+        else:
+            (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source_dir": str(hf_dir.resolve()),
+            "dtype": _DTYPE_NAMES[target] if target is not None else None,
+            "sources": sources,
+            "weights_size": (tmp / WEIGHTS_FILE).stat().st_size,
+            "keys": sorted(weights),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():  # an earlier (stale or broken) conversion: move aside, then delete
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def is_conversion_current(
+    hf_dir: str | Path, out_dir: str | Path, dtype: str | mx.Dtype | None = None
+) -> bool:
+    """True only for a complete conversion of the current source files at this dtype."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    target = _normalise_dtype(dtype)
+    try:
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        return (
+            manifest.get("format_version") == FORMAT_VERSION
+            and manifest.get("dtype") == (_DTYPE_NAMES[target] if target is not None else None)
+            and (out_dir / CONFIG_FILE).is_file()
+            and (out_dir / WEIGHTS_FILE).stat().st_size == manifest["weights_size"]
+            and _safetensors_keys(out_dir / WEIGHTS_FILE) == set(manifest["keys"])
+            and manifest["sources"] == _sources_fingerprint(hf_dir)
+        )
+    except (OSError, ValueError, KeyError, TypeError, ConversionError):
+        return False
+
+
+def cached_conversion(
+    hf_dir: str | Path, cache_root: str | Path, dtype: str | mx.Dtype | None = None
+) -> Path:
+    """A current conversion of hf_dir under cache_root, reused when valid, redone otherwise."""
+    hf_dir = Path(hf_dir)
+    target = _normalise_dtype(dtype)
+    tag = hashlib.sha256(str(hf_dir.resolve()).encode()).hexdigest()[:12]
+    out_dir = Path(cache_root) / f"{hf_dir.name}-{tag}-{_DTYPE_NAMES.get(target, 'source')}"
+    if is_conversion_current(hf_dir, out_dir, target):
+        return out_dir
+    return convert_hf_to_mlx(hf_dir, out_dir, target)
+
+
+def convert_mlx_to_hf(mlx_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write `model.safetensors` + `config.json` with HF names, same dtype; returns out_dir."""
+    mlx_dir, out_dir = Path(mlx_dir), Path(out_dir)
+    src = mlx_dir / WEIGHTS_FILE
+    if not src.is_file() or not (mlx_dir / CONFIG_FILE).is_file():
+        raise ConversionError(
+            f"{mlx_dir}: not an MLX conversion folder (needs {WEIGHTS_FILE}, {CONFIG_FILE})"
+        )
+    weights = {mlx_to_hf_key(k): v for k, v in mx.load(str(src)).items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".tmp-{uuid.uuid4().hex[:8]}.safetensors"  # mlx appends the suffix if absent
+    try:
+        # transformers refuses safetensors whose metadata lacks format "pt".
+        mx.save_safetensors(str(tmp), weights, metadata={"format": "pt"})
+        os.replace(tmp, out_dir / _SINGLE_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    shutil.copyfile(mlx_dir / CONFIG_FILE, out_dir / CONFIG_FILE)
+    return out_dir
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+# PEFT: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r); a state_dict()
+# taken from the live model also carries the adapter name: lora_A.default.weight.
+_PEFT_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<leaf>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
+)
+
+
+def _module_path(module: str, to_mlx: bool) -> str:
+    """Map a linear's module path through the weight table (`<module>.weight`)."""
+    key = f"{module}.weight"
+    mapped = hf_to_mlx_key(key) if to_mlx else mlx_to_hf_key(key)
+    if mapped is None:
+        raise ConversionError(f"{module} cannot carry an adapter")
+    return mapped.removesuffix(".weight")
+
+
+def peft_to_mlx_adapter(peft_state: Mapping[str, np.ndarray | mx.array]) -> dict[str, mx.array]:
+    """PEFT adapter state (`get_peft_model_state_dict`, as numpy) -> `lora_state` keys, no transposes."""
+    out: dict[str, mx.array] = {}
+    for key, value in peft_state.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            raise ConversionError(f"not a PEFT LoRA key: {key!r}")
+        name = f"{_module_path(m['module'], to_mlx=True)}.{m['leaf']}"
+        if name in out:
+            raise ConversionError(f"two PEFT tensors map to {name} (more than one adapter?)")
+        out[name] = mx.array(value)
+    return out
+
+
+def mlx_to_peft_adapter(state: Mapping[str, mx.array]) -> dict[str, np.ndarray]:
+    """`lora_state` -> PEFT `get_peft_model_state_dict` keys, as numpy (bf16 widened to fp32, exactly)."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        module, leaf = key.rsplit(".", 1)
+        if leaf not in LORA_LEAVES:
+            raise ConversionError(f"not an adapter key: {key!r}")
+        if value.dtype == mx.bfloat16:
+            value = value.astype(mx.float32)  # numpy has no bf16
+        out[f"base_model.model.{_module_path(module, to_mlx=False)}.{leaf}.weight"] = np.array(
+            value
+        )
+    return out
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(lora_A|lora_B)$")
+
+
+def save_mlx_lm_adapter(
+    state: Mapping[str, mx.array], cfg_info: Mapping[str, Any], out_dir: str | Path
+) -> Path:
+    """Write an mlx-lm adapter folder (`mlx_lm.tuner.utils.load_adapters` reads it).
+
+    cfg_info: {"rank", "alpha", "dropout" (default 0), "num_layers" (the model's layer count)}.
+    mlx-lm stores the transposes: lora_a (in, r), lora_b (r, out), under the same module paths,
+    and adapts the last `num_layers` layers, each with the same `keys`.
+    """
+    out_dir = Path(out_dir)
+    rank, alpha = int(cfg_info["rank"]), float(cfg_info["alpha"])
+    arrays: dict[str, mx.array] = {}
+    per_layer: dict[int, set[str]] = {}
+    for key, value in state.items():
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            raise ConversionError(f"not a per-layer adapter key: {key!r}")
+        layer, module, leaf = int(m[1]), m[2], m[3]
+        per_layer.setdefault(layer, set()).add(module)
+        r = value.shape[0] if leaf == "lora_A" else value.shape[1]
+        if r != rank:
+            raise ConversionError(f"{key}: rank {r} != configured rank {rank}")
+        arrays[f"model.layers.{layer}.{module}.{leaf.lower()}"] = value.T
+    total = int(cfg_info["num_layers"])
+    layers = sorted(per_layer)
+    if not layers or layers != list(range(total - len(layers), total)):
+        raise ConversionError(
+            f"mlx-lm adapts the last N layers; adapters sit on layers {layers} of {total}"
+        )
+    keys = per_layer[layers[0]]
+    if any(per_layer[i] != keys for i in layers):
+        raise ConversionError("mlx-lm needs the same adapted modules in every layer")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out_dir / "adapters.safetensors"), arrays)
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": len(layers),
+        "lora_parameters": {
+            "rank": rank,
+            "scale": alpha / rank,  # mlx-lm's literal multiplier
+            "dropout": float(cfg_info.get("dropout", 0.0)),
+            "keys": sorted(keys),
+        },
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,90 @@
+"""The command line: --help everywhere; every bad input is one `error:` line, non-zero exit,
+no traceback and no result file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def ftcore(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "ftcore", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "convert", "profile"])
+def test_help(command):
+    out = ftcore(command, "--help")
+    assert out.returncode == 0 and "--out" in out.stdout
+
+
+def test_run_help_lists_every_design_flag():
+    text = ftcore("run", "--help").stdout
+    for flag in (
+        "--model", "--preset", "--num-layers", "--data", "--num-samples", "--max-seq-len", "--batch-size",
+        "--steps", "--warmup-steps", "--lr", "--seed", "--lora-rank", "--lora-alpha", "--lora-targets",
+        "--precision", "--device", "--eval-samples",
+    ):  # fmt: skip
+        assert flag in text, flag
+
+
+def assert_user_error(out, needle, out_dir):
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (out_dir / "result.json").exists()
+
+
+def _broken_model(tiny_model_dir, tmp_path, kind):
+    d = tmp_path / kind
+    shutil.copytree(tiny_model_dir, d)
+    if kind == "no-config":
+        (d / "config.json").unlink()
+    elif kind == "gpt2":
+        (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    elif kind == "pickle-only":
+        (d / "model.safetensors").unlink()
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    return d
+
+
+BAD_INPUTS = {
+    "missing data path": (lambda t, m, w: ["--data", t / "nope.json"], "data path not found"),
+    "malformed json": (lambda t, m, w: ["--data", _write(t / "bad.json", '[{"instruction": "x",')], "not valid JSON"),
+    "malformed jsonl": (lambda t, m, w: ["--data", _write(t / "bad.jsonl", '{"instruction": "a", "output": "b"}\n{oops\n')], "line 2 is not valid JSON"),
+    "record without instruction": (lambda t, m, w: ["--data", w(t / "a.json", [{"output": "y"}])], "record 0 has no string 'instruction'"),
+    "record without output": (lambda t, m, w: ["--data", w(t / "a.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "x"}], "jsonl")], "record 1 has no string 'output'"),
+    "empty dataset": (lambda t, m, w: ["--data", w(t / "a.json", [])], "the dataset is empty"),
+    "subset larger than data": (lambda t, m, w: ["--data", w(t / "a.json", [{"instruction": "x", "output": "y"}] * 5)], "the data has only 5"),
+    "max len below template": (lambda t, m, w: ["--max-seq-len", 12], "shorter than the prompt template"),
+    "model without config.json": (lambda t, m, w: ["--model", _broken_model(m, t, "no-config")], "no config.json"),
+    "non-llama model": (lambda t, m, w: ["--model", _broken_model(m, t, "gpt2")], "supports Llama-architecture models only"),
+    "pickle-only weights": (lambda t, m, w: ["--model", _broken_model(m, t, "pickle-only")], "only pickle weights"),
+    "rank 0": (lambda t, m, w: ["--lora-rank", 0], "--lora-rank: rank must be >= 1"),
+    "unknown target": (lambda t, m, w: ["--lora-targets", "q_proj,qkv"], "unknown target module 'qkv'"),
+    "unknown flag": (lambda t, m, w: ["--lora-rnak", 4], "unrecognized arguments: --lora-rnak"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clean_line(case, tmp_path, tiny_model_dir, write_alpaca):
+    make_args, needle = BAD_INPUTS[case]
+    out_dir = tmp_path / "out"
+    out = ftcore("run", "--backend", "torch", "--out", out_dir, *make_args(tmp_path, tiny_model_dir, write_alpaca))
+    assert_user_error(out, needle, out_dir)
+
+
+def test_compare_rejects_unknown_backend(tmp_path):
+    out = ftcore("compare", "--backends", "torch,jax", "--out", tmp_path / "c")
+    assert_user_error(out, "unknown backend(s) jax", tmp_path / "c")

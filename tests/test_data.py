@@ -1,0 +1,138 @@
+"""Data pipeline: loading each format, prompt template, masking, truncation, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ftcore.config import RunConfig, UserError
+from ftcore.data import (
+    IGNORE_INDEX,
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    build_batches,
+    format_prompt,
+    load_records,
+    select_records,
+    tokenize_records,
+)
+from ftcore.models import load_tokenizer
+from ftcore.synthetic import synthetic_records
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_prompt_with_and_without_input():
+    with_input = format_prompt({"instruction": "Add.", "input": "2 + 3", "output": "5"})
+    assert with_input == PROMPT_WITH_INPUT.format(instruction="Add.", input="2 + 3")
+    assert "### Input:\n2 + 3\n\n### Response:\n" in with_input
+    no_input = format_prompt({"instruction": "Say hi.", "input": "", "output": "hi"})
+    assert no_input == PROMPT_NO_INPUT.format(instruction="Say hi.")
+    assert "### Input" not in no_input and no_input.endswith("### Response:\n")
+
+
+@pytest.mark.parametrize("fmt, name", [("json", "a.json"), ("jsonl", "a.jsonl"), ("hf", "alpaca_hf")])
+def test_load_each_format(tmp_path, write_alpaca, alpaca_records, fmt, name):
+    path = write_alpaca(tmp_path / name, alpaca_records, fmt)
+    assert load_records(path) == [
+        {"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in alpaca_records
+    ]
+
+
+def test_missing_input_field_means_empty(tmp_path, write_alpaca):
+    path = write_alpaca(tmp_path / "a.json", [{"instruction": "x", "output": "y"}])
+    assert load_records(path) == [{"instruction": "x", "input": "", "output": "y"}]
+
+
+def test_synthetic_is_deterministic_and_exact():
+    a, b = synthetic_records(200, seed=3), synthetic_records(200, seed=3)
+    assert a == b and a != synthetic_records(200, seed=4)
+    for r in a:
+        if r["instruction"].startswith("Compute"):
+            assert str(eval(r["input"])) == r["output"]  # exact answers
+        if r["instruction"].startswith("Sort the numbers"):
+            xs = [int(x) for x in r["input"].split(", ")]
+            assert r["output"] == ", ".join(map(str, sorted(xs)))
+
+
+def test_masking_marks_prompt_and_padding_only(tok):
+    cfg = RunConfig(num_samples=8, eval_samples=2, batch_size=2, steps=4, max_seq_len=96)
+    b = build_batches(cfg, tok)
+    ids, labels, mask = b.train["input_ids"], b.train["labels"], b.train["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape == (4, 2, 96)
+    for s in range(4):
+        for r in range(2):
+            n = int(mask[s, r].sum())
+            assert (mask[s, r, :n] == 1).all() and (mask[s, r, n:] == 0).all()  # right padding
+            assert (labels[s, r, n:] == IGNORE_INDEX).all()  # padding never a target
+            target = labels[s, r, :n] != IGNORE_INDEX
+            start = int(np.argmax(target))
+            # ignored exactly up to the end of the prompt, then equal to the input ids
+            assert not target[:start].any() and target[start:].all()
+            np.testing.assert_array_equal(labels[s, r, start:n], ids[s, r, start:n])
+            prompt = tok.decode(ids[s, r, :start], skip_special_tokens=True)
+            assert prompt.endswith("### Response:\n")
+            assert ids[s, r, n - 1] == tok.eos_token_id  # EOS appended to the response
+
+
+def test_no_masking_keeps_prompt_in_loss(tok):
+    cfg = RunConfig(num_samples=8, eval_samples=0, batch_size=2, steps=2, max_seq_len=96, mask_prompt=False)
+    b = build_batches(cfg, tok)
+    mask = b.train["attention_mask"].astype(bool)
+    np.testing.assert_array_equal(b.train["labels"][mask], b.train["input_ids"][mask])
+
+
+def test_truncation_to_max_len(tok):
+    long = {"instruction": "Repeat.", "input": "", "output": " ".join(["apple"] * 200)}
+    out = tokenize_records([long], tok, max_seq_len=48, mask_prompt=True)
+    assert len(out.ids[0]) == 48 and len(out.labels[0]) == 48
+    assert out.ids[0][-1] != tok.eos_token_id  # EOS cut off with the rest
+
+
+def test_records_without_loss_tokens_are_dropped(tok):
+    long_prompt = {"instruction": " ".join(["apple"] * 100), "input": "", "output": "x"}
+    out = tokenize_records([long_prompt], tok, max_seq_len=48, mask_prompt=True)
+    assert out.dropped == 1 and out.ids == []
+
+
+def test_subset_split_and_batches_are_deterministic(tok):
+    records = synthetic_records(300, seed=1)
+    train1, eval1 = select_records(records, 50, 10, seed=5)
+    train2, eval2 = select_records(records, 50, 10, seed=5)
+    assert train1 == train2 and eval1 == eval2
+    assert not {id(r) for r in train1} & {id(r) for r in eval1}
+    assert select_records(records, 50, 10, seed=6)[0] != train1
+    cfg = RunConfig(num_samples=32, eval_samples=8, batch_size=4, steps=10)
+    a, b = build_batches(cfg, tok), build_batches(cfg, tok)
+    assert a.fingerprint == b.fingerprint
+    for k in a.train:
+        np.testing.assert_array_equal(a.train[k], b.train[k])
+    assert build_batches(cfg.replace(seed=1), tok).fingerprint != a.fingerprint
+
+
+def test_batches_round_trip_through_npz(tok, tmp_path):
+    b = build_batches(RunConfig(num_samples=8, eval_samples=5, batch_size=2, steps=3), tok)
+    b.save(tmp_path / "b.npz")
+    c = type(b).load(tmp_path / "b.npz")
+    assert c.fingerprint == b.fingerprint and c.stats == b.stats and len(c.eval) == 3
+
+
+def test_epochs_cycle_through_all_examples(tok):
+    cfg = RunConfig(num_samples=4, eval_samples=0, batch_size=2, steps=6)  # 3 epochs
+    rows = build_batches(cfg, tok).train["input_ids"].reshape(12, -1)
+    for epoch in range(3):
+        assert len({r.tobytes() for r in rows[4 * epoch : 4 * epoch + 4]}) == 4
+
+
+def test_max_len_shorter_than_template(tok):
+    with pytest.raises(UserError, match="shorter than the prompt template"):
+        build_batches(RunConfig(max_seq_len=16), tok)
+
+
+def test_subset_larger_than_data(tmp_path, write_alpaca, alpaca_records, tok):
+    path = write_alpaca(tmp_path / "a.json", alpaca_records)
+    with pytest.raises(UserError, match="only 40"):
+        build_batches(RunConfig(data=str(path), num_samples=64, eval_samples=0), tok)

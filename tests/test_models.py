@@ -1,0 +1,96 @@
+"""Presets materialised offline and reused; local HF folders checked and loaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ftcore.config import RunConfig, UserError
+from ftcore.data import build_batches
+from ftcore.models import (
+    PRESET_CONFIGS,
+    check_model_dir,
+    load_tokenizer,
+    materialize_preset,
+    preset_config,
+    read_arch,
+)
+
+
+def test_tiny_preset_has_tinyllama_structure(tiny_model_dir):
+    arch = read_arch(tiny_model_dir)
+    assert arch["architectures"] == ["LlamaForCausalLM"]
+    assert arch["num_key_value_heads"] < arch["num_attention_heads"]  # GQA
+    assert arch["tie_word_embeddings"] is False
+    assert arch["rope_theta"] == 10000.0 and arch["rms_norm_eps"] == 1e-5
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer.model"):
+        assert (tiny_model_dir / f).is_file()
+
+
+def test_tinyllama_preset_is_the_real_architecture():
+    a = preset_config("tinyllama-1.1b")
+    assert (a["vocab_size"], a["hidden_size"], a["intermediate_size"]) == (32000, 2048, 5632)
+    assert (a["num_hidden_layers"], a["num_attention_heads"], a["num_key_value_heads"]) == (22, 32, 4)
+    assert a["rope_theta"] == 10000.0 and a["rms_norm_eps"] == 1e-5
+    assert preset_config("tinyllama-1.1b", 4)["num_hidden_layers"] == 4
+    with pytest.raises(UserError, match="only 22 layers"):
+        preset_config("tinyllama-1.1b", 23)
+    assert PRESET_CONFIGS["tinyllama-1.1b"]["num_hidden_layers"] == 22  # not mutated
+
+
+def test_preset_reused_from_cache(tiny_model_dir):
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_model_dir.iterdir()}
+    assert materialize_preset("tiny") == tiny_model_dir
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_model_dir.iterdir()} == before
+
+
+def test_preset_is_deterministic_and_truncatable(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    again = materialize_preset("tiny", root=tmp_path / "a")  # same preset, a fresh cache
+    a, b = load_file(tiny_model_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # same vocabulary (the .model bytes also hold the trainer's temp input path)
+    assert load_tokenizer(again).get_vocab() == load_tokenizer(tiny_model_dir).get_vocab()
+    short = materialize_preset("tiny", num_layers=2, root=tmp_path / "b")
+    assert read_arch(short)["num_hidden_layers"] == 2
+    assert not any(k.startswith("model.layers.2.") for k in load_file(short / "model.safetensors"))
+    assert not list(tmp_path.glob("*/models/.*"))  # no temp folder left behind
+
+
+def test_sentencepiece_only_folder_loads_and_trains(sentencepiece_model_dir):
+    tok = load_tokenizer(sentencepiece_model_dir)
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    ids = tok("### Response:\nelppa")["input_ids"]
+    assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=True) == "### Response:\nelppa"
+    cfg = RunConfig(model=str(sentencepiece_model_dir), num_samples=8, eval_samples=2, batch_size=2, steps=2)
+    assert build_batches(cfg, tok).train["input_ids"].shape == (2, 2, cfg.max_seq_len)
+
+
+def _copy(src, dst, drop=(), config=None):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in drop:
+            shutil.copy(f, dst / f.name)
+    if config is not None:
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_check_model_dir_refusals(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="model folder not found"):
+        check_model_dir(tmp_path / "nope")
+    with pytest.raises(UserError, match="no config.json"):
+        check_model_dir(_copy(tiny_model_dir, tmp_path / "a", drop=("config.json",)))
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    with pytest.raises(UserError, match="GPT2LMHeadModel model; ftcore supports Llama"):
+        check_model_dir(_copy(tiny_model_dir, tmp_path / "b", config=gpt2))
+    pickled = _copy(tiny_model_dir, tmp_path / "c", drop=("model.safetensors",))
+    (pickled / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(UserError, match=r"only pickle weights \(pytorch_model.bin\).*--allow-pickle"):
+        check_model_dir(pickled)
+    assert check_model_dir(pickled, allow_pickle=True) == pickled
+    assert check_model_dir(tiny_model_dir) == tiny_model_dir
