@@ -65,18 +65,15 @@ def prepare(cfg: RunConfig, work_dir: Path) -> Prepared:
 
 
 def child_env(backend: str, threads: int) -> dict[str, str]:
-    """Environment for a backend's process: equal thread counts; a fast BLAS preloaded for MLX."""
+    """Environment for a backend's process: offline, equal thread counts, and for MLX a fast BLAS
+    preloaded (never for torch: the preload would interpose torch's own MKL sgemm_)."""
+    from ftcore.blas import mlx_child_env, torch_child_env
+
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"  # transformers' deprecation chatter
-    if backend.startswith("mlx"):
-        from ftcore.blas import mlx_child_env
-
-        return mlx_child_env(env, threads)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
+    return mlx_child_env(env, threads) if backend.startswith("mlx") else torch_child_env(env, threads)
 
 
 def child_command(backend: str, prep: Prepared, out_dir: Path) -> list[str]:
