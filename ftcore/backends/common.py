@@ -81,6 +81,23 @@ def finish(result: RunResult, cfg: RunConfig, batches: Batches, step_times: list
     return result
 
 
+PROBE_FILE = "probe_logits.npy"
+PROBE_POSITIONS = 16
+
+
+def probe_batch(batches: Batches) -> dict[str, Any]:
+    """The first training row: after training, every backend saves its logits on this row's
+    first PROBE_POSITIONS positions, so a reloaded adapter can be checked in any framework."""
+    return {k: v[:1] for k, v in batches.step(0).items()}
+
+
+def save_probe_logits(logits: Any, out_dir: Path) -> None:
+    """logits: (1, L, V) fp32 numpy -> out_dir/probe_logits.npy of shape (PROBE_POSITIONS, V)."""
+    import numpy as np
+
+    np.save(out_dir / PROBE_FILE, np.asarray(logits, dtype=np.float32)[0, :PROBE_POSITIONS])
+
+
 class Progress:
     """One status line on stderr: a live line on a terminal, a line every ~10% otherwise."""
 

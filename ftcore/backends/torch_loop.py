@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftcore.backends.common import Progress, base_result, finish
+from ftcore.backends.common import Progress, base_result, finish, probe_batch, save_probe_logits
 from ftcore.config import RunConfig, UserError
 from ftcore.data import IGNORE_INDEX, Batches
 from ftcore.lora import initial_lora_state, state_fingerprint
@@ -120,6 +120,15 @@ def evaluate(model, batches: Batches, device: torch.device) -> float | None:
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def probe_logits(model, batches: Batches, device: torch.device) -> np.ndarray:
+    model.eval()
+    b = to_torch(probe_batch(batches), device)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    model.train()
+    return logits.float().cpu().numpy()
+
+
 def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -169,6 +178,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     if device.type == "cuda":
         result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
     model.save_pretrained(str(out_dir / "adapter"))  # adapter_config.json + adapter_model.safetensors
+    save_probe_logits(probe_logits(model, batches, device), out_dir)
     result.blas = result.env.get("torch_blas", "")
     result.threads = threads
     result.extra["device"] = str(device)

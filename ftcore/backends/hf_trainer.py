@@ -1,0 +1,137 @@
+"""`hf-trainer` backend: the original write-up's path, transformers `Trainer`, made comparable.
+
+Same model and PEFT adapter as `torch` (shared loader), the same AdamW and per-step LR
+(`cfg.lr_at`), the same loss (`loss_sum_count`), and the same batches in the same order:
+the Trainer reads the pre-built rows sequentially with batch size B, so its step s sees exactly
+`batches.step(s)`. What is left is the Trainer's own machinery, reported as overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ftcore.backends.common import Progress, base_result, finish, save_probe_logits
+from ftcore.backends.torch_loop import (
+    evaluate,
+    get_lora_state,
+    load_peft_model,
+    loss_sum_count,
+    pick_device,
+    probe_logits,
+    sync,
+)
+from ftcore.config import RunConfig
+from ftcore.data import Batches
+from ftcore.lora import state_fingerprint
+from ftcore.measure import RunResult, current_rss_mb
+
+
+class Rows(torch.utils.data.Dataset):
+    """The training batches flattened to rows: row i belongs to step i // B."""
+
+    def __init__(self, train: dict[str, np.ndarray]) -> None:
+        steps, batch, length = train["input_ids"].shape
+        self.arrays = {k: torch.from_numpy(v.reshape(steps * batch, length)) for k, v in train.items()}
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
+def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    threads = cfg.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    result = base_result("hf-trainer", cfg, model_dir, batches, "torch")
+
+    t0 = time.perf_counter()
+    model = load_peft_model(cfg, model_dir, device)
+    sync(device)
+    result.load_time_s = time.perf_counter() - t0
+    result.baseline_rss_mb = current_rss_mb()
+    result.initial_adapter_fingerprint = state_fingerprint(get_lora_state(model))
+
+    step_times: list[float] = []
+    progress = Progress("hf-trainer", cfg.steps)
+
+    class LossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss_sum, count = loss_sum_count(model, inputs)
+            loss = loss_sum / count.clamp(min=1)
+            result.losses.append(loss.item())
+            return loss
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            step_times.append(time.perf_counter() - self.t)
+            timed = step_times[cfg.timing_warmup_steps :]
+            tps = batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None
+            progress.update(state.global_step - 1, result.losses[-1], tps)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_at(s) / cfg.lr)
+    args = TrainingArguments(
+        output_dir=str(out_dir / "trainer"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=cfg.steps,
+        learning_rate=cfg.lr,
+        max_grad_norm=cfg.max_grad_norm or 0.0,  # 0 disables the Trainer's default clipping at 1.0
+        train_sampling_strategy="sequential",  # our batch order, not a shuffle of its own
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device.type == "cpu",
+        seed=cfg.seed,
+    )
+    t_init = time.perf_counter()
+    trainer = LossTrainer(
+        model=model, args=args, train_dataset=Rows(batches.train), optimizers=(opt, sched), callbacks=[StepClock()]
+    )
+    trainer_init_s = time.perf_counter() - t_init
+    t_train = time.perf_counter()
+    trainer.train()
+    train_call_s = time.perf_counter() - t_train
+
+    result.eval_loss = evaluate(model, batches, device)
+    if result.eval_loss is not None:
+        result.eval_losses.append([cfg.steps, result.eval_loss])
+    if device.type == "cuda":
+        result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    model.save_pretrained(str(out_dir / "adapter"))
+    save_probe_logits(probe_logits(model, batches, device), out_dir)
+    result.blas = result.env.get("torch_blas", "")
+    result.threads = threads
+    result.extra.update(
+        device=str(device),
+        precision_mode="fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW",
+        # the Trainer's own cost next to the plain loop: set-up, and train() time outside the steps
+        trainer_init_s=trainer_init_s,
+        trainer_train_call_s=train_call_s,
+        trainer_overhead_s=train_call_s - sum(step_times),
+    )
+    if cfg.eval_every:
+        result.extra["note"] = "hf-trainer evaluates at the end only"
+    return finish(result, cfg, batches, step_times, "torch")
