@@ -155,22 +155,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ftcore.report import build_comparison, format_table, write_report
-    from ftcore.runner import prepare, run_backend
+    from ftcore.report import format_table
+    from ftcore.runner import compare, prepare
 
     backends = parse_backends(args.backends)
     cfg = config_from_args(args)
     out = args.out or new_run_dir()
-    prep = prepare(cfg, out)
-    results = []
-    for i, name in enumerate(backends, 1):
-        print(f"== [{i}/{len(backends)}] {name}", file=sys.stderr, flush=True)
-        results.append(run_backend(name, prep, out / name).to_dict())
-    comparison = build_comparison(results)
-    write_report(comparison, out)
+    comparison = compare(backends, prepare(cfg, out), out)
     print(format_table(comparison))
     print(f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: {out / 'loss_curves.png'}")
-    return 0 if any(r["status"] == "ok" for r in results) else 1
+    return 0 if comparison["ok_backends"] else 1
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

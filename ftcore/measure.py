@@ -492,6 +492,51 @@ def gemm_peak_cached(framework: str, precision: str, n: int = 1024, device: str 
     return gflops
 
 
+def machine_gemm_peak(precision: str) -> float | None:
+    """This machine's CPU GEMM peak at `precision`: the best of torch and MLX, each measured in
+    its own fresh process with the environment its backend runs in (MLX with the fast BLAS
+    preloaded). Cached with the per-framework figures; None if no framework could be probed.
+
+    MFU divides by this one figure for every backend, so a framework stuck on a slow GEMM (MLX's
+    reference BLAS, MLX bf16 on CPU) shows a low MFU instead of a flattering one.
+    """
+    import importlib.util
+
+    from ftcore import blas
+
+    key = f"machine|{cpu_model()}|{affinity_cores()}|{precision}"
+    path = cache_dir() / "gemm_peak.json"
+    try:
+        cached = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        cached = None
+    if isinstance(cached, dict) and cached.get("gflops", 0) > 0:
+        return float(cached["gflops"])
+    threads = affinity_cores()
+    envs = {"torch": blas.torch_child_env(dict(os.environ), threads),
+            "mlx": blas.mlx_child_env(dict(os.environ), threads)}
+    root = str(Path(__file__).resolve().parent.parent)
+    peaks = {}
+    for fw, env in envs.items():
+        if importlib.util.find_spec(fw) is None:
+            continue
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        code = f"from ftcore.measure import gemm_peak_cached; print(gemm_peak_cached({fw!r}, {precision!r}))"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        if out.returncode == 0 and out.stdout.strip():
+            peaks[fw] = float(out.stdout.strip().splitlines()[-1])
+    if not peaks:
+        return None
+    best = max(peaks.values())
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache[key] = {"gflops": best, "per_framework": peaks, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json_atomic(path, cache)
+    return best
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_gflops: float | None) -> float | None:
     """Model FLOPs utilisation: achieved training FLOP/s over the measured GEMM peak."""
     if not peak_gflops or peak_gflops <= 0 or tokens_per_s is None:

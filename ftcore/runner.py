@@ -25,7 +25,7 @@ from pathlib import Path
 from ftcore.backends import BACKENDS, load_backend
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches, build_batches
-from ftcore.measure import PeakRSS, RunResult
+from ftcore.measure import PeakRSS, RunResult, machine_gemm_peak, mfu
 from ftcore.models import load_tokenizer, resolve_model_dir
 
 RESULT_FILE = "result.json"
@@ -138,10 +138,34 @@ def run_backend(
         last = next((ln for ln in reversed(tail) if ln.strip()), "")
         result = RunResult.failed(backend, prep.cfg.to_dict(), f"{backend} process {why}" + (f": {last}" if last else ""))
         result.extra["stderr_tail"] = list(tail)
+    if result.status == "ok" and prep.cfg.device == "cpu":
+        peak = machine_gemm_peak(prep.cfg.precision)
+        result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
+        result.extra["machine_gemm_peak_gflops"] = peak
     # the kernel's high-water mark for the child alone (KiB on Linux), next to the child's own figure
     result.extra["child_maxrss_mb"] = rusage.ru_maxrss / 1024 if sys.platform != "darwin" else rusage.ru_maxrss / 2**20
     result.write_json(result_path)
     return result
+
+
+def compare(
+    backends: list[str],
+    prep: Prepared,
+    out_dir: Path,
+    on_start: Callable[[str, subprocess.Popen], None] | None = None,
+) -> dict:
+    """Run the backends one after another, each in its own process, then write the comparison
+    (comparison.json, report.md, plots) into out_dir. A failed backend is a failed row."""
+    from ftcore.report import build_comparison, write_report
+
+    results = []
+    for i, name in enumerate(backends, 1):
+        print(f"== [{i}/{len(backends)}] {name}", file=sys.stderr, flush=True)
+        hook = (lambda proc, name=name: on_start(name, proc)) if on_start else None
+        results.append(run_backend(name, prep, out_dir / name, on_start=hook).to_dict())
+    comparison = build_comparison(results)
+    write_report(comparison, out_dir)
+    return comparison
 
 
 def main(argv: list[str] | None = None) -> int:

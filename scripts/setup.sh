@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh machine: an optimized BLAS for MLX (Linux), a virtual environment
+# in .venv with ftcore and its test/benchmark tools. Safe to re-run: a finished install is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# MLX's Linux CPU wheel calls a bundled reference BLAS (~7 GFLOP/s here); ftcore preloads
+# OpenBLAS into MLX processes (~250 GFLOP/s) when Debian/Ubuntu's libopenblas0-pthread is present.
+if [ "$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null \
+      || echo "setup: could not install libopenblas0-pthread; MLX will run on its slow reference BLAS" >&2
+  else
+    echo "setup: install OpenBLAS (or set FTCORE_BLAS_PRELOAD) or MLX runs on its slow reference BLAS" >&2
+  fi
+fi
+
+stamp=.venv/.ftcore-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# Pinned first: on Linux an unpinned torch pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev,mlx-lm]"
+echo "$want" > "$stamp"
