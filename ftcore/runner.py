@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def run_backend(
         raise UserError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / RESULT_FILE
-    result_path.unlink(missing_ok=True)  # never report an earlier run's figures as this one's
+    started = time.time()
     cmd = child_command(backend, prep, out_dir)
     if wrap:
         cmd = [*wrap, *cmd[2:]]
@@ -127,7 +128,10 @@ def run_backend(
     proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=5)
     code = proc.returncode
-    if result_path.exists() and code in (0, 1):  # 1: the child caught the error and wrote a failed row
+    # the child writes result.json atomically at its end (a failed row on a caught error, exit 1);
+    # an older file from an earlier run in this folder is never taken for this run's
+    fresh = result_path.exists() and result_path.stat().st_mtime >= started - 1
+    if fresh and code in (0, 1):
         result = RunResult.from_dict(json.loads(result_path.read_text()))
     else:
         if code < 0:

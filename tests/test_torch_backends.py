@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -96,6 +98,10 @@ def test_killed_backend_is_a_failed_row(tiny_model_dir, tmp_path, small_cfg):
     def kill_when_training(proc):  # 5000 steps run for minutes; after 8 s it is mid-run
         threading.Timer(8.0, lambda: proc.poll() is None and proc.send_signal(signal.SIGKILL)).start()
 
+    # an earlier run's success in the same folder must not be taken for this run's result
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"backend": "torch", "status": "ok"}))
+    os.utime(tmp_path / "run" / "result.json", (time.time() - 60, time.time() - 60))
     r = run_backend("torch", prep, tmp_path / "run", on_start=kill_when_training)
     assert r.status == "failed"
     assert "killed by SIGKILL" in r.error
