@@ -372,8 +372,9 @@ def mlx_to_peft_adapter(state: Mapping[str, mx.array]) -> dict[str, np.ndarray]:
             raise ConversionError(f"not an adapter key: {key!r}")
         if value.dtype == mx.bfloat16:
             value = value.astype(mx.float32)  # numpy has no bf16
-        out[f"base_model.model.{_module_path(module, to_mlx=False)}.{leaf}.weight"] = np.array(
-            value
+        # C order: safetensors.numpy writes raw buffers, a transposed view would be scrambled
+        out[f"base_model.model.{_module_path(module, to_mlx=False)}.{leaf}.weight"] = (
+            np.ascontiguousarray(np.array(value))
         )
     return out
 

@@ -58,7 +58,11 @@ def prepare(cfg: RunConfig, work_dir: Path) -> Prepared:
     model_dir = resolve_model_dir(cfg)
     batches = build_batches(cfg, load_tokenizer(model_dir))
     if cfg.threads is None:
-        cfg = cfg.replace(threads=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        cfg = cfg.replace(
+            threads=len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count()
+        )
     work_dir.mkdir(parents=True, exist_ok=True)
     batches_path = work_dir / "batches.npz"
     batches.save(batches_path)
@@ -74,7 +78,9 @@ def child_env(backend: str, threads: int) -> dict[str, str]:
     env.update(OFFLINE_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"  # transformers' deprecation chatter
-    return mlx_child_env(env, threads) if backend.startswith("mlx") else torch_child_env(env, threads)
+    return (
+        mlx_child_env(env, threads) if backend.startswith("mlx") else torch_child_env(env, threads)
+    )
 
 
 def child_command(backend: str, prep: Prepared, out_dir: Path) -> list[str]:
@@ -105,12 +111,23 @@ def run_backend(
         raise UserError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / RESULT_FILE
+    if backend == "mlx":
+        # convert here, so the MLX process's load time and peak RSS cover loading, not converting
+        from ftcore.backends.mlx_loop import convert
+
+        t0 = time.perf_counter()
+        convert(prep.cfg, prep.model_dir)
+        conversion_s = time.perf_counter() - t0
     started = time.time()
     cmd = child_command(backend, prep, out_dir)
     if wrap:
         cmd = [*wrap, *cmd[2:]]
     proc = subprocess.Popen(
-        cmd, env=child_env(backend, prep.cfg.threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        cmd,
+        env=child_env(backend, prep.cfg.threads),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     if on_start:
         on_start(proc)
@@ -140,14 +157,22 @@ def run_backend(
         else:
             why = f"exited with status {code}"
         last = next((ln for ln in reversed(tail) if ln.strip()), "")
-        result = RunResult.failed(backend, prep.cfg.to_dict(), f"{backend} process {why}" + (f": {last}" if last else ""))
+        result = RunResult.failed(
+            backend, prep.cfg.to_dict(), f"{backend} process {why}" + (f": {last}" if last else "")
+        )
         result.extra["stderr_tail"] = list(tail)
+    if backend == "mlx":
+        result.extra["parent_conversion_s"] = (
+            conversion_s  # ~0 when the cached conversion was current
+        )
     if result.status == "ok" and prep.cfg.device == "cpu":
         peak = machine_gemm_peak(prep.cfg.precision)
         result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
         result.extra["machine_gemm_peak_gflops"] = peak
     # the kernel's high-water mark for the child alone (KiB on Linux), next to the child's own figure
-    result.extra["child_maxrss_mb"] = rusage.ru_maxrss / 1024 if sys.platform != "darwin" else rusage.ru_maxrss / 2**20
+    result.extra["child_maxrss_mb"] = (
+        rusage.ru_maxrss / 1024 if sys.platform != "darwin" else rusage.ru_maxrss / 2**20
+    )
     result.write_json(result_path)
     return result
 
@@ -191,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             result, code = RunResult.failed(args.backend, cfg.to_dict(), str(e)), 1
         except Exception as e:  # the row says why; the traceback stays in extra for debugging
-            result, code = RunResult.failed(args.backend, cfg.to_dict(), f"{type(e).__name__}: {e}"), 1
+            result, code = (
+                RunResult.failed(args.backend, cfg.to_dict(), f"{type(e).__name__}: {e}"),
+                1,
+            )
             result.extra["traceback"] = traceback.format_exc()
             print(f"[{args.backend}] failed: {type(e).__name__}: {e}", file=sys.stderr)
     result.peak_rss_mb = rss.peak_mb
