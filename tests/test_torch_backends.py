@@ -17,11 +17,27 @@ from ftcore.lora import initial_lora_state, state_fingerprint, trainable_params
 from ftcore.models import read_arch
 from ftcore.runner import prepare, run_backend
 
-DESIGN_FIELDS = (
-    "backend status error config env load_time_s train_time_s steps tokens_per_s loss_tokens_per_s "
-    "losses final_loss eval_loss peak_rss_mb baseline_rss_mb framework_peak_mb trainable_params "
-    "flops_per_token mfu"
-).split()
+DESIGN_FIELDS = [
+    "backend",
+    "status",
+    "error",
+    "config",
+    "env",
+    "load_time_s",
+    "train_time_s",
+    "steps",
+    "tokens_per_s",
+    "loss_tokens_per_s",
+    "losses",
+    "final_loss",
+    "eval_loss",
+    "peak_rss_mb",
+    "baseline_rss_mb",
+    "framework_peak_mb",
+    "trainable_params",
+    "flops_per_token",
+    "mfu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +45,9 @@ def runs(tmp_path_factory, tiny_model_dir):
     """torch and hf-trainer on one prepared config (20 steps, fp32)."""
     from ftcore.config import RunConfig
 
-    cfg = RunConfig(num_samples=16, eval_samples=4, max_seq_len=64, batch_size=2, steps=20, warmup_steps=2)
+    cfg = RunConfig(
+        num_samples=16, eval_samples=4, max_seq_len=64, batch_size=2, steps=20, warmup_steps=2
+    )
     root = tmp_path_factory.mktemp("torch-runs")
     prep = prepare(cfg, root)
     return prep, {b: (run_backend(b, prep, root / b), root / b) for b in ("torch", "hf-trainer")}
@@ -82,7 +100,8 @@ def test_saved_adapter_reproduces_trained_logits(runs, backend):
     b = probe_batch(prep.batches)
     with torch.no_grad():
         logits = model(
-            input_ids=torch.from_numpy(b["input_ids"]), attention_mask=torch.from_numpy(b["attention_mask"])
+            input_ids=torch.from_numpy(b["input_ids"]),
+            attention_mask=torch.from_numpy(b["attention_mask"]),
         ).logits[0, :PROBE_POSITIONS]
     trained = np.load(out / PROBE_FILE)
     np.testing.assert_allclose(logits.numpy(), trained, atol=1e-4, rtol=0)
@@ -96,7 +115,9 @@ def test_killed_backend_is_a_failed_row(tiny_model_dir, tmp_path, small_cfg):
     prep = prepare(small_cfg.replace(steps=5000), tmp_path)
 
     def kill_when_training(proc):  # 5000 steps run for minutes; after 8 s it is mid-run
-        threading.Timer(8.0, lambda: proc.poll() is None and proc.send_signal(signal.SIGKILL)).start()
+        threading.Timer(
+            8.0, lambda: proc.poll() is None and proc.send_signal(signal.SIGKILL)
+        ).start()
 
     # an earlier run's success in the same folder must not be taken for this run's result
     (tmp_path / "run").mkdir()

@@ -1,0 +1,301 @@
+"""Shared pieces of the parity suite (tests/test_parity_*.py): hypothesis strategies for tiny Llama
+configs, batches and LoRA settings; builders that make a random HF checkpoint, convert it with the
+real converter and put the same adapter on both sides; the loss in both frameworks; comparisons.
+
+Conventions
+- Weights use a large init std (0.1-0.3) and randomised RMSNorm weights: at HF's default 0.02 the
+  attention is nearly uniform and a RoPE / mask / norm bug moves the logits by < 1e-2.
+- LoRA B is random and non-zero (B = 0 hides a wrong A, scale or layout).
+- Everything fp32 unless a test says otherwise; dropout 0 (framework RNGs differ).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+from ftcore.config import LORA_TARGETS
+from ftcore.convert import convert_hf_to_mlx, peft_to_mlx_adapter
+from ftcore.data import IGNORE_INDEX
+from ftcore.mlx_llama import apply_lora, load_lora_state, load_model
+
+FP32_EPS = float(np.finfo(np.float32).eps)
+
+try:  # keep "Writing model shards" bars out of the test output
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as _hf_logging
+
+    disable_progress_bars()
+    _hf_logging.disable_progress_bar()
+except ImportError:  # pragma: no cover - older versions
+    pass
+
+# ----------------------------------------------------------------------------- strategies
+
+
+@st.composite
+def llama_configs(draw, max_layers: int = 3) -> dict[str, Any]:
+    """HF LlamaConfig kwargs for a tiny random Llama: GQA (kv heads divide heads), an explicit
+    head_dim that need not equal hidden/heads, any rope theta / eps, tied or untied head."""
+    kv_heads = draw(st.integers(1, 4))
+    heads = kv_heads * draw(st.integers(1, 3))
+    theta = draw(st.sampled_from([100.0, 1000.0, 10000.0, 5e5, 1e6]) | st.floats(50.0, 1e6))
+    return dict(
+        vocab_size=draw(st.integers(16, 160)),
+        # transformers 5 validates hidden % heads == 0 (head_dim itself is free)
+        hidden_size=heads * draw(st.integers(max(1, -(-8 // heads)), max(2, 80 // heads))),
+        intermediate_size=draw(st.integers(8, 128)),
+        num_hidden_layers=draw(st.integers(1, max_layers)),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=draw(st.sampled_from([2, 4, 8, 16])),
+        rope_theta=theta,
+        rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5, 1e-3])),
+        tie_word_embeddings=draw(st.booleans()),
+        initializer_range=draw(st.floats(0.1, 0.3)),
+        max_position_embeddings=64,
+    )
+
+
+@st.composite
+def lora_settings(draw) -> dict[str, Any]:
+    """Random non-empty target set, rank 1-8, any alpha, and the std of the random LoRA B."""
+    targets = draw(st.lists(st.sampled_from(LORA_TARGETS), min_size=1, max_size=7, unique=True))
+    return dict(
+        targets=tuple(sorted(targets, key=LORA_TARGETS.index)),
+        rank=draw(st.integers(1, 8)),
+        alpha=draw(st.sampled_from([1.0, 8.0, 16.0, 32.0]) | st.floats(0.5, 64.0)),
+        b_std=draw(st.floats(0.02, 0.2)),
+    )
+
+
+@st.composite
+def token_batches(draw, vocab: int, max_batch: int = 3, max_len: int = 20, mask_prompt=None):
+    """ids (B, L) int64, attention_mask (B, L) 1 = real, each row padded left or right (random
+    real length >= 2); labels = ids with IGNORE_INDEX on padding, on the first real token (under
+    left padding a pad position would predict it: pad queries see no real key, and frameworks
+    legitimately differ there) and, when prompt masking is on, on a random prefix of the real
+    tokens. At least one target always remains, and row 0 has one predicted from a query that
+    sees >= 2 real keys (otherwise q/k gradients are exactly 0 in theory and rounding noise on
+    one side, 0 on the other, is all there is to compare)."""
+    b = draw(st.integers(1, max_batch))
+    length = draw(st.integers(4, max_len))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (b, length)).astype(np.int64)
+    mask = np.zeros((b, length), dtype=np.int64)
+    labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
+    masking = draw(st.booleans()) if mask_prompt is None else mask_prompt
+    for row in range(b):
+        n = draw(st.integers(3 if row == 0 else 2, length))
+        start = length - n if draw(st.booleans()) else 0  # left or right padding
+        mask[row, start : start + n] = 1
+        k = draw(st.integers(1, n - 1)) if masking else 1  # ignored prefix of the real tokens
+        labels[row, start + k : start + n] = ids[row, start + k : start + n]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def make_hf_model(cfg: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32):
+    """A random LlamaForCausalLM (init std = cfg's initializer_range), RMSNorm weights jittered."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(cfg)
+    theta = cfg.pop("rope_theta", 10000.0)
+    torch.manual_seed(seed)
+    conf = LlamaConfig(**cfg, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    model = LlamaForCausalLM(conf)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def save_and_convert(model, root: Path) -> tuple[Path, Path]:
+    """save_pretrained + the real HF -> MLX converter; returns (hf_dir, mlx_dir)."""
+    hf_dir, mlx_dir = root / "hf", root / "mlx"
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    convert_hf_to_mlx(hf_dir, mlx_dir)
+    return hf_dir, mlx_dir
+
+
+def add_peft(model, targets, rank: int, alpha: float, b_std: float, seed: int):
+    """get_peft_model with LoRA on `targets`; A keeps PEFT's kaiming init, B ~ N(0, b_std)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none"
+        ),
+    )
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, b_std)
+    return pm.eval()
+
+
+def peft_state_np(pm) -> dict[str, np.ndarray]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().numpy() for k, v in get_peft_model_state_dict(pm).items()}
+
+
+def mlx_model_with_adapter(mlx_dir: Path, targets, rank: int, alpha: float, peft_state=None):
+    """load_model + apply_lora (+ the PEFT adapter through the real adapter converter)."""
+    model, args = load_model(mlx_dir)
+    apply_lora(model, tuple(targets), rank=rank, alpha=alpha)
+    if peft_state is not None:
+        load_lora_state(model, peft_to_mlx_adapter(peft_state))
+    mx.eval(model.parameters())
+    return model, args
+
+
+def lora_cfg_from_peft_dir(adapter_dir: Path) -> tuple[tuple[str, ...], int, float]:
+    """(targets, rank, alpha) from a PEFT adapter_config.json."""
+    c = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    targets = c["target_modules"]
+    targets = tuple(sorted(targets, key=LORA_TARGETS.index))
+    return targets, int(c["r"]), float(c["lora_alpha"])
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def torch_loss(pm, batch: dict[str, np.ndarray]) -> torch.Tensor:
+    """ftcore's loss on the torch side: the torch backend's own loss_sum_count, sum / count."""
+    from ftcore.backends.torch_loop import loss_sum_count
+
+    s, n = loss_sum_count(pm, {k: torch.from_numpy(v) for k, v in batch.items()})
+    return s / n.clamp(min=1)
+
+
+def _reference_mlx_loss(model, batch: dict[str, mx.array]) -> mx.array:
+    """The contract (DESIGN.md): sum CE over shifted targets != IGNORE_INDEX / their count."""
+    logits = model(batch["input_ids"], batch["attention_mask"]).astype(mx.float32)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    ce = nn.losses.cross_entropy(logits[:, :-1], mx.where(keep, targets, 0), reduction="none")
+    return (ce * keep).sum() / mx.maximum(keep.sum(), 1)
+
+
+def mlx_loss_fn() -> tuple[Callable[[Any, dict[str, mx.array]], mx.array], str]:
+    """The MLX backend's own mean loss (what its training step differentiates) when it exposes
+    one, else its loss_sum_count / count, else the contract's reference implementation.
+
+    Returns (fn(model, batch of mx arrays) -> scalar mean loss, where it came from).
+    """
+    try:
+        from ftcore.backends import mlx_loop
+    except ImportError:
+        return _reference_mlx_loss, "tests.parity_utils (ftcore.backends.mlx_loop missing)"
+    if callable(getattr(mlx_loop, "mean_loss", None)):
+        return mlx_loop.mean_loss, "ftcore.backends.mlx_loop.mean_loss"
+    if callable(getattr(mlx_loop, "loss_sum_count", None)):
+
+        def fn(model, batch):
+            s, n = mlx_loop.loss_sum_count(model, batch)
+            return s / mx.maximum(n, 1)
+
+        return fn, "ftcore.backends.mlx_loop.loss_sum_count"
+    return _reference_mlx_loss, "tests.parity_utils (mlx_loop exposes no loss)"
+
+
+def to_mx(batch: dict[str, np.ndarray]) -> dict[str, mx.array]:
+    """numpy batch -> mx arrays the way the MLX backend converts it (its to_mx when present)."""
+    try:
+        from ftcore.backends.mlx_loop import to_mx as backend_to_mx
+    except ImportError:
+        return {k: mx.array(v) for k, v in batch.items()}
+    return backend_to_mx(batch)
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def max_err_real(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Largest |a - b| over non-pad positions."""
+    return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+def rel_norm_err(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b|| (b the reference); inf when b is zero and a is not."""
+    d = float(np.linalg.norm((np.asarray(a, np.float64) - np.asarray(b, np.float64)).ravel()))
+    n = float(np.linalg.norm(np.asarray(b, np.float64).ravel()))
+    return d / n if n > 0 else (0.0 if d == 0 else math.inf)
+
+
+# ----------------------------------------------------------------------------- backend runs
+
+# One config for the trajectory comparison: the tiny preset (4 layers, GQA), every LoRA target,
+# weight decay on, the default cosine schedule with warm-up; 20 steps.
+TRAJECTORY_CFG = dict(
+    preset="tiny",
+    steps=20,
+    num_samples=32,
+    eval_samples=4,
+    batch_size=2,
+    max_seq_len=64,
+    seed=0,
+    lora_targets=LORA_TARGETS,
+    weight_decay=0.05,  # not MLX AdamW's default 0.01, so relying on that default shows
+)
+_RUNS: dict[str, Any] = {}
+
+
+def backend_runs(precision: str, root: Path) -> dict[str, Any]:
+    """{"torch": RunResult, "mlx": RunResult, "cfg", "prep", "dirs"} for one precision: each
+    backend trained in its own child process by ftcore.runner on the same prepared batches.
+
+    The two children run concurrently with one thread each (2 cores in CI; thread count does not
+    enter the comparison). Memoised per process and precision, so the trajectory test and the
+    adapter-interop test share one pair of runs.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ftcore.config import RunConfig
+    from ftcore.runner import prepare, run_backend
+
+    if precision not in _RUNS:
+        cfg = RunConfig(**TRAJECTORY_CFG, precision=precision, threads=1)
+        prep = prepare(cfg, root / precision)
+        dirs = {b: root / precision / b for b in ("torch", "mlx")}
+        with ThreadPoolExecutor(2) as pool:
+            futures = {b: pool.submit(run_backend, b, prep, d) for b, d in dirs.items()}
+            out = {b: f.result() for b, f in futures.items()}
+        _RUNS[precision] = {**out, "cfg": prep.cfg, "prep": prep, "dirs": dirs}
+    return _RUNS[precision]
+
+
+def initial_peft_adapter(cfg, model_dir: Path) -> dict[str, np.ndarray]:
+    """The shared initial adapter (ftcore.lora.initial_lora_state) under PEFT keys."""
+    from ftcore.convert import mlx_to_peft_adapter
+    from ftcore.lora import initial_lora_state
+    from ftcore.models import read_arch
+
+    init = initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed)
+    return mlx_to_peft_adapter({k: mx.array(v) for k, v in init.items()})
+
+
+def read_adapter(out_dir: Path) -> dict[str, np.ndarray]:
+    """out_dir/adapter/adapter_model.safetensors (PEFT keys) as fp32 numpy."""
+    from safetensors.numpy import load_file
+
+    return {
+        k: v.astype(np.float32)
+        for k, v in load_file(str(Path(out_dir) / "adapter" / "adapter_model.safetensors")).items()
+    }
