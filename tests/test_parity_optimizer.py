@@ -1,16 +1,9 @@
 """Property: AdamW steps from the same parameters and gradients give the same adapter weights in
-both backends, with each backend's optimizer built exactly as the backend builds it.
+both backends, with each backend's optimizer built by the backend's own `make_optimizer`.
 
-How "as the backend builds it" is obtained: each backend's real `train()` runs in this process up
-to the moment it constructs AdamW; a spy records the call (args, kwargs) and aborts the run. The
-probe config uses distinctive values (lr, lr_at(0), betas, eps, weight decay all different), so
-the recorded call becomes a template: an argument equal to a probe field is re-bound to that field
-of any other config, anything else (bias_correction=True, a hard-coded constant, an omitted
-argument falling back to the library default) is kept as the backend wrote it.
-
-- `test_backends_build_adamw_as_documented`: the recorded calls, read back through the real
-  classes: MLX's AdamW defaults are weight_decay=0.01 and bias_correction=False, so a backend that
-  relies on them fails here with a message naming the trap (weight decay 0 and > 0).
+- `test_backends_build_adamw_as_documented`: read back through the real classes: MLX's AdamW
+  defaults are weight_decay=0.01 and bias_correction=False, so a backend that relies on them
+  fails here with a message naming the trap (weight decay 0 and > 0).
 - `test_adamw_steps_match`: hypothesis over shapes, lr / schedule, betas, eps, weight decay 0 and
   > 0, 1-4 steps with fresh gradients (incl. tiny and exact-zero ones), LR set per step the way
   each backend's loop sets it: torch vs MLX vs a float64 numpy AdamW (torch's documented
@@ -19,10 +12,7 @@ argument falling back to the library default) is kept as the backend wrote it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlx.core as mx
-import mlx.optimizers as mlx_optim
 import numpy as np
 import pytest
 import torch
@@ -30,91 +20,29 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from parity_utils import FP32_EPS
 
+from ftcore.backends import mlx_loop, torch_loop
 from ftcore.config import RunConfig
 
 pytestmark = pytest.mark.parity
-
-# ----------------------------------------------------------------------------- spy on the backends
 
 # Every field a backend may pass to AdamW has a distinct value here (and lr_at(0) = lr / 2 != lr).
 PROBE = dict(lr=1.25e-3, adam_beta1=0.85, adam_beta2=0.975, adam_eps=3e-7, weight_decay=0.037,
              warmup_steps=1, steps=3, num_samples=8, eval_samples=0, batch_size=2, max_seq_len=64)  # fmt: skip
 
 
-class _Captured(Exception):
-    pass
-
-
-def _capture(backend: str, cfg: RunConfig, model_dir, work) -> tuple[tuple, dict]:
-    """Run `backend`'s train() in-process until it constructs AdamW; return the call's (args, kwargs)."""
-    from ftcore.backends import load_backend
-    from ftcore.runner import prepare
-
-    prep = prepare(cfg.replace(model=str(model_dir)), work / backend)
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append((args, kwargs))
-        raise _Captured
-
-    target = (torch.optim, "AdamW") if backend == "torch" else (mlx_optim, "AdamW")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(*target, spy)
-        try:
-            load_backend(backend).train(
-                prep.cfg, prep.model_dir, prep.batches, work / backend / "out"
-            )
-        except _Captured:
-            pass
-        finally:
-            torch.set_num_threads(threads)
-    assert len(calls) == 1, f"{backend} did not construct AdamW exactly once before training"
-    return calls[0]
-
-
-def _bind(value: Any, probe: RunConfig, cfg: RunConfig) -> Any:
-    """Re-bind a recorded argument from the probe config to `cfg` (see the module docstring)."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(_bind(v, probe, cfg) for v in value)
-    if isinstance(value, float):
-        for field in ("lr", "adam_beta1", "adam_beta2", "adam_eps", "weight_decay"):
-            if value == getattr(probe, field):
-                return getattr(cfg, field)
-        if value == probe.lr_at(0):
-            return cfg.lr_at(0)
-    return value
-
-
 @pytest.fixture(scope="module")
-def builders(tiny_model_dir, tmp_path_factory):
-    """{"torch": f(params, cfg) -> torch AdamW, "mlx": f(cfg) -> MLX AdamW, "calls": recorded}."""
-    probe = RunConfig(**PROBE)
-    work = tmp_path_factory.mktemp("adamw-spy")
-    t_args, t_kwargs = _capture("torch", probe, tiny_model_dir, work)
-    params = list(t_args[0]) if t_args else list(t_kwargs.pop("params"))
-    assert params and all(p.requires_grad for p in params)  # LoRA parameters only
-    m_args, m_kwargs = _capture("mlx", probe, tiny_model_dir, work)
-
-    def torch_build(params, cfg):
-        kw = {k: _bind(v, probe, cfg) for k, v in t_kwargs.items()}
-        return torch.optim.AdamW(params, *_bind(t_args[1:], probe, cfg), **kw)
-
-    def mlx_build(cfg):
-        kw = {k: _bind(v, probe, cfg) for k, v in m_kwargs.items()}
-        return mlx_optim.AdamW(*_bind(m_args, probe, cfg), **kw)
-
+def builders():
+    """{"torch": f(params, cfg) -> torch AdamW, "mlx": f(cfg) -> MLX AdamW}, as the backends build them."""
     return {
-        "torch": torch_build,
-        "mlx": mlx_build,
-        "calls": {"torch": (t_args[1:], t_kwargs), "mlx": (m_args, m_kwargs)},
+        "torch": lambda params, cfg: torch_loop.make_optimizer(cfg, params),
+        "mlx": mlx_loop.make_optimizer,
     }
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.037])
 def test_backends_build_adamw_as_documented(builders, weight_decay):
     cfg = RunConfig(**{**PROBE, "weight_decay": weight_decay, "lr": 2e-3})
-    note_calls = f"recorded calls: {builders['calls']}"
+    note_calls = f"config: {cfg}"
     g = builders["torch"]([torch.zeros(1, requires_grad=True)], cfg).param_groups[0]
     assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (
         cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, weight_decay,

@@ -50,7 +50,9 @@ def throughput(cfg: RunConfig, batches: Batches, step_times: list[float]) -> dic
     }
 
 
-def base_result(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches, framework: str) -> RunResult:
+def base_result(
+    backend: str, cfg: RunConfig, model_dir: Path, batches: Batches, framework: str
+) -> RunResult:
     """A RunResult with every field that does not depend on the training itself."""
     arch = read_arch(model_dir)
     flops = flops_per_token(arch, cfg.max_seq_len, cfg.lora_targets, cfg.lora_rank)["total"]
@@ -68,7 +70,9 @@ def base_result(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches,
     )
 
 
-def finish(result: RunResult, cfg: RunConfig, batches: Batches, step_times: list[float], framework: str) -> RunResult:
+def finish(
+    result: RunResult, cfg: RunConfig, batches: Batches, step_times: list[float], framework: str
+) -> RunResult:
     """Fill the throughput and MFU fields from the per-step wall times."""
     result.step_times_s = list(step_times)
     for k, v in throughput(cfg, batches, step_times).items():
@@ -78,7 +82,9 @@ def finish(result: RunResult, cfg: RunConfig, batches: Batches, step_times: list
         # MFU itself (against the machine's best GEMM peak) is set by the runner's parent
         own = gemm_peak_cached(framework, cfg.precision)
         result.extra["framework_gemm_peak_gflops"] = own
-        result.extra["mfu_vs_framework_gemm"] = mfu(result.tokens_per_s, result.flops_per_token, own)
+        result.extra["mfu_vs_framework_gemm"] = mfu(
+            result.tokens_per_s, result.flops_per_token, own
+        )
     return result
 
 
@@ -113,4 +119,9 @@ class Progress:
             return
         tps = f"{tokens_per_s:8.1f} tok/s" if tokens_per_s else "    warm-up"
         line = f"[{self.backend}] step {done:>4}/{self.total}  loss {loss:.4f}  {tps}  {time.perf_counter() - self.t0:6.1f}s"
-        print(("\r" + line) if self.tty else line, end="" if self.tty and done < self.total else "\n", file=sys.stderr, flush=True)
+        print(
+            ("\r" + line) if self.tty else line,
+            end="" if self.tty and done < self.total else "\n",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -20,6 +20,7 @@ from ftcore.backends.torch_loop import (
     get_lora_state,
     load_peft_model,
     loss_sum_count,
+    make_optimizer,
     pick_device,
     probe_logits,
     sync,
@@ -35,7 +36,9 @@ class Rows(torch.utils.data.Dataset):
 
     def __init__(self, train: dict[str, np.ndarray]) -> None:
         steps, batch, length = train["input_ids"].shape
-        self.arrays = {k: torch.from_numpy(v.reshape(steps * batch, length)) for k, v in train.items()}
+        self.arrays = {
+            k: torch.from_numpy(v.reshape(steps * batch, length)) for k, v in train.items()
+        }
 
     def __len__(self) -> int:
         return len(self.arrays["input_ids"])
@@ -82,9 +85,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             progress.update(state.global_step - 1, result.losses[-1], tps)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
+    opt = make_optimizer(cfg, params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_at(s) / cfg.lr)
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"),
@@ -108,7 +109,11 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     )
     t_init = time.perf_counter()
     trainer = LossTrainer(
-        model=model, args=args, train_dataset=Rows(batches.train), optimizers=(opt, sched), callbacks=[StepClock()]
+        model=model,
+        args=args,
+        train_dataset=Rows(batches.train),
+        optimizers=(opt, sched),
+        callbacks=[StepClock()],
     )
     trainer_init_s = time.perf_counter() - t_init
     t_train = time.perf_counter()
@@ -126,7 +131,9 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     result.threads = threads
     result.extra.update(
         device=str(device),
-        precision_mode="fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW",
+        precision_mode="fp32"
+        if cfg.precision == "fp32"
+        else "bf16 base weights, fp32 LoRA + AdamW",
         # the Trainer's own cost next to the plain loop: set-up, and train() time outside the steps
         trainer_init_s=trainer_init_s,
         trainer_train_call_s=train_call_s,

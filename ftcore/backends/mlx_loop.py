@@ -123,6 +123,18 @@ def load(cfg: RunConfig, model_dir: Path, result: RunResult) -> Model:
     return model
 
 
+def make_optimizer(cfg: RunConfig) -> optim.AdamW:
+    """AdamW equal to torch's: MLX's defaults (weight_decay=0.01, bias_correction=False) are
+    overridden explicitly. The LR is set per step from cfg.lr_at by the loop."""
+    return optim.AdamW(
+        learning_rate=cfg.lr_at(0),
+        betas=[cfg.adam_beta1, cfg.adam_beta2],
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,  # decoupled p *= 1 - lr*wd before the update, as torch
+        bias_correction=True,
+    )
+
+
 def blas_facts(result: RunResult, cfg: RunConfig) -> None:
     """Record the BLAS MLX really calls (from the probe env_info ran in this process) and threads."""
     probe = result.env.get("mlx_blas")  # ftcore.blas.mlx_blas_info(): dladdr + a timed GEMM
@@ -195,13 +207,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     )
     mx.reset_peak_memory()
 
-    opt = optim.AdamW(
-        learning_rate=cfg.lr_at(0),
-        betas=[cfg.adam_beta1, cfg.adam_beta2],
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,  # MLX default 0.01; decoupled p *= 1 - lr*wd, as torch
-        bias_correction=True,  # MLX default False
-    )
+    opt = make_optimizer(cfg)
     opt.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, mean_loss)
 

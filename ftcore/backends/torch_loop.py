@@ -61,7 +61,9 @@ def load_peft_model(cfg: RunConfig, model_dir: Path, device: torch.device):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora_cfg)
-    set_lora_state(model, initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed))
+    set_lora_state(
+        model, initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed)
+    )
     return model
 
 
@@ -120,6 +122,18 @@ def evaluate(model, batches: Batches, device: torch.device) -> float | None:
     return total / max(count, 1)
 
 
+def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW as every torch-based backend uses it (bias correction is built in); the LR is set
+    per step from cfg.lr_at by the loop or scheduler."""
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
 @torch.no_grad()
 def probe_logits(model, batches: Batches, device: torch.device) -> np.ndarray:
     model.eval()
@@ -146,9 +160,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         torch.cuda.reset_peak_memory_stats()
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
+    opt = make_optimizer(cfg, params)
     model.train()
     progress = Progress("torch", cfg.steps)
     step_times: list[float] = []
@@ -170,17 +182,25 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             result.eval_losses.append([step + 1, evaluate(model, batches, device)])
         timed = step_times[cfg.timing_warmup_steps :]
-        progress.update(step, loss_value, batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None)
+        progress.update(
+            step,
+            loss_value,
+            batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None,
+        )
 
     result.eval_loss = evaluate(model, batches, device)
     if result.eval_loss is not None:
         result.eval_losses.append([cfg.steps, result.eval_loss])
     if device.type == "cuda":
         result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    model.save_pretrained(str(out_dir / "adapter"))  # adapter_config.json + adapter_model.safetensors
+    model.save_pretrained(
+        str(out_dir / "adapter")
+    )  # adapter_config.json + adapter_model.safetensors
     save_probe_logits(probe_logits(model, batches, device), out_dir)
     result.blas = result.env.get("torch_blas", "")
     result.threads = threads
     result.extra["device"] = str(device)
-    result.extra["precision_mode"] = "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
+    result.extra["precision_mode"] = (
+        "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
+    )
     return finish(result, cfg, batches, step_times, "torch")
