@@ -88,3 +88,16 @@ def test_bad_input_is_one_clean_line(case, tmp_path, tiny_model_dir, write_alpac
 def test_compare_rejects_unknown_backend(tmp_path):
     out = ftcore("compare", "--backends", "torch,jax", "--out", tmp_path / "c")
     assert_user_error(out, "unknown backend(s) jax", tmp_path / "c")
+
+
+def test_convert_writes_mlx_weights(tiny_model_dir, tmp_path):
+    out = ftcore("convert", "--model", tiny_model_dir, "--out", tmp_path / "mlx")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "mlx" / "weights.safetensors").is_file() and (tmp_path / "mlx" / "config.json").is_file()
+
+
+def test_convert_refuses_a_non_llama_folder(tiny_model_dir, tmp_path):
+    bad = _broken_model(tiny_model_dir, tmp_path, "gpt2")
+    out = ftcore("convert", "--model", bad, "--out", tmp_path / "mlx")
+    assert_user_error(out, "GPT2LMHeadModel", tmp_path / "mlx")
+    assert not (tmp_path / "mlx" / "weights.safetensors").exists()
