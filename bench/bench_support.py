@@ -1,0 +1,437 @@
+"""Shared pieces of the benchmark suite: case matrix, per-round result aggregation, extra_info
+completeness, the machine_info (hardware + BLAS) fingerprint, and memray capture analysis.
+
+Imported by bench/conftest.py and the bench/test_*.py modules (pytest puts bench/ on sys.path).
+Nothing here times anything; the timed call is `benchmark.pedantic` in test_finetune_bench.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftcore.config import RunConfig
+from ftcore.models import preset_config
+
+BACKEND_NAMES = ("torch", "hf-trainer", "mlx", "mlx-lm")
+
+# Python package each backend needs in its child process; a missing one skips the case.
+BACKEND_PACKAGES = {"torch": "torch", "hf-trainer": "transformers", "mlx": "mlx", "mlx-lm": "mlx_lm"}
+INSTALL_HINT = {
+    "mlx": "pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)",
+    "mlx-lm": "pip install 'ftcore[mlx-lm]'",
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    """A model size the suite can run, with its default shapes, steps and precisions."""
+
+    preset: str
+    num_layers: int | None  # None: the preset's own depth
+    shapes: tuple[tuple[int, int], ...]  # (batch, seq_len)
+    steps: int
+    precisions: tuple[str, ...]
+    note: str = ""
+
+    @property
+    def layers(self) -> int:
+        return preset_config(self.preset, self.num_layers)["num_hidden_layers"]
+
+
+# `tiny` runs by default; the TinyLlama-width sizes are opt-in (--bench-size): the first run
+# materialises a 1.2 GB (4 layers) / 4.4 GB (22 layers) fp32 checkpoint in the cache.
+# bf16 is in tiny's defaults only: MLX's bf16 matmul on CPU is a scalar fallback (~6 GFLOP/s),
+# a 4-layer TinyLlama bf16 MLX round would take many minutes (opt in with --bench-precision).
+SIZES: dict[str, Size] = {
+    "tiny": Size("tiny", None, ((4, 128),), steps=10, precisions=("fp32", "bf16"),
+                 note="random-init 4-layer, hidden 128; a few seconds per process"),
+    "tinyllama-4l": Size("tinyllama-1.1b", 4, ((2, 256),), steps=8, precisions=("fp32",),
+                         note="TinyLlama-1.1B width, first 4 layers; ~1 min per process"),
+    "tinyllama-full": Size("tinyllama-1.1b", None, ((2, 256),), steps=6, precisions=("fp32",),
+                           note="TinyLlama-1.1B, all 22 layers; several minutes per process"),
+}
+
+# Backends whose tiny fine-tune has a memray peak-heap budget (bench/test_memory_bench.py); the
+# only memray cases --bench-quick runs.
+MEMRAY_BUDGET_BACKENDS = ("torch", "mlx")
+QUICK_STEPS = 4  # --bench-quick: tiny only, 4 optimiser steps (1 excluded as timing warm-up)
+QUICK_TOKENIZE_RECORDS = 2000
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed configuration: size x shape x precision x backend."""
+
+    size: str
+    backend: str
+    batch: int
+    seq: int
+    precision: str
+    steps: int
+
+    @property
+    def spec(self) -> Size:
+        return SIZES[self.size]
+
+    @property
+    def id(self) -> str:
+        """Test id, hence the name baselines are matched by: every axis that changes the work."""
+        return f"{self.size}-b{self.batch}-s{self.seq}-n{self.steps}-{self.precision}-{self.backend}"
+
+    @property
+    def config_id(self) -> str:
+        """The case without the backend: every backend of one config shares batches."""
+        return f"{self.size}-b{self.batch}-s{self.seq}-{self.precision}-n{self.steps}"
+
+    @property
+    def group(self) -> str:
+        """pytest-benchmark group: backends of one config sit side by side in one table."""
+        return f"{self.spec.preset}-L{self.spec.layers} b{self.batch} s{self.seq} {self.precision}"
+
+    def config(self) -> RunConfig:
+        return RunConfig(
+            preset=self.spec.preset,
+            num_layers=self.spec.num_layers,
+            batch_size=self.batch,
+            max_seq_len=self.seq,
+            steps=self.steps,
+            precision=self.precision,
+            num_samples=max(64, self.batch),
+            eval_samples=16,
+        )
+
+
+def parse_list(values: Sequence[str] | None) -> list[str]:
+    """Options given as repeats and/or comma lists -> flat list, order kept, duplicates dropped."""
+    out: list[str] = []
+    for v in values or ():
+        for item in str(v).split(","):
+            item = item.strip()
+            if item and item not in out:
+                out.append(item)
+    return out
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """'4x128' -> (batch 4, seq_len 128)."""
+    try:
+        b, s = text.lower().split("x")
+        return int(b), int(s)
+    except ValueError:
+        raise ValueError(f"bad shape {text!r}: expected BATCHxSEQ, e.g. 4x128") from None
+
+
+def build_cases(sizes: Sequence[str], backends: Sequence[str], precisions: Sequence[str] | None,
+                shapes: Sequence[tuple[int, int]] | None, steps: int | None) -> list[Case]:
+    """Cartesian product; per-size defaults where an axis is not given."""
+    cases = []
+    for size in sizes:
+        spec = SIZES[size]
+        for batch, seq in shapes or spec.shapes:
+            for precision in precisions or spec.precisions:
+                for backend in backends:
+                    cases.append(Case(size, backend, batch, seq, precision, steps or spec.steps))
+    return cases
+
+
+def missing_package(backend: str) -> str | None:
+    """A skip reason when the backend's framework is not importable here, else None."""
+    pkg = BACKEND_PACKAGES[backend]
+    if importlib.util.find_spec(pkg) is None:
+        hint = INSTALL_HINT.get(backend, f"pip install {pkg}")
+        return f"{backend}: Python package {pkg!r} is not installed ({hint})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# extra_info
+
+TIMED_WHAT = ("benchmark time = wall clock of one whole child process (interpreter start, imports, "
+              "model load, training, eval, adapter save); train_time_s = the backend's own timed "
+              "steps (after timing_warmup_steps), median over rounds")
+
+# Figures every ok run must report (non-None, and > 0 where numeric).
+REQUIRED = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb", "final_loss",
+            "eval_loss", "mfu", "blas", "batch_fingerprint", "train_time_s", "load_time_s",
+            "threads")
+# Present in every record; None allowed where the framework has no such figure (CPU torch has
+# no allocator peak); MLX backends must report mx.get_peak_memory.
+NULLABLE = ("framework_peak_mb",)
+NEEDS_FRAMEWORK_PEAK = ("mlx", "mlx-lm")
+POSITIVE = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb", "mfu",
+            "train_time_s", "threads")
+# Numeric figures: median over the timed rounds (per-round values kept in <name>_rounds).
+MEDIAN_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
+                 "framework_peak_mb", "final_loss", "eval_loss", "mfu", "train_time_s",
+                 "load_time_s", "warmup_time_s")
+# Must be identical in every round (same batches, same libraries, same thread count).
+SAME_FIELDS = ("blas", "batch_fingerprint", "threads", "precision", "steps")
+# RunResult.extra entries copied from the first timed round when present.
+EXTRA_KEYS = ("machine_gemm_peak_gflops", "framework_gemm_peak_gflops", "mfu_vs_framework_gemm",
+              "gemm_peak_gflops")
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals or len(vals) != len(values):
+        return None
+    return float(statistics.median(vals))
+
+
+def aggregate(results: Sequence[Any], case: Case, rounds: int, warmup_rounds: int) -> dict[str, Any]:
+    """extra_info for one case from its timed rounds' RunResults (warm-up rounds excluded)."""
+    if not results:
+        raise ValueError("no timed rounds")
+    first = results[0]
+    info: dict[str, Any] = {"backend": case.backend, "size": case.size, "status": "ok"}
+    for name in MEDIAN_FIELDS:
+        per_round = [getattr(r, name) for r in results]
+        info[name] = median_or_none(per_round)
+        info[f"{name}_rounds"] = per_round
+    for name in SAME_FIELDS:
+        values = {json.dumps(getattr(r, name)) for r in results}
+        if len(values) != 1:
+            raise AssertionError(f"{case.id}: {name} differs between rounds: {sorted(values)}")
+        info[name] = getattr(first, name)
+    info["child_maxrss_mb"] = median_or_none([r.extra.get("child_maxrss_mb") for r in results])
+    # the GEMM peaks MFU was computed against (names as the runner / backends record them)
+    for key in EXTRA_KEYS:
+        if key in first.extra:
+            info[key] = first.extra[key]
+    info["flops_per_token"] = first.flops_per_token
+    info["trainable_params"] = first.trainable_params
+    env = first.env or {}
+    info["cpu"] = env.get("cpu")
+    info["versions"] = {k: v for k, v in (env.get("versions") or {}).items() if v}
+    if env.get("blas_warning"):
+        info["blas_warning"] = env["blas_warning"]
+    info["git_commit"] = env.get("git_commit")
+    info["rounds"] = len(results)
+    info["rounds_requested"] = rounds
+    info["warmup_rounds"] = warmup_rounds
+    info["timed"] = TIMED_WHAT
+    info["config"] = case.config().replace(threads=first.threads).to_dict()
+    info["group"] = case.group
+    return info
+
+
+def extra_info_problems(info: dict[str, Any], backend: str) -> list[str]:
+    """What is missing or implausible in one case's extra_info (empty list: complete)."""
+    problems = []
+    for name in (*REQUIRED, *NULLABLE):
+        if name not in info:
+            problems.append(f"{name}: missing")
+    for name in REQUIRED:
+        if name in info and info[name] in (None, ""):
+            problems.append(f"{name}: None/empty")
+    for name in POSITIVE:
+        v = info.get(name)
+        if isinstance(v, int | float) and not v > 0:
+            problems.append(f"{name}: {v} is not > 0")
+    for name in ("final_loss", "eval_loss"):
+        v = info.get(name)
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"{name}: {v} is not finite")
+    mfu = info.get("mfu")
+    if isinstance(mfu, float) and mfu > 1.0:  # impossible: the GEMM peak it divides by is too low
+        problems.append(f"mfu: {mfu:.2f} > 1: the cached GEMM peak ({info.get('machine_gemm_peak_gflops')} GFLOP/s) "
+                        "was probably measured on a loaded machine; delete $FTCORE_CACHE/gemm_peak.json and rerun")
+    if backend in NEEDS_FRAMEWORK_PEAK and info.get("framework_peak_mb") is None:
+        problems.append("framework_peak_mb: None for an MLX backend (mx.get_peak_memory expected)")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# machine_info: what makes two baselines comparable
+
+# CPU feature flags that change kernel selection (others, e.g. hypervisor bits, are ignored).
+_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4", "neon", "asimd", "sve", "bf16", "i8mm")
+
+_PROBE_CODE = r"""
+import json, os, sys
+fw = sys.argv[1]
+out = {}
+try:
+    if fw == "torch":
+        import torch
+        from ftcore.blas import torch_blas
+        out = {"blas": torch_blas(), "threads": torch.get_num_threads(), "version": torch.__version__}
+    else:
+        import mlx.core as mx
+        from ftcore.blas import mlx_blas_info
+        info = mlx_blas_info(time_gemm=False)
+        out = {"blas": info["name"], "path": info["path"], "threads": info["threads"],
+               "version": getattr(mx, "__version__", None)}
+except Exception as e:
+    out = {"blas": "unknown", "error": f"{type(e).__name__}: {e}"}
+print(json.dumps(out))
+"""
+
+
+def probe_framework_blas(threads: int | None = None, timeout: float = 120) -> dict[str, dict]:
+    """BLAS each framework really calls, probed in child processes with the runner's own child
+    environment (so the MLX probe sees the OpenBLAS preload the MLX backend gets). Never raises."""
+    from ftcore.runner import child_env
+
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    root = str(Path(__file__).resolve().parent.parent)
+    procs = {}
+    for fw, backend in (("torch", "torch"), ("mlx", "mlx")):
+        if importlib.util.find_spec(fw) is None:
+            continue
+        env = child_env(backend, threads)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        procs[fw] = subprocess.Popen([sys.executable, "-c", _PROBE_CODE, fw], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for fw, p in procs.items():
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+            lines = stdout.strip().splitlines()
+            out[fw] = json.loads(lines[-1]) if lines else {"blas": "unknown", "error": stderr[-500:]}
+        except Exception as e:  # a probe must never break the benchmark session
+            p.kill()
+            out[fw] = {"blas": "unknown", "error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def ftcore_machine_info(threads: int | None = None) -> dict[str, Any]:
+    """The `ftcore` section added to pytest-benchmark's machine_info."""
+    from ftcore.measure import affinity_cores, cpu_model
+
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "affinity_cores": affinity_cores(),
+        "framework_blas": probe_framework_blas(threads),
+    }
+
+
+def hardware_key(machine_info: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a machine_info that make timings comparable: CPU model, architecture, core
+    counts, the kernel-relevant CPU flags and each framework's BLAS (name and library).
+    Deliberately left out: hostname (`node`), clock speeds (`hz_actual` wobbles between runs),
+    kernel release, cache-size strings and Python build details."""
+    cpu = machine_info.get("cpu") or {}
+    ft = machine_info.get("ftcore") or {}
+    flags = sorted(f for f in cpu.get("flags") or () if f.startswith(_FLAG_PREFIXES))
+    blas = {}
+    for fw, info in (ft.get("framework_blas") or {}).items():
+        path = info.get("path")
+        blas[fw] = {"blas": info.get("blas"), "library": os.path.basename(path) if path else None}
+    return {
+        "cpu_model": ft.get("cpu_model") or cpu.get("brand_raw"),
+        "arch": cpu.get("arch") or machine_info.get("machine"),
+        "logical_cores": ft.get("logical_cores") or cpu.get("count"),
+        "affinity_cores": ft.get("affinity_cores"),
+        "cpu_flags": flags,
+        "system": machine_info.get("system"),
+        "blas": blas,
+    }
+
+
+def hardware_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences that matter; [] when only noise (host name, clock) differs."""
+    a, b = hardware_key(saved), hardware_key(current)
+    diffs = []
+    for name in ("cpu_model", "arch", "logical_cores", "affinity_cores", "system"):
+        if a[name] is not None and b[name] is not None and a[name] != b[name]:
+            diffs.append(f"{name}: baseline {a[name]!r}, now {b[name]!r}")
+    if a["cpu_flags"] and b["cpu_flags"] and a["cpu_flags"] != b["cpu_flags"]:
+        lost = sorted(set(a["cpu_flags"]) - set(b["cpu_flags"]))
+        new = sorted(set(b["cpu_flags"]) - set(a["cpu_flags"]))
+        diffs.append(f"cpu flags: only in baseline {lost}, only now {new}")
+    if not a["blas"]:
+        diffs.append("baseline records no per-framework BLAS (saved without bench/conftest.py's "
+                     "machine_info hook); cannot tell whether the BLAS changed")
+    def show(v: dict | None) -> str:
+        return "not probed" if v is None else f"{v['blas']} ({v['library'] or 'library unknown'})"
+
+    for fw in sorted(set(a["blas"]) | set(b["blas"])):
+        x, y = a["blas"].get(fw), b["blas"].get(fw)
+        if a["blas"] and x != y:
+            diffs.append(f"{fw} BLAS: baseline {show(x)}, now {show(y)}")
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------
+# memray
+
+# Native-frame markers -> who owns the bytes live at memray's peak (first match wins).
+MEMRAY_OWNERS = (
+    ("torch CPU tensors (c10::alloc_cpu)", ("c10::alloc_cpu",)),
+    ("torch mmap of weight files (at::MapAllocator)", ("at::MapAllocator",)),
+    ("MLX buffers (mlx::core::allocator)", ("mlx::core::allocator",)),
+    ("BLAS work buffers (blas_memory_alloc / mkl)", ("blas_memory_alloc", "mkl_serv", "mkl_")),
+    # pyarrow (imported by datasets, which transformers' Trainer imports) reserves a 1 GiB mimalloc
+    # arena: address space, never resident; memray counts it in full
+    ("pyarrow mimalloc arena (reserved, not resident)", ("mi_reserve_os_memory", "arrow::")),
+    ("numpy arrays", ("PyDataMem_", "default_malloc", "default_calloc", "npy_alloc")),
+    ("Python objects (pymalloc arenas, PyObject_Malloc, PyMem)", ("_PyObject_Arena", "_PyObject_Malloc", "PyMem_", "_PyObject_GC", "_PyObject_New", "_PyMem_")),
+)
+# The framework allocator each backend's training memory must appear under (checked, not assumed).
+FRAMEWORK_OWNER = {
+    "torch": "torch CPU tensors (c10::alloc_cpu)",
+    "hf-trainer": "torch CPU tensors (c10::alloc_cpu)",
+    "mlx": "MLX buffers (mlx::core::allocator)",
+    "mlx-lm": "MLX buffers (mlx::core::allocator)",
+}
+
+
+def memray_summary(capture: Path, native_frames: int = 12) -> dict[str, Any]:
+    """Peak heap of a memray capture and, at that high-water mark, bytes by allocator call and
+    (with native traces) by owner. Sizes in MB (2**20 bytes)."""
+    import memray
+
+    def allocator_name(a: Any) -> str:
+        try:
+            return memray.AllocatorType(a).name
+        except ValueError:
+            return str(a)
+
+    reader = memray.FileReader(str(capture))
+    meta = reader.metadata
+    by_allocator: dict[str, int] = {}
+    by_owner: dict[str, int] = {}
+    largest = []
+    records = list(reader.get_high_watermark_allocation_records(merge_threads=True))
+    for rec in records:
+        name = allocator_name(rec.allocator)
+        by_allocator[name] = by_allocator.get(name, 0) + rec.size
+        if meta.has_native_traces:
+            try:
+                frames = [f[0] for f in rec.native_stack_trace(max_stacks=native_frames)]
+            except Exception:
+                frames = []
+            text = " ".join(frames)
+            owner = next((o for o, keys in MEMRAY_OWNERS if any(k in text for k in keys)), "other")
+            by_owner[owner] = by_owner.get(owner, 0) + rec.size
+    for rec in sorted(records, key=lambda r: -r.size)[:5]:
+        try:
+            where = [f"{f[0]} ({f[1]}:{f[2]})" for f in rec.hybrid_stack_trace(max_stacks=6)] if meta.has_native_traces \
+                else [f"{f[0]} ({f[1]}:{f[2]})" for f in rec.stack_trace(max_stacks=6)]
+        except Exception:
+            where = []
+        largest.append({"mb": rec.size / 2**20, "allocator": allocator_name(rec.allocator),
+                        "thread": rec.tid, "stack": where})
+    mb = 2**20
+    return {
+        "peak_memory_mb": meta.peak_memory / mb,
+        "total_allocations": meta.total_allocations,
+        "native_traces": meta.has_native_traces,
+        "duration_s": (meta.end_time - meta.start_time).total_seconds(),
+        "live_at_peak_mb": sum(r.size for r in records) / mb,
+        "at_peak_by_allocator_mb": {k: v / mb for k, v in sorted(by_allocator.items(), key=lambda kv: -kv[1])},
+        "at_peak_by_owner_mb": {k: v / mb for k, v in sorted(by_owner.items(), key=lambda kv: -kv[1])},
+        "largest_at_peak": largest,
+    }

@@ -1,0 +1,208 @@
+"""Benchmark-suite options, case generation, fixtures and pytest-benchmark hooks.
+
+Options live here (not in the root conftest), so they exist when bench/ is on the command line:
+`pytest bench/ ...` or `pytest bench/test_x.py ...`. See the Benchmarks section of README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import bench_support as bs
+import pytest
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("ftcore-bench", "ftcore benchmarks (bench/)")
+    g.addoption("--bench-size", action="append", default=None, metavar="SIZE",
+                help=f"model sizes to run, repeat or comma list from {','.join(bs.SIZES)} (default: tiny)")
+    g.addoption("--bench-backends", action="append", default=None, metavar="LIST",
+                help=f"comma list from {','.join(bs.BACKEND_NAMES)} (default: all; mlx-lm skipped when not installed)")
+    g.addoption("--bench-precision", action="append", default=None, metavar="LIST",
+                help="fp32,bf16 (default per size: tiny fp32+bf16, TinyLlama sizes fp32)")
+    g.addoption("--bench-shape", action="append", default=None, metavar="BxL",
+                help="batch x sequence length, e.g. 4x128,8x256 (default per size: tiny 4x128, TinyLlama 2x256)")
+    g.addoption("--bench-steps", type=int, default=None,
+                help="optimiser steps per run (default per size: tiny 10, tinyllama-4l 8, tinyllama-full 6)")
+    g.addoption("--bench-rounds", type=int, default=3, help="timed rounds per case, each a fresh process (default 3)")
+    g.addoption("--bench-warmup-rounds", type=int, default=1,
+                help="untimed rounds first (fill the GEMM-peak and MLX-conversion caches, page cache; default 1)")
+    g.addoption("--bench-quick", action="store_true", default=False,
+                help="CI smoke mode: tiny fp32 only, 1 run per case, few steps, timing disabled "
+                     "(implies --benchmark-disable); asserts every case runs and reports complete figures")
+    g.addoption("--tokenize-records", type=int, default=None,
+                help="records in the tokenising micro-benchmark (default 20000; 2000 with --bench-quick)")
+    g.addoption("--memray-out", type=Path, default=None,
+                help="folder for the memray pass (test_memory_bench.py): <dir>/<size>/memray-<backend>.bin, "
+                     "memray-flamegraph-<backend>.html, memray-summary-<backend>.json (default: a pytest tmp dir)")
+    g.addoption("--memray-native", action=argparse.BooleanOptionalAction, default=None,
+                help="record native stacks in the memray pass (default on; off with --bench-quick)")
+
+
+class Opts:
+    """Resolved bench options (quick mode applied)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        get = config.getoption
+        self.quick = bool(get("--bench-quick"))
+        sizes = bs.parse_list(get("--bench-size")) or ["tiny"]
+        backends = bs.parse_list(get("--bench-backends")) or list(bs.BACKEND_NAMES)
+        precisions = bs.parse_list(get("--bench-precision")) or None
+        try:
+            shapes = [bs.parse_shape(s) for s in bs.parse_list(get("--bench-shape"))] or None
+        except ValueError as e:
+            raise pytest.UsageError(f"--bench-shape: {e}") from None
+        for name, values, allowed in (("--bench-size", sizes, bs.SIZES), ("--bench-backends", backends, bs.BACKEND_NAMES),
+                                      ("--bench-precision", precisions or [], ("fp32", "bf16"))):
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise pytest.UsageError(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
+        self.steps = get("--bench-steps")
+        self.rounds = get("--bench-rounds")
+        self.warmup_rounds = get("--bench-warmup-rounds")
+        self.tokenize_records = get("--tokenize-records") or (bs.QUICK_TOKENIZE_RECORDS if self.quick else 20000)
+        native = get("--memray-native")
+        if self.quick:
+            sizes = ["tiny"]
+            precisions = precisions or ["fp32"]
+            self.steps = self.steps or bs.QUICK_STEPS
+            self.rounds, self.warmup_rounds = 1, 0
+            native = False if native is None else native
+        if self.rounds < 1 or self.warmup_rounds < 0:
+            raise pytest.UsageError("--bench-rounds must be >= 1 and --bench-warmup-rounds >= 0")
+        self.native = True if native is None else native
+        self.sizes, self.backends = sizes, backends
+        self.cases = bs.build_cases(sizes, backends, precisions, shapes, self.steps)
+        # memray pass: per size its default shape and steps, one precision (the first), every backend
+        self.memray_cases = [
+            bs.Case(size, b, *bs.SIZES[size].shapes[0], (precisions or bs.SIZES[size].precisions)[0], bs.SIZES[size].steps)
+            for size in sizes for b in backends
+        ]
+        if self.quick:  # CI: only the cases with a memory budget
+            self.memray_cases = [c for c in self.memray_cases if c.backend in bs.MEMRAY_BUDGET_BACKENDS]
+        self.memray_out: Path | None = get("--memray-out")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    opts = config._ftcore_bench = Opts(config)
+    if opts.quick:
+        clash = [flag for flag, dest in (("--benchmark-only", "benchmark_only"), ("--benchmark-save", "benchmark_save"),
+                                         ("--benchmark-autosave", "benchmark_autosave"),
+                                         ("--benchmark-compare", "benchmark_compare"))
+                 if config.getoption(dest, None)]
+        if clash:
+            raise pytest.UsageError(f"--bench-quick runs every case once with timing disabled; drop {', '.join(clash)}")
+        # pytest-benchmark builds its session in a trylast pytest_configure, after this one
+        config.option.benchmark_disable = True
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    o: Opts = config._ftcore_bench
+    cache = os.environ.get("FTCORE_TEST_CACHE") or "(fresh tmp dir; set FTCORE_TEST_CACHE to reuse checkpoints)"
+    return [f"ftcore bench: sizes={','.join(o.sizes)} backends={','.join(o.backends)} rounds={o.rounds} "
+            f"warmup_rounds={o.warmup_rounds} quick={o.quick} memray_native={o.native}",
+            f"ftcore bench: model cache {cache}"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    o: Opts = metafunc.config._ftcore_bench
+    if "finetune_case" in metafunc.fixturenames:
+        metafunc.parametrize("finetune_case", o.cases, ids=[c.id for c in o.cases])
+    if "tokenize_n" in metafunc.fixturenames:  # the record count is part of the name baselines match
+        metafunc.parametrize("tokenize_n", [o.tokenize_records], ids=[f"tiny-{o.tokenize_records}rec"])
+    if "memray_case" in metafunc.fixturenames:
+        metafunc.parametrize("memray_case", o.memray_cases, ids=[f"{c.size}-{c.precision}-{c.backend}" for c in o.memray_cases])
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def bench_opts(pytestconfig: pytest.Config) -> Opts:
+    return pytestconfig._ftcore_bench
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory, ftcore_cache: Path):
+    """prepared(case) -> ftcore.runner.Prepared: the model materialised (cached across sessions
+    with FTCORE_TEST_CACHE) and the batches built once per config, shared by every backend."""
+    from ftcore import measure
+    from ftcore.runner import prepare
+
+    cache: dict[str, object] = {}
+
+    def get(case: bs.Case):
+        if case.config_id not in cache:
+            cache[case.config_id] = prepare(case.config(), tmp_path_factory.mktemp(f"prep-{case.config_id}"))
+            # run_backend divides by this machine's GEMM peak, measured once (in two probe
+            # processes) and cached in FTCORE_CACHE: measure it here, outside any timed round
+            if hasattr(measure, "machine_gemm_peak"):
+                measure.machine_gemm_peak(case.precision)
+        return cache[case.config_id]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def memray_dir(bench_opts: Opts, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Path:
+    d = bench_opts.memray_out or tmp_path_factory.mktemp("memray")
+    d = Path(d).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    pytestconfig._ftcore_memray_dir = d
+    return d
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    d = getattr(config, "_ftcore_memray_dir", None)
+    if d is not None:
+        terminalreporter.write_line(f"ftcore bench: memray captures, flamegraphs and summaries in {d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest-benchmark machine_info: record each framework's BLAS; warn only on real differences
+
+_MACHINE_INFO_CACHE: dict[str, dict] = {}
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Add `ftcore`: CPU model, cores and the BLAS each framework really calls (probed in child
+    processes with the backends' own environment: MLX gets the OpenBLAS preload, torch not)."""
+    if "ftcore" not in _MACHINE_INFO_CACHE:  # called at load (compare) and again at save
+        _MACHINE_INFO_CACHE["ftcore"] = bs.ftcore_machine_info()
+    machine_info["ftcore"] = _MACHINE_INFO_CACHE["ftcore"]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
+    """Warn when the baseline ran on different hardware or BLAS; stay quiet about host names
+    and clock-speed wobble.
+
+    pytest-benchmark's own implementation of this hook warns on *any* machine_info difference
+    (hostname, `hz_actual`), i.e. on every run here. This wrapper does the meaningful comparison
+    itself, then lets the built-in one compare the current info with itself (so it stays silent),
+    and puts the saved info back afterwards.
+    """
+    saved = compared_benchmark.get("machine_info") or {}
+    diffs = bs.hardware_differences(saved, machine_info)
+    where = getattr(benchmarksession.storage, "path", None) or "storage"  # .location raises outside cwd
+    if diffs:
+        benchmarksession.logger.warning(
+            f"Baseline ran on different hardware/BLAS ({where}); timings are not comparable:\n  "
+            + "\n  ".join(diffs))
+    else:
+        key = bs.hardware_key(machine_info)
+        blas = ", ".join(f"{fw} {v['blas']}" for fw, v in key["blas"].items())
+        benchmarksession.logger.info(
+            f"Baseline machine matches: {key['cpu_model']}, {key['affinity_cores']} cores, BLAS {blas} "
+            "(host name and clock speed not compared)")
+    compared_benchmark["machine_info"] = machine_info
+    try:
+        return (yield)
+    finally:
+        compared_benchmark["machine_info"] = saved

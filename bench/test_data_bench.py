@@ -1,0 +1,62 @@
+"""Tokenising micro-benchmark: the Alpaca pipeline's tokenisation of a large synthetic set.
+
+Times `ftcore.data.tokenize_records` (Alpaca prompt formatting, two batched tokenizer calls,
+truncation and prompt masking) on N generated Alpaca-format records with the tiny preset's
+tokenizer, in this process (no model involved). Record generation and tokenizer loading are not
+timed. TOKENIZERS_PARALLELISM=false, as in every ftcore process (ftcore.runner.OFFLINE_ENV).
+extra_info: records_per_s and tokens_per_s (tokens of the returned rows, i.e. prompt + response
++ EOS after truncation to max_seq_len), from the median round.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+MAX_SEQ_LEN = 256
+
+
+def test_tokenize_alpaca(benchmark, bench_opts, tokenize_n, tiny_model_dir, monkeypatch):
+    from ftcore.data import tokenize_records
+    from ftcore.models import load_tokenizer
+    from ftcore.synthetic import synthetic_records
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    n, preset = tokenize_n, "tiny"
+    records = synthetic_records(n, seed=1)
+    tok = load_tokenizer(tiny_model_dir)
+    durations: list[float] = []
+    first: list = []  # the first round's output; later rounds must match it
+    deterministic = []
+
+    def one_round() -> None:
+        t0 = time.perf_counter()
+        out = tokenize_records(records, tok, MAX_SEQ_LEN, mask_prompt=True)
+        durations.append(time.perf_counter() - t0)
+        if first:
+            deterministic.append(out.ids == first[0].ids and out.labels == first[0].labels)
+        else:
+            first.append(out)
+
+    benchmark.group = f"tokenize {preset} {n} records"
+    benchmark.pedantic(one_round, rounds=bench_opts.rounds, warmup_rounds=bench_opts.warmup_rounds, iterations=1)
+
+    timed = durations[bench_opts.warmup_rounds:] if benchmark.enabled else durations
+    out = first[0]
+    tokens = sum(len(ids) for ids in out.ids)
+    median = statistics.median(timed)
+    benchmark.extra_info.update({
+        "records": n,
+        "kept_records": len(out.ids),
+        "dropped_records": out.dropped,
+        "tokens": tokens,
+        "max_seq_len": MAX_SEQ_LEN,
+        "tokenizer": f"{type(tok).__name__} ({preset} preset, vocab {len(tok)})",
+        "seconds_median": median,
+        "records_per_s": n / median,
+        "tokens_per_s": tokens / median,
+        "rounds": len(timed),
+    })
+    assert len(out.ids) + out.dropped == n
+    assert tokens > n  # every kept record has several tokens
+    assert all(deterministic), "tokenisation is not deterministic across rounds"
