@@ -434,6 +434,18 @@ def _error_lines(comparison: dict[str, Any]) -> list[str]:
     return out
 
 
+def _backend_notes(comparison: dict[str, Any]) -> list[str]:
+    """Where a backend's numerics differ on purpose (mlx-lm) and its warnings (reference BLAS)."""
+    out = []
+    for r in comparison.get("results") or []:
+        extra = r.get("extra") or {}
+        for note in extra.get("numerics_notes") or []:
+            out.append(f"{r.get('backend')} numerics differ: {note}")
+        for warning in extra.get("warnings") or []:
+            out.append(f"{r.get('backend')}: {warning}")
+    return out
+
+
 def format_table(comparison: dict[str, Any]) -> str:
     """The write-up's grid table (one column per backend), then loss diff, fairness, errors, notes."""
     header, body = _cells(comparison)
@@ -446,6 +458,7 @@ def format_table(comparison: dict[str, Any]) -> str:
     lines.append("Fairness checks:")
     lines += _fairness_lines(comparison)
     lines += _error_lines(comparison)
+    lines += _backend_notes(comparison)
     lines.append("")
     lines += [f"* {n}" for n in FOOTNOTES]
     return "\n".join(lines)
@@ -537,6 +550,9 @@ def _markdown(comparison: dict[str, Any]) -> str:
             f"- Threads: {env.get('threads') if env.get('threads') is not None else NA}",
             "",
         ]
+    notes = _backend_notes(comparison)
+    if notes:
+        out += ["## Backend notes", "", *[f"- {n}" for n in notes], ""]
     out += [
         "## Plots",
         "",

@@ -237,3 +237,17 @@ def test_runresult_defaults_are_not_figures(results, tmp_path: Path):
     rows[0] = {**results[0], "train_time_s": 0.0}
     assert _row(report.build_comparison(rows), "mlx")["speedup"] is None
     report.write_report(comp, tmp_path)
+
+
+def test_backend_numerics_notes_and_warnings_are_reported(results, tmp_path: Path):
+    results[1]["extra"] = {
+        "numerics_notes": ["Adam: no bias correction"],
+        "warnings": ["WARNING: MLX is using the reference BLAS"],
+    }
+    comp = report.build_comparison(results)
+    table = report.format_table(comp)
+    name = results[1]["backend"]
+    assert f"{name} numerics differ: Adam: no bias correction" in table
+    assert f"{name}: WARNING: MLX is using the reference BLAS" in table
+    paths = report.write_report(comp, tmp_path)
+    assert "numerics differ: Adam: no bias correction" in paths["report"].read_text()
