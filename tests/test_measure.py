@@ -172,6 +172,12 @@ def test_gemm_peak_positive_and_cached(tmp_path: Path, monkeypatch: pytest.Monke
     assert "|torch|fp32|" in key and cache[key]["gflops"] == 123.0
     measure.gemm_peak_cached("torch", "bf16")
     assert len(calls) == 2 and len(json.loads((tmp_path / "gemm_peak.json").read_text())) == 2
+    # a refresh on a busy machine (a slower probe) never lowers the best figure seen
+    monkeypatch.setattr(measure, "measure_gemm_peak", lambda *a, **kw: 50.0)
+    assert measure.gemm_peak_cached("torch", "fp32", refresh=True) == 123.0
+    monkeypatch.setattr(measure, "measure_gemm_peak", lambda *a, **kw: 200.0)
+    assert measure.gemm_peak_cached("torch", "fp32", refresh=True) == 200.0
+    assert measure.gemm_peak_cached("torch", "fp32") == 200.0
 
 
 # --- BLAS -----------------------------------------------------------------------------------
