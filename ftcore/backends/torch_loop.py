@@ -52,6 +52,9 @@ def load_peft_model(cfg: RunConfig, model_dir: Path, device: torch.device):
         local_files_only=True,
         use_safetensors=not cfg.allow_pickle,
     ).to(device)
+    with torch.no_grad():  # weights may be mmapped lazily: page them in now, so load time and
+        for p in model.parameters():  # RSS after load cover them (as mx.eval does for MLX)
+            p.sum()
     lora_cfg = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
