@@ -14,21 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcore.backends.common import Progress, base_result, finish, save_probe_logits
-from ftcore.backends.torch_loop import (
-    evaluate,
-    get_lora_state,
-    load_peft_model,
-    loss_sum_count,
-    make_optimizer,
-    pick_device,
-    probe_logits,
-    sync,
-)
+from ftcore.backends.common import Progress
+from ftcore.backends.torch_loop import loss_sum_count, make_optimizer, start, sync, wrap_up
 from ftcore.config import RunConfig
 from ftcore.data import Batches
-from ftcore.lora import state_fingerprint
-from ftcore.measure import RunResult, current_rss_mb
+from ftcore.measure import RunResult
 
 
 class Rows(torch.utils.data.Dataset):
@@ -50,18 +40,7 @@ class Rows(torch.utils.data.Dataset):
 def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    threads = cfg.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
-    result = base_result("hf-trainer", cfg, model_dir, batches, "torch")
-
-    t0 = time.perf_counter()
-    model = load_peft_model(cfg, model_dir, device)
-    sync(device)
-    result.load_time_s = time.perf_counter() - t0
-    result.baseline_rss_mb = current_rss_mb()
-    result.initial_adapter_fingerprint = state_fingerprint(get_lora_state(model))
+    model, device, result = start("hf-trainer", cfg, model_dir, batches)
 
     step_times: list[float] = []
     progress = Progress("hf-trainer", cfg.steps)
@@ -120,20 +99,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     trainer.train()
     train_call_s = time.perf_counter() - t_train
 
-    result.eval_loss = evaluate(model, batches, device)
-    if result.eval_loss is not None:
-        result.eval_losses.append([cfg.steps, result.eval_loss])
-    if device.type == "cuda":
-        result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    model.save_pretrained(str(out_dir / "adapter"))
-    save_probe_logits(probe_logits(model, batches, device), out_dir)
-    result.blas = result.env.get("torch_blas", "")
-    result.threads = threads
     result.extra.update(
-        device=str(device),
-        precision_mode="fp32"
-        if cfg.precision == "fp32"
-        else "bf16 base weights, fp32 LoRA + AdamW",
         # the Trainer's own cost next to the plain loop: set-up, and train() time outside the steps
         trainer_init_s=trainer_init_s,
         trainer_train_call_s=train_call_s,
@@ -141,4 +107,4 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     )
     if cfg.eval_every:
         result.extra["note"] = "hf-trainer evaluates at the end only"
-    return finish(result, cfg, batches, step_times, "torch")
+    return wrap_up(model, device, result, cfg, batches, out_dir, step_times)

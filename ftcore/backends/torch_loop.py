@@ -146,12 +146,20 @@ def probe_logits(model, batches: Batches, device: torch.device) -> np.ndarray:
     return logits.float().cpu().numpy()
 
 
-def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
+def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches):
+    """Shared by `torch` and `hf-trainer`: threads, seed, device, the timed model load and the
+    RSS after it. Returns (model, device, result)."""
     threads = cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)  # LoRA dropout masks
     device = pick_device(cfg.device)
-    result = base_result("torch", cfg, model_dir, batches, "torch")
+    result = base_result(backend, cfg, model_dir, batches, "torch")
+    result.threads = threads
+    result.blas = result.env.get("torch_blas", "")
+    result.extra["device"] = str(device)
+    result.extra["precision_mode"] = (
+        "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
+    )
 
     t0 = time.perf_counter()
     model = load_peft_model(cfg, model_dir, device)
@@ -161,7 +169,33 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     result.initial_adapter_fingerprint = state_fingerprint(get_lora_state(model))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    return model, device, result
 
+
+def wrap_up(
+    model,
+    device: torch.device,
+    result: RunResult,
+    cfg: RunConfig,
+    batches: Batches,
+    out_dir: Path,
+    step_times: list[float],
+) -> RunResult:
+    """Shared end: eval loss, CUDA peak, the adapter in PEFT format, probe logits, throughput."""
+    result.eval_loss = evaluate(model, batches, device)
+    if result.eval_loss is not None:
+        result.eval_losses.append([cfg.steps, result.eval_loss])
+    if device.type == "cuda":
+        result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    model.save_pretrained(
+        str(out_dir / "adapter")
+    )  # adapter_config.json + adapter_model.safetensors
+    save_probe_logits(probe_logits(model, batches, device), out_dir)
+    return finish(result, cfg, batches, step_times, "torch")
+
+
+def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
+    model, device, result = start("torch", cfg, model_dir, batches)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     model.train()
@@ -191,19 +225,4 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None,
         )
 
-    result.eval_loss = evaluate(model, batches, device)
-    if result.eval_loss is not None:
-        result.eval_losses.append([cfg.steps, result.eval_loss])
-    if device.type == "cuda":
-        result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    model.save_pretrained(
-        str(out_dir / "adapter")
-    )  # adapter_config.json + adapter_model.safetensors
-    save_probe_logits(probe_logits(model, batches, device), out_dir)
-    result.blas = result.env.get("torch_blas", "")
-    result.threads = threads
-    result.extra["device"] = str(device)
-    result.extra["precision_mode"] = (
-        "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
-    )
-    return finish(result, cfg, batches, step_times, "torch")
+    return wrap_up(model, device, result, cfg, batches, out_dir, step_times)
