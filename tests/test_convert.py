@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from parity_utils import TINY
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -27,17 +28,6 @@ from ftcore.convert import (
     save_mlx_lm_adapter,
 )
 from ftcore.mlx_llama import apply_lora, load_lora_state, load_model, lora_state
-
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.2,  # a 0.02 init hides RoPE bugs
-)
 
 
 def make_hf(path: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:

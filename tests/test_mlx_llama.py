@@ -13,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
+from parity_utils import TINY
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,16 +29,6 @@ from ftcore.mlx_llama import (
 
 pytestmark = pytest.mark.parity
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # GQA
-    max_position_embeddings=64,
-    initializer_range=0.2,  # a 0.02 init hides RoPE bugs
-)
 B, L = 3, 16
 
 
