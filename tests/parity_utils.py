@@ -115,6 +115,18 @@ def token_batches(draw, vocab: int, max_batch: int = 3, max_len: int = 20, mask_
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+@st.composite
+def model_cases(draw):
+    """(HF config, LoRA settings, token batch, seed) for the whole-model properties."""
+    cfg = draw(llama_configs())
+    return (
+        cfg,
+        draw(lora_settings()),
+        draw(token_batches(cfg["vocab_size"])),
+        draw(st.integers(0, 2**16)),
+    )
+
+
 # ----------------------------------------------------------------------------- builders
 
 

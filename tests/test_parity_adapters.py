@@ -21,18 +21,15 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, note
-from hypothesis import strategies as st
 from parity_utils import (
     add_peft,
     backend_runs,
-    llama_configs,
     lora_cfg_from_peft_dir,
-    lora_settings,
     make_hf_model,
     max_err_real,
     mlx_model_with_adapter,
+    model_cases,
     save_and_convert,
-    token_batches,
 )
 from safetensors.numpy import load_file
 
@@ -68,18 +65,7 @@ def _peft_dir_into_mlx(mlx_dir: Path, adapter_dir: Path):
     return mlx_model_with_adapter(mlx_dir, targets, rank, alpha, state)[0]
 
 
-@st.composite
-def cases(draw):
-    cfg = draw(llama_configs())
-    return (
-        cfg,
-        draw(lora_settings()),
-        draw(token_batches(cfg["vocab_size"])),
-        draw(st.integers(0, 2**16)),
-    )
-
-
-@given(case=cases())
+@given(case=model_cases())
 def test_saved_peft_adapter_loads_into_mlx(case):
     cfg, lora, batch, seed = case
     with tempfile.TemporaryDirectory() as tmp:

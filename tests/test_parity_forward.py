@@ -17,14 +17,12 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from parity_utils import (
     add_peft,
-    llama_configs,
-    lora_settings,
     make_hf_model,
     max_err_real,
     mlx_model_with_adapter,
+    model_cases,
     peft_state_np,
     save_and_convert,
-    token_batches,
 )
 
 pytestmark = pytest.mark.parity
@@ -55,18 +53,7 @@ def _logits_pair(cfg, lora, batch, seed, attn="sdpa"):
     return ref, got, no_lora
 
 
-@st.composite
-def cases(draw):
-    cfg = draw(llama_configs())
-    return (
-        cfg,
-        draw(lora_settings()),
-        draw(token_batches(cfg["vocab_size"])),
-        draw(st.integers(0, 2**16)),
-    )
-
-
-@given(case=cases(), attn=st.sampled_from(["sdpa", "eager"]))
+@given(case=model_cases(), attn=st.sampled_from(["sdpa", "eager"]))
 def test_model_logits_match_peft(case, attn):
     cfg, lora, batch, seed = case
     ref, got, no_lora = _logits_pair(cfg, lora, batch, seed, attn)
