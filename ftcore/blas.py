@@ -208,13 +208,17 @@ def _is_blas_path(entry: str) -> bool:
 
 
 def mlx_child_env(base_env: dict, threads: int) -> dict:
-    """Environment for a child process that runs MLX: fast BLAS preloaded, thread counts set.
+    """Environment for a child process that runs MLX: fast BLAS preloaded, thread counts set, JIT
+    kernels built for the CPU's vector units (:mod:`ftcore.mlx_jit`).
 
     The preload is prepended to any existing LD_PRELOAD; FTCORE_NO_BLAS_PRELOAD=1 disables it
     (to measure the stock wheel). Never give this env to a torch process: the preload would
     interpose torch's MKL sgemm_ too (see the module docstring).
     """
-    env = dict(base_env)
+    from ftcore import mlx_jit
+    from ftcore.models import cache_root
+
+    env = mlx_jit.child_env(dict(base_env), cache_root(base_env))
     fast = None if env.get(NO_PRELOAD_ENV) == "1" else find_fast_blas()
     if fast:
         rest = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != fast]

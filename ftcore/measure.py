@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from ftcore.models import cache_root
+
 # ---------------------------------------------------------------------------------------------
 # RunResult
 
@@ -452,10 +454,6 @@ def measure_gemm_peak(framework: str, precision: str, n: int = 1024, repeats: in
     return 2 * n**3 / best / 1e9
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FTCORE_CACHE") or Path.home() / ".cache" / "ftcore")
-
-
 def framework_blas_threads(framework: str) -> tuple[str, int]:
     """(BLAS name, threads) this process's ``framework`` GEMM runs with."""
     from ftcore import blas
@@ -479,7 +477,7 @@ def gemm_peak_cached(framework: str, precision: str, n: int = 1024, device: str 
     name, threads = framework_blas_threads(framework)
     key = "|".join(map(str, (cpu_model(), affinity_cores(), framework, precision, name, threads,
                              n, device)))
-    path = cache_dir() / "gemm_peak.json"
+    path = cache_root() / "gemm_peak.json"
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -509,7 +507,7 @@ def machine_gemm_peak(precision: str, refresh: bool = False) -> float | None:
     from ftcore import blas
 
     key = f"machine|{cpu_model()}|{affinity_cores()}|{precision}"
-    path = cache_dir() / "gemm_peak.json"
+    path = cache_root() / "gemm_peak.json"
     try:
         cached = json.loads(path.read_text()).get(key)
     except (OSError, ValueError):

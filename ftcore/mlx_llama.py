@@ -84,6 +84,31 @@ def additive_mask(attention_mask: mx.array | None, length: int, dtype: mx.Dtype)
     return mx.where(keep, mx.array(0, dtype=dtype), blocked)[:, None]
 
 
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str) -> mx.array:
+    """Softmax attention with GQA: q (B, H, L, D), k/v (B, KV, L, D) -> (B, H, L, D); softmax in fp32.
+
+    On a GPU this is mx.fast.scaled_dot_product_attention. On the CPU it is written out: the fused
+    primitive's CPU fallback runs its softmax (exp) in a prebuilt single-threaded kernel, while
+    written-out ops are fused by mx.compile into JIT kernels (see ftcore.mlx_jit); 4 layers of
+    TinyLlama width, batch 2 x 256: about 8% less time per train step here.
+    """
+    if mx.default_device() != mx.cpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, L, D = q.shape
+    kv = k.shape[1]
+    if isinstance(mask, str):  # "causal"
+        mask = mx.where(mx.tril(mx.ones((L, L), dtype=mx.bool_)), 0.0, mx.finfo(q.dtype).min)
+        mask = mask.astype(q.dtype)[None, None]
+    # (B, KV, H/KV, L, D): each kv head serves H/KV query heads, without repeating k and v.
+    qg = (q * mx.array(scale, dtype=q.dtype)).reshape(B, kv, H // kv, L, D)
+    scores = qg @ k[:, :, None].swapaxes(-1, -2) + mask[:, :, None]  # (B, KV, H/KV, L, L)
+    scores = scores.astype(mx.float32)
+    shift = mx.stop_gradient(scores.max(axis=-1, keepdims=True))
+    e = mx.exp(scores - shift)
+    probs = (e / e.sum(axis=-1, keepdims=True)).astype(v.dtype)
+    return (probs @ v[:, :, None]).reshape(B, H, L, D)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -106,8 +131,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q, k = self.rope(q), self.rope(k)
-        # GQA: k/v keep n_kv_heads; the kernel broadcasts them (softmax in fp32).
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask)  # (B, H, L, D)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -163,7 +187,10 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
-        h = self.model(input_ids, attention_mask)
+        return self.head(self.model(input_ids, attention_mask))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final hidden states (..., hidden) -> logits (..., V)."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from ftcore.config import RunConfig, UserError
@@ -52,8 +53,10 @@ LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FTCORE_CACHE", Path.home() / ".cache" / "ftcore")).expanduser()
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """$FTCORE_CACHE (of ``env``, default this process's), else ~/.cache/ftcore."""
+    env = os.environ if env is None else env
+    return Path(env.get("FTCORE_CACHE") or Path.home() / ".cache" / "ftcore").expanduser()
 
 
 def preset_config(preset: str, num_layers: int | None = None) -> dict[str, Any]:

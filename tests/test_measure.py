@@ -202,12 +202,13 @@ def test_find_fast_blas_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert blas.find_fast_blas() == (str(lib) if sys.platform == "linux" else None)
 
 
-def test_child_envs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_child_envs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(blas, "find_fast_blas", lambda: "/opt/libopenblas.so.0")
-    env = blas.mlx_child_env({"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin"}, threads=2)
+    base = {"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin", "FTCORE_CACHE": str(tmp_path)}
+    env = blas.mlx_child_env(base, threads=2)
     assert env["LD_PRELOAD"] == "/opt/libopenblas.so.0:/x/libfoo.so"
     assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
-    off = blas.mlx_child_env({blas.NO_PRELOAD_ENV: "1"}, threads=1)
+    off = blas.mlx_child_env({blas.NO_PRELOAD_ENV: "1", "FTCORE_CACHE": str(tmp_path)}, threads=1)
     assert "LD_PRELOAD" not in off and off["OPENBLAS_NUM_THREADS"] == "1"
     t = blas.torch_child_env(env, threads=2)
     assert t["LD_PRELOAD"] == "/x/libfoo.so" and t["OMP_NUM_THREADS"] == "2"

@@ -33,14 +33,16 @@ from ftcore.convert import (
 from ftcore.data import IGNORE_INDEX, Batches
 from ftcore.lora import initial_lora_state, state_fingerprint
 from ftcore.measure import RunResult, current_rss_mb
+from ftcore.mlx_jit import NOTE_ENV
 from ftcore.mlx_llama import Model, apply_lora, load_lora_state, load_model, lora_state
 from ftcore.models import cache_root, read_arch
 
 # Compile the whole train step (forward, backward, clipping, AdamW) into one graph. Measured on a
 # 2-core EPYC with OpenBLAS: losses bit-identical to the uncompiled step (tiny preset, 20 steps);
-# ~5% less CPU per step on the tiny preset, equal within noise at TinyLlama width (GEMM-bound).
-# The first compiled run on a machine JIT-builds fused CPU kernels with g++ (cached under
-# $TMPDIR/mlx): 10-20 s inside the first (warm-up) step, excluded from throughput.
+# ~5% less CPU per step on the tiny preset. Compiling also fuses element-wise chains (exp,
+# sigmoid, ...) into JIT CPU kernels, built with vector flags by ftcore.mlx_jit: the first run on
+# a machine builds them with g++ (cached), 10-20 s inside the first (warm-up) step, excluded
+# from throughput.
 COMPILE = True
 CONVERT_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -62,18 +64,29 @@ def to_mx(batch: dict[str, np.ndarray]) -> dict[str, mx.array]:
     return {k: mx.array(v.astype(np.int32)) for k, v in batch.items()}
 
 
+def logsumexp(x: mx.array) -> mx.array:
+    """logsumexp over the last axis. On the CPU written out (max shift, exp, sum) rather than
+    mx.logsumexp, whose prebuilt CPU kernel runs exp on one thread without vector units: under
+    mx.compile the exp here is fused into a JIT kernel (see ftcore.mlx_jit)."""
+    if mx.default_device() != mx.cpu:
+        return mx.logsumexp(x, axis=-1)
+    shift = mx.stop_gradient(x.max(axis=-1, keepdims=True))
+    return mx.log(mx.exp(x - shift).sum(axis=-1)) + shift[..., 0]
+
+
 def loss_sum_count(model: Model, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
     """Summed next-token cross-entropy over targets that are not IGNORE_INDEX, and their count.
 
-    Same shift and normalisation as the torch backend: logits[:, :-1] (fp32) against labels[:, 1:].
+    Same shift and normalisation as the torch backend: logits (fp32) at positions 0..L-2 against
+    labels[:, 1:]; the last position predicts nothing, so its logits are not computed.
     """
-    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, L-1, V)
-    logits = logits.astype(mx.float32)  # a no-op in fp32
+    h = model.model(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, L-1, hidden)
+    logits = model.head(h).astype(mx.float32)  # (B, L-1, V); astype is a no-op in fp32
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     safe = mx.where(keep, targets, 0)  # a valid index for the gather; masked out below
     picked = mx.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    ce = mx.logsumexp(logits, axis=-1) - picked  # (B, L-1); one pass over V fewer than nn.losses
+    ce = logsumexp(logits) - picked  # (B, L-1)
     return mx.where(keep, ce, 0.0).sum(), keep.sum()
 
 
@@ -144,6 +157,8 @@ def blas_facts(result: RunResult, cfg: RunConfig) -> None:
     result.extra["threads_note"] = (
         "MLX CPU ops are single-threaded; BLAS GEMMs use OPENBLAS_NUM_THREADS"
     )
+    # Set by the runner (ftcore.mlx_jit.child_env); absent when this process was started by hand.
+    result.extra["mlx_jit"] = os.environ.get(NOTE_ENV, "MLX default g++ flags (not set by ftcore)")
     warning = result.env.get("blas_warning")
     if warning:
         print(warning, file=sys.stderr, flush=True)

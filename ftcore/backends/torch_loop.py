@@ -93,13 +93,18 @@ def get_lora_state(model) -> dict[str, np.ndarray]:
 def loss_sum_count(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over targets that are not IGNORE_INDEX, and their count.
 
-    logits (B, L, V) predict token t+1 at position t: compare logits[:, :-1] with labels[:, 1:].
-    Every backend uses this same shift and normalisation (sum / count).
+    Position t predicts token t+1: logits at positions 0..L-2 against labels[:, 1:]. The last
+    position predicts nothing, so its logits are not computed (`logits_to_keep`, as the MLX backend
+    does). Every backend uses this same shift and normalisation (sum / count).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ids = batch["input_ids"]
+    positions = torch.arange(ids.shape[1] - 1, device=ids.device)  # 0..L-2
+    logits = model(
+        input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=positions
+    ).logits  # (B, L-1, V)
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        logits.float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
