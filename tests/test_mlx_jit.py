@@ -106,6 +106,7 @@ def test_written_out_attention_equals_mlx_fast_sdpa(mask_kind: str) -> None:
     for g_ours, g_fast in zip(
         mx.grad(lambda *a: (ours(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v),
         mx.grad(lambda *a: (fast(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v),
+        strict=True,
     ):
         np.testing.assert_allclose(np.array(g_ours), np.array(g_fast), atol=1e-5)
     # bf16 in, bf16 out (softmax in fp32 inside), close to the fp32 result
