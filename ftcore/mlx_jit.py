@@ -26,6 +26,8 @@ import platform
 import shutil
 from pathlib import Path
 
+from ftcore.measure import cpu_model
+
 # -mavx2 -mfma -mf16c: what later MLX sources add themselves. The other three let GCC inline MLX's
 # simd::exp (a polynomial, no libm call) into the kernel loop and vectorize it; they do not
 # change results (the torch CPU wheel is built with -fno-math-errno -fno-trapping-math too).
@@ -50,16 +52,6 @@ def cpu_features() -> set[str]:
     return set()
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def why_not() -> str | None:
     """Why the flags cannot be used on this machine, or None when they can."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -72,19 +64,14 @@ def why_not() -> str | None:
     return None
 
 
-def wrapper_dir(cache: Path) -> Path:
-    """Folder for this machine's wrapper and kernel cache: keyed by CPU model, compiler and flags,
-    so kernels built for one CPU are never loaded on another that shares the cache."""
-    gxx = os.path.realpath(shutil.which("g++") or "g++")
-    key = hashlib.sha256(f"{_cpu_model()}|{gxx}|{' '.join(FLAGS)}".encode()).hexdigest()[:12]
-    return cache / "mlx-jit" / key
-
-
 def install_wrapper(cache: Path) -> Path:
-    """Write (once) ``<wrapper_dir>/bin/g++``: the real g++ with FLAGS added. Returns wrapper_dir."""
-    root = wrapper_dir(cache)
-    wrapper = root / "bin" / "g++"
+    """Write (once) ``<root>/bin/g++``, the real g++ with FLAGS added, and make ``<root>/tmp`` for
+    the kernel cache; returns root. root is keyed by CPU model, compiler and flags, so kernels
+    built for one CPU are never loaded on another that shares the cache."""
     real = os.path.realpath(shutil.which("g++") or "g++")
+    key = hashlib.sha256(f"{cpu_model()}|{real}|{' '.join(FLAGS)}".encode()).hexdigest()[:12]
+    root = cache / "mlx-jit" / key
+    wrapper = root / "bin" / "g++"
     # -frecord-gcc-switches stores the command line in each kernel (.GCC.command.line), so a
     # kernel can be checked for the flags it was built with.
     text = (

@@ -96,9 +96,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
     kv = k.shape[1]
-    if isinstance(mask, str):  # "causal"
-        mask = mx.where(mx.tril(mx.ones((L, L), dtype=mx.bool_)), 0.0, mx.finfo(q.dtype).min)
-        mask = mask.astype(q.dtype)[None, None]
+    if isinstance(mask, str):  # "causal": the additive mask of a batch without padding
+        mask = additive_mask(mx.ones((1, L), dtype=mx.int32), L, q.dtype)  # (1, 1, L, L)
     # (B, KV, H/KV, L, D): each kv head serves H/KV query heads, without repeating k and v.
     qg = (q * mx.array(scale, dtype=q.dtype)).reshape(B, kv, H // kv, L, D)
     scores = qg @ k[:, :, None].swapaxes(-1, -2) + mask[:, :, None]  # (B, KV, H/KV, L, L)
