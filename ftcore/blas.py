@@ -111,6 +111,18 @@ def blas_threads() -> int | None:
     return None
 
 
+def set_blas_threads(n: int) -> bool:
+    """Set a globally visible OpenBLAS/MKL's thread count now; False when there is none to set."""
+    glob = ctypes.CDLL(None)
+    for fn in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
+        try:
+            getattr(glob, fn)(ctypes.c_int(n))
+        except AttributeError:
+            continue
+        return blas_threads() == n
+    return False
+
+
 def torch_blas() -> str:
     """BLAS torch's CPU GEMM really calls: the build's BLAS_INFO unless a preload interposes it."""
     import torch

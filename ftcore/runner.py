@@ -71,16 +71,22 @@ def prepare(cfg: RunConfig, work_dir: Path) -> Prepared:
 
 def child_env(backend: str, threads: int) -> dict[str, str]:
     """Environment for a backend's process: offline, equal thread counts, and for MLX a fast BLAS
-    preloaded (never for torch: the preload would interpose torch's own MKL sgemm_)."""
+    preloaded (never for torch: the preload would interpose torch's own MKL sgemm_). The `mlx`
+    backend also gets an mx.eval width that lets its per-thread row streams overlap (mlx-lm,
+    the yardstick, runs as users would run it)."""
     from ftcore.blas import mlx_child_env, torch_child_env
 
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"  # transformers' deprecation chatter
-    return (
-        mlx_child_env(env, threads) if backend.startswith("mlx") else torch_child_env(env, threads)
-    )
+    if not backend.startswith("mlx"):
+        return torch_child_env(env, threads)
+    if backend == "mlx":
+        from ftcore.backends.mlx_loop import BFS_WIDTH_ENV, BFS_WIDTH_PER_STREAM
+
+        env[BFS_WIDTH_ENV] = str(BFS_WIDTH_PER_STREAM * threads)
+    return mlx_child_env(env, threads)
 
 
 def child_command(backend: str, prep: Prepared, out_dir: Path) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -207,11 +206,13 @@ def torch_loss(pm, batch: dict[str, np.ndarray]) -> torch.Tensor:
     return s / n.clamp(min=1)
 
 
-def mlx_loss_fn() -> tuple[Callable[[Any, dict[str, mx.array]], mx.array], str]:
-    """The MLX backend's own mean loss (what its training step differentiates), and its name."""
+def mlx_loss_and_grads(model, batch: dict[str, mx.array]) -> tuple[mx.array, dict]:
+    """The MLX backend's own training-step loss and gradients: its rows split over two CPU streams
+    as the step does on two threads (one stream when the rows are odd)."""
     from ftcore.backends import mlx_loop
 
-    return mlx_loop.mean_loss, "ftcore.backends.mlx_loop.mean_loss"
+    n_streams = 2 if batch["input_ids"].shape[0] % 2 == 0 else 1
+    return mlx_loop.loss_and_grads(model, batch, mlx_loop.cpu_streams(n_streams))
 
 
 def to_mx(batch: dict[str, np.ndarray]) -> dict[str, mx.array]:

@@ -1,5 +1,5 @@
 """ftcore.mlx_jit: the g++ wrapper that builds MLX's JIT CPU kernels with AVX2/FMA flags, and the
-written-out CPU softmax/logsumexp that route exp through those kernels."""
+written-out CPU softmax/logsumexp/silu that route exp through those kernels."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from ftcore import blas, mlx_jit
 from ftcore.backends.mlx_loop import logsumexp
-from ftcore.mlx_llama import additive_mask, attention
+from ftcore.mlx_llama import additive_mask, attention, silu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,3 +129,28 @@ def test_written_out_logsumexp_equals_mx_logsumexp_and_is_shift_safe() -> None:
     g_ours = mx.grad(lambda a: (logsumexp(a) * w).sum())(xm)
     g_ref = mx.grad(lambda a: (mx.logsumexp(a, axis=-1) * w).sum())(xm)
     np.testing.assert_allclose(np.array(g_ours), np.array(g_ref), atol=1e-6)
+
+
+def test_written_out_silu_equals_nn_silu_and_stays_finite() -> None:
+    """The CPU silu (exp written out, hand-written VJP): nn.silu's values and grads, compiled or not,
+    finite where exp(-x) overflows, fp32 inside for bf16."""
+    xs = np.concatenate([np.linspace(-30, 30, 601), [0.0, 88.0, -88.7, -89.0, -1000.0, 1000.0]])
+    x = mx.array(xs.astype(np.float32))
+    w = mx.array(np.random.default_rng(2).standard_normal(x.shape).astype(np.float32))
+
+    def value_and_grad(f):
+        return mx.value_and_grad(lambda a: (f(a) * w).sum())
+
+    ref_loss, ref_grad = value_and_grad(nn.silu)(x)
+    for fn in (value_and_grad(silu), mx.compile(value_and_grad(silu))):
+        loss, grad = fn(x)
+        assert np.isfinite(np.array(grad)).all()
+        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+        np.testing.assert_allclose(np.array(grad), np.array(ref_grad), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(silu(x)), np.array(nn.silu(x)), rtol=1e-6, atol=1e-6)
+    # bf16: computed in fp32 from the bf16 input, rounded once to bf16 (relative error <= 2^-8)
+    xb = x.astype(mx.bfloat16)
+    bf = silu(xb)
+    assert bf.dtype == mx.bfloat16
+    exact = np.array(nn.silu(xb.astype(mx.float32)))
+    np.testing.assert_allclose(np.array(bf.astype(mx.float32)), exact, rtol=2**-8, atol=1e-30)

@@ -4,12 +4,15 @@ the torch backend (same loss, LR per step, AdamW with bias correction, clipping,
 No torch or transformers import: this process's RSS is MLX's alone.
 Precision: fp32 converts every weight to fp32. bf16 converts the frozen base weights to bf16 and
 keeps LoRA weights, gradients and AdamW state in fp32 (as the torch backend does).
-On Linux CPU, MLX's own ops run on one thread; only GEMMs go through BLAS, whose threads the
-runner sets (OPENBLAS_NUM_THREADS) together with an OpenBLAS preload (ftcore.blas).
+On Linux CPU, MLX's own ops run on one thread per stream; only GEMMs go through BLAS, which the
+runner preloads (OpenBLAS, ftcore.blas). So with T threads the training step splits each batch's
+rows over T CPU streams with a 1-thread BLAS each (`plan_streams`), rather than one stream with a
+T-thread BLAS: T threads in all either way, as torch gets.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -20,9 +23,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_map
 from safetensors.numpy import save_file
 
 from ftcore.backends.common import Progress, base_result, finish, probe_batch, save_probe_logits
+from ftcore.blas import set_blas_threads
 from ftcore.config import RunConfig, UserError
 from ftcore.convert import (
     MANIFEST_FILE,
@@ -43,6 +48,13 @@ from ftcore.models import cache_root, read_arch
 # (FMA rounding). The first run on a machine builds the kernels with g++ (cached): 10-20 s inside
 # the first (warm-up) step, excluded from throughput.
 COMPILE = True
+# mx.eval lays the graph out breadth-first, at most MLX_BFS_MAX_WIDTH arrays wide (default 20), and
+# holds back once 10 tasks are in flight. At 20 the step's two row streams were enqueued one after
+# the other and ran in turn (86 tok/s, tinyllama-1.1b 4 layers, 2 cores); at 40, 100 and 1000 they
+# overlap (163-167 tok/s, same peak memory). The runner sets it for `mlx` processes
+# (runner.child_env).
+BFS_WIDTH_ENV = "MLX_BFS_MAX_WIDTH"
+BFS_WIDTH_PER_STREAM = 50
 CONVERT_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -89,9 +101,52 @@ def loss_sum_count(model: Model, batch: dict[str, mx.array]) -> tuple[mx.array, 
     return mx.where(keep, ce, 0.0).sum(), keep.sum()
 
 
-def mean_loss(model: Model, batch: dict[str, mx.array]) -> mx.array:
-    total, count = loss_sum_count(model, batch)
-    return total / mx.maximum(count, 1)
+def loss_and_grads(
+    model: Model, batch: dict[str, mx.array], streams: tuple[mx.Stream, ...]
+) -> tuple[mx.array, dict]:
+    """Mean loss over the batch's targets and its gradients w.r.t. the trainable parameters.
+
+    The rows are split into len(streams) equal groups; each group's forward and backward runs on
+    its own stream (a thread of its own on the CPU). Summed losses and gradients are divided by the
+    whole batch's target count: one pass's numbers, up to float summation order.
+    """
+    n_rows = batch["input_ids"].shape[0]
+    if n_rows % len(streams):
+        raise ValueError(f"{n_rows} rows do not split evenly over {len(streams)} streams")
+    rows = n_rows // len(streams)
+    count = mx.maximum((batch["labels"][:, 1:] != IGNORE_INDEX).sum(), 1)
+    sum_and_grad = nn.value_and_grad(model, lambda m, b: loss_sum_count(m, b)[0])
+    totals, grads = [], []
+    for i, stream in enumerate(streams):
+        with mx.stream(stream):
+            part = {k: v[i * rows : (i + 1) * rows] for k, v in batch.items()}
+            total, g = sum_and_grad(model, part)
+        totals.append(total)
+        grads.append(g)
+    return sum(totals) / count, tree_map(lambda *g: sum(g) / count, *grads)
+
+
+def plan_streams(device: mx.Device, threads: int, batch_size: int) -> int:
+    """How many CPU streams the step splits a batch's rows over: `threads` on the CPU when the rows
+    divide evenly and mx.eval's width lets the streams overlap (BFS_WIDTH_ENV), else 1.
+
+    Uneven groups would leave a thread idle while the bigger group finishes.
+    """
+    if device != mx.cpu or threads < 2 or batch_size % threads:
+        return 1
+    try:
+        width = int(os.environ.get(BFS_WIDTH_ENV, "20"))
+    except ValueError:
+        return 1
+    return threads if width >= BFS_WIDTH_PER_STREAM * threads else 1
+
+
+@functools.cache
+def cpu_streams(n: int) -> tuple[mx.Stream, ...]:
+    """n CPU streams, made once per process (each new CPU stream starts a thread)."""
+    if n == 1:
+        return (mx.default_stream(mx.cpu),)
+    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
 
 
 def evaluate(model: Model, batches: Batches) -> float | None:
@@ -153,9 +208,6 @@ def blas_facts(result: RunResult, cfg: RunConfig) -> None:
     result.extra["blas_probe"] = probe
     result.blas = f"{probe['name']} ({probe['path']})" if probe else "unknown (probe failed)"
     result.threads = cfg.threads or (probe or {}).get("threads") or os.cpu_count() or 1
-    result.extra["threads_note"] = (
-        "MLX CPU ops are single-threaded; BLAS GEMMs use OPENBLAS_NUM_THREADS"
-    )
     # Set by the runner (ftcore.mlx_jit.child_env); absent when this process was started by hand.
     result.extra["mlx_jit"] = os.environ.get(NOTE_ENV, "MLX default g++ flags (not set by ftcore)")
     warning = result.env.get("blas_warning")
@@ -221,12 +273,25 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     )
     mx.reset_peak_memory()
 
+    # One stream per thread, each with a 1-thread BLAS (where its threads can be set: otherwise
+    # streams x BLAS threads would oversubscribe the cores).
+    n_streams = plan_streams(device, result.threads, cfg.batch_size)
+    if n_streams > 1 and not set_blas_threads(1):
+        n_streams = 1
+    streams = cpu_streams(n_streams) if device == mx.cpu else (mx.default_stream(device),)
+    result.extra["cpu_streams"] = n_streams
+    result.extra["threads_note"] = (
+        f"each batch's rows split over {n_streams} MLX CPU streams, each one thread with a "
+        "1-thread BLAS"
+        if n_streams > 1
+        else f"MLX CPU ops on one thread; BLAS GEMMs on {result.threads}"
+    )
+
     opt = make_optimizer(cfg)
     opt.init(model.trainable_parameters())
-    loss_and_grad = nn.value_and_grad(model, mean_loss)
 
     def step_fn(batch: dict[str, mx.array]) -> mx.array:
-        loss, grads = loss_and_grad(model, batch)
+        loss, grads = loss_and_grads(model, batch, streams)
         if cfg.max_grad_norm is not None:
             grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         opt.update(model, grads)
@@ -239,14 +304,16 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     model.train()
     progress = Progress("mlx", cfg.steps)
     step_times: list[float] = []
+    step_cpu_times: list[float] = []  # CPU seconds of all this process's threads
     for i in range(cfg.steps):
         batch = to_mx(batches.step(i))
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         opt.learning_rate = cfg.lr_at(i)
         loss = step(batch)
         mx.eval(loss, state)  # MLX is lazy: the step's work happens here
         loss_value = loss.item()
         step_times.append(time.perf_counter() - t)
+        step_cpu_times.append(time.process_time() - c)
         result.losses.append(loss_value)
         if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
             result.eval_losses.append([i + 1, evaluate(model, batches)])
@@ -256,6 +323,12 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             loss_value,
             batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None,
         )
+
+    if n_streams > 1:
+        set_blas_threads(result.threads)  # eval and the GEMM probe in finish() run on one stream
+    timed = slice(cfg.timing_warmup_steps, None)
+    if sum(step_times[timed]) > 0:  # threads kept busy in timed steps: do the streams overlap?
+        result.extra["cpu_busy_threads"] = sum(step_cpu_times[timed]) / sum(step_times[timed])
 
     result.eval_loss = evaluate(model, batches)
     if result.eval_loss is not None:

@@ -1,0 +1,106 @@
+"""The MLX training step's row split: each CPU stream (thread) takes an equal share of a batch's
+rows, and the summed losses and gradients equal one pass over the whole batch. Also when the
+split is used, and that the runner gives `mlx` processes the mx.eval width it needs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from parity_utils import TINY, make_hf_model, save_and_convert
+
+from ftcore import blas
+from ftcore.backends import mlx_loop
+from ftcore.data import IGNORE_INDEX
+from ftcore.mlx_llama import apply_lora, load_lora_state, load_model, lora_state
+from ftcore.runner import child_env
+
+
+def _batch(rows: int) -> dict[str, mx.array]:
+    """`rows` rows of 12 tokens: padding, a prompt prefix, and one row without any target."""
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, TINY["vocab_size"], (rows, 12))
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    labels = np.where(mask == 1, ids, IGNORE_INDEX)
+    labels[:, :3] = IGNORE_INDEX
+    labels[rows - 1] = IGNORE_INDEX  # its group's share of the loss is 0, the count is the batch's
+    return mlx_loop.to_mx({"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    _, mlx_dir = save_and_convert(make_hf_model(TINY, seed=0), tmp_path_factory.mktemp("split"))
+    m, _ = load_model(mlx_dir)
+    apply_lora(m, ("q_proj", "v_proj", "down_proj"), rank=4, alpha=8.0)
+    # lora_B starts at 0, which makes every lora_A gradient 0: give B values so all are tested.
+    keys = iter(mx.random.split(mx.random.key(1), 64))
+    load_lora_state(
+        m, {k: 0.1 * mx.random.normal(v.shape, key=next(keys)) for k, v in lora_state(m).items()}
+    )
+    return m
+
+
+@pytest.mark.parametrize("n_streams", [2, 4])
+def test_split_over_streams_equals_one_pass(model, n_streams: int) -> None:
+    batch = _batch(4)
+    loss_1, grads_1 = mlx_loop.loss_and_grads(model, batch, mlx_loop.cpu_streams(1))
+    loss_n, grads_n = mlx_loop.loss_and_grads(model, batch, mlx_loop.cpu_streams(n_streams))
+    # the mean over the whole batch's targets, not a mean of per-group means
+    total, count = mlx_loop.loss_sum_count(model, batch)
+    assert abs(loss_1.item() - (total / count).item()) <= 1e-6 * loss_1.item()
+    assert abs(loss_n.item() - loss_1.item()) <= 1e-6 * loss_1.item()
+    flat_1, flat_n = dict(tree_flatten(grads_1)), dict(tree_flatten(grads_n))
+    assert flat_1.keys() == flat_n.keys() == lora_state(model).keys()
+    for k, g in flat_1.items():
+        scale = float(mx.abs(g).max())
+        assert scale > 0, k
+        np.testing.assert_allclose(np.array(flat_n[k]), np.array(g), rtol=0, atol=1e-5 * scale)
+
+
+def test_split_needs_equal_groups(model) -> None:
+    with pytest.raises(ValueError, match="3 rows do not split evenly over 2 streams"):
+        mlx_loop.loss_and_grads(model, _batch(3), mlx_loop.cpu_streams(2))
+
+
+def test_plan_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(mlx_loop.BFS_WIDTH_ENV, "100")
+    assert mlx_loop.plan_streams(mx.cpu, threads=2, batch_size=4) == 2
+    assert mlx_loop.plan_streams(mx.cpu, threads=2, batch_size=3) == 1  # a thread would idle
+    assert mlx_loop.plan_streams(mx.cpu, threads=1, batch_size=4) == 1
+    assert mlx_loop.plan_streams(mx.gpu, threads=2, batch_size=4) == 1
+    # MLX's default width (20) runs two streams one after the other: not worth splitting
+    monkeypatch.delenv(mlx_loop.BFS_WIDTH_ENV)
+    assert mlx_loop.plan_streams(mx.cpu, threads=2, batch_size=4) == 1
+    monkeypatch.setenv(mlx_loop.BFS_WIDTH_ENV, "99")
+    assert mlx_loop.plan_streams(mx.cpu, threads=2, batch_size=4) == 1
+    assert mlx_loop.cpu_streams(2) is mlx_loop.cpu_streams(2)  # streams (threads) made once
+
+
+def test_runner_gives_only_the_mlx_backend_the_eval_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(mlx_loop.BFS_WIDTH_ENV, raising=False)
+    assert child_env("mlx", 3)[mlx_loop.BFS_WIDTH_ENV] == "150"
+    # mlx-lm is the yardstick, run as its users would run it
+    assert mlx_loop.BFS_WIDTH_ENV not in child_env("mlx-lm", 3)
+    assert mlx_loop.BFS_WIDTH_ENV not in child_env("torch", 3)
+
+
+def test_set_blas_threads_in_an_mlx_child() -> None:
+    """In the MLX child's environment (OpenBLAS preloaded, 2 threads) the count can be set."""
+    if blas.find_fast_blas() is None:
+        pytest.fail("no optimised BLAS installed: scripts/setup.sh installs libopenblas0-pthread")
+    code = (
+        "from ftcore import blas; import mlx.core as mx; mx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)));"
+        "before = blas.blas_threads(); ok = blas.set_blas_threads(1);"
+        "print(before, ok, blas.blas_threads())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=child_env("mlx", 2), capture_output=True, text=True,
+        check=True, cwd=Path(__file__).resolve().parent.parent,
+    ).stdout.split()  # fmt: skip
+    assert out == ["2", "True", "1"]
