@@ -104,8 +104,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
 
     On a GPU this is mx.fast.scaled_dot_product_attention. On the CPU it is written out: the fused
     primitive's CPU fallback runs its softmax (exp) in a prebuilt single-threaded kernel, while
-    written-out ops are fused by mx.compile into JIT kernels (see ftcore.mlx_jit); 4 layers of
-    TinyLlama width, batch 2 x 256: about 8% less time per train step here.
+    written-out ops are fused by mx.compile into JIT kernels (see ftcore.mlx_jit), and the softmax
+    has a one-pass VJP. Forward + backward for one row (32 heads, 4 kv heads, 256 x 64), one
+    thread: 58 ms with autodiff's softmax VJP, 39 ms with the hand-written one.
     """
     if mx.default_device() != mx.cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
