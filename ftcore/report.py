@@ -435,12 +435,19 @@ def _error_lines(comparison: dict[str, Any]) -> list[str]:
 
 
 def _backend_notes(comparison: dict[str, Any]) -> list[str]:
-    """Where a backend's numerics differ on purpose (mlx-lm) and its warnings (reference BLAS)."""
+    """Where a backend's numerics differ on purpose (mlx-lm), how the `mlx` backend used its
+    threads when it split rows over streams, and warnings (reference BLAS)."""
     out = []
     for r in comparison.get("results") or []:
         extra = r.get("extra") or {}
         for note in extra.get("numerics_notes") or []:
             out.append(f"{r.get('backend')} numerics differ: {note}")
+        if (extra.get("cpu_streams") or 1) > 1:
+            busy = extra.get("cpu_busy_threads")
+            out.append(
+                f"{r.get('backend')} threads: {extra.get('threads_note')}"
+                + (f"; {busy:.2f} threads busy over the timed steps" if busy is not None else "")
+            )
         for warning in extra.get("warnings") or []:
             out.append(f"{r.get('backend')}: {warning}")
     return out

@@ -243,11 +243,16 @@ def test_backend_numerics_notes_and_warnings_are_reported(results, tmp_path: Pat
     results[1]["extra"] = {
         "numerics_notes": ["Adam: no bias correction"],
         "warnings": ["WARNING: MLX is using the reference BLAS"],
+        "cpu_streams": 2,
+        "threads_note": "rows split over 2 streams",
+        "cpu_busy_threads": 1.954,
     }
     comp = report.build_comparison(results)
     table = report.format_table(comp)
     name = results[1]["backend"]
     assert f"{name} numerics differ: Adam: no bias correction" in table
+    assert f"{name} threads: rows split over 2 streams; 1.95 threads busy" in table
+    assert f"{results[0]['backend']} threads:" not in table  # one stream: nothing to say
     assert f"{name}: WARNING: MLX is using the reference BLAS" in table
     paths = report.write_report(comp, tmp_path)
     assert "numerics differ: Adam: no bias correction" in paths["report"].read_text()
