@@ -46,8 +46,11 @@ import pytest
 # Memory budgets for the tiny fp32 case (default shape 4x128, 10 steps): memray peak heap of the
 # whole child process, in MB. Measured on the 2-core EPYC (torch 2.13 CPU wheel, transformers
 # 5.24, peft 0.21, mlx 0.32.4 with Debian OpenBLAS preloaded): torch 220.5 MB (same with and
-# without --native), mlx 185 MB (128 MB of it OpenBLAS's work buffer). Budget ~1.5x measured.
-TINY_BUDGET_MB = {"torch": 330, "mlx": 280}
+# without --native); mlx 317 MB, of which 256 MB is one malloc by OpenBLAS on a stream thread,
+# its work buffers once GEMMs are called from the two row-stream threads (128 MB with one
+# stream); it is reserved, not touched: peak RSS under memray 149 MB. Budget: ~1.5x measured,
+# that buffer counted once.
+TINY_BUDGET_MB = {"torch": 330, "mlx": 350}
 
 
 def test_memray_profile(memray_case: bs.Case, bench_opts, prepared, memray_dir, tmp_path):
