@@ -39,7 +39,14 @@ from ftcore.data import IGNORE_INDEX, Batches
 from ftcore.lora import initial_lora_state, state_fingerprint
 from ftcore.measure import RunResult, current_rss_mb
 from ftcore.mlx_jit import NOTE_ENV
-from ftcore.mlx_llama import Model, apply_lora, load_lora_state, load_model, lora_state
+from ftcore.mlx_llama import (
+    Model,
+    apply_lora,
+    load_lora_state,
+    load_model,
+    lora_state,
+    writes_exp_out,
+)
 from ftcore.models import cache_root, read_arch
 
 # Compile the whole train step (forward, backward, clipping, AdamW) into one graph: element-wise
@@ -79,7 +86,7 @@ def logsumexp(x: mx.array) -> mx.array:
     """logsumexp over the last axis. On the CPU written out (max shift, exp, sum) rather than
     mx.logsumexp, whose prebuilt CPU kernel runs exp on one thread without vector units: under
     mx.compile the exp here is fused into a JIT kernel (see ftcore.mlx_jit)."""
-    if mx.default_device() != mx.cpu:
+    if not writes_exp_out():
         return mx.logsumexp(x, axis=-1)
     shift = mx.stop_gradient(x.max(axis=-1, keepdims=True))
     return mx.log(mx.exp(x - shift).sum(axis=-1)) + shift[..., 0]
