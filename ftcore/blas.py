@@ -18,7 +18,7 @@ How the libraries are linked (checked with readelf/nm/LD_DEBUG on mlx 0.32.4 and
   unaffected. Results stay correct and a bare fp32 GEMM is as fast (~240 vs ~220 GFLOP/s), but
   OpenBLAS's pthreads then fight torch's spinning OpenMP threads: a Linear forward+backward ran
   ~2x slower here (0.028 s vs 0.015 s; OMP_WAIT_POLICY=passive restores it). So: preload only
-  in MLX children (:func:`mlx_child_env`), strip it for torch (:func:`torch_child_env`), and
+  in MLX children (``ftcore.mlx.env``), strip it for torch (``ftcore.torch.env``), and
   report what :func:`torch_blas` finds.
 """
 
@@ -32,6 +32,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+from ftcore.gemm import measure_gemm_peak
 
 # Optimised BLAS to preload for MLX, best first. Debian/Ubuntu's pthread OpenBLAS measured
 # 220-270 GFLOP/s here, pip mkl's libmkl_rt ~155. libopenblas.so.0 in the variant folder is
@@ -162,8 +164,6 @@ def mlx_blas_info(time_gemm: bool = True, n: int = 512) -> dict:
             name = classify(path)
     gflops = None
     if time_gemm:
-        from ftcore.measure import measure_gemm_peak
-
         gflops = measure_gemm_peak("mlx", "fp32", n=n, repeats=3, max_time_s=1.0)
     threads = blas_threads() if name in ("openblas", "mkl") else (1 if name == "reference" else None)
     return {"name": name, "path": path, "gflops": gflops, "reference": name == "reference",
@@ -219,39 +219,28 @@ def _is_blas_path(entry: str) -> bool:
     return classify(entry) != "unknown" or "blas" in os.path.basename(entry).lower()
 
 
-def mlx_child_env(base_env: dict, threads: int) -> dict:
-    """Environment for a child process that runs MLX: fast BLAS preloaded, thread counts set, JIT
-    kernels built for the CPU's vector units (:mod:`ftcore.mlx_jit`).
-
-    The preload is prepended to any existing LD_PRELOAD; FTCORE_NO_BLAS_PRELOAD=1 disables it
-    (to measure the stock wheel). Never give this env to a torch process: the preload would
-    interpose torch's MKL sgemm_ too (see the module docstring).
-    """
-    from ftcore import mlx_jit
-    from ftcore.models import cache_root
-
-    env = mlx_jit.child_env(dict(base_env), cache_root(base_env))
-    fast = None if env.get(NO_PRELOAD_ENV) == "1" else find_fast_blas()
-    if fast:
-        rest = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != fast]
-        env["LD_PRELOAD"] = ":".join([fast, *rest])
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
+def with_preload(env: dict, library: str) -> dict:
+    """``env`` with ``library`` first in LD_PRELOAD (kept once; other preloads stay after it)."""
+    rest = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != library]
+    return {**env, "LD_PRELOAD": ":".join([library, *rest])}
 
 
-def torch_child_env(base_env: dict, threads: int) -> dict:
-    """Environment for a torch child: BLAS libraries removed from LD_PRELOAD, threads set."""
-    env = dict(base_env)
+def without_blas_preload(env: dict) -> dict:
+    """``env`` with every BLAS library removed from LD_PRELOAD (other preloads stay)."""
+    env = dict(env)
     keep = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":")
             if p and not _is_blas_path(p)]
     if keep:
         env["LD_PRELOAD"] = ":".join(keep)
     else:
         env.pop("LD_PRELOAD", None)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
     return env
+
+
+def with_threads(env: dict, threads: int) -> dict:
+    """``env`` with every BLAS/OpenMP thread count set to ``threads``."""
+    return {**env, **{v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                  "OPENBLAS_NUM_THREADS")}}
 
 
 def blas_warning(info: dict) -> str | None:
@@ -281,3 +270,29 @@ def probe_mlx_blas_subprocess(preload: str | None, timeout: float = 60) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"MLX BLAS probe failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def framework_blas(framework: str) -> dict:
+    """BLAS facts for this process's ``framework`` ("torch" or "mlx"): ``blas`` (short name),
+    ``<framework>_blas`` and, for MLX, ``blas_warning`` when it runs on the reference BLAS.
+    For MLX it times a small GEMM (~0.2 s on the reference BLAS). Never raises."""
+    try:
+        if framework == "mlx":
+            info = mlx_blas_info()
+            return {"blas": info["name"], "mlx_blas": info, "blas_warning": blas_warning(info)}
+        if framework == "torch":
+            name = torch_blas()
+            return {"blas": name, "torch_blas": name}
+    except Exception as e:  # a probe failure must not lose the run; say so instead
+        return {"blas": "unknown", "blas_probe_error": f"{type(e).__name__}: {e}"}
+    return {}
+
+
+def framework_blas_threads(framework: str) -> tuple[str, int]:
+    """(BLAS name, threads) this process's ``framework`` GEMM runs with."""
+    if framework == "torch":
+        import torch
+
+        return torch_blas(), torch.get_num_threads()
+    info = mlx_blas_info(time_gemm=False)
+    return info["name"], info["threads"] or 1

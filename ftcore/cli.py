@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from ftcore.config import (
-    DEVICES,
-    LORA_TARGETS,
-    LR_SCHEDULES,
-    PRECISIONS,
-    PRESETS,
-    RunConfig,
-    UserError,
-)
+from ftcore.arch import LORA_TARGETS
+from ftcore.backends import BACKENDS
+from ftcore.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS, RunConfig, UserError
+from ftcore.report import format_table
+from ftcore.runner import OFFLINE_ENV, compare, prepare, run_backend
 
 DEFAULT_BACKENDS = "torch,mlx"
 
@@ -76,8 +73,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def build_parser() -> Parser:
-    from ftcore.backends import BACKENDS
-
     ap = Parser(prog="ftcore", description="LoRA fine-tuning benchmarks: PyTorch vs MLX on identical inputs.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -105,8 +100,6 @@ def build_parser() -> Parser:
 
 
 def parse_backends(text: str) -> list[str]:
-    from ftcore.backends import BACKENDS
-
     names = [b.strip() for b in text.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown or not names:
@@ -142,8 +135,6 @@ def print_summary(r) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ftcore.runner import prepare, run_backend
-
     prep = prepare(config_from_args(args), args.out)
     result = run_backend(args.backend, prep, args.out)
     print_summary(result)
@@ -155,9 +146,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ftcore.report import format_table
-    from ftcore.runner import compare, prepare
-
     backends = parse_backends(args.backends)
     cfg = config_from_args(args)
     out = args.out or new_run_dir()
@@ -168,7 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ftcore.convert import ConversionError, convert_hf_to_mlx
+    from ftcore.mlx.convert import ConversionError, convert_hf_to_mlx  # imports MLX
 
     try:
         out = convert_hf_to_mlx(args.model, args.out, dtype=args.dtype)
@@ -179,8 +167,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from ftcore.runner import prepare, run_backend
-
     prep = prepare(config_from_args(args), args.out)
     capture = args.out / f"memray-{args.backend}.bin"
     capture.unlink(missing_ok=True)  # memray refuses to overwrite
@@ -201,10 +187,6 @@ COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "pro
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
-    from ftcore.runner import OFFLINE_ENV
-
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     try:

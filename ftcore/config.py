@@ -12,13 +12,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftcore.arch import LORA_TARGETS, parse_targets
+
 
 class UserError(Exception):
     """A mistake in what the user asked for. The CLI prints `error: <message>` and exits 2."""
 
 
-# Llama linear layers LoRA can attach to (HF names, used by both frameworks).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRESETS = ("tiny", "tinyllama-1.1b")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "gpu")
@@ -146,6 +146,3 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
-
-def parse_targets(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())

@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 
 from ftcore.config import RunConfig, UserError
+from ftcore.loss import IGNORE_INDEX, target_count
 from ftcore.synthetic import synthetic_records
-
-IGNORE_INDEX = -100  # label value excluded from the loss (torch's cross_entropy default)
 
 # The Stanford Alpaca prompt templates (tatsu-lab/stanford_alpaca, train.py).
 PROMPT_WITH_INPUT = (
@@ -278,7 +277,7 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         "eval_records": len(eval_tok.ids),
         "dropped_records": train_tok.dropped + eval_tok.dropped,
         "tokens_per_step": cfg.batch_size * cfg.max_seq_len,
-        "loss_tokens": int((train["labels"][:, :, 1:] != IGNORE_INDEX).sum()),
+        "loss_tokens": target_count(train["labels"]),
         "real_tokens": int(train["attention_mask"].sum()),
     }
     return Batches(train=train, eval=evals, stats=stats)

@@ -214,12 +214,3 @@ def resolve_model_dir(cfg: RunConfig) -> Path:
         return check_model_dir(cfg.model, cfg.allow_pickle)
     return materialize_preset(cfg.preset, cfg.num_layers)
 
-
-def read_arch(model_dir: str | Path) -> dict[str, Any]:
-    """The HF config.json of a checkpoint folder, with rope_theta flattened to the top level."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    rope = cfg.get("rope_parameters") or {}
-    cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-    cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
-    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
-    return cfg

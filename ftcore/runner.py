@@ -23,11 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftcore.backends import BACKENDS, load_backend
+from ftcore.backends import BACKENDS, FRAMEWORK_ENVS, BackendSpec, get_backend
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches, build_batches
-from ftcore.measure import PeakRSS, RunResult, machine_gemm_peak, mfu
+from ftcore.hostinfo import affinity_cores
+from ftcore.memory import PeakRSS
+from ftcore.mfu import machine_gemm_peak, mfu
 from ftcore.models import load_tokenizer, resolve_model_dir
+from ftcore.report import build_comparison, write_report
+from ftcore.result import RunResult
 
 RESULT_FILE = "result.json"
 # Never reach for a hub, and keep library chatter (weight-loading bars) off the progress stream.
@@ -58,35 +62,32 @@ def prepare(cfg: RunConfig, work_dir: Path) -> Prepared:
     model_dir = resolve_model_dir(cfg)
     batches = build_batches(cfg, load_tokenizer(model_dir))
     if cfg.threads is None:
-        cfg = cfg.replace(
-            threads=len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else os.cpu_count()
-        )
+        cfg = cfg.replace(threads=affinity_cores())
     work_dir.mkdir(parents=True, exist_ok=True)
     batches_path = work_dir / "batches.npz"
     batches.save(batches_path)
     return Prepared(cfg, model_dir, batches_path, batches)
 
 
-def child_env(backend: str, threads: int) -> dict[str, str]:
-    """Environment for a backend's process: offline, equal thread counts, and for MLX a fast BLAS
-    preloaded (never for torch: the preload would interpose torch's own MKL sgemm_). The `mlx`
-    backend also gets an mx.eval width that lets its per-thread row streams overlap (mlx-lm,
-    the yardstick, runs as users would run it)."""
-    from ftcore.blas import mlx_child_env, torch_child_env
-
+def base_env() -> dict[str, str]:
+    """This process's environment, offline and unbuffered: what every child starts from."""
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"  # transformers' deprecation chatter
-    if not backend.startswith("mlx"):
-        return torch_child_env(env, threads)
-    if backend == "mlx":
-        from ftcore.backends.mlx_loop import BFS_WIDTH_ENV, BFS_WIDTH_PER_STREAM
+    return env
 
-        env[BFS_WIDTH_ENV] = str(BFS_WIDTH_PER_STREAM * threads)
-    return mlx_child_env(env, threads)
+
+def child_env(spec: BackendSpec, threads: int) -> dict[str, str]:
+    """Environment for a backend's process: offline, equal thread counts, and the rest its spec
+    asks for (for MLX a fast BLAS preloaded, which a torch process must never get)."""
+    return spec.child_env(base_env(), threads)
+
+
+def gemm_peak(precision: str, threads: int, refresh: bool = False) -> float | None:
+    """This machine's GEMM peak, each framework probed in its backends' environment."""
+    envs = {fw: make(base_env(), threads) for fw, make in FRAMEWORK_ENVS.items()}
+    return machine_gemm_peak(precision, envs, refresh=refresh)
 
 
 def child_command(backend: str, prep: Prepared, out_dir: Path) -> list[str]:
@@ -113,24 +114,21 @@ def run_backend(
     profiling pass). The child's stderr
     (progress lines) is echoed live; its last lines become the reason if it dies.
     """
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
+    spec = get_backend(backend)
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / RESULT_FILE
-    if backend == "mlx":
-        # convert here, so the MLX process's load time and peak RSS cover loading, not converting
-        from ftcore.backends.mlx_loop import convert
-
+    before_spawn_s = None
+    if spec.before_spawn:  # e.g. the MLX conversion, kept out of the child's load time and RSS
         t0 = time.perf_counter()
-        convert(prep.cfg, prep.model_dir)
-        conversion_s = time.perf_counter() - t0
+        spec.before_spawn(prep.cfg, prep.model_dir)
+        before_spawn_s = time.perf_counter() - t0
     started = time.time()
     cmd = child_command(backend, prep, out_dir)
     if wrap:
         cmd = [*wrap, *cmd[2:]]
     proc = subprocess.Popen(
         cmd,
-        env=child_env(backend, prep.cfg.threads),
+        env=child_env(spec, prep.cfg.threads),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -167,15 +165,13 @@ def run_backend(
             backend, prep.cfg.to_dict(), f"{backend} process {why}" + (f": {last}" if last else "")
         )
         result.extra["stderr_tail"] = list(tail)
-    if backend == "mlx":
-        result.extra["parent_conversion_s"] = (
-            conversion_s  # ~0 when the cached conversion was current
-        )
+    if before_spawn_s is not None:
+        result.extra["parent_prepare_s"] = before_spawn_s  # ~0 when a cached conversion was current
     if result.status == "ok" and prep.cfg.device == "cpu":
-        peak = machine_gemm_peak(prep.cfg.precision)
+        peak = gemm_peak(prep.cfg.precision, prep.cfg.threads)
         result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
         if result.mfu is not None and result.mfu > 1:  # the cached peak was measured under load
-            peak = machine_gemm_peak(prep.cfg.precision, refresh=True)
+            peak = gemm_peak(prep.cfg.precision, prep.cfg.threads, refresh=True)
             result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
         result.extra["machine_gemm_peak_gflops"] = peak
     # the kernel's high-water mark for the child alone (KiB on Linux), next to the child's own figure
@@ -194,8 +190,6 @@ def compare(
 ) -> dict:
     """Run the backends one after another, each in its own process, then write the comparison
     (comparison.json, report.md, plots) into out_dir. A failed backend is a failed row."""
-    from ftcore.report import build_comparison, write_report
-
     results = []
     for i, name in enumerate(backends, 1):
         print(f"== [{i}/{len(backends)}] {name}", file=sys.stderr, flush=True)
@@ -220,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     with PeakRSS() as rss:
         try:
             batches = Batches.load(args.batches)
-            result = load_backend(args.backend).train(cfg, args.model_dir, batches, args.out)
+            result = get_backend(args.backend).train(cfg, args.model_dir, batches, args.out)
             code = 0
         except UserError as e:
             result, code = RunResult.failed(args.backend, cfg.to_dict(), str(e)), 1

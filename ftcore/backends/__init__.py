@@ -1,29 +1,98 @@
-"""Backends: one module each, one entry point with the same shape.
+"""The backends: one BackendSpec each, in BACKENDS. Everything outside this package (runner, CLI,
+report, bench) reads a backend's facts from its spec and never compares backend names.
+
+Adding a backend: write `ftcore/backends/<module>.py` with
 
     train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult
 
-It runs inside a fresh process started by ftcore.runner, loads the checkpoint, trains
-`cfg.steps` steps on `batches` starting from `ftcore.lora.initial_lora_state`, evaluates,
-saves the adapter under out_dir/adapter, and reports measured figures.
+and add one BackendSpec to BACKENDS. `train` runs inside a fresh process started by
+ftcore.runner with `child_env`'s environment: it loads the checkpoint, trains `cfg.steps` steps on
+`batches` starting from `ftcore.lora_init.initial_lora_state`, evaluates, saves the adapter under
+out_dir/adapter and returns the measured figures (`backends.common.base_result` / `finish` fill
+the shared ones). Whatever it wants the report to say goes in `result.note(...)`.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
-from typing import Protocol
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-BACKENDS = {
-    "torch": "ftcore.backends.torch_loop",
-    "hf-trainer": "ftcore.backends.hf_trainer",
-    "mlx": "ftcore.backends.mlx_loop",
-    "mlx-lm": "ftcore.backends.mlx_lm_ref",
+from ftcore.config import RunConfig, UserError
+from ftcore.data import Batches
+from ftcore.mlx import env as mlx_env
+from ftcore.result import RunResult
+from ftcore.torch import env as torch_env
+
+# The environment of a process that runs each framework (threads, BLAS preload, JIT flags): what
+# backends of that framework start from, and what the GEMM-peak probes run in.
+FRAMEWORK_ENVS: dict[str, Callable[[dict, int], dict]] = {
+    "torch": torch_env.child_env,
+    "mlx": mlx_env.child_env,
 }
 
 
-class Backend(Protocol):
-    def train(self, cfg, model_dir, batches, out_dir): ...  # -> RunResult
+def convert_for_mlx(cfg: RunConfig, model_dir: Path) -> None:
+    """Make the run's cached HF -> MLX conversion in the parent, so the MLX process's load time
+    and peak RSS cover loading, not converting."""
+    from ftcore.mlx.runtime import convert  # imports MLX, only when an MLX backend is next
+
+    convert(cfg, model_dir)
 
 
-def load_backend(name: str) -> ModuleType:
-    return importlib.import_module(BACKENDS[name])
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    framework: str  # "torch" | "mlx": its GEMM peak, BLAS probe and base environment
+    module: str  # the module (under ftcore.backends) whose train() runs in the child
+    package: str  # importable package the child needs; missing -> the backend is unavailable
+    install_hint: str
+    summary: str  # one line for --help and the README
+    child_env: Callable[[dict, int], dict]  # (base environment, threads) -> child's environment
+    before_spawn: Callable[[RunConfig, Path], None] | None = None  # run in the parent, timed
+
+    def train(self, cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
+        module = importlib.import_module(f"ftcore.backends.{self.module}")
+        return module.train(cfg, model_dir, batches, out_dir)
+
+    def missing(self) -> str | None:
+        """Why this backend cannot run here (its package is not installed), or None."""
+        if importlib.util.find_spec(self.package) is None:
+            return f"{self.name} needs the {self.package} package: {self.install_hint}"
+        return None
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec(
+            name="torch", framework="torch", module="torch_loop", package="peft",
+            install_hint="pip install ftcore", child_env=torch_env.child_env,
+            summary="transformers LlamaForCausalLM + PEFT LoRA, a plain training loop",
+        ),
+        BackendSpec(
+            name="hf-trainer", framework="torch", module="hf_trainer", package="transformers",
+            install_hint="pip install ftcore", child_env=torch_env.child_env,
+            summary="the same model and adapter through transformers Trainer",
+        ),
+        BackendSpec(
+            name="mlx", framework="mlx", module="mlx_loop", package="mlx",
+            install_hint="pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)",
+            child_env=mlx_env.row_streams_env, before_spawn=convert_for_mlx,
+            summary="ftcore's own MLX Llama (ftcore.mlx), weights converted from the same checkpoint",
+        ),
+        BackendSpec(
+            name="mlx-lm", framework="mlx", module="mlx_lm_ref", package="mlx_lm",
+            install_hint="pip install 'ftcore[mlx-lm]'", child_env=mlx_env.child_env,
+            summary="mlx-lm's own LoRA layers, loss and trainer, as the MLX yardstick",
+        ),
+    )
+}  # fmt: skip
+
+
+def get_backend(name: str) -> BackendSpec:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r} (one of {', '.join(BACKENDS)})")
+    return BACKENDS[name]

@@ -1,5 +1,5 @@
-"""What every backend's loop shares: throughput from step times, the result's common fields,
-and a progress line. The framework code itself stays in each backend module."""
+"""What every backend's loop shares: the result's common fields, throughput and MFU from step times,
+the probe logits, and a progress line. Framework code lives in ftcore.torch and ftcore.mlx."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftcore.arch import read_arch
+from ftcore.blas import framework_blas
 from ftcore.config import RunConfig
-from ftcore.data import IGNORE_INDEX, Batches
-from ftcore.lora import trainable_params
-from ftcore.measure import RunResult, env_info, flops_per_token, gemm_peak_cached, mfu
-from ftcore.models import read_arch
+from ftcore.data import Batches
+from ftcore.flops import flops_per_token, lora_param_count
+from ftcore.hostinfo import host_info
+from ftcore.loss import target_count
+from ftcore.mfu import gemm_peak_cached, mfu
+from ftcore.result import RunResult
 
 
 def optimizer_info(cfg: RunConfig, name: str = "AdamW") -> dict[str, Any]:
@@ -41,7 +45,7 @@ def throughput(cfg: RunConfig, batches: Batches, step_times: list[float]) -> dic
     train_time = sum(timed)
     labels = batches.train["labels"][w : len(step_times)]
     all_tokens = labels.size
-    loss_tokens = int((labels[:, :, 1:] != IGNORE_INDEX).sum())
+    loss_tokens = target_count(labels)
     return {
         "train_time_s": train_time,
         "warmup_time_s": sum(step_times[:w]),
@@ -53,16 +57,17 @@ def throughput(cfg: RunConfig, batches: Batches, step_times: list[float]) -> dic
 def base_result(
     backend: str, cfg: RunConfig, model_dir: Path, batches: Batches, framework: str
 ) -> RunResult:
-    """A RunResult with every field that does not depend on the training itself."""
+    """A RunResult with every field that does not depend on the training itself. `framework`
+    ("torch" | "mlx") is whose BLAS this process probes, as the backend's spec says."""
     arch = read_arch(model_dir)
     flops = flops_per_token(arch, cfg.max_seq_len, cfg.lora_targets, cfg.lora_rank)["total"]
     return RunResult(
         backend=backend,
         status="ok",
         config=cfg.to_dict(),
-        env=env_info(framework),
+        env={**host_info(), "framework": framework, **framework_blas(framework)},
         steps=cfg.steps,
-        trainable_params=trainable_params(arch, cfg.lora_targets, cfg.lora_rank),
+        trainable_params=lora_param_count(arch, cfg.lora_targets, cfg.lora_rank),
         flops_per_token=flops,
         batch_fingerprint=batches.fingerprint,
         optimizer=optimizer_info(cfg),

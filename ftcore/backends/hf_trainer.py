@@ -1,4 +1,4 @@
-"""`hf-trainer` backend: the original write-up's path, transformers `Trainer`, made comparable.
+"""`hf-trainer` backend: the path most PyTorch users take, transformers `Trainer`, made comparable.
 
 Same model and PEFT adapter as `torch` (shared loader), the same AdamW and per-step LR
 (`cfg.lr_at`), the same loss (`loss_sum_count`), and the same batches in the same order:
@@ -15,10 +15,13 @@ import numpy as np
 import torch
 
 from ftcore.backends.common import Progress
-from ftcore.backends.torch_loop import loss_sum_count, make_optimizer, start, sync, wrap_up
+from ftcore.backends.torch_common import start, wrap_up
 from ftcore.config import RunConfig
 from ftcore.data import Batches
-from ftcore.measure import RunResult
+from ftcore.result import RunResult
+from ftcore.torch.loss import loss_sum_count
+from ftcore.torch.model import sync
+from ftcore.torch.optim import make_optimizer
 
 
 class Rows(torch.utils.data.Dataset):
@@ -106,5 +109,5 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         trainer_overhead_s=train_call_s - sum(step_times),
     )
     if cfg.eval_every:
-        result.extra["note"] = "hf-trainer evaluates at the end only"
+        result.note("--eval-every ignored: hf-trainer evaluates at the end only")
     return wrap_up(model, device, result, cfg, batches, out_dir, step_times)

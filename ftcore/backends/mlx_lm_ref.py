@@ -6,7 +6,7 @@ its compiled step with its `default_loss` on our batches (fed through its `itera
 hook). The adapters start from the shared `initial_lora_state` (transposed: mlx-lm's lora_a is
 (in, r), lora_b is (r, out)). The optimiser is configured as a user of mlx-lm would
 (`optim.Adam`, or `optim.AdamW` when weight decay is asked for, MLX defaults otherwise), so the
-loss curve differs from the other backends; `extra["numerics_notes"]` says where and why.
+loss curve differs from the other backends; its report notes (`extra["notes"]`) say where and why.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ftcore.arch import block_of, read_arch
 from ftcore.backends.common import Progress, base_result, finish
-from ftcore.backends.mlx_loop import blas_facts, pick_device, save_adapters
 from ftcore.config import RunConfig, UserError
-from ftcore.data import IGNORE_INDEX, Batches
-from ftcore.lora import ATTN, initial_lora_state, state_fingerprint
-from ftcore.measure import RunResult, current_rss_mb
-from ftcore.models import read_arch
+from ftcore.data import Batches
+from ftcore.lora_init import initial_lora_state, state_fingerprint
+from ftcore.loss import IGNORE_INDEX, target_count
+from ftcore.memory import current_rss_mb
+from ftcore.mlx.adapters import save_adapters
+from ftcore.mlx.runtime import blas_facts, pick_device
+from ftcore.result import RunResult
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
 
@@ -42,7 +45,7 @@ def import_mlx_lm():
 
 def mlx_lm_key(target: str) -> str:
     """mlx-lm's per-layer LoRA key for a target: q_proj -> self_attn.q_proj."""
-    return f"{'self_attn' if target in ATTN else 'mlp'}.{target}"
+    return f"{block_of(target)}.{target}"
 
 
 def mlx_lm_leaf(key: str) -> str:
@@ -146,7 +149,7 @@ def make_optimizer(cfg: RunConfig, result: RunResult) -> optim.Optimizer:
 
 
 def numerics_notes(cfg: RunConfig, batches: Batches) -> list[str]:
-    ours = int((batches.train["labels"][:, :, 1:] != IGNORE_INDEX).sum())
+    ours = target_count(batches.train["labels"])
     theirs = sum(mlx_lm_target_count(batches.step(s)) for s in range(cfg.steps))
     notes = [
         f"loss: mlx-lm's default_loss counts targets at positions offset..length inclusive, i.e. one "
@@ -253,7 +256,8 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     save_adapters(cfg, peft_layout(model), len(model.layers), model_dir, out_dir)
     result.extra["device"] = device.name
     result.extra["compiled"] = True  # mlx-lm's trainer always compiles its step
-    result.extra["numerics_notes"] = numerics_notes(cfg, batches)
+    for note in numerics_notes(cfg, batches):
+        result.note(f"numerics differ: {note}")
     result.extra["precision_mode"] = (
         "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + Adam"
     )

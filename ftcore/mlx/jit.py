@@ -7,12 +7,12 @@ flags target baseline x86-64, which has no FMA and no rounding instruction, so e
 in a fused kernel is a chain of libm calls. Later MLX sources add ``-mavx2 -mfma -mf16c`` to that
 command when MLX itself is built with AVX2; the Linux wheel here does not.
 
-ftcore does the same for its MLX child processes (``ftcore.blas.mlx_child_env``), where the CPU
+ftcore does the same for its MLX child processes (``ftcore.mlx.env.child_env``), where the CPU
 has those features: a ``g++`` wrapper that adds the flags goes first on PATH, and TMPDIR points
 at a kernel cache of its own, because MLX's cache key (the kernel name) ignores flags.
 Measured on a 2-core EPYC with FLAGS below: a compiled exp over 2.9M floats 34 -> 1.7 ms,
 silu(gate) * up 46 -> 2.4 ms (the first three flags alone: 8 and 25 ms). Kernels MLX ships prebuilt (softmax, logsumexp, ...) are not affected, which is why the
-MLX model writes those out on the CPU (``ftcore.mlx_llama.attention``, ``mlx_loop.logsumexp``).
+MLX model writes those out on the CPU (``ftcore.mlx.ops``).
 
 ``FTCORE_NO_MLX_JIT_FLAGS=1`` turns this off (to measure stock MLX). Results record what was used
 (``FTCORE_MLX_JIT``, read by the MLX backends).
@@ -26,7 +26,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from ftcore.measure import cpu_model
+from ftcore.hostinfo import cpu_features, cpu_model
 
 # -mavx2 -mfma -mf16c: what later MLX sources add themselves. The other three let GCC inline MLX's
 # simd::exp (a polynomial, no libm call) into the kernel loop and vectorize it; they do not
@@ -38,18 +38,6 @@ FLAGS = (
 CPU_FEATURES = ("avx2", "fma", "f16c")  # /proc/cpuinfo names the flags need
 NOTE_ENV = "FTCORE_MLX_JIT"  # what the child's JIT kernels are built with, for its result
 OFF_ENV = "FTCORE_NO_MLX_JIT_FLAGS"
-
-
-def cpu_features() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def why_not() -> str | None:
@@ -76,7 +64,7 @@ def install_wrapper(cache: Path) -> Path:
     # kernel can be checked for the flags it was built with.
     text = (
         "#!/bin/sh\n"
-        "# Written by ftcore.mlx_jit: MLX's JIT CPU kernels, built for AVX2/FMA/F16C.\n"
+        "# Written by ftcore.mlx.jit: MLX's JIT CPU kernels, built for AVX2/FMA/F16C.\n"
         f"exec '{real}' {' '.join(FLAGS)} -frecord-gcc-switches \"$@\"\n"
     )
     if not wrapper.exists() or wrapper.read_text() != text:

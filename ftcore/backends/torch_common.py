@@ -1,0 +1,77 @@
+"""The start and end shared by the `torch` and `hf-trainer` backends: threads, seed, the timed
+model load, eval, the adapter in PEFT format, probe logits and the throughput figures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ftcore.backends.common import base_result, finish, probe_batch, save_probe_logits
+from ftcore.config import RunConfig
+from ftcore.data import Batches
+from ftcore.lora_init import state_fingerprint
+from ftcore.memory import current_rss_mb
+from ftcore.result import RunResult
+from ftcore.torch.lora import get_lora_state
+from ftcore.torch.loss import evaluate, to_torch
+from ftcore.torch.model import load_peft_model, pick_device, sync
+
+
+@torch.no_grad()
+def probe_logits(model, batches: Batches, device: torch.device) -> np.ndarray:
+    model.eval()
+    b = to_torch(probe_batch(batches), device)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    model.train()
+    return logits.float().cpu().numpy()
+
+
+def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches):
+    """Shared by `torch` and `hf-trainer`: threads, seed, device, the timed model load and the
+    RSS after it. Returns (model, device, result)."""
+    threads = cfg.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)  # LoRA dropout masks
+    device = pick_device(cfg.device)
+    result = base_result(backend, cfg, model_dir, batches, "torch")
+    result.threads = threads
+    result.blas = result.env.get("torch_blas", "")
+    result.extra["device"] = str(device)
+    result.extra["precision_mode"] = (
+        "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
+    )
+
+    t0 = time.perf_counter()
+    model = load_peft_model(cfg, model_dir, device)
+    sync(device)
+    result.load_time_s = time.perf_counter() - t0
+    result.baseline_rss_mb = current_rss_mb()
+    result.initial_adapter_fingerprint = state_fingerprint(get_lora_state(model))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return model, device, result
+
+
+def wrap_up(
+    model,
+    device: torch.device,
+    result: RunResult,
+    cfg: RunConfig,
+    batches: Batches,
+    out_dir: Path,
+    step_times: list[float],
+) -> RunResult:
+    """Shared end: eval loss, CUDA peak, the adapter in PEFT format, probe logits, throughput."""
+    result.eval_loss = evaluate(model, batches, device)
+    if result.eval_loss is not None:
+        result.eval_losses.append([cfg.steps, result.eval_loss])
+    if device.type == "cuda":
+        result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    model.save_pretrained(
+        str(out_dir / "adapter")
+    )  # adapter_config.json + adapter_model.safetensors
+    save_probe_logits(probe_logits(model, batches, device), out_dir)
+    return finish(result, cfg, batches, step_times, "torch")

@@ -1,0 +1,161 @@
+"""Adapter files: PEFT <-> MLX adapter state, and the folders the MLX backends write after training
+(PEFT format in adapter/, mlx-lm format in adapter_mlx_lm/).
+
+PEFT keys: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r), the same
+layout as `ftcore.mlx.lora.lora_state`; mlx-lm stores the transposes (lora_a (in, r), lora_b (r, out)).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from safetensors.numpy import save_file
+
+from ftcore.config import RunConfig
+from ftcore.mlx.convert import ConversionError, hf_to_mlx_key, mlx_to_hf_key
+from ftcore.mlx.lora import LORA_LEAVES
+
+# PEFT: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r); a state_dict()
+# taken from the live model also carries the adapter name: lora_A.default.weight.
+_PEFT_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<leaf>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
+)
+
+
+def _module_path(module: str, to_mlx: bool) -> str:
+    """Map a linear's module path through the weight table (`<module>.weight`)."""
+    key = f"{module}.weight"
+    mapped = hf_to_mlx_key(key) if to_mlx else mlx_to_hf_key(key)
+    if mapped is None:
+        raise ConversionError(f"{module} cannot carry an adapter")
+    return mapped.removesuffix(".weight")
+
+
+def peft_to_mlx_adapter(peft_state: Mapping[str, np.ndarray | mx.array]) -> dict[str, mx.array]:
+    """PEFT adapter state (`get_peft_model_state_dict`, as numpy) -> `lora_state` keys, no transposes."""
+    out: dict[str, mx.array] = {}
+    for key, value in peft_state.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            raise ConversionError(f"not a PEFT LoRA key: {key!r}")
+        name = f"{_module_path(m['module'], to_mlx=True)}.{m['leaf']}"
+        if name in out:
+            raise ConversionError(f"two PEFT tensors map to {name} (more than one adapter?)")
+        out[name] = mx.array(value)
+    return out
+
+
+def mlx_to_peft_adapter(state: Mapping[str, mx.array]) -> dict[str, np.ndarray]:
+    """`lora_state` -> PEFT `get_peft_model_state_dict` keys, as numpy (bf16 widened to fp32, exactly)."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        module, leaf = key.rsplit(".", 1)
+        if leaf not in LORA_LEAVES:
+            raise ConversionError(f"not an adapter key: {key!r}")
+        if value.dtype == mx.bfloat16:
+            value = value.astype(mx.float32)  # numpy has no bf16
+        # C order: safetensors.numpy writes raw buffers, a transposed view would be scrambled
+        out[f"base_model.model.{_module_path(module, to_mlx=False)}.{leaf}.weight"] = (
+            np.ascontiguousarray(np.array(value))
+        )
+    return out
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(lora_A|lora_B)$")
+
+
+def save_mlx_lm_adapter(
+    state: Mapping[str, mx.array], cfg_info: Mapping[str, Any], out_dir: str | Path
+) -> Path:
+    """Write an mlx-lm adapter folder (`mlx_lm.tuner.utils.load_adapters` reads it).
+
+    cfg_info: {"rank", "alpha", "dropout" (default 0), "num_layers" (the model's layer count)}.
+    mlx-lm stores the transposes: lora_a (in, r), lora_b (r, out), under the same module paths,
+    and adapts the last `num_layers` layers, each with the same `keys`.
+    """
+    out_dir = Path(out_dir)
+    rank, alpha = int(cfg_info["rank"]), float(cfg_info["alpha"])
+    arrays: dict[str, mx.array] = {}
+    per_layer: dict[int, set[str]] = {}
+    for key, value in state.items():
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            raise ConversionError(f"not a per-layer adapter key: {key!r}")
+        layer, module, leaf = int(m[1]), m[2], m[3]
+        per_layer.setdefault(layer, set()).add(module)
+        r = value.shape[0] if leaf == "lora_A" else value.shape[1]
+        if r != rank:
+            raise ConversionError(f"{key}: rank {r} != configured rank {rank}")
+        arrays[f"model.layers.{layer}.{module}.{leaf.lower()}"] = value.T
+    total = int(cfg_info["num_layers"])
+    layers = sorted(per_layer)
+    if not layers or layers != list(range(total - len(layers), total)):
+        raise ConversionError(
+            f"mlx-lm adapts the last N layers; adapters sit on layers {layers} of {total}"
+        )
+    keys = per_layer[layers[0]]
+    if any(per_layer[i] != keys for i in layers):
+        raise ConversionError("mlx-lm needs the same adapted modules in every layer")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out_dir / "adapters.safetensors"), arrays)
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": len(layers),
+        "lora_parameters": {
+            "rank": rank,
+            "scale": alpha / rank,  # mlx-lm's literal multiplier
+            "dropout": float(cfg_info.get("dropout", 0.0)),
+            "keys": sorted(keys),
+        },
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def save_adapters(
+    cfg: RunConfig, state: dict[str, mx.array], num_layers: int, model_dir: Path, out_dir: Path
+) -> None:
+    """PEFT format in out_dir/adapter (loads with PeftModel.from_pretrained), mlx-lm format in
+    out_dir/adapter_mlx_lm. `state`: `lora_state` keys and PEFT layout."""
+    peft_dir = out_dir / "adapter"
+    peft_dir.mkdir(parents=True, exist_ok=True)
+    save_file(
+        mlx_to_peft_adapter(state),
+        str(peft_dir / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model_dir),
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(cfg.lora_targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    (peft_dir / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+    info = {
+        "rank": cfg.lora_rank,
+        "alpha": cfg.lora_alpha,
+        "dropout": cfg.lora_dropout,
+        "num_layers": num_layers,
+    }
+    save_mlx_lm_adapter(state, info, out_dir / "adapter_mlx_lm")

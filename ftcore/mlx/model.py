@@ -1,0 +1,143 @@
+"""Llama in MLX with Hugging Face parameter names: `Model(args)(input_ids, attention_mask) -> logits`.
+
+Parameter paths equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...), so
+converted weights load by name. The forward pass matches `transformers`' LlamaForCausalLM (eager /
+sdpa attention): rotate_half RoPE (`traditional=False`) at positions 0..L-1 (padding included, as
+HF does when no position_ids are given), GQA, RMSNorm, SwiGLU, untied lm_head unless the config
+ties it. Attention, softmax and silu come from ftcore.mlx.ops; LoRA from ftcore.mlx.lora.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ftcore.arch import normalise_config, unsupported
+from ftcore.mlx.ops import additive_mask, attention, silu
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> ModelArgs:
+        """Build from an HF Llama config.json dict; ValueError for anything this model cannot do."""
+        if why := unsupported(d):
+            raise ValueError(why)
+        arch = normalise_config(d)
+        return cls(**{f.name: arch[f.name] for f in fields(cls)})
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        h, d = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        # HF's rotate_half convention rotates the two halves of head_dim: traditional=False.
+        self.rope = nn.RoPE(d, traditional=False, base=args.rope_theta)
+
+    def __call__(self, x: mx.array, mask: mx.array | str) -> mx.array:
+        B, L, _ = x.shape
+        # (B, L, H*D) -> (B, H, L, D)
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = self.rope(q), self.rope(k)
+        out = attention(q, k, v, self.scale, mask)  # (B, H, L, D)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | str) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack (HF `LlamaModel`): token ids -> final normed hidden states (B, L, hidden)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        h = self.embed_tokens(input_ids)  # compute dtype = the weights' dtype
+        mask = additive_mask(attention_mask, input_ids.shape[1], h.dtype)
+        for layer in self.layers:
+            h = layer(h, mask)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """HF `LlamaForCausalLM`: `model(input_ids (B, L), attention_mask (B, L) | None) -> logits (B, L, V)`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        return self.head(self.model(input_ids, attention_mask))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final hidden states (..., hidden) -> logits (..., V)."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+
+
+
+def load_model(mlx_dir: str | Path) -> tuple[Model, ModelArgs]:
+    """Load a converter output folder (config.json + weights.safetensors); dtype as stored."""
+    mlx_dir = Path(mlx_dir)
+    args = ModelArgs.from_hf_config(json.loads((mlx_dir / "config.json").read_text()))
+    model = Model(args)
+    # Model() builds random parameters lazily; load_weights replaces them before any evaluation.
+    model.load_weights(list(mx.load(str(mlx_dir / "weights.safetensors")).items()), strict=True)
+    mx.eval(model.parameters())
+    return model, args

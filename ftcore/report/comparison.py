@@ -1,0 +1,151 @@
+"""The machine-readable comparison (comparison.json): one row per backend with derived ratios, the
+fairness checks, per-step loss differences and each backend's environment.
+
+Input is a list of per-backend result.json dicts (fields: ftcore.result.RunResult).
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timezone
+from itertools import combinations
+from typing import Any
+
+from ftcore.report.fairness import fairness_checks
+from ftcore.report.values import backend_name, finite, ok_rows, ratio
+from ftcore.result import jsonable
+
+
+def _pair_diff(a: list[Any], b: list[Any]) -> dict[str, Any]:
+    """Largest |a-b| and |a-b|/|a| over steps where both losses are finite."""
+    best, best_i, best_rel, compared = None, None, None, 0
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):  # common prefix; lengths flagged below
+        x, y = finite(x), finite(y)
+        if x is None or y is None:
+            continue
+        compared += 1
+        d = abs(x - y)
+        if best is None or d > best:
+            best, best_i = d, i
+        if x != 0:
+            rel = d / abs(x)
+            best_rel = rel if best_rel is None else max(best_rel, rel)
+    return {
+        "max_abs_diff": best,
+        "step": None if best_i is None else best_i + 1,  # 1-based optimizer step
+        "index": best_i,  # 0-based position in `losses`
+        "max_rel_diff": best_rel,
+        "steps_compared": compared,
+        "length_mismatch": len(a) != len(b),
+    }
+
+
+def max_loss_diff(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Largest absolute per-step training-loss difference between successful backends.
+
+    Returns None with fewer than two successful rows, else
+    {"max_abs_diff", "pair": [a, b], "step" (1-based), "index" (0-based), "reference",
+     "pairs": [every pair], "vs_reference": {backend: diff vs the first ok backend, with max_rel_diff}}.
+    """
+    rows = ok_rows(results)
+    if len(rows) < 2:
+        return None
+    named = [(backend_name(r, i), list(r.get("losses") or [])) for i, r in enumerate(rows)]
+    pairs = []
+    for (na, la), (nb, lb) in combinations(named, 2):
+        pairs.append({"pair": [na, nb], **_pair_diff(la, lb)})
+    scored = [p for p in pairs if p["max_abs_diff"] is not None]
+    top = max(scored, key=lambda p: p["max_abs_diff"]) if scored else None
+    ref_name, ref_losses = named[0]
+    vs_ref = {n: _pair_diff(ref_losses, lo) for n, lo in named[1:]}
+    return {
+        "max_abs_diff": top["max_abs_diff"] if top else None,
+        "pair": top["pair"] if top else None,
+        "step": top["step"] if top else None,
+        "index": top["index"] if top else None,
+        "reference": ref_name,
+        "pairs": pairs,
+        "vs_reference": vs_ref,
+    }
+
+
+_ROW_FIELDS = (
+    "backend", "status", "error", "load_time_s", "train_time_s", "warmup_time_s", "steps",
+    "tokens_per_s", "loss_tokens_per_s", "final_loss", "eval_loss", "peak_rss_mb",
+    "baseline_rss_mb", "framework_peak_mb", "trainable_params", "flops_per_token", "mfu",
+    "precision", "blas", "threads",
+)  # fmt: skip
+
+
+def _env_summary(r: dict[str, Any]) -> dict[str, Any]:
+    env = r.get("env") or {}
+    cfg = r.get("config") or {}
+    return {
+        "cpu": env.get("cpu"),
+        "logical_cores": env.get("logical_cores"),
+        "python": env.get("python"),
+        "versions": env.get("versions") or {},
+        "git_commit": env.get("git_commit"),
+        "blas": r.get("blas") if r.get("blas") is not None else env.get("blas"),
+        "threads": r.get("threads") if r.get("threads") is not None else env.get("threads"),
+        "device": cfg.get("device") or env.get("device"),
+        "precision": r.get("precision") or cfg.get("precision"),
+    }
+
+
+def build_comparison(results: list[dict[str, Any]], reference: str | None = None) -> dict[str, Any]:
+    """The machine-readable comparison (`comparison.json`).
+
+    reference: backend the ratios are taken against; default (or when it did not succeed)
+    the first successful backend. Ratios are None where either side has no figure.
+    """
+    results = [dict(r) for r in results]
+    ok = ok_rows(results)
+    ok_names = [backend_name(r, i) for i, r in enumerate(results) if r.get("status") == "ok"]
+    note = None
+    if reference is not None and reference not in ok_names:
+        note = (
+            f"requested reference {reference!r} did not succeed; using the first successful backend"
+        )
+        reference = None
+    if reference is None and ok_names:
+        reference = ok_names[0]
+    ref = next((r for r in ok if r.get("backend") == reference), ok[0] if ok else None)
+
+    rows = []
+    for i, r in enumerate(results):
+        row = {k: r.get(k) for k in _ROW_FIELDS}
+        row["backend"] = backend_name(r, i)
+        if r.get("status") != "ok":  # a failed run's figures are defaults, not measurements
+            row = {k: (row[k] if k in ("backend", "status", "error") else None) for k in row}
+        good = r.get("status") == "ok" and ref is not None
+        row["speedup"] = ratio(ref.get("train_time_s"), r.get("train_time_s")) if good else None
+        row["memory_efficiency"] = (
+            ratio(ref.get("peak_rss_mb"), r.get("peak_rss_mb")) if good else None
+        )
+        row["tokens_per_s_ratio"] = (
+            ratio(r.get("tokens_per_s"), ref.get("tokens_per_s")) if good else None
+        )
+        m = finite(r.get("mfu"))
+        row["mfu_percent"] = None if m is None else 100.0 * m
+        rows.append(row)
+
+    checks = fairness_checks(results)
+    source = ref or (results[0] if results else {})
+    return jsonable(
+        {
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "reference": reference,
+            "reference_note": note,
+            "backends": [row["backend"] for row in rows],
+            "ok_backends": ok_names,
+            "failed_backends": [row["backend"] for row in rows if row["status"] != "ok"],
+            "rows": rows,
+            "fairness": checks,
+            "all_fair": all(c["ok"] for c in checks),
+            "loss_diff": max_loss_diff(results),
+            "environment": {backend_name(r, i): _env_summary(r) for i, r in enumerate(results)},
+            "config": copy.deepcopy(source.get("config") or {}),
+            "results": copy.deepcopy(results),
+        }
+    )

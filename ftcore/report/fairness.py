@@ -1,0 +1,85 @@
+"""Fairness checks: did every successful backend see the same inputs and settings?"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftcore.report.values import backend_name, ok_rows, same, short
+
+# Config keys that may legitimately differ between backends (not part of the experiment).
+IGNORED_CONFIG_KEYS = frozenset({"backend", "out", "out_dir"})
+
+
+def optimizer_key(opt: Any) -> Any:
+    """Optimizer settings to compare; the name is compared case-insensitively without module path."""
+    if not isinstance(opt, dict):
+        return opt
+    out = dict(opt)
+    if isinstance(out.get("name"), str):
+        out["name"] = out["name"].rsplit(".", 1)[-1].lower()
+    return out
+
+
+def config_key(cfg: Any) -> Any:
+    if not isinstance(cfg, dict):
+        return cfg
+    return {k: v for k, v in cfg.items() if k not in IGNORED_CONFIG_KEYS}
+
+
+# ----------------------------------------------------------------------------- fairness
+
+
+def _check(name: str, rows: list[dict[str, Any]], get: Any) -> dict[str, Any]:
+    names = [backend_name(r, i) for i, r in enumerate(rows)]
+    values = [get(r) for r in rows]
+    # None, "" and {} are RunResult's "not recorded" defaults (0 for counts, see callers)
+    values = [None if v in ("", {}) else v for v in values]
+    pairs = list(zip(names, values, strict=True))
+    missing = [n for n, v in pairs if v is None]
+    equal = all(same(values[0], v) for v in values[1:]) if values else True
+    if len(rows) < 2:
+        status, detail = "pass", f"only {len(rows)} successful backend(s); nothing to compare"
+        if missing:
+            status = "missing"
+    elif missing:
+        status = "missing"
+        detail = (
+            "not recorded by "
+            + ", ".join(missing)
+            + "; "
+            + ", ".join(f"{n}={short(v, 24)}" for n, v in pairs)
+        )
+    elif equal:
+        status, detail = "pass", f"all {len(rows)} = {short(values[0])}"
+    elif all(isinstance(v, dict) for v in values):
+        # Name only the keys that differ, with each backend's value.
+        keys = sorted(set().union(*values), key=str)
+        diffs = [
+            f"{k}: " + ", ".join(f"{n}={short(v.get(k), 24)}" for n, v in pairs)
+            for k in keys
+            if not all(same(values[0].get(k), v.get(k)) for v in values[1:])
+        ]
+        status, detail = "mismatch", "; ".join(diffs)
+    else:
+        status = "mismatch"
+        detail = ", ".join(f"{n}={short(v, 24)}" for n, v in pairs)
+    return {"check": name, "ok": status == "pass", "status": status, "detail": detail}
+
+
+def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Did every successful backend see the same inputs and settings?
+
+    Each check: {"check", "ok", "status" ("pass"|"mismatch"|"missing"), "detail"}.
+    A value a backend did not record cannot be verified and is not ok ("missing").
+    """
+    rows = ok_rows(results)
+    return [
+        _check("batch_fingerprint", rows, lambda r: r.get("batch_fingerprint")),
+        _check("initial_adapter_fingerprint", rows, lambda r: r.get("initial_adapter_fingerprint")),
+        _check("trainable_params", rows, lambda r: r.get("trainable_params") or None),
+        _check("optimizer", rows, lambda r: optimizer_key(r.get("optimizer"))),
+        _check("precision", rows, lambda r: r.get("precision")),
+        _check("threads", rows, lambda r: r.get("threads") or None),
+        _check("config", rows, lambda r: config_key(r.get("config"))),
+        _check("steps", rows, lambda r: len(r.get("losses") or []) or r.get("steps")),
+    ]

@@ -1,0 +1,211 @@
+"""The comparison for people: the grid table printed by `ftcore compare`, and report.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftcore.report.values import NA, fmt, fmt_int, fmt_text, short
+
+FOOTNOTES = [
+    "Training time: wall time of the timed steps after warm-up (warm-up/compilation steps reported apart).",
+    "Tokens/s (all) counts padded tokens (batch x max_seq_len); loss tokens/s counts only the target tokens the loss is taken over.",
+    "Memory = peak RSS of the backend's own process; framework peak (mx.get_peak_memory, torch.cuda.max_memory_allocated) is shown beside it, never instead.",
+    "Speedup factor = reference training time / this training time; memory efficiency = reference peak RSS / this peak RSS (>1 means better than the reference).",
+    "MFU = achieved training FLOP/s / this machine's measured GEMM peak at that precision.",
+    "Final loss: training loss (mean CE over target tokens) at the last step; eval loss on held-out records.",
+]
+
+
+# (label, how to render one row): the classic comparison table's rows first (training time,
+# memory, final loss, speedup, memory efficiency), then the extra figures.
+TABLE_ROWS: list[tuple[str, Any]] = [
+    ("Training time (s)", lambda r: fmt(r.get("train_time_s"), ".2f")),
+    ("Peak RSS (MB)", lambda r: fmt(r.get("peak_rss_mb"), ".1f")),
+    ("Framework peak (MB)", lambda r: fmt(r.get("framework_peak_mb"), ".1f")),
+    ("Final loss", lambda r: fmt(r.get("final_loss"), ".5f")),
+    ("Eval loss", lambda r: fmt(r.get("eval_loss"), ".5f")),
+    ("Speedup factor", lambda r: fmt(r.get("speedup"), ".2f", "x")),
+    ("Memory efficiency", lambda r: fmt(r.get("memory_efficiency"), ".2f", "x")),
+    ("Tokens/s (all)", lambda r: fmt(r.get("tokens_per_s"), ".1f")),
+    ("Loss tokens/s", lambda r: fmt(r.get("loss_tokens_per_s"), ".1f")),
+    ("MFU (%)", lambda r: fmt(r.get("mfu_percent"), ".2f")),
+    ("Load/convert time (s)", lambda r: fmt(r.get("load_time_s"), ".2f")),
+    ("Warm-up time (s)", lambda r: fmt(r.get("warmup_time_s"), ".2f")),
+    ("Trainable params", lambda r: fmt_int(r.get("trainable_params"))),
+    ("BLAS", lambda r: fmt_text(r.get("blas"))),
+    ("Threads", lambda r: fmt_int(r.get("threads") or None)),  # 0: not recorded
+    ("Status", lambda r: "ok" if r.get("status") == "ok" else "FAILED"),
+]
+
+
+def _cells(comparison: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = comparison.get("rows") or []
+    header = ["Backend"] + [str(r.get("backend")) for r in rows]
+    body = [[label] + [fn(r) for r in rows] for label, fn in TABLE_ROWS]
+    return header, body
+
+
+def _grid(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
+    sep = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    head_sep = "+" + "+".join("=" * (w + 2) for w in widths) + "+"
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    out = [sep, line(header), head_sep]
+    for cells in body:
+        out += [line(cells), sep]
+    return "\n".join(out)
+
+
+def _loss_diff_line(comparison: dict[str, Any]) -> str:
+    d = comparison.get("loss_diff")
+    if not d:
+        return "Largest per-step loss difference: n/a (fewer than 2 successful backends)"
+    if d.get("max_abs_diff") is None:
+        return "Largest per-step loss difference: n/a (no finite losses to compare)"
+    a, b = d["pair"]
+    extra = [
+        f"{n} vs {d['reference']}: {fmt(p.get('max_abs_diff'), '.3e')} (step {p.get('step')}, rel {fmt(p.get('max_rel_diff'), '.2e')})"
+        for n, p in (d.get("vs_reference") or {}).items()
+    ]
+    mism = [
+        f"{p['pair'][0]}/{p['pair'][1]}" for p in d.get("pairs") or [] if p.get("length_mismatch")
+    ]
+    text = (
+        f"Largest per-step loss difference: {d['max_abs_diff']:.3e} ({a} vs {b}, step {d['step']})"
+    )
+    if len(extra) > 1:
+        text += "; " + "; ".join(extra)
+    if mism:
+        text += "; loss lists differ in length: " + ", ".join(mism)
+    return text
+
+
+def _fairness_lines(comparison: dict[str, Any]) -> list[str]:
+    label = {"pass": "PASS", "mismatch": "MISMATCH", "missing": "MISMATCH (not recorded)"}
+    return [
+        f"  {label.get(c.get('status'), 'PASS' if c.get('ok') else 'MISMATCH'):<8} {c['check']}: {c['detail']}"
+        for c in comparison.get("fairness") or []
+    ]
+
+
+def _error_lines(comparison: dict[str, Any]) -> list[str]:
+    out = []
+    for r in comparison.get("rows") or []:
+        if r.get("status") == "ok":
+            continue
+        err = str(r.get("error") or "no error message recorded").strip()
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        last = lines[-1] if lines else err
+        more = " (full traceback in comparison.json)" if len(lines) > 1 else ""
+        out.append(f"{r.get('backend')} FAILED: {short(last, 300)}{more}")
+    return out
+
+
+def _backend_notes(comparison: dict[str, Any]) -> list[str]:
+    """What each backend says about how it ran (its result's extra["notes"] and ["warnings"])."""
+    out = []
+    for r in comparison.get("results") or []:
+        extra = r.get("extra") or {}
+        for line in [*(extra.get("notes") or []), *(extra.get("warnings") or [])]:
+            out.append(f"{r.get('backend')}: {line}")
+    return out
+
+
+def format_table(comparison: dict[str, Any]) -> str:
+    """The grid table (one column per backend), then loss diff, fairness, errors and backend notes."""
+    header, body = _cells(comparison)
+    lines = [_grid(header, body), ""]
+    if comparison.get("reference"):
+        lines.append(f"Reference for ratios: {comparison['reference']}")
+    if comparison.get("reference_note"):
+        lines.append(f"Note: {comparison['reference_note']}")
+    lines.append(_loss_diff_line(comparison))
+    lines.append("Fairness checks:")
+    lines += _fairness_lines(comparison)
+    lines += _error_lines(comparison)
+    lines += _backend_notes(comparison)
+    lines.append("")
+    lines += [f"* {n}" for n in FOOTNOTES]
+    return "\n".join(lines)
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(comparison: dict[str, Any]) -> str:
+    cfg = comparison.get("config") or {}
+    model = cfg.get("model") or f"preset {cfg.get('preset', NA)}"
+    out = ["# ftcore comparison", ""]
+    out += [
+        f"- Model: `{model}`"
+        + (f" (first {cfg['num_layers']} layers)" if cfg.get("num_layers") else ""),
+        f"- Data: `{cfg.get('data') or 'built-in synthetic Alpaca-format set'}`, "
+        f"{cfg.get('num_samples', NA)} samples, max_seq_len {cfg.get('max_seq_len', NA)}",
+        f"- Batch {cfg.get('batch_size', NA)}, {cfg.get('steps', NA)} steps, precision "
+        f"{cfg.get('precision', NA)}, device {cfg.get('device', NA)}, seed {cfg.get('seed', NA)}",
+        f"- AdamW lr {cfg.get('lr', NA)} ({cfg.get('lr_schedule', NA)}, warm-up {cfg.get('warmup_steps', NA)}), "
+        f"betas ({cfg.get('adam_beta1', NA)}, {cfg.get('adam_beta2', NA)}), eps {cfg.get('adam_eps', NA)}, "
+        f"weight decay {cfg.get('weight_decay', NA)}",
+        f"- LoRA rank {cfg.get('lora_rank', NA)}, alpha {cfg.get('lora_alpha', NA)}, dropout "
+        f"{cfg.get('lora_dropout', NA)}, targets {', '.join(cfg.get('lora_targets') or []) or NA}",
+        f"- Reference for ratios: {comparison.get('reference') or NA}",
+    ]
+    if comparison.get("reference_note"):
+        out.append(f"- Note: {comparison['reference_note']}")
+
+    header, body = _cells(comparison)
+    out += ["", "## Results", ""]
+    out.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
+    out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    out += ["| " + " | ".join(_md_cell(c) for c in cells) + " |" for cells in body]
+    out += [""] + [f"- {n}" for n in FOOTNOTES]
+
+    out += ["", "## Loss agreement", "", _loss_diff_line(comparison)]
+    out += ["", "## Fairness checks", "", "| check | result | detail |", "|---|---|---|"]
+    for c in comparison.get("fairness") or []:
+        res = (
+            "PASS"
+            if c.get("ok")
+            else ("MISMATCH (not recorded)" if c.get("status") == "missing" else "MISMATCH")
+        )
+        out.append(f"| {c['check']} | {res} | {_md_cell(str(c['detail']))} |")
+
+    errors = _error_lines(comparison)
+    if errors:
+        out += ["", "## Failed backends", ""] + [f"- {_md_cell(e)}" for e in errors]
+        for r in comparison.get("rows") or []:
+            if r.get("status") != "ok" and r.get("error"):
+                out += ["", f"`{r['backend']}` error:", "", "```", str(r["error"]).rstrip(), "```"]
+
+    out += ["", "## Environment", ""]
+    for name, env in (comparison.get("environment") or {}).items():
+        versions = (
+            ", ".join(f"{k} {v}" for k, v in sorted((env.get("versions") or {}).items())) or NA
+        )
+        out += [
+            f"### {name}",
+            "",
+            f"- CPU: {env.get('cpu') or NA} ({env.get('logical_cores') or NA} logical cores)",
+            f"- Device: {env.get('device') or NA}, precision: {env.get('precision') or NA}",
+            f"- Python: {env.get('python') or NA}; versions: {versions}",
+            f"- Git commit: {env.get('git_commit') or NA}",
+            f"- BLAS: {env.get('blas') or NA}",
+            f"- Threads: {env.get('threads') if env.get('threads') is not None else NA}",
+            "",
+        ]
+    notes = _backend_notes(comparison)
+    if notes:
+        out += ["## Backend notes", "", *[f"- {n}" for n in notes], ""]
+    out += [
+        "## Plots",
+        "",
+        "![loss curves](loss_curves.png)",
+        "![throughput](throughput.png)",
+        "![memory](memory.png)",
+        "",
+    ]
+    return "\n".join(out)

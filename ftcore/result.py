@@ -1,0 +1,129 @@
+"""RunResult: what one backend's run measured (result.json), and atomic file writes.
+
+A result file is written atomically (temp file beside it, fsync, rename), so a reader sees the
+old file or the complete new one, never half of one; non-finite floats (a diverged loss) are
+written as null, so every file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunResult:
+    """One backend's run. ``train_time_s`` and the throughputs cover the timed steps only
+    (``step_times_s[warmup:]``); ``warmup_time_s`` is the excluded first steps; ``step_times_s``
+    lists every step, warm-up included. Memory figures are in MB (2**20 bytes).
+
+    ``extra["notes"]`` (strings) and ``extra["warnings"]`` (strings) are printed in the report under
+    the backend's name, whatever the backend: the one channel a backend has to say how it ran.
+    """
+
+    backend: str
+    status: str = "ok"  # "ok" | "failed"
+    error: str | None = None
+    config: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+    load_time_s: float = 0.0
+    train_time_s: float = 0.0
+    warmup_time_s: float = 0.0
+    step_times_s: list[float] = field(default_factory=list)
+    steps: int = 0
+    tokens_per_s: float = 0.0  # all tokens, padding included, over timed steps
+    loss_tokens_per_s: float = 0.0  # tokens that count in the loss, over timed steps
+    losses: list[float] = field(default_factory=list)  # one per step
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss]
+    peak_rss_mb: float = 0.0
+    baseline_rss_mb: float = 0.0  # RSS after model load
+    framework_peak_mb: float | None = None  # mx.get_peak_memory / cuda max allocated; None on CPU torch
+    trainable_params: int = 0
+    flops_per_token: float = 0.0
+    mfu: float | None = None
+    batch_fingerprint: str = ""
+    initial_adapter_fingerprint: str = ""
+    optimizer: dict = field(default_factory=dict)
+    precision: str = ""
+    blas: str = ""  # what BLAS this framework really calls (ftcore.blas)
+    threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, backend: str, config: dict | None, error: str) -> RunResult:
+        return cls(backend=backend, status="failed", error=error, config=dict(config or {}))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in d.items() if k in names}
+        unknown = {k: v for k, v in d.items() if k not in names}
+        res = cls(**known)
+        if unknown:  # newer/older writers: keep what we do not know instead of dropping it
+            res.extra = {**res.extra, "unknown_fields": unknown}
+        return res
+
+    def note(self, text: str) -> None:
+        """Add a line to the report's backend notes."""
+        self.extra.setdefault("notes", []).append(text)
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def read_json(cls, path: str | os.PathLike) -> RunResult:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types only: non-finite floats -> None, tuples -> lists, numpy scalars and arrays
+    -> Python values, anything else -> str."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str | int | bool):
+        return obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:  # numpy scalar
+        return jsonable(obj.item())
+    if hasattr(obj, "tolist"):  # numpy array
+        return jsonable(obj.tolist())
+    return str(obj)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as indented strict JSON (see jsonable), written atomically."""
+    text = json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n"
+    write_atomic(path, text.encode())

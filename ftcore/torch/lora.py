@@ -1,0 +1,27 @@
+"""LoRA state of a PeftModel as numpy arrays keyed `<module path>.lora_A|lora_B` (PEFT layout:
+lora_A (rank, in), lora_B (out, rank)), the keys ftcore.lora_init and the MLX side use."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def set_lora_state(model, state: dict[str, np.ndarray]) -> None:
+    """Copy PEFT-layout arrays keyed `<module path>.lora_A|lora_B` into a PeftModel."""
+    base = model.base_model.model
+    with torch.no_grad():
+        for key, value in state.items():
+            path, which = key.rsplit(".", 1)
+            layer = getattr(base.get_submodule(path), which)["default"]
+            layer.weight.copy_(torch.from_numpy(value))
+
+
+def get_lora_state(model) -> dict[str, np.ndarray]:
+    base = model.base_model.model
+    state = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            state[f"{name}.lora_A"] = module.lora_A["default"].weight.detach().float().cpu().numpy()
+            state[f"{name}.lora_B"] = module.lora_B["default"].weight.detach().float().cpu().numpy()
+    return state

@@ -1,0 +1,65 @@
+"""transformers LlamaForCausalLM + PEFT LoRA, loaded for training, on the run's device.
+
+Precision: fp32 loads everything in fp32. bf16 loads the frozen base weights in bf16 (no autocast)
+and keeps the LoRA weights, gradients and AdamW state in fp32 (PEFT's autocast_adapter_dtype).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ftcore.arch import read_arch
+from ftcore.config import RunConfig, UserError
+from ftcore.lora_init import initial_lora_state
+from ftcore.torch.lora import set_lora_state
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    raise UserError("--device gpu: torch sees no CUDA or MPS device on this machine")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels so a wall-clock reading covers the work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def load_peft_model(cfg: RunConfig, model_dir: Path, device: torch.device):
+    """Base model + LoRA adapters set to the shared initial weights; only LoRA trainable."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=DTYPES[cfg.precision],
+        local_files_only=True,
+        use_safetensors=not cfg.allow_pickle,
+    ).to(device)
+    with torch.no_grad():  # weights may be mmapped lazily: page them in now, so load time and
+        for p in model.parameters():  # RSS after load cover them (as mx.eval does for MLX)
+            p.sum()
+    lora_cfg = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_cfg)
+    set_lora_state(
+        model, initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed)
+    )
+    return model
