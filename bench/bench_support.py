@@ -19,17 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftcore.backends import BACKENDS, FRAMEWORK_ENVS
 from ftcore.config import RunConfig
 from ftcore.models import preset_config
 
-BACKEND_NAMES = ("torch", "hf-trainer", "mlx", "mlx-lm")
-
-# Python package each backend needs in its child process; a missing one skips the case.
-BACKEND_PACKAGES = {"torch": "torch", "hf-trainer": "transformers", "mlx": "mlx", "mlx-lm": "mlx_lm"}
-INSTALL_HINT = {
-    "mlx": "pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)",
-    "mlx-lm": "pip install 'ftcore[mlx-lm]'",
-}
+BACKEND_NAMES = tuple(BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -145,12 +139,8 @@ def build_cases(sizes: Sequence[str], backends: Sequence[str], precisions: Seque
 
 
 def missing_package(backend: str) -> str | None:
-    """A skip reason when the backend's framework is not importable here, else None."""
-    pkg = BACKEND_PACKAGES[backend]
-    if importlib.util.find_spec(pkg) is None:
-        hint = INSTALL_HINT.get(backend, f"pip install {pkg}")
-        return f"{backend}: Python package {pkg!r} is not installed ({hint})"
-    return None
+    """A skip reason when the backend's package is not importable here, else None."""
+    return BACKENDS[backend].missing()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +157,7 @@ REQUIRED = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb
 # Present in every record; None allowed where the framework has no such figure (CPU torch has
 # no allocator peak); MLX backends must report mx.get_peak_memory.
 NULLABLE = ("framework_peak_mb",)
-NEEDS_FRAMEWORK_PEAK = ("mlx", "mlx-lm")
+FRAMEWORKS_WITH_PEAK = ("mlx",)  # frameworks whose backends must report their allocator peak
 POSITIVE = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb", "mfu",
             "train_time_s", "threads")
 # Numeric figures: median over the timed rounds (per-round values kept in <name>_rounds).
@@ -246,7 +236,7 @@ def extra_info_problems(info: dict[str, Any], backend: str) -> list[str]:
     if isinstance(mfu, float) and mfu > 1.0:  # impossible: the GEMM peak it divides by is too low
         problems.append(f"mfu: {mfu:.2f} > 1: the cached GEMM peak ({info.get('machine_gemm_peak_gflops')} GFLOP/s) "
                         "was probably measured on a loaded machine; delete $FTCORE_CACHE/gemm_peak.json and rerun")
-    if backend in NEEDS_FRAMEWORK_PEAK and info.get("framework_peak_mb") is None:
+    if BACKENDS[backend].framework in FRAMEWORKS_WITH_PEAK and info.get("framework_peak_mb") is None:
         problems.append("framework_peak_mb: None for an MLX backend (mx.get_peak_memory expected)")
     return problems
 
@@ -258,20 +248,13 @@ def extra_info_problems(info: dict[str, Any], backend: str) -> list[str]:
 _FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4", "neon", "asimd", "sve", "bf16", "i8mm")
 
 _PROBE_CODE = r"""
-import json, os, sys
+import json, sys
+from ftcore.blas import gemm_blas
+from ftcore.hostinfo import version
 fw = sys.argv[1]
-out = {}
 try:
-    if fw == "torch":
-        import torch
-        from ftcore.blas import torch_blas
-        out = {"blas": torch_blas(), "threads": torch.get_num_threads(), "version": torch.__version__}
-    else:
-        import mlx.core as mx
-        from ftcore.blas import mlx_blas_info
-        info = mlx_blas_info(time_gemm=False)
-        out = {"blas": info["name"], "path": info["path"], "threads": info["threads"],
-               "version": getattr(mx, "__version__", None)}
+    info = gemm_blas(fw)
+    out = {"blas": info["name"], "path": info["path"], "threads": info["threads"], "version": version(fw)}
 except Exception as e:
     out = {"blas": "unknown", "error": f"{type(e).__name__}: {e}"}
 print(json.dumps(out))
@@ -281,15 +264,16 @@ print(json.dumps(out))
 def probe_framework_blas(threads: int | None = None, timeout: float = 120) -> dict[str, dict]:
     """BLAS each framework really calls, probed in child processes with the runner's own child
     environment (so the MLX probe sees the OpenBLAS preload the MLX backend gets). Never raises."""
-    from ftcore.runner import child_env
+    from ftcore.hostinfo import affinity_cores
+    from ftcore.runner import base_env
 
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = threads or affinity_cores()
     root = str(Path(__file__).resolve().parent.parent)
     procs = {}
-    for fw, backend in (("torch", "torch"), ("mlx", "mlx")):
+    for fw, make_env in FRAMEWORK_ENVS.items():
         if importlib.util.find_spec(fw) is None:
             continue
-        env = child_env(backend, threads)
+        env = make_env(base_env(), threads)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         procs[fw] = subprocess.Popen([sys.executable, "-c", _PROBE_CODE, fw], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -307,7 +291,7 @@ def probe_framework_blas(threads: int | None = None, timeout: float = 120) -> di
 
 def ftcore_machine_info(threads: int | None = None) -> dict[str, Any]:
     """The `ftcore` section added to pytest-benchmark's machine_info."""
-    from ftcore.measure import affinity_cores, cpu_model
+    from ftcore.hostinfo import affinity_cores, cpu_model
 
     return {
         "cpu_model": cpu_model(),
@@ -382,9 +366,7 @@ MEMRAY_OWNERS = (
 # The framework allocator each backend's training memory must appear under (checked, not assumed).
 FRAMEWORK_OWNER = {
     "torch": "torch CPU tensors (c10::alloc_cpu)",
-    "hf-trainer": "torch CPU tensors (c10::alloc_cpu)",
     "mlx": "MLX buffers (mlx::core::allocator)",
-    "mlx-lm": "MLX buffers (mlx::core::allocator)",
 }
 
 

@@ -132,18 +132,16 @@ def bench_opts(pytestconfig: pytest.Config) -> Opts:
 def prepared(tmp_path_factory: pytest.TempPathFactory, ftcore_cache: Path):
     """prepared(case) -> ftcore.runner.Prepared: the model materialised (cached across sessions
     with FTCORE_TEST_CACHE) and the batches built once per config, shared by every backend."""
-    from ftcore import measure
-    from ftcore.runner import prepare
+    from ftcore.runner import gemm_peak, prepare
 
     cache: dict[str, object] = {}
 
     def get(case: bs.Case):
         if case.config_id not in cache:
-            cache[case.config_id] = prepare(case.config(), tmp_path_factory.mktemp(f"prep-{case.config_id}"))
+            prep = cache[case.config_id] = prepare(case.config(), tmp_path_factory.mktemp(f"prep-{case.config_id}"))
             # run_backend divides by this machine's GEMM peak, measured once (in two probe
             # processes) and cached in FTCORE_CACHE: measure it here, outside any timed round
-            if hasattr(measure, "machine_gemm_peak"):
-                measure.machine_gemm_peak(case.precision)
+            gemm_peak(case.precision, prep.cfg.threads)
         return cache[case.config_id]
 
     return get

@@ -31,7 +31,7 @@ thread stacks, malloc's retained free memory) and excludes untouched pages of bi
 Tiny fp32, timed-pass peak RSS vs memray peak: torch ~420 vs 220 MB, hf-trainer ~500 vs 1285 MB
 (pyarrow, imported through datasets, reserves a 1 GiB mimalloc arena that is never resident),
 mlx ~100 vs 185 MB, mlx-lm ~325 vs 278 MB. The RSS figure stays the headline memory figure
-(DESIGN.md); memray says where heap memory goes.
+(docs/contracts.md, measurement); memray says where heap memory goes.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ import sys
 
 import bench_support as bs
 import pytest
+
+from ftcore.backends import BACKENDS
 
 # Memory budgets for the tiny fp32 case (default shape 4x128, 10 steps): memray peak heap of the
 # whole child process, in MB. Measured on the 2-core EPYC (torch 2.13 CPU wheel, transformers
@@ -91,7 +93,7 @@ def test_memray_profile(memray_case: bs.Case, bench_opts, prepared, memray_dir, 
     assert peak > 0
 
     if summary["native_traces"]:  # verify, do not assume, that the framework's buffers are seen
-        owner = bs.FRAMEWORK_OWNER[case.backend]
+        owner = bs.FRAMEWORK_OWNER[BACKENDS[case.backend].framework]
         assert summary["at_peak_by_owner_mb"].get(owner, 0) > 0, (
             f"memray saw no {owner} at its peak: {summary['at_peak_by_owner_mb']}")
 

@@ -272,27 +272,50 @@ def probe_mlx_blas_subprocess(preload: str | None, timeout: float = 60) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _torch_gemm_blas() -> dict:
+    import torch
+
+    return {"name": torch_blas(), "path": None, "threads": torch.get_num_threads()}
+
+
+def _mlx_gemm_blas() -> dict:
+    info = mlx_blas_info(time_gemm=False)
+    return {"name": info["name"], "path": info["path"], "threads": info["threads"] or 1}
+
+
+def _torch_facts() -> dict:
+    name = torch_blas()
+    return {"blas": name, "torch_blas": name}
+
+
+def _mlx_facts() -> dict:
+    info = mlx_blas_info()
+    return {"blas": info["name"], "mlx_blas": info, "blas_warning": blas_warning(info)}
+
+
+# framework -> (GEMM BLAS of this process: name, path, threads; the BLAS facts of a result's env)
+_PROBES = {"torch": (_torch_gemm_blas, _torch_facts), "mlx": (_mlx_gemm_blas, _mlx_facts)}
+
+
 def framework_blas(framework: str) -> dict:
     """BLAS facts for this process's ``framework`` ("torch" or "mlx"): ``blas`` (short name),
     ``<framework>_blas`` and, for MLX, ``blas_warning`` when it runs on the reference BLAS.
-    For MLX it times a small GEMM (~0.2 s on the reference BLAS). Never raises."""
+    For MLX it times a small GEMM (~0.2 s on the reference BLAS). Never raises; {} for a
+    framework it does not know."""
+    if framework not in _PROBES:
+        return {}
     try:
-        if framework == "mlx":
-            info = mlx_blas_info()
-            return {"blas": info["name"], "mlx_blas": info, "blas_warning": blas_warning(info)}
-        if framework == "torch":
-            name = torch_blas()
-            return {"blas": name, "torch_blas": name}
+        return _PROBES[framework][1]()
     except Exception as e:  # a probe failure must not lose the run; say so instead
         return {"blas": "unknown", "blas_probe_error": f"{type(e).__name__}: {e}"}
-    return {}
+
+
+def gemm_blas(framework: str) -> dict:
+    """{name, path, threads} of the BLAS this process's ``framework`` GEMM runs on."""
+    return _PROBES[framework][0]()
 
 
 def framework_blas_threads(framework: str) -> tuple[str, int]:
     """(BLAS name, threads) this process's ``framework`` GEMM runs with."""
-    if framework == "torch":
-        import torch
-
-        return torch_blas(), torch.get_num_threads()
-    info = mlx_blas_info(time_gemm=False)
-    return info["name"], info["threads"] or 1
+    info = gemm_blas(framework)
+    return info["name"], info["threads"]
