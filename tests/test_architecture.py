@@ -1,0 +1,155 @@
+"""The shape of the package, checked from its source: no import cycles (imports inside functions
+included), no backend named outside ftcore/backends/, no module over 400 lines, and nothing that
+cites a document outside the repository."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ftcore.backends import BACKENDS
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "ftcore"
+MAX_LINES = 400
+
+
+def source_modules(package: Path = PACKAGE) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package folder `package`."""
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of `known` that module `name` (file `path`) imports anywhere in its body (top level,
+    functions, classes). `from pkg import x` counts as importing pkg.x when that is a module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in known else base)
+    return {m for m in found if m in known}
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    known = set(modules)
+    return {name: imported_modules(name, path, known) - {name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles_in_ftcore() -> None:
+    graph = import_graph(source_modules())
+    assert "ftcore.runner" in graph and "ftcore.report.comparison" in graph["ftcore.report"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_cycle_finder_sees_a_cycle_made_by_an_import_inside_a_function(tmp_path: Path) -> None:
+    pkg = tmp_path / "ftcore"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from ftcore.b import g\n")
+    (pkg / "b.py").write_text("def g():\n    from ftcore import a\n")
+    assert find_cycle(import_graph(source_modules(pkg))) == ["ftcore.a", "ftcore.b", "ftcore.a"]
+
+
+def backend_name_uses(path: Path, root: Path = ROOT) -> list[str]:
+    """Places in `path` that compare something with a backend's name (or a prefix of one):
+    `x == "mlx"`, `x in ("torch", ...)`, `x.startswith("mlx")`."""
+    names = set(BACKENDS)
+
+    def is_name(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and node.value in names
+
+    def compares_name(node: ast.Compare) -> bool:
+        """`x == "mlx"` / `x in ("torch", ...)`; not `"mlx" in path` (a substring test)."""
+        sides = [node.left, *node.comparators]
+        for op, left, right in zip(node.ops, sides[:-1], sides[1:], strict=True):
+            if isinstance(op, ast.Eq | ast.NotEq | ast.Is | ast.IsNot) and (is_name(left) or is_name(right)):
+                return True
+            if (isinstance(op, ast.In | ast.NotIn) and isinstance(right, ast.Tuple | ast.List | ast.Set)
+                    and any(map(is_name, right.elts))):
+                return True
+        return False
+
+    def is_prefix(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value != ""
+                and any(n.startswith(node.value) for n in names))
+
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Compare) and compares_name(node) or (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "endswith") and any(map(is_prefix, node.args))):
+            hits.append(f"{path.relative_to(root)}:{node.lineno}")
+    return hits
+
+
+def test_no_backend_name_is_compared_outside_the_backends_package() -> None:
+    files = [p for p in [*PACKAGE.rglob("*.py"), *(ROOT / "bench").rglob("*.py")]
+             if PACKAGE / "backends" not in p.parents]
+    assert [hit for p in files for hit in backend_name_uses(p)] == []
+
+
+def test_backend_name_check_sees_comparisons(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text('def f(b, path):\n    if b == "mlx":\n        pass\n'
+                     '    ok = b in ("torch", "x") and "mlx" in path\n    return b.startswith("mlx")\n')
+    assert sorted(backend_name_uses(probe, tmp_path)) == ["probe.py:2", "probe.py:4", "probe.py:5"]
+
+
+def test_every_module_is_at_most_400_lines() -> None:
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {k: n for k, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_the_repository_cites_no_document_outside_it() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    outside = ("DESIGN" + ".md", "write" + "-up", "../" + "shared", "STYLE" + ".md")
+    hits = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix not in (".py", ".md", ".toml", ".sh", ".txt", ".cfg", "") or not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        hits += [f"{name}: {word}" for word in outside if word in text]
+    assert hits == []
