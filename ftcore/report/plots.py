@@ -133,48 +133,39 @@ def _bar_names(comparison: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _plot_throughput(comparison: dict[str, Any]) -> bytes:
+def _bar_plot(comparison: dict[str, Any], title: str, ylabel: str, fmt: str,
+              fields: list[tuple[str, str]]) -> bytes:
+    """Grouped bars, one group per backend, one bar per (label, row field); a field no backend
+    recorded (framework peak on CPU torch) is left out."""
     fig = _new_figure()
     ax = fig.add_subplot()
     named = _bar_names(comparison)
     if not named:
         _empty(ax, "no backends")
     else:
-        names = [n for n, _ in named]
-        _bars(ax, names, [
-            ("all tokens (incl. padding)", [finite(r.get("tokens_per_s")) for _, r in named]),
-            ("loss tokens only", [finite(r.get("loss_tokens_per_s")) for _, r in named]),
-        ], ".1f")  # fmt: skip
-        ax.set_ylabel("throughput (tokens / s)")
+        series = [(label, [finite(r.get(field)) for _, r in named]) for label, field in fields]
+        series = [(label, vals) for label, vals in series if any(v is not None for v in vals)] or series
+        _bars(ax, [n for n, _ in named], series, fmt)
+        ax.set_ylabel(ylabel)
         ax.set_xlabel("backend")
         ax.legend()
-    ax.set_title("Training throughput (timed steps after warm-up)")
+    ax.set_title(title)
     fig.tight_layout()
     return _png(fig)
+
+
+def _plot_throughput(comparison: dict[str, Any]) -> bytes:
+    return _bar_plot(comparison, "Training throughput (timed steps after warm-up)",
+                     "throughput (tokens / s)", ".1f",
+                     [("all tokens (incl. padding)", "tokens_per_s"),
+                      ("loss tokens only", "loss_tokens_per_s")])
 
 
 def _plot_memory(comparison: dict[str, Any]) -> bytes:
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    named = _bar_names(comparison)
-    if not named:
-        _empty(ax, "no backends")
-    else:
-        names = [n for n, _ in named]
-        series = [
-            ("peak RSS (own process)", [finite(r.get("peak_rss_mb")) for _, r in named]),
-            ("RSS after model load", [finite(r.get("baseline_rss_mb")) for _, r in named]),
-        ]
-        fw = [finite(r.get("framework_peak_mb")) for _, r in named]
-        if any(v is not None for v in fw):
-            series.insert(1, ("framework peak", fw))
-        _bars(ax, names, series, ".0f")
-        ax.set_ylabel("memory (MB)")
-        ax.set_xlabel("backend")
-        ax.legend()
-    ax.set_title("Memory: peak RSS of each backend's own process")
-    fig.tight_layout()
-    return _png(fig)
+    return _bar_plot(comparison, "Memory: peak RSS of each backend's own process", "memory (MB)",
+                     ".0f", [("peak RSS (own process)", "peak_rss_mb"),
+                             ("framework peak", "framework_peak_mb"),
+                             ("RSS after model load", "baseline_rss_mb")])
 
 
 def plots(comparison: dict[str, Any]) -> dict[str, bytes]:
