@@ -14,128 +14,20 @@ import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ftcore.backends import BACKENDS, FRAMEWORK_ENVS
-from ftcore.config import RunConfig
-from ftcore.models import preset_config
+from ftcore.benchcases import SIZES, Case, build_cases, parse_list, parse_shape  # noqa: F401
 
 BACKEND_NAMES = tuple(BACKENDS)
 
 
-@dataclass(frozen=True)
-class Size:
-    """A model size the suite can run, with its default shapes, steps and precisions."""
-
-    preset: str
-    num_layers: int | None  # None: the preset's own depth
-    shapes: tuple[tuple[int, int], ...]  # (batch, seq_len)
-    steps: int
-    precisions: tuple[str, ...]
-    note: str = ""
-
-    @property
-    def layers(self) -> int:
-        return preset_config(self.preset, self.num_layers)["num_hidden_layers"]
-
-
-# `tiny` runs by default; the TinyLlama-width sizes are opt-in (--bench-size): the first run
-# materialises a 1.2 GB (4 layers) / 4.4 GB (22 layers) fp32 checkpoint in the cache.
-# bf16 is in tiny's defaults only: MLX's bf16 matmul on CPU is a scalar fallback (~6 GFLOP/s),
-# a 4-layer TinyLlama bf16 MLX round would take many minutes (opt in with --bench-precision).
-SIZES: dict[str, Size] = {
-    "tiny": Size("tiny", None, ((4, 128),), steps=10, precisions=("fp32", "bf16"),
-                 note="random-init 4-layer, hidden 128; a few seconds per process"),
-    "tinyllama-4l": Size("tinyllama-1.1b", 4, ((2, 256),), steps=8, precisions=("fp32",),
-                         note="TinyLlama-1.1B width, first 4 layers; ~1 min per process"),
-    "tinyllama-full": Size("tinyllama-1.1b", None, ((2, 256),), steps=6, precisions=("fp32",),
-                           note="TinyLlama-1.1B, all 22 layers; several minutes per process"),
-}
-
 # Backends whose tiny fine-tune has a memray peak-heap budget (bench/test_memory_bench.py); the
 # only memray cases --bench-quick runs.
 MEMRAY_BUDGET_BACKENDS = ("torch", "mlx")
-QUICK_STEPS = 4  # --bench-quick: tiny only, 4 optimiser steps (1 excluded as timing warm-up)
+QUICK_WARMUP, QUICK_TIMED = 1, 3  # --bench-quick: steps per case
 QUICK_TOKENIZE_RECORDS = 2000
-
-
-@dataclass(frozen=True)
-class Case:
-    """One timed configuration: size x shape x precision x backend."""
-
-    size: str
-    backend: str
-    batch: int
-    seq: int
-    precision: str
-    steps: int
-
-    @property
-    def spec(self) -> Size:
-        return SIZES[self.size]
-
-    @property
-    def id(self) -> str:
-        """Test id, hence the name baselines are matched by: every axis that changes the work."""
-        return f"{self.size}-b{self.batch}-s{self.seq}-n{self.steps}-{self.precision}-{self.backend}"
-
-    @property
-    def config_id(self) -> str:
-        """The case without the backend: every backend of one config shares batches."""
-        return f"{self.size}-b{self.batch}-s{self.seq}-{self.precision}-n{self.steps}"
-
-    @property
-    def group(self) -> str:
-        """pytest-benchmark group: backends of one config sit side by side in one table."""
-        return f"{self.spec.preset}-L{self.spec.layers} b{self.batch} s{self.seq} {self.precision}"
-
-    def config(self) -> RunConfig:
-        return RunConfig(
-            preset=self.spec.preset,
-            num_layers=self.spec.num_layers,
-            batch_size=self.batch,
-            max_seq_len=self.seq,
-            steps=self.steps,
-            precision=self.precision,
-            num_samples=max(64, self.batch),
-            eval_samples=16,
-        )
-
-
-def parse_list(values: Sequence[str] | None) -> list[str]:
-    """Options given as repeats and/or comma lists -> flat list, order kept, duplicates dropped."""
-    out: list[str] = []
-    for v in values or ():
-        for item in str(v).split(","):
-            item = item.strip()
-            if item and item not in out:
-                out.append(item)
-    return out
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    """'4x128' -> (batch 4, seq_len 128)."""
-    try:
-        b, s = text.lower().split("x")
-        return int(b), int(s)
-    except ValueError:
-        raise ValueError(f"bad shape {text!r}: expected BATCHxSEQ, e.g. 4x128") from None
-
-
-def build_cases(sizes: Sequence[str], backends: Sequence[str], precisions: Sequence[str] | None,
-                shapes: Sequence[tuple[int, int]] | None, steps: int | None) -> list[Case]:
-    """Cartesian product; per-size defaults where an axis is not given."""
-    cases = []
-    for size in sizes:
-        spec = SIZES[size]
-        for batch, seq in shapes or spec.shapes:
-            for precision in precisions or spec.precisions:
-                for backend in backends:
-                    cases.append(Case(size, backend, batch, seq, precision, steps or spec.steps))
-    return cases
 
 
 def missing_package(backend: str) -> str | None:
@@ -146,9 +38,9 @@ def missing_package(backend: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # extra_info
 
-TIMED_WHAT = ("benchmark time = wall clock of one whole child process (interpreter start, imports, "
-              "model load, training, eval, adapter save); train_time_s = the backend's own timed "
-              "steps (after timing_warmup_steps), median over rounds")
+TIMED_WHAT = ("benchmark time = one training step of a process that loaded once (the step gate, "
+              "ftcore.stepgate): from the parent's 'go' to the child's answer after the step's sync "
+              "point; warm-up steps are pytest-benchmark's warm-up rounds")
 
 # Figures every ok run must report (non-None, and > 0 where numeric).
 REQUIRED = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb", "final_loss",
@@ -160,57 +52,36 @@ NULLABLE = ("framework_peak_mb",)
 FRAMEWORKS_WITH_PEAK = ("mlx",)  # frameworks whose backends must report their allocator peak
 POSITIVE = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb", "mfu",
             "train_time_s", "threads")
-# Numeric figures: median over the timed rounds (per-round values kept in <name>_rounds).
-MEDIAN_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
+# RunResult fields copied into extra_info, and RunResult.extra entries when present.
+RESULT_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
                  "framework_peak_mb", "final_loss", "eval_loss", "mfu", "train_time_s",
-                 "load_time_s", "warmup_time_s")
-# Must be identical in every round (same batches, same libraries, same thread count).
-SAME_FIELDS = ("blas", "batch_fingerprint", "threads", "precision", "steps")
-# RunResult.extra entries copied from the first timed round when present.
+                 "load_time_s", "warmup_time_s", "blas", "batch_fingerprint", "threads",
+                 "precision", "steps", "flops_per_token", "trainable_params", "losses",
+                 "step_times_s")
 EXTRA_KEYS = ("machine_gemm_peak_gflops", "framework_gemm_peak_gflops", "mfu_vs_framework_gemm",
-              "gemm_peak_gflops")
+              "machine_load", "child_maxrss_mb", "parent_prepare_s", "cpu_busy_threads")
 
 
-def median_or_none(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals or len(vals) != len(values):
-        return None
-    return float(statistics.median(vals))
-
-
-def aggregate(results: Sequence[Any], case: Case, rounds: int, warmup_rounds: int) -> dict[str, Any]:
-    """extra_info for one case from its timed rounds' RunResults (warm-up rounds excluded)."""
-    if not results:
-        raise ValueError("no timed rounds")
-    first = results[0]
-    info: dict[str, Any] = {"backend": case.backend, "size": case.size, "status": "ok"}
-    for name in MEDIAN_FIELDS:
-        per_round = [getattr(r, name) for r in results]
-        info[name] = median_or_none(per_round)
-        info[f"{name}_rounds"] = per_round
-    for name in SAME_FIELDS:
-        values = {json.dumps(getattr(r, name)) for r in results}
-        if len(values) != 1:
-            raise AssertionError(f"{case.id}: {name} differs between rounds: {sorted(values)}")
-        info[name] = getattr(first, name)
-    info["child_maxrss_mb"] = median_or_none([r.extra.get("child_maxrss_mb") for r in results])
-    # the GEMM peaks MFU was computed against (names as the runner / backends record them)
+def result_info(result: Any, case: Case, warmup: int, timed: int) -> dict[str, Any]:
+    """extra_info for one case from its process's RunResult: the process-level figures (load time,
+    peak RSS, ...) beside the step times pytest-benchmark measured."""
+    info: dict[str, Any] = {"backend": case.backend, "size": case.size, "status": result.status}
+    for name in RESULT_FIELDS:
+        info[name] = getattr(result, name)
     for key in EXTRA_KEYS:
-        if key in first.extra:
-            info[key] = first.extra[key]
-    info["flops_per_token"] = first.flops_per_token
-    info["trainable_params"] = first.trainable_params
-    env = first.env or {}
+        if key in result.extra:
+            info[key] = result.extra[key]
+    timed_steps = result.step_times_s[warmup:]
+    info["child_step_median_s"] = statistics.median(timed_steps) if timed_steps else None
+    env = result.env or {}
     info["cpu"] = env.get("cpu")
     info["versions"] = {k: v for k, v in (env.get("versions") or {}).items() if v}
     if env.get("blas_warning"):
         info["blas_warning"] = env["blas_warning"]
     info["git_commit"] = env.get("git_commit")
-    info["rounds"] = len(results)
-    info["rounds_requested"] = rounds
-    info["warmup_rounds"] = warmup_rounds
+    info["warmup_steps"], info["timed_steps"] = warmup, timed
     info["timed"] = TIMED_WHAT
-    info["config"] = case.config().replace(threads=first.threads).to_dict()
+    info["config"] = result.config
     info["group"] = case.group
     return info
 

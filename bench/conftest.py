@@ -27,14 +27,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="fp32,bf16 (default per size: tiny fp32+bf16, TinyLlama sizes fp32)")
     g.addoption("--bench-shape", action="append", default=None, metavar="BxL",
                 help="batch x sequence length, e.g. 4x128,8x256 (default per size: tiny 4x128, TinyLlama 2x256)")
-    g.addoption("--bench-steps", type=int, default=None,
-                help="optimiser steps per run (default per size: tiny 10, tinyllama-4l 8, tinyllama-full 6)")
-    g.addoption("--bench-rounds", type=int, default=3, help="timed rounds per case, each a fresh process (default 3)")
-    g.addoption("--bench-warmup-rounds", type=int, default=1,
-                help="untimed rounds first (fill the GEMM-peak and MLX-conversion caches, page cache; default 1)")
+    g.addoption("--bench-rounds", type=int, default=None,
+                help="timed training steps per case, all in one process (default per size: tiny 20, "
+                     "tinyllama-4l 6, tinyllama-full 3)")
+    g.addoption("--bench-warmup-rounds", type=int, default=None,
+                help="untimed steps first (compilation, allocator; default per size: tiny 3, else 1)")
     g.addoption("--bench-quick", action="store_true", default=False,
-                help="CI smoke mode: tiny fp32 only, 1 run per case, few steps, timing disabled "
-                     "(implies --benchmark-disable); asserts every case runs and reports complete figures")
+                help="CI smoke mode: tiny fp32 only, 4 steps per case, timing disabled (implies "
+                     "--benchmark-disable); asserts every case runs, reports complete figures and "
+                     "trains as the reference backend does")
     g.addoption("--tokenize-records", type=int, default=None,
                 help="records in the tokenising micro-benchmark (default 20000; 2000 with --bench-quick)")
     g.addoption("--memray-out", type=Path, default=None,
@@ -62,7 +63,6 @@ class Opts:
             bad = [v for v in values if v not in allowed]
             if bad:
                 raise pytest.UsageError(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
-        self.steps = get("--bench-steps")
         self.rounds = get("--bench-rounds")
         self.warmup_rounds = get("--bench-warmup-rounds")
         self.tokenize_records = get("--tokenize-records") or (bs.QUICK_TOKENIZE_RECORDS if self.quick else 20000)
@@ -70,22 +70,26 @@ class Opts:
         if self.quick:
             sizes = ["tiny"]
             precisions = precisions or ["fp32"]
-            self.steps = self.steps or bs.QUICK_STEPS
-            self.rounds, self.warmup_rounds = 1, 0
+            self.rounds, self.warmup_rounds = bs.QUICK_TIMED, bs.QUICK_WARMUP
             native = False if native is None else native
-        if self.rounds < 1 or self.warmup_rounds < 0:
+        if (self.rounds is not None and self.rounds < 1) or (self.warmup_rounds or 0) < 0:
             raise pytest.UsageError("--bench-rounds must be >= 1 and --bench-warmup-rounds >= 0")
         self.native = True if native is None else native
         self.sizes, self.backends = sizes, backends
-        self.cases = bs.build_cases(sizes, backends, precisions, shapes, self.steps)
-        # memray pass: per size its default shape and steps, one precision (the first), every backend
+        self.cases = bs.build_cases(sizes, backends, precisions, shapes)
+        # memray pass: per size its default shape, one precision (the first), every backend
         self.memray_cases = [
-            bs.Case(size, b, *bs.SIZES[size].shapes[0], (precisions or bs.SIZES[size].precisions)[0], bs.SIZES[size].steps)
+            bs.Case(size, b, *bs.SIZES[size].shapes[0], (precisions or bs.SIZES[size].precisions)[0])
             for size in sizes for b in backends
         ]
         if self.quick:  # CI: only the cases with a memory budget
             self.memray_cases = [c for c in self.memray_cases if c.backend in bs.MEMRAY_BUDGET_BACKENDS]
         self.memray_out: Path | None = get("--memray-out")
+
+    def steps(self, case: bs.Case) -> tuple[int, int]:
+        """(warm-up steps, timed steps) for a case: the options, else the size's defaults."""
+        warmup = case.spec.warmup if self.warmup_rounds is None else self.warmup_rounds
+        return warmup, self.rounds or case.spec.timed
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -104,8 +108,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     o: Opts = config._ftcore_bench
     cache = os.environ.get("FTCORE_TEST_CACHE") or "(fresh tmp dir; set FTCORE_TEST_CACHE to reuse checkpoints)"
-    return [f"ftcore bench: sizes={','.join(o.sizes)} backends={','.join(o.backends)} rounds={o.rounds} "
-            f"warmup_rounds={o.warmup_rounds} quick={o.quick} memray_native={o.native}",
+    return [f"ftcore bench: sizes={','.join(o.sizes)} backends={','.join(o.backends)} "
+            f"timed steps={o.rounds or 'per size'} warm-up steps={o.warmup_rounds if o.warmup_rounds is not None else 'per size'} "
+            f"quick={o.quick} memray_native={o.native}",
             f"ftcore bench: model cache {cache}"]
 
 
@@ -129,16 +134,20 @@ def bench_opts(pytestconfig: pytest.Config) -> Opts:
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory: pytest.TempPathFactory, ftcore_cache: Path):
-    """prepared(case) -> ftcore.runner.Prepared: the model materialised (cached across sessions
-    with FTCORE_TEST_CACHE) and the batches built once per config, shared by every backend."""
+def prepared(tmp_path_factory: pytest.TempPathFactory, ftcore_cache: Path, bench_opts: Opts):
+    """prepared(case) -> (ftcore.runner.Prepared, warm-up steps, timed steps): the model
+    materialised (cached across sessions with FTCORE_TEST_CACHE) and the batches built once per
+    config, shared by every backend."""
     from ftcore.runner import gemm_peak, prepare
 
     cache: dict[str, object] = {}
 
     def get(case: bs.Case):
         if case.config_id not in cache:
-            prep = cache[case.config_id] = prepare(case.config(), tmp_path_factory.mktemp(f"prep-{case.config_id}"))
+            warmup, timed = bench_opts.steps(case)
+            cfg = case.config(warmup, timed)
+            prep = prepare(cfg, tmp_path_factory.mktemp(f"prep-{case.config_id}"))
+            cache[case.config_id] = (prep, warmup, timed)
             # run_backend divides by this machine's GEMM peak, measured once (in two probe
             # processes) and cached in FTCORE_CACHE: measure it here, outside any timed round
             gemm_peak(case.precision, prep.cfg.threads)

@@ -77,14 +77,36 @@ def test_extra_info_problems():
 
 
 def test_case_ids_and_groups():
-    cases = bs.build_cases(["tiny", "tinyllama-4l"], ["torch", "mlx"], None, None, None)
+    cases = bs.build_cases(["tiny", "tinyllama-4l"], ["torch", "mlx"], None, None)
     assert [c.id for c in cases] == [
-        "tiny-b4-s128-n10-fp32-torch", "tiny-b4-s128-n10-fp32-mlx", "tiny-b4-s128-n10-bf16-torch",
-        "tiny-b4-s128-n10-bf16-mlx", "tinyllama-4l-b2-s256-n8-fp32-torch", "tinyllama-4l-b2-s256-n8-fp32-mlx"]
+        "tiny-b4-s128-fp32-torch", "tiny-b4-s128-fp32-mlx", "tiny-b4-s128-bf16-torch",
+        "tiny-b4-s128-bf16-mlx", "tinyllama-4l-b2-s256-fp32-torch", "tinyllama-4l-b2-s256-fp32-mlx"]
     assert cases[0].group == "tiny-L4 b4 s128 fp32"
     assert cases[-1].group == "tinyllama-1.1b-L4 b2 s256 fp32"
-    assert bs.Case("tinyllama-full", "torch", 2, 256, "fp32", 6).group == "tinyllama-1.1b-L22 b2 s256 fp32"
+    assert bs.Case("tinyllama-full", "torch", 2, 256, "fp32").group == "tinyllama-1.1b-L22 b2 s256 fp32"
     cfg = cases[-1].config()
-    assert (cfg.preset, cfg.num_layers, cfg.batch_size, cfg.max_seq_len, cfg.steps) == ("tinyllama-1.1b", 4, 2, 256, 8)
+    assert (cfg.preset, cfg.num_layers, cfg.batch_size, cfg.max_seq_len, cfg.steps, cfg.timing_warmup_steps) == (
+        "tinyllama-1.1b", 4, 2, 256, 7, 1)
+    assert cases[0].config(2, 5).steps == 7 and cases[0].config(2, 5).timing_warmup_steps == 2
     assert bs.parse_shape("8x256") == (8, 256)
     assert bs.parse_list(["fp32,bf16", "fp32"]) == ["fp32", "bf16"]
+
+
+def test_case_run_args_reproduce_the_case_config():
+    from ftcore.cli import build_parser, config_from_args
+
+    case = bs.Case("tinyllama-4l", "mlx", 2, 256, "fp32")
+    args = build_parser().parse_args(["run", *case.run_args(2, 5), "--out", "x"])
+    assert args.backend == "mlx" and config_from_args(args) == case.config(2, 5)
+
+
+def test_k_expressions_select_like_pytest():
+    from ftcore.benchcases import matches
+
+    name = "tiny-b4-s128-fp32-mlx-lm"
+    assert matches("tiny and fp32 and mlx", name) and matches(None, name)
+    assert not matches("mlx and not mlx-lm", name) and matches("torch or (mlx-lm and fp32)", name)
+    with pytest.raises(ValueError):
+        matches("tiny and (", name)
+    with pytest.raises(ValueError):
+        matches("__import__('os')", name)

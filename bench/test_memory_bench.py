@@ -45,7 +45,7 @@ import pytest
 
 from ftcore.backends import BACKENDS
 
-# Memory budgets for the tiny fp32 case (default shape 4x128, 10 steps): memray peak heap of the
+# Memory budgets for the tiny fp32 case (default shape 4x128): memray peak heap of the
 # whole child process, in MB. Measured on the 2-core EPYC (torch 2.13 CPU wheel, transformers
 # 5.24, peft 0.21, mlx 0.32.4 with Debian OpenBLAS preloaded): torch 220.5 MB (same with and
 # without --native); mlx 317 MB, of which 256 MB is one malloc by OpenBLAS on a stream thread,
@@ -61,7 +61,7 @@ def test_memray_profile(memray_case: bs.Case, bench_opts, prepared, memray_dir, 
         pytest.skip(reason)
     from ftcore.runner import run_backend
 
-    prep = prepared(case)
+    prep, _, _ = prepared(case)
     out = memray_dir / case.size
     out.mkdir(parents=True, exist_ok=True)
     capture = out / f"memray-{case.backend}.bin"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from ftcore.mfu import machine_gemm_peak, mfu
 from ftcore.models import load_tokenizer, resolve_model_dir
 from ftcore.report import build_comparison, write_report
 from ftcore.result import RunResult
+from ftcore.stepgate import GATE_ENV
 
 RESULT_FILE = "result.json"
 # Never reach for a hub, and keep library chatter (weight-loading bars) off the progress stream.
@@ -101,6 +103,116 @@ def child_command(backend: str, prep: Prepared, out_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+class BackendProcess:
+    """One backend running in its own process, started on creation; never raises for a child
+    failure: `wait()` turns a crash into a failed RunResult with the reason.
+
+    `wrap` replaces the leading `python -m` (e.g. `python -m memray run -o X.bin -m` for a
+    profiling pass). With `gate=True` the child waits before every training step until `step()`
+    asks for it (ftcore.stepgate), so a caller can time steps one at a time; call `step()`
+    exactly cfg.steps times, then `wait()`. The child's stderr (progress lines) is echoed live;
+    its last lines become the reason if it dies.
+    """
+
+    def __init__(self, backend: str, prep: Prepared, out_dir: Path,
+                 on_start: Callable[[subprocess.Popen], None] | None = None,
+                 wrap: list[str] | None = None, gate: bool = False) -> None:
+        self.backend, self.prep, self.out_dir = backend, prep, out_dir
+        spec = get_backend(backend)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.before_spawn_s = None
+        if spec.before_spawn:  # e.g. the MLX conversion, kept out of the child's load time and RSS
+            t0 = time.perf_counter()
+            spec.before_spawn(prep.cfg, prep.model_dir)
+            self.before_spawn_s = time.perf_counter() - t0
+        self.started = time.time()
+        cmd = child_command(backend, prep, out_dir)
+        if wrap:
+            cmd = [*wrap, *cmd[2:]]
+        env = child_env(spec, prep.cfg.threads)
+        self._go = self._done = None
+        child_fds: tuple[int, ...] = ()
+        if gate:
+            go_read, go_write = os.pipe()
+            done_read, done_write = os.pipe()
+            child_fds = (go_read, done_write)
+            env[GATE_ENV] = f"{go_read},{done_write}"
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, pass_fds=child_fds)
+        if gate:
+            os.close(go_read)
+            os.close(done_write)
+            self._go = os.fdopen(go_write, "w")
+            self._done = os.fdopen(done_read, "r")
+        if on_start:
+            on_start(self.proc)
+        self.tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.tail.append(line.rstrip())
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def step(self) -> float:
+        """Let the gated child run one training step; returns that step's loss once it is done."""
+        try:
+            self._go.write("go\n")
+            self._go.flush()
+            answer = self._done.readline()
+        except BrokenPipeError:
+            answer = ""
+        if not answer:
+            self.proc.wait()
+            last = next((ln for ln in reversed(self.tail) if ln.strip()), "no output")
+            raise RuntimeError(f"{self.backend} process ended before its step ({last})")
+        return float(answer.split()[1])
+
+    def wait(self) -> RunResult:
+        """Wait for the child to finish; its result (a failed one if it died), MFU filled in."""
+        for pipe in (self._go, self._done):
+            if pipe is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.close()  # a gated child still waiting for a step gets EOF and stops
+        prep, backend = self.prep, self.backend
+        result_path = self.out_dir / RESULT_FILE
+        _, status, rusage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = code = os.waitstatus_to_exitcode(status)
+        self._reader.join(timeout=5)
+        # the child writes result.json atomically at its end (a failed row on a caught error,
+        # exit 1); an older file from an earlier run in this folder is never taken for this one's
+        fresh = result_path.exists() and result_path.stat().st_mtime >= self.started - 1
+        if fresh and code in (0, 1):
+            result = RunResult.from_dict(json.loads(result_path.read_text()))
+        else:
+            if code < 0:
+                name = signal.Signals(-code).name
+                why = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+            else:
+                why = f"exited with status {code}"
+            last = next((ln for ln in reversed(self.tail) if ln.strip()), "")
+            result = RunResult.failed(backend, prep.cfg.to_dict(),
+                                      f"{backend} process {why}" + (f": {last}" if last else ""))
+            result.extra["stderr_tail"] = list(self.tail)
+        if self.before_spawn_s is not None:
+            result.extra["parent_prepare_s"] = self.before_spawn_s  # ~0 for a current conversion
+        if result.status == "ok" and prep.cfg.device == "cpu":
+            peak = gemm_peak(prep.cfg.precision, prep.cfg.threads)
+            result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
+            if result.mfu is not None and result.mfu > 1:  # the cached peak was taken under load
+                peak = gemm_peak(prep.cfg.precision, prep.cfg.threads, refresh=True)
+                result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
+            result.extra["machine_gemm_peak_gflops"] = peak
+        # the kernel's high-water mark for the child alone (KiB on Linux), beside its own figure
+        result.extra["child_maxrss_mb"] = (
+            rusage.ru_maxrss / 1024 if sys.platform != "darwin" else rusage.ru_maxrss / 2**20
+        )
+        result.write_json(result_path)
+        return result
+
+
 def run_backend(
     backend: str,
     prep: Prepared,
@@ -108,78 +220,8 @@ def run_backend(
     on_start: Callable[[subprocess.Popen], None] | None = None,
     wrap: list[str] | None = None,
 ) -> RunResult:
-    """Run `backend` in its own process and return its result; never raises for a child failure.
-
-    `wrap` replaces the leading `python -m` (e.g. `python -m memray run -o X.bin -m` for a
-    profiling pass). The child's stderr
-    (progress lines) is echoed live; its last lines become the reason if it dies.
-    """
-    spec = get_backend(backend)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result_path = out_dir / RESULT_FILE
-    before_spawn_s = None
-    if spec.before_spawn:  # e.g. the MLX conversion, kept out of the child's load time and RSS
-        t0 = time.perf_counter()
-        spec.before_spawn(prep.cfg, prep.model_dir)
-        before_spawn_s = time.perf_counter() - t0
-    started = time.time()
-    cmd = child_command(backend, prep, out_dir)
-    if wrap:
-        cmd = [*wrap, *cmd[2:]]
-    proc = subprocess.Popen(
-        cmd,
-        env=child_env(spec, prep.cfg.threads),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    if on_start:
-        on_start(proc)
-    tail: collections.deque[str] = collections.deque(maxlen=20)
-
-    def pump() -> None:
-        for line in proc.stderr:
-            tail.append(line.rstrip())
-            sys.stderr.write(line)
-            sys.stderr.flush()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    _, status, rusage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    reader.join(timeout=5)
-    code = proc.returncode
-    # the child writes result.json atomically at its end (a failed row on a caught error, exit 1);
-    # an older file from an earlier run in this folder is never taken for this run's
-    fresh = result_path.exists() and result_path.stat().st_mtime >= started - 1
-    if fresh and code in (0, 1):
-        result = RunResult.from_dict(json.loads(result_path.read_text()))
-    else:
-        if code < 0:
-            name = signal.Signals(-code).name
-            why = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
-        else:
-            why = f"exited with status {code}"
-        last = next((ln for ln in reversed(tail) if ln.strip()), "")
-        result = RunResult.failed(
-            backend, prep.cfg.to_dict(), f"{backend} process {why}" + (f": {last}" if last else "")
-        )
-        result.extra["stderr_tail"] = list(tail)
-    if before_spawn_s is not None:
-        result.extra["parent_prepare_s"] = before_spawn_s  # ~0 when a cached conversion was current
-    if result.status == "ok" and prep.cfg.device == "cpu":
-        peak = gemm_peak(prep.cfg.precision, prep.cfg.threads)
-        result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
-        if result.mfu is not None and result.mfu > 1:  # the cached peak was measured under load
-            peak = gemm_peak(prep.cfg.precision, prep.cfg.threads, refresh=True)
-            result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
-        result.extra["machine_gemm_peak_gflops"] = peak
-    # the kernel's high-water mark for the child alone (KiB on Linux), next to the child's own figure
-    result.extra["child_maxrss_mb"] = (
-        rusage.ru_maxrss / 1024 if sys.platform != "darwin" else rusage.ru_maxrss / 2**20
-    )
-    result.write_json(result_path)
-    return result
+    """Run `backend` in its own process and return its result (see BackendProcess)."""
+    return BackendProcess(backend, prep, out_dir, on_start=on_start, wrap=wrap).wait()
 
 
 def compare(

@@ -52,6 +52,9 @@ class BackendSpec:
     summary: str  # one line for --help and the README
     child_env: Callable[[dict, int], dict]  # (base environment, threads) -> child's environment
     before_spawn: Callable[[RunConfig, Path], None] | None = None  # run in the parent, timed
+    # True: computes the loss contract with AdamW as REFERENCE_BACKEND does, so its fp32
+    # per-step losses must equal the reference's within 1e-4 (checked by tests and bench)
+    same_numerics: bool = True
 
     def train(self, cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
         module = importlib.import_module(f"ftcore.backends.{self.module}")
@@ -86,10 +89,14 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             name="mlx-lm", framework="mlx", module="mlx_lm_ref", package="mlx_lm",
             install_hint="pip install 'ftcore[mlx-lm]'", child_env=mlx_env.child_env,
+            same_numerics=False,  # its own loss normalisation and Adam, as its users get them
             summary="mlx-lm's own LoRA layers, loss and trainer, as the MLX yardstick",
         ),
     )
 }  # fmt: skip
+
+
+REFERENCE_BACKEND = "torch"  # the ratios' and loss comparisons' reference by default
 
 
 def get_backend(name: str) -> BackendSpec:

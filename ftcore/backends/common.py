@@ -15,8 +15,10 @@ from ftcore.data import Batches
 from ftcore.flops import flops_per_token, lora_param_count
 from ftcore.hostinfo import host_info
 from ftcore.loss import target_count
+from ftcore.machine_load import MachineLoad, busy_warning
 from ftcore.mfu import gemm_peak_cached, mfu
 from ftcore.result import RunResult
+from ftcore.stepgate import StepGate
 
 
 def optimizer_info(cfg: RunConfig, name: str = "AdamW") -> dict[str, Any]:
@@ -130,3 +132,42 @@ class Progress:
             file=sys.stderr,
             flush=True,
         )
+
+
+class StepClock:
+    """What every training loop does around a step: wait for the step gate (ftcore.stepgate),
+    time the step, answer the gate, print progress, and measure the machine's load from other
+    processes over the timed steps (ftcore.machine_load).
+
+        clock.begin(i); <the step, ending at a sync point>; clock.end(i, loss)
+        ... after the last step: clock.stop(result)
+    """
+
+    def __init__(self, backend: str, cfg: RunConfig, batches: Batches) -> None:
+        self.cfg, self.batches = cfg, batches
+        self.gate = StepGate()
+        self.load = MachineLoad()
+        self.progress = Progress(backend, cfg.steps)
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def begin(self, step: int) -> None:
+        self.gate.before(step)
+        if step == self.cfg.timing_warmup_steps:
+            self.load.start()
+        self._t = time.perf_counter()
+
+    def end(self, step: int, loss: float, seconds: float | None = None) -> None:
+        """`seconds`: the step's time when the loop measured it itself (mlx-lm's trainer)."""
+        self.times.append(time.perf_counter() - self._t if seconds is None else seconds)
+        self.gate.after(step, loss)
+        timed = self.times[self.cfg.timing_warmup_steps :]
+        tps = self.batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None
+        self.progress.update(step, loss, tps)
+
+    def stop(self, result: RunResult) -> None:
+        """Record the load of the machine over the timed steps; a busy machine is a warning."""
+        record = result.extra["machine_load"] = self.load.stop()
+        if warning := busy_warning(record):
+            print(f"[{result.backend}] {warning}", file=sys.stderr, flush=True)
+            result.extra.setdefault("warnings", []).append(warning)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcore.backends.common import Progress
+from ftcore.backends.common import StepClock
 from ftcore.backends.torch_common import start, wrap_up
 from ftcore.config import RunConfig
 from ftcore.data import Batches
@@ -45,8 +45,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
 
     model, device, result = start("hf-trainer", cfg, model_dir, batches)
 
-    step_times: list[float] = []
-    progress = Progress("hf-trainer", cfg.steps)
+    clock = StepClock("hf-trainer", cfg, batches)
 
     class LossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -55,16 +54,13 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             result.losses.append(loss.item())
             return loss
 
-    class StepClock(TrainerCallback):
+    class StepTimes(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self.t = time.perf_counter()
+            clock.begin(state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
             sync(device)
-            step_times.append(time.perf_counter() - self.t)
-            timed = step_times[cfg.timing_warmup_steps :]
-            tps = batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None
-            progress.update(state.global_step - 1, result.losses[-1], tps)
+            clock.end(state.global_step - 1, result.losses[-1])
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
@@ -95,19 +91,20 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         args=args,
         train_dataset=Rows(batches.train),
         optimizers=(opt, sched),
-        callbacks=[StepClock()],
+        callbacks=[StepTimes()],
     )
     trainer_init_s = time.perf_counter() - t_init
     t_train = time.perf_counter()
     trainer.train()
     train_call_s = time.perf_counter() - t_train
+    clock.stop(result)
 
     result.extra.update(
         # the Trainer's own cost next to the plain loop: set-up, and train() time outside the steps
         trainer_init_s=trainer_init_s,
         trainer_train_call_s=train_call_s,
-        trainer_overhead_s=train_call_s - sum(step_times),
+        trainer_overhead_s=train_call_s - sum(clock.times),
     )
     if cfg.eval_every:
         result.note("--eval-every ignored: hf-trainer evaluates at the end only")
-    return wrap_up(model, device, result, cfg, batches, out_dir, step_times)
+    return wrap_up(model, device, result, cfg, batches, out_dir, clock.times)

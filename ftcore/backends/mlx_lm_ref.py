@@ -21,7 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ftcore.arch import block_of, read_arch
-from ftcore.backends.common import Progress, base_result, finish
+from ftcore.backends.common import StepClock, base_result, finish
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches
 from ftcore.lora_init import initial_lora_state, state_fingerprint
@@ -180,21 +180,23 @@ def numerics_notes(cfg: RunConfig, batches: Batches) -> list[str]:
 
 
 class Recorder:
-    """mlx-lm TrainingCallback: with steps_per_report=1 each report is one step's loss and time."""
+    """mlx-lm TrainingCallback: with steps_per_report=1 each report is one step's loss and time.
+    `batches` is the iterate_batches hook for training: the step gate waits there, right before
+    mlx-lm starts its step clock."""
 
     def __init__(self, cfg: RunConfig, batches: Batches) -> None:
-        self.cfg, self.batches = cfg, batches
+        self.clock = StepClock("mlx-lm", cfg, batches)
         self.losses: list[float] = []
-        self.times: list[float] = []
-        self.progress = Progress("mlx-lm", cfg.steps)
+
+    def batches(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+        for step, batch in enumerate(dataset):
+            self.clock.begin(step)
+            yield batch
 
     def on_train_loss_report(self, info: dict) -> None:
         # iterations_per_second = 1 / that step's wall time, read after mx.eval in mlx-lm's loop
         self.losses.append(float(info["train_loss"]))
-        self.times.append(1.0 / info["iterations_per_second"])
-        timed = self.times[self.cfg.timing_warmup_steps :]
-        tps = self.batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None
-        self.progress.update(len(self.losses) - 1, self.losses[-1], tps)
+        self.clock.end(len(self.losses) - 1, self.losses[-1], 1.0 / info["iterations_per_second"])
 
     def on_val_loss_report(self, info: dict) -> None:
         pass
@@ -236,10 +238,11 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         train_set,
         args=args,
         loss=trainer.default_loss,
-        iterate_batches=our_batches,
+        iterate_batches=recorder.batches,
         training_callback=recorder,
     )
     result.losses = recorder.losses
+    recorder.clock.stop(result)
 
     if batches.eval:
         eval_set = [mlx_lm_batch(b) for b in batches.eval]
@@ -261,4 +264,4 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     result.extra["precision_mode"] = (
         "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + Adam"
     )
-    return finish(result, cfg, batches, recorder.times, "mlx")
+    return finish(result, cfg, batches, recorder.clock.times, "mlx")

@@ -17,7 +17,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from ftcore.arch import read_arch
-from ftcore.backends.common import Progress, base_result, finish, probe_batch, save_probe_logits
+from ftcore.backends.common import StepClock, base_result, finish, probe_batch, save_probe_logits
 from ftcore.blas import set_blas_threads
 from ftcore.config import RunConfig
 from ftcore.data import Batches
@@ -101,27 +101,23 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     step = mx.compile(step_fn, inputs=state, outputs=state) if COMPILE else step_fn
 
     model.train()
-    progress = Progress("mlx", cfg.steps)
-    step_times: list[float] = []
+    clock = StepClock("mlx", cfg, batches)
     step_cpu_times: list[float] = []  # CPU seconds of all this process's threads
     for i in range(cfg.steps):
         batch = to_mx(batches.step(i))
-        t, c = time.perf_counter(), time.process_time()
+        clock.begin(i)
+        c = time.process_time()
         opt.learning_rate = cfg.lr_at(i)
         loss = step(batch)
         mx.eval(loss, state)  # MLX is lazy: the step's work happens here
         loss_value = loss.item()
-        step_times.append(time.perf_counter() - t)
         step_cpu_times.append(time.process_time() - c)
+        clock.end(i, loss_value)
         result.losses.append(loss_value)
         if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
             result.eval_losses.append([i + 1, evaluate(model, batches)])
-        timed = step_times[cfg.timing_warmup_steps :]
-        progress.update(
-            i,
-            loss_value,
-            batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None,
-        )
+    clock.stop(result)
+    step_times = clock.times
 
     if n_streams > 1:
         set_blas_threads(result.threads)  # eval and the GEMM probe in finish() run on one stream

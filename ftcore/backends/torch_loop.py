@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from ftcore.backends.common import Progress
+from ftcore.backends.common import StepClock
 from ftcore.backends.torch_common import start, wrap_up
 from ftcore.config import RunConfig
 from ftcore.data import Batches
@@ -21,11 +20,10 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     model.train()
-    progress = Progress("torch", cfg.steps)
-    step_times: list[float] = []
+    clock = StepClock("torch", cfg, batches)
     for step in range(cfg.steps):
         batch = to_torch(batches.step(step), device)
-        t = time.perf_counter()
+        clock.begin(step)
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step)
         loss_sum, count = loss_sum_count(model, batch)
@@ -36,15 +34,9 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_value = loss.item()  # sync point: the step's work is done after this
-        step_times.append(time.perf_counter() - t)
+        clock.end(step, loss_value)
         result.losses.append(loss_value)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             result.eval_losses.append([step + 1, evaluate(model, batches, device)])
-        timed = step_times[cfg.timing_warmup_steps :]
-        progress.update(
-            step,
-            loss_value,
-            batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None,
-        )
-
-    return wrap_up(model, device, result, cfg, batches, out_dir, step_times)
+    clock.stop(result)
+    return wrap_up(model, device, result, cfg, batches, out_dir, clock.times)

@@ -128,6 +128,8 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
         )
         m = finite(r.get("mfu"))
         row["mfu_percent"] = None if m is None else 100.0 * m
+        load = (r.get("extra") or {}).get("machine_load") or {}
+        row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
         rows.append(row)
 
     checks = fairness_checks(results)

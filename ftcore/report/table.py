@@ -13,6 +13,7 @@ FOOTNOTES = [
     "Speedup factor = reference training time / this training time; memory efficiency = reference peak RSS / this peak RSS (>1 means better than the reference).",
     "MFU = achieved training FLOP/s / this machine's measured GEMM peak at that precision.",
     "Final loss: training loss (mean CE over target tokens) at the last step; eval loss on held-out records.",
+    "Machine: BUSY when other processes used more than a quarter core (or the hypervisor stole >10%) during the timed steps; such timings are not the framework's.",
 ]
 
 
@@ -34,6 +35,7 @@ TABLE_ROWS: list[tuple[str, Any]] = [
     ("Trainable params", lambda r: fmt_int(r.get("trainable_params"))),
     ("BLAS", lambda r: fmt_text(r.get("blas"))),
     ("Threads", lambda r: fmt_int(r.get("threads") or None)),  # 0: not recorded
+    ("Machine (timed steps)", lambda r: {True: "BUSY", False: "quiet"}.get(r.get("machine_busy"), NA)),
     ("Status", lambda r: "ok" if r.get("status") == "ok" else "FAILED"),
 ]
 
