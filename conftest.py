@@ -1,5 +1,16 @@
 """Root fixtures shared by tests/ and bench/: an isolated model cache, the tiny preset checkpoint,
-a checkpoint with a SentencePiece-only tokenizer, small Alpaca files, hypothesis profiles."""
+a checkpoint with a SentencePiece-only tokenizer, small Alpaca files, hypothesis profiles; and the
+test tiers of tests/.
+
+Test tiers. Every test under tests/ belongs to exactly one tier, given by its module's `pytestmark`
+(a module may carry other markers too, e.g. `slow`, `mlx_lm`); collection fails naming any test
+with none or more than one, so a new test file cannot slip outside the tiers. bench/ is not tiered.
+
+- unit: fast and in-process: no child processes, no training beyond a few tiny steps
+  (`pytest -m unit tests/` runs in well under a minute on 2 cores);
+- parity: numerical parity of the MLX and torch implementations, hypothesis properties included;
+- integration: starts ftcore child processes: the CLI, the runner, compare, backends end to end.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,36 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+TESTS_DIR = Path(__file__).resolve().parent / "tests"
+TIERS = {
+    "unit": "fast, in-process tests: no child processes, no training beyond a few tiny steps",
+    "parity": "numerical parity between the MLX and torch implementations (hypothesis properties too)",
+    "integration": "starts ftcore child processes: CLI, runner, compare, backends end to end",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: test tier: {text}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fail collection when a test under tests/ has no tier marker, or more than one."""
+    wrong = []
+    for item in items:
+        if not item.path.resolve().is_relative_to(TESTS_DIR):
+            continue
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(tiers) if tiers else 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"{len(wrong)} test(s) under tests/ without exactly one tier marker "
+            f"({', '.join(TIERS)}); give each test module one, e.g. "
+            "`pytestmark = pytest.mark.unit` (see the root conftest.py):\n" + "\n".join(wrong)
+        )
 
 # dev: quick feedback; ci: deterministic, more examples, no deadline (2 shared cores are noisy).
 settings.register_profile("dev", max_examples=8, deadline=None, print_blob=True)
@@ -71,7 +112,7 @@ def _write_alpaca(path: Path, records: list[dict], fmt: str = "json") -> Path:
 @pytest.fixture
 def write_alpaca():
     """write_alpaca(path, records, fmt): records as a .json list ("json"), a .jsonl file
-    ("jsonl") or a datasets.save_to_disk folder ("hf", like the write-up's alpaca_hf)."""
+    ("jsonl") or a datasets.save_to_disk folder ("hf", like a saved Stanford Alpaca dataset)."""
     return _write_alpaca
 
 

@@ -1,6 +1,7 @@
 """Shared pieces of the parity suite (tests/test_parity_*.py): hypothesis strategies for tiny Llama
-configs, batches and LoRA settings; builders that make a random HF checkpoint, convert it with the
-real converter and put the same adapter on both sides; the loss in both frameworks; comparisons.
+configs, batches and LoRA settings; builders that convert a random HF checkpoint (helpers.make_hf_model)
+with the real converter and put the same adapter on both sides; the loss in both frameworks;
+comparisons; the backend runs the trajectory and adapter-interop tests share.
 
 Conventions
 - Weights use a large init std (0.1-0.3) and randomised RMSNorm weights: at HF's default 0.02 the
@@ -21,33 +22,14 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from ftcore.config import LORA_TARGETS
-from ftcore.convert import convert_hf_to_mlx, peft_to_mlx_adapter
-from ftcore.data import IGNORE_INDEX
-from ftcore.mlx_llama import apply_lora, load_lora_state, load_model
+from ftcore.arch import LORA_TARGETS
+from ftcore.loss import IGNORE_INDEX
+from ftcore.mlx.adapters import peft_to_mlx_adapter
+from ftcore.mlx.convert import convert_hf_to_mlx
+from ftcore.mlx.lora import apply_lora, load_lora_state
+from ftcore.mlx.model import load_model
 
 FP32_EPS = float(np.finfo(np.float32).eps)
-
-# A small fixed HF Llama config for the example-based tests (GQA; a 0.02 init hides RoPE bugs).
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.2,
-)
-
-try:  # keep "Writing model shards" bars out of the test output
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as _hf_logging
-
-    disable_progress_bars()
-    _hf_logging.disable_progress_bar()
-except ImportError:  # pragma: no cover - older versions
-    pass
 
 # ----------------------------------------------------------------------------- strategies
 
@@ -129,22 +111,6 @@ def model_cases(draw):
 # ----------------------------------------------------------------------------- builders
 
 
-def make_hf_model(cfg: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32):
-    """A random LlamaForCausalLM (init std = cfg's initializer_range), RMSNorm weights jittered."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(cfg)
-    theta = cfg.pop("rope_theta", 10000.0)
-    torch.manual_seed(seed)
-    conf = LlamaConfig(**cfg, rope_parameters={"rope_type": "default", "rope_theta": theta})
-    model = LlamaForCausalLM(conf)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model.to(dtype).eval()
-
-
 def save_and_convert(model, root: Path) -> tuple[Path, Path]:
     """save_pretrained + the real HF -> MLX converter; returns (hf_dir, mlx_dir)."""
     hf_dir, mlx_dir = root / "hf", root / "mlx"
@@ -200,7 +166,7 @@ def lora_cfg_from_peft_dir(adapter_dir: Path) -> tuple[tuple[str, ...], int, flo
 
 def torch_loss(pm, batch: dict[str, np.ndarray]) -> torch.Tensor:
     """ftcore's loss on the torch side: the torch backend's own loss_sum_count, sum / count."""
-    from ftcore.backends.torch_loop import loss_sum_count
+    from ftcore.torch.loss import loss_sum_count
 
     s, n = loss_sum_count(pm, {k: torch.from_numpy(v) for k, v in batch.items()})
     return s / n.clamp(min=1)
@@ -209,25 +175,13 @@ def torch_loss(pm, batch: dict[str, np.ndarray]) -> torch.Tensor:
 def mlx_loss_and_grads(model, batch: dict[str, mx.array]) -> tuple[mx.array, dict]:
     """The MLX backend's own training-step loss and gradients: its rows split over two CPU streams
     as the step does on two threads (one stream when the rows are odd)."""
-    from ftcore.backends import mlx_loop
+    from ftcore.mlx.streams import cpu_streams, loss_and_grads
 
     n_streams = 2 if batch["input_ids"].shape[0] % 2 == 0 else 1
-    return mlx_loop.loss_and_grads(model, batch, mlx_loop.cpu_streams(n_streams))
-
-
-def to_mx(batch: dict[str, np.ndarray]) -> dict[str, mx.array]:
-    """numpy batch -> mx arrays the way the MLX backend converts it."""
-    from ftcore.backends.mlx_loop import to_mx as backend_to_mx
-
-    return backend_to_mx(batch)
+    return loss_and_grads(model, batch, cpu_streams(n_streams))
 
 
 # ----------------------------------------------------------------------------- comparisons
-
-
-def max_err_real(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Largest |a - b| over non-pad positions."""
-    return float(np.abs(a - b)[mask.astype(bool)].max())
 
 
 def rel_norm_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -280,10 +234,10 @@ def backend_runs(precision: str, root: Path) -> dict[str, Any]:
 
 
 def initial_peft_adapter(cfg, model_dir: Path) -> dict[str, np.ndarray]:
-    """The shared initial adapter (ftcore.lora.initial_lora_state) under PEFT keys."""
-    from ftcore.convert import mlx_to_peft_adapter
-    from ftcore.lora import initial_lora_state
-    from ftcore.models import read_arch
+    """The shared initial adapter (ftcore.lora_init.initial_lora_state) under PEFT keys."""
+    from ftcore.arch import read_arch
+    from ftcore.lora_init import initial_lora_state
+    from ftcore.mlx.adapters import mlx_to_peft_adapter
 
     init = initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed)
     return mlx_to_peft_adapter({k: mx.array(v) for k, v in init.items()})

@@ -3,18 +3,10 @@ no traceback and no result file."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
-
 import pytest
+from helpers import broken_model, ftcore
 
-
-def ftcore(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "ftcore", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("command", ["run", "compare", "convert", "profile"])
@@ -23,7 +15,7 @@ def test_help(command):
     assert out.returncode == 0 and "--out" in out.stdout
 
 
-def test_run_help_lists_every_design_flag():
+def test_run_help_lists_every_run_flag():
     text = ftcore("run", "--help").stdout
     for flag in (
         "--model", "--preset", "--num-layers", "--data", "--num-samples", "--max-seq-len", "--batch-size",
@@ -41,19 +33,6 @@ def assert_user_error(out, needle, out_dir):
     assert not (out_dir / "result.json").exists()
 
 
-def _broken_model(tiny_model_dir, tmp_path, kind):
-    d = tmp_path / kind
-    shutil.copytree(tiny_model_dir, d)
-    if kind == "no-config":
-        (d / "config.json").unlink()
-    elif kind == "gpt2":
-        (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    elif kind == "pickle-only":
-        (d / "model.safetensors").unlink()
-        (d / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
-    return d
-
-
 BAD_INPUTS = {
     "missing data path": (lambda t, m, w: ["--data", t / "nope.json"], "data path not found"),
     "malformed json": (lambda t, m, w: ["--data", _write(t / "bad.json", '[{"instruction": "x",')], "not valid JSON"),
@@ -63,9 +42,9 @@ BAD_INPUTS = {
     "empty dataset": (lambda t, m, w: ["--data", w(t / "a.json", [])], "the dataset is empty"),
     "subset larger than data": (lambda t, m, w: ["--data", w(t / "a.json", [{"instruction": "x", "output": "y"}] * 5)], "the data has only 5"),
     "max len below template": (lambda t, m, w: ["--max-seq-len", 12], "shorter than the prompt template"),
-    "model without config.json": (lambda t, m, w: ["--model", _broken_model(m, t, "no-config")], "no config.json"),
-    "non-llama model": (lambda t, m, w: ["--model", _broken_model(m, t, "gpt2")], "supports Llama-architecture models only"),
-    "pickle-only weights": (lambda t, m, w: ["--model", _broken_model(m, t, "pickle-only")], "only pickle weights"),
+    "model without config.json": (lambda t, m, w: ["--model", broken_model(m, t, "no-config")], "no config.json"),
+    "non-llama model": (lambda t, m, w: ["--model", broken_model(m, t, "gpt2")], "supports Llama-architecture models only"),
+    "pickle-only weights": (lambda t, m, w: ["--model", broken_model(m, t, "pickle-only")], "only pickle weights"),
     "rank 0": (lambda t, m, w: ["--lora-rank", 0], "--lora-rank: rank must be >= 1"),
     "unknown target": (lambda t, m, w: ["--lora-targets", "q_proj,qkv"], "unknown target module 'qkv'"),
     "unknown flag": (lambda t, m, w: ["--lora-rnak", 4], "unrecognized arguments: --lora-rnak"),
@@ -97,7 +76,7 @@ def test_convert_writes_mlx_weights(tiny_model_dir, tmp_path):
 
 
 def test_convert_refuses_a_non_llama_folder(tiny_model_dir, tmp_path):
-    bad = _broken_model(tiny_model_dir, tmp_path, "gpt2")
+    bad = broken_model(tiny_model_dir, tmp_path, "gpt2")
     out = ftcore("convert", "--model", bad, "--out", tmp_path / "mlx")
     assert_user_error(out, "GPT2LMHeadModel", tmp_path / "mlx")
     assert not (tmp_path / "mlx" / "weights.safetensors").exists()

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
+from helpers import ftcore
 
 from ftcore.cli import new_run_dir
 from ftcore.config import RunConfig
 from ftcore.runner import compare, prepare
 
+pytestmark = pytest.mark.integration
+
 TABLE_ROWS = ("Training time (s)", "Peak RSS (MB)", "Final loss", "Eval loss", "Speedup factor", "Memory efficiency", "Tokens/s", "MFU")
-
-
-def ftcore(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ftcore", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def default_compare(tmp_path_factory):
     """The issue's check: torch vs mlx on the tiny preset, 20 fp32 steps, built-in data."""
     out = tmp_path_factory.mktemp("compare") / "run"
-    res = ftcore("compare", "--backends", "torch,mlx", "--preset", "tiny", "--steps", "20", "--precision", "fp32", "--out", out)
+    res = ftcore("compare", "--backends", "torch,mlx", "--preset", "tiny", "--steps", "20", "--precision", "fp32", "--out", out, timeout=600)
     return res, out
 
 
@@ -62,6 +59,7 @@ def test_compare_local_sentencepiece_checkpoint_and_alpaca_hf(tmp_path, sentence
     res = ftcore(
         "compare", "--backends", "torch,mlx", "--model", sentencepiece_model_dir, "--data", data,
         "--num-samples", 16, "--eval-samples", 4, "--batch-size", 2, "--max-seq-len", 96, "--steps", 4, "--out", out,
+        timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     comparison = json.loads((out / "comparison.json").read_text())

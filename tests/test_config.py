@@ -8,6 +8,8 @@ import pytest
 
 from ftcore.config import RunConfig, UserError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     "change, field",

@@ -10,12 +10,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from parity_utils import TINY
+from helpers import TINY, raw_tensors, save_hf_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from ftcore.convert import (
+from ftcore.mlx.adapters import save_mlx_lm_adapter
+from ftcore.mlx.convert import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     ConversionError,
@@ -25,34 +26,16 @@ from ftcore.convert import (
     hf_to_mlx_key,
     is_conversion_current,
     mlx_to_hf_key,
-    save_mlx_lm_adapter,
 )
-from ftcore.mlx_llama import apply_lora, load_lora_state, load_model, lora_state
+from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
+from ftcore.mlx.model import load_model
 
-
-def make_hf(path: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:
-    """A tiny random HF Llama saved as safetensors, norm weights randomised too."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    model.to(dtype).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def raw_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    """name -> (dtype, shape, raw bytes) of a safetensors file."""
-    return {
-        k: (str(t.dtype), tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
-        for k, t in load_file(str(path)).items()
-    }
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    return make_hf(tmp_path_factory.mktemp("hf") / "tiny")
+    return save_hf_model(tmp_path_factory.mktemp("hf") / "tiny")
 
 
 def test_every_checkpoint_key_is_mapped_or_dropped(hf_dir):
@@ -73,7 +56,7 @@ def test_every_checkpoint_key_is_mapped_or_dropped(hf_dir):
     "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
 )
 def test_round_trip_is_bitwise(tmp_path, dtype):
-    src = make_hf(tmp_path / "hf", dtype)
+    src = save_hf_model(tmp_path / "hf", dtype)
     mlx_dir = convert_hf_to_mlx(src, tmp_path / "mlx")
     back = convert_mlx_to_hf(mlx_dir, tmp_path / "back")
     original = raw_tensors(src / "model.safetensors")
@@ -108,7 +91,7 @@ def test_sharded_source_equals_single_file(tmp_path, hf_dir):
 
 
 def test_dtype_cast_and_tied_head(tmp_path):
-    src = make_hf(tmp_path / "hf", tie_word_embeddings=True)
+    src = save_hf_model(tmp_path / "hf", tie_word_embeddings=True)
     with safe_open(str(src / "model.safetensors"), "np") as f:
         assert "lm_head.weight" not in list(f.keys())  # tied: HF stores the embedding only
     out = convert_hf_to_mlx(src, tmp_path / "mlx", dtype="bf16")
@@ -122,7 +105,7 @@ def test_dtype_cast_and_tied_head(tmp_path):
 
 
 def test_cache_reuses_then_detects_stale_source(tmp_path):
-    src = make_hf(tmp_path / "hf")
+    src = save_hf_model(tmp_path / "hf")
     cache = tmp_path / "cache"
     out = cached_conversion(src, cache)
     manifest_mtime = (out / MANIFEST_FILE).stat().st_mtime_ns

@@ -7,7 +7,6 @@ import pytest
 
 from ftcore.config import RunConfig, UserError
 from ftcore.data import (
-    IGNORE_INDEX,
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
     build_batches,
@@ -16,8 +15,11 @@ from ftcore.data import (
     select_records,
     tokenize_records,
 )
+from ftcore.loss import IGNORE_INDEX
 from ftcore.models import load_tokenizer
 from ftcore.synthetic import synthetic_records
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,18 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
-from parity_utils import TINY, make_hf_model, save_and_convert
+from helpers import TINY, make_hf_model
+from parity_utils import save_and_convert
 
-from ftcore.backends import mlx_loop, torch_loop
-from ftcore.data import IGNORE_INDEX
-from ftcore.mlx_llama import load_model
+from ftcore.loss import IGNORE_INDEX, reference_sum_count
+from ftcore.mlx import loss as mlx_loss
+from ftcore.mlx.model import load_model
+from ftcore.torch import loss as torch_loss
+
+pytestmark = pytest.mark.unit
 
 
 def _batch() -> dict[str, np.ndarray]:
@@ -33,15 +38,6 @@ def _batch() -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _reference(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-    """float64 CE over full logits with the shift done on the logits."""
-    lo, tg = logits[:, :-1].astype(np.float64), labels[:, 1:]
-    keep = tg != IGNORE_INDEX
-    lse = np.log(np.exp(lo - lo.max(-1, keepdims=True)).sum(-1)) + lo.max(-1)
-    picked = np.take_along_axis(lo, np.where(keep, tg, 0)[..., None], -1)[..., 0]
-    return float(((lse - picked) * keep).sum()), int(keep.sum())
-
-
 def test_both_backends_compute_the_textbook_loss(tmp_path: Path) -> None:
     model = make_hf_model(TINY, seed=0)
     _, mlx_dir = save_and_convert(model, tmp_path)
@@ -50,20 +46,20 @@ def test_both_backends_compute_the_textbook_loss(tmp_path: Path) -> None:
     tb = {k: torch.from_numpy(v) for k, v in b.items()}
     with torch.no_grad():
         full = model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"]).logits
-        t_sum, t_n = torch_loop.loss_sum_count(model, tb)
-    ref_sum, ref_n = _reference(full.numpy(), b["labels"])
+        t_sum, t_n = torch_loss.loss_sum_count(model, tb)
+    ref_sum, ref_n = reference_sum_count(full.numpy(), b["labels"])
     assert int(t_n) == ref_n == 8 + 5 + 1
     assert abs(float(t_sum) - ref_sum) <= 1e-5 * abs(ref_sum)
-    # torch's own CE on the full logits agrees too (the definition, not just our float64 copy)
+    # torch's own CE on the full logits agrees too (the definition, not just the float64 reference)
     plain = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), tb["labels"][:, 1:].reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     assert abs(float(plain) - ref_sum) <= 1e-5 * abs(ref_sum)
 
     mlx_model, _ = load_model(mlx_dir)
-    mb = mlx_loop.to_mx(b)
-    m_sum, m_n = mlx_loop.loss_sum_count(mlx_model, mb)
+    mb = mlx_loss.to_mx(b)
+    m_sum, m_n = mlx_loss.loss_sum_count(mlx_model, mb)
     m_full = np.array(mlx_model(mb["input_ids"], mb["attention_mask"]))
-    m_ref_sum, _ = _reference(m_full, b["labels"])
+    m_ref_sum, _ = reference_sum_count(m_full, b["labels"])
     assert int(m_n.item()) == ref_n
     assert abs(m_sum.item() - m_ref_sum) <= 1e-5 * abs(m_ref_sum)
     assert abs(m_sum.item() - ref_sum) <= 1e-4 * abs(ref_sum)  # and the same as torch's

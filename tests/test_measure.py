@@ -1,11 +1,13 @@
-"""Measurement plumbing: RunResult JSON, peak RSS, FLOPs formula, BLAS probes, GEMM peak cache."""
+"""Measurement plumbing: RunResult JSON (ftcore.result), peak RSS (ftcore.memory), the FLOPs
+formula (ftcore.flops), MFU and the GEMM peak cache (ftcore.gemm, ftcore.mfu), host facts
+(ftcore.hostinfo), BLAS lookup and child environments (ftcore.blas, ftcore.mlx.env,
+ftcore.torch.env). The probes that need a child process are in test_child_processes.py."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,10 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftcore import blas, measure
-from ftcore.measure import PeakRSS, RunResult, StepTimer, flops_per_token
+import ftcore.result
+from ftcore import blas, gemm, hostinfo, memory, mfu
+from ftcore.flops import flops_per_token
+from ftcore.memory import PeakRSS
+from ftcore.mlx import env as mlx_env
+from ftcore.result import RunResult
+from ftcore.torch import env as torch_env
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.unit
 
 TINYLLAMA = {  # TinyLlama-1.1B-Chat-v1.0 config.json
     "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
@@ -53,30 +60,26 @@ def test_runresult_failed_and_non_finite(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "r.json").read_text())["losses"] == [1.0, None]  # strict JSON
 
 
-def test_write_json_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fail_at", ["fsync", "replace"])
+def test_write_json_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str) -> None:
+    """The disk fails after the new JSON went into the temp file (fsync) or just before the rename
+    (replace): the old result.json stays whole and no temp file is left behind."""
     path = tmp_path / "result.json"
     _full_result().write_json(path)
     before = path.read_text()
+    written = []
 
-    def broken_dump(obj, f, **kw):
-        f.write('{"half": ')
+    def disk_full(*args, **kw):
+        written.extend(tmp_path.glob(".result.json.*.tmp"))  # the half-done write, beside it
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(measure.json, "dump", broken_dump)
+    monkeypatch.setattr(ftcore.result.os, fail_at, disk_full)
     with pytest.raises(RuntimeError):
         RunResult.failed("torch", {}, "x").write_json(path)
+    monkeypatch.undo()
+    assert written  # the failure hit mid-write, with the new file on disk under a temp name
     assert path.read_text() == before  # readers never see a half-written file
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
-
-
-def test_step_timer_excludes_warmup() -> None:
-    t = StepTimer(warmup_steps=1)
-    for secs, tok, loss_tok in [(3.0, 100, 50), (1.0, 100, 60), (1.0, 100, 40)]:
-        t.add(secs, tok, loss_tok)
-    r = t.fill(RunResult("torch"))
-    assert (r.steps, r.warmup_time_s, r.train_time_s) == (3, 3.0, 2.0)
-    assert r.step_times_s == [3.0, 1.0, 1.0]
-    assert (r.tokens_per_s, r.loss_tokens_per_s) == (100.0, 50.0)
 
 
 def test_peak_rss_sees_200mb_allocation() -> None:
@@ -87,7 +90,7 @@ def test_peak_rss_sees_200mb_allocation() -> None:
     assert rss.peak_mb - rss.start_mb >= 180, (rss.start_mb, rss.peak_mb)
     assert rss.sampled_peak_mb - rss.start_mb >= 180  # the sampler alone saw it too
     assert rss.samples >= 3
-    assert measure.current_rss_mb() < rss.peak_mb
+    assert memory.current_rss_mb() < rss.peak_mb
 
 
 def _tiny_arch() -> dict:
@@ -121,7 +124,6 @@ def test_flops_match_module_shapes_of_real_llama() -> None:
     assert f["forward"] == base + lora + attn
     assert f["backward"] == base + 2 * (attn + lora)  # frozen: input grads only; LoRA/attn: 2x
     assert f["total"] == f["forward"] + f["backward"]
-    assert flops_per_token(arch, seq, "q_proj,v_proj", 4) == f  # CSV string form
 
 
 def test_flops_closed_form_tinyllama() -> None:
@@ -141,21 +143,22 @@ def test_flops_closed_form_tinyllama() -> None:
 
 
 def test_mfu() -> None:
-    assert measure.mfu(100.0, 1e9, 200.0) == pytest.approx(0.5)
-    assert measure.mfu(100.0, 1e9, None) is None
+    assert mfu.mfu(100.0, 1e9, 200.0) == pytest.approx(0.5)
+    assert mfu.mfu(100.0, 1e9, None) is None
 
 
-def test_env_info_never_fails() -> None:
-    env = measure.env_info("none")
+def test_host_info_never_fails() -> None:
+    env = hostinfo.host_info()
     assert env["logical_cores"] >= 1 and 1 <= env["affinity_cores"] <= env["logical_cores"]
     assert env["versions"]["numpy"] == np.__version__
     assert env["git_commit"] is None or len(env["git_commit"]) == 40
     assert env["cpu"]
+    assert blas.framework_blas("unknown-framework") == {}  # no BLAS facts, and no exception
 
 
 def test_gemm_peak_positive_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torch")
-    assert measure.measure_gemm_peak("torch", "fp32", n=256, max_time_s=0.2) > 0
+    assert gemm.measure_gemm_peak("torch", "fp32", n=256, max_time_s=0.2) > 0
     monkeypatch.setenv("FTCORE_CACHE", str(tmp_path))
     calls = []
 
@@ -163,29 +166,24 @@ def test_gemm_peak_positive_and_cached(tmp_path: Path, monkeypatch: pytest.Monke
         calls.append((framework, precision))
         return 123.0
 
-    monkeypatch.setattr(measure, "measure_gemm_peak", fake)
-    assert measure.gemm_peak_cached("torch", "fp32") == 123.0
-    assert measure.gemm_peak_cached("torch", "fp32") == 123.0
+    monkeypatch.setattr(mfu, "measure_gemm_peak", fake)
+    assert mfu.gemm_peak_cached("torch", "fp32") == 123.0
+    assert mfu.gemm_peak_cached("torch", "fp32") == 123.0
     assert calls == [("torch", "fp32")]  # the second call read the cache
     cache = json.loads((tmp_path / "gemm_peak.json").read_text())
     (key,) = cache
     assert "|torch|fp32|" in key and cache[key]["gflops"] == 123.0
-    measure.gemm_peak_cached("torch", "bf16")
+    mfu.gemm_peak_cached("torch", "bf16")
     assert len(calls) == 2 and len(json.loads((tmp_path / "gemm_peak.json").read_text())) == 2
     # a refresh on a busy machine (a slower probe) never lowers the best figure seen
-    monkeypatch.setattr(measure, "measure_gemm_peak", lambda *a, **kw: 50.0)
-    assert measure.gemm_peak_cached("torch", "fp32", refresh=True) == 123.0
-    monkeypatch.setattr(measure, "measure_gemm_peak", lambda *a, **kw: 200.0)
-    assert measure.gemm_peak_cached("torch", "fp32", refresh=True) == 200.0
-    assert measure.gemm_peak_cached("torch", "fp32") == 200.0
+    monkeypatch.setattr(mfu, "measure_gemm_peak", lambda *a, **kw: 50.0)
+    assert mfu.gemm_peak_cached("torch", "fp32", refresh=True) == 123.0
+    monkeypatch.setattr(mfu, "measure_gemm_peak", lambda *a, **kw: 200.0)
+    assert mfu.gemm_peak_cached("torch", "fp32", refresh=True) == 200.0
+    assert mfu.gemm_peak_cached("torch", "fp32") == 200.0
 
 
 # --- BLAS -----------------------------------------------------------------------------------
-
-FAST = blas.find_fast_blas()
-needs_openblas = pytest.mark.skipif(
-    sys.platform != "linux" or FAST is None,
-    reason="no optimised BLAS installed to preload (apt install libopenblas0-pthread)")
 
 
 def test_find_fast_blas_debian() -> None:
@@ -205,43 +203,16 @@ def test_find_fast_blas_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_child_envs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(blas, "find_fast_blas", lambda: "/opt/libopenblas.so.0")
     base = {"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin", "FTCORE_CACHE": str(tmp_path)}
-    env = blas.mlx_child_env(base, threads=2)
+    env = mlx_env.child_env(base, threads=2)
     assert env["LD_PRELOAD"] == "/opt/libopenblas.so.0:/x/libfoo.so"
     assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
-    off = blas.mlx_child_env({blas.NO_PRELOAD_ENV: "1", "FTCORE_CACHE": str(tmp_path)}, threads=1)
+    off = mlx_env.child_env({blas.NO_PRELOAD_ENV: "1", "FTCORE_CACHE": str(tmp_path)}, threads=1)
     assert "LD_PRELOAD" not in off and off["OPENBLAS_NUM_THREADS"] == "1"
-    t = blas.torch_child_env(env, threads=2)
+    t = torch_env.child_env(env, threads=2)
     assert t["LD_PRELOAD"] == "/x/libfoo.so" and t["OMP_NUM_THREADS"] == "2"
-    assert "LD_PRELOAD" not in blas.torch_child_env({"LD_PRELOAD": "/opt/libopenblas.so.0"}, 1)
+    assert "LD_PRELOAD" not in torch_env.child_env({"LD_PRELOAD": "/opt/libopenblas.so.0"}, 1)
 
 
 def test_blas_warning() -> None:
     assert "reference BLAS" in blas.blas_warning({"reference": True, "gflops": 7.0})
     assert blas.blas_warning({"name": "openblas", "reference": False, "gflops": 240.0}) is None
-
-
-@needs_openblas
-def test_mlx_blas_probe_with_and_without_preload() -> None:
-    pytest.importorskip("mlx.core")
-    stock = blas.probe_mlx_blas_subprocess(None)
-    fast = blas.probe_mlx_blas_subprocess(FAST)
-    assert stock["reference"] and stock["name"] == "reference" and "mlx" in stock["path"]
-    assert blas.blas_warning(stock) is not None
-    assert fast["name"] in ("openblas", "mkl") and not fast["reference"] and fast["path"] == FAST
-    # The speed check is the ground truth: reference ~7 GFLOP/s, OpenBLAS >100 (2 noisy cores)
-    assert fast["gflops"] > 5 * stock["gflops"], (stock, fast)
-
-
-@needs_openblas
-def test_preload_interposes_torch_sgemm() -> None:
-    """A BLAS preload also captures torch's exported sgemm_ — why torch children must not get it."""
-    pytest.importorskip("torch")
-    code = "import torch; from ftcore.blas import torch_blas; print(torch_blas())"
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    env["PYTHONPATH"] = str(ROOT)
-    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                           timeout=60, check=True).stdout.strip()
-    pre = subprocess.run([sys.executable, "-c", code], env={**env, "LD_PRELOAD": FAST},
-                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-    assert "preloaded" not in plain
-    assert pre.startswith(("openblas", "mkl")) and "preloaded" in pre

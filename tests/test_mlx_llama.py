@@ -10,22 +10,17 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, max_err_real, mlx_logits, save_hf_model, torch_logits
 from hypothesis import given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
-from parity_utils import TINY
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from ftcore.convert import convert_hf_to_mlx, mlx_to_peft_adapter, peft_to_mlx_adapter
-from ftcore.mlx_llama import (
-    LoRALinear,
-    ModelArgs,
-    apply_lora,
-    load_lora_state,
-    load_model,
-    lora_state,
-)
+from ftcore.mlx.adapters import mlx_to_peft_adapter, peft_to_mlx_adapter
+from ftcore.mlx.convert import convert_hf_to_mlx
+from ftcore.mlx.lora import LoRALinear, apply_lora, load_lora_state, lora_state
+from ftcore.mlx.model import ModelArgs, load_model
 
 pytestmark = pytest.mark.parity
 
@@ -34,15 +29,7 @@ B, L = 3, 16
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("hf") / "tiny"
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    return save_hf_model(tmp_path_factory.mktemp("hf") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +55,7 @@ def hf_logits(
     hf_dir: Path, ids: np.ndarray, mask: np.ndarray | None, attn: str = "sdpa"
 ) -> np.ndarray:
     model = LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation=attn).eval()
-    with torch.no_grad():
-        am = None if mask is None else torch.from_numpy(mask)
-        return model(input_ids=torch.from_numpy(ids), attention_mask=am).logits.float().numpy()
-
-
-def mlx_logits(model, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    out = model(mx.array(ids), None if mask is None else mx.array(mask))
-    return np.array(out.astype(mx.float32))
-
-
-def max_err_real(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Largest |a - b| over non-pad positions only."""
-    return float(np.abs(a - b)[mask.astype(bool)].max())
+    return torch_logits(model, ids, mask)
 
 
 def test_args_from_hf_config():
@@ -149,10 +124,7 @@ def test_any_padding_matches_hf(pair, rows, seed):
             mask[i, 10 - n :] = 1
         else:
             mask[i, :n] = 1
-    with torch.no_grad():
-        ref = hf(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
-        ).logits.numpy()
+    ref = torch_logits(hf, ids, mask)
     got = mlx_logits(model, ids, mask)
     assert np.isfinite(got).all()
     assert max_err_real(ref, got, mask) < 1e-4
@@ -180,12 +152,7 @@ def test_logits_bf16_close_to_hf(hf_dir, tmp_path):
     model, _ = load_model(convert_hf_to_mlx(hf_dir, tmp_path / "bf16", dtype="bf16"))
     ids, mask = batch("right")
     hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        ref = (
-            hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-            .logits.float()
-            .numpy()
-        )
+    ref = torch_logits(hf, ids, mask)
     got = mlx_logits(model, ids, mask)
     # Measured: 0.09 with max |logit| 7.4 (HF bf16 vs HF fp32 differ by 0.19 on the same batch).
     assert max_err_real(ref, got, mask) < 0.03 * np.abs(ref).max()
@@ -264,10 +231,7 @@ def test_peft_adapter_parity_and_export(hf_dir, mlx_dir):
     load_lora_state(model, peft_to_mlx_adapter(peft_state))
 
     ids, mask = batch("left")
-    with torch.no_grad():
-        ref = peft_model(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
-        ).logits.numpy()
+    ref = torch_logits(peft_model, ids, mask)
     base = hf_logits(hf_dir, ids, mask)
     got = mlx_logits(model, ids, mask)
     assert max_err_real(ref, base, mask) > 1e-1  # the adapter really changes the output

@@ -1,24 +1,27 @@
 """The MLX training step's row split: each CPU stream (thread) takes an equal share of a batch's
 rows, and the summed losses and gradients equal one pass over the whole batch. Also when the
-split is used, and that the runner gives `mlx` processes the mx.eval width it needs."""
+split is used, and that the runner gives `mlx` processes the mx.eval width it needs (that the BLAS
+thread count can be set in such a process is checked in test_child_processes.py)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import TINY, make_hf_model
 from mlx.utils import tree_flatten
-from parity_utils import TINY, make_hf_model, save_and_convert
+from parity_utils import save_and_convert
 
-from ftcore import blas
-from ftcore.backends import mlx_loop
-from ftcore.data import IGNORE_INDEX
-from ftcore.mlx_llama import apply_lora, load_lora_state, load_model, lora_state
+from ftcore.backends import BACKENDS
+from ftcore.loss import IGNORE_INDEX
+from ftcore.mlx.env import BFS_WIDTH_ENV
+from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
+from ftcore.mlx.loss import loss_sum_count, to_mx
+from ftcore.mlx.model import load_model
+from ftcore.mlx.streams import cpu_streams, loss_and_grads, plan_streams
 from ftcore.runner import child_env
+
+pytestmark = pytest.mark.unit
 
 
 def _batch(rows: int) -> dict[str, mx.array]:
@@ -30,7 +33,7 @@ def _batch(rows: int) -> dict[str, mx.array]:
     labels = np.where(mask == 1, ids, IGNORE_INDEX)
     labels[:, :3] = IGNORE_INDEX
     labels[rows - 1] = IGNORE_INDEX  # its group's share of the loss is 0, the count is the batch's
-    return mlx_loop.to_mx({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return to_mx({"input_ids": ids, "attention_mask": mask, "labels": labels})
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +52,10 @@ def model(tmp_path_factory):
 @pytest.mark.parametrize("n_streams", [2, 4])
 def test_split_over_streams_equals_one_pass(model, n_streams: int) -> None:
     batch = _batch(4)
-    loss_1, grads_1 = mlx_loop.loss_and_grads(model, batch, mlx_loop.cpu_streams(1))
-    loss_n, grads_n = mlx_loop.loss_and_grads(model, batch, mlx_loop.cpu_streams(n_streams))
+    loss_1, grads_1 = loss_and_grads(model, batch, cpu_streams(1))
+    loss_n, grads_n = loss_and_grads(model, batch, cpu_streams(n_streams))
     # the mean over the whole batch's targets, not a mean of per-group means
-    total, count = mlx_loop.loss_sum_count(model, batch)
+    total, count = loss_sum_count(model, batch)
     assert abs(loss_1.item() - (total / count).item()) <= 1e-6 * loss_1.item()
     assert abs(loss_n.item() - loss_1.item()) <= 1e-6 * loss_1.item()
     flat_1, flat_n = dict(tree_flatten(grads_1)), dict(tree_flatten(grads_n))
@@ -65,44 +68,26 @@ def test_split_over_streams_equals_one_pass(model, n_streams: int) -> None:
 
 def test_split_needs_equal_groups(model) -> None:
     with pytest.raises(ValueError, match="3 rows do not split evenly over 2 streams"):
-        mlx_loop.loss_and_grads(model, _batch(3), mlx_loop.cpu_streams(2))
+        loss_and_grads(model, _batch(3), cpu_streams(2))
 
 
 def test_plan_streams(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(mlx_loop.BFS_WIDTH_ENV, "100")
-    assert mlx_loop.plan_streams(mx.cpu, threads=2, batch_size=4) == 2
-    assert mlx_loop.plan_streams(mx.cpu, threads=2, batch_size=3) == 1  # a thread would idle
-    assert mlx_loop.plan_streams(mx.cpu, threads=1, batch_size=4) == 1
-    assert mlx_loop.plan_streams(mx.gpu, threads=2, batch_size=4) == 1
+    monkeypatch.setenv(BFS_WIDTH_ENV, "100")
+    assert plan_streams(mx.cpu, threads=2, batch_size=4) == 2
+    assert plan_streams(mx.cpu, threads=2, batch_size=3) == 1  # a thread would idle
+    assert plan_streams(mx.cpu, threads=1, batch_size=4) == 1
+    assert plan_streams(mx.gpu, threads=2, batch_size=4) == 1
     # MLX's default width (20) runs two streams one after the other: not worth splitting
-    monkeypatch.delenv(mlx_loop.BFS_WIDTH_ENV)
-    assert mlx_loop.plan_streams(mx.cpu, threads=2, batch_size=4) == 1
-    monkeypatch.setenv(mlx_loop.BFS_WIDTH_ENV, "99")
-    assert mlx_loop.plan_streams(mx.cpu, threads=2, batch_size=4) == 1
-    assert mlx_loop.cpu_streams(2) is mlx_loop.cpu_streams(2)  # streams (threads) made once
+    monkeypatch.delenv(BFS_WIDTH_ENV)
+    assert plan_streams(mx.cpu, threads=2, batch_size=4) == 1
+    monkeypatch.setenv(BFS_WIDTH_ENV, "99")
+    assert plan_streams(mx.cpu, threads=2, batch_size=4) == 1
+    assert cpu_streams(2) is cpu_streams(2)  # streams (threads) made once
 
 
 def test_runner_gives_only_the_mlx_backend_the_eval_width(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(mlx_loop.BFS_WIDTH_ENV, raising=False)
-    assert child_env("mlx", 3)[mlx_loop.BFS_WIDTH_ENV] == "150"
+    monkeypatch.delenv(BFS_WIDTH_ENV, raising=False)
+    assert child_env(BACKENDS["mlx"], 3)[BFS_WIDTH_ENV] == "150"
     # mlx-lm is the yardstick, run as its users would run it
-    assert mlx_loop.BFS_WIDTH_ENV not in child_env("mlx-lm", 3)
-    assert mlx_loop.BFS_WIDTH_ENV not in child_env("torch", 3)
-
-
-@pytest.mark.skipif(
-    sys.platform != "linux" or blas.find_fast_blas() is None,
-    reason="no optimised BLAS installed to preload (apt install libopenblas0-pthread)",
-)
-def test_set_blas_threads_in_an_mlx_child() -> None:
-    """In the MLX child's environment (OpenBLAS preloaded, 2 threads) the count can be set."""
-    code = (
-        "from ftcore import blas; import mlx.core as mx; mx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)));"
-        "before = blas.blas_threads(); ok = blas.set_blas_threads(1);"
-        "print(before, ok, blas.blas_threads())"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=child_env("mlx", 2), capture_output=True, text=True,
-        check=True, cwd=Path(__file__).resolve().parent.parent,
-    ).stdout.split()  # fmt: skip
-    assert out == ["2", "True", "1"]
+    assert BFS_WIDTH_ENV not in child_env(BACKENDS["mlx-lm"], 3)
+    assert BFS_WIDTH_ENV not in child_env(BACKENDS["torch"], 3)

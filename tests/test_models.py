@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
+from helpers import broken_model
 
+from ftcore.arch import read_arch
 from ftcore.config import RunConfig, UserError
 from ftcore.data import build_batches
 from ftcore.models import (
@@ -16,8 +15,9 @@ from ftcore.models import (
     load_tokenizer,
     materialize_preset,
     preset_config,
-    read_arch,
 )
+
+pytestmark = pytest.mark.unit
 
 
 def test_tiny_preset_has_tinyllama_structure(tiny_model_dir):
@@ -70,26 +70,14 @@ def test_sentencepiece_only_folder_loads_and_trains(sentencepiece_model_dir):
     assert build_batches(cfg, tok).train["input_ids"].shape == (2, 2, cfg.max_seq_len)
 
 
-def _copy(src, dst, drop=(), config=None):
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name not in drop:
-            shutil.copy(f, dst / f.name)
-    if config is not None:
-        (dst / "config.json").write_text(json.dumps(config))
-    return dst
-
-
 def test_check_model_dir_refusals(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="model folder not found"):
         check_model_dir(tmp_path / "nope")
     with pytest.raises(UserError, match="no config.json"):
-        check_model_dir(_copy(tiny_model_dir, tmp_path / "a", drop=("config.json",)))
-    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+        check_model_dir(broken_model(tiny_model_dir, tmp_path, "no-config"))
     with pytest.raises(UserError, match="GPT2LMHeadModel model; ftcore supports Llama"):
-        check_model_dir(_copy(tiny_model_dir, tmp_path / "b", config=gpt2))
-    pickled = _copy(tiny_model_dir, tmp_path / "c", drop=("model.safetensors",))
-    (pickled / "pytorch_model.bin").write_bytes(b"not really")
+        check_model_dir(broken_model(tiny_model_dir, tmp_path, "gpt2"))
+    pickled = broken_model(tiny_model_dir, tmp_path, "pickle-only")
     with pytest.raises(UserError, match=r"only pickle weights \(pytorch_model.bin\).*--allow-pickle"):
         check_model_dir(pickled)
     assert check_model_dir(pickled, allow_pickle=True) == pickled

@@ -2,7 +2,7 @@
 
 - PEFT -> MLX: a PeftModel's `save_pretrained` folder (adapter_config.json + adapter_model.safetensors)
   read into ftcore's MLX model (rank / alpha / targets from PEFT's own config file, weights through
-  ftcore.convert.peft_to_mlx_adapter) reproduces the PeftModel's logits: for random configs and
+  ftcore.mlx.adapters.peft_to_mlx_adapter) reproduces the PeftModel's logits: for random configs and
   random adapters (hypothesis), and for the adapter the torch backend trained.
 - MLX -> PEFT: the adapter the mlx backend trained, exported to out_dir/adapter, loads with
   `PeftModel.from_pretrained` and reproduces the MLX model's logits, where the MLX side holds the
@@ -20,21 +20,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from helpers import make_hf_model, max_err_real, mlx_logits, torch_logits
 from hypothesis import given, note
 from parity_utils import (
     add_peft,
     backend_runs,
     lora_cfg_from_peft_dir,
-    make_hf_model,
-    max_err_real,
     mlx_model_with_adapter,
     model_cases,
     save_and_convert,
 )
 from safetensors.numpy import load_file
 
-from ftcore.convert import convert_hf_to_mlx
-from ftcore.mlx_llama import apply_lora, load_lora_state, load_model
+from ftcore.mlx.convert import convert_hf_to_mlx
+from ftcore.mlx.lora import apply_lora, load_lora_state
+from ftcore.mlx.model import load_model
 
 pytestmark = pytest.mark.parity
 
@@ -42,21 +42,11 @@ LOGITS_ATOL = 1e-4
 
 
 def _peft_logits(pm, batch) -> np.ndarray:
-    with torch.no_grad():
-        return (
-            pm(
-                input_ids=torch.from_numpy(batch["input_ids"]),
-                attention_mask=torch.from_numpy(batch["attention_mask"]),
-            )
-            .logits.float()
-            .numpy()
-        )
+    return torch_logits(pm, batch["input_ids"], batch["attention_mask"])
 
 
 def _mlx_logits(model, batch) -> np.ndarray:
-    return np.array(
-        model(mx.array(batch["input_ids"]), mx.array(batch["attention_mask"])).astype(mx.float32)
-    )
+    return mlx_logits(model, batch["input_ids"], batch["attention_mask"])
 
 
 def _peft_dir_into_mlx(mlx_dir: Path, adapter_dir: Path):

@@ -12,38 +12,18 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import torch
+from helpers import make_hf_model, raw_tensors
 from hypothesis import given, note
 from hypothesis import strategies as st
-from parity_utils import llama_configs, make_hf_model
+from parity_utils import llama_configs
 from safetensors import safe_open
 
-from ftcore.convert import WEIGHTS_FILE, convert_hf_to_mlx, convert_mlx_to_hf
-from ftcore.mlx_llama import load_model
+from ftcore.mlx.convert import WEIGHTS_FILE, convert_hf_to_mlx, convert_mlx_to_hf
+from ftcore.mlx.model import load_model
 
 pytestmark = pytest.mark.parity
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def raw(folder_or_file: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    """name -> (dtype, shape, bytes) over every *.safetensors file of a folder (or one file)."""
-    files = (
-        [folder_or_file]
-        if folder_or_file.is_file()
-        else sorted(folder_or_file.glob("*.safetensors"))
-    )
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                t = h.get_tensor(k)
-                assert k not in out, f"{k} in two files"
-                out[k] = (
-                    str(t.dtype),
-                    tuple(t.shape),
-                    t.contiguous().view(torch.uint8).numpy().tobytes(),
-                )
-    return out
 
 
 def _awkward_values(model, dtype: torch.dtype, seed: int) -> None:
@@ -74,9 +54,9 @@ def test_hf_mlx_hf_round_trip_is_bitwise(cfg, dtype, shard, seed):
         note(f"{n_files} source file(s)")
         mlx_dir = convert_hf_to_mlx(tmp / "hf", tmp / "mlx")
         back = convert_mlx_to_hf(mlx_dir, tmp / "back")
-        original = raw(tmp / "hf")
-        assert raw(mlx_dir / WEIGHTS_FILE) == original  # MLX keeps HF names and dtypes
-        assert raw(back / "model.safetensors") == original
+        original = raw_tensors(tmp / "hf")
+        assert raw_tensors(mlx_dir / WEIGHTS_FILE) == original  # MLX keeps HF names and dtypes
+        assert raw_tensors(back / "model.safetensors") == original
         assert json.loads((back / "config.json").read_text()) == json.loads(
             (tmp / "hf" / "config.json").read_text()
         )

@@ -9,16 +9,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
-import torch
+from helpers import make_hf_model, max_err_real, mlx_logits, torch_logits
 from hypothesis import given, note
 from hypothesis import strategies as st
 from parity_utils import (
     add_peft,
-    make_hf_model,
-    max_err_real,
     mlx_model_with_adapter,
     model_cases,
     peft_state_np,
@@ -27,7 +24,7 @@ from parity_utils import (
 
 pytestmark = pytest.mark.parity
 
-LOGITS_ATOL = 1e-4  # DESIGN.md's fp32 contract on tiny configs
+LOGITS_ATOL = 1e-4  # the fp32 logits contract (MLX vs transformers + peft) on tiny configs
 
 
 def _logits_pair(cfg, lora, batch, seed, attn="sdpa"):
@@ -40,16 +37,10 @@ def _logits_pair(cfg, lora, batch, seed, attn="sdpa"):
             mlx_dir, lora["targets"], lora["rank"], lora["alpha"], peft_state_np(pm)
         )
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        ref = pm(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
-        ).logits.numpy()
-        base = pm.get_base_model()
-        with pm.disable_adapter():
-            no_lora = base(
-                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
-            ).logits.numpy()
-    got = np.array(model(mx.array(ids), mx.array(mask)))
+    ref = torch_logits(pm, ids, mask)
+    with pm.disable_adapter():
+        no_lora = torch_logits(pm.get_base_model(), ids, mask)
+    got = mlx_logits(model, ids, mask)
     return ref, got, no_lora
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import make_hf_model
 from hypothesis import given, note
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
@@ -21,16 +22,16 @@ from parity_utils import (
     add_peft,
     llama_configs,
     lora_settings,
-    make_hf_model,
     mlx_loss_and_grads,
     mlx_model_with_adapter,
     peft_state_np,
     rel_norm_err,
     save_and_convert,
-    to_mx,
     token_batches,
     torch_loss,
 )
+
+from ftcore.mlx.loss import to_mx
 
 pytestmark = pytest.mark.parity
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from parity_utils import FP32_EPS
 from peft import LoraConfig, get_peft_model
 
-from ftcore.mlx_llama import LoRALinear
+from ftcore.mlx.lora import LoRALinear
 
 pytestmark = pytest.mark.parity
 

@@ -20,8 +20,9 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from parity_utils import FP32_EPS
 
-from ftcore.backends import mlx_loop, torch_loop
 from ftcore.config import RunConfig
+from ftcore.mlx import optim as mlx_optim
+from ftcore.torch import optim as torch_optim
 
 pytestmark = pytest.mark.parity
 
@@ -34,8 +35,8 @@ PROBE = dict(lr=1.25e-3, adam_beta1=0.85, adam_beta2=0.975, adam_eps=3e-7, weigh
 def builders():
     """{"torch": f(params, cfg) -> torch AdamW, "mlx": f(cfg) -> MLX AdamW}, as the backends build them."""
     return {
-        "torch": lambda params, cfg: torch_loop.make_optimizer(cfg, params),
-        "mlx": mlx_loop.make_optimizer,
+        "torch": lambda params, cfg: torch_optim.make_optimizer(cfg, params),
+        "mlx": mlx_optim.make_optimizer,
     }
 
 

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
 # fp32. Measured (2-core EPYC): per-step loss diff <= 1.9e-6; adapter ||a-b||/||b|| <= 9.2e-6,
 # relative to the update <= 1.4e-5; eval loss diff ~1e-6.
-FP32_LOSS_ATOL = 1e-4  # DESIGN.md's contract
+FP32_LOSS_ATOL = 1e-4  # the fp32 loss contract: per-step torch vs MLX
 FP32_ADAPTER_RTOL = 1e-3  # ~100x the measured 9e-6: still far below any formula bug (>= 1e-1)
 # bf16 (frozen base in bf16, LoRA + AdamW in fp32 in both). The frameworks round bf16 matmuls,
 # RMSNorm and RoPE in different orders, so this is agreement, not identity. Measured: per-step

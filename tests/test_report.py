@@ -10,6 +10,8 @@ import pytest
 
 from ftcore import report
 
+pytestmark = pytest.mark.unit
+
 CONFIG = {
     "preset": "tiny", "model": None, "data": None, "num_samples": 64, "max_seq_len": 128,
     "batch_size": 4, "steps": 5, "precision": "fp32", "device": "cpu", "seed": 0, "lr": 1e-3,
@@ -239,20 +241,29 @@ def test_runresult_defaults_are_not_figures(results, tmp_path: Path):
     report.write_report(comp, tmp_path)
 
 
-def test_backend_numerics_notes_and_warnings_are_reported(results, tmp_path: Path):
+def test_backend_notes_and_warnings_are_reported(results, tmp_path: Path):
+    """Every line of a result's extra["notes"] and extra["warnings"] is printed as
+    "<backend>: <line>", in the table and in report.md; a backend that says nothing gets no line."""
+    notes = [
+        "numerics differ: Adam: no bias correction",
+        "threads: rows split over 2 streams; 1.95 threads busy over the timed steps",
+    ]
+    warnings = ["WARNING: MLX is using the reference BLAS"]
     results[1]["extra"] = {
-        "numerics_notes": ["Adam: no bias correction"],
-        "warnings": ["WARNING: MLX is using the reference BLAS"],
-        "cpu_streams": 2,
-        "threads_note": "rows split over 2 streams",
+        "notes": notes,
+        "warnings": warnings,
+        "cpu_streams": 2,  # other extra keys are figures, not notes
         "cpu_busy_threads": 1.954,
     }
     comp = report.build_comparison(results)
     table = report.format_table(comp)
     name = results[1]["backend"]
-    assert f"{name} numerics differ: Adam: no bias correction" in table
-    assert f"{name} threads: rows split over 2 streams; 1.95 threads busy" in table
-    assert f"{results[0]['backend']} threads:" not in table  # one stream: nothing to say
-    assert f"{name}: WARNING: MLX is using the reference BLAS" in table
+    expected = [f"{name}: {line}" for line in notes + warnings]
+    said = [
+        ln for ln in table.splitlines() if ln.startswith(tuple(f"{r['backend']}: " for r in results))
+    ]
+    assert said == expected  # each line once, notes then warnings, none for the other backends
     paths = report.write_report(comp, tmp_path)
-    assert "numerics differ: Adam: no bias correction" in paths["report"].read_text()
+    md = paths["report"].read_text()
+    for line in expected:
+        assert line in md

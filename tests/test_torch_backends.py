@@ -11,33 +11,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import RESULT_FIELDS
 
+from ftcore.arch import read_arch
 from ftcore.backends.common import PROBE_FILE, PROBE_POSITIONS, probe_batch
-from ftcore.lora import initial_lora_state, state_fingerprint, trainable_params
-from ftcore.models import read_arch
+from ftcore.flops import lora_param_count
+from ftcore.lora_init import initial_lora_state, state_fingerprint
 from ftcore.runner import prepare, run_backend
 
-DESIGN_FIELDS = [
-    "backend",
-    "status",
-    "error",
-    "config",
-    "env",
-    "load_time_s",
-    "train_time_s",
-    "steps",
-    "tokens_per_s",
-    "loss_tokens_per_s",
-    "losses",
-    "final_loss",
-    "eval_loss",
-    "peak_rss_mb",
-    "baseline_rss_mb",
-    "framework_peak_mb",
-    "trainable_params",
-    "flops_per_token",
-    "mfu",
-]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +40,7 @@ def test_torch_run_is_complete_and_learns(runs):
     r, out = all_runs["torch"]
     assert r.status == "ok", r.error
     saved = json.loads((out / "result.json").read_text())
-    assert set(DESIGN_FIELDS) <= set(saved)
+    assert set(RESULT_FIELDS) <= set(saved)
     assert len(r.losses) == 20 and r.final_loss == r.losses[-1]
     assert r.final_loss < r.losses[0] - 0.2  # clearly learns within 20 steps
     assert r.eval_loss is not None and np.isfinite(r.eval_loss)
@@ -67,7 +49,7 @@ def test_torch_run_is_complete_and_learns(runs):
     assert r.peak_rss_mb >= r.baseline_rss_mb > 100  # torch + a model is well over 100 MB
     assert r.framework_peak_mb is None  # CPU torch has no allocator peak: never a made-up figure
     arch = read_arch(prep.model_dir)
-    assert r.trainable_params == trainable_params(arch, prep.cfg.lora_targets, prep.cfg.lora_rank)
+    assert r.trainable_params == lora_param_count(arch, prep.cfg.lora_targets, prep.cfg.lora_rank)
     assert r.flops_per_token > 0 and 0 < r.mfu < 1
     assert r.batch_fingerprint == prep.batches.fingerprint
     init = initial_lora_state(arch, prep.cfg.lora_targets, prep.cfg.lora_rank, prep.cfg.seed)

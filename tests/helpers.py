@@ -1,0 +1,165 @@
+"""Helpers shared by the test modules (imported as `helpers`, like `parity_utils`):
+
+- `ftcore(...)`: the command line in a fresh interpreter;
+- `RESULT_FIELDS`: what every backend's result.json must hold;
+- `broken_model(...)`: a copy of a checkpoint folder with one thing wrong;
+- `TINY`, `make_hf_model(...)`, `save_hf_model(...)`: tiny random HF Llamas;
+- `torch_logits`, `mlx_logits`, `max_err_real`: logits on both sides and their comparison;
+- `raw_tensors(...)`: a safetensors file's (or folder's) tensors as raw bytes, for bitwise checks.
+
+torch, MLX and the transformers models are imported inside the functions that need them, so the
+tests that only drive the command line do not pay for them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:  # keep "Writing model shards" bars out of the test output
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as _hf_logging
+
+    disable_progress_bars()
+    _hf_logging.disable_progress_bar()
+except ImportError:  # pragma: no cover - older versions
+    pass
+
+# ----------------------------------------------------------------------------- command line
+
+
+def ftcore(*args: Any, timeout: float = 300, cwd: str | Path | None = None):
+    """`python -m ftcore ARGS...` (arguments str()-ed); the CompletedProcess, output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "ftcore", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- results and folders
+
+# The result fields every backend fills in (result.json), whatever else it adds.
+RESULT_FIELDS = (
+    "backend", "status", "error", "config", "env", "load_time_s", "train_time_s", "steps", "tokens_per_s",
+    "loss_tokens_per_s", "losses", "final_loss", "eval_loss", "peak_rss_mb", "baseline_rss_mb",
+    "framework_peak_mb", "trainable_params", "flops_per_token", "mfu",
+)  # fmt: skip
+
+GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+
+
+def broken_model(src: Path, root: Path, kind: str) -> Path:
+    """A copy of the checkpoint folder `src` at root/kind with one thing wrong: "no-config" (no
+    config.json), "gpt2" (a GPT-2 config.json) or "pickle-only" (pytorch_model.bin, no safetensors)."""
+    d = root / kind
+    shutil.copytree(src, d)
+    if kind == "no-config":
+        (d / "config.json").unlink()
+    elif kind == "gpt2":
+        (d / "config.json").write_text(json.dumps(GPT2_CONFIG))
+    elif kind == "pickle-only":
+        (d / "model.safetensors").unlink()
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return d
+
+
+# ----------------------------------------------------------------------------- tiny HF checkpoints
+
+# A small fixed HF Llama config for the example-based tests (GQA; a 0.02 init hides RoPE bugs).
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+)
+
+
+def make_hf_model(cfg: dict[str, Any], seed: int, dtype=None, norm_jitter: float = 0.3):
+    """A random LlamaForCausalLM in eval mode (init std = cfg's initializer_range; rope_theta, if
+    given, becomes default RoPE parameters), RMSNorm weights jittered by N(0, norm_jitter^2)
+    (at 1.0 exactly a norm bug could hide). dtype defaults to fp32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(cfg)
+    theta = cfg.pop("rope_theta", 10000.0)
+    torch.manual_seed(seed)
+    conf = LlamaConfig(**cfg, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    model = LlamaForCausalLM(conf)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(norm_jitter * torch.randn_like(p))
+    return model.to(dtype or torch.float32).eval()
+
+
+def save_hf_model(path: Path, dtype=None, seed: int = 0, **overrides) -> Path:
+    """TINY (with `overrides`) as a random HF checkpoint folder (safetensors), norm weights jittered
+    by 0.2: the fixed checkpoint of the converter and MLX-model tests."""
+    make_hf_model({**TINY, **overrides}, seed, dtype, norm_jitter=0.2).save_pretrained(
+        path, safe_serialization=True
+    )
+    return path
+
+
+# ----------------------------------------------------------------------------- logits and comparisons
+
+
+def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """fp32 numpy logits of a transformers / PEFT model on a numpy batch, without autograd."""
+    import torch
+
+    with torch.no_grad():
+        am = None if mask is None else torch.from_numpy(mask)
+        return model(input_ids=torch.from_numpy(ids), attention_mask=am).logits.float().numpy()
+
+
+def mlx_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """fp32 numpy logits of ftcore's MLX model on a numpy batch."""
+    import mlx.core as mx
+
+    out = model(mx.array(ids), None if mask is None else mx.array(mask))
+    return np.array(out.astype(mx.float32))
+
+
+def max_err_real(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Largest |a - b| over non-pad positions only."""
+    return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+def raw_tensors(folder_or_file: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """name -> (dtype, shape, raw bytes) over one safetensors file, or every *.safetensors file of
+    a folder (a name in two files is an error)."""
+    import torch
+    from safetensors import safe_open
+
+    folder_or_file = Path(folder_or_file)
+    files = (
+        [folder_or_file]
+        if folder_or_file.is_file()
+        else sorted(folder_or_file.glob("*.safetensors"))
+    )
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                t = h.get_tensor(k)
+                assert k not in out, f"{k} in two files"
+                out[k] = (
+                    str(t.dtype),
+                    tuple(t.shape),
+                    t.contiguous().view(torch.uint8).numpy().tobytes(),
+                )
+    return out
