@@ -14,6 +14,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,12 @@ def missing_package(backend: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # extra_info
 
+# What a case's timed call is; recorded in machine_info so a baseline of other work is named.
+TIMING_METHOD = "one training step per round (step gate)"
 TIMED_WHAT = ("benchmark time = one training step of a process that loaded once (the step gate, "
               "ftcore.stepgate): from the parent's 'go' to the child's answer after the step's sync "
-              "point; warm-up steps are pytest-benchmark's warm-up rounds")
+              "point; rounds pool the timed steps of several fresh processes, whose start, load "
+              "and warm-up steps run untimed (pytest-benchmark's setup)")
 
 # Figures every ok run must report (non-None, and > 0 where numeric).
 REQUIRED = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb", "final_loss",
@@ -52,28 +56,42 @@ NULLABLE = ("framework_peak_mb",)
 FRAMEWORKS_WITH_PEAK = ("mlx",)  # frameworks whose backends must report their allocator peak
 POSITIVE = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb", "mfu",
             "train_time_s", "threads")
-# RunResult fields copied into extra_info, and RunResult.extra entries when present.
+# RunResult fields copied into extra_info (MEDIAN_FIELDS: median over the case's processes), and
+# RunResult.extra entries of the first process when present.
+MEDIAN_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
+                 "framework_peak_mb", "final_loss", "eval_loss", "mfu", "train_time_s",
+                 "load_time_s", "warmup_time_s")
 RESULT_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
                  "framework_peak_mb", "final_loss", "eval_loss", "mfu", "train_time_s",
                  "load_time_s", "warmup_time_s", "blas", "batch_fingerprint", "threads",
                  "precision", "steps", "flops_per_token", "trainable_params", "losses",
                  "step_times_s")
 EXTRA_KEYS = ("machine_gemm_peak_gflops", "framework_gemm_peak_gflops", "mfu_vs_framework_gemm",
-              "machine_load", "child_maxrss_mb", "parent_prepare_s", "cpu_busy_threads")
+              "parent_prepare_s", "cpu_busy_threads")
 
 
-def result_info(result: Any, case: Case, warmup: int, timed: int) -> dict[str, Any]:
-    """extra_info for one case from its process's RunResult: the process-level figures (load time,
-    peak RSS, ...) beside the step times pytest-benchmark measured."""
-    info: dict[str, Any] = {"backend": case.backend, "size": case.size, "status": result.status}
+def result_info(results: Sequence[Any], case: Case, warmup: int, timed: int) -> dict[str, Any]:
+    """extra_info for one case from its processes' RunResults: process-level figures (load time,
+    peak RSS, ...) as the median over processes (each process's value in `<name>_per_process`),
+    beside the step times pytest-benchmark measured."""
+    first = results[0]
+    info: dict[str, Any] = {"backend": case.backend, "size": case.size, "status": first.status,
+                            "processes": len(results)}
     for name in RESULT_FIELDS:
-        info[name] = getattr(result, name)
+        values = [getattr(r, name) for r in results]
+        if name in MEDIAN_FIELDS:
+            info[name] = median_or_none(values)
+            info[f"{name}_per_process"] = values
+        else:
+            info[name] = values[0]
     for key in EXTRA_KEYS:
-        if key in result.extra:
-            info[key] = result.extra[key]
-    timed_steps = result.step_times_s[warmup:]
+        if key in first.extra:
+            info[key] = first.extra[key]
+    info["machine_load_per_process"] = [r.extra.get("machine_load") for r in results]
+    info["busy_processes"] = sum(bool((r.extra.get("machine_load") or {}).get("busy")) for r in results)
+    timed_steps = [t for r in results for t in r.step_times_s[warmup:]]
     info["child_step_median_s"] = statistics.median(timed_steps) if timed_steps else None
-    env = result.env or {}
+    env = first.env or {}
     info["cpu"] = env.get("cpu")
     info["versions"] = {k: v for k, v in (env.get("versions") or {}).items() if v}
     if env.get("blas_warning"):
@@ -81,9 +99,16 @@ def result_info(result: Any, case: Case, warmup: int, timed: int) -> dict[str, A
     info["git_commit"] = env.get("git_commit")
     info["warmup_steps"], info["timed_steps"] = warmup, timed
     info["timed"] = TIMED_WHAT
-    info["config"] = result.config
+    info["config"] = first.config
     info["group"] = case.group
     return info
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals or len(vals) != len(values):
+        return None
+    return float(statistics.median(vals))
 
 
 def extra_info_problems(info: dict[str, Any], backend: str) -> list[str]:
@@ -162,14 +187,28 @@ def probe_framework_blas(threads: int | None = None, timeout: float = 120) -> di
 
 def ftcore_machine_info(threads: int | None = None) -> dict[str, Any]:
     """The `ftcore` section added to pytest-benchmark's machine_info."""
-    from ftcore.hostinfo import affinity_cores, cpu_model
+    from ftcore.hostinfo import affinity_cores, cpu_model, git_commit
 
     return {
         "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "affinity_cores": affinity_cores(),
         "framework_blas": probe_framework_blas(threads),
+        "timing": TIMING_METHOD,
+        "git_commit": git_commit(),
     }
+
+
+def method_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Why a baseline's figures measure something else: recorded by an older ftcore whose cases
+    timed other work (a whole process instead of one step)."""
+    a = (saved.get("ftcore") or {}).get("timing")
+    b = (current.get("ftcore") or {}).get("timing")
+    if a == b:
+        return []
+    commit = (saved.get("ftcore") or {}).get("git_commit") or "an unknown commit"
+    return [f"baseline recorded by an older ftcore ({commit}) that timed {a or 'whole processes'}; "
+            f"this run times {b}: not comparable, re-record it"]
 
 
 def hardware_key(machine_info: dict[str, Any]) -> dict[str, Any]:

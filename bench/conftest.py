@@ -28,10 +28,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bench-shape", action="append", default=None, metavar="BxL",
                 help="batch x sequence length, e.g. 4x128,8x256 (default per size: tiny 4x128, TinyLlama 2x256)")
     g.addoption("--bench-rounds", type=int, default=None,
-                help="timed training steps per case, all in one process (default per size: tiny 20, "
-                     "tinyllama-4l 6, tinyllama-full 3)")
+                help="timed training steps per process (default per size: tiny 8, tinyllama-4l 6, "
+                     "tinyllama-full 3)")
     g.addoption("--bench-warmup-rounds", type=int, default=None,
-                help="untimed steps first (compilation, allocator; default per size: tiny 3, else 1)")
+                help="untimed steps first in each process (compilation, allocator; default per size: "
+                     "tiny 3, else 1)")
+    g.addoption("--bench-processes", type=int, default=None,
+                help="fresh processes per case, their timed steps pooled (default per size: tiny 4, else 1)")
     g.addoption("--bench-quick", action="store_true", default=False,
                 help="CI smoke mode: tiny fp32 only, 4 steps per case, timing disabled (implies "
                      "--benchmark-disable); asserts every case runs, reports complete figures and "
@@ -65,15 +68,17 @@ class Opts:
                 raise pytest.UsageError(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
         self.rounds = get("--bench-rounds")
         self.warmup_rounds = get("--bench-warmup-rounds")
+        self.processes = get("--bench-processes")
         self.tokenize_records = get("--tokenize-records") or (bs.QUICK_TOKENIZE_RECORDS if self.quick else 20000)
         native = get("--memray-native")
         if self.quick:
             sizes = ["tiny"]
             precisions = precisions or ["fp32"]
-            self.rounds, self.warmup_rounds = bs.QUICK_TIMED, bs.QUICK_WARMUP
+            self.rounds, self.warmup_rounds, self.processes = bs.QUICK_TIMED, bs.QUICK_WARMUP, 1
             native = False if native is None else native
-        if (self.rounds is not None and self.rounds < 1) or (self.warmup_rounds or 0) < 0:
-            raise pytest.UsageError("--bench-rounds must be >= 1 and --bench-warmup-rounds >= 0")
+        if (self.rounds is not None and self.rounds < 1) or (self.warmup_rounds or 0) < 0 or (
+                self.processes is not None and self.processes < 1):
+            raise pytest.UsageError("--bench-rounds and --bench-processes must be >= 1, --bench-warmup-rounds >= 0")
         self.native = True if native is None else native
         self.sizes, self.backends = sizes, backends
         self.cases = bs.build_cases(sizes, backends, precisions, shapes)
@@ -87,9 +92,12 @@ class Opts:
         self.memray_out: Path | None = get("--memray-out")
 
     def steps(self, case: bs.Case) -> tuple[int, int]:
-        """(warm-up steps, timed steps) for a case: the options, else the size's defaults."""
+        """(warm-up steps, timed steps) per process for a case: the options, else the size's."""
         warmup = case.spec.warmup if self.warmup_rounds is None else self.warmup_rounds
         return warmup, self.rounds or case.spec.timed
+
+    def process_count(self, case: bs.Case) -> int:
+        return self.processes or case.spec.processes
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -150,7 +158,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, ftcore_cache: Path, bench
             cache[case.config_id] = (prep, warmup, timed)
             # run_backend divides by this machine's GEMM peak, measured once (in two probe
             # processes) and cached in FTCORE_CACHE: measure it here, outside any timed round
-            gemm_peak(case.precision, prep.cfg.threads)
+            gemm_peak(prep)
         return cache[case.config_id]
 
     return get
@@ -196,11 +204,11 @@ def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info
     and puts the saved info back afterwards.
     """
     saved = compared_benchmark.get("machine_info") or {}
-    diffs = bs.hardware_differences(saved, machine_info)
+    diffs = bs.method_differences(saved, machine_info) + bs.hardware_differences(saved, machine_info)
     where = getattr(benchmarksession.storage, "path", None) or "storage"  # .location raises outside cwd
     if diffs:
         benchmarksession.logger.warning(
-            f"Baseline ran on different hardware/BLAS ({where}); timings are not comparable:\n  "
+            f"Baseline ran on different hardware/BLAS or timed other work ({where}); timings are not comparable:\n  "
             + "\n  ".join(diffs))
     else:
         key = bs.hardware_key(machine_info)

@@ -97,7 +97,7 @@ def test_case_run_args_reproduce_the_case_config():
 
     case = bs.Case("tinyllama-4l", "mlx", 2, 256, "fp32")
     args = build_parser().parse_args(["run", *case.run_args(2, 5), "--out", "x"])
-    assert args.backend == "mlx" and config_from_args(args) == case.config(2, 5)
+    assert args.backend == case.backend and config_from_args(args) == case.config(2, 5)
 
 
 def test_k_expressions_select_like_pytest():

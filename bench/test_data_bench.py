@@ -14,6 +14,7 @@ import statistics
 import time
 
 MAX_SEQ_LEN = 256
+TOKENIZE_ROUNDS, TOKENIZE_WARMUP = 5, 1  # unless --bench-rounds / --bench-warmup-rounds say
 
 
 def test_tokenize_alpaca(benchmark, bench_opts, tokenize_n, tiny_model_dir, monkeypatch):
@@ -39,9 +40,11 @@ def test_tokenize_alpaca(benchmark, bench_opts, tokenize_n, tiny_model_dir, monk
             first.append(out)
 
     benchmark.group = f"tokenize {preset} {n} records"
-    benchmark.pedantic(one_round, rounds=bench_opts.rounds, warmup_rounds=bench_opts.warmup_rounds, iterations=1)
+    rounds = bench_opts.rounds or TOKENIZE_ROUNDS
+    warmup = TOKENIZE_WARMUP if bench_opts.warmup_rounds is None else bench_opts.warmup_rounds
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
 
-    timed = durations[bench_opts.warmup_rounds:] if benchmark.enabled else durations
+    timed = durations[warmup:] if benchmark.enabled else durations
     out = first[0]
     tokens = sum(len(ids) for ids in out.ids)
     median = statistics.median(timed)

@@ -18,8 +18,10 @@ from ftcore.models import preset_config
 
 @dataclass(frozen=True)
 class Size:
-    """A model size, with its default shapes and precisions, and how many steps a timed process
-    runs: `warmup` untimed steps (compilation, allocator) then `timed` steps."""
+    """A model size, with its default shapes and precisions, and how a case is timed: `processes`
+    fresh processes one after another, each `warmup` untimed steps (compilation, allocator) then
+    `timed` timed steps. Step times vary 20-35% between processes on a quiet 2-core machine
+    (torch tiny bf16: 42.7, 52.3, 58.7, 48.9, 45.3 ms in five), so a case pools several."""
 
     preset: str
     num_layers: int | None  # None: the preset's own depth
@@ -27,6 +29,7 @@ class Size:
     precisions: tuple[str, ...]
     warmup: int
     timed: int
+    processes: int
     note: str = ""
 
     @property
@@ -39,12 +42,12 @@ class Size:
 # only: MLX's bf16 matmul on CPU is a scalar fallback (~6 GFLOP/s), a 4-layer TinyLlama bf16 MLX
 # step takes minutes.
 SIZES: dict[str, Size] = {
-    "tiny": Size("tiny", None, ((4, 128),), ("fp32", "bf16"), warmup=3, timed=20,
-                 note="random-init 4-layer, hidden 128; steps of 10-100 ms"),
+    "tiny": Size("tiny", None, ((4, 128),), ("fp32", "bf16"), warmup=3, timed=8, processes=4,
+                 note="random-init 4-layer, hidden 128; steps of 30-600 ms"),
     "tinyllama-4l": Size("tinyllama-1.1b", 4, ((2, 256),), ("fp32",), warmup=1, timed=6,
-                         note="TinyLlama-1.1B width, first 4 layers; steps of ~3 s"),
+                         processes=1, note="TinyLlama-1.1B width, first 4 layers; steps of ~3 s"),
     "tinyllama-full": Size("tinyllama-1.1b", None, ((2, 256),), ("fp32",), warmup=1, timed=3,
-                           note="TinyLlama-1.1B, all 22 layers; steps of ~16-30 s"),
+                           processes=1, note="TinyLlama-1.1B, all 22 layers; steps of ~16-30 s"),
 }  # fmt: skip
 
 

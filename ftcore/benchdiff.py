@@ -117,7 +117,8 @@ class Side:
 def _git(repo: Path, *args: str) -> str:
     out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
     if out.returncode != 0:
-        raise UserError(f"git {' '.join(args)}: {out.stderr.strip().splitlines()[-1:] or out.returncode}")
+        why = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise UserError(f"git {' '.join(args)}: {why}")
     return out.stdout.strip()
 
 

@@ -1,4 +1,4 @@
-"""ftcore command line: run | compare | convert | profile.
+"""ftcore command line: run | compare | convert | profile | bench-diff.
 
 A user mistake prints one line `error: ...` on stderr and exits 2, with no traceback and no
 result file that claims success.
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ftcore.arch import LORA_TARGETS
 from ftcore.backends import BACKENDS
+from ftcore.benchcases import SIZES
 from ftcore.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS, RunConfig, UserError
 from ftcore.report import format_table
 from ftcore.runner import OFFLINE_ENV, compare, prepare, run_backend
@@ -96,6 +97,18 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=True, help="record native (C/C++) stacks (default on)")
     add_run_options(p)
+
+    p = sub.add_parser("bench-diff", help="same-machine A/B of two revisions' training steps", description="Time the training steps of two git revisions of this repository on this machine, interleaved, and report per case the HEAD/BASE step-time ratio with a 95%% interval and a p-value. Exit 1 when a case is slower by more than --threshold and significantly so, else 0.")
+    p.add_argument("base", help="git revision to compare against (e.g. main, HEAD~1)")
+    p.add_argument("head", nargs="?", help="git revision to test (default: the working tree)")
+    p.add_argument("-k", dest="expr", metavar="EXPR", help="select cases by id, as pytest -k (ids like tiny-b4-s128-fp32-torch)")
+    p.add_argument("--threshold", type=float, default=0.10, help="slowdown that counts, as a fraction (default 0.10)")
+    p.add_argument("--runs", type=int, default=5, help="processes per revision and case, interleaved (default 5)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per process (default 2)")
+    p.add_argument("--timed-steps", type=int, default=10, help="timed steps per process (default 10)")
+    p.add_argument("--sizes", default="tiny", help=f"comma list from {','.join(SIZES)} (default tiny)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list (default {','.join(BACKENDS)})")
+    p.add_argument("--json", type=Path, help="write every figure to this file")
     return ap
 
 
@@ -183,7 +196,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "profile": cmd_profile}
+def cmd_bench_diff(args: argparse.Namespace) -> int:
+    from ftcore.benchdiff import bench_diff
+
+    sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    if unknown := [x for x in sizes if x not in SIZES]:
+        raise UserError(f"--sizes: unknown {', '.join(unknown)} (choose from {','.join(SIZES)})")
+    return bench_diff(args.base, args.head, args.expr, args.threshold, args.runs, args.warmup_steps,
+                      args.timed_steps, sizes, args.json, parse_backends(args.backends))
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "profile": cmd_profile,
+            "bench-diff": cmd_bench_diff}
 
 
 def main(argv: list[str] | None = None) -> int:

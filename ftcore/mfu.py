@@ -7,6 +7,7 @@ Peaks are cached in ``$FTCORE_CACHE/gemm_peak.json`` (default ~/.cache/ftcore).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -30,22 +31,27 @@ def _read_cache(path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
+def _shapes_key(shapes: tuple[tuple[int, int, int], ...]) -> str:
+    return hashlib.sha256(json.dumps(sorted(shapes)).encode()).hexdigest()[:12] if shapes else "square"
+
+
 def gemm_peak_cached(framework: str, precision: str, n: int = 1024, device: str = "cpu",
-                     refresh: bool = False) -> float:
-    """This process's GEMM peak for ``framework``, measured once per (cpu model, cores, framework,
-    precision, blas, threads, n, device) and cached.
+                     refresh: bool = False, shapes: tuple[tuple[int, int, int], ...] = ()) -> float:
+    """This process's GEMM peak for ``framework`` over a square and the run's ``shapes``
+    (ftcore.gemm.measure_gemm_peak), measured once per (cpu model, cores, framework, precision,
+    blas, threads, n, device, shapes) and cached.
 
     Concurrent writers may drop each other's new entries (last replace wins); that only costs
     a re-measurement.
     """
     name, threads = framework_blas_threads(framework)
     key = "|".join(map(str, (cpu_model(), affinity_cores(), framework, precision, name, threads,
-                             n, device)))
+                             n, device, _shapes_key(shapes))))
     path = cache_root() / "gemm_peak.json"
     cache = _read_cache(path)
     if not refresh and isinstance(cache.get(key), dict) and cache[key].get("gflops", 0) > 0:
         return float(cache[key]["gflops"])
-    gflops = measure_gemm_peak(framework, precision, n=n, device=device)
+    gflops = measure_gemm_peak(framework, precision, n=n, device=device, shapes=shapes)
     if isinstance(cache.get(key), dict):  # load only slows a probe: keep the best figure seen
         gflops = max(gflops, float(cache[key].get("gflops", 0)))
     cache[key] = {"gflops": gflops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -53,8 +59,8 @@ def gemm_peak_cached(framework: str, precision: str, n: int = 1024, device: str 
     return gflops
 
 
-def machine_gemm_peak(precision: str, envs: dict[str, dict[str, str]],
-                      refresh: bool = False) -> float | None:
+def machine_gemm_peak(precision: str, envs: dict[str, dict[str, str]], refresh: bool = False,
+                      shapes: tuple[tuple[int, int, int], ...] = ()) -> float | None:
     """This machine's CPU GEMM peak at `precision`: the best over frameworks, each measured in a
     fresh process with the environment its backends run in (``envs``: framework -> environment,
     from ftcore.backends.framework_envs). Cached; None if no framework could be probed.
@@ -64,7 +70,8 @@ def machine_gemm_peak(precision: str, envs: dict[str, dict[str, str]],
     A busy machine can only make a probe slower, so `refresh` re-measures and keeps the best
     figure seen (the runner refreshes when an MFU above 100% shows the cached peak was low).
     """
-    key = f"machine|{cpu_model()}|{affinity_cores()}|{precision}"
+    shapes = tuple(tuple(s) for s in shapes)
+    key = f"machine|{cpu_model()}|{affinity_cores()}|{precision}|{_shapes_key(shapes)}"
     path = cache_root() / "gemm_peak.json"
     cached = _read_cache(path).get(key)
     if not refresh and isinstance(cached, dict) and cached.get("gflops", 0) > 0:
@@ -76,7 +83,7 @@ def machine_gemm_peak(precision: str, envs: dict[str, dict[str, str]],
             continue
         env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))}
         code = (f"from ftcore.mfu import gemm_peak_cached; "
-                f"print(gemm_peak_cached({fw!r}, {precision!r}, refresh={refresh!r}))")
+                f"print(gemm_peak_cached({fw!r}, {precision!r}, refresh={refresh!r}, shapes={shapes!r}))")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                              timeout=300)
         if out.returncode == 0 and out.stdout.strip():

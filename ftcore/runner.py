@@ -24,9 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftcore.arch import read_arch
 from ftcore.backends import BACKENDS, FRAMEWORK_ENVS, BackendSpec, get_backend
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches, build_batches
+from ftcore.flops import gemm_shapes
 from ftcore.hostinfo import affinity_cores
 from ftcore.memory import PeakRSS
 from ftcore.mfu import machine_gemm_peak, mfu
@@ -86,10 +88,13 @@ def child_env(spec: BackendSpec, threads: int) -> dict[str, str]:
     return spec.child_env(base_env(), threads)
 
 
-def gemm_peak(precision: str, threads: int, refresh: bool = False) -> float | None:
-    """This machine's GEMM peak, each framework probed in its backends' environment."""
-    envs = {fw: make(base_env(), threads) for fw, make in FRAMEWORK_ENVS.items()}
-    return machine_gemm_peak(precision, envs, refresh=refresh)
+def gemm_peak(prep: Prepared, refresh: bool = False) -> float | None:
+    """This machine's GEMM peak for the run (a large square and the run's own GEMM shapes), each
+    framework probed in its backends' environment."""
+    cfg = prep.cfg
+    envs = {fw: make(base_env(), cfg.threads) for fw, make in FRAMEWORK_ENVS.items()}
+    shapes = gemm_shapes(read_arch(prep.model_dir), cfg.batch_size, cfg.max_seq_len, cfg.threads)
+    return machine_gemm_peak(cfg.precision, envs, refresh=refresh, shapes=tuple(shapes))
 
 
 def child_command(backend: str, prep: Prepared, out_dir: Path) -> list[str]:
@@ -199,10 +204,10 @@ class BackendProcess:
         if self.before_spawn_s is not None:
             result.extra["parent_prepare_s"] = self.before_spawn_s  # ~0 for a current conversion
         if result.status == "ok" and prep.cfg.device == "cpu":
-            peak = gemm_peak(prep.cfg.precision, prep.cfg.threads)
+            peak = gemm_peak(prep)
             result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
             if result.mfu is not None and result.mfu > 1:  # the cached peak was taken under load
-                peak = gemm_peak(prep.cfg.precision, prep.cfg.threads, refresh=True)
+                peak = gemm_peak(prep, refresh=True)
                 result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
             result.extra["machine_gemm_peak_gflops"] = peak
         # the kernel's high-water mark for the child alone (KiB on Linux), beside its own figure

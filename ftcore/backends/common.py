@@ -12,8 +12,8 @@ from ftcore.arch import read_arch
 from ftcore.blas import framework_blas
 from ftcore.config import RunConfig
 from ftcore.data import Batches
-from ftcore.flops import flops_per_token, lora_param_count
-from ftcore.hostinfo import host_info
+from ftcore.flops import flops_per_token, gemm_shapes, lora_param_count
+from ftcore.hostinfo import affinity_cores, host_info
 from ftcore.loss import target_count
 from ftcore.machine_load import MachineLoad, busy_warning
 from ftcore.mfu import gemm_peak_cached, mfu
@@ -63,7 +63,7 @@ def base_result(
     ("torch" | "mlx") is whose BLAS this process probes, as the backend's spec says."""
     arch = read_arch(model_dir)
     flops = flops_per_token(arch, cfg.max_seq_len, cfg.lora_targets, cfg.lora_rank)["total"]
-    return RunResult(
+    result = RunResult(
         backend=backend,
         status="ok",
         config=cfg.to_dict(),
@@ -75,6 +75,10 @@ def base_result(
         optimizer=optimizer_info(cfg),
         precision=cfg.precision,
     )
+    # the run's GEMM shapes: MFU's peak is measured over them too (ftcore.flops.gemm_shapes)
+    threads = cfg.threads or affinity_cores()
+    result.extra["gemm_shapes"] = gemm_shapes(arch, cfg.batch_size, cfg.max_seq_len, threads)
+    return result
 
 
 def finish(
@@ -87,7 +91,8 @@ def finish(
     result.final_loss = result.losses[-1] if result.losses else None
     if cfg.device == "cpu":  # the GEMM probes measure this machine's CPU only
         # MFU itself (against the machine's best GEMM peak) is set by the runner's parent
-        own = gemm_peak_cached(framework, cfg.precision)
+        shapes = tuple(tuple(s) for s in result.extra.get("gemm_shapes", ()))
+        own = gemm_peak_cached(framework, cfg.precision, shapes=shapes)
         result.extra["framework_gemm_peak_gflops"] = own
         result.extra["mfu_vs_framework_gemm"] = mfu(
             result.tokens_per_s, result.flops_per_token, own

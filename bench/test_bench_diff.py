@@ -1,0 +1,33 @@
+"""`ftcore bench-diff` on this machine: an A/A comparison (the same commit on both sides) must not
+flag a regression. (That a real slowdown is flagged is shown by hand, with a slowed-step commit:
+README, "Same-machine A/B".)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CASE = "tiny and fp32 and torch and not trainer"
+
+
+def test_aa_bench_diff_flags_no_regression(tmp_path: Path) -> None:
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout with a commit")
+    out = tmp_path / "aa.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftcore", "bench-diff", "HEAD", "HEAD", "-k", CASE, "--runs", "5",
+         "--warmup-steps", "2", "--timed-steps", "8", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    [case] = report["cases"]
+    assert case["case"] == "tiny-b4-s128-fp32-torch" and case["verdict"] != "slower"
+    assert len(case["base_run_medians_s"]) == len(case["head_run_medians_s"]) == 5
+    assert case["ci95"][0] <= case["ratio"] <= case["ci95"][1]
