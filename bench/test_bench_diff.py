@@ -20,8 +20,8 @@ def test_aa_bench_diff_flags_no_regression(tmp_path: Path) -> None:
         pytest.skip("not a git checkout with a commit")
     out = tmp_path / "aa.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "ftcore", "bench-diff", "HEAD", "HEAD", "-k", CASE, "--runs", "5",
-         "--warmup-steps", "2", "--timed-steps", "8", "--json", str(out)],
+        [sys.executable, "-m", "ftcore", "bench-diff", "HEAD", "HEAD", "-k", CASE, "--runs", "6",
+         "--warmup-steps", "2", "--timed-steps", "6", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )
     print(proc.stdout)
@@ -29,5 +29,5 @@ def test_aa_bench_diff_flags_no_regression(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     [case] = report["cases"]
     assert case["case"] == "tiny-b4-s128-fp32-torch" and case["verdict"] != "slower"
-    assert len(case["base_run_medians_s"]) == len(case["head_run_medians_s"]) == 5
+    assert len(case["base_run_medians_s"]) == len(case["head_run_medians_s"]) == 6
     assert case["ci95"][0] <= case["ratio"] <= case["ci95"][1]

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -169,6 +170,8 @@ def bench_diff(base: str, head: str | None, expr: str | None, threshold: float, 
     if not cases:
         raise UserError(f"bench-diff: no case matches -k {expr!r}")
     repo = Path(_git(Path.cwd(), "rev-parse", "--show-toplevel"))
+    # a kill (SIGTERM) unwinds like Ctrl-C does, so the worktrees below are always removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="ftcore-bench-diff-"))
     trees: list[Path] = []
     try:

@@ -49,7 +49,8 @@ class RunResult:
     trainable_params: int = 0
     flops_per_token: float = 0.0
     mfu: float | None = None
-    batch_fingerprint: str = ""
+    batch_fingerprint: str = ""  # of the batches file every backend was given
+    fed_batches_fingerprint: str = ""  # of the token ids this backend's loop really fed, step by step
     initial_adapter_fingerprint: str = ""
     optimizer: dict = field(default_factory=dict)
     precision: str = ""

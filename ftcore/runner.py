@@ -210,6 +210,7 @@ class BackendProcess:
                 peak = gemm_peak(prep, refresh=True)
                 result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
             result.extra["machine_gemm_peak_gflops"] = peak
+        result.extra["process_wall_s"] = time.time() - self.started  # start-up to exit, all of it
         # the kernel's high-water mark for the child alone (KiB on Linux), beside its own figure
         result.extra["child_maxrss_mb"] = (
             rusage.ru_maxrss / 1024 if sys.platform != "darwin" else rusage.ru_maxrss / 2**20

@@ -31,9 +31,10 @@ def _ok(backend: str, losses: list[float], train: float, rss: float, tps: float,
         "loss_tokens_per_s": tps / 3, "losses": losses, "final_loss": losses[-1],
         "eval_loss": losses[-1] + 0.05, "peak_rss_mb": rss, "baseline_rss_mb": rss * 0.7,
         "framework_peak_mb": None, "trainable_params": 1_126_400, "flops_per_token": 6.6e9,
-        "mfu": 0.123, "batch_fingerprint": "a" * 64, "initial_adapter_fingerprint": "b" * 64,
-        "optimizer": {"name": "AdamW", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
-                      "weight_decay": 0.0, "bias_correction": True},
+        "mfu": 0.123, "batch_fingerprint": "a" * 64, "fed_batches_fingerprint": "d" * 16,
+        "initial_adapter_fingerprint": "b" * 64,
+        "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                      "bias_correction": True, "max_grad_norm": None, "lr_per_step": [1e-3, 5e-4]},
         "precision": "fp32", "blas": "mkl", "threads": 2, "extra": {},
     }  # fmt: skip
     r.update(kw)
@@ -48,7 +49,7 @@ FAILED = {
     "loss_tokens_per_s": None, "losses": [], "final_loss": None, "eval_loss": None,
     "peak_rss_mb": None, "baseline_rss_mb": None, "framework_peak_mb": None,
     "trainable_params": None, "flops_per_token": None, "mfu": None, "batch_fingerprint": None,
-    "initial_adapter_fingerprint": None, "optimizer": None, "precision": None, "blas": None,
+    "fed_batches_fingerprint": None, "initial_adapter_fingerprint": None, "optimizer": None, "precision": None, "blas": None,
     "threads": None, "extra": {},
 }  # fmt: skip
 
@@ -107,8 +108,8 @@ def test_max_loss_diff_three_backends(results):
 def test_fairness_pass_and_mismatch(results):
     checks = report.fairness_checks(results)
     assert {c["check"] for c in checks} >= {
-        "batch_fingerprint", "initial_adapter_fingerprint", "trainable_params", "optimizer",
-        "precision", "threads", "config",
+        "batch_fingerprint", "fed_batches", "initial_adapter_fingerprint", "trainable_params",
+        "optimizer", "precision", "threads", "config",
     }  # fmt: skip
     assert all(c["ok"] for c in checks), checks  # the failed row is not compared
 
@@ -132,7 +133,7 @@ def test_fairness_pass_and_mismatch(results):
 
 def test_fairness_tolerates_float32_rounding_and_flags_missing(results):
     r = copy.deepcopy(results)
-    r[1]["optimizer"]["lr"] = 0.0010000000474974513  # 1e-3 stored as float32
+    r[1]["optimizer"]["lr_per_step"][0] = 0.0010000000474974513  # 1e-3 read from a float32
     r[1]["optimizer"]["name"] = "mlx.optimizers.AdamW"
     by = {c["check"]: c for c in report.fairness_checks(r)}
     assert by["optimizer"]["ok"], by["optimizer"]

@@ -3,10 +3,13 @@ the probe logits, and a progress line. Framework code lives in ftcore.torch and 
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ftcore.arch import read_arch
 from ftcore.blas import framework_blas
@@ -21,19 +24,11 @@ from ftcore.result import RunResult
 from ftcore.stepgate import StepGate
 
 
-def optimizer_info(cfg: RunConfig, name: str = "AdamW") -> dict[str, Any]:
-    """The optimiser settings a backend really used; compared across backends for fairness."""
-    return {
-        "name": name,
-        "lr": cfg.lr,
-        "lr_schedule": cfg.lr_schedule,
-        "warmup_steps": cfg.warmup_steps,
-        "betas": [cfg.adam_beta1, cfg.adam_beta2],
-        "eps": cfg.adam_eps,
-        "weight_decay": cfg.weight_decay,
-        "bias_correction": True,
-        "max_grad_norm": cfg.max_grad_norm,
-    }
+def optimizer_record(read_back: dict, max_grad_norm: float | None) -> dict[str, Any]:
+    """result.optimizer: the settings read back from the optimizer object (framework.optim.settings)
+    and the clipping the loop applies; the learning rate of every step is added as the steps run
+    (StepClock.lr), read from the optimizer too. Compared across backends for fairness."""
+    return {**read_back, "max_grad_norm": max_grad_norm, "lr_per_step": []}
 
 
 def throughput(cfg: RunConfig, batches: Batches, step_times: list[float]) -> dict[str, float]:
@@ -69,12 +64,12 @@ def base_result(
         config=cfg.to_dict(),
         env={**host_info(), "framework": framework, **framework_blas(framework)},
         steps=cfg.steps,
-        trainable_params=lora_param_count(arch, cfg.lora_targets, cfg.lora_rank),
         flops_per_token=flops,
         batch_fingerprint=batches.fingerprint,
-        optimizer=optimizer_info(cfg),
         precision=cfg.precision,
     )
+    # what LoRA on these targets should train; the backend counts what its model really trains
+    result.extra["trainable_params_expected"] = lora_param_count(arch, cfg.lora_targets, cfg.lora_rank)
     # the run's GEMM shapes: MFU's peak is measured over them too (ftcore.flops.gemm_shapes)
     threads = cfg.threads or affinity_cores()
     result.extra["gemm_shapes"] = gemm_shapes(arch, cfg.batch_size, cfg.max_seq_len, threads)
@@ -112,8 +107,6 @@ def probe_batch(batches: Batches) -> dict[str, Any]:
 
 def save_probe_logits(logits: Any, out_dir: Path) -> None:
     """logits: (1, L, V) fp32 numpy -> out_dir/probe_logits.npy of shape (PROBE_POSITIONS, V)."""
-    import numpy as np
-
     np.save(out_dir / PROBE_FILE, np.asarray(logits, dtype=np.float32)[0, :PROBE_POSITIONS])
 
 
@@ -154,7 +147,19 @@ class StepClock:
         self.load = MachineLoad()
         self.progress = Progress(backend, cfg.steps)
         self.times: list[float] = []
+        self.lrs: list[float] = []
+        self._fed = hashlib.sha256()
         self._t = 0.0
+
+    def feed(self, input_ids: Any) -> None:
+        """Hash the token ids (B, L) the loop really feeds the model this step (numpy-convertible)."""
+        ids = np.ascontiguousarray(np.asarray(input_ids), dtype=np.int64)
+        self._fed.update(str(ids.shape).encode())
+        self._fed.update(ids.tobytes())
+
+    def lr(self, value: float) -> None:
+        """The learning rate this step's update uses, read from the optimizer."""
+        self.lrs.append(float(value))
 
     def begin(self, step: int) -> None:
         self.gate.before(step)
@@ -171,7 +176,11 @@ class StepClock:
         self.progress.update(step, loss, tps)
 
     def stop(self, result: RunResult) -> None:
-        """Record the load of the machine over the timed steps; a busy machine is a warning."""
+        """Record what the steps fed and used (token ids, learning rates) and the load of the
+        machine over the timed steps; a busy machine is a warning."""
+        result.fed_batches_fingerprint = self._fed.hexdigest()[:16]
+        if result.optimizer:
+            result.optimizer["lr_per_step"] = list(self.lrs)
         record = result.extra["machine_load"] = self.load.stop()
         if warning := busy_warning(record):
             print(f"[{result.backend}] {warning}", file=sys.stderr, flush=True)

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcore.backends.common import StepClock
+from ftcore.backends.common import StepClock, optimizer_record
 from ftcore.backends.torch_common import start, wrap_up
 from ftcore.config import RunConfig
 from ftcore.data import Batches
 from ftcore.result import RunResult
 from ftcore.torch.loss import loss_sum_count
 from ftcore.torch.model import sync
-from ftcore.torch.optim import make_optimizer
+from ftcore.torch.optim import make_optimizer, settings
 
 
 class Rows(torch.utils.data.Dataset):
@@ -49,6 +49,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
 
     class LossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            clock.feed(inputs["input_ids"].cpu().numpy())
             loss_sum, count = loss_sum_count(model, inputs)
             loss = loss_sum / count.clamp(min=1)
             result.losses.append(loss.item())
@@ -57,6 +58,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     class StepTimes(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             clock.begin(state.global_step)
+            clock.lr(opt.param_groups[0]["lr"])  # set by the scheduler for this step
 
         def on_step_end(self, args, state, control, **kwargs):
             sync(device)
@@ -64,6 +66,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
+    result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_at(s) / cfg.lr)
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"),

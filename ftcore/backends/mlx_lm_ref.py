@@ -21,13 +21,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ftcore.arch import block_of, read_arch
-from ftcore.backends.common import StepClock, base_result, finish
+from ftcore.backends.common import StepClock, base_result, finish, optimizer_record
+from ftcore.blas import blas_threads
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches
 from ftcore.lora_init import initial_lora_state, state_fingerprint
 from ftcore.loss import IGNORE_INDEX, target_count
 from ftcore.memory import current_rss_mb
 from ftcore.mlx.adapters import save_adapters
+from ftcore.mlx.optim import settings
 from ftcore.mlx.runtime import blas_facts, pick_device
 from ftcore.result import RunResult
 
@@ -138,13 +140,10 @@ def make_optimizer(cfg: RunConfig, result: RunResult) -> optim.Optimizer:
         "eps": cfg.adam_eps,
     }
     if cfg.weight_decay > 0:
-        opt, name = (
-            optim.AdamW(weight_decay=cfg.weight_decay, **common),
-            "AdamW (mlx-lm, MLX defaults)",
-        )
+        opt = optim.AdamW(weight_decay=cfg.weight_decay, **common)
     else:
-        opt, name = optim.Adam(**common), "Adam (mlx-lm default optimizer, MLX defaults)"
-    result.optimizer.update(name=name, bias_correction=opt.bias_correction, max_grad_norm=None)
+        opt = optim.Adam(**common)  # mlx-lm's default optimizer
+    result.optimizer = optimizer_record(settings(opt), None)  # its trainer does not clip
     return opt
 
 
@@ -184,18 +183,21 @@ class Recorder:
     `batches` is the iterate_batches hook for training: the step gate waits there, right before
     mlx-lm starts its step clock."""
 
-    def __init__(self, cfg: RunConfig, batches: Batches) -> None:
+    def __init__(self, cfg: RunConfig, batches: Batches, opt: optim.Optimizer) -> None:
         self.clock = StepClock("mlx-lm", cfg, batches)
+        self.opt = opt
         self.losses: list[float] = []
 
     def batches(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
         for step, batch in enumerate(dataset):
             self.clock.begin(step)
+            self.clock.feed(np.array(batch[0]))
             yield batch
 
     def on_train_loss_report(self, info: dict) -> None:
         # iterations_per_second = 1 / that step's wall time, read after mx.eval in mlx-lm's loop
         self.losses.append(float(info["train_loss"]))
+        self.clock.lr(self.opt.learning_rate.item())  # the schedule's value for the step just done
         self.clock.end(len(self.losses) - 1, self.losses[-1], 1.0 / info["iterations_per_second"])
 
     def on_val_loss_report(self, info: dict) -> None:
@@ -217,6 +219,9 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     result.initial_adapter_fingerprint = state_fingerprint(
         {k: np.array(v) for k, v in peft_layout(model).items()}
     )
+    result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if device == mx.cpu:  # one stream: MLX's ops on one thread, GEMMs on the BLAS's threads
+        result.threads = blas_threads() or 1
     mx.reset_peak_memory()
 
     opt = make_optimizer(cfg, result)
@@ -230,7 +235,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         max_seq_length=cfg.max_seq_len,
         adapter_file=str(adapter_dir / "adapters.safetensors"),
     )
-    recorder = Recorder(cfg, batches)
+    recorder = Recorder(cfg, batches, opt)
     train_set = [mlx_lm_batch(batches.step(s)) for s in range(cfg.steps)]
     trainer.train(
         model,

@@ -15,10 +15,18 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ftcore.arch import read_arch
-from ftcore.backends.common import StepClock, base_result, finish, probe_batch, save_probe_logits
-from ftcore.blas import set_blas_threads
+from ftcore.backends.common import (
+    StepClock,
+    base_result,
+    finish,
+    optimizer_record,
+    probe_batch,
+    save_probe_logits,
+)
+from ftcore.blas import blas_threads, set_blas_threads
 from ftcore.config import RunConfig
 from ftcore.data import Batches
 from ftcore.lora_init import initial_lora_state, state_fingerprint
@@ -28,7 +36,7 @@ from ftcore.mlx.convert import MANIFEST_FILE
 from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
 from ftcore.mlx.loss import evaluate, to_mx
 from ftcore.mlx.model import Model, load_model
-from ftcore.mlx.optim import make_optimizer
+from ftcore.mlx.optim import make_optimizer, settings
 from ftcore.mlx.runtime import blas_facts, convert, pick_device
 from ftcore.mlx.streams import cpu_streams, loss_and_grads, plan_streams
 from ftcore.result import RunResult
@@ -88,6 +96,10 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
 
     opt = make_optimizer(cfg)
     opt.init(model.trainable_parameters())
+    result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
+    result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    # threads really at work in a step: one per stream, times the BLAS threads each one calls
+    result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
 
     def step_fn(batch: dict[str, mx.array]) -> mx.array:
         loss, grads = loss_and_grads(model, batch, streams)
@@ -104,10 +116,13 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     clock = StepClock("mlx", cfg, batches)
     step_cpu_times: list[float] = []  # CPU seconds of all this process's threads
     for i in range(cfg.steps):
-        batch = to_mx(batches.step(i))
+        fed = batches.step(i)
+        batch = to_mx(fed)
+        opt.learning_rate = cfg.lr_at(i)
+        clock.feed(fed["input_ids"])
+        clock.lr(opt.learning_rate.item())
         clock.begin(i)
         c = time.process_time()
-        opt.learning_rate = cfg.lr_at(i)
         loss = step(batch)
         mx.eval(loss, state)  # MLX is lazy: the step's work happens here
         loss_value = loss.item()

@@ -50,6 +50,8 @@ def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches):
     result.load_time_s = time.perf_counter() - t0
     result.baseline_rss_mb = current_rss_mb()
     result.initial_adapter_fingerprint = state_fingerprint(get_lora_state(model))
+    result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result.threads = torch.get_num_threads()  # what torch reports, not what was asked for
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     return model, device, result

@@ -6,26 +6,30 @@ from pathlib import Path
 
 import torch
 
-from ftcore.backends.common import StepClock
+from ftcore.backends.common import StepClock, optimizer_record
 from ftcore.backends.torch_common import start, wrap_up
 from ftcore.config import RunConfig
 from ftcore.data import Batches
 from ftcore.result import RunResult
 from ftcore.torch.loss import evaluate, loss_sum_count, to_torch
-from ftcore.torch.optim import make_optimizer
+from ftcore.torch.optim import make_optimizer, settings
 
 
 def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
     model, device, result = start("torch", cfg, model_dir, batches)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
+    result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
     model.train()
     clock = StepClock("torch", cfg, batches)
     for step in range(cfg.steps):
-        batch = to_torch(batches.step(step), device)
-        clock.begin(step)
+        fed = batches.step(step)
+        batch = to_torch(fed, device)
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step)
+        clock.feed(fed["input_ids"])
+        clock.lr(opt.param_groups[0]["lr"])
+        clock.begin(step)
         loss_sum, count = loss_sum_count(model, batch)
         loss = loss_sum / count.clamp(min=1)
         loss.backward()

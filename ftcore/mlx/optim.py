@@ -1,4 +1,4 @@
-"""AdamW for the MLX backend, set up as torch's."""
+"""AdamW for the MLX backend, set up as torch's, and its settings read back from the object."""
 
 from __future__ import annotations
 
@@ -17,3 +17,15 @@ def make_optimizer(cfg: RunConfig) -> optim.AdamW:
         weight_decay=cfg.weight_decay,  # decoupled p *= 1 - lr*wd before the update, as torch
         bias_correction=True,
     )
+
+
+def settings(opt: optim.Optimizer) -> dict:
+    """The settings read back from an MLX Adam/AdamW object, for fairness checks."""
+    return {
+        "name": type(opt).__name__,
+        "betas": [float(b) for b in opt.betas],
+        "eps": float(opt.eps),
+        "weight_decay": float(getattr(opt, "weight_decay", 0.0)),
+        "bias_correction": bool(opt.bias_correction),
+        "amsgrad": False,
+    }

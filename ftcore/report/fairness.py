@@ -67,7 +67,10 @@ def _check(name: str, rows: list[dict[str, Any]], get: Any) -> dict[str, Any]:
 
 
 def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Did every successful backend see the same inputs and settings?
+    """Did every successful backend see the same inputs and settings? Each figure is measured in
+    the backend's own run: the token ids its loop fed (hashed step by step), the settings read back
+    from its optimizer object and the learning rate of every step, the parameters its model
+    trains, the threads its framework reports.
 
     Each check: {"check", "ok", "status" ("pass"|"mismatch"|"missing"), "detail"}.
     A value a backend did not record cannot be verified and is not ok ("missing").
@@ -75,6 +78,7 @@ def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = ok_rows(results)
     return [
         _check("batch_fingerprint", rows, lambda r: r.get("batch_fingerprint")),
+        _check("fed_batches", rows, lambda r: r.get("fed_batches_fingerprint")),
         _check("initial_adapter_fingerprint", rows, lambda r: r.get("initial_adapter_fingerprint")),
         _check("trainable_params", rows, lambda r: r.get("trainable_params") or None),
         _check("optimizer", rows, lambda r: optimizer_key(r.get("optimizer"))),

@@ -1,4 +1,4 @@
-"""AdamW for the torch backends."""
+"""AdamW for the torch backends, and its settings read back from the object."""
 
 from __future__ import annotations
 
@@ -17,3 +17,17 @@ def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.op
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
     )
+
+
+def settings(opt: torch.optim.Optimizer) -> dict:
+    """The settings read back from the optimizer object (its first param group), for fairness
+    checks: not what was asked for, what it holds. torch's Adam and AdamW always correct bias."""
+    group = opt.param_groups[0]
+    return {
+        "name": type(opt).__name__,
+        "betas": [float(b) for b in group["betas"]],
+        "eps": float(group["eps"]),
+        "weight_decay": float(group["weight_decay"]),
+        "bias_correction": True,
+        "amsgrad": bool(group.get("amsgrad", False)),
+    }
