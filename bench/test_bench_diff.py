@@ -13,6 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE = "tiny and fp32 and torch and not trainer"
+# Tiny torch steps differ 20-35% between processes here (some settle at ~30 ms, others at ~45 ms),
+# and A/A runs at the default 10% threshold once came out significant at 13% (in the 'faster'
+# direction). CI must not fail by chance, so its A/A asks for a slowdown of 25%: a bench-diff that
+# compares the wrong samples or computes the ratio wrong still trips it.
+THRESHOLD = "0.25"
 
 
 def test_aa_bench_diff_flags_no_regression(tmp_path: Path) -> None:
@@ -20,7 +25,7 @@ def test_aa_bench_diff_flags_no_regression(tmp_path: Path) -> None:
         pytest.skip("not a git checkout with a commit")
     out = tmp_path / "aa.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "ftcore", "bench-diff", "HEAD", "HEAD", "-k", CASE, "--runs", "6",
+        [sys.executable, "-m", "ftcore", "bench-diff", "HEAD", "HEAD", "-k", CASE, "--runs", "6", "--threshold", THRESHOLD,
          "--warmup-steps", "2", "--timed-steps", "6", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )
