@@ -22,6 +22,7 @@ from ftcore.report import format_table
 from ftcore.runner import OFFLINE_ENV, compare, prepare, run_backend
 
 DEFAULT_BACKENDS = "torch,mlx"
+BACKENDS_HELP = "; ".join(f"{name}: {spec.summary}" for name, spec in BACKENDS.items())
 
 
 class Parser(argparse.ArgumentParser):
@@ -78,12 +79,12 @@ def build_parser() -> Parser:
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("run", help="fine-tune with one backend", description="Fine-tune with one backend in a fresh process; writes OUT/result.json and OUT/adapter/.")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--backend", required=True, choices=list(BACKENDS), help=BACKENDS_HELP)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_run_options(p)
 
     p = sub.add_parser("compare", help="run backends side by side and report", description="Run each backend on one config (each in its own process) and write OUT/<backend>/result.json, comparison.json, report.md and plots.")
-    p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list from {','.join(BACKENDS)} (default {DEFAULT_BACKENDS})")
+    p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list (default {DEFAULT_BACKENDS}); {BACKENDS_HELP}")
     p.add_argument("--out", type=Path, help="output folder (default: a new runs/compare-<time> folder)")
     add_run_options(p)
 
@@ -93,7 +94,7 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
 
     p = sub.add_parser("profile", help="memray-profile one backend's fine-tune", description="Record a memray capture of one backend's whole fine-tune process (a separate, untimed pass) and write its flamegraph.")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--backend", required=True, choices=list(BACKENDS), help=BACKENDS_HELP)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=True, help="record native (C/C++) stacks (default on)")
     add_run_options(p)
