@@ -1,7 +1,10 @@
 """ftcore command line: run | compare | convert | profile | bench-diff.
 
-A user mistake prints one line `error: ...` on stderr and exits 2, with no traceback and no
-result file that claims success.
+Exit codes: 0 every backend ran ok; 1 a backend failed, diverged or was killed (its row says
+why); 2 a user mistake (data, model folder, flags, device, output folder): one line `error: ...`
+on stderr and nothing written; 130 interrupted (SIGINT/SIGTERM): the children are stopped and the
+run folder is marked `interrupted` (ftcore.rundir). No traceback reaches the user unless --debug
+or FTCORE_DEBUG=1 asks for it.
 """
 
 from __future__ import annotations
@@ -9,17 +12,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ftcore.arch import LORA_TARGETS
 from ftcore.backends import BACKENDS
 from ftcore.benchcases import SIZES
 from ftcore.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS, RunConfig, UserError
+from ftcore.procs import kill_all, stop_all
 from ftcore.report import format_table
-from ftcore.runner import OFFLINE_ENV, compare, prepare, run_backend
+from ftcore.result import RunResult
+from ftcore.rundir import RunDir
+from ftcore.runner import OFFLINE_ENV, check_run, compare, run_backend
+
+DEBUG_ENV = "FTCORE_DEBUG"
+ACTIVE_RUN: RunDir | None = None  # the folder being written, marked if the run is interrupted
 
 DEFAULT_BACKENDS = "torch,mlx"
 BACKENDS_HELP = "; ".join(f"{name}: {spec.summary}" for name, spec in BACKENDS.items())
@@ -76,30 +85,36 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def build_parser() -> Parser:
     ap = Parser(prog="ftcore", description="LoRA fine-tuning benchmarks: PyTorch vs MLX on identical inputs.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help=f"show tracebacks of unexpected errors (or {DEBUG_ENV}=1)")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+    replace_help = "replace an earlier run in --out (whole; it is kept if this run is interrupted)"
 
-    p = sub.add_parser("run", help="fine-tune with one backend", description="Fine-tune with one backend in a fresh process; writes OUT/result.json and OUT/adapter/.")
+    p = sub.add_parser("run", parents=[common], help="fine-tune with one backend", description="Fine-tune with one backend in a fresh process; writes OUT/result.json and OUT/adapter/.")
     p.add_argument("--backend", required=True, choices=list(BACKENDS), help=BACKENDS_HELP)
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
+    p.add_argument("--replace", action="store_true", help=replace_help)
     add_run_options(p)
 
-    p = sub.add_parser("compare", help="run backends side by side and report", description="Run each backend on one config (each in its own process) and write OUT/<backend>/result.json, comparison.json, report.md and plots.")
+    p = sub.add_parser("compare", parents=[common], help="run backends side by side and report", description="Run each backend on one config (each in its own process) and write OUT/<backend>/result.json, comparison.json, report.md and plots.")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list (default {DEFAULT_BACKENDS}); {BACKENDS_HELP}")
-    p.add_argument("--out", type=Path, help="output folder (default: a new runs/compare-<time> folder)")
+    p.add_argument("--out", type=Path, help="output folder, new or empty (default: a new runs/compare-<time>[-n] folder)")
+    p.add_argument("--replace", action="store_true", help=replace_help)
     add_run_options(p)
 
-    p = sub.add_parser("convert", help="convert a HF Llama checkpoint to MLX", description="Convert a local Hugging Face Llama folder to MLX weights + config.")
+    p = sub.add_parser("convert", parents=[common], help="convert a HF Llama checkpoint to MLX", description="Convert a local Hugging Face Llama folder to MLX weights + config.")
     p.add_argument("--model", required=True, type=Path, help="local Hugging Face Llama folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
 
-    p = sub.add_parser("profile", help="memray-profile one backend's fine-tune", description="Record a memray capture of one backend's whole fine-tune process (a separate, untimed pass) and write its flamegraph.")
+    p = sub.add_parser("profile", parents=[common], help="memray-profile one backend's fine-tune", description="Record a memray capture of one backend's whole fine-tune process (a separate, untimed pass) and write its flamegraph.")
     p.add_argument("--backend", required=True, choices=list(BACKENDS), help=BACKENDS_HELP)
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
+    p.add_argument("--replace", action="store_true", help=replace_help)
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=True, help="record native (C/C++) stacks (default on)")
     add_run_options(p)
 
-    p = sub.add_parser("bench-diff", help="same-machine A/B of two revisions' training steps", description="Time the training steps of two git revisions of this repository on this machine, interleaved, and report per case the HEAD/BASE step-time ratio with a 95%% interval and a p-value. Exit 1 when a case is slower by more than --threshold and significantly so, else 0.")
+    p = sub.add_parser("bench-diff", parents=[common], help="same-machine A/B of two revisions' training steps", description="Time the training steps of two git revisions of this repository on this machine, interleaved, and report per case the HEAD/BASE step-time ratio with a 95%% interval and a p-value. Exit 1 when a case is slower by more than --threshold and significantly so, else 0.")
     p.add_argument("base", help="git revision to compare against (e.g. main, HEAD~1)")
     p.add_argument("head", nargs="?", help="git revision to test (default: the working tree)")
     p.add_argument("-k", dest="expr", metavar="EXPR", help="select cases by id, as pytest -k (ids like tiny-b4-s128-fp32-torch)")
@@ -123,15 +138,6 @@ def parse_backends(text: str) -> list[str]:
     return names
 
 
-def new_run_dir(root: Path = Path("runs")) -> Path:
-    """A folder that did not exist before: runs/compare-YYYYmmdd-HHMMSS[-n]."""
-    base = root / time.strftime("compare-%Y%m%d-%H%M%S")
-    out, n = base, 1
-    while out.exists():
-        out, n = Path(f"{base}-{n}"), n + 1
-    return out
-
-
 def fmt(v: object, spec: str = ".1f") -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -148,25 +154,44 @@ def print_summary(r) -> None:
     print(f"MFU              {fmt(None if r.mfu is None else 100 * r.mfu, '.2f')} % of measured GEMM peak")
 
 
+def open_run(out: Path | None, replace: bool) -> RunDir:
+    """The run's folder, to be claimed once every input check has passed (ftcore.rundir)."""
+    global ACTIVE_RUN
+    ACTIVE_RUN = RunDir(out, replace)
+    ACTIVE_RUN.check()  # refuse an earlier run in --out before the slower checks
+    return ACTIVE_RUN
+
+
+def finish_run(results: list, code_if_ok: int = 0) -> int:
+    """Exit code 0 when every row is ok, else 1 with one `error:` line per other row; the run
+    folder's status says which."""
+    bad = [r for r in results if r.status != "ok"]
+    for r in bad:
+        print(f"error: {r.backend} {r.status}: {r.error}", file=sys.stderr)
+    code = 1 if bad else code_if_ok
+    ACTIVE_RUN.end("failed" if bad else "complete", code)
+    return code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    prep = prepare(config_from_args(args), args.out)
-    result = run_backend(args.backend, prep, args.out)
+    run_dir = open_run(args.out, args.replace)
+    prep = check_run(config_from_args(args), [args.backend])
+    out = run_dir.claim()
+    result = run_backend(args.backend, prep.save(out), out)
     print_summary(result)
-    print(f"result           {args.out / 'result.json'}")
-    if result.status != "ok":
-        print(f"error: {args.backend} failed: {result.error}", file=sys.stderr)
-        return 1
-    return 0
+    print(f"result           {out / 'result.json'}")
+    return finish_run([result])
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     backends = parse_backends(args.backends)
-    cfg = config_from_args(args)
-    out = args.out or new_run_dir()
-    comparison = compare(backends, prepare(cfg, out), out)
+    run_dir = open_run(args.out, args.replace)
+    prep = check_run(config_from_args(args), backends)
+    out = run_dir.claim()
+    comparison = compare(backends, prep.save(out), out)
     print(format_table(comparison))
     print(f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: {out / 'loss_curves.png'}")
-    return 0 if comparison["ok_backends"] else 1
+    return finish_run([RunResult.from_dict(r) for r in comparison["results"]])
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -181,20 +206,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    prep = prepare(config_from_args(args), args.out)
-    capture = args.out / f"memray-{args.backend}.bin"
-    capture.unlink(missing_ok=True)  # memray refuses to overwrite
+    run_dir = open_run(args.out, args.replace)
+    prep = check_run(config_from_args(args), [args.backend])
+    out = run_dir.claim()
+    capture = out / f"memray-{args.backend}.bin"
     wrap = [sys.executable, "-m", "memray", "run", "-q", *(["--native"] if args.native else []), "-o", str(capture), "-m"]
-    result = run_backend(args.backend, prep, args.out, wrap=wrap)
-    if result.status != "ok" or not capture.exists():
-        print(f"error: profiling {args.backend} failed: {result.error}", file=sys.stderr)
-        return 1
-    html = args.out / f"memray-flamegraph-{args.backend}.html"
+    result = run_backend(args.backend, prep.save(out), out, wrap=wrap)
+    if result.status == "ok" and not capture.exists():
+        result.status, result.error = "failed", "memray wrote no capture"
+    if result.status != "ok":
+        return finish_run([result])
+    html = out / f"memray-flamegraph-{args.backend}.html"
     subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-f", "-o", str(html), str(capture)], check=True, stdout=subprocess.DEVNULL)
     print_summary(result)
     print(f"memray capture   {capture}\nflamegraph       {html}")
     print("note: timings under memray include its tracking overhead; use `ftcore run` for speed figures")
-    return 0
+    return finish_run([result])
 
 
 def cmd_bench_diff(args: argparse.Namespace) -> int:
@@ -211,9 +238,39 @@ COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "pro
             "bench-diff": cmd_bench_diff}
 
 
+def _interrupt(signum, frame) -> None:  # SIGTERM takes Ctrl-C's path
+    raise KeyboardInterrupt
+
+
+def _second_interrupt(signum, frame) -> None:  # while stopping: stop at once
+    kill_all()
+    os._exit(130)
+
+
+def interrupted() -> int:
+    """Stop the children, mark the run folder, exit 130; a second Ctrl-C exits at once."""
+    signal.signal(signal.SIGINT, _second_interrupt)
+    signal.signal(signal.SIGTERM, _second_interrupt)
+    stop_all()
+    where = ""
+    if ACTIVE_RUN is not None and ACTIVE_RUN.path is not None:
+        replacing = ACTIVE_RUN.replacing
+        ACTIVE_RUN.interrupted()
+        where = f"; {ACTIVE_RUN.path} " + ("kept as it was" if replacing else "is marked interrupted")
+    print(f"error: interrupted{where}", file=sys.stderr)
+    # a late Ctrl-C must not kill the exit itself (Python restores SIG_DFL while shutting down)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
+    argv = sys.argv[1:] if argv is None else argv
+    debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in argv
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -221,11 +278,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
     except OSError as e:  # unwritable --out, disk full, ...
+        if debug:
+            raise
+        if ACTIVE_RUN is not None and ACTIVE_RUN.path is not None:
+            ACTIVE_RUN.end("failed", 2)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, not the user's: one line unless asked for the traceback
+        if debug:
+            raise
+        print(f"error: internal error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -59,7 +59,11 @@ def load_records(path: str | Path | None, seed: int = 0) -> list[dict[str, str]]
         rows = _load_saved_dataset(p)
     elif p.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -105,9 +109,11 @@ def _check_record(r: Any, i: int, p: Path) -> dict[str, str]:
     for key in ("instruction", "output"):
         if not isinstance(r.get(key), str):
             raise UserError(f"{p}: record {i} has no string '{key}'")
-    inp = r.get("input") or ""
+    inp = r.get("input")  # absent or null: no input; 0, false, [] are refused like any non-string
+    if inp is None:
+        inp = ""
     if not isinstance(inp, str):
-        raise UserError(f"{p}: record {i} has a non-string 'input'")
+        raise UserError(f"{p}: record {i} has a non-string 'input' ({type(inp).__name__})")
     return {"instruction": r["instruction"], "input": inp, "output": r["output"]}
 
 

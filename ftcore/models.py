@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ftcore.checkpoint import check_checkpoint, read_config
 from ftcore.config import RunConfig, UserError
 
 PRESET_INIT_SEED = 0  # weights of a preset are the same for every run seed
@@ -49,7 +50,6 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
-LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
@@ -179,21 +179,14 @@ def materialize_preset(preset: str, num_layers: int | None = None, root: Path | 
 
 def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
     """Refuse, with one clear message, a folder ftcore cannot train: no config.json, not a Llama,
-    no weights, or only pickle weights (unless allowed). Returns the resolved path."""
+    no weights, only pickle weights (unless allowed), no tokenizer, or weights that fail
+    ftcore.checkpoint's checks. Returns the resolved path."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise UserError(f"model folder not found: {p}")
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
+    if not (p / "config.json").is_file():
         raise UserError(f"{p}: no config.json (not a Hugging Face model folder)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_file}: not valid JSON ({e.msg})") from None
-    archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llama" and not set(archs) & set(LLAMA_ARCHITECTURES):
-        what = ", ".join(archs) or cfg.get("model_type") or "unknown"
-        raise UserError(f"{p}: a {what} model; ftcore supports Llama-architecture models only")
+    read_config(p)  # a Llama config ftcore can build, or one line saying why not
     if not list(p.glob("*.safetensors")):
         pickles = [f.name for pat in PICKLE_WEIGHTS for f in p.glob(pat)]
         if not pickles:
@@ -205,6 +198,7 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
             )
     if not ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()):
         raise UserError(f"{p}: no tokenizer (tokenizer.json or tokenizer.model)")
+    check_checkpoint(p, allow_pickle)  # every tensor present, shaped, finite
     return p
 
 

@@ -1,10 +1,12 @@
 """Run one backend in a fresh process; a crash becomes a failed row, not a lost run.
 
-Parent side: `prepare()` materialises the model and writes the shared batches once;
-`run_backend()` starts `python -m ftcore.runner ...` for one backend, streams its progress, and
+Parent side: `prepare()` (ftcore.preflight) checks every input and writes the shared batches
+once; `run_backend()` starts `python -m ftcore.runner ...` for one backend, streams its progress, and
 returns its RunResult (or a failed one with the reason when the child dies).
 Child side: `main()` loads config + batches, measures peak RSS around the backend's `train`, and
-writes result.json atomically.
+writes result.json atomically: status `ok`, `diverged` (a non-finite loss or gradient stopped it,
+ftcore.backends.common.Diverged) or `failed` (an exception; its traceback in extra).
+Children run in their own session and die with the parent (ftcore.procs).
 """
 
 from __future__ import annotations
@@ -14,25 +16,24 @@ import collections
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from ftcore.arch import read_arch
 from ftcore.backends import BACKENDS, FRAMEWORK_ENVS, BackendSpec, get_backend
+from ftcore.backends.common import Diverged
 from ftcore.config import RunConfig, UserError
-from ftcore.data import Batches, build_batches
+from ftcore.data import Batches
 from ftcore.flops import gemm_shapes
-from ftcore.hostinfo import affinity_cores
 from ftcore.memory import PeakRSS
 from ftcore.mfu import machine_gemm_peak, mfu
-from ftcore.models import load_tokenizer, resolve_model_dir
+from ftcore.preflight import Prepared, check_run, prepare  # noqa: F401 (the runner's API)
+from ftcore.procs import death_reason, die_with_parent, oom_kills, reaped, spawn
 from ftcore.report import build_comparison, write_report
 from ftcore.result import RunResult
 from ftcore.stepgate import GATE_ENV
@@ -47,30 +48,6 @@ OFFLINE_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-
-
-@dataclass
-class Prepared:
-    cfg: RunConfig  # threads resolved, so every backend uses the same count
-    model_dir: Path
-    batches_path: Path
-    batches: Batches
-
-
-def prepare(cfg: RunConfig, work_dir: Path) -> Prepared:
-    """Resolve the model folder, build the batches once and save them for the child processes.
-
-    Every user error (bad model folder, bad data, too-short max length) surfaces here, before
-    any backend starts.
-    """
-    model_dir = resolve_model_dir(cfg)
-    batches = build_batches(cfg, load_tokenizer(model_dir))
-    if cfg.threads is None:
-        cfg = cfg.replace(threads=affinity_cores())
-    work_dir.mkdir(parents=True, exist_ok=True)
-    batches_path = work_dir / "batches.npz"
-    batches.save(batches_path)
-    return Prepared(cfg, model_dir, batches_path, batches)
 
 
 def base_env() -> dict[str, str]:
@@ -142,8 +119,9 @@ class BackendProcess:
             done_read, done_write = os.pipe()
             child_fds = (go_read, done_write)
             env[GATE_ENV] = f"{go_read},{done_write}"
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, pass_fds=child_fds)
+        self.oom_before = oom_kills()
+        self.proc = spawn(cmd, env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          pass_fds=child_fds)
         if gate:
             os.close(go_read)
             os.close(done_write)
@@ -185,6 +163,7 @@ class BackendProcess:
         result_path = self.out_dir / RESULT_FILE
         _, status, rusage = os.wait4(self.proc.pid, 0)
         self.proc.returncode = code = os.waitstatus_to_exitcode(status)
+        reaped(self.proc)
         self._reader.join(timeout=5)
         # the child writes result.json atomically at its end (a failed row on a caught error,
         # exit 1); an older file from an earlier run in this folder is never taken for this one's
@@ -192,11 +171,7 @@ class BackendProcess:
         if fresh and code in (0, 1):
             result = RunResult.from_dict(json.loads(result_path.read_text()))
         else:
-            if code < 0:
-                name = signal.Signals(-code).name
-                why = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
-            else:
-                why = f"exited with status {code}"
+            why = death_reason(-code, self.oom_before) if code < 0 else f"exited with status {code}"
             last = next((ln for ln in reversed(self.tail) if ln.strip()), "")
             result = RunResult.failed(backend, prep.cfg.to_dict(),
                                       f"{backend} process {why}" + (f": {last}" if last else ""))
@@ -257,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
+    die_with_parent()
     cfg = RunConfig.from_dict(json.loads(args.config))
     args.out.mkdir(parents=True, exist_ok=True)
     with PeakRSS() as rss:
@@ -264,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
             batches = Batches.load(args.batches)
             result = get_backend(args.backend).train(cfg, args.model_dir, batches, args.out)
             code = 0
+        except KeyboardInterrupt:  # SIGINT sent to this process itself: stop, quietly
+            return 130
+        except Diverged as e:
+            result, code = e.result(args.backend, cfg.to_dict()), 1
+            print(f"[{args.backend}] {result.error}", file=sys.stderr)
         except UserError as e:
             result, code = RunResult.failed(args.backend, cfg.to_dict(), str(e)), 1
         except Exception as e:  # the row says why; the traceback stays in extra for debugging

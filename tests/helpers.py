@@ -56,7 +56,8 @@ GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
 
 def broken_model(src: Path, root: Path, kind: str) -> Path:
     """A copy of the checkpoint folder `src` at root/kind with one thing wrong: "no-config" (no
-    config.json), "gpt2" (a GPT-2 config.json) or "pickle-only" (pytorch_model.bin, no safetensors)."""
+    config.json), "gpt2" (a GPT-2 config.json) or "pickle-only" (the same weights as a torch.save
+    pickle, pytorch_model.bin, and no safetensors)."""
     d = root / kind
     shutil.copytree(src, d)
     if kind == "no-config":
@@ -64,8 +65,11 @@ def broken_model(src: Path, root: Path, kind: str) -> Path:
     elif kind == "gpt2":
         (d / "config.json").write_text(json.dumps(GPT2_CONFIG))
     elif kind == "pickle-only":
+        import torch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
         (d / "model.safetensors").unlink()
-        (d / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     else:
         raise ValueError(f"unknown kind {kind!r}")
     return d

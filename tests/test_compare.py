@@ -8,7 +8,6 @@ import signal
 import pytest
 from helpers import ftcore
 
-from ftcore.cli import new_run_dir
 from ftcore.config import RunConfig
 from ftcore.runner import compare, prepare
 
@@ -81,13 +80,6 @@ def test_a_failed_backend_is_a_row_and_the_others_still_report(tmp_path, small_c
     assert rows["mlx"]["status"] == "failed" and "killed by SIGKILL" in rows["mlx"]["error"]
     assert rows["torch"]["status"] == "ok" and rows["torch"]["final_loss"] is not None
     assert (tmp_path / "report.md").is_file() and (tmp_path / "loss_curves.png").is_file()
-
-
-def test_default_output_folder_is_always_new(tmp_path):
-    first = new_run_dir(tmp_path)
-    first.mkdir()
-    second = new_run_dir(tmp_path)
-    assert second != first and not second.exists() and second.name.startswith("compare-")
 
 
 def test_fairness_mismatch_is_shown(tmp_path, small_cfg):

@@ -148,11 +148,13 @@ def test_table_has_rows_columns_and_error(results):
     for label, _ in report.TABLE_ROWS:
         assert label in text
     for name in ("torch", "mlx", "mlx-lm"):
-        assert name in text.splitlines()[1]  # header row
+        assert name in text.splitlines()[3]  # header row, under the headline and the grid's top
     assert "mlx-lm exploded at step 3" in text
     assert "1.25x" in text and "1.00x" in text  # speedup
     assert "4.000e-05 (torch vs mlx, step 3)" in text
     assert "PASS" in text and "FAILED" in text
+    # the headline says which backend did not run ok, with its error's last line
+    assert text.splitlines()[0] == "NOT OK - mlx-lm failed: RuntimeError: mlx-lm exploded at step 3"
     assert "Tokens/s counts padded tokens" in text or "counts padded tokens" in text
     # grid: every table line has the same width
     grid = [ln for ln in text.splitlines() if ln.startswith(("+", "|"))]

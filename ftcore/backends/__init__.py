@@ -37,9 +37,38 @@ FRAMEWORK_ENVS: dict[str, Callable[[dict, int], dict]] = {
 def convert_for_mlx(cfg: RunConfig, model_dir: Path) -> None:
     """Make the run's cached HF -> MLX conversion in the parent, so the MLX process's load time
     and peak RSS cover loading, not converting."""
+    from ftcore.mlx.convert import ConversionError
     from ftcore.mlx.runtime import convert  # imports MLX, only when an MLX backend is next
 
-    convert(cfg, model_dir)
+    try:
+        convert(cfg, model_dir)
+    except ConversionError as e:
+        raise UserError(f"MLX conversion: {e}") from None
+
+
+def check_torch(cfg: RunConfig, model_dir: Path) -> None:
+    """--device gpu needs a device torch can see (torch is imported only then)."""
+    if cfg.device != "cpu":
+        from ftcore.torch.model import pick_device
+
+        pick_device(cfg.device)
+
+
+def check_mlx(cfg: RunConfig, model_dir: Path) -> None:
+    """The device exists for MLX, and the weights are safetensors (MLX cannot read pickle)."""
+    from ftcore.mlx.runtime import pick_device
+
+    pick_device(cfg.device)
+    if not list(model_dir.glob("*.safetensors")):
+        raise UserError(
+            f"{model_dir}: MLX reads safetensors weights only; convert the pickle weights to "
+            "safetensors, or run only torch backends with --allow-pickle"
+        )
+
+
+def check_mlx_converted(cfg: RunConfig, model_dir: Path) -> None:
+    check_mlx(cfg, model_dir)
+    convert_for_mlx(cfg, model_dir)  # a conversion error stops the run before any backend ran
 
 
 @dataclass(frozen=True)
@@ -52,6 +81,8 @@ class BackendSpec:
     summary: str  # one line for --help and the README
     child_env: Callable[[dict, int], dict]  # (base environment, threads) -> child's environment
     before_spawn: Callable[[RunConfig, Path], None] | None = None  # run in the parent, timed
+    # run in the parent before any backend starts (ftcore.preflight); raises UserError
+    check: Callable[[RunConfig, Path], None] | None = None
     # True: computes the loss contract with AdamW as REFERENCE_BACKEND does, so its fp32
     # per-step losses must equal the reference's within 1e-4 (checked by tests and bench)
     same_numerics: bool = True
@@ -72,23 +103,24 @@ BACKENDS: dict[str, BackendSpec] = {
     for spec in (
         BackendSpec(
             name="torch", framework="torch", module="torch_loop", package="peft",
-            install_hint="pip install ftcore", child_env=torch_env.child_env,
+            install_hint="pip install ftcore", child_env=torch_env.child_env, check=check_torch,
             summary="transformers LlamaForCausalLM + PEFT LoRA, a plain training loop",
         ),
         BackendSpec(
             name="hf-trainer", framework="torch", module="hf_trainer", package="transformers",
-            install_hint="pip install ftcore", child_env=torch_env.child_env,
+            install_hint="pip install ftcore", child_env=torch_env.child_env, check=check_torch,
             summary="the same model and adapter through transformers Trainer",
         ),
         BackendSpec(
             name="mlx", framework="mlx", module="mlx_loop", package="mlx",
             install_hint="pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)",
             child_env=mlx_env.row_streams_env, before_spawn=convert_for_mlx,
+            check=check_mlx_converted,
             summary="ftcore's own MLX Llama (ftcore.mlx), weights converted from the same checkpoint",
         ),
         BackendSpec(
             name="mlx-lm", framework="mlx", module="mlx_lm_ref", package="mlx_lm",
-            install_hint="pip install 'ftcore[mlx-lm]'", child_env=mlx_env.child_env,
+            install_hint="pip install 'ftcore[mlx-lm]'", child_env=mlx_env.child_env, check=check_mlx,
             same_numerics=False,  # its own loss normalisation and Adam, as its users get them
             summary="mlx-lm's own LoRA layers, loss and trainer, as the MLX yardstick",
         ),

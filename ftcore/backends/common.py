@@ -4,6 +4,7 @@ the probe logits, and a progress line. Framework code lives in ftcore.torch and 
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -132,13 +133,32 @@ class Progress:
         )
 
 
+class Diverged(Exception):
+    """A step's loss or gradient norm is NaN or Inf: the run stops there with status `diverged`
+    (raised by StepClock.end, turned into the result by the runner's child)."""
+
+    def __init__(self, step: int, what: str, value: float, losses: list[float], times: list[float]):
+        super().__init__(f"diverged at step {step + 1}: {what} is {value}")
+        self.losses, self.times = losses, times
+
+    def result(self, backend: str, config: dict) -> RunResult:
+        r = RunResult(backend=backend, status="diverged", error=str(self), config=config,
+                      losses=self.losses, step_times_s=self.times)  # fmt: skip
+        r.steps = len(self.losses)
+        return r
+
+
 class StepClock:
     """What every training loop does around a step: wait for the step gate (ftcore.stepgate),
     time the step, answer the gate, print progress, and measure the machine's load from other
     processes over the timed steps (ftcore.machine_load).
 
-        clock.begin(i); <the step, ending at a sync point>; clock.end(i, loss)
+        clock.begin(i); <the step, ending at a sync point>; clock.end(i, loss, grad_norm)
         ... after the last step: clock.stop(result)
+
+    Numerical health: `end` raises Diverged when the loss or the gradient norm (the loops that
+    own their step pass it; the hf-trainer and mlx-lm trainers do not expose it per step, so only
+    their loss is checked) is not finite.
     """
 
     def __init__(self, backend: str, cfg: RunConfig, batches: Batches) -> None:
@@ -148,6 +168,7 @@ class StepClock:
         self.progress = Progress(backend, cfg.steps)
         self.times: list[float] = []
         self.lrs: list[float] = []
+        self.losses: list[float] = []
         self._fed = hashlib.sha256()
         self._t = 0.0
 
@@ -167,9 +188,15 @@ class StepClock:
             self.load.start()
         self._t = time.perf_counter()
 
-    def end(self, step: int, loss: float, seconds: float | None = None) -> None:
+    def end(self, step: int, loss: float, seconds: float | None = None,
+            grad_norm: float | None = None) -> None:
         """`seconds`: the step's time when the loop measured it itself (mlx-lm's trainer)."""
         self.times.append(time.perf_counter() - self._t if seconds is None else seconds)
+        self.losses.append(loss)
+        if not math.isfinite(loss):
+            raise Diverged(step, "the loss", loss, self.losses, self.times)
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise Diverged(step, "the gradient norm", grad_norm, self.losses, self.times)
         self.gate.after(step, loss)
         timed = self.times[self.cfg.timing_warmup_steps :]
         tps = self.batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None

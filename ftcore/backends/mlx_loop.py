@@ -101,12 +101,14 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     # threads really at work in a step: one per stream, times the BLAS threads each one calls
     result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
 
-    def step_fn(batch: dict[str, mx.array]) -> mx.array:
+    def step_fn(batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
         loss, grads = loss_and_grads(model, batch, streams)
-        if cfg.max_grad_norm is not None:
-            grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        if cfg.max_grad_norm is not None:  # the norm before clipping
+            grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        else:
+            grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
         opt.update(model, grads)
-        return loss
+        return loss, grad_norm
 
     # The LR lives in opt.state, so setting it per step feeds the compiled graph a new input.
     state = [model.state, opt.state, mx.random.state]
@@ -123,11 +125,11 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         clock.lr(opt.learning_rate.item())
         clock.begin(i)
         c = time.process_time()
-        loss = step(batch)
-        mx.eval(loss, state)  # MLX is lazy: the step's work happens here
+        loss, grad_norm = step(batch)
+        mx.eval(loss, grad_norm, state)  # MLX is lazy: the step's work happens here
         loss_value = loss.item()
         step_cpu_times.append(time.process_time() - c)
-        clock.end(i, loss_value)
+        clock.end(i, loss_value, grad_norm=grad_norm.item())
         result.losses.append(loss_value)
         if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
             result.eval_losses.append([i + 1, evaluate(model, batches)])

@@ -33,12 +33,14 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         loss_sum, count = loss_sum_count(model, batch)
         loss = loss_sum / count.clamp(min=1)
         loss.backward()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if cfg.max_grad_norm is not None:  # the norm before clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_value = loss.item()  # sync point: the step's work is done after this
-        clock.end(step, loss_value)
+        clock.end(step, loss_value, grad_norm=grad_norm.item())
         result.losses.append(loss_value)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             result.eval_losses.append([step + 1, evaluate(model, batches, device)])

@@ -142,6 +142,7 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
             "backends": [row["backend"] for row in rows],
             "ok_backends": ok_names,
             "failed_backends": [row["backend"] for row in rows if row["status"] != "ok"],
+            "all_ok": all(row["status"] == "ok" for row in rows),
             "rows": rows,
             "fairness": checks,
             "all_fair": all(c["ok"] for c in checks),

@@ -128,7 +128,7 @@ def _bars(
 
 def _bar_names(comparison: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [
-        (str(r.get("backend")) + ("" if r.get("status") == "ok" else "\n(failed)"), r)
+        (str(r.get("backend")) + ("" if r.get("status") == "ok" else f"\n({r.get('status') or 'failed'})"), r)
         for r in comparison.get("rows") or []
     ]
 

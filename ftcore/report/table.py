@@ -36,7 +36,7 @@ TABLE_ROWS: list[tuple[str, Any]] = [
     ("BLAS", lambda r: fmt_text(r.get("blas"))),
     ("Threads", lambda r: fmt_int(r.get("threads") or None)),  # 0: not recorded
     ("Machine (timed steps)", lambda r: {True: "BUSY", False: "quiet"}.get(r.get("machine_busy"), NA)),
-    ("Status", lambda r: "ok" if r.get("status") == "ok" else "FAILED"),
+    ("Status", lambda r: "ok" if r.get("status") == "ok" else str(r.get("status") or "failed").upper()),
 ]
 
 
@@ -102,8 +102,21 @@ def _error_lines(comparison: dict[str, Any]) -> list[str]:
         lines = [ln for ln in err.splitlines() if ln.strip()]
         last = lines[-1] if lines else err
         more = " (full traceback in comparison.json)" if len(lines) > 1 else ""
-        out.append(f"{r.get('backend')} FAILED: {short(last, 300)}{more}")
+        out.append(f"{r.get('backend')} {str(r.get('status') or 'failed').upper()}: {short(last, 300)}{more}")
     return out
+
+
+def headline(comparison: dict[str, Any]) -> str:
+    """First line of the console and report: whether every backend ran ok, and who did not."""
+    bad = [r for r in comparison.get("rows") or [] if r.get("status") != "ok"]
+    if not bad:
+        return f"All {len(comparison.get('rows') or [])} backends ran ok."
+    def last_line(err: Any) -> str:  # a traceback's last line says what happened
+        lines = [ln.strip() for ln in str(err or "no error recorded").splitlines() if ln.strip()]
+        return short(lines[-1] if lines else "no error recorded", 120)
+
+    what = "; ".join(f"{r.get('backend')} {r.get('status')}: {last_line(r.get('error'))}" for r in bad)
+    return f"NOT OK - {what}"
 
 
 def _backend_notes(comparison: dict[str, Any]) -> list[str]:
@@ -119,7 +132,7 @@ def _backend_notes(comparison: dict[str, Any]) -> list[str]:
 def format_table(comparison: dict[str, Any]) -> str:
     """The grid table (one column per backend), then loss diff, fairness, errors and backend notes."""
     header, body = _cells(comparison)
-    lines = [_grid(header, body), ""]
+    lines = [headline(comparison), "", _grid(header, body), ""]
     if comparison.get("reference"):
         lines.append(f"Reference for ratios: {comparison['reference']}")
     if comparison.get("reference_note"):
@@ -141,7 +154,7 @@ def _md_cell(s: str) -> str:
 def markdown(comparison: dict[str, Any]) -> str:
     cfg = comparison.get("config") or {}
     model = cfg.get("model") or f"preset {cfg.get('preset', NA)}"
-    out = ["# ftcore comparison", ""]
+    out = ["# ftcore comparison", "", f"**{headline(comparison)}**", ""]
     out += [
         f"- Model: `{model}`"
         + (f" (first {cfg['num_layers']} layers)" if cfg.get("num_layers") else ""),

@@ -1,0 +1,70 @@
+"""Everything checked before any backend starts, in the parent, so that a user's mistake is one
+`error:` line with nothing written and never a half-finished run:
+
+* flags: RunConfig's own validation, and --threads at most the cores this process may use;
+* the model folder: ftcore.models.check_model_dir (files, config, every tensor, finite weights);
+* the tokenizer: it loads, and its vocabulary fits the embedding (ftcore.checkpoint.check_vocab);
+* the data: loads, tokenizes and fills the batches (ftcore.data.build_batches);
+* each backend: its package is installed, and its spec's `check` passes (device present; for
+  MLX the cached conversion of this checkpoint is made here, so a conversion error stops the run
+  before torch has spent its time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftcore.arch import read_arch
+from ftcore.backends import get_backend
+from ftcore.checkpoint import check_vocab
+from ftcore.config import RunConfig, UserError
+from ftcore.data import Batches, build_batches
+from ftcore.hostinfo import affinity_cores
+from ftcore.models import load_tokenizer, resolve_model_dir
+
+BATCHES_FILE = "batches.npz"
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig  # threads resolved, so every backend uses the same count
+    model_dir: Path
+    batches: Batches
+    batches_path: Path | None = None  # set by save(): what the child processes read
+
+    def save(self, work_dir: Path) -> Prepared:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.batches_path = work_dir / BATCHES_FILE
+        self.batches.save(self.batches_path)
+        return self
+
+
+def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Prepared:
+    """Every check of the module docstring; raises UserError (one line). Writes nothing but the
+    cache (a preset checkpoint, the MLX conversion)."""
+    cores = affinity_cores()
+    if cfg.threads is not None and cfg.threads > cores:
+        raise UserError(
+            f"--threads {cfg.threads}: this process may use {cores} cores; more threads than "
+            "cores would time the operating system's scheduler, not the framework"
+        )
+    specs = [get_backend(b) for b in backends]
+    for spec in specs:
+        if why := spec.missing():
+            raise UserError(why)
+    model_dir = resolve_model_dir(cfg)
+    tokenizer = load_tokenizer(model_dir)
+    check_vocab(read_arch(model_dir), tokenizer, model_dir)
+    batches = build_batches(cfg, tokenizer)
+    if cfg.threads is None:
+        cfg = cfg.replace(threads=cores)
+    for spec in specs:
+        if spec.check:
+            spec.check(cfg, model_dir)
+    return Prepared(cfg, model_dir, batches)
+
+
+def prepare(cfg: RunConfig, work_dir: Path, backends: list[str] | tuple[str, ...] = ()) -> Prepared:
+    """check_run, then the batches saved in work_dir for the child processes."""
+    return check_run(cfg, backends).save(work_dir)

@@ -1,0 +1,83 @@
+"""Run folders (ftcore.rundir): claimed atomically, an earlier run never mixed with a new one."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from ftcore.config import UserError
+from ftcore.rundir import STATUS_FILE, RunDir
+
+pytestmark = pytest.mark.unit
+
+
+def status(path):
+    return json.loads((path / STATUS_FILE).read_text())
+
+
+def test_default_folders_claimed_at_once_are_distinct(tmp_path):
+    """Eight claims racing in the same second: eight different, existing folders."""
+    got, barrier = [], threading.Barrier(8)
+
+    def claim():
+        barrier.wait()
+        got.append(RunDir(None, root=tmp_path).claim())
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 8 and all(p.is_dir() and p.name.startswith("compare-") for p in got)
+    assert all(status(p)["status"] == "running" for p in got)
+
+
+def test_out_holding_a_run_is_refused_unless_replaced(tmp_path):
+    out = tmp_path / "run"
+    (out / "mlx").mkdir(parents=True)
+    (out / "mlx" / "result.json").write_text("old")
+    with pytest.raises(UserError, match="--replace"):
+        RunDir(out).claim()
+    assert (out / "mlx" / "result.json").read_text() == "old"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert RunDir(empty).claim() == empty  # an empty folder is fine
+
+
+def test_replaced_run_is_replaced_whole(tmp_path):
+    out = tmp_path / "run"
+    (out / "mlx").mkdir(parents=True)
+    (out / "mlx" / "result.json").write_text("old")
+    run = RunDir(out, replace=True)
+    assert run.claim() == out and not (out / "mlx").exists()  # nothing old beside the new run
+    run.end("complete", 0)
+    assert status(out)["status"] == "complete" and status(out)["exit_code"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the old run is gone, not hidden
+
+
+def test_interrupted_replacement_puts_the_old_run_back(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "comparison.json").write_text("old")
+    run = RunDir(out, replace=True)
+    run.claim()
+    (out / "batches.npz").write_text("half")
+    run.interrupted()
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.json"]
+    assert (out / "comparison.json").read_text() == "old"
+
+
+def test_interrupted_new_run_is_marked(tmp_path):
+    run = RunDir(tmp_path / "new")
+    path = run.claim()
+    run.interrupted()
+    assert status(path)["status"] == "interrupted" and status(path)["exit_code"] == 130
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        RunDir(f).claim()
