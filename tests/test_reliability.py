@@ -140,9 +140,13 @@ def test_bad_data_and_flags_are_one_line(tmp_path, write_alpaca):
         (["--data", write_alpaca(tmp_path / "false.json", [{"instruction": "a", "input": False, "output": "b"}] * 30)],
          "record 0 has a non-string 'input' (bool)"),
         (["--threads", "999"], "--threads 999: this process may use"),
-        (["--device", "gpu"], "--device gpu"),  # no GPU on the CI machine
         (["--out", tmp_path / "a-file" / "sub"], "cannot create the run folder"),
     ]  # fmt: skip
+    import mlx.core as mx
+    import torch
+
+    if not torch.cuda.is_available() and not mx.is_available(mx.gpu):  # a machine without a GPU
+        cases.append((["--device", "gpu"], "--device gpu"))
     (tmp_path / "a-file").write_text("x")
     for args, needle in cases:
         out_dir = tmp_path / "out"

@@ -81,3 +81,16 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     f.write_text("x")
     with pytest.raises(UserError, match="not a folder"):
         RunDir(f).claim()
+
+
+def test_kill_reason_names_the_oom_killer_only_when_its_counter_rose():
+    import signal
+
+    from ftcore import procs
+
+    now = procs.oom_kills()
+    assert now is None or now >= 0  # this machine's cgroup counter, read for real
+    if now is not None:
+        assert procs.death_reason(signal.SIGKILL, now) == "killed by SIGKILL"
+        assert "OOM killer" in procs.death_reason(signal.SIGKILL, now - 1)  # it rose since then
+    assert procs.death_reason(signal.SIGTERM, None) == "killed by SIGTERM"
