@@ -206,14 +206,18 @@ def test_two_compares_at_once_write_two_whole_folders(tmp_path):
 
 
 def test_divergence_is_a_diverged_row_and_exit_1(tmp_path):
+    """lr 1e9: torch's gradient norm is NaN at step 2 (its loss still finite), hf-trainer (which
+    checks the loss only) sees a NaN loss at step 3; MLX's loss happens to stay finite."""
     out_dir = tmp_path / "out"
-    out = ftcore("compare", "--out", out_dir, "--lr", "1e9", "--warmup-steps", "0", "--lr-schedule",
-                 "constant", "--steps", "4", *FAST)  # fmt: skip
+    out = ftcore("compare", "--backends", "torch,hf-trainer,mlx", "--out", out_dir, "--lr", "1e9",
+                 "--warmup-steps", "0", "--lr-schedule", "constant", "--steps", "4", *FAST)  # fmt: skip
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr
     comp = json.loads((out_dir / "comparison.json").read_text())
     diverged = [r for r in comp["rows"] if r["status"] == "diverged"]
-    assert diverged and comp["all_ok"] is False
+    assert {r["backend"] for r in diverged} >= {"torch", "hf-trainer"} and comp["all_ok"] is False
+    errors = " ".join(r["error"] for r in diverged)
+    assert "the gradient norm is nan" in errors and "the loss is nan" in errors  # both checks
     for r in diverged:
         assert "diverged at step" in r["error"] and ("nan" in r["error"] or "inf" in r["error"])
         assert f"error: {r['backend']} diverged: diverged at step" in out.stderr
