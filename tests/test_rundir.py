@@ -94,3 +94,28 @@ def test_kill_reason_names_the_oom_killer_only_when_its_counter_rose():
         assert procs.death_reason(signal.SIGKILL, now) == "killed by SIGKILL"
         assert "OOM killer" in procs.death_reason(signal.SIGKILL, now - 1)  # it rose since then
     assert procs.death_reason(signal.SIGTERM, None) == "killed by SIGTERM"
+
+
+def test_stop_all_terminates_then_kills_every_live_child():
+    """What an interrupted CLI calls: a child that obeys SIGTERM and one that ignores it are both
+    gone, and reaped, within the grace period plus the SIGKILL (on Linux PR_SET_PDEATHSIG would
+    stop them too once the parent exits; this is the portable path, checked on its own)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ftcore import procs
+
+    obey = procs.spawn([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+    ignore = procs.spawn(
+        [sys.executable, "-c",
+         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+        dict(os.environ), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert ignore.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    procs.stop_all(grace_s=1.0)
+    assert time.monotonic() - t0 < 10
+    assert obey.returncode == -15 and ignore.returncode == -9  # SIGTERM, then SIGKILL
+    assert not procs.LIVE
