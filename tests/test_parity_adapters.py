@@ -81,7 +81,7 @@ def test_saved_peft_adapter_loads_into_mlx(case):
 
 @pytest.fixture(scope="module")
 def fp32_runs(tmp_path_factory):
-    r = backend_runs("fp32", tmp_path_factory.getbasetemp() / "parity-runs")
+    r = backend_runs(("fp32",), tmp_path_factory.getbasetemp() / "parity-runs")["fp32"]
     for b in ("torch", "mlx"):
         assert r[b].status == "ok", f"{b}: {r[b].error}"
     return r

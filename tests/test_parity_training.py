@@ -1,8 +1,11 @@
 """Training trajectories: the `torch` and `mlx` backends, each in its own child process
-(ftcore.runner.prepare + run_backend), train the tiny preset on the same batches from the same
-initial adapters with the same config (every LoRA target, weight decay on, cosine schedule with
-warm-up), 20 steps. fp32: the same per-step losses and the same final adapters; bf16: the same to a
-documented, looser tolerance.
+(ftcore.runner.prepare + run_backend), train on the same batches from the same initial adapters
+with the same config (parity_utils.TRAJECTORIES): the tiny preset at the default 128 tokens, every
+LoRA target, weight decay, cosine schedule with warm-up, clipping at max_grad_norm 1.0 and eval
+every 5 steps, 20 steps, fp32 and bf16; and a 512-token fp32 run on long records. Two threads, so
+the MLX side runs its compiled step over two row streams, as on 2 cores by default.
+fp32: the same per-step and eval losses and the same final adapters; bf16: the same to a measured,
+looser tolerance.
 
 Why norm-based adapter tolerances: Adam divides by sqrt(v); a weight whose gradient is ~0 in exact
 arithmetic gets a full +-lr step from whatever sign the rounding noise has, so an elementwise max
@@ -13,43 +16,82 @@ mostly the shared initial value).
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from parity_utils import backend_runs, initial_peft_adapter, read_adapter, rel_norm_err
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
-# fp32. Measured (2-core EPYC): per-step loss diff <= 1.9e-6; adapter ||a-b||/||b|| <= 9.2e-6,
-# relative to the update <= 1.4e-5; eval loss diff ~1e-6.
+# fp32. Measured (2-core EPYC), 128 tokens: per-step loss diff <= 1.9e-6, eval diff <= 1.3e-6,
+# adapter ||a-b||/||b|| <= 2.1e-5, relative to the update <= 3.2e-5; 512 tokens (6 steps, small
+# updates): loss diff 1.9e-6, eval diff 3.5e-6, adapter 1.1e-4, relative to the update 4.4e-4.
+# Defects in the MLX backend move them far more (128 tokens unless said): batches fed in reverse
+# 0.53 per-step loss; AdamW beta2 0.99 for 0.999 6.3e-4; clipping skipped 2.4e-2 (512 tokens:
+# 7.7e-5, but adapter 6.7e-3); causal masking stopped at position 64 5.7e-4 (512 tokens: 1.2e-2).
 FP32_LOSS_ATOL = 1e-4  # the fp32 loss contract: per-step torch vs MLX
-FP32_ADAPTER_RTOL = 1e-3  # ~100x the measured 9e-6: still far below any formula bug (>= 1e-1)
+FP32_ADAPTER_RTOL = 1e-3  # 2.3-30x the measured; a skipped clipping gives 6.7e-3
 # bf16 (frozen base in bf16, LoRA + AdamW in fp32 in both). The frameworks round bf16 matmuls,
-# RMSNorm and RoPE in different orders, so this is agreement, not identity. Measured: per-step
-# loss diff <= 9.9e-4 (losses ~6.9), adapter tensor rel err <= 0.125 (small lora_B, sign noise),
-# global update rel err 0.047, worst cosine between the two updates 0.992.
-BF16_LOSS_ATOL = 5e-3
-BF16_ADAPTER_RTOL = 0.4
-BF16_GLOBAL_RTOL = 0.15
-BF16_MIN_COSINE = 0.95
+# RMSNorm and RoPE in different orders, so this is agreement, not identity. Each bound is ~2x its
+# measured value (128 tokens, 2 threads): per-step loss diff 2.1e-3 (losses ~6.5), eval diff
+# 1.1e-3, worst tensor rel err 0.063, global update rel err 0.032, worst cosine between the two
+# updates 0.9965 (1 - cos: 3.5e-3), MLX bf16 vs MLX fp32 losses 1.4e-3 (torch's: 1.4e-3).
+# LoRA matmuls in bf16 in MLX do not show here (loss diff 1.1e-3, global 0.032): the bf16 base's
+# rounding hides them; test_parity_lora_layer.py's bf16 property catches them.
+BF16_LOSS_ATOL = 4e-3
+BF16_EVAL_ATOL = 2.2e-3
+BF16_ADAPTER_RTOL = 0.13
+BF16_GLOBAL_RTOL = 0.065
+BF16_MIN_COSINE = 0.993
+BF16_VS_FP32_ATOL = 3e-3
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "parity-runs"
-    return {p: backend_runs(p, root) for p in ("fp32", "bf16")}
+    return backend_runs(("fp32", "bf16", "long"), tmp_path_factory.getbasetemp() / "parity-runs")
+
+
+def _fed_fingerprint(batches, steps: int) -> str:
+    """What ftcore.backends.common.StepClock.feed hashes when a loop feeds batches 0..steps-1 in
+    order: each step's (B, L) int64 token ids, shape first."""
+    h = hashlib.sha256()
+    for s in range(steps):
+        ids = np.ascontiguousarray(batches.step(s)["input_ids"], dtype=np.int64)
+        h.update(str(ids.shape).encode())
+        h.update(ids.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _ok(r):
     for b in ("torch", "mlx"):
         assert r[b].status == "ok", f"{b}: {r[b].error}\n{r[b].extra.get('traceback', '')}"
-    # Same inputs, same starting point, same optimiser settings in both.
+    # Same inputs, fed in order, same starting point, same optimiser settings in both.
     assert r["torch"].batch_fingerprint == r["mlx"].batch_fingerprint
+    expected = _fed_fingerprint(r["prep"].batches, r["cfg"].steps)
+    assert r["torch"].fed_batches_fingerprint == expected, "torch fed other batches"
+    assert r["mlx"].fed_batches_fingerprint == expected, "mlx fed other batches"
     assert r["torch"].initial_adapter_fingerprint == r["mlx"].initial_adapter_fingerprint
     torch_opt, mlx_opt = dict(r["torch"].optimizer), dict(r["mlx"].optimizer)
     # the LR each step used, read back from each optimizer (MLX holds it as a float32)
     np.testing.assert_allclose(torch_opt.pop("lr_per_step"), mlx_opt.pop("lr_per_step"), rtol=1e-6)
     assert torch_opt == mlx_opt
+    assert torch_opt["max_grad_norm"] == r["cfg"].max_grad_norm == 1.0
     assert len(r["torch"].losses) == len(r["mlx"].losses) == r["cfg"].steps
+    # the step the MLX backend runs by default on 2 cores: compiled, rows over two streams
+    assert r["mlx"].extra["cpu_streams"] == 2 and r["mlx"].extra["compiled"] is True
+    # periodic eval at the same steps in both (and the final one)
+    every, steps = r["cfg"].eval_every, r["cfg"].steps
+    want = [*range(every, steps, every), steps]
+    assert [s for s, _ in r["torch"].eval_losses] == [s for s, _ in r["mlx"].eval_losses] == want
+
+
+def _losses(r):
+    lt, lm = np.array(r["torch"].losses), np.array(r["mlx"].losses)
+    et = np.array([v for _, v in r["torch"].eval_losses])
+    em = np.array([v for _, v in r["mlx"].eval_losses])
+    assert np.isfinite(lt).all() and np.isfinite(lm).all() and np.isfinite(em).all()
+    return lt, lm, np.abs(lt - lm), np.abs(et - em)
 
 
 def _adapter_errors(r):
@@ -69,14 +111,14 @@ def _adapter_errors(r):
     return tensor, update, d / u, cos
 
 
-def test_fp32_losses_and_adapters_match(runs):
-    r = runs["fp32"]
+@pytest.mark.parametrize("name", ["fp32", "long"])
+def test_fp32_losses_and_adapters_match(runs, name):
+    r = runs[name]
     _ok(r)
-    lt, lm = np.array(r["torch"].losses), np.array(r["mlx"].losses)
-    assert np.isfinite(lt).all() and lt[-1] < lt[0]  # it trained
-    diff = np.abs(lt - lm)
+    lt, _, diff, eval_diff = _losses(r)
+    assert lt[-1] < lt[0]  # it trained
     assert diff.max() < FP32_LOSS_ATOL, f"per-step |torch - mlx| = {diff.tolist()}"
-    assert abs(r["torch"].eval_loss - r["mlx"].eval_loss) < FP32_LOSS_ATOL
+    assert eval_diff.max() < FP32_LOSS_ATOL, f"eval |torch - mlx| = {eval_diff.tolist()}"
 
     tensor, update, glob, _ = _adapter_errors(r)
     worst_t, worst_u = max(tensor, key=tensor.get), max(update, key=update.get)
@@ -89,21 +131,30 @@ def test_fp32_losses_and_adapters_match(runs):
     assert glob < FP32_ADAPTER_RTOL
 
 
+def test_long_run_trains_past_position_64(runs):
+    """The 512-token run's loss is taken where a mask or RoPE bug past the short tests' 64
+    positions would act: every target sits beyond position 64, in rows longer than 128."""
+    train = runs["long"]["prep"].batches.train
+    real, targets = train["attention_mask"].sum(-1), train["labels"][..., 1:] != -100
+    assert real.min() > 128 and train["input_ids"].shape[-1] == 512
+    assert not targets[..., :64].any() and targets.any()
+
+
 def test_bf16_losses_and_adapters_agree(runs):
     r = runs["bf16"]
     _ok(r)
-    lt, lm = np.array(r["torch"].losses), np.array(r["mlx"].losses)
-    assert np.isfinite(lt).all() and np.isfinite(lm).all()
-    diff = np.abs(lt - lm)
+    _, lm, diff, eval_diff = _losses(r)
     assert diff.max() < BF16_LOSS_ATOL, f"per-step |torch - mlx| = {diff.tolist()}"
-    assert abs(r["torch"].eval_loss - r["mlx"].eval_loss) < BF16_LOSS_ATOL
+    assert eval_diff.max() < BF16_EVAL_ATOL, f"eval |torch - mlx| = {eval_diff.tolist()}"
 
     tensor, _, glob, cos = _adapter_errors(r)
     worst = max(tensor, key=tensor.get)
     assert tensor[worst] < BF16_ADAPTER_RTOL, (
         f"{worst}: ||mlx - torch|| / ||torch|| = {tensor[worst]:.3g}"
     )
-    assert glob < BF16_GLOBAL_RTOL
-    assert min(cos.values()) > BF16_MIN_COSINE
-    # bf16 must stay close to the fp32 run too (a bf16-only bug, e.g. LoRA in bf16, would drift).
-    assert np.abs(lm - np.array(runs["fp32"]["mlx"].losses)).max() < 5 * BF16_LOSS_ATOL
+    assert glob < BF16_GLOBAL_RTOL, f"global update rel err {glob:.3g}"
+    assert min(cos.values()) > BF16_MIN_COSINE, f"worst cosine {min(cos.values()):.5f}"
+    # bf16 stays close to the fp32 run of the same backend (a bf16-only drift would show).
+    for b in ("torch", "mlx"):
+        drift = np.abs(np.array(r[b].losses) - np.array(runs["fp32"][b].losses)).max()
+        assert drift < BF16_VS_FP32_ATOL, f"{b}: bf16 vs fp32 losses differ by {drift:.3g}"
