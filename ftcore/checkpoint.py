@@ -188,9 +188,10 @@ def check_checkpoint(model_dir: Path, allow_pickle: bool = False) -> dict[str, A
     arch = read_config(model_dir)
     files, is_pickle = _weight_files(model_dir, allow_pickle)
     found: dict[str, Tensor] = {}
+    pickled = {f: _pickle_tensors(f) for f in files} if is_pickle else {}
     for f in files:
         if is_pickle:
-            for name, v in _pickle_tensors(f).items():
+            for name, v in pickled[f].items():
                 found[name] = Tensor(name, TORCH_DTYPES.get(str(v.dtype), str(v.dtype)), tuple(v.shape), f)
         else:
             found.update({t.name: t for t in _safetensors_header(f)})
@@ -211,8 +212,8 @@ def check_checkpoint(model_dir: Path, allow_pickle: bool = False) -> dict[str, A
     if is_pickle:
         import torch
 
-        for f in files:
-            for name, v in _pickle_tensors(f).items():
+        for f, tensors in pickled.items():
+            for name, v in tensors.items():
                 if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                     raise UserError(f"{f}: {name} holds NaN or Inf values")
         return arch

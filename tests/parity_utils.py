@@ -28,6 +28,7 @@ from ftcore.mlx.adapters import peft_to_mlx_adapter
 from ftcore.mlx.convert import convert_hf_to_mlx
 from ftcore.mlx.lora import apply_lora, load_lora_state
 from ftcore.mlx.model import load_model
+from ftcore.models import PRESET_CONFIGS
 
 FP32_EPS = float(np.finfo(np.float32).eps)
 
@@ -58,6 +59,18 @@ def llama_configs(
         initializer_range=draw(st.floats(0.1, 0.3)),
         max_position_embeddings=max_positions,
     )
+
+
+def tinyllama_width_config() -> dict[str, Any]:
+    """TinyLlama-1.1B's layer (the `tinyllama-1.1b` preset: hidden 2048, intermediate 5632, 32
+    heads / 4 kv heads), one layer and a 512-token vocab, as HF LlamaConfig kwargs."""
+    return {
+        **PRESET_CONFIGS["tinyllama-1.1b"],
+        "vocab_size": 512,
+        "num_hidden_layers": 1,
+        "initializer_range": 0.05,  # q.k/sqrt(d) ~ N(0, 5^2): attention far from uniform
+        "max_position_embeddings": 64,
+    }
 
 
 @st.composite

@@ -24,6 +24,7 @@ from parity_utils import (
     model_cases,
     peft_state_np,
     save_and_convert,
+    tinyllama_width_config,
 )
 
 pytestmark = pytest.mark.parity
@@ -102,19 +103,7 @@ def test_logits_match_peft_at_length(length):
 def test_tinyllama_width_one_layer():
     """TinyLlama-1.1B's real width (hidden 2048, intermediate 5632, 32 heads / 4 kv heads,
     head_dim 64, theta 1e4, eps 1e-5), one layer, a small vocab; LoRA r8 on every target."""
-    cfg = dict(
-        vocab_size=512,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=1,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        initializer_range=0.05,  # q.k/sqrt(d) ~ N(0, 5^2): attention far from uniform
-        max_position_embeddings=64,
-    )
+    cfg = tinyllama_width_config()
     lora = dict(
         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         rank=8,

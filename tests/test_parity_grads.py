@@ -32,6 +32,7 @@ from parity_utils import (
     peft_state_np,
     rel_norm_err,
     save_and_convert,
+    tinyllama_width_config,
     token_batches,
     torch_loss,
 )
@@ -154,19 +155,7 @@ def test_tinyllama_width_every_target_grads():
     a small vocab; LoRA r8 on all seven targets; 2 rows (two MLX streams), one left- and one
     right-padded, prompts masked. 12 tokens: the test process's MLX calls its bundled reference
     BLAS (~2 GFLOP/s here; the backend preloads OpenBLAS), ~20 s for 2 x 128 tokens."""
-    cfg = dict(
-        vocab_size=512,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=1,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        initializer_range=0.05,  # q.k/sqrt(d) ~ N(0, 5^2): attention far from uniform
-        max_position_embeddings=64,
-    )
+    cfg = tinyllama_width_config()
     lora = dict(targets=LORA_TARGETS, rank=8, alpha=16.0, b_std=0.02)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 512, (2, 12)).astype(np.int64)
