@@ -125,6 +125,7 @@ def token_batches(
 # Sequences from LONG tokens up: past the 64 positions the short strategies stop at, up to 512 (the
 # default max_seq_len is 128; TinyLlama cases use 256). Small width keeps a 512 x 512 attention cheap.
 LONG, LONGEST = 96, 512
+LONG_EXAMPLES = 4  # hypothesis examples of long_model_cases: each a 96-512 token batch, so few
 
 
 @st.composite

@@ -16,6 +16,7 @@ from helpers import make_hf_model, max_err_real, mlx_logits, torch_logits
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from parity_utils import (
+    LONG_EXAMPLES,
     LONGEST,
     add_peft,
     long_case,
@@ -62,7 +63,6 @@ def test_model_logits_match_peft(case, attn):
     assert err < LOGITS_ATOL
 
 
-LONG_EXAMPLES = 4  # each one a 96-512 token batch: few, the short property covers the configs
 
 
 def long_logits_tol(length: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 from parity_utils import (
+    LONG_EXAMPLES,
     LONGEST,
     add_peft,
     llama_configs,
@@ -134,7 +135,6 @@ def test_lora_grads_match_padding_only(case):
 
 # ----------------------------------------------------------------------------- long sequences
 
-LONG_EXAMPLES = 4  # each one a 96-512 token batch: few, the short properties cover the configs
 # Same budget as above. Measured over 42 long cases: worst err/budget 0.011, loss diff 1.9e-6;
 # at TinyLlama width (below): err/budget 0.006, worst per-tensor relative error 7.6e-6.
 
