@@ -19,7 +19,7 @@ class UserError(Exception):
     """A mistake in what the user asked for. The CLI prints `error: <message>` and exits 2."""
 
 
-PRESETS = ("tiny", "tinyllama-1.1b")
+PRESETS = ("tiny-pretrained", "tiny", "tinyllama-1.1b")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "gpu")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -29,20 +29,22 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 class RunConfig:
     # model: a local HF folder wins over a preset
     model: str | None = None
-    preset: str = "tiny"
+    preset: str = "tiny-pretrained"  # the embedded default (ftcore.models)
     num_layers: int | None = None  # truncate the preset to its first N layers
     allow_pickle: bool = False  # accept *.bin / *.pt weights from --model
     # data: None means the built-in synthetic Alpaca-format set
     data: str | None = None
-    num_samples: int = 64  # training records drawn (by seed) from the data
-    eval_samples: int = 16  # held-out records for eval loss; 0 disables eval
+    num_samples: int = 256  # training records drawn (by seed) from the data
+    eval_samples: int = 32  # held-out records for eval loss and accuracy; 0 disables eval
     max_seq_len: int = 128  # every batch is padded/truncated to exactly this length
     mask_prompt: bool = True  # loss on the response only
     # run
     batch_size: int = 4
-    steps: int = 20
+    steps: int = 60
     timing_warmup_steps: int = 1  # first steps (compilation, allocator) left out of throughput
-    eval_every: int = 0  # 0: eval only at the end
+    eval_every: int = 10  # eval before training, every N steps and at the end; 0: before and end only
+    eval_generate: bool = True  # greedy answers to the eval records -> exact-match accuracy
+    target_eval_loss: float | None = None  # stop once an eval reaches it (needs eval_every > 0)
     seed: int = 0
     precision: str = "fp32"
     device: str = "cpu"
@@ -60,7 +62,7 @@ class RunConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"))
+    lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)  # all 7 linears of each layer
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):
@@ -88,6 +90,10 @@ class RunConfig:
         need(self.steps >= 1, "steps", "must be >= 1")
         need(0 <= self.timing_warmup_steps < self.steps, "timing_warmup_steps", "must be >= 0 and < --steps")
         need(self.eval_every >= 0, "eval_every", "must be >= 0")
+        if self.target_eval_loss is not None:
+            need(math.isfinite(self.target_eval_loss) and self.target_eval_loss > 0, "target_eval_loss", "must be a positive number")
+            need(self.eval_samples > 0, "target_eval_loss", "needs eval records (--eval-samples > 0)")
+            need(self.eval_every > 0, "target_eval_loss", "needs periodic eval (--eval-every > 0)")
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.precision in PRECISIONS, "precision", f"unknown precision {self.precision!r} (one of {', '.join(PRECISIONS)})")
         need(self.device in DEVICES, "device", f"unknown device {self.device!r} (one of {', '.join(DEVICES)})")

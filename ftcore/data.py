@@ -140,6 +140,8 @@ class Tokenized:
     ids: list[list[int]]  # prompt + response + EOS, truncated to max_seq_len
     labels: list[list[int]]  # ids with IGNORE_INDEX on the prompt (when masking)
     dropped: int  # records left with no loss token after truncation
+    prompt_lens: list[int] = field(default_factory=list)  # tokens of each kept record's prompt
+    complete: list[bool] = field(default_factory=list)  # the whole response + EOS fit in max_seq_len
 
 
 def template_length(tokenizer: Any) -> int:
@@ -153,7 +155,7 @@ def tokenize_records(
     """Tokenise in two batched calls (prompts, prompt+response); the prompt's token count marks
     where the loss starts, as in Stanford Alpaca's own preprocessing."""
     if not records:
-        return Tokenized([], [], 0)
+        return Tokenized([], [], 0, [], [])
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer defines no EOS token")
@@ -161,9 +163,10 @@ def tokenize_records(
     fulls = [pr + r["output"] for pr, r in zip(prompts, records, strict=True)]
     prompt_ids = tokenizer(prompts)["input_ids"]
     full_ids = tokenizer(fulls)["input_ids"]
-    ids_out, labels_out, dropped = [], [], 0
+    ids_out, labels_out, dropped, prompt_lens, complete = [], [], 0, [], []
     for p_ids, f_ids in zip(prompt_ids, full_ids, strict=True):
         ids = (list(f_ids) + [eos])[:max_seq_len]
+        whole = len(f_ids) + 1 <= max_seq_len
         labels = list(ids)
         if mask_prompt:
             n = min(len(p_ids), len(ids))
@@ -174,7 +177,9 @@ def tokenize_records(
             continue
         ids_out.append(ids)
         labels_out.append(labels)
-    return Tokenized(ids_out, labels_out, dropped)
+        prompt_lens.append(len(p_ids))
+        complete.append(whole)
+    return Tokenized(ids_out, labels_out, dropped, prompt_lens, complete)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -207,22 +212,38 @@ class Batches:
 
     train[k]: (steps, batch, max_seq_len) int64 for k in input_ids / labels / attention_mask;
     step s uses train[k][s]. eval: list of dicts of (<=batch, max_seq_len) arrays.
+    answers: the eval records whose whole response fits, for greedy generation and exact-match
+    accuracy: prompt_ids (n, P) and answer_ids (n, A) int64 padded with -1, prompt_len and
+    answer_len (n,); an answer is the response's tokens plus EOS.
     """
 
     train: dict[str, np.ndarray]
     eval: list[dict[str, np.ndarray]]
     stats: dict[str, Any] = field(default_factory=dict)
+    answers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for part in [self.train, *self.eval]:
-            for k in ("input_ids", "labels", "attention_mask"):
+        keys = ("input_ids", "labels", "attention_mask")
+        parts = [(p, keys) for p in [self.train, *self.eval]] + [(self.answers, sorted(self.answers))]
+        for part, names in parts:
+            for k in names:
                 a = np.ascontiguousarray(part[k], dtype=np.int64)
                 h.update(k.encode())
                 h.update(str(a.shape).encode())
                 h.update(a.tobytes())
         return h.hexdigest()[:16]
+
+    def answer_items(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt token ids, expected answer token ids ending with EOS) per answerable eval record."""
+        a = self.answers
+        if not a:
+            return []
+        return [
+            (a["prompt_ids"][i, : a["prompt_len"][i]].tolist(), a["answer_ids"][i, : a["answer_len"][i]].tolist())
+            for i in range(len(a["prompt_len"]))
+        ]
 
     def step(self, s: int) -> dict[str, np.ndarray]:
         return {k: v[s] for k, v in self.train.items()}
@@ -231,6 +252,7 @@ class Batches:
         arrays = {f"train_{k}": v for k, v in self.train.items()}
         for i, b in enumerate(self.eval):
             arrays.update({f"eval{i}_{k}": v for k, v in b.items()})
+        arrays.update({f"answers_{k}": v for k, v in self.answers.items()})
         arrays["stats"] = np.frombuffer(json.dumps(self.stats).encode(), dtype=np.uint8)
         np.savez(path, **arrays)
 
@@ -243,8 +265,9 @@ class Batches:
                 {k: z[f"eval{i}_{k}"] for k in ("input_ids", "labels", "attention_mask")}
                 for i in range(n_eval)
             ]
+            answers = {k[len("answers_") :]: z[k] for k in z.files if k.startswith("answers_")}
             stats = json.loads(z["stats"].tobytes().decode())
-        return cls(train=train, eval=evals, stats=stats)
+        return cls(train=train, eval=evals, stats=stats, answers=answers)
 
 
 def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None) -> Batches:
@@ -278,6 +301,7 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         _pack(eval_tok, list(range(i, min(i + cfg.batch_size, len(eval_tok.ids)))), cfg.max_seq_len, pad_id)
         for i in range(0, len(eval_tok.ids), cfg.batch_size)
     ]
+    answers = _answers(eval_tok)
     stats = {
         "train_records": n,
         "eval_records": len(eval_tok.ids),
@@ -285,5 +309,29 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         "tokens_per_step": cfg.batch_size * cfg.max_seq_len,
         "loss_tokens": target_count(train["labels"]),
         "real_tokens": int(train["attention_mask"].sum()),
+        "answer_records": len(answers.get("prompt_len", ())),
+        "eos_id": int(tokenizer.eos_token_id),
     }
-    return Batches(train=train, eval=evals, stats=stats)
+    return Batches(train=train, eval=evals, stats=stats, answers=answers)
+
+
+def _answers(tok: Tokenized) -> dict[str, np.ndarray]:
+    """Batches.answers from the tokenised eval records whose whole response + EOS fit."""
+    keep = [i for i, whole in enumerate(tok.complete) if whole]
+    if not keep:
+        return {}
+    prompts = [tok.ids[i][: tok.prompt_lens[i]] for i in keep]
+    answers = [tok.ids[i][tok.prompt_lens[i] :] for i in keep]
+
+    def padded(rows: list[list[int]]) -> np.ndarray:
+        out = np.full((len(rows), max(len(r) for r in rows)), -1, dtype=np.int64)
+        for j, r in enumerate(rows):
+            out[j, : len(r)] = r
+        return out
+
+    return {
+        "prompt_ids": padded(prompts),
+        "prompt_len": np.array([len(r) for r in prompts], dtype=np.int64),
+        "answer_ids": padded(answers),
+        "answer_len": np.array([len(r) for r in answers], dtype=np.int64),
+    }

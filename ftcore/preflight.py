@@ -53,6 +53,11 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
     for spec in specs:
         if why := spec.missing():
             raise UserError(why)
+        if cfg.target_eval_loss is not None and not spec.owns_steps:
+            raise UserError(
+                f"--target-eval-loss: the {spec.name} backend's trainer runs its own steps and "
+                "cannot stop at a target; use backends whose loop ftcore owns"
+            )
     model_dir = resolve_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir)
     check_vocab(read_arch(model_dir), tokenizer, model_dir)

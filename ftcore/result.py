@@ -42,7 +42,12 @@ class RunResult:
     losses: list[float] = field(default_factory=list)  # one per step
     final_loss: float | None = None
     eval_loss: float | None = None
-    eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss]
+    eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss]; step 0 = before training
+    eval_loss_before: float | None = None  # eval loss of the base model (the adapter's B is zero)
+    accuracy_before: float | None = None  # exact-match share of greedy answers to the eval records
+    accuracy_after: float | None = None
+    generations: dict = field(default_factory=dict)  # "before"/"after": greedy token ids per record
+    target: dict | None = None  # --target-eval-loss: {eval_loss, reached, step, seconds, train_seconds}
     peak_rss_mb: float = 0.0
     baseline_rss_mb: float = 0.0  # RSS after model load
     framework_peak_mb: float | None = None  # mx.get_peak_memory / cuda max allocated; None on CPU torch

@@ -1,79 +1,92 @@
-"""Built-in synthetic Alpaca-format data: small tasks with exact answers, deterministic by seed.
+"""Built-in synthetic Alpaca-format data: small word tasks with exact answers, deterministic by seed.
 
-Used when no --data is given, and to train the presets' local tokenizer. The tasks are regular
-enough that a tiny randomly initialised model's loss clearly falls within a few dozen steps.
+Two groups of task families:
+- PRETRAIN_FAMILIES: what the `tiny-pretrained` preset learns while it is made (full-parameter
+  training, ftcore.pretrain): spell a word backwards, in capitals, its first letter, its length,
+  the first word of a list, a unit conversion. All over one fixed list of 36 words.
+- FINETUNE_FAMILIES: held out of pretraining; the built-in fine-tune data. They reuse what the base
+  knows under instructions it has never seen ("the last letter", "spell ... in reverse"), so a
+  LoRA fine-tune has a measurable effect: exact-match accuracy of greedy answers goes from near 0
+  to well above it.
+Every family's answer is exact, so accuracy is an exact match of the generated tokens.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
+
+Record = dict[str, str]
 
 WORDS = ["apple", "river", "stone", "cloud", "garden", "candle", "mirror", "forest", "window", "ladder", "pepper", "marble", "rocket", "silver", "velvet", "harbor", "pencil", "meadow", "copper", "lantern", "puzzle", "engine", "orange", "tiger", "violin", "basket", "falcon", "island", "jacket", "kettle", "lemon", "magnet", "needle", "ocean", "planet", "quartz"]
 
-UNITS = (  # (from, to, factor)
+UNITS = (  # (from, to, factor): factors whose products are the number followed by zeros
     ("meters", "centimeters", 100),
     ("kilometers", "meters", 1000),
-    ("hours", "minutes", 60),
-    ("minutes", "seconds", 60),
     ("kilograms", "grams", 1000),
     ("liters", "milliliters", 1000),
 )
 
 
-def _arithmetic(rng: random.Random) -> dict[str, str]:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
-    op = rng.choice("+-*")
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return {"instruction": "Compute the result of the expression.", "input": f"{a} {op} {b}", "output": str(value)}
+def _no_input(instruction: str, output: str) -> Record:
+    return {"instruction": instruction, "input": "", "output": output}
 
 
-def _sort_numbers(rng: random.Random) -> dict[str, str]:
-    xs = [rng.randint(0, 99) for _ in range(rng.randint(3, 8))]
-    return {
-        "instruction": "Sort the numbers in ascending order.",
-        "input": ", ".join(map(str, xs)),
-        "output": ", ".join(map(str, sorted(xs))),
-    }
+# --- pretraining families
 
 
-def _reverse_word(rng: random.Random) -> dict[str, str]:
+def backwards(rng: random.Random) -> Record:
     w = rng.choice(WORDS)
-    return {"instruction": f"Write the word {w} backwards.", "input": "", "output": w[::-1]}
+    return _no_input(f"Write the word {w} backwards.", w[::-1])
 
 
-def _convert_units(rng: random.Random) -> dict[str, str]:
+def capitals(rng: random.Random) -> Record:
+    w = rng.choice(WORDS)
+    return _no_input(f"Write the word {w} in capital letters.", w.upper())
+
+
+def first_letter(rng: random.Random) -> Record:
+    w = rng.choice(WORDS)
+    return _no_input(f"What is the first letter of the word {w}?", w[0])
+
+
+def word_length(rng: random.Random) -> Record:
+    w = rng.choice(WORDS)
+    return _no_input(f"How many letters does the word {w} have?", str(len(w)))
+
+
+def first_word(rng: random.Random) -> Record:
+    ws = rng.sample(WORDS, rng.randint(2, 5))
+    return {"instruction": "Write the first word of the list.", "input": " ".join(ws), "output": ws[0]}
+
+
+def convert_units(rng: random.Random) -> Record:
     src, dst, factor = rng.choice(UNITS)
     n = rng.randint(1, 50)
-    return {
-        "instruction": f"Convert {n} {src} to {dst}.",
-        "input": "",
-        "output": f"{n} {src} is {n * factor} {dst}.",
-    }
+    return _no_input(f"Convert {n} {src} to {dst}.", f"{n} {src} is {n * factor} {dst}.")
 
 
-def _count_letters(rng: random.Random) -> dict[str, str]:
+# --- fine-tuning families (never seen in pretraining)
+
+
+def last_letter(rng: random.Random) -> Record:
     w = rng.choice(WORDS)
-    letter = rng.choice(w)
-    return {
-        "instruction": f"How many times does the letter '{letter}' appear in the word?",
-        "input": w,
-        "output": str(w.count(letter)),
-    }
+    return _no_input(f"What is the last letter of the word {w}?", w[-1])
 
 
-def _list_words(rng: random.Random) -> dict[str, str]:
-    ws = rng.sample(WORDS, rng.randint(2, 5))
-    return {
-        "instruction": "Sort these words alphabetically.",
-        "input": " ".join(ws),
-        "output": " ".join(sorted(ws)),
-    }
+def spell_reversed(rng: random.Random) -> Record:
+    w = rng.choice(WORDS)
+    return _no_input(f"Spell {w} in reverse.", w[::-1])
 
 
-TASKS = (_arithmetic, _sort_numbers, _reverse_word, _convert_units, _count_letters, _list_words)
+Family = Callable[[random.Random], Record]
+PRETRAIN_FAMILIES: tuple[Family, ...] = (backwards, capitals, first_letter, word_length, first_word, convert_units)
+FINETUNE_FAMILIES: tuple[Family, ...] = (last_letter, spell_reversed)
+ALL_FAMILIES = PRETRAIN_FAMILIES + FINETUNE_FAMILIES
 
 
-def synthetic_records(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`n` Alpaca-format records (instruction, input, output), the same for the same seed."""
+def synthetic_records(n: int, seed: int = 0, families: Sequence[Family] = FINETUNE_FAMILIES) -> list[Record]:
+    """`n` Alpaca-format records drawn from `families` (default: the fine-tuning families, the
+    built-in fine-tune data); the same for the same seed."""
     rng = random.Random(seed)
-    return [rng.choice(TASKS)(rng) for _ in range(n)]
+    return [rng.choice(families)(rng) for _ in range(n)]

@@ -86,6 +86,9 @@ class BackendSpec:
     # True: computes the loss contract with AdamW as REFERENCE_BACKEND does, so its fp32
     # per-step losses must equal the reference's within 1e-4 (checked by tests and bench)
     same_numerics: bool = True
+    # True: its loop owns the steps, so it evaluates every --eval-every steps, stops at
+    # --target-eval-loss and measures greedy exact-match accuracy (backends.common.Quality)
+    owns_steps: bool = True
 
     def train(self, cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
         module = importlib.import_module(f"ftcore.backends.{self.module}")
@@ -109,6 +112,7 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             name="hf-trainer", framework="torch", module="hf_trainer", package="transformers",
             install_hint="pip install ftcore", child_env=torch_env.child_env, check=check_torch,
+            owns_steps=False,  # Trainer runs the steps; accuracy before/after still measured
             summary="the same model and adapter through transformers Trainer",
         ),
         BackendSpec(
@@ -122,6 +126,7 @@ BACKENDS: dict[str, BackendSpec] = {
             name="mlx-lm", framework="mlx", module="mlx_lm_ref", package="mlx_lm",
             install_hint="pip install 'ftcore[mlx-lm]'", child_env=mlx_env.child_env, check=check_mlx,
             same_numerics=False,  # its own loss normalisation and Adam, as its users get them
+            owns_steps=False,  # mlx-lm's trainer runs the steps: eval after training only
             summary="mlx-lm's own LoRA layers, loss and trainer, as the MLX yardstick",
         ),
     )

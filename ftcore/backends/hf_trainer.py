@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ftcore.backends.common import StepClock, optimizer_record
-from ftcore.backends.torch_common import start, wrap_up
+from ftcore.backends.torch_common import quality, start, wrap_up
 from ftcore.config import RunConfig
 from ftcore.data import Batches
 from ftcore.result import RunResult
@@ -44,6 +44,8 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     model, device, result = start("hf-trainer", cfg, model_dir, batches)
+    measured = quality(model, device, cfg, batches, result)
+    measured.before()
 
     clock = StepClock("hf-trainer", cfg, batches)
 
@@ -109,5 +111,5 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         trainer_overhead_s=train_call_s - sum(clock.times),
     )
     if cfg.eval_every:
-        result.note("--eval-every ignored: hf-trainer evaluates at the end only")
-    return wrap_up(model, device, result, cfg, batches, out_dir, clock.times)
+        result.note("--eval-every ignored: hf-trainer evaluates before and after training only")
+    return wrap_up(model, device, result, cfg, batches, out_dir, clock.times, measured)

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from ftcore.arch import read_arch
 from ftcore.backends.common import (
+    Quality,
     StepClock,
     base_result,
     finish,
@@ -33,6 +34,7 @@ from ftcore.lora_init import initial_lora_state, state_fingerprint
 from ftcore.memory import current_rss_mb
 from ftcore.mlx.adapters import save_adapters
 from ftcore.mlx.convert import MANIFEST_FILE
+from ftcore.mlx.generate import greedy
 from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
 from ftcore.mlx.loss import evaluate, to_mx
 from ftcore.mlx.model import Model, load_model
@@ -85,6 +87,10 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         {k: np.array(v) for k, v in lora_state(model).items()}
     )
     mx.reset_peak_memory()
+    # before any stream sets the BLAS to one thread
+    measured = Quality(cfg, batches, result, lambda: evaluate(model, batches),
+                       lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
+    measured.before()
 
     # One stream per thread, each with a 1-thread BLAS (where its threads can be set: otherwise
     # streams x BLAS threads would oversubscribe the cores).
@@ -131,8 +137,8 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         step_cpu_times.append(time.process_time() - c)
         clock.end(i, loss_value, grad_norm=grad_norm.item())
         result.losses.append(loss_value)
-        if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
-            result.eval_losses.append([i + 1, evaluate(model, batches)])
+        if measured.after_step(i, clock.times):
+            break  # --target-eval-loss reached
     clock.stop(result)
     step_times = clock.times
 
@@ -149,9 +155,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             + (f"; {busy:.2f} threads busy over the timed steps" if busy is not None else "")
         )
 
-    result.eval_loss = evaluate(model, batches)
-    if result.eval_loss is not None:
-        result.eval_losses.append([cfg.steps, result.eval_loss])
+    measured.after(step_times)
     result.framework_peak_mb = mx.get_peak_memory() / 2**20
     result.extra["framework_peak_note"] = (
         "mx.get_peak_memory() since after load: MLX array buffers in use at the peak of training + "

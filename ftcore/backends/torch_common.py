@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcore.backends.common import base_result, finish, probe_batch, save_probe_logits
+from ftcore.backends.common import Quality, base_result, finish, probe_batch, save_probe_logits
 from ftcore.config import RunConfig
 from ftcore.data import Batches
 from ftcore.lora_init import state_fingerprint
@@ -17,6 +17,7 @@ from ftcore.memory import current_rss_mb
 from ftcore.result import RunResult
 from ftcore.torch.lora import get_lora_state
 from ftcore.torch.loss import evaluate, to_torch
+from ftcore.torch.generate import greedy
 from ftcore.torch.model import load_peft_model, pick_device, sync
 
 
@@ -57,6 +58,12 @@ def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches):
     return model, device, result
 
 
+def quality(model, device: torch.device, cfg: RunConfig, batches: Batches, result: RunResult) -> Quality:
+    """Eval loss and greedy exact-match accuracy of this torch model, before, during and after."""
+    return Quality(cfg, batches, result, lambda: evaluate(model, batches, device),
+                   lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
+
+
 def wrap_up(
     model,
     device: torch.device,
@@ -65,11 +72,11 @@ def wrap_up(
     batches: Batches,
     out_dir: Path,
     step_times: list[float],
+    measured: Quality,
 ) -> RunResult:
-    """Shared end: eval loss, CUDA peak, the adapter in PEFT format, probe logits, throughput."""
-    result.eval_loss = evaluate(model, batches, device)
-    if result.eval_loss is not None:
-        result.eval_losses.append([cfg.steps, result.eval_loss])
+    """Shared end: eval loss and accuracy after training, CUDA peak, the adapter in PEFT format,
+    probe logits, throughput."""
+    measured.after(step_times)
     if device.type == "cuda":
         result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
     model.save_pretrained(

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from ftcore.backends.common import StepClock, optimizer_record
-from ftcore.backends.torch_common import start, wrap_up
+from ftcore.backends.torch_common import quality, start, wrap_up
 from ftcore.config import RunConfig
 from ftcore.data import Batches
 from ftcore.result import RunResult
-from ftcore.torch.loss import evaluate, loss_sum_count, to_torch
+from ftcore.torch.loss import loss_sum_count, to_torch
 from ftcore.torch.optim import make_optimizer, settings
 
 
@@ -20,6 +20,8 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
+    measured = quality(model, device, cfg, batches, result)
+    measured.before()
     model.train()
     clock = StepClock("torch", cfg, batches)
     for step in range(cfg.steps):
@@ -42,7 +44,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         loss_value = loss.item()  # sync point: the step's work is done after this
         clock.end(step, loss_value, grad_norm=grad_norm.item())
         result.losses.append(loss_value)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            result.eval_losses.append([step + 1, evaluate(model, batches, device)])
+        if measured.after_step(step, clock.times):
+            break  # --target-eval-loss reached
     clock.stop(result)
-    return wrap_up(model, device, result, cfg, batches, out_dir, clock.times)
+    return wrap_up(model, device, result, cfg, batches, out_dir, clock.times, measured)

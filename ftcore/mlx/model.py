@@ -43,6 +43,34 @@ class ModelArgs:
         return cls(**{f.name: arch[f.name] for f in fields(cls)})
 
 
+class KVCache:
+    """One layer's keys and values so far, (B, KV, offset, D) each, for greedy decoding."""
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    @property
+    def offset(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            self.keys, self.values = k, v
+        else:
+            self.keys = mx.concatenate([self.keys, k], axis=2)
+            self.values = mx.concatenate([self.values, v], axis=2)
+        return self.keys, self.values
+
+
+def cached_causal_mask(new: int, offset: int, dtype: mx.Dtype) -> mx.array:
+    """Additive (1, 1, new, offset+new) mask: new token i (at position offset+i) sees keys 0..offset+i."""
+    keys = mx.arange(offset + new)[None, :]
+    queries = mx.arange(offset, offset + new)[:, None]
+    blocked = mx.array(mx.finfo(dtype).min, dtype=dtype)
+    return mx.where(keys <= queries, mx.array(0, dtype=dtype), blocked)[None, None]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -58,13 +86,16 @@ class Attention(nn.Module):
         # HF's rotate_half convention rotates the two halves of head_dim: traditional=False.
         self.rope = nn.RoPE(d, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, mask: mx.array | str) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str, cache: KVCache | None = None) -> mx.array:
         B, L, _ = x.shape
         # (B, L, H*D) -> (B, H, L, D)
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = self.rope(q), self.rope(k)
+        offset = 0 if cache is None else cache.offset  # new tokens sit at positions offset..offset+L-1
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, KV, offset+L, D)
         out = attention(q, k, v, self.scale, mask)  # (B, H, L, D)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -88,8 +119,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | str) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask)
+    def __call__(self, x: mx.array, mask: mx.array | str, cache: KVCache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -102,11 +133,17 @@ class LlamaModel(nn.Module):
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
+                 cache: list[KVCache] | None = None) -> mx.array:
+        """`cache` (one KVCache per layer, for decoding; no padding): the new tokens attend to the
+        cached ones and to each other causally, and are appended to the cache."""
         h = self.embed_tokens(input_ids)  # compute dtype = the weights' dtype
-        mask = additive_mask(attention_mask, input_ids.shape[1], h.dtype)
-        for layer in self.layers:
-            h = layer(h, mask)
+        if cache is None:
+            mask = additive_mask(attention_mask, input_ids.shape[1], h.dtype)
+        else:
+            mask = cached_causal_mask(input_ids.shape[1], cache[0].offset, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, None if cache is None else cache[i])
         return self.norm(h)
 
 
@@ -120,16 +157,15 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
-        return self.head(self.model(input_ids, attention_mask))
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
+                 cache: list[KVCache] | None = None) -> mx.array:
+        return self.head(self.model(input_ids, attention_mask, cache))
 
     def head(self, h: mx.array) -> mx.array:
         """Final hidden states (..., hidden) -> logits (..., V)."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
-
-
 
 
 def load_model(mlx_dir: str | Path) -> tuple[Model, ModelArgs]:
