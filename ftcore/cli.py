@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from ftcore.arch import LORA_TARGETS
 from ftcore.backends import BACKENDS
 from ftcore.benchcases import SIZES
 from ftcore.config import DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS, RunConfig, UserError
+from ftcore.models import resolve_model_dir
 from ftcore.procs import kill_all, stop_all
 from ftcore.report import format_table
 from ftcore.result import RunResult
@@ -108,6 +110,18 @@ def build_parser() -> Parser:
     p.add_argument("--model", required=True, type=Path, help="local Hugging Face Llama folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
+
+    p = sub.add_parser("generate", parents=[common], help="greedy answer from a checkpoint (+ adapter) in torch or MLX", description="Greedy decoding (KV cache, fp32) from a local checkpoint or a preset, with a trained adapter (PEFT folder, e.g. RUN/<backend>/adapter) when given; prints the answer.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", type=Path, help="local Hugging Face Llama folder")
+    g.add_argument("--preset", choices=PRESETS, help=f"built-in checkpoint (default {RunConfig().preset})")
+    p.add_argument("--adapter", type=Path, help="PEFT LoRA adapter folder (ftcore writes one per backend: RUN/<backend>/adapter)")
+    p.add_argument("--backend", choices=["torch", "mlx"], default="torch", help="framework that decodes (default torch)")
+    p.add_argument("--prompt", required=True, help="the instruction (wrapped in the Alpaca template unless --raw)")
+    p.add_argument("--input", default="", help="the Alpaca input section, if the task has one")
+    p.add_argument("--raw", action="store_true", help="send --prompt as it is, without the template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
+    p.add_argument("--json", action="store_true", help="print backend, prompt, token ids and text as JSON")
 
     p = sub.add_parser("profile", parents=[common], help="memray-profile one backend's fine-tune", description="Record a memray capture of one backend's whole fine-tune process (a separate, untimed pass) and write its flamegraph.")
     p.add_argument("--backend", required=True, choices=list(BACKENDS), help=BACKENDS_HELP)
@@ -207,6 +221,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ftcore.generate import generate
+
+    cfg = RunConfig(model=str(args.model) if args.model else None, preset=args.preset or RunConfig().preset)
+    out = generate(resolve_model_dir(cfg), args.adapter, args.backend, args.prompt, args.input,
+                   args.raw, args.max_new_tokens)  # fmt: skip
+    print(json.dumps(out) if args.json else out["text"])
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     run_dir = open_run(args.out, args.replace)
     prep = check_run(config_from_args(args), [args.backend])
@@ -236,7 +260,7 @@ def cmd_bench_diff(args: argparse.Namespace) -> int:
                       args.timed_steps, sizes, args.json, parse_backends(args.backends))
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "profile": cmd_profile,
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "generate": cmd_generate, "profile": cmd_profile,
             "bench-diff": cmd_bench_diff}
 
 

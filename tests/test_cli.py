@@ -72,11 +72,11 @@ def test_compare_rejects_unknown_backend(tmp_path):
 def test_convert_writes_mlx_weights(tiny_model_dir, tmp_path):
     out = ftcore("convert", "--model", tiny_model_dir, "--out", tmp_path / "mlx")
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "mlx" / "weights.safetensors").is_file() and (tmp_path / "mlx" / "config.json").is_file()
+    assert (tmp_path / "mlx" / "model.safetensors").is_file() and (tmp_path / "mlx" / "config.json").is_file()
 
 
 def test_convert_refuses_a_non_llama_folder(tiny_model_dir, tmp_path):
     bad = broken_model(tiny_model_dir, tmp_path, "gpt2")
     out = ftcore("convert", "--model", bad, "--out", tmp_path / "mlx")
     assert_user_error(out, "GPT2LMHeadModel", tmp_path / "mlx")
-    assert not (tmp_path / "mlx" / "weights.safetensors").exists()
+    assert not (tmp_path / "mlx" / "model.safetensors").exists()

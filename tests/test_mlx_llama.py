@@ -194,7 +194,7 @@ def test_apply_lora_trains_only_adapters(mlx_dir):
     ]
     assert len(trainable) == 2 * 2 * TINY["num_hidden_layers"]
     # Base weights keep their HF names, so a checkpoint still loads by name.
-    model.load_weights(str(mlx_dir / "weights.safetensors"), strict=False)
+    model.load_weights(str(mlx_dir / "model.safetensors"), strict=False)
     assert "model.layers.0.self_attn.q_proj.weight" in dict(tree_flatten(model.parameters()))
 
     ids, mask = batch("right")

@@ -4,8 +4,10 @@ Every source tensor goes through an explicit name table (`HF_TO_MLX`): it is eit
 deliberately dropped, and an unknown key is an error. MLX uses HF's names, so the table is mostly
 identity; it exists so that nothing is copied (or lost) by accident.
 
-A conversion folder holds `weights.safetensors`, `config.json` (the HF config) and
-`ftcore_conversion.json`, a manifest written last that fingerprints the source files. The folder
+A conversion folder holds `model.safetensors`, `config.json` (the HF config), the source's
+tokenizer files and `ftcore_conversion.json`, a manifest written last that fingerprints the source
+files: the layout `mlx_lm.load(folder)` reads (it picks up `model*.safetensors` and needs the
+tokenizer beside the weights), with the tensors bit for bit the HF ones (or cast to --dtype). The folder
 is built under a temporary name next to its destination and renamed into place, so a folder
 without a matching manifest is never a finished conversion.
 """
@@ -27,8 +29,10 @@ from mlx.utils import tree_flatten
 
 from ftcore.mlx.model import Model, ModelArgs
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.safetensors"
+FORMAT_VERSION = 2  # 2: weights named model.safetensors, tokenizer files copied (mlx-lm loads it)
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")  # copied when present
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "ftcore_conversion.json"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -218,11 +222,8 @@ def _is_replaceable(out_dir: Path) -> bool:
     """Only an absent folder, an empty one or an earlier conversion may be replaced."""
     if not out_dir.exists():
         return True
-    return out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {
-        WEIGHTS_FILE,
-        CONFIG_FILE,
-        MANIFEST_FILE,
-    }
+    earlier = {WEIGHTS_FILE, "weights.safetensors", CONFIG_FILE, MANIFEST_FILE, *TOKENIZER_FILES}
+    return out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= earlier  # weights.safetensors: format 1
 
 
 def convert_hf_to_mlx(
@@ -255,6 +256,9 @@ def convert_hf_to_mlx(
             shutil.copyfile(hf_dir / CONFIG_FILE, tmp / CONFIG_FILE)
         else:
             (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, tmp / name)
         manifest = {
             "format_version": FORMAT_VERSION,
             "source_dir": str(hf_dir.resolve()),

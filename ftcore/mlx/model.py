@@ -169,11 +169,11 @@ class Model(nn.Module):
 
 
 def load_model(mlx_dir: str | Path) -> tuple[Model, ModelArgs]:
-    """Load a converter output folder (config.json + weights.safetensors); dtype as stored."""
+    """Load a converter output folder (ftcore.mlx.convert: config.json + model.safetensors); dtype as stored."""
     mlx_dir = Path(mlx_dir)
     args = ModelArgs.from_hf_config(json.loads((mlx_dir / "config.json").read_text()))
     model = Model(args)
     # Model() builds random parameters lazily; load_weights replaces them before any evaluation.
-    model.load_weights(list(mx.load(str(mlx_dir / "weights.safetensors")).items()), strict=True)
+    model.load_weights(list(mx.load(str(mlx_dir / "model.safetensors")).items()), strict=True)
     mx.eval(model.parameters())
     return model, args

@@ -73,8 +73,22 @@ _ROW_FIELDS = (
     "backend", "status", "error", "load_time_s", "train_time_s", "warmup_time_s", "steps",
     "tokens_per_s", "loss_tokens_per_s", "final_loss", "eval_loss", "peak_rss_mb",
     "baseline_rss_mb", "framework_peak_mb", "trainable_params", "flops_per_token", "mfu",
-    "precision", "blas", "threads",
+    "precision", "blas", "threads", "eval_loss_before", "accuracy_before", "accuracy_after",
+    "target",
 )  # fmt: skip
+
+
+def greedy_agreement(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How many eval records got token-for-token the same greedy answer (after the fine-tune) from
+    this backend as from the reference: {"same", "of", "vs"}; None when either did not generate."""
+    if ref is None or r is ref:
+        return None
+    mine = (r.get("generations") or {}).get("after")
+    theirs = (ref.get("generations") or {}).get("after")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return None
+    same = sum(list(a) == list(b) for a, b in zip(mine, theirs, strict=True))
+    return {"same": same, "of": len(mine), "vs": ref.get("backend")}
 
 
 def _env_summary(r: dict[str, Any]) -> dict[str, Any]:
@@ -128,6 +142,9 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
         )
         m = finite(r.get("mfu"))
         row["mfu_percent"] = None if m is None else 100.0 * m
+        before, after = finite(r.get("eval_loss_before")), finite(r.get("eval_loss"))
+        row["eval_loss_drop"] = 1 - after / before if good and before and after is not None else None
+        row["greedy_agreement"] = greedy_agreement(r, ref) if good else None
         load = (r.get("extra") or {}).get("machine_load") or {}
         row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
         rows.append(row)

@@ -69,7 +69,11 @@ def _plot_losses(comparison: dict[str, Any]) -> bytes:
             marker=_MARKERS[i % len(_MARKERS)], markevery=(i % every, every),
             markersize=max(4, 9 - 2 * i), markerfacecolor="none", linewidth=max(1.0, 2.6 - 0.5 * i),
         )  # fmt: skip
-    ax.set_ylabel("training loss (mean CE over target tokens)")
+        evals = [(x, finite(y)) for x, y in r.get("eval_losses") or [] if finite(y) is not None]
+        if evals:  # eval points: step 0 is before training
+            ax.plot([x for x, _ in evals], [y for _, y in evals], linestyle="none", color=colors[i],
+                    marker="*", markersize=max(6, 12 - 2 * i), label=f"{r.get('backend')} eval")  # fmt: skip
+    ax.set_ylabel("loss (mean CE over target tokens)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(title="backend")

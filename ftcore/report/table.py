@@ -12,7 +12,9 @@ FOOTNOTES = [
     "Memory = peak RSS of the backend's own process; framework peak (mx.get_peak_memory, torch.cuda.max_memory_allocated) is shown beside it, never instead.",
     "Speedup factor = reference training time / this training time; memory efficiency = reference peak RSS / this peak RSS (>1 means better than the reference).",
     "MFU = achieved training FLOP/s / this machine's measured GEMM peak at that precision.",
-    "Final loss: training loss (mean CE over target tokens) at the last step; eval loss on held-out records.",
+    "Final loss: training loss (mean CE over target tokens) at the last step; eval loss on held-out records, before the first step (the base model) and after the last.",
+    "Exact match: share of held-out records whose greedy answer (KV-cache decoding, up to EOS) equals the expected tokens exactly, before -> after the fine-tune; greedy agreement: records with token-for-token the same answer as the reference backend.",
+    "Time to target: wall time from the first step to the end of the eval that first reached --target-eval-loss, evals included (steps alone: result.json target.train_seconds).",
     "Machine: BUSY when other processes used more than a quarter core (or the hypervisor stole >10%) during the timed steps; such timings are not the framework's.",
 ]
 
@@ -25,6 +27,10 @@ TABLE_ROWS: list[tuple[str, Any]] = [
     ("Framework peak (MB)", lambda r: fmt(r.get("framework_peak_mb"), ".1f")),
     ("Final loss", lambda r: fmt(r.get("final_loss"), ".5f")),
     ("Eval loss", lambda r: fmt(r.get("eval_loss"), ".5f")),
+    ("Eval loss before fine-tune", lambda r: fmt(r.get("eval_loss_before"), ".5f")),
+    ("Eval loss drop (%)", lambda r: fmt(_percent(r.get("eval_loss_drop")), ".1f")),
+    ("Exact match before -> after (%)", lambda r: _before_after(r)),
+    ("Greedy agreement", lambda r: _agreement(r)),
     ("Speedup factor", lambda r: fmt(r.get("speedup"), ".2f", "x")),
     ("Memory efficiency", lambda r: fmt(r.get("memory_efficiency"), ".2f", "x")),
     ("Tokens/s (all)", lambda r: fmt(r.get("tokens_per_s"), ".1f")),
@@ -40,10 +46,50 @@ TABLE_ROWS: list[tuple[str, Any]] = [
 ]
 
 
+def _percent(v: Any) -> float | None:
+    return None if v is None else 100.0 * v
+
+
+def _before_after(r: dict[str, Any]) -> str:
+    a, b = r.get("accuracy_before"), r.get("accuracy_after")
+    if a is None and b is None:
+        return NA
+    return f"{fmt(_percent(a), '.1f')} -> {fmt(_percent(b), '.1f')}"
+
+
+def _agreement(r: dict[str, Any]) -> str:
+    g = r.get("greedy_agreement")
+    return f"{g['same']}/{g['of']} = {g['vs']}" if g else NA
+
+
+def _target_steps(r: dict[str, Any]) -> str:
+    t = r.get("target")
+    if not t:
+        return NA
+    return str(t["step"]) if t.get("reached") else f"not reached in {r.get('steps')}"
+
+
+def _target_seconds(r: dict[str, Any]) -> str:
+    t = r.get("target")
+    return fmt(t.get("seconds"), ".2f") if t and t.get("reached") else NA
+
+
+# shown only when the run had --target-eval-loss
+TARGET_ROWS: list[tuple[str, Any]] = [
+    ("Steps to target eval loss", _target_steps),
+    ("Time to target (s)", _target_seconds),
+]
+
+
 def _cells(comparison: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = comparison.get("rows") or []
     header = ["Backend"] + [str(r.get("backend")) for r in rows]
-    body = [[label] + [fn(r) for r in rows] for label, fn in TABLE_ROWS]
+    spec = list(TABLE_ROWS)
+    if any(r.get("target") for r in rows):
+        target = next(r["target"]["eval_loss"] for r in rows if r.get("target"))
+        at = [label for label, _ in spec].index("Greedy agreement") + 1
+        spec[at:at] = [(f"{label} {target:g}" if label.startswith("Steps") else label, fn) for label, fn in TARGET_ROWS]
+    body = [[label] + [fn(r) for r in rows] for label, fn in spec]
     return header, body
 
 

@@ -1,0 +1,110 @@
+"""`ftcore generate`: greedy answers from a checkpoint (+ a trained adapter) in torch or MLX.
+
+Both frameworks decode the same way: the prompt once, then one argmax token at a time with a KV
+cache (transformers' `generate` for torch, ftcore.mlx.generate for MLX), until EOS or
+--max-new-tokens, in fp32. The prompt is wrapped in the Alpaca template that ftcore fine-tunes
+with (the instruction; --input adds the input section), unless --raw.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ftcore.config import UserError
+from ftcore.data import format_prompt
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT format (what ftcore writes)
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A PEFT LoRA adapter folder -> (its config, its tensors as numpy); one-line errors."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not adapter_dir.is_dir():
+        raise UserError(f"adapter folder not found: {adapter_dir}")
+    missing = [n for n in ADAPTER_FILES if not (adapter_dir / n).is_file()]
+    if missing:
+        raise UserError(f"{adapter_dir}: not a PEFT adapter folder (no {', '.join(missing)})")
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    except (ValueError, UnicodeDecodeError, SafetensorError) as e:
+        raise UserError(f"{adapter_dir}: unreadable adapter ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise UserError(f"{adapter_dir}: not a LoRA adapter (peft_type {config.get('peft_type') if isinstance(config, dict) else None!r})")
+    return config, tensors
+
+
+def prompt_ids(tokenizer: Any, prompt: str, input_text: str, raw: bool) -> list[int]:
+    text = prompt if raw else format_prompt({"instruction": prompt, "input": input_text})
+    return list(tokenizer(text)["input_ids"])
+
+
+def generate_torch(model_dir: Path, adapter: Path | None, ids: list[int], max_new: int, eos: int) -> list[int]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ftcore.torch.generate import greedy
+
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except (ValueError, RuntimeError, KeyError) as e:  # shapes or modules of another model
+            raise UserError(f"{adapter}: does not fit {model_dir} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return greedy(model, ids, max_new, eos)
+
+
+def generate_mlx(model_dir: Path, adapter: Path | None, ids: list[int], max_new: int, eos: int) -> list[int]:
+    import mlx.core as mx
+
+    from ftcore.mlx.adapters import peft_to_mlx_adapter
+    from ftcore.mlx.convert import ConversionError, cached_conversion
+    from ftcore.mlx.generate import greedy
+    from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
+    from ftcore.mlx.model import load_model
+    from ftcore.models import cache_root
+
+    try:
+        model, _ = load_model(cached_conversion(model_dir, cache_root() / "mlx", "float32"))
+        if adapter is not None:
+            config, tensors = read_adapter(adapter)
+            targets = tuple(sorted(config.get("target_modules") or ()))
+            apply_lora(model, targets, int(config["r"]), float(config["lora_alpha"]), 0.0)
+            state = peft_to_mlx_adapter(tensors)
+            expected = lora_state(model)
+            if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+                raise UserError(f"{adapter}: its tensors do not fit {model_dir} (names or shapes differ)")
+            load_lora_state(model, {k: v.astype(mx.float32) for k, v in state.items()})
+    except ConversionError as e:
+        raise UserError(str(e)) from None
+    return greedy(model, ids, max_new, eos)
+
+
+GENERATORS = {"torch": generate_torch, "mlx": generate_mlx}
+
+
+def generate(model_dir: Path, adapter: Path | None, backend: str, prompt: str, input_text: str = "",
+             raw: bool = False, max_new_tokens: int = 64) -> dict[str, Any]:
+    """{"backend", "prompt", "tokens" (new token ids, EOS kept), "text" (decoded, EOS dropped)}."""
+    from ftcore.models import load_tokenizer
+
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens: must be >= 1")
+    if adapter is not None:
+        read_adapter(adapter)  # a bad folder is one line, before any model loads
+    tokenizer = load_tokenizer(model_dir)
+    ids = prompt_ids(tokenizer, prompt, input_text, raw)
+    eos = int(tokenizer.eos_token_id)
+    tokens = GENERATORS[backend](model_dir, adapter, ids, max_new_tokens, eos)
+    return {
+        "backend": backend,
+        "prompt": prompt,
+        "tokens": tokens,
+        "text": tokenizer.decode(tokens, skip_special_tokens=True),
+    }
