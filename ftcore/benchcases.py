@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from ftcore.config import RunConfig
 from ftcore.models import preset_config
 
+# The cases' LoRA targets, fixed (not RunConfig's default) so that the step work stays that of the
+# committed baselines in .benchmarks/ and of every revision bench-diff compares.
+BENCH_TARGETS = ("q_proj", "v_proj")
+
 
 @dataclass(frozen=True)
 class Size:
@@ -93,6 +97,7 @@ class Case:
             precision=self.precision,
             num_samples=max(64, self.batch),
             eval_samples=16,
+            lora_targets=BENCH_TARGETS,
         )
 
     def run_args(self, warmup: int, timed: int) -> list[str]:
@@ -101,7 +106,8 @@ class Case:
         args = ["--backend", self.backend, "--preset", cfg.preset, "--batch-size", cfg.batch_size,
                 "--max-seq-len", cfg.max_seq_len, "--steps", cfg.steps, "--timing-warmup-steps",
                 cfg.timing_warmup_steps, "--precision", cfg.precision, "--num-samples",
-                cfg.num_samples, "--eval-samples", cfg.eval_samples]
+                cfg.num_samples, "--eval-samples", cfg.eval_samples, "--lora-targets",
+                ",".join(cfg.lora_targets)]
         if cfg.num_layers is not None:
             args += ["--num-layers", cfg.num_layers]
         return [str(a) for a in args]

@@ -60,7 +60,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help=f"optimiser steps (default {d.steps})")
     g.add_argument("--timing-warmup-steps", type=int, help=f"first steps left out of throughput (default {d.timing_warmup_steps})")
     g.add_argument("--eval-every", type=int, help=f"evaluate before training, every N steps and at the end; 0: before and end only (default {d.eval_every})")
-    g.add_argument("--eval-generate", action=argparse.BooleanOptionalAction, default=None, help="greedy answers to the eval records, before and after training: exact-match accuracy (default on)")
+    g.add_argument("--eval-generate", action=argparse.BooleanOptionalAction, default=None, help="greedy answers to the eval records, before and after training: exact-match accuracy (default: on for the built-in data, whose answers are exact; off for --data)")
     g.add_argument("--target-eval-loss", type=float, help="stop once a periodic eval reaches this loss; report steps and seconds to it")
     g.add_argument("--seed", type=int, help=f"data subset, batch order and initial LoRA weights (default {d.seed})")
     g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
@@ -117,7 +117,7 @@ def build_parser() -> Parser:
     g.add_argument("--preset", choices=PRESETS, help=f"built-in checkpoint (default {RunConfig().preset})")
     p.add_argument("--adapter", type=Path, help="PEFT LoRA adapter folder (ftcore writes one per backend: RUN/<backend>/adapter)")
     p.add_argument("--backend", choices=["torch", "mlx"], default="torch", help="framework that decodes (default torch)")
-    p.add_argument("--prompt", required=True, help="the instruction (wrapped in the Alpaca template unless --raw)")
+    p.add_argument("--prompt", required=True, action="append", help="the instruction (wrapped in the Alpaca template unless --raw); repeat for several, one answer per line")
     p.add_argument("--input", default="", help="the Alpaca input section, if the task has one")
     p.add_argument("--raw", action="store_true", help="send --prompt as it is, without the template")
     p.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
@@ -225,9 +225,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ftcore.generate import generate
 
     cfg = RunConfig(model=str(args.model) if args.model else None, preset=args.preset or RunConfig().preset)
-    out = generate(resolve_model_dir(cfg), args.adapter, args.backend, args.prompt, args.input,
-                   args.raw, args.max_new_tokens)  # fmt: skip
-    print(json.dumps(out) if args.json else out["text"])
+    for out in generate(resolve_model_dir(cfg), args.adapter, args.backend, args.prompt, args.input,
+                        args.raw, args.max_new_tokens):  # fmt: skip
+        print(json.dumps(out) if args.json else out["text"])
     return 0
 
 

@@ -43,7 +43,9 @@ class RunConfig:
     steps: int = 60
     timing_warmup_steps: int = 1  # first steps (compilation, allocator) left out of throughput
     eval_every: int = 10  # eval before training, every N steps and at the end; 0: before and end only
-    eval_generate: bool = True  # greedy answers to the eval records -> exact-match accuracy
+    # greedy answers to the eval records -> exact-match accuracy; None: only on the built-in data,
+    # whose answers are exact (free-form answers of real data rarely match, and cost long decodes)
+    eval_generate: bool | None = None
     target_eval_loss: float | None = None  # stop once an eval reaches it (needs eval_every > 0)
     seed: int = 0
     precision: str = "fp32"
@@ -112,6 +114,11 @@ class RunConfig:
         need(len(self.lora_targets) > 0, "lora_targets", "name at least one module")
         for t in self.lora_targets:
             need(t in LORA_TARGETS, "lora_targets", f"unknown target module {t!r} (choose from {','.join(LORA_TARGETS)})")
+
+    @property
+    def generates(self) -> bool:
+        """Whether eval measures exact-match accuracy of greedy answers (see eval_generate)."""
+        return self.data is None if self.eval_generate is None else self.eval_generate
 
     @property
     def lora_scale(self) -> float:

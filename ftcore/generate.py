@@ -43,7 +43,7 @@ def prompt_ids(tokenizer: Any, prompt: str, input_text: str, raw: bool) -> list[
     return list(tokenizer(text)["input_ids"])
 
 
-def generate_torch(model_dir: Path, adapter: Path | None, ids: list[int], max_new: int, eos: int) -> list[int]:
+def generate_torch(model_dir: Path, adapter: Path | None, prompts: list[list[int]], max_new: int, eos: int) -> list[list[int]]:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -57,10 +57,10 @@ def generate_torch(model_dir: Path, adapter: Path | None, ids: list[int], max_ne
             model = PeftModel.from_pretrained(model, str(adapter))
         except (ValueError, RuntimeError, KeyError) as e:  # shapes or modules of another model
             raise UserError(f"{adapter}: does not fit {model_dir} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return greedy(model, ids, max_new, eos)
+    return [greedy(model, ids, max_new, eos) for ids in prompts]
 
 
-def generate_mlx(model_dir: Path, adapter: Path | None, ids: list[int], max_new: int, eos: int) -> list[int]:
+def generate_mlx(model_dir: Path, adapter: Path | None, prompts: list[list[int]], max_new: int, eos: int) -> list[list[int]]:
     import mlx.core as mx
 
     from ftcore.mlx.adapters import peft_to_mlx_adapter
@@ -83,15 +83,16 @@ def generate_mlx(model_dir: Path, adapter: Path | None, ids: list[int], max_new:
             load_lora_state(model, {k: v.astype(mx.float32) for k, v in state.items()})
     except ConversionError as e:
         raise UserError(str(e)) from None
-    return greedy(model, ids, max_new, eos)
+    return [greedy(model, ids, max_new, eos) for ids in prompts]
 
 
 GENERATORS = {"torch": generate_torch, "mlx": generate_mlx}
 
 
-def generate(model_dir: Path, adapter: Path | None, backend: str, prompt: str, input_text: str = "",
-             raw: bool = False, max_new_tokens: int = 64) -> dict[str, Any]:
-    """{"backend", "prompt", "tokens" (new token ids, EOS kept), "text" (decoded, EOS dropped)}."""
+def generate(model_dir: Path, adapter: Path | None, backend: str, prompts: list[str], input_text: str = "",
+             raw: bool = False, max_new_tokens: int = 64) -> list[dict[str, Any]]:
+    """Per prompt {"backend", "prompt", "tokens" (new token ids, EOS kept), "text" (decoded, EOS
+    dropped)}; the model loads once."""
     from ftcore.models import load_tokenizer
 
     if max_new_tokens < 1:
@@ -99,12 +100,10 @@ def generate(model_dir: Path, adapter: Path | None, backend: str, prompt: str, i
     if adapter is not None:
         read_adapter(adapter)  # a bad folder is one line, before any model loads
     tokenizer = load_tokenizer(model_dir)
-    ids = prompt_ids(tokenizer, prompt, input_text, raw)
+    ids = [prompt_ids(tokenizer, p, input_text, raw) for p in prompts]
     eos = int(tokenizer.eos_token_id)
-    tokens = GENERATORS[backend](model_dir, adapter, ids, max_new_tokens, eos)
-    return {
-        "backend": backend,
-        "prompt": prompt,
-        "tokens": tokens,
-        "text": tokenizer.decode(tokens, skip_special_tokens=True),
-    }
+    answers = GENERATORS[backend](model_dir, adapter, ids, max_new_tokens, eos)
+    return [
+        {"backend": backend, "prompt": p, "tokens": t, "text": tokenizer.decode(t, skip_special_tokens=True)}
+        for p, t in zip(prompts, answers, strict=True)
+    ]

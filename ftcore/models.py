@@ -185,7 +185,9 @@ def materialize_preset(preset: str, num_layers: int | None = None, root: Path | 
     if (out / "ftcore_preset.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{name}.lock", "w") as lock:
+    locks = out.parent.parent / "locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         if not (out / "ftcore_preset.json").exists():
             _make_preset(preset, arch, out)

@@ -9,19 +9,49 @@ import pytest
 from helpers import ftcore
 
 from ftcore.config import RunConfig
+from ftcore.data import Batches
 from ftcore.runner import compare, prepare
 
 pytestmark = pytest.mark.integration
 
-TABLE_ROWS = ("Training time (s)", "Peak RSS (MB)", "Final loss", "Eval loss", "Speedup factor", "Memory efficiency", "Tokens/s", "MFU")
+TABLE_ROWS = ("Training time (s)", "Peak RSS (MB)", "Final loss", "Eval loss", "Eval loss before fine-tune",
+              "Eval loss drop (%)", "Exact match before -> after (%)", "Greedy agreement", "Speedup factor",
+              "Memory efficiency", "Tokens/s", "MFU")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def default_compare(tmp_path_factory):
-    """The issue's check: torch vs mlx on the tiny preset, 20 fp32 steps, built-in data."""
+    """The main job as a user runs it: `ftcore compare` on the embedded default (the pretrained
+    tiny preset, made once in this session's cache, fine-tuned on the built-in data), torch and mlx."""
     out = tmp_path_factory.mktemp("compare") / "run"
-    res = ftcore("compare", "--backends", "torch,mlx", "--preset", "tiny", "--steps", "20", "--precision", "fp32", "--out", out, timeout=600)
+    res = ftcore("compare", "--out", out, timeout=900)
     return res, out
+
+
+def test_default_fine_tune_teaches_the_held_out_tasks(default_compare):
+    """Eval loss falls by >= 20% and exact-match accuracy rises by >= 30 points in both backends,
+    and their greedy answers after the fine-tune agree token for token on >= 90% of the records."""
+    res, out = default_compare
+    assert res.returncode == 0, res.stderr[-2000:]
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["backends"] == ["torch", "mlx"] and comparison["config"]["preset"] == "tiny-pretrained"
+    rows = {r["backend"]: r for r in comparison["rows"]}
+    for name, r in rows.items():
+        assert r["eval_loss_drop"] >= 0.20, (name, r["eval_loss_before"], r["eval_loss"])
+        assert r["eval_loss_drop"] == pytest.approx(1 - r["eval_loss"] / r["eval_loss_before"])
+        assert r["accuracy_after"] - r["accuracy_before"] >= 0.30, (name, r["accuracy_before"], r["accuracy_after"])
+    agree = rows["mlx"]["greedy_agreement"]
+    assert agree["vs"] == "torch" and agree["of"] == 32 and agree["same"] >= 0.9 * agree["of"], agree
+    assert f"| Greedy agreement" in res.stdout and f"{agree['same']}/{agree['of']} = torch" in res.stdout
+    expected = [answer for _, answer in Batches.load(out / "batches.npz").answer_items()]
+    for name in rows:  # the accuracies are exact matches of the answers the backend generated
+        result = json.loads((out / name / "result.json").read_text())
+        assert [s for s, _ in result["eval_losses"]] == [0, 10, 20, 30, 40, 50, 60]
+        assert result["eval_losses"][0][1] == result["eval_loss_before"]
+        for when in ("before", "after"):
+            got = result["generations"][when]
+            assert len(got) == len(expected) == 32
+            assert result[f"accuracy_{when}"] == sum(g == e for g, e in zip(got, expected)) / 32
 
 
 def test_compare_prints_table_and_writes_files(default_compare):
@@ -95,3 +125,86 @@ def test_fairness_mismatch_is_shown(tmp_path, small_cfg):
     checks = {c["check"]: c for c in build_comparison(results)["fairness"]}
     assert checks["batch_fingerprint"]["ok"] is False
     assert checks["initial_adapter_fingerprint"]["ok"] is False
+
+
+ASKS = ("What is the last letter of the word candle?", "Spell forest in reverse.",
+        "What is the last letter of the word tiger?", "Spell magnet in reverse.")  # fmt: skip
+
+
+def test_generate_gives_the_same_tokens_in_torch_and_mlx(default_compare):
+    """`ftcore generate` on the pretrained default with the adapter the mlx row trained: the same
+    greedy tokens in both frameworks, prompt by prompt; without the adapter the answers differ."""
+    res, out = default_compare
+    assert res.returncode == 0, res.stderr[-2000:]
+    prompts = [a for ask in ASKS for a in ("--prompt", ask)]
+    answers = {}
+    for backend, adapter in (("torch", out / "mlx" / "adapter"), ("mlx", out / "mlx" / "adapter"), ("mlx", None)):
+        more = ["--adapter", adapter] if adapter else []
+        gen = ftcore("generate", "--backend", backend, "--json", *more, *prompts, timeout=300)
+        assert gen.returncode == 0, gen.stderr[-2000:]
+        lines = [json.loads(line) for line in gen.stdout.splitlines()]
+        assert [g["prompt"] for g in lines] == list(ASKS)
+        answers[backend, bool(adapter)] = [g["tokens"] for g in lines]
+    assert answers["torch", True] == answers["mlx", True]
+    assert answers["mlx", True] != answers["mlx", False]
+
+
+def test_time_to_target_stops_at_the_first_eval_that_reaches_it(tmp_path):
+    """--target-eval-loss: each backend stops after the first periodic eval at or below the target,
+    and reports that step and the seconds to it."""
+    target = 1.0
+    out = tmp_path / "run"
+    res = ftcore("compare", "--backends", "torch,mlx", "--target-eval-loss", target, "--eval-every", 5,
+                 "--no-eval-generate", "--out", out, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"| Steps to target eval loss {target:g}" in res.stdout and "| Time to target (s)" in res.stdout
+    for name in ("torch", "mlx"):
+        r = json.loads((out / name / "result.json").read_text())
+        t = r["target"]
+        first = next(step for step, loss in r["eval_losses"] if step > 0 and loss <= target)
+        assert t["reached"] and t["step"] == first < r["config"]["steps"]
+        assert len(r["losses"]) == r["steps"] == first  # training stopped there
+        assert all(loss > target for step, loss in r["eval_losses"] if 0 < step < first)
+        assert 0 < t["train_seconds"] <= t["seconds"]
+        assert r["accuracy_after"] is None  # --no-eval-generate
+
+
+def test_target_refused_for_a_backend_whose_trainer_owns_the_steps(tmp_path):
+    res = ftcore("compare", "--backends", "torch,hf-trainer", "--target-eval-loss", 1.0, "--out", tmp_path / "x")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "hf-trainer" in res.stderr and "cannot stop at a target" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_pretrained_preset_knows_its_tasks_not_the_held_out_ones(default_compare):
+    """The default preset, as made in this session's cache: its pretraining record says what ran,
+    and greedy answers are right on pretraining families and (nearly) never on held-out ones."""
+    import json
+    import random
+
+    from ftcore.data import format_prompt
+    from ftcore.synthetic import FINETUNE_FAMILIES, PRETRAIN_FAMILIES
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ftcore.models import load_tokenizer, materialize_preset
+    from ftcore.torch.generate import greedy
+
+    d = materialize_preset("tiny-pretrained")  # made by the default compare in this session's cache
+    made = json.loads((d / "ftcore_preset.json").read_text())
+    assert made["pretraining"]["steps"] == made["pretraining"]["recipe"]["steps"]
+    assert made["pretraining"]["last_loss"] < 0.1 * made["pretraining"]["first_loss"]
+    tok = load_tokenizer(d)
+    model = LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+
+    def accuracy(families, n=24):
+        rng, right = random.Random(7), 0
+        for _ in range(n):
+            r = rng.choice(families)(rng)
+            prompt = tok(format_prompt(r))["input_ids"]
+            answer = tok(format_prompt(r) + r["output"])["input_ids"][len(prompt):] + [tok.eos_token_id]
+            right += greedy(model, prompt, len(answer), tok.eos_token_id) == answer
+        return right / n
+
+    assert accuracy(PRETRAIN_FAMILIES) >= 0.8
+    assert accuracy(FINETUNE_FAMILIES) <= 0.2

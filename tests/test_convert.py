@@ -271,3 +271,21 @@ def test_mlx_lm_loads_our_adapter(tmp_path, hf_dir):
     load_adapters(ref, str(out))
     ids = mx.array([[3, 14, 15, 92, 65, 35]])
     np.testing.assert_allclose(np.array(ref(ids)), np.array(model(ids)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.mlx_lm
+def test_mlx_lm_loads_the_conversion(tiny_model_dir, tmp_path):
+    """`mlx_lm.load(<ftcore convert output>)`: model and tokenizer load; its logits equal ftcore's
+    MLX model within 1e-5 in fp32, and its tokenizer encodes as the checkpoint's does."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    from ftcore.models import load_tokenizer
+
+    out = convert_hf_to_mlx(tiny_model_dir, tmp_path / "mlx")
+    theirs, tokenizer = mlx_lm.load(str(out))
+    ours, _ = load_model(out)
+    text = "### Instruction:\nSpell candle in reverse.\n\n### Response:\n"
+    ids = load_tokenizer(tiny_model_dir)(text)["input_ids"]
+    assert tokenizer.encode(text) == ids
+    x = mx.array([ids])
+    diff = np.abs(np.array(theirs(x)) - np.array(ours(x))).max()
+    assert diff <= 1e-5, diff

@@ -50,14 +50,41 @@ def test_missing_input_field_means_empty(tmp_path, write_alpaca):
 
 
 def test_synthetic_is_deterministic_and_exact():
+    """Every family's answer is exact; the built-in data draws from the held-out (fine-tuning)
+    families only, whose instructions never occur in the pretraining families."""
+    import re
+
+    from ftcore.synthetic import ALL_FAMILIES, FINETUNE_FAMILIES, PRETRAIN_FAMILIES, WORDS
+
     a, b = synthetic_records(200, seed=3), synthetic_records(200, seed=3)
     assert a == b and a != synthetic_records(200, seed=4)
-    for r in a:
-        if r["instruction"].startswith("Compute"):
-            assert str(eval(r["input"])) == r["output"]  # exact answers
-        if r["instruction"].startswith("Sort the numbers"):
-            xs = [int(x) for x in r["input"].split(", ")]
-            assert r["output"] == ", ".join(map(str, sorted(xs)))
+    rules = {  # instruction pattern -> the exact answer
+        r"Write the word (\w+) backwards\.": lambda w: w[::-1],
+        r"Write the word (\w+) in capital letters\.": str.upper,
+        r"What is the first letter of the word (\w+)\?": lambda w: w[0],
+        r"How many letters does the word (\w+) have\?": lambda w: str(len(w)),
+        r"What is the last letter of the word (\w+)\?": lambda w: w[-1],
+        r"Spell (\w+) in reverse\.": lambda w: w[::-1],
+    }
+    records = synthetic_records(600, seed=5, families=ALL_FAMILIES)
+    checked = 0
+    for r in records:
+        for pattern, answer in rules.items():
+            if m := re.fullmatch(pattern, r["instruction"]):
+                assert m[1] in WORDS and r["output"] == answer(m[1]) and r["input"] == ""
+                checked += 1
+        if r["instruction"] == "Write the first word of the list.":
+            assert r["output"] == r["input"].split()[0]
+            checked += 1
+        if m := re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", r["instruction"]):
+            factor = int(r["output"].split(" is ")[1].split()[0]) // int(m[1])
+            assert factor in (100, 1000) and r["output"] == f"{m[1]} {m[2]} is {int(m[1]) * factor} {m[3]}."
+            checked += 1
+    assert checked == len(records)  # every record matched one family's rule
+    held_out = {re.sub(r"\w+(?=[.?]$)|\b[a-z]+(?= in reverse)", "W", r["instruction"]) for r in a}
+    pretrain = {re.sub(r"\w+(?=[.?]$)|\b[a-z]+(?= in reverse)", "W", r["instruction"])
+                for r in synthetic_records(600, seed=5, families=PRETRAIN_FAMILIES)}  # fmt: skip
+    assert not held_out & pretrain and len(FINETUNE_FAMILIES) == 2
 
 
 def test_masking_marks_prompt_and_padding_only(tok):
@@ -138,3 +165,28 @@ def test_subset_larger_than_data(tmp_path, write_alpaca, alpaca_records, tok):
     path = write_alpaca(tmp_path / "a.json", alpaca_records)
     with pytest.raises(UserError, match="only 40"):
         build_batches(RunConfig(data=str(path), num_samples=64, eval_samples=0), tok)
+
+
+def test_answers_are_the_eval_records_prompts_and_exact_responses(tok, tmp_path):
+    """Batches.answers: per eval record whose whole response fits, the prompt's tokens and the
+    response's tokens + EOS, exactly as in the eval rows; saved and loaded with the batches and
+    part of the fingerprint. A record cut by max_seq_len has no answer (it could never match)."""
+    from ftcore.data import Batches
+
+    cfg = RunConfig(num_samples=8, eval_samples=6, batch_size=2, steps=2, max_seq_len=96)
+    b = build_batches(cfg, tok)
+    items = b.answer_items()
+    assert len(items) == b.stats["answer_records"] == 6 and b.stats["eos_id"] == tok.eos_token_id
+    rows = [(e["input_ids"][i], e["attention_mask"][i]) for e in b.eval for i in range(len(e["input_ids"]))]
+    for (prompt, answer), (ids, mask) in zip(items, rows, strict=True):
+        n = int(mask.sum())
+        assert prompt + answer == ids[:n].tolist() and answer[-1] == tok.eos_token_id
+        assert tok.decode(prompt, skip_special_tokens=True).endswith("### Response:\n")
+    b.save(tmp_path / "b.npz")
+    again = Batches.load(tmp_path / "b.npz")
+    assert again.answer_items() == items and again.fingerprint == b.fingerprint
+    b.answers["answer_ids"][0, 0] += 1
+    assert b.fingerprint != again.fingerprint
+    long = {"instruction": "Spell candle in reverse.", "input": "", "output": "x " * 80}
+    cut = tokenize_records([long], tok, max_seq_len=48, mask_prompt=True)
+    assert cut.complete == [False]

@@ -82,3 +82,18 @@ def test_check_model_dir_refusals(tiny_model_dir, tmp_path):
         check_model_dir(pickled)
     assert check_model_dir(pickled, allow_pickle=True) == pickled
     assert check_model_dir(tiny_model_dir) == tiny_model_dir
+
+
+def test_preset_fingerprint_follows_the_recipe(monkeypatch):
+    """A changed pretraining recipe or architecture names a new cache folder: never served stale."""
+    from ftcore import pretrain
+    from ftcore.models import preset_fingerprint
+
+    arch = preset_config("tiny-pretrained")
+    before = preset_fingerprint("tiny-pretrained", arch)
+    assert preset_fingerprint("tiny-pretrained", arch) == before
+    assert preset_fingerprint("tiny", arch) != before  # the random preset has no pretraining
+    assert preset_fingerprint("tiny-pretrained", {**arch, "num_hidden_layers": 2}) != before
+    monkeypatch.setitem(pretrain.PRETRAIN_RECIPE, "steps", pretrain.PRETRAIN_RECIPE["steps"] + 1)
+    assert preset_fingerprint("tiny-pretrained", arch) != before
+

@@ -270,3 +270,32 @@ def test_backend_notes_and_warnings_are_reported(results, tmp_path: Path):
     md = paths["report"].read_text()
     for line in expected:
         assert line in md
+
+
+def test_quality_rows_drop_accuracy_and_greedy_agreement(results):
+    """Eval loss drop = 1 - after/before; exact match before -> after; greedy agreement counts the
+    records whose answer token lists are identical to the reference's (not just equal length)."""
+    t, m = results[0], results[1]
+    t.update(eval_loss_before=4.0, eval_loss=1.0, accuracy_before=0.0, accuracy_after=0.75,
+             generations={"after": [[5, 2], [6, 7, 2], [8, 2], [9, 2]]})  # fmt: skip
+    m.update(eval_loss_before=4.0, eval_loss=1.2, accuracy_before=0.25, accuracy_after=0.5,
+             generations={"after": [[5, 2], [6, 8, 2], [8, 2], [9]]})  # fmt: skip
+    comp = report.build_comparison(results)
+    assert _row(comp, "torch")["eval_loss_drop"] == pytest.approx(0.75)
+    assert _row(comp, "mlx")["eval_loss_drop"] == pytest.approx(0.7)
+    assert _row(comp, "mlx")["greedy_agreement"] == {"same": 2, "of": 4, "vs": "torch"}
+    assert _row(comp, "torch")["greedy_agreement"] is None  # the reference itself
+    table = report.format_table(comp)
+    assert "| Exact match before -> after (%) | 0.0 -> 75.0" in table
+    assert "2/4 = torch" in table and "| Eval loss drop (%)              | 75.0" in table
+    assert "Steps to target" not in table  # only with --target-eval-loss
+
+
+def test_time_to_target_rows(results):
+    results[0]["target"] = {"eval_loss": 0.5, "reached": True, "step": 30, "seconds": 3.25, "train_seconds": 2.0}
+    results[1]["target"] = {"eval_loss": 0.5, "reached": False, "step": None, "seconds": None, "train_seconds": None}
+    table = report.format_table(report.build_comparison(results))
+    steps = next(line for line in table.splitlines() if line.startswith("| Steps to target eval loss 0.5"))
+    assert "| 30 " in steps and "not reached in 5" in steps
+    seconds = next(line for line in table.splitlines() if line.startswith("| Time to target (s)"))
+    assert "| 3.25 " in seconds

@@ -175,7 +175,7 @@ class Quality:
 
     def _answers(self, when: str) -> float | None:
         items = self.batches.answer_items()
-        if not (self.cfg.eval_generate and items):
+        if not (self.cfg.generates and items):
             return None
         eos = int(self.batches.stats["eos_id"])
         outs = [self.generate(prompt, len(answer), eos) for prompt, answer in items]
