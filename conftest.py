@@ -77,6 +77,24 @@ def ftcore_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_model_dir(ftcore_cache: Path) -> Path:
+    """The embedded default's checkpoint (`tiny-pretrained`): pretrained once per session cache,
+    ~1-2 min on 2 cores."""
+    from ftcore.config import RunConfig
+    from ftcore.models import materialize_preset
+
+    return materialize_preset(RunConfig().preset)
+
+
+@pytest.fixture(autouse=True)
+def _default_model_made_first(request: pytest.FixtureRequest) -> None:
+    """Integration tests run the CLI on the default preset: make it once, up front, so its one-time
+    pretraining never counts against one test's subprocess timeout."""
+    if request.node.get_closest_marker("integration"):
+        request.getfixturevalue("default_model_dir")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(ftcore_cache: Path) -> Path:
     from ftcore.models import materialize_preset
 

@@ -19,7 +19,7 @@ from ftcore.arch import read_arch
 from ftcore.backends import get_backend
 from ftcore.checkpoint import check_vocab
 from ftcore.config import RunConfig, UserError
-from ftcore.data import Batches, build_batches
+from ftcore.data import Batches, build_batches, load_records
 from ftcore.hostinfo import affinity_cores
 from ftcore.models import load_tokenizer, resolve_model_dir
 
@@ -58,10 +58,11 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
                 f"--target-eval-loss: the {spec.name} backend's trainer runs its own steps and "
                 "cannot stop at a target; use backends whose loop ftcore owns"
             )
+    records = load_records(cfg.data, seed=cfg.seed)  # bad data is refused before a preset is made
     model_dir = resolve_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir)
     check_vocab(read_arch(model_dir), tokenizer, model_dir)
-    batches = build_batches(cfg, tokenizer)
+    batches = build_batches(cfg, tokenizer, records)
     if cfg.threads is None:
         cfg = cfg.replace(threads=cores)
     for spec in specs:
