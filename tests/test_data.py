@@ -187,6 +187,10 @@ def test_answers_are_the_eval_records_prompts_and_exact_responses(tok, tmp_path)
     assert again.answer_items() == items and again.fingerprint == b.fingerprint
     b.answers["answer_ids"][0, 0] += 1
     assert b.fingerprint != again.fingerprint
-    long = {"instruction": "Spell candle in reverse.", "input": "", "output": "x " * 80}
-    cut = tokenize_records([long], tok, max_seq_len=48, mask_prompt=True)
-    assert cut.complete == [False]
+    # half the records too long for their response to fit: those rows lose their EOS, and no answer
+    long = [{"instruction": f"Spell {w} in reverse.", "input": "", "output": "x " * 80} for w in "abcdefgh"]
+    mixed = [r for pair in zip(synthetic_records(8, seed=2), long, strict=True) for r in pair]
+    b = build_batches(cfg, tok, mixed)
+    whole = [int(e["input_ids"][i][int(e["attention_mask"][i].sum()) - 1] == tok.eos_token_id)
+             for e in b.eval for i in range(len(e["input_ids"]))]  # fmt: skip
+    assert 0 < sum(whole) < len(whole) and b.stats["answer_records"] == sum(whole)
