@@ -156,8 +156,8 @@ class Quality:
 
         q = Quality(cfg, batches, result, evaluate, generate)   # evaluate() -> loss,
         q.before()                                              # generate(prompt, n, eos) -> ids
-        for step ...: <step>; if q.after_step(step): break
-        q.after(steps_done)
+        for step ...: <step>; if q.after_step(step, clock.times): break
+        q.after(clock.times)
 
     Time to target counts wall time from the first step to the end of the eval that reached the
     target, evals included (as MLPerf counts it); `train_seconds` is the step time alone.
@@ -168,7 +168,6 @@ class Quality:
         self.cfg, self.batches, self.result = cfg, batches, result
         self.evaluate, self.generate = evaluate, generate
         self.t0 = 0.0
-        self.step_seconds = 0.0
         if cfg.target_eval_loss is not None:
             result.target = {"eval_loss": cfg.target_eval_loss, "reached": False, "step": None,
                              "seconds": None, "train_seconds": None}  # fmt: skip
