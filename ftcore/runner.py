@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,6 +30,16 @@ from ftcore.backends import BACKENDS, FRAMEWORK_ENVS, BackendSpec, get_backend
 from ftcore.backends.common import Diverged
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches
+from ftcore.dist import (
+    DIST_ENV,
+    RankInfo,
+    RankWatch,
+    announce,
+    launch_command,
+    merge_ranks,
+    rank_threads,
+    write_rank_file,
+)
 from ftcore.flops import gemm_shapes
 from ftcore.memory import PeakRSS
 from ftcore.mfu import machine_gemm_peak, mfu
@@ -111,7 +122,12 @@ class BackendProcess:
         cmd = child_command(backend, prep, out_dir)
         if wrap:
             cmd = [*wrap, *cmd[2:]]
-        env = child_env(spec, prep.cfg.threads)
+        cfg, self.world = prep.cfg, prep.cfg.world_size
+        if self.world > 1:  # the framework's launcher starts the ranks (ftcore.dist)
+            env = {**child_env(spec, rank_threads(cfg)), DIST_ENV: str(self.world)}
+            cmd = launch_command(spec.framework, cfg, cmd, out_dir)
+        else:
+            env = child_env(spec, cfg.threads)
         self._go = self._done = None
         child_fds: tuple[int, ...] = ()
         if gate:
@@ -120,8 +136,10 @@ class BackendProcess:
             child_fds = (go_read, done_write)
             env[GATE_ENV] = f"{go_read},{done_write}"
         self.oom_before = oom_kills()
-        self.proc = spawn(cmd, env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          pass_fds=child_fds)
+        # stdin: a pipe never written to (mlx.launch polls its stdin; /dev/null would spin it)
+        self.proc = spawn(cmd, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, pass_fds=child_fds)
+        self.watch = RankWatch(out_dir, self.world, self.proc.pid) if self.world > 1 else None
         if gate:
             os.close(go_read)
             os.close(done_write)
@@ -161,7 +179,7 @@ class BackendProcess:
                     pipe.close()  # a gated child still waiting for a step gets EOF and stops
         prep, backend = self.prep, self.backend
         result_path = self.out_dir / RESULT_FILE
-        _, status, rusage = os.wait4(self.proc.pid, 0)
+        _, status, rusage = self._wait4()
         self.proc.returncode = code = os.waitstatus_to_exitcode(status)
         reaped(self.proc)
         self._reader.join(timeout=5)
@@ -176,6 +194,8 @@ class BackendProcess:
             result = RunResult.failed(backend, prep.cfg.to_dict(),
                                       f"{backend} process {why}" + (f": {last}" if last else ""))
             result.extra["stderr_tail"] = list(self.tail)
+        if self.watch:
+            self._merge_ranks(result)
         if self.before_spawn_s is not None:
             result.extra["parent_prepare_s"] = self.before_spawn_s  # ~0 for a current conversion
         if result.status == "ok" and prep.cfg.device == "cpu":
@@ -192,6 +212,27 @@ class BackendProcess:
         )
         result.write_json(result_path)
         return result
+
+
+    def _wait4(self) -> tuple[int, int, object]:
+        """os.wait4 on the child; for a launcher, polled, with RankWatch ending it when a rank
+        died and the others hang."""
+        while self.watch:
+            pid, status, rusage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                return pid, status, rusage
+            self.watch.poll()
+            time.sleep(0.5)
+        return os.wait4(self.proc.pid, 0)
+
+    def _merge_ranks(self, result: RunResult) -> None:
+        """Every rank's peak RSS into the result; a rank that died makes the row failed."""
+        self.watch.kill()  # no rank outlives its launcher (torchrun's lead their own sessions)
+        missing = merge_ranks(result, self.out_dir, self.world)
+        if self.watch.dead or (missing and result.status == "ok"):
+            dead = self.watch.dead or missing
+            why = f"rank(s) {', '.join(map(str, dead))} of {self.world} died mid-run"
+            result.status, result.error = "failed", f"{self.backend} {why}; {result.error or ''}".rstrip("; ")
 
 
 def run_backend(
@@ -212,12 +253,20 @@ def compare(
     on_start: Callable[[str, subprocess.Popen], None] | None = None,
 ) -> dict:
     """Run the backends one after another, each in its own process, then write the comparison
-    (comparison.json, report.md, plots) into out_dir. A failed backend is a failed row."""
+    (comparison.json, report.md, plots) into out_dir. A failed backend is a failed row. With
+    cfg.nproc > 1 each backend runs at one process (out_dir/NAME) and then data-parallel
+    (out_dir/NAME-xW, W ranks): the scaling and parity reference."""
+    runs = [(name, prep) for name in backends]
+    world = prep.cfg.world_size
+    if world > 1:  # each backend at one process too: the parity and scaling-efficiency reference
+        one = dataclasses.replace(prep, cfg=prep.cfg.replace(nproc=1, nnodes=1))
+        runs = [run for name in backends for run in ((name, one), (name, prep))]
     results = []
-    for i, name in enumerate(backends, 1):
-        print(f"== [{i}/{len(backends)}] {name}", file=sys.stderr, flush=True)
+    for i, (name, p) in enumerate(runs, 1):
+        label = name if p.cfg.world_size == 1 else f"{name}-x{p.cfg.world_size}"
+        print(f"== [{i}/{len(runs)}] {label}", file=sys.stderr, flush=True)
         hook = (lambda proc, name=name: on_start(name, proc)) if on_start else None
-        results.append(run_backend(name, prep, out_dir / name, on_start=hook).to_dict())
+        results.append(run_backend(name, p, out_dir / label, on_start=hook).to_dict())
     comparison = build_comparison(results)
     write_report(comparison, out_dir)
     return comparison
@@ -235,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     cfg = RunConfig.from_dict(json.loads(args.config))
     args.out.mkdir(parents=True, exist_ok=True)
+    ranks = RankInfo.from_env()
+    if ranks:
+        announce(args.out, ranks.rank)
     with PeakRSS() as rss:
         try:
             batches = Batches.load(args.batches)
@@ -254,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             result.extra["traceback"] = traceback.format_exc()
             print(f"[{args.backend}] failed: {type(e).__name__}: {e}", file=sys.stderr)
-    result.peak_rss_mb = rss.peak_mb
+    result.peak_rss_mb = result.peak_rss_max_rank_mb = rss.peak_mb
+    if ranks:  # the parent sums the ranks' peaks (ftcore.dist.merge_ranks)
+        write_rank_file(args.out, ranks.rank, status=result.status, peak_rss_mb=rss.peak_mb,
+                        baseline_rss_mb=result.baseline_rss_mb, threads=result.rank_threads)
+        if ranks.rank:
+            return code
     result.write_json(args.out / RESULT_FILE)
     return code
 

@@ -86,6 +86,8 @@ class BackendSpec:
     # True: computes the loss contract with AdamW as REFERENCE_BACKEND does, so its fp32
     # per-step losses must equal the reference's within 1e-4 (checked by tests and bench)
     same_numerics: bool = True
+    # runs data-parallel under its framework's launcher (--nproc > 1; ftcore.dist)
+    data_parallel: bool = False
 
     def train(self, cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
         module = importlib.import_module(f"ftcore.backends.{self.module}")
@@ -104,6 +106,7 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             name="torch", framework="torch", module="torch_loop", package="peft",
             install_hint="pip install ftcore", child_env=torch_env.child_env, check=check_torch,
+            data_parallel=True,
             summary="transformers LlamaForCausalLM + PEFT LoRA, a plain training loop",
         ),
         BackendSpec(
@@ -115,7 +118,7 @@ BACKENDS: dict[str, BackendSpec] = {
             name="mlx", framework="mlx", module="mlx_loop", package="mlx",
             install_hint="pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)",
             child_env=mlx_env.row_streams_env, before_spawn=convert_for_mlx,
-            check=check_mlx_converted,
+            check=check_mlx_converted, data_parallel=True,
             summary="ftcore's own MLX Llama (ftcore.mlx), weights converted from the same checkpoint",
         ),
         BackendSpec(
