@@ -30,6 +30,7 @@ from ftcore.result import RunResult, write_json_atomic
 
 DIST_ENV = "FTCORE_WORLD_SIZE"  # set by the parent for a launched child: the world it expects
 RANKS_DIR = "ranks"  # out_dir/ranks/rank-<r>.json: one file per rank, written at its end
+RANK_DIR_ENV = "FTCORE_RANK_DIR"  # a rank's out_dir/ranks, set by the runner's child main
 DEAD_RANK_GRACE_S = 10.0  # a launcher still running this long after a rank died is ended
 
 
@@ -171,10 +172,11 @@ class RankWatch:
     running DEAD_RANK_GRACE_S later (a survivor stuck in a collective), `poll` ends its process
     group and every announced rank, and says which rank died."""
 
-    def __init__(self, out_dir: Path, world: int, launcher_pid: int) -> None:
+    def __init__(self, out_dir: Path, world: int, launcher_pid: int, stdin=None) -> None:
         self.out_dir, self.world, self.launcher = out_dir, world, launcher_pid
         self.dead_since: float | None = None
         self.dead: list[int] = []
+        self.stdin, self.nudged = stdin, False
 
     def _pids(self) -> dict[int, int]:
         out = {}
@@ -186,6 +188,8 @@ class RankWatch:
     def poll(self) -> bool:
         """True when it ended the launcher."""
         pids = self._pids()
+        if len(pids) == self.world and not self.nudged:
+            self._nudge()
         dead = [r for r, pid in pids.items() if not _alive(pid) and not rank_file(self.out_dir, r).exists()]
         if not dead:
             return False
@@ -196,6 +200,15 @@ class RankWatch:
         self.kill(pids)
         return True
 
+    def _nudge(self) -> None:
+        """mlx.launch select()s on each rank's stdin pipe as writable and spins a core (measured:
+        0.55 of 2) until a write to it fails. Every rank has put /dev/null on its stdin, so one
+        byte, which mlx.launch copies to each rank, fails with EPIPE and stops the spin."""
+        self.nudged = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.stdin.write("\n")
+            self.stdin.flush()
+
     def kill(self, pids: dict[int, int] | None = None) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.launcher, signal.SIGKILL)
@@ -205,9 +218,25 @@ class RankWatch:
 
 
 def announce(out_dir: Path, rank: int) -> None:
-    """Rank side, first thing: my pid, for the parent's RankWatch."""
+    """Rank side, first thing: my pid, for the parent's RankWatch and the other ranks; stdin
+    from /dev/null (see RankWatch._nudge)."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     (out_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / RANKS_DIR / f"started-{rank}").write_text(str(os.getpid()))
+    os.environ[RANK_DIR_ENV] = str(out_dir / RANKS_DIR)
+
+
+def sibling_pids() -> list[int]:
+    """The other ranks' pids on this machine (their CPU time is the run's, not another load's)."""
+    folder = os.environ.get(RANK_DIR_ENV)
+    out = []
+    for f in Path(folder).glob("started-*") if folder else ():
+        with contextlib.suppress(OSError, ValueError):
+            if (pid := int(f.read_text())) != os.getpid():
+                out.append(pid)
+    return out
 
 
 def _alive(pid: int) -> bool:

@@ -139,7 +139,7 @@ class BackendProcess:
         # stdin: a pipe never written to (mlx.launch polls its stdin; /dev/null would spin it)
         self.proc = spawn(cmd, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, pass_fds=child_fds)
-        self.watch = RankWatch(out_dir, self.world, self.proc.pid) if self.world > 1 else None
+        self.watch = RankWatch(out_dir, self.world, self.proc.pid, self.proc.stdin) if self.world > 1 else None
         if gate:
             os.close(go_read)
             os.close(done_write)
@@ -227,6 +227,7 @@ class BackendProcess:
 
     def _merge_ranks(self, result: RunResult) -> None:
         """Every rank's peak RSS into the result; a rank that died makes the row failed."""
+        result.world_size = self.world  # a failed row too: it names the run "NAME xW"
         self.watch.kill()  # no rank outlives its launcher (torchrun's lead their own sessions)
         missing = merge_ranks(result, self.out_dir, self.world)
         if self.watch.dead or (missing and result.status == "ok"):

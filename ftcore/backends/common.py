@@ -16,6 +16,7 @@ from ftcore.arch import read_arch
 from ftcore.blas import framework_blas
 from ftcore.config import RunConfig
 from ftcore.data import Batches
+from ftcore.dist import sibling_pids
 from ftcore.flops import flops_per_token, gemm_shapes, lora_param_count
 from ftcore.hostinfo import affinity_cores, host_info
 from ftcore.loss import target_count
@@ -183,7 +184,7 @@ class StepClock:
     def __init__(self, backend: str, cfg: RunConfig, batches: Batches, rank: int = 0) -> None:
         self.cfg, self.batches = cfg, batches
         self.gate = StepGate({} if rank else None)  # ranks > 0 follow rank 0 through the collectives
-        self.load = MachineLoad()
+        self.load = MachineLoad(sibling_pids)
         self.progress = Progress(backend, cfg.steps, quiet=rank > 0)
         self.times: list[float] = []
         self.lrs: list[float] = []
@@ -228,6 +229,6 @@ class StepClock:
         if result.optimizer:
             result.optimizer["lr_per_step"] = list(self.lrs)
         record = result.extra["machine_load"] = self.load.stop()
-        if warning := busy_warning(record):
+        if (warning := busy_warning(record)) and not self.progress.quiet:
             print(f"[{result.backend}] {warning}", file=sys.stderr, flush=True)
             result.extra.setdefault("warnings", []).append(warning)
