@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -47,7 +48,7 @@ from ftcore.preflight import Prepared, check_run, prepare  # noqa: F401 (the run
 from ftcore.procs import death_reason, die_with_parent, oom_kills, reaped, spawn
 from ftcore.report import build_comparison, write_report
 from ftcore.result import RunResult
-from ftcore.stepgate import GATE_ENV
+from ftcore.stepgate import FIFO_PREFIX, GATE_ENV
 
 RESULT_FILE = "result.json"
 # Never reach for a hub, and keep library chatter (weight-loading bars) off the progress stream.
@@ -130,6 +131,16 @@ class BackendProcess:
             env = child_env(spec, cfg.threads)
         self._go = self._done = None
         child_fds: tuple[int, ...] = ()
+        if gate and self.world > 1:  # named pipes: the launcher would close inherited fds
+            go_path, done_path = out_dir / "gate-go", out_dir / "gate-done"
+            for path in (go_path, done_path):
+                path.unlink(missing_ok=True)
+                os.mkfifo(path)
+            # O_RDWR: opens at once on Linux; the child's open then never waits for us
+            self._go = os.fdopen(os.open(go_path, os.O_RDWR), "w")
+            self._done = os.fdopen(os.open(done_path, os.O_RDWR), "r")
+            env[GATE_ENV] = f"{FIFO_PREFIX}{go_path},{done_path}"
+            gate = False
         if gate:
             go_read, go_write = os.pipe()
             done_read, done_write = os.pipe()
@@ -162,14 +173,26 @@ class BackendProcess:
         try:
             self._go.write("go\n")
             self._go.flush()
-            answer = self._done.readline()
+            answer = self._answer()
         except BrokenPipeError:
             answer = ""
         if not answer:
-            self.proc.wait()
+            if not self.watch:
+                self.proc.wait()
             last = next((ln for ln in reversed(self.tail) if ln.strip()), "no output")
             raise RuntimeError(f"{self.backend} process ended before its step ({last})")
         return float(answer.split()[1])
+
+    def _answer(self) -> str:
+        """The child's answer line; "" when it died first. Named pipes (a launcher's rank 0) never
+        reach EOF, since this process holds both ends: poll the launcher (and RankWatch) instead."""
+        if not self.watch:
+            return self._done.readline()
+        while not select.select([self._done], [], [], 0.5)[0]:
+            self.watch.poll()
+            if self.proc.poll() is not None:
+                return ""
+        return self._done.readline()
 
     def wait(self) -> RunResult:
         """Wait for the child to finish; its result (a failed one if it died), MFU filled in."""
