@@ -1,7 +1,8 @@
 """Data-parallel runs on the frameworks' own engines: torch.distributed launched by torchrun, MLX's
 mx.distributed launched by mlx.launch (ring backend). ftcore writes no transport of its own.
 
-Parent side: `launch_command` wraps a child's `python -m ftcore.runner ...` in the launcher;
+Parent side: each framework's `launch_command` (ftcore.torch.env, ftcore.mlx.env) wraps a child's
+`python -m ftcore.runner ...` in its launcher, started `under_launcher`;
 `RankWatch` ends a launcher whose rank died while the others wait in an all-reduce; `merge_ranks`
 folds every rank's file into rank 0's result (peak RSS summed and largest).
 Rank side: `RankInfo.from_env`, `shard` (rank r takes rows [r*B/W, (r+1)*B/W) of every global
@@ -63,20 +64,7 @@ def hostfile_hosts(path: str) -> list[dict]:
     return hosts
 
 
-def check_launch(cfg: RunConfig, framework: str) -> None:
-    """What the launcher of `framework` needs for more than one machine (UserError)."""
-    if cfg.nnodes == 1:
-        return
-    if framework == "torch" and not cfg.rdzv_endpoint:
-        raise UserError("--nnodes > 1 with a torch backend needs --rdzv-endpoint HOST:PORT")
-    if framework == "mlx":
-        if not cfg.hostfile:
-            raise UserError("--nnodes > 1 with an MLX backend needs --hostfile")
-        if len(hosts := hostfile_hosts(cfg.hostfile)) != cfg.nnodes:
-            raise UserError(f"--hostfile lists {len(hosts)} hosts, --nnodes says {cfg.nnodes}")
-
-
-def _free_ports(n: int) -> int:
+def free_ports(n: int) -> int:
     """A base port with n consecutive ports free right now (mlx.launch's ring listens on them)."""
     for _ in range(50):
         with socket.socket() as s:
@@ -95,29 +83,9 @@ def _free_ports(n: int) -> int:
     raise RuntimeError("no free ports for the MLX ring")
 
 
-def launch_command(framework: str, cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]:
-    """`inner` (python -m ftcore.runner ...) started cfg.nproc times per machine by the framework's
-    launcher, itself started through ftcore.procs so that it dies with the parent."""
-    wrap = [sys.executable, "-m", "ftcore.procs"]  # PR_SET_PDEATHSIG, then exec the launcher
-    if framework == "torch":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
-               "--max-restarts=0", "--monitor-interval=0.5"]  # fmt: skip
-        if cfg.nnodes > 1:
-            cmd += [f"--nnodes={cfg.nnodes}", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint={cfg.rdzv_endpoint}"]  # fmt: skip
-        else:
-            cmd += ["--standalone"]
-        return [*wrap, *cmd, "-m", *inner[2:]]  # torchrun -m MODULE ARGS
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launcher), "--backend", "ring", "--starting-port", str(_free_ports(cfg.world_size))]
-    if cfg.nnodes > 1:  # each machine of the user's hostfile repeated nproc times
-        hosts = [h for h in hostfile_hosts(cfg.hostfile) for _ in range(cfg.nproc)]
-        expanded = out_dir / "hostfile.json"
-        write_json_atomic(expanded, hosts)
-        cmd += ["--hostfile", str(expanded)]
-    else:
-        cmd += ["-n", str(cfg.nproc)]
-    return [*wrap, sys.executable, *cmd, "--", *inner]
+def under_launcher(cmd: list[str]) -> list[str]:
+    """A launcher command started through ftcore.procs: PR_SET_PDEATHSIG, then exec."""
+    return [sys.executable, "-m", "ftcore.procs", *cmd]
 
 
 @dataclass(frozen=True)

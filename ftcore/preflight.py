@@ -22,7 +22,7 @@ from ftcore.backends import BACKENDS, get_backend
 from ftcore.checkpoint import check_vocab
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches, build_batches
-from ftcore.dist import check_launch, check_threads
+from ftcore.dist import check_threads
 from ftcore.hostinfo import affinity_cores
 from ftcore.models import load_tokenizer, resolve_model_dir
 
@@ -59,7 +59,8 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
             able = ", ".join(n for n, s in BACKENDS.items() if s.data_parallel)
             raise UserError(f"--nproc/--nnodes: {spec.name} runs in one process only "
                             f"(data-parallel backends: {able})")
-        check_launch(cfg, spec.framework)
+        if cfg.world_size > 1:
+            spec.check_launch(cfg)
     for spec in specs:
         if why := spec.missing():
             raise UserError(why)

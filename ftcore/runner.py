@@ -36,7 +36,6 @@ from ftcore.dist import (
     RankInfo,
     RankWatch,
     announce,
-    launch_command,
     merge_ranks,
     rank_threads,
     write_rank_file,
@@ -126,7 +125,7 @@ class BackendProcess:
         cfg, self.world = prep.cfg, prep.cfg.world_size
         if self.world > 1:  # the framework's launcher starts the ranks (ftcore.dist)
             env = {**child_env(spec, rank_threads(cfg)), DIST_ENV: str(self.world)}
-            cmd = launch_command(spec.framework, cfg, cmd, out_dir)
+            cmd = spec.launch(cfg, cmd, out_dir)
         else:
             env = child_env(spec, cfg.threads)
         self._go = self._done = None

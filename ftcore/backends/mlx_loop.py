@@ -34,11 +34,11 @@ from ftcore.blas import blas_threads, set_blas_threads
 from ftcore.config import RunConfig
 from ftcore.data import Batches
 from ftcore.dist import RankInfo, rank_threads, shard
-from ftcore.loss import target_count
 from ftcore.lora_init import initial_lora_state, state_fingerprint
+from ftcore.loss import target_count
 from ftcore.memory import current_rss_mb
-from ftcore.mlx.adapters import save_adapters
 from ftcore.mlx import dist
+from ftcore.mlx.adapters import save_adapters
 from ftcore.mlx.convert import MANIFEST_FILE
 from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
 from ftcore.mlx.loss import evaluate, to_mx
