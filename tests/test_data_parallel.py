@@ -25,13 +25,14 @@ pytestmark = pytest.mark.integration
 SMALL = ["--num-samples", "16", "--eval-samples", "4", "--max-seq-len", "64", "--batch-size", "4",
          "--max-grad-norm", "0.05"]  # fmt: skip
 PARITY_ATOL = 1e-5  # fp32, N processes vs one (measured: <= 1e-6)
+DEVICE = os.environ.get("FTCORE_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh sets gpu
 
 
 @pytest.fixture(scope="module")
 def compare_nproc2(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp") / "run"
     res = ftcore("compare", "--backends", "torch,mlx", "--nproc", "2", "--steps", "4", *SMALL,
-                 "--out", out, timeout=600)  # fmt: skip
+                 "--device", DEVICE, "--out", out, timeout=600)  # fmt: skip
     return res, out
 
 

@@ -25,9 +25,11 @@ from ftcore.torch.optim import make_optimizer, settings
 
 def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
     ranks = RankInfo.from_env()
+    if ranks:
+        dist.pick_rank_gpu(cfg, ranks.local_rank)
     model, device, result = start("torch", cfg, model_dir, batches, ranks)
     if ranks:
-        dist.init(device)
+        dist.init(device, cfg.nproc)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)

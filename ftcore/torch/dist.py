@@ -14,9 +14,17 @@ from ftcore.torch.model import sync
 TIMEOUT = timedelta(minutes=10)  # a collective waiting this long fails (the parent's watch is first)
 
 
-def init(device: torch.device) -> None:
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)  # fmt: skip
+def pick_rank_gpu(cfg, local_rank: int) -> None:
+    """--device gpu: rank r on GPU r mod the GPUs this machine has (before the model loads)."""
+    if cfg.device == "gpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+
+
+def init(device: torch.device, local_world: int) -> None:
+    """NCCL when every rank of this machine has a GPU of its own (NCCL refuses two ranks on one
+    GPU), else gloo (which all-reduces CUDA tensors too)."""
+    nccl = device.type == "cuda" and torch.cuda.device_count() >= local_world
+    dist.init_process_group("nccl" if nccl else "gloo", timeout=TIMEOUT)
 
 
 def all_reduce_step(params: list[torch.Tensor], loss: torch.Tensor,
