@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             result.extra["traceback"] = traceback.format_exc()
             print(f"[{args.backend}] failed: {type(e).__name__}: {e}", file=sys.stderr)
     result.peak_rss_mb = result.peak_rss_max_rank_mb = rss.peak_mb
+    result.rank_threads = result.rank_threads or result.threads  # a loop that did not say
     if ranks:  # the parent sums the ranks' peaks (ftcore.dist.merge_ranks)
         write_rank_file(args.out, ranks.rank, status=result.status, peak_rss_mb=rss.peak_mb,
                         baseline_rss_mb=result.baseline_rss_mb, threads=result.rank_threads)

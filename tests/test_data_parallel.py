@@ -82,6 +82,24 @@ def test_nproc2_records_ranks_threads_allreduce_and_memory(compare_nproc2):
     assert "2 processes x 1 thread(s)" in res.stdout
 
 
+def test_gated_data_parallel_process_runs_one_step_per_request(tmp_path, small_cfg):
+    """The bench's step gate reaches rank 0 through named pipes (launchers close inherited fds)."""
+    from ftcore.runner import BackendProcess, prepare
+
+    prep = prepare(small_cfg.replace(steps=3, batch_size=4, nproc=2, eval_samples=0), tmp_path, ["mlx"])
+    proc = BackendProcess("mlx", prep, tmp_path / "run", gate=True)
+    times, losses = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        losses.append(proc.step())
+        times.append(time.perf_counter() - t)
+    result = proc.wait()
+    assert result.status == "ok" and result.world_size == 2, result.error
+    assert losses == result.losses
+    for parent, child in zip(times[1:], result.step_times_s[1:], strict=True):
+        assert child <= parent < child + 0.05
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
