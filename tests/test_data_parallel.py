@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -88,12 +89,17 @@ def test_gated_data_parallel_process_runs_one_step_per_request(tmp_path, small_c
 
     prep = prepare(small_cfg.replace(steps=3, batch_size=4, nproc=2, eval_samples=0), tmp_path, ["mlx"])
     proc = BackendProcess("mlx", prep, tmp_path / "run", gate=True)
+    stuck = threading.Timer(90, lambda: os.killpg(proc.proc.pid, signal.SIGKILL))  # a hang fails
+    stuck.start()
     times, losses = [], []
-    for _ in range(3):
-        t = time.perf_counter()
-        losses.append(proc.step())
-        times.append(time.perf_counter() - t)
-    result = proc.wait()
+    try:
+        for _ in range(3):
+            t = time.perf_counter()
+            losses.append(proc.step())
+            times.append(time.perf_counter() - t)
+    finally:
+        result = proc.wait()
+        stuck.cancel()
     assert result.status == "ok" and result.world_size == 2, result.error
     assert losses == result.losses
     for parent, child in zip(times[1:], result.step_times_s[1:], strict=True):
