@@ -189,7 +189,8 @@ class BackendProcess:
             return self._done.readline()
         while not select.select([self._done], [], [], 0.5)[0]:
             self.watch.poll()
-            if self.proc.poll() is not None:
+            # has the launcher ended? WNOWAIT: leave it for wait()'s wait4 and its rusage
+            if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
                 return ""
         return self._done.readline()
 
