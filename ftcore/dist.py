@@ -178,11 +178,19 @@ class RankWatch:
             self.stdin.flush()
 
     def kill(self, pids: dict[int, int] | None = None) -> None:
+        """SIGKILL the launcher's group (call only while it is unreaped: its pid is still ours)
+        and every announced rank."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.launcher, signal.SIGKILL)
-        for pid in (pids or self._pids()).values():  # torchrun's workers lead their own sessions
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        self.kill_ranks(pids)
+
+    def kill_ranks(self, pids: dict[int, int] | None = None) -> None:
+        """SIGKILL announced ranks still running (torchrun's workers lead their own sessions);
+        a pid is only taken for a rank while it still runs ftcore.runner."""
+        for pid in (pids or self._pids()).values():
+            with contextlib.suppress(OSError):
+                if b"ftcore.runner" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
 
 
 def announce(out_dir: Path, rank: int) -> None:
@@ -208,6 +216,15 @@ def sibling_pids() -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Running and not a zombie (/proc on Linux; elsewhere: the pid exists)."""
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"

@@ -146,7 +146,7 @@ class BackendProcess:
             child_fds = (go_read, done_write)
             env[GATE_ENV] = f"{go_read},{done_write}"
         self.oom_before = oom_kills()
-        # stdin: a pipe never written to (mlx.launch polls its stdin; /dev/null would spin it)
+        # stdin: a pipe (RankWatch._nudge writes mlx.launch one byte; /dev/null would spin it)
         self.proc = spawn(cmd, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, pass_fds=child_fds)
         self.watch = RankWatch(out_dir, self.world, self.proc.pid, self.proc.stdin) if self.world > 1 else None
@@ -236,7 +236,6 @@ class BackendProcess:
         result.write_json(result_path)
         return result
 
-
     def _wait4(self) -> tuple[int, int, object]:
         """os.wait4 on the child; for a launcher, polled, with RankWatch ending it when a rank
         died and the others hang."""
@@ -251,7 +250,7 @@ class BackendProcess:
     def _merge_ranks(self, result: RunResult) -> None:
         """Every rank's peak RSS into the result; a rank that died makes the row failed."""
         result.world_size = self.world  # a failed row too: it names the run "NAME xW"
-        self.watch.kill()  # no rank outlives its launcher (torchrun's lead their own sessions)
+        self.watch.kill_ranks()  # none outlives its launcher (torchrun's lead their own sessions)
         missing = merge_ranks(result, self.out_dir, self.world)
         if self.watch.dead or (missing and result.status == "ok"):
             dead = self.watch.dead or missing

@@ -145,7 +145,9 @@ def test_rank_watch_ends_a_launcher_whose_rank_died(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dist, "DEAD_RANK_GRACE_S", 1.0)
     launcher = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    survivor = subprocess.Popen(["sleep", "60"], start_new_session=True)  # its own session, as torchrun's
+    # a "rank" in its own session, as torchrun's are (named like one: only ranks are killed)
+    survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ftcore.runner"],
+                                start_new_session=True)  # fmt: skip
     dead = subprocess.Popen(["true"])
     dead.wait()
     ranks = tmp_path / "ranks"
