@@ -251,9 +251,9 @@ class BackendProcess:
         """Every rank's peak RSS into the result; a rank that died makes the row failed."""
         result.world_size = self.world  # a failed row too: it names the run "NAME xW"
         self.watch.kill_ranks()  # none outlives its launcher (torchrun's lead their own sessions)
-        missing = merge_ranks(result, self.out_dir, self.world)
-        if self.watch.dead or (missing and result.status == "ok"):
-            dead = self.watch.dead or missing
+        # a rank without its rank file died before its end, seen by the watch or not (a launcher
+        # that ends at once after a rank's death leaves it no poll to see it)
+        if dead := sorted(set(self.watch.dead) | set(merge_ranks(result, self.out_dir, self.world))):
             why = f"rank(s) {', '.join(map(str, dead))} of {self.world} died mid-run"
             result.status, result.error = "failed", f"{self.backend} {why}; {result.error or ''}".rstrip("; ")
 
