@@ -65,7 +65,8 @@ RESULT_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_r
                  "framework_peak_mb", "final_loss", "eval_loss", "mfu", "train_time_s",
                  "load_time_s", "warmup_time_s", "blas", "batch_fingerprint", "threads",
                  "precision", "steps", "flops_per_token", "trainable_params", "losses",
-                 "step_times_s")
+                 "step_times_s", "world_size", "rank_threads", "allreduce_time_s",
+                 "peak_rss_max_rank_mb")
 EXTRA_KEYS = ("machine_gemm_peak_gflops", "framework_gemm_peak_gflops", "mfu_vs_framework_gemm",
               "parent_prepare_s", "cpu_busy_threads")
 
@@ -133,6 +134,8 @@ def extra_info_problems(info: dict[str, Any], backend: str) -> list[str]:
     if isinstance(mfu, float) and mfu > 1.0:  # impossible: the GEMM peak it divides by is too low
         problems.append(f"mfu: {mfu:.2f} > 1: the cached GEMM peak ({info.get('machine_gemm_peak_gflops')} GFLOP/s) "
                         "was probably measured on a loaded machine; delete $FTCORE_CACHE/gemm_peak.json and rerun")
+    if (info.get("world_size") or 1) > 1 and not (info.get("allreduce_time_s") or 0) > 0:
+        problems.append("allreduce_time_s: not recorded by a data-parallel case")
     if BACKENDS[backend].framework in FRAMEWORKS_WITH_PEAK and info.get("framework_peak_mb") is None:
         problems.append("framework_peak_mb: None for an MLX backend (mx.get_peak_memory expected)")
     return problems

@@ -7,6 +7,7 @@ Options live here (not in the root conftest), so they exist when bench/ is on th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "tiny 3, else 1)")
     g.addoption("--bench-processes", type=int, default=None,
                 help="fresh processes per case, their timed steps pooled (default per size: tiny 4, else 1)")
+    g.addoption("--bench-nproc", action="append", default=None, metavar="LIST",
+                help="data-parallel process counts, comma list (default 1,2: 2 for torch and mlx; "
+                     "1 with --bench-quick)")
     g.addoption("--bench-quick", action="store_true", default=False,
                 help="CI smoke mode: tiny fp32 only, 4 steps per case, timing disabled (implies "
                      "--benchmark-disable); asserts every case runs, reports complete figures and "
@@ -69,19 +73,21 @@ class Opts:
         self.rounds = get("--bench-rounds")
         self.warmup_rounds = get("--bench-warmup-rounds")
         self.processes = get("--bench-processes")
+        nprocs = [int(n) for n in bs.parse_list(get("--bench-nproc"))] or [1, 2]
         self.tokenize_records = get("--tokenize-records") or (bs.QUICK_TOKENIZE_RECORDS if self.quick else 20000)
         native = get("--memray-native")
         if self.quick:
             sizes = ["tiny"]
             precisions = precisions or ["fp32"]
             self.rounds, self.warmup_rounds, self.processes = bs.QUICK_TIMED, bs.QUICK_WARMUP, 1
+            nprocs = [int(n) for n in bs.parse_list(get("--bench-nproc"))] or [1]  # CI: tests/ covers 2
             native = False if native is None else native
         if (self.rounds is not None and self.rounds < 1) or (self.warmup_rounds or 0) < 0 or (
                 self.processes is not None and self.processes < 1):
             raise pytest.UsageError("--bench-rounds and --bench-processes must be >= 1, --bench-warmup-rounds >= 0")
         self.native = True if native is None else native
         self.sizes, self.backends = sizes, backends
-        self.cases = bs.build_cases(sizes, backends, precisions, shapes)
+        self.cases = bs.build_cases(sizes, backends, precisions, shapes, nprocs)
         # memray pass: per size its default shape, one precision (the first), every backend
         self.memray_cases = [
             bs.Case(size, b, *bs.SIZES[size].shapes[0], (precisions or bs.SIZES[size].precisions)[0])
@@ -159,7 +165,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, ftcore_cache: Path, bench
             # run_backend divides by this machine's GEMM peak, measured once (in two probe
             # processes) and cached in FTCORE_CACHE: measure it here, outside any timed round
             gemm_peak(prep)
-        return cache[case.config_id]
+        prep, warmup, timed = cache[case.config_id]
+        return dataclasses.replace(prep, cfg=prep.cfg.replace(nproc=case.nproc)), warmup, timed
 
     return get
 

@@ -64,6 +64,7 @@ class Case:
     batch: int
     seq: int
     precision: str
+    nproc: int = 1  # data-parallel ranks (ftcore.dist); the same global batch
 
     @property
     def spec(self) -> Size:
@@ -71,11 +72,12 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.size}-b{self.batch}-s{self.seq}-{self.precision}-{self.backend}"
+        np = f"-np{self.nproc}" if self.nproc > 1 else ""  # one-process ids as they always were
+        return f"{self.size}-b{self.batch}-s{self.seq}-{self.precision}-{self.backend}{np}"
 
     @property
     def config_id(self) -> str:
-        """The case without the backend: every backend of one config shares batches."""
+        """The case without the backend and process count: they all share batches."""
         return f"{self.size}-b{self.batch}-s{self.seq}-{self.precision}"
 
     @property
@@ -98,6 +100,7 @@ class Case:
             num_samples=max(64, self.batch),
             eval_samples=16,
             lora_targets=BENCH_TARGETS,
+            nproc=self.nproc,
         )
 
     def run_args(self, warmup: int, timed: int) -> list[str]:
@@ -110,6 +113,8 @@ class Case:
                 ",".join(cfg.lora_targets)]
         if cfg.num_layers is not None:
             args += ["--num-layers", cfg.num_layers]
+        if cfg.nproc > 1:
+            args += ["--nproc", cfg.nproc]
         return [str(a) for a in args]
 
 
@@ -134,14 +139,19 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def build_cases(sizes: Sequence[str], backends: Sequence[str], precisions: Sequence[str] | None,
-                shapes: Sequence[tuple[int, int]] | None) -> list[Case]:
-    """Cartesian product; per-size defaults where an axis is not given."""
+                shapes: Sequence[tuple[int, int]] | None, nprocs: Sequence[int] = (1,)) -> list[Case]:
+    """Cartesian product; per-size defaults where an axis is not given. A process count above 1
+    only for data-parallel backends and batches it divides."""
+    from ftcore.backends import BACKENDS
+
     return [
-        Case(size, backend, batch, seq, precision)
+        Case(size, backend, batch, seq, precision, nproc)
         for size in sizes
         for batch, seq in shapes or SIZES[size].shapes
         for precision in precisions or SIZES[size].precisions
+        for nproc in nprocs
         for backend in backends
+        if nproc == 1 or (backend in BACKENDS and BACKENDS[backend].data_parallel and batch % nproc == 0)
     ]
 
 

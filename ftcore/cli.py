@@ -80,6 +80,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-alpha", type=float, help=f"scale = alpha / rank (default {d.lora_alpha:g})")
     g.add_argument("--lora-dropout", type=float, help=f"(default {d.lora_dropout})")
     g.add_argument("--lora-targets", help=f"comma list from {','.join(LORA_TARGETS)} (default {','.join(d.lora_targets)})")
+    g = p.add_argument_group("data parallel (torchrun / mlx.launch; torch and mlx backends)")
+    g.add_argument("--nproc", type=int, help="processes per machine, each a shard of every global batch; threads are split over them; compare also runs each backend at 1 process (default 1)")
+    g.add_argument("--nnodes", type=int, help="machines (default 1); torch needs --rdzv-endpoint, mlx --hostfile")
+    g.add_argument("--rdzv-endpoint", help="torchrun rendezvous HOST:PORT for --nnodes > 1")
+    g.add_argument("--hostfile", help="mlx.launch JSON hostfile, one entry per machine, for --nnodes > 1")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -65,6 +65,11 @@ class RunConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)  # all 7 linears of each layer
+    # data parallel (ftcore.dist): processes per machine, machines, and how the launcher finds them
+    nproc: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None  # torchrun --rdzv-endpoint HOST:PORT (nnodes > 1)
+    hostfile: str | None = None  # mlx.launch JSON hostfile, one entry per machine (nnodes > 1)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):
@@ -96,6 +101,7 @@ class RunConfig:
             need(math.isfinite(self.target_eval_loss) and self.target_eval_loss > 0, "target_eval_loss", "must be a positive number")
             need(self.eval_samples > 0, "target_eval_loss", "needs eval records (--eval-samples > 0)")
             need(self.eval_every > 0, "target_eval_loss", "needs periodic eval (--eval-every > 0)")
+            need(self.nproc * self.nnodes == 1, "target_eval_loss", "one process only (rank 0 evaluates; the ranks cannot stop together)")
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.precision in PRECISIONS, "precision", f"unknown precision {self.precision!r} (one of {', '.join(PRECISIONS)})")
         need(self.device in DEVICES, "device", f"unknown device {self.device!r} (one of {', '.join(DEVICES)})")
@@ -111,6 +117,16 @@ class RunConfig:
         need(self.lora_rank >= 1, "lora_rank", f"rank must be >= 1, got {self.lora_rank}")
         need(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(self.nproc >= 1, "nproc", "must be >= 1")
+        need(self.nnodes >= 1, "nnodes", "must be >= 1")
+        need(
+            self.batch_size % self.world_size == 0,
+            "batch_size",
+            f"batch size {self.batch_size} does not split evenly over {self.world_size} processes "
+            "(each rank takes an equal shard of every global batch)",
+        )
+        need(self.nnodes == 1 or bool(self.rdzv_endpoint or self.hostfile), "nnodes",
+             "more than one machine needs --rdzv-endpoint (torch) or --hostfile (mlx)")
         need(len(self.lora_targets) > 0, "lora_targets", "name at least one module")
         for t in self.lora_targets:
             need(t in LORA_TARGETS, "lora_targets", f"unknown target module {t!r} (choose from {','.join(LORA_TARGETS)})")
@@ -119,6 +135,11 @@ class RunConfig:
     def generates(self) -> bool:
         """Whether eval measures exact-match accuracy of greedy answers (see eval_generate)."""
         return self.data is None if self.eval_generate is None else self.eval_generate
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in all: processes per machine x machines."""
+        return self.nproc * self.nnodes
 
     @property
     def lora_scale(self) -> float:

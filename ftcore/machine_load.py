@@ -47,15 +47,35 @@ def _own_cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-class MachineLoad:
-    """`start()` then `stop()` around the timed work; `stop()` returns the record (or None)."""
+def _pids_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) of these processes so far; a gone one counts 0."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self) -> None:
+
+class MachineLoad:
+    """`start()` then `stop()` around the timed work; `stop()` returns the record (or None).
+    `siblings()`: pids whose CPU time is the run's own too (the other ranks of a data-parallel run)."""
+
+    def __init__(self, siblings=None) -> None:
         self._start: tuple[float, float, tuple[int, int]] | None = None
+        self._siblings = siblings or (lambda: [])
+        self._pids: list[int] = []
+
+    def _own(self) -> float:
+        return _own_cpu_s() + _pids_cpu_s(self._pids)
 
     def start(self) -> None:
         ticks = _cpu_ticks()
-        self._start = None if ticks is None else (time.monotonic(), _own_cpu_s(), ticks)
+        self._pids = list(self._siblings())
+        self._start = None if ticks is None else (time.monotonic(), self._own(), ticks)
 
     def stop(self) -> dict | None:
         """{wall_s, cores, other_cores, steal_fraction, busy, reason} over the window."""
@@ -66,7 +86,7 @@ class MachineLoad:
         wall = time.monotonic() - t0
         hz = os.sysconf("SC_CLK_TCK")
         cores = affinity_cores()
-        own = _own_cpu_s() - own0
+        own = self._own() - own0
         other = max(0.0, (ticks[0] - busy0) / hz - own)
         steal = (ticks[1] - steal0) / hz
         record = {

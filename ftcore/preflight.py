@@ -1,7 +1,9 @@
 """Everything checked before any backend starts, in the parent, so that a user's mistake is one
 `error:` line with nothing written and never a half-finished run:
 
-* flags: RunConfig's own validation, and --threads at most the cores this process may use;
+* flags: RunConfig's own validation, and --threads at most the cores this process may use, and
+  enough of them for --nproc ranks; a data-parallel run only with backends that support it and
+  what their launcher needs for several machines (ftcore.dist);
 * the model folder: ftcore.models.check_model_dir (files, config, every tensor, finite weights);
 * the tokenizer: it loads, and its vocabulary fits the embedding (ftcore.checkpoint.check_vocab);
 * the data: loads, tokenizes and fills the batches (ftcore.data.build_batches);
@@ -16,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftcore.arch import read_arch
-from ftcore.backends import get_backend
+from ftcore.backends import BACKENDS, get_backend
 from ftcore.checkpoint import check_vocab
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches, build_batches, load_records
+from ftcore.dist import check_threads
 from ftcore.hostinfo import affinity_cores
 from ftcore.models import load_tokenizer, resolve_model_dir
 
@@ -50,6 +53,14 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
             "cores would time the operating system's scheduler, not the framework"
         )
     specs = [get_backend(b) for b in backends]
+    check_threads(cfg if cfg.threads is not None else cfg.replace(threads=cores))
+    for spec in specs:
+        if cfg.world_size > 1 and not spec.data_parallel:
+            able = ", ".join(n for n, s in BACKENDS.items() if s.data_parallel)
+            raise UserError(f"--nproc/--nnodes: {spec.name} runs in one process only "
+                            f"(data-parallel backends: {able})")
+        if cfg.world_size > 1:
+            spec.check_launch(cfg)
     for spec in specs:
         if why := spec.missing():
             raise UserError(why)

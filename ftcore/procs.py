@@ -6,6 +6,8 @@ behind.
   children never print a KeyboardInterrupt traceback.
 * Never orphaned: a child asks the kernel for SIGTERM when its parent dies (`die_with_parent`,
   Linux PR_SET_PDEATHSIG), so even a SIGKILLed parent leaves no child running.
+* Launchers (torchrun, mlx.launch) start through `python -m ftcore.procs`, which asks for the
+  same death signal and then execs them; their ranks ask for it against the launcher.
 * Why a child died: "killed by the kernel's OOM killer" only when the cgroup's oom_kill counter
   rose while it ran, else the signal's name.
 """
@@ -93,3 +95,15 @@ def death_reason(signum: int, oom_before: int | None) -> str:
     if signum == signal.SIGKILL and oom_before is not None and after is not None and after > oom_before:
         return "killed by the kernel's OOM killer (out of memory)"
     return f"killed by {name}"
+
+
+def exec_dying_with_parent(argv: list[str]) -> None:
+    """`python -m ftcore.procs CMD...`: die with the parent, then become CMD (a launcher). The
+    death signal survives exec; CMD's children (the ranks) expect this pid as their parent."""
+    die_with_parent()
+    os.environ[PARENT_ENV] = str(os.getpid())
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    exec_dying_with_parent(sys.argv[1:])

@@ -60,7 +60,14 @@ class RunResult:
     optimizer: dict = field(default_factory=dict)
     precision: str = ""
     blas: str = ""  # what BLAS this framework really calls (ftcore.blas)
-    threads: int = 0
+    threads: int = 0  # a data-parallel run: all ranks' threads together
+    # data parallel (ftcore.dist): ranks, threads of one rank, rank 0's all-reduce time of every
+    # step and its mean over the timed steps; peak_rss_mb is then summed over ranks
+    world_size: int = 1
+    rank_threads: int = 0
+    allreduce_times_s: list[float] = field(default_factory=list)
+    allreduce_time_s: float | None = None
+    peak_rss_max_rank_mb: float | None = None  # the largest single rank's peak RSS
     extra: dict = field(default_factory=dict)
 
     @classmethod

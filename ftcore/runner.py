@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -29,6 +31,15 @@ from ftcore.backends import BACKENDS, FRAMEWORK_ENVS, BackendSpec, get_backend
 from ftcore.backends.common import Diverged
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches
+from ftcore.dist import (
+    DIST_ENV,
+    RankInfo,
+    RankWatch,
+    announce,
+    merge_ranks,
+    rank_threads,
+    write_rank_file,
+)
 from ftcore.flops import gemm_shapes
 from ftcore.memory import PeakRSS
 from ftcore.mfu import machine_gemm_peak, mfu
@@ -36,7 +47,7 @@ from ftcore.preflight import Prepared, check_run, prepare  # noqa: F401 (the run
 from ftcore.procs import death_reason, die_with_parent, oom_kills, reaped, spawn
 from ftcore.report import build_comparison, write_report
 from ftcore.result import RunResult
-from ftcore.stepgate import GATE_ENV
+from ftcore.stepgate import FIFO_PREFIX, GATE_ENV
 
 RESULT_FILE = "result.json"
 # Never reach for a hub, and keep library chatter (weight-loading bars) off the progress stream.
@@ -111,17 +122,34 @@ class BackendProcess:
         cmd = child_command(backend, prep, out_dir)
         if wrap:
             cmd = [*wrap, *cmd[2:]]
-        env = child_env(spec, prep.cfg.threads)
+        cfg, self.world = prep.cfg, prep.cfg.world_size
+        if self.world > 1:  # the framework's launcher starts the ranks (ftcore.dist)
+            env = {**child_env(spec, rank_threads(cfg)), DIST_ENV: str(self.world)}
+            cmd = spec.launch(cfg, cmd, out_dir)
+        else:
+            env = child_env(spec, cfg.threads)
         self._go = self._done = None
         child_fds: tuple[int, ...] = ()
+        if gate and self.world > 1:  # named pipes: the launcher would close inherited fds
+            go_path, done_path = out_dir / "gate-go", out_dir / "gate-done"
+            for path in (go_path, done_path):
+                path.unlink(missing_ok=True)
+                os.mkfifo(path)
+            # O_RDWR: opens at once on Linux; the child's open then never waits for us
+            self._go = os.fdopen(os.open(go_path, os.O_RDWR), "w")
+            self._done = os.fdopen(os.open(done_path, os.O_RDWR), "r")
+            env[GATE_ENV] = f"{FIFO_PREFIX}{go_path},{done_path}"
+            gate = False
         if gate:
             go_read, go_write = os.pipe()
             done_read, done_write = os.pipe()
             child_fds = (go_read, done_write)
             env[GATE_ENV] = f"{go_read},{done_write}"
         self.oom_before = oom_kills()
-        self.proc = spawn(cmd, env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          pass_fds=child_fds)
+        # stdin: a pipe (RankWatch._nudge writes mlx.launch one byte; /dev/null would spin it)
+        self.proc = spawn(cmd, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, pass_fds=child_fds)
+        self.watch = RankWatch(out_dir, self.world, self.proc.pid, self.proc.stdin) if self.world > 1 else None
         if gate:
             os.close(go_read)
             os.close(done_write)
@@ -144,14 +172,27 @@ class BackendProcess:
         try:
             self._go.write("go\n")
             self._go.flush()
-            answer = self._done.readline()
+            answer = self._answer()
         except BrokenPipeError:
             answer = ""
         if not answer:
-            self.proc.wait()
+            if not self.watch:
+                self.proc.wait()
             last = next((ln for ln in reversed(self.tail) if ln.strip()), "no output")
             raise RuntimeError(f"{self.backend} process ended before its step ({last})")
         return float(answer.split()[1])
+
+    def _answer(self) -> str:
+        """The child's answer line; "" when it died first. Named pipes (a launcher's rank 0) never
+        reach EOF, since this process holds both ends: poll the launcher (and RankWatch) instead."""
+        if not self.watch:
+            return self._done.readline()
+        while not select.select([self._done], [], [], 0.5)[0]:
+            self.watch.poll()
+            # has the launcher ended? WNOWAIT: leave it for wait()'s wait4 and its rusage
+            if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return ""
+        return self._done.readline()
 
     def wait(self) -> RunResult:
         """Wait for the child to finish; its result (a failed one if it died), MFU filled in."""
@@ -161,7 +202,7 @@ class BackendProcess:
                     pipe.close()  # a gated child still waiting for a step gets EOF and stops
         prep, backend = self.prep, self.backend
         result_path = self.out_dir / RESULT_FILE
-        _, status, rusage = os.wait4(self.proc.pid, 0)
+        _, status, rusage = self._wait4()
         self.proc.returncode = code = os.waitstatus_to_exitcode(status)
         reaped(self.proc)
         self._reader.join(timeout=5)
@@ -176,6 +217,8 @@ class BackendProcess:
             result = RunResult.failed(backend, prep.cfg.to_dict(),
                                       f"{backend} process {why}" + (f": {last}" if last else ""))
             result.extra["stderr_tail"] = list(self.tail)
+        if self.watch:
+            self._merge_ranks(result)
         if self.before_spawn_s is not None:
             result.extra["parent_prepare_s"] = self.before_spawn_s  # ~0 for a current conversion
         if result.status == "ok" and prep.cfg.device == "cpu":
@@ -192,6 +235,27 @@ class BackendProcess:
         )
         result.write_json(result_path)
         return result
+
+    def _wait4(self) -> tuple[int, int, object]:
+        """os.wait4 on the child; for a launcher, polled, with RankWatch ending it when a rank
+        died and the others hang."""
+        while self.watch:
+            pid, status, rusage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                return pid, status, rusage
+            self.watch.poll()
+            time.sleep(0.5)
+        return os.wait4(self.proc.pid, 0)
+
+    def _merge_ranks(self, result: RunResult) -> None:
+        """Every rank's peak RSS into the result; a rank that died makes the row failed."""
+        result.world_size = self.world  # a failed row too: it names the run "NAME xW"
+        self.watch.kill_ranks()  # none outlives its launcher (torchrun's lead their own sessions)
+        # a rank without its rank file died before its end, seen by the watch or not (a launcher
+        # that ends at once after a rank's death leaves it no poll to see it)
+        if dead := sorted(set(self.watch.dead) | set(merge_ranks(result, self.out_dir, self.world))):
+            why = f"rank(s) {', '.join(map(str, dead))} of {self.world} died mid-run"
+            result.status, result.error = "failed", f"{self.backend} {why}; {result.error or ''}".rstrip("; ")
 
 
 def run_backend(
@@ -212,12 +276,20 @@ def compare(
     on_start: Callable[[str, subprocess.Popen], None] | None = None,
 ) -> dict:
     """Run the backends one after another, each in its own process, then write the comparison
-    (comparison.json, report.md, plots) into out_dir. A failed backend is a failed row."""
+    (comparison.json, report.md, plots) into out_dir. A failed backend is a failed row. With
+    cfg.nproc > 1 each backend runs at one process (out_dir/NAME) and then data-parallel
+    (out_dir/NAME-xW, W ranks): the scaling and parity reference."""
+    runs = [(name, prep) for name in backends]
+    world = prep.cfg.world_size
+    if world > 1:  # each backend at one process too: the parity and scaling-efficiency reference
+        one = dataclasses.replace(prep, cfg=prep.cfg.replace(nproc=1, nnodes=1))
+        runs = [run for name in backends for run in ((name, one), (name, prep))]
     results = []
-    for i, name in enumerate(backends, 1):
-        print(f"== [{i}/{len(backends)}] {name}", file=sys.stderr, flush=True)
+    for i, (name, p) in enumerate(runs, 1):
+        label = name if p.cfg.world_size == 1 else f"{name}-x{p.cfg.world_size}"
+        print(f"== [{i}/{len(runs)}] {label}", file=sys.stderr, flush=True)
         hook = (lambda proc, name=name: on_start(name, proc)) if on_start else None
-        results.append(run_backend(name, prep, out_dir / name, on_start=hook).to_dict())
+        results.append(run_backend(name, p, out_dir / label, on_start=hook).to_dict())
     comparison = build_comparison(results)
     write_report(comparison, out_dir)
     return comparison
@@ -235,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     cfg = RunConfig.from_dict(json.loads(args.config))
     args.out.mkdir(parents=True, exist_ok=True)
+    ranks = RankInfo.from_env()
+    if ranks:
+        announce(args.out, ranks.rank)
     with PeakRSS() as rss:
         try:
             batches = Batches.load(args.batches)
@@ -254,7 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             result.extra["traceback"] = traceback.format_exc()
             print(f"[{args.backend}] failed: {type(e).__name__}: {e}", file=sys.stderr)
-    result.peak_rss_mb = rss.peak_mb
+    result.peak_rss_mb = result.peak_rss_max_rank_mb = rss.peak_mb
+    result.rank_threads = result.rank_threads or result.threads  # a loop that did not say
+    if ranks:  # the parent sums the ranks' peaks (ftcore.dist.merge_ranks)
+        write_rank_file(args.out, ranks.rank, status=result.status, peak_rss_mb=rss.peak_mb,
+                        baseline_rss_mb=result.baseline_rss_mb, threads=result.rank_threads)
+        if ranks.rank:
+            return code
     result.write_json(args.out / RESULT_FILE)
     return code
 

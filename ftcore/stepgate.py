@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 
 GATE_ENV = "FTCORE_STEP_GATE"  # "<fd to read go from>,<fd to write done to>", set by the runner
+# or "fifo:<go path>,<done path>": launchers (torchrun, mlx.launch) close inherited fds, so a
+# data-parallel run's rank 0 opens two named pipes instead (the other ranks follow it)
+FIFO_PREFIX = "fifo:"
 
 
 class StepGate:
@@ -24,7 +27,10 @@ class StepGate:
     def __init__(self, env: dict | None = None) -> None:
         spec = (os.environ if env is None else env).get(GATE_ENV)
         self._in = self._out = None
-        if spec:
+        if spec and spec.startswith(FIFO_PREFIX):
+            go, done = spec[len(FIFO_PREFIX) :].split(",")
+            self._in, self._out = open(go), open(done, "w")  # noqa: SIM115 (open for the run)
+        elif spec:
             read_fd, write_fd = (int(v) for v in spec.split(","))
             self._in = os.fdopen(read_fd, "r")
             self._out = os.fdopen(write_fd, "w")

@@ -89,6 +89,14 @@ class BackendSpec:
     # True: its loop owns the steps, so it evaluates every --eval-every steps, stops at
     # --target-eval-loss and measures greedy exact-match accuracy (backends.common.Quality)
     owns_steps: bool = True
+    # data parallel (--nproc > 1; ftcore.dist): (cfg, child command, out_dir) -> the framework's
+    # launcher command, and its parent-side check (UserError); None: one process only
+    launch: Callable[[RunConfig, list[str], Path], list[str]] | None = None
+    check_launch: Callable[[RunConfig], None] | None = None
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.launch is not None
 
     def train(self, cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
         module = importlib.import_module(f"ftcore.backends.{self.module}")
@@ -107,6 +115,7 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             name="torch", framework="torch", module="torch_loop", package="peft",
             install_hint="pip install ftcore", child_env=torch_env.child_env, check=check_torch,
+            launch=torch_env.launch_command, check_launch=torch_env.check_launch,
             summary="transformers LlamaForCausalLM + PEFT LoRA, a plain training loop",
         ),
         BackendSpec(
@@ -119,7 +128,8 @@ BACKENDS: dict[str, BackendSpec] = {
             name="mlx", framework="mlx", module="mlx_loop", package="mlx",
             install_hint="pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)",
             child_env=mlx_env.row_streams_env, before_spawn=convert_for_mlx,
-            check=check_mlx_converted,
+            check=check_mlx_converted, launch=mlx_env.launch_command,
+            check_launch=mlx_env.check_launch,
             summary="ftcore's own MLX Llama (ftcore.mlx), weights converted from the same checkpoint",
         ),
         BackendSpec(

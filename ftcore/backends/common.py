@@ -16,6 +16,7 @@ from ftcore.arch import read_arch
 from ftcore.blas import framework_blas
 from ftcore.config import RunConfig
 from ftcore.data import Batches
+from ftcore.dist import sibling_pids
 from ftcore.flops import flops_per_token, gemm_shapes, lora_param_count
 from ftcore.hostinfo import affinity_cores, host_info
 from ftcore.loss import target_count
@@ -77,6 +78,15 @@ def base_result(
     return result
 
 
+def record_ranks(result: RunResult, ranks: Any) -> None:
+    """World size and threads of a data-parallel run (ftcore.dist.RankInfo or None): `threads`
+    becomes all ranks' threads together, the figure compared for fairness; `rank_threads` one's."""
+    result.rank_threads = result.threads
+    if ranks:
+        result.world_size = ranks.world
+        result.threads = result.threads * ranks.world
+
+
 def finish(
     result: RunResult, cfg: RunConfig, batches: Batches, step_times: list[float], framework: str
 ) -> RunResult:
@@ -85,6 +95,14 @@ def finish(
     for k, v in throughput(cfg, batches, step_times).items():
         setattr(result, k, v)
     result.final_loss = result.losses[-1] if result.losses else None
+    ar = result.allreduce_times_s[cfg.timing_warmup_steps :]
+    result.allreduce_time_s = sum(ar) / len(ar) if ar else None  # per timed step
+    if cfg.device == "gpu":  # MFU against this GPU's measured GEMM peak (the runner's is CPU-only)
+        from ftcore.gemm import measure_gemm_peak
+
+        peak = measure_gemm_peak(framework, cfg.precision, n=8192, device="gpu")
+        result.extra["gpu_gemm_peak_gflops"] = peak
+        result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
     if cfg.device == "cpu":  # the GEMM probes measure this machine's CPU only
         # MFU itself (against the machine's best GEMM peak) is set by the runner's parent
         shapes = tuple(tuple(s) for s in result.extra.get("gemm_shapes", ()))
@@ -114,13 +132,15 @@ def save_probe_logits(logits: Any, out_dir: Path) -> None:
 class Progress:
     """One status line on stderr: a live line on a terminal, a line every ~10% otherwise."""
 
-    def __init__(self, backend: str, total: int) -> None:
-        self.backend, self.total = backend, total
+    def __init__(self, backend: str, total: int, quiet: bool = False) -> None:
+        self.backend, self.total, self.quiet = backend, total, quiet
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
     def update(self, step: int, loss: float, tokens_per_s: float | None) -> None:
         done = step + 1
+        if self.quiet:
+            return
         if not self.tty and done != self.total and done % max(1, self.total // 10):
             return
         tps = f"{tokens_per_s:8.1f} tok/s" if tokens_per_s else "    warm-up"
@@ -233,11 +253,11 @@ class StepClock:
     their loss is checked) is not finite.
     """
 
-    def __init__(self, backend: str, cfg: RunConfig, batches: Batches) -> None:
+    def __init__(self, backend: str, cfg: RunConfig, batches: Batches, rank: int = 0) -> None:
         self.cfg, self.batches = cfg, batches
-        self.gate = StepGate()
-        self.load = MachineLoad()
-        self.progress = Progress(backend, cfg.steps)
+        self.gate = StepGate({} if rank else None)  # ranks > 0 follow rank 0 through the collectives
+        self.load = MachineLoad(sibling_pids)
+        self.progress = Progress(backend, cfg.steps, quiet=rank > 0)
         self.times: list[float] = []
         self.lrs: list[float] = []
         self.losses: list[float] = []
@@ -281,6 +301,6 @@ class StepClock:
         if result.optimizer:
             result.optimizer["lr_per_step"] = list(self.lrs)
         record = result.extra["machine_load"] = self.load.stop()
-        if warning := busy_warning(record):
+        if (warning := busy_warning(record)) and not self.progress.quiet:
             print(f"[{result.backend}] {warning}", file=sys.stderr, flush=True)
             result.extra.setdefault("warnings", []).append(warning)

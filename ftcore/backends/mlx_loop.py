@@ -5,6 +5,9 @@ No torch or transformers import: this process's RSS is MLX's alone.
 Precision: fp32 converts every weight to fp32. bf16 converts the frozen base weights to bf16 and
 keeps LoRA weights, gradients and AdamW state in fp32 (as the torch backend does).
 On the CPU the step splits each batch's rows over one stream per thread (ftcore.mlx.streams).
+Under mlx.launch (ftcore.dist) each rank takes its shard of every global batch, divides its loss by
+the global target count, and one all_sum adds gradients and losses between the compiled gradient
+step and the compiled clip + AdamW step; only rank 0 evaluates and saves.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ from ftcore.backends.common import (
     finish,
     optimizer_record,
     probe_batch,
+    record_ranks,
     save_probe_logits,
 )
 from ftcore.blas import blas_threads, set_blas_threads
 from ftcore.config import RunConfig
 from ftcore.data import Batches
+from ftcore.dist import RankInfo, rank_threads, shard
 from ftcore.lora_init import initial_lora_state, state_fingerprint
+from ftcore.loss import target_count
 from ftcore.memory import current_rss_mb
+from ftcore.mlx import dist
 from ftcore.mlx.adapters import save_adapters
 from ftcore.mlx.convert import MANIFEST_FILE
 from ftcore.mlx.generate import greedy
@@ -79,6 +86,10 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     mx.set_default_device(device)
     mx.random.seed(cfg.seed)  # LoRA dropout masks
     result = base_result("mlx", cfg, model_dir, batches, "mlx")
+    ranks = RankInfo.from_env()
+    if ranks:
+        cfg = cfg.replace(threads=rank_threads(cfg))  # this rank's threads, for streams and BLAS
+        group = dist.init(device, ranks.world)
     blas_facts(result, cfg)
 
     model = load(cfg, model_dir, result)
@@ -90,11 +101,13 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     # before any stream sets the BLAS to one thread
     measured = Quality(cfg, batches, result, lambda: evaluate(model, batches),
                        lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
-    measured.before()
+    if not (ranks and ranks.rank):
+        measured.before()  # rank 0 only, as every eval
 
     # One stream per thread, each with a 1-thread BLAS (where its threads can be set: otherwise
     # streams x BLAS threads would oversubscribe the cores).
-    n_streams = plan_streams(device, result.threads, cfg.batch_size)
+    rows = cfg.batch_size // ranks.world if ranks else cfg.batch_size
+    n_streams = plan_streams(device, result.threads, rows)
     if n_streams > 1 and not set_blas_threads(1):
         n_streams = 1
     streams = cpu_streams(n_streams) if device == mx.cpu else (mx.default_stream(device),)
@@ -106,6 +119,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     # threads really at work in a step: one per stream, times the BLAS threads each one calls
     result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
+    record_ranks(result, ranks)
 
     def step_fn(batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
         loss, grads = loss_and_grads(model, batch, streams)
@@ -119,31 +133,47 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     # The LR lives in opt.state, so setting it per step feeds the compiled graph a new input.
     state = [model.state, opt.state, mx.random.state]
     step = mx.compile(step_fn, inputs=state, outputs=state) if COMPILE else step_fn
+    if ranks:  # two compiled halves with the all_sum between them
+        grads_part = compile_grads(model, streams, state)
+        apply_part = compile_apply(model, opt, cfg, state)
+
+        def step(batch: dict[str, mx.array], count: mx.array) -> tuple[mx.array, mx.array]:
+            loss, grads = grads_part(batch, count)
+            grads, loss, seconds = dist.all_sum_step(grads, loss, group)
+            result.allreduce_times_s.append(seconds)
+            return loss, apply_part(grads)
 
     model.train()
-    clock = StepClock("mlx", cfg, batches)
+    clock = StepClock("mlx", cfg, batches, rank=ranks.rank if ranks else 0)
     step_cpu_times: list[float] = []  # CPU seconds of all this process's threads
     for i in range(cfg.steps):
         fed = batches.step(i)
-        batch = to_mx(fed)
+        batch = to_mx(shard(fed, ranks.rank, ranks.world) if ranks else fed)
         opt.learning_rate = cfg.lr_at(i)
         clock.feed(fed["input_ids"])
         clock.lr(opt.learning_rate.item())
         clock.begin(i)
         c = time.process_time()
-        loss, grad_norm = step(batch)
+        if ranks:  # the global count: summed over ranks this is the one-process loss
+            loss, grad_norm = step(batch, mx.array(max(target_count(fed["labels"]), 1), mx.float32))
+        else:
+            loss, grad_norm = step(batch)
         mx.eval(loss, grad_norm, state)  # MLX is lazy: the step's work happens here
         loss_value = loss.item()
         step_cpu_times.append(time.process_time() - c)
         clock.end(i, loss_value, grad_norm=grad_norm.item())
         result.losses.append(loss_value)
+        if ranks and ranks.rank:
+            continue  # eval: rank 0 only (the others wait in the next all_sum)
         if measured.after_step(i, clock.times):
-            break  # --target-eval-loss reached
+            break  # --target-eval-loss reached (one process only: refused with --nproc > 1)
     clock.stop(result)
     step_times = clock.times
+    if ranks and ranks.rank:
+        return result  # identical weights: rank 0 evaluates and saves
 
     if n_streams > 1:
-        set_blas_threads(result.threads)  # eval and the GEMM probe in finish() run on one stream
+        set_blas_threads(result.rank_threads)  # eval and the GEMM probe in finish() run on one stream
     timed = slice(cfg.timing_warmup_steps, None)
     busy = None
     if sum(step_times[timed]) > 0:  # threads kept busy in timed steps: do the streams overlap?
@@ -174,3 +204,26 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
     )
     return finish(result, cfg, batches, step_times, "mlx")
+
+
+def compile_grads(model: Model, streams: tuple, state: list):
+    """(shard, global target count) -> (this rank's loss share, its gradients), compiled."""
+
+    def grads_fn(batch: dict[str, mx.array], count: mx.array) -> tuple[mx.array, dict]:
+        return loss_and_grads(model, batch, streams, count)
+
+    return mx.compile(grads_fn, inputs=state, outputs=state) if COMPILE else grads_fn
+
+
+def compile_apply(model: Model, opt, cfg: RunConfig, state: list):
+    """Summed gradients -> clip, AdamW update; returns the norm before clipping. Compiled."""
+
+    def apply_fn(grads: dict) -> mx.array:
+        if cfg.max_grad_norm is not None:
+            grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        else:
+            grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+        opt.update(model, grads)
+        return grad_norm
+
+    return mx.compile(apply_fn, inputs=state, outputs=state) if COMPILE else apply_fn

@@ -9,9 +9,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcore.backends.common import Quality, base_result, finish, probe_batch, save_probe_logits
+from ftcore.backends.common import (
+    Quality,
+    base_result,
+    finish,
+    probe_batch,
+    record_ranks,
+    save_probe_logits,
+)
 from ftcore.config import RunConfig
 from ftcore.data import Batches
+from ftcore.dist import RankInfo, rank_threads
 from ftcore.lora_init import state_fingerprint
 from ftcore.memory import current_rss_mb
 from ftcore.result import RunResult
@@ -30,10 +38,11 @@ def probe_logits(model, batches: Batches, device: torch.device) -> np.ndarray:
     return logits.float().cpu().numpy()
 
 
-def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches):
+def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches,
+          ranks: RankInfo | None = None):
     """Shared by `torch` and `hf-trainer`: threads, seed, device, the timed model load and the
     RSS after it. Returns (model, device, result)."""
-    threads = cfg.threads or torch.get_num_threads()
+    threads = rank_threads(cfg) if ranks else cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)  # LoRA dropout masks
     device = pick_device(cfg.device)
@@ -53,6 +62,7 @@ def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches):
     result.initial_adapter_fingerprint = state_fingerprint(get_lora_state(model))
     result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result.threads = torch.get_num_threads()  # what torch reports, not what was asked for
+    record_ranks(result, ranks)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     return model, device, result

@@ -14,9 +14,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from ftcore import blas
+from ftcore.config import RunConfig, UserError
+from ftcore.dist import free_ports, hostfile_hosts, under_launcher
 from ftcore.mlx import jit
 from ftcore.models import cache_root
+from ftcore.result import write_json_atomic
 
 BFS_WIDTH_ENV = "MLX_BFS_MAX_WIDTH"
 BFS_WIDTH_PER_STREAM = 50
@@ -35,3 +41,27 @@ def child_env(base_env: dict, threads: int) -> dict:
 def row_streams_env(base_env: dict, threads: int) -> dict:
     """child_env plus an mx.eval width that lets `threads` row streams overlap."""
     return {**child_env(base_env, threads), BFS_WIDTH_ENV: str(BFS_WIDTH_PER_STREAM * threads)}
+
+
+def launch_command(cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]:
+    """`inner` as cfg.nproc ranks per machine under mlx.launch (ring on the CPU, NCCL with the
+    CUDA build); several machines: the user's hostfile, each host repeated nproc times."""
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    cmd = [sys.executable, str(launcher), "--backend", "nccl" if cfg.device == "gpu" else "ring",
+           "--starting-port", str(free_ports(cfg.world_size))]  # fmt: skip
+    if cfg.nnodes > 1:
+        expanded = out_dir / "hostfile.json"
+        write_json_atomic(expanded, [h for h in hostfile_hosts(cfg.hostfile) for _ in range(cfg.nproc)])
+        cmd += ["--hostfile", str(expanded)]
+    else:
+        cmd += ["-n", str(cfg.nproc)]
+    return under_launcher([*cmd, "--", *inner])
+
+
+def check_launch(cfg: RunConfig) -> None:
+    if cfg.nnodes == 1:
+        return
+    if not cfg.hostfile:
+        raise UserError("--nnodes > 1 with an MLX backend needs --hostfile")
+    if len(hosts := hostfile_hosts(cfg.hostfile)) != cfg.nnodes:
+        raise UserError(f"--hostfile lists {len(hosts)} hosts, --nnodes says {cfg.nnodes}")

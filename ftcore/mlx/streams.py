@@ -22,19 +22,22 @@ from ftcore.mlx.model import Model
 
 
 def loss_and_grads(
-    model: Model, batch: dict[str, mx.array], streams: tuple[mx.Stream, ...]
+    model: Model, batch: dict[str, mx.array], streams: tuple[mx.Stream, ...],
+    count: mx.array | None = None,
 ) -> tuple[mx.array, dict]:
     """Mean loss over the batch's targets and its gradients w.r.t. the trainable parameters.
 
     The rows are split into len(streams) equal groups; each group's forward and backward runs on
     its own stream (a thread of its own on the CPU). Summed losses and gradients are divided by the
-    whole batch's target count: one pass's numbers, up to float summation order.
+    whole batch's target count (or `count`: a data-parallel rank passes the global batch's),
+    one pass's numbers, up to float summation order.
     """
     n_rows = batch["input_ids"].shape[0]
     if n_rows % len(streams):
         raise ValueError(f"{n_rows} rows do not split evenly over {len(streams)} streams")
     rows = n_rows // len(streams)
-    count = mx.maximum((batch["labels"][:, 1:] != IGNORE_INDEX).sum(), 1)
+    if count is None:
+        count = mx.maximum((batch["labels"][:, 1:] != IGNORE_INDEX).sum(), 1)
     sum_and_grad = nn.value_and_grad(model, lambda m, b: loss_sum_count(m, b)[0])
     totals, grads = [], []
     for i, stream in enumerate(streams):

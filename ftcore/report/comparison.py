@@ -74,7 +74,7 @@ _ROW_FIELDS = (
     "tokens_per_s", "loss_tokens_per_s", "final_loss", "eval_loss", "peak_rss_mb",
     "baseline_rss_mb", "framework_peak_mb", "trainable_params", "flops_per_token", "mfu",
     "precision", "blas", "threads", "eval_loss_before", "accuracy_before", "accuracy_after",
-    "target",
+    "target", "world_size", "rank_threads", "allreduce_time_s", "peak_rss_max_rank_mb",
 )  # fmt: skip
 
 
@@ -89,6 +89,26 @@ def greedy_agreement(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str,
         return None
     same = sum(list(a) == list(b) for a, b in zip(mine, theirs, strict=True))
     return {"same": same, "of": len(mine), "vs": ref.get("backend")}
+
+
+def scaling(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per data-parallel row: its tokens/s against the same backend's one-process row (same
+    threads in all): efficiency = tokens/s(W ranks x T/W threads) / tokens/s(1 x T threads)."""
+    ok = ok_rows(results)
+    out = []
+    for r in ok:
+        if (r.get("world_size") or 1) <= 1:
+            continue
+        one = next((o for o in ok if o.get("backend") == r.get("backend")
+                    and (o.get("world_size") or 1) == 1), None)  # fmt: skip
+        out.append({
+            "backend": r.get("backend"), "world_size": r.get("world_size"),
+            "rank_threads": r.get("rank_threads"), "tokens_per_s": r.get("tokens_per_s"),
+            "one_process_threads": one.get("threads") if one else None,
+            "one_process_tokens_per_s": one.get("tokens_per_s") if one else None,
+            "efficiency": ratio(r.get("tokens_per_s"), one.get("tokens_per_s")) if one else None,
+        })  # fmt: skip
+    return out
 
 
 def _env_summary(r: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +146,7 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
         reference = ok_names[0]
     ref = next((r for r in ok if r.get("backend") == reference), ok[0] if ok else None)
 
+    scaled = scaling(results)
     rows = []
     for i, r in enumerate(results):
         row = {k: r.get(k) for k in _ROW_FIELDS}
@@ -145,6 +166,11 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
         before, after = finite(r.get("eval_loss_before")), finite(r.get("eval_loss"))
         row["eval_loss_drop"] = 1 - after / before if good and before and after is not None else None
         row["greedy_agreement"] = greedy_agreement(r, ref) if good else None
+        eff = next((x["efficiency"] for x in scaled if x["backend"] == r.get("backend")), None)
+        if r.get("status") == "ok" and eff is not None:  # the one-process row is the reference
+            row["scaling_efficiency"] = eff if (r.get("world_size") or 1) > 1 else 1.0
+        else:
+            row["scaling_efficiency"] = None
         load = (r.get("extra") or {}).get("machine_load") or {}
         row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
         rows.append(row)
@@ -164,6 +190,7 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
             "fairness": checks,
             "all_fair": all(c["ok"] for c in checks),
             "loss_diff": max_loss_diff(results),
+            "scaling": scaled,
             "environment": {backend_name(r, i): _env_summary(r) for i, r in enumerate(results)},
             "config": copy.deepcopy(source.get("config") or {}),
             "results": copy.deepcopy(results),

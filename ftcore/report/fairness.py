@@ -6,8 +6,10 @@ from typing import Any
 
 from ftcore.report.values import backend_name, ok_rows, same, short
 
-# Config keys that may legitimately differ between backends (not part of the experiment).
-IGNORED_CONFIG_KEYS = frozenset({"backend", "out", "out_dir"})
+# Config keys that may legitimately differ between backends (not part of the experiment); the
+# process count is what a scaling comparison varies (threads are compared in all: `threads`).
+IGNORED_CONFIG_KEYS = frozenset({"backend", "out", "out_dir", "nproc", "nnodes", "rdzv_endpoint",
+                                 "hostfile"})  # fmt: skip
 
 
 def optimizer_key(opt: Any) -> Any:

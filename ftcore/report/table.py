@@ -15,6 +15,7 @@ FOOTNOTES = [
     "Final loss: training loss (mean CE over target tokens) at the last step; eval loss on held-out records, before the first step (the base model) and after the last.",
     "Exact match: share of held-out records whose greedy answer (KV-cache decoding, up to EOS) equals the expected tokens exactly, before -> after the fine-tune; greedy agreement: records with token-for-token the same answer as the reference backend.",
     "Time to target: wall time from the first step to the end of the eval that first reached --target-eval-loss, evals included (steps alone: result.json target.train_seconds).",
+    "Data parallel (xW rows): W ranks each training a shard of every global batch; peak RSS is summed over the ranks (largest rank beside it); threads are all ranks' together; scaling efficiency = this row's tokens/s / the same backend's one-process tokens/s at the same threads in all.",
     "Machine: BUSY when other processes used more than a quarter core (or the hypervisor stole >10%) during the timed steps; such timings are not the framework's.",
 ]
 
@@ -41,6 +42,11 @@ TABLE_ROWS: list[tuple[str, Any]] = [
     ("Trainable params", lambda r: fmt_int(r.get("trainable_params"))),
     ("BLAS", lambda r: fmt_text(r.get("blas"))),
     ("Threads", lambda r: fmt_int(r.get("threads") or None)),  # 0: not recorded
+    ("World size (processes)", lambda r: fmt_int(r.get("world_size"))),
+    ("Threads per rank", lambda r: fmt_int(r.get("rank_threads") or None)),
+    ("All-reduce (ms/step)", lambda r: fmt(None if r.get("allreduce_time_s") is None else 1000 * r["allreduce_time_s"], ".2f")),
+    ("Peak RSS, largest rank (MB)", lambda r: fmt(r.get("peak_rss_max_rank_mb"), ".1f")),
+    ("Scaling efficiency", lambda r: fmt(r.get("scaling_efficiency"), ".2f")),
     ("Machine (timed steps)", lambda r: {True: "BUSY", False: "quiet"}.get(r.get("machine_busy"), NA)),
     ("Status", lambda r: "ok" if r.get("status") == "ok" else str(r.get("status") or "failed").upper()),
 ]
@@ -131,6 +137,19 @@ def _loss_diff_line(comparison: dict[str, Any]) -> str:
     return text
 
 
+def scaling_lines(comparison: dict[str, Any]) -> list[str]:
+    """One line per data-parallel row: 1 process x T threads vs W processes x T/W threads."""
+    out = []
+    for x in comparison.get("scaling") or []:
+        out.append(
+            f"Scaling {x['backend']}: 1 process x {fmt_int(x.get('one_process_threads'))} threads "
+            f"{fmt(x.get('one_process_tokens_per_s'), '.1f')} tok/s; {x['world_size']} processes x "
+            f"{fmt_int(x.get('rank_threads'))} thread(s) {fmt(x.get('tokens_per_s'), '.1f')} tok/s; "
+            f"efficiency {fmt(x.get('efficiency'), '.2f')}"
+        )
+    return out
+
+
 def _fairness_lines(comparison: dict[str, Any]) -> list[str]:
     label = {"pass": "PASS", "mismatch": "MISMATCH", "missing": "MISMATCH (not recorded)"}
     return [
@@ -184,6 +203,7 @@ def format_table(comparison: dict[str, Any]) -> str:
     if comparison.get("reference_note"):
         lines.append(f"Note: {comparison['reference_note']}")
     lines.append(_loss_diff_line(comparison))
+    lines += scaling_lines(comparison)
     lines.append("Fairness checks:")
     lines += _fairness_lines(comparison)
     lines += _error_lines(comparison)
@@ -226,6 +246,8 @@ def markdown(comparison: dict[str, Any]) -> str:
     out += [""] + [f"- {n}" for n in FOOTNOTES]
 
     out += ["", "## Loss agreement", "", _loss_diff_line(comparison)]
+    if scaled := scaling_lines(comparison):
+        out += ["", "## Data-parallel scaling", "", *[f"- {x}" for x in scaled]]
     out += ["", "## Fairness checks", "", "| check | result | detail |", "|---|---|---|"]
     for c in comparison.get("fairness") or []:
         res = (

@@ -37,7 +37,10 @@ def ratio(num: Any, den: Any) -> float | None:
 
 
 def backend_name(r: dict[str, Any], i: int) -> str:
-    return str(r.get("backend") or f"backend-{i}")
+    """The row's name; a data-parallel run's says its ranks ("torch x2")."""
+    name = str(r.get("backend") or f"backend-{i}")
+    world = r.get("world_size") or 1
+    return f"{name} x{world}" if isinstance(world, int) and world > 1 else name
 
 
 def ok_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,9 +6,30 @@ sgemm_ through its PLT, so a preloaded OpenBLAS would interpose it (see ftcore.b
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from ftcore import blas
+from ftcore.config import RunConfig, UserError
+from ftcore.dist import under_launcher
 
 
 def child_env(base_env: dict, threads: int) -> dict:
     """Environment for a torch process: no BLAS preload, every thread count set to `threads`."""
     return blas.with_threads(blas.without_blas_preload(base_env), threads)
+
+
+def launch_command(cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]:
+    """`inner` (python -m ftcore.runner ...) as cfg.nproc ranks per machine under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
+           "--max-restarts=0", "--monitor-interval=0.5"]  # fmt: skip
+    if cfg.nnodes > 1:
+        cmd += [f"--nnodes={cfg.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}"]
+    else:
+        cmd += ["--standalone"]  # a local rendezvous on a free port
+    return under_launcher([*cmd, "-m", *inner[2:]])  # torchrun -m MODULE ARGS
+
+
+def check_launch(cfg: RunConfig) -> None:
+    if cfg.nnodes > 1 and not cfg.rdzv_endpoint:
+        raise UserError("--nnodes > 1 with a torch backend needs --rdzv-endpoint HOST:PORT")
