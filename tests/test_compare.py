@@ -42,7 +42,7 @@ def test_default_fine_tune_teaches_the_held_out_tasks(default_compare):
         assert r["accuracy_after"] - r["accuracy_before"] >= 0.30, (name, r["accuracy_before"], r["accuracy_after"])
     agree = rows["mlx"]["greedy_agreement"]
     assert agree["vs"] == "torch" and agree["of"] == 32 and agree["same"] >= 0.9 * agree["of"], agree
-    assert f"| Greedy agreement" in res.stdout and f"{agree['same']}/{agree['of']} = torch" in res.stdout
+    assert "| Greedy agreement" in res.stdout and f"{agree['same']}/{agree['of']} = torch" in res.stdout
     expected = [answer for _, answer in Batches.load(out / "batches.npz").answer_items()]
     for name in rows:  # the accuracies are exact matches of the answers the backend generated
         result = json.loads((out / name / "result.json").read_text())
@@ -51,7 +51,7 @@ def test_default_fine_tune_teaches_the_held_out_tasks(default_compare):
         for when in ("before", "after"):
             got = result["generations"][when]
             assert len(got) == len(expected) == 32
-            assert result[f"accuracy_{when}"] == sum(g == e for g, e in zip(got, expected)) / 32
+            assert result[f"accuracy_{when}"] == sum(g == e for g, e in zip(got, expected, strict=True)) / 32
 
 
 def test_compare_prints_table_and_writes_files(default_compare):
@@ -182,12 +182,12 @@ def test_pretrained_preset_knows_its_tasks_not_the_held_out_ones(default_compare
     import json
     import random
 
-    from ftcore.data import format_prompt
-    from ftcore.synthetic import FINETUNE_FAMILIES, PRETRAIN_FAMILIES
     import torch
     from transformers import LlamaForCausalLM
 
+    from ftcore.data import format_prompt
     from ftcore.models import load_tokenizer, materialize_preset
+    from ftcore.synthetic import FINETUNE_FAMILIES, PRETRAIN_FAMILIES
     from ftcore.torch.generate import greedy
 
     d = materialize_preset("tiny-pretrained")  # made by the default compare in this session's cache

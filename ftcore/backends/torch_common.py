@@ -23,9 +23,9 @@ from ftcore.dist import RankInfo, rank_threads
 from ftcore.lora_init import state_fingerprint
 from ftcore.memory import current_rss_mb
 from ftcore.result import RunResult
+from ftcore.torch.generate import greedy
 from ftcore.torch.lora import get_lora_state
 from ftcore.torch.loss import evaluate, to_torch
-from ftcore.torch.generate import greedy
 from ftcore.torch.model import load_peft_model, pick_device, sync
 
 
