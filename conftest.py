@@ -146,4 +146,4 @@ def small_cfg():
     """A RunConfig that trains the tiny preset in a second or two."""
     from ftcore.config import RunConfig
 
-    return RunConfig(num_samples=16, eval_samples=4, max_seq_len=64, batch_size=2, steps=6, warmup_steps=1)
+    return RunConfig(preset="tiny", num_samples=16, eval_samples=4, max_seq_len=64, batch_size=2, steps=6, warmup_steps=1)

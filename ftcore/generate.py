@@ -35,6 +35,8 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UserError(f"{adapter_dir}: unreadable adapter ({e})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise UserError(f"{adapter_dir}: not a LoRA adapter (peft_type {config.get('peft_type') if isinstance(config, dict) else None!r})")
+    if config.get("use_rslora") or config.get("use_dora"):  # other scales / layers than y = Wx + (alpha/r) BAx
+        raise UserError(f"{adapter_dir}: rsLoRA and DoRA adapters are not supported")
     return config, tensors
 
 

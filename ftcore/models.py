@@ -3,7 +3,7 @@
 A preset becomes an ordinary HF checkpoint folder (config.json, model.safetensors, SentencePiece
 tokenizer) in the cache: initialised with a fixed seed, with a tokenizer trained locally on the
 built-in data, and for `tiny-pretrained` then pretrained on the built-in word tasks
-(ftcore.pretrain, about a minute, once). Presets:
+(ftcore.pretrain, 1-2 minutes on 2 cores, once). Presets:
 - `tiny-pretrained` (the default): TinyLlama's structure at width 128, pretrained; the fine-tune
   on the built-in data has a measurable effect (accuracy, eval loss).
 - `tiny`: the same architecture, random init; for parity and speed work.
@@ -212,7 +212,7 @@ def _make_preset(preset: str, arch: dict[str, Any], out: Path) -> None:
             from ftcore.pretrain import PRETRAIN_RECIPE, pretrain
 
             print(f"ftcore: pretraining the {preset} preset once ({PRETRAIN_RECIPE['steps']} steps, "
-                  f"about a minute); cached in {out.parent}", file=sys.stderr, flush=True)
+                  f"1-2 minutes on 2 cores); cached in {out.parent}", file=sys.stderr, flush=True)
             made["pretraining"] = {"recipe": PRETRAIN_RECIPE, **pretrain(model, tok)}
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "ftcore_preset.json").write_text(json.dumps(made, indent=2))

@@ -26,8 +26,8 @@ from ftcore.runner import prepare, run_backend
 pytestmark = pytest.mark.integration
 
 # conftest's small_cfg, module-scoped here so that several tests share one run per backend.
-CFG = RunConfig(
-    num_samples=16, eval_samples=4, max_seq_len=64, batch_size=2, steps=8, warmup_steps=1
+CFG = RunConfig(  # the random `tiny` preset: the tests below rebuild its base from tiny_model_dir
+    preset="tiny", num_samples=16, eval_samples=4, max_seq_len=64, batch_size=2, steps=8, warmup_steps=1
 )
 
 

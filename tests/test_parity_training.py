@@ -80,9 +80,9 @@ def _ok(r):
     assert len(r["torch"].losses) == len(r["mlx"].losses) == r["cfg"].steps
     # the step the MLX backend runs by default on 2 cores: compiled, rows over two streams
     assert r["mlx"].extra["cpu_streams"] == 2 and r["mlx"].extra["compiled"] is True
-    # periodic eval at the same steps in both (and the final one)
+    # eval before training (step 0), periodic evals at the same steps in both, and the final one
     every, steps = r["cfg"].eval_every, r["cfg"].steps
-    want = [*range(every, steps, every), steps]
+    want = [0, *range(every, steps, every), steps]
     assert [s for s, _ in r["torch"].eval_losses] == [s for s, _ in r["mlx"].eval_losses] == want
 
 

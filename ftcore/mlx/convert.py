@@ -27,10 +27,9 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ftcore.mlx.model import Model, ModelArgs
+from ftcore.mlx.model import WEIGHTS_FILE, Model, ModelArgs
 
 FORMAT_VERSION = 2  # 2: weights named model.safetensors, tokenizer files copied (mlx-lm loads it)
-WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")  # copied when present
 CONFIG_FILE = "config.json"

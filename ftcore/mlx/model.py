@@ -20,6 +20,8 @@ import mlx.nn as nn
 from ftcore.arch import normalise_config, unsupported
 from ftcore.mlx.ops import additive_mask, attention, silu
 
+WEIGHTS_FILE = "model.safetensors"  # in a conversion folder (ftcore.mlx.convert), as mlx-lm names it
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -174,6 +176,6 @@ def load_model(mlx_dir: str | Path) -> tuple[Model, ModelArgs]:
     args = ModelArgs.from_hf_config(json.loads((mlx_dir / "config.json").read_text()))
     model = Model(args)
     # Model() builds random parameters lazily; load_weights replaces them before any evaluation.
-    model.load_weights(list(mx.load(str(mlx_dir / "model.safetensors")).items()), strict=True)
+    model.load_weights(list(mx.load(str(mlx_dir / WEIGHTS_FILE)).items()), strict=True)
     mx.eval(model.parameters())
     return model, args
