@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import re
@@ -43,6 +44,7 @@ _OPENBLAS_VARIANTS = ("openblas-pthread", "openblas-openmp", "openblas-serial")
 _DEBIAN_TRIPLETS = ("x86_64-linux-gnu", "aarch64-linux-gnu")
 _REFERENCE_GFLOPS = 30.0  # below this an fp32 512^3 GEMM is not an optimised BLAS on any CPU
 
+CORETYPE_ENV = "OPENBLAS_CORETYPE"  # OpenBLAS's own override of the kernels it picks for the CPU
 PRELOAD_ENV = "FTCORE_BLAS_PRELOAD"  # user override: path of the library to preload for MLX
 NO_PRELOAD_ENV = "FTCORE_NO_BLAS_PRELOAD"
 
@@ -235,6 +237,68 @@ def without_blas_preload(env: dict) -> dict:
     else:
         env.pop("LD_PRELOAD", None)
     return env
+
+
+# OpenBLAS (DYNAMIC_ARCH builds, as Debian's) picks its kernels from the CPU's family and model
+# number. A model it does not know (a CPU newer than the library, or a VM that hides the model)
+# falls back to Prescott, SSE3 kernels: on a 2-core Xeon VM with AVX-512 and OpenBLAS 0.3.21,
+# openblas_get_corename() said "Prescott" and MLX's fp32 2048^3 GEMM ran at 31 GFLOP/s; with
+# OPENBLAS_CORETYPE=SkylakeX 242 (Haswell 142; torch's MKL 202). Kernel sets by vector ISA:
+_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+_AVX2_CORES = ("haswell", "zen")
+_AVX512_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}  # what SkylakeX kernels use
+
+
+def cpu_vector_isa(cpuinfo: str | None = None) -> str | None:
+    """"avx512", "avx2" (with FMA) or None, from the x86 CPU flags (/proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    if _AVX512_FLAGS <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else None
+
+
+@functools.cache
+def openblas_corename(library: str) -> str | None:
+    """The kernel set OpenBLAS ``library`` picks on this CPU by itself (openblas_get_corename, asked
+    in a fresh process without OPENBLAS_CORETYPE), lower case; None if it cannot say."""
+    code = ("import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).openblas_get_corename; "
+            "f.restype = ctypes.c_char_p; print(f().decode())")
+    env = {k: v for k, v in os.environ.items() if k not in (CORETYPE_ENV, "LD_PRELOAD")}
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        out = subprocess.run([sys.executable, "-c", code, library], env=env, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    return lines[-1].lower() if out.returncode == 0 and lines else None
+
+
+def openblas_core_fix(corename: str | None, isa: str | None) -> str | None:
+    """The OPENBLAS_CORETYPE to set when OpenBLAS picked kernels below what the CPU can run (e.g.
+    "prescott" on an AVX-512 CPU -> "SkylakeX"); None when its own pick is as good."""
+    if corename is None or isa is None:
+        return None
+    if isa == "avx512" and corename not in _AVX512_CORES:
+        return "SkylakeX"
+    if isa == "avx2" and corename not in (*_AVX512_CORES, *_AVX2_CORES):
+        return "Haswell"
+    return None
+
+
+def with_core_type(env: dict, library: str) -> dict:
+    """``env`` with OPENBLAS_CORETYPE set when ``library`` is OpenBLAS and would otherwise run
+    kernels below the CPU's vector ISA; a user's own OPENBLAS_CORETYPE is kept."""
+    if CORETYPE_ENV in env or classify(library) != "openblas" or sys.platform != "linux":
+        return env
+    fix = openblas_core_fix(openblas_corename(library), cpu_vector_isa())
+    return {**env, CORETYPE_ENV: fix} if fix else env
 
 
 def with_threads(env: dict, threads: int) -> dict:

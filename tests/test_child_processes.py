@@ -41,6 +41,23 @@ def test_mlx_blas_probe_with_and_without_preload() -> None:
 
 
 @needs_openblas
+def test_mlx_child_gets_openblas_kernels_for_the_cpus_vector_isa(tmp_path: Path) -> None:
+    """The kernel set OpenBLAS really runs in an MLX child's environment (openblas_get_corename),
+    not the SSE3 fallback it picks for a CPU model it does not know (31 vs 242 GFLOP/s on an
+    AVX-512 Xeon VM)."""
+    isa = blas.cpu_vector_isa()
+    if not FAST.endswith("libopenblas.so.0") or isa is None:
+        pytest.skip("not OpenBLAS, or a CPU without AVX2/AVX-512")
+    env = mlx_env.child_env({**os.environ, "FTCORE_CACHE": str(tmp_path)}, threads=1)
+    code = ("import ctypes, sys; f = ctypes.CDLL(sys.argv[1]).openblas_get_corename; "
+            "f.restype = ctypes.c_char_p; print(f().decode())")
+    core = subprocess.run([sys.executable, "-c", code, FAST], env=env, capture_output=True, text=True,
+                          timeout=60, check=True).stdout.split()[-1].lower()
+    wanted = blas._AVX512_CORES if isa == "avx512" else (*blas._AVX512_CORES, *blas._AVX2_CORES)
+    assert core in wanted, (core, isa, env.get(blas.CORETYPE_ENV))
+
+
+@needs_openblas
 def test_preload_interposes_torch_sgemm() -> None:
     """A BLAS preload also captures torch's exported sgemm_ — why torch children must not get it."""
     pytest.importorskip("torch")

@@ -213,6 +213,28 @@ def test_child_envs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "LD_PRELOAD" not in torch_env.child_env({"LD_PRELOAD": "/opt/libopenblas.so.0"}, 1)
 
 
+def test_openblas_kernels_follow_the_cpus_vector_isa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenBLAS falls back to SSE3 (Prescott) kernels on a CPU model it does not know; the MLX
+    child then gets OPENBLAS_CORETYPE for the CPU's vector ISA, and only then."""
+    avx512 = "flags\t: fpu sse2 avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl\n"
+    assert blas.cpu_vector_isa(avx512) == "avx512"
+    assert blas.cpu_vector_isa("flags\t: fpu sse2 avx avx2 fma avx512f\n") == "avx2"
+    assert blas.cpu_vector_isa("flags\t: fpu sse2 avx avx2\n") is None  # no FMA
+    assert blas.openblas_core_fix("prescott", "avx512") == "SkylakeX"
+    assert blas.openblas_core_fix("haswell", "avx512") == "SkylakeX"
+    assert blas.openblas_core_fix("sapphirerapids", "avx512") is None
+    assert blas.openblas_core_fix("prescott", "avx2") == "Haswell"
+    assert blas.openblas_core_fix("zen", "avx2") is None
+    assert blas.openblas_core_fix(None, "avx512") is None and blas.openblas_core_fix("prescott", None) is None
+    lib = "/opt/openblas-pthread/libopenblas.so.0"
+    monkeypatch.setattr(blas, "openblas_corename", lambda path: "prescott")
+    monkeypatch.setattr(blas, "cpu_vector_isa", lambda: "avx512")
+    monkeypatch.setattr(blas.sys, "platform", "linux")
+    assert blas.with_core_type({}, lib)[blas.CORETYPE_ENV] == "SkylakeX"
+    assert blas.with_core_type({blas.CORETYPE_ENV: "Haswell"}, lib)[blas.CORETYPE_ENV] == "Haswell"
+    assert blas.CORETYPE_ENV not in blas.with_core_type({}, "/opt/libmkl_rt.so.2")
+
+
 def test_blas_warning() -> None:
     assert "reference BLAS" in blas.blas_warning({"reference": True, "gflops": 7.0})
     assert blas.blas_warning({"name": "openblas", "reference": False, "gflops": 240.0}) is None

@@ -3,6 +3,8 @@
 * BLAS: the Linux `mlx[cpu]` wheel calls a bundled reference BLAS (~7 GFLOP/s fp32 here); an
   optimised one found by `ftcore.blas.find_fast_blas` is LD_PRELOADed (~250 GFLOP/s with
   OpenBLAS). FTCORE_NO_BLAS_PRELOAD=1 turns it off, to measure the stock wheel.
+  On a CPU OpenBLAS does not know it would run SSE3 kernels; OPENBLAS_CORETYPE is then set to
+  the CPU's vector ISA (`blas.with_core_type`).
 * JIT: mx.compile's CPU kernels are built with vector flags (`ftcore.mlx.jit`).
 * Threads: every BLAS/OpenMP thread count set to the run's threads.
 * Row streams (`row_streams_env`, the `mlx` backend only): mx.eval lays the graph out
@@ -34,7 +36,7 @@ def child_env(base_env: dict, threads: int) -> dict:
     env = jit.child_env(dict(base_env), cache_root(base_env))
     fast = None if env.get(blas.NO_PRELOAD_ENV) == "1" else blas.find_fast_blas()
     if fast:
-        env = blas.with_preload(env, fast)
+        env = blas.with_core_type(blas.with_preload(env, fast), fast)
     return blas.with_threads(env, threads)
 
 
