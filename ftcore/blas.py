@@ -258,7 +258,7 @@ def cpu_vector_isa(cpuinfo: str | None = None) -> str | None:
             return None
     line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
     flags = set(line.partition(":")[2].split())
-    if _AVX512_FLAGS <= flags:
+    if flags >= _AVX512_FLAGS:
         return "avx512"
     return "avx2" if {"avx2", "fma"} <= flags else None
 
