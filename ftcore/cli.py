@@ -66,6 +66,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
     g.add_argument("--device", choices=DEVICES, help=f"(default {d.device})")
     g.add_argument("--threads", type=int, help="threads per framework (default: all cores)")
+    g.add_argument("--grad-checkpoint", action="store_true", default=None, help="gradient checkpointing: recompute each layer's activations in the backward pass instead of keeping them (torch: transformers' gradient_checkpointing_enable; mlx, mlx-lm: mx.checkpoint per layer)")
     g = p.add_argument_group("optimiser (AdamW with bias correction)")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"after warm-up (default {d.lr_schedule})")

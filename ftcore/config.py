@@ -51,6 +51,9 @@ class RunConfig:
     precision: str = "fp32"
     device: str = "cpu"
     threads: int | None = None  # per framework; None: all logical cores
+    # recompute each layer's activations in the backward pass instead of keeping them (torch:
+    # transformers' gradient checkpointing; MLX: mx.checkpoint per layer): less memory, ~1/3 more FLOPs
+    grad_checkpoint: bool = False
     # optimiser: AdamW with bias correction in every backend
     lr: float = 3e-3
     lr_schedule: str = "cosine"

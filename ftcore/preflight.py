@@ -69,6 +69,12 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
                 f"--target-eval-loss: the {spec.name} backend's trainer runs its own steps and "
                 "cannot stop at a target; use backends whose loop ftcore owns"
             )
+        if cfg.grad_checkpoint and cfg.lora_dropout > 0 and not spec.checkpoint_keeps_dropout:
+            raise UserError(
+                f"--grad-checkpoint with --lora-dropout > 0: the {spec.name} backend would draw "
+                "other dropout masks when it recomputes a layer; "
+                "use --lora-dropout 0"
+            )
     records = load_records(cfg.data, seed=cfg.seed)  # bad data is refused before a preset is made
     model_dir = resolve_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir)

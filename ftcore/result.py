@@ -68,6 +68,9 @@ class RunResult:
     allreduce_times_s: list[float] = field(default_factory=list)
     allreduce_time_s: float | None = None
     peak_rss_max_rank_mb: float | None = None  # the largest single rank's peak RSS
+    # what one process must hold by ftcore.memory_model (MB by component, "total"), beside peak RSS
+    memory_model: dict | None = None
+    cpu_busy_threads: float | None = None  # this process's CPU seconds / wall seconds, timed steps
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -12,9 +12,10 @@ from helpers import TINY, make_hf_model
 from mlx.utils import tree_flatten
 from parity_utils import save_and_convert
 
+from ftcore.arch import LORA_TARGETS
 from ftcore.backends import BACKENDS
 from ftcore.loss import IGNORE_INDEX
-from ftcore.mlx.env import BFS_WIDTH_ENV
+from ftcore.mlx.env import BFS_NO_LIMIT, BFS_WIDTH_ENV
 from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
 from ftcore.mlx.loss import loss_sum_count, to_mx
 from ftcore.mlx.model import load_model
@@ -72,22 +73,27 @@ def test_split_needs_equal_groups(model) -> None:
 
 
 def test_plan_streams(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(BFS_WIDTH_ENV, "100")
+    monkeypatch.setenv(BFS_WIDTH_ENV, str(BFS_NO_LIMIT))
     assert plan_streams(mx.cpu, threads=2, batch_size=4) == 2
     assert plan_streams(mx.cpu, threads=2, batch_size=3) == 1  # a thread would idle
     assert plan_streams(mx.cpu, threads=1, batch_size=4) == 1
     assert plan_streams(mx.gpu, threads=2, batch_size=4) == 1
-    # MLX's default width (20) runs two streams one after the other: not worth splitting
+    # MLX's default width (20) runs two streams one after the other: not worth splitting; a fixed
+    # width (100 held for 4 layers) too, since the step's graph grows with depth
     monkeypatch.delenv(BFS_WIDTH_ENV)
     assert plan_streams(mx.cpu, threads=2, batch_size=4) == 1
-    monkeypatch.setenv(BFS_WIDTH_ENV, "99")
+    monkeypatch.setenv(BFS_WIDTH_ENV, "100")
     assert plan_streams(mx.cpu, threads=2, batch_size=4) == 1
     assert cpu_streams(2) is cpu_streams(2)  # streams (threads) made once
 
 
 def test_runner_gives_only_the_mlx_backend_the_eval_width(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BFS_WIDTH_ENV, raising=False)
-    assert child_env(BACKENDS["mlx"], 3)[BFS_WIDTH_ENV] == "150"
+    width = int(child_env(BACKENDS["mlx"], 3)[BFS_WIDTH_ENV])
+    # Above it mx.eval goes depth first and the row streams run in turn. The compiled step's
+    # outputs alone (each LoRA A and B, both AdamW moments) at TinyLlama's 22 layers, 7 targets:
+    step_outputs = 3 * 2 * len(LORA_TARGETS) * 22
+    assert width >= 10 * step_outputs  # a model 10x deeper or wider still overlaps
     # mlx-lm is the yardstick, run as its users would run it
     assert BFS_WIDTH_ENV not in child_env(BACKENDS["mlx-lm"], 3)
     assert BFS_WIDTH_ENV not in child_env(BACKENDS["torch"], 3)

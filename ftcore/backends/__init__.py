@@ -89,6 +89,9 @@ class BackendSpec:
     # True: its loop owns the steps, so it evaluates every --eval-every steps, stops at
     # --target-eval-loss and measures greedy exact-match accuracy (backends.common.Quality)
     owns_steps: bool = True
+    # True: --grad-checkpoint recomputes a layer with the same LoRA dropout masks (torch replays its
+    # RNG); False: new masks (MLX's random state is global), so checkpointing with dropout is refused
+    checkpoint_keeps_dropout: bool = True
     # data parallel (--nproc > 1; ftcore.dist): (cfg, child command, out_dir) -> the framework's
     # launcher command, and its parent-side check (UserError); None: one process only
     launch: Callable[[RunConfig, list[str], Path], list[str]] | None = None
@@ -129,7 +132,7 @@ BACKENDS: dict[str, BackendSpec] = {
             install_hint="pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)",
             child_env=mlx_env.row_streams_env, before_spawn=convert_for_mlx,
             check=check_mlx_converted, launch=mlx_env.launch_command,
-            check_launch=mlx_env.check_launch,
+            check_launch=mlx_env.check_launch, checkpoint_keeps_dropout=False,
             summary="ftcore's own MLX Llama (ftcore.mlx), weights converted from the same checkpoint",
         ),
         BackendSpec(
@@ -137,6 +140,7 @@ BACKENDS: dict[str, BackendSpec] = {
             install_hint="pip install 'ftcore[mlx-lm]'", child_env=mlx_env.child_env, check=check_mlx,
             same_numerics=False,  # its own loss normalisation and Adam, as its users get them
             owns_steps=False,  # mlx-lm's trainer runs the steps: eval after training only
+            checkpoint_keeps_dropout=False,
             summary="mlx-lm's own LoRA layers, loss and trainer, as the MLX yardstick",
         ),
     )

@@ -21,6 +21,7 @@ from ftcore.flops import flops_per_token, gemm_shapes, lora_param_count
 from ftcore.hostinfo import affinity_cores, host_info
 from ftcore.loss import target_count
 from ftcore.machine_load import MachineLoad, busy_warning
+from ftcore.memory_model import memory_model
 from ftcore.mfu import gemm_peak_cached, mfu
 from ftcore.result import RunResult
 from ftcore.stepgate import StepGate
@@ -69,6 +70,10 @@ def base_result(
         flops_per_token=flops,
         batch_fingerprint=batches.fingerprint,
         precision=cfg.precision,
+    )
+    result.memory_model = memory_model(  # one process: a rank holds the model and its shard's rows
+        arch, cfg.precision, cfg.batch_size // cfg.world_size, cfg.max_seq_len, cfg.lora_targets,
+        cfg.lora_rank, cfg.grad_checkpoint,
     )
     # what LoRA on these targets should train; the backend counts what its model really trains
     result.extra["trainable_params_expected"] = lora_param_count(arch, cfg.lora_targets, cfg.lora_rank)
@@ -262,7 +267,8 @@ class StepClock:
         self.lrs: list[float] = []
         self.losses: list[float] = []
         self._fed = hashlib.sha256()
-        self._t = 0.0
+        self._t = self._cpu = 0.0
+        self.cpu_times: list[float] = []  # CPU seconds of all this process's threads, per step
 
     def feed(self, input_ids: Any) -> None:
         """Hash the token ids (B, L) the loop really feeds the model this step (numpy-convertible)."""
@@ -278,12 +284,15 @@ class StepClock:
         self.gate.before(step)
         if step == self.cfg.timing_warmup_steps:
             self.load.start()
+        self._cpu = time.process_time()
         self._t = time.perf_counter()
 
     def end(self, step: int, loss: float, seconds: float | None = None,
             grad_norm: float | None = None) -> None:
         """`seconds`: the step's time when the loop measured it itself (mlx-lm's trainer)."""
         self.times.append(time.perf_counter() - self._t if seconds is None else seconds)
+        if seconds is None:  # the step ran between begin and end: its CPU time is this process's
+            self.cpu_times.append(time.process_time() - self._cpu)
         self.losses.append(loss)
         if not math.isfinite(loss):
             raise Diverged(step, "the loss", loss, self.losses, self.times)
@@ -298,6 +307,10 @@ class StepClock:
         """Record what the steps fed and used (token ids, learning rates) and the load of the
         machine over the timed steps; a busy machine is a warning."""
         result.fed_batches_fingerprint = self._fed.hexdigest()[:16]
+        timed = slice(self.cfg.timing_warmup_steps, None)
+        if len(self.cpu_times) == len(self.times) and sum(self.times[timed]) > 0:
+            # threads kept busy over the timed steps (for MLX: do its row streams overlap?)
+            result.cpu_busy_threads = sum(self.cpu_times[timed]) / sum(self.times[timed])
         if result.optimizer:
             result.optimizer["lr_per_step"] = list(self.lrs)
         record = result.extra["machine_load"] = self.load.stop()

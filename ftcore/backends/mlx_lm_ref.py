@@ -234,6 +234,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         steps_per_save=cfg.steps + 1,  # only the final save
         max_seq_length=cfg.max_seq_len,
         adapter_file=str(adapter_dir / "adapters.safetensors"),
+        grad_checkpoint=cfg.grad_checkpoint,  # mlx-lm's own: mx.checkpoint around each layer
     )
     recorder = Recorder(cfg, batches, opt)
     train_set = [mlx_lm_batch(batches.step(s)) for s in range(cfg.steps)]

@@ -74,6 +74,7 @@ def load(cfg: RunConfig, model_dir: Path, result: RunResult) -> Model:
 
     model, _ = load_model(mlx_dir)
     apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    model.model.checkpoint_layers = cfg.grad_checkpoint
     init = initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed)
     load_lora_state(model, {k: mx.array(v) for k, v in init.items()})
     mx.eval(model.parameters())
@@ -145,7 +146,6 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
 
     model.train()
     clock = StepClock("mlx", cfg, batches, rank=ranks.rank if ranks else 0)
-    step_cpu_times: list[float] = []  # CPU seconds of all this process's threads
     for i in range(cfg.steps):
         fed = batches.step(i)
         batch = to_mx(shard(fed, ranks.rank, ranks.world) if ranks else fed)
@@ -153,14 +153,12 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         clock.feed(fed["input_ids"])
         clock.lr(opt.learning_rate.item())
         clock.begin(i)
-        c = time.process_time()
         if ranks:  # the global count: summed over ranks this is the one-process loss
             loss, grad_norm = step(batch, mx.array(max(target_count(fed["labels"]), 1), mx.float32))
         else:
             loss, grad_norm = step(batch)
         mx.eval(loss, grad_norm, state)  # MLX is lazy: the step's work happens here
         loss_value = loss.item()
-        step_cpu_times.append(time.process_time() - c)
         clock.end(i, loss_value, grad_norm=grad_norm.item())
         result.losses.append(loss_value)
         if ranks and ranks.rank:
@@ -174,10 +172,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
 
     if n_streams > 1:
         set_blas_threads(result.rank_threads)  # eval and the GEMM probe in finish() run on one stream
-    timed = slice(cfg.timing_warmup_steps, None)
-    busy = None
-    if sum(step_times[timed]) > 0:  # threads kept busy in timed steps: do the streams overlap?
-        busy = result.extra["cpu_busy_threads"] = sum(step_cpu_times[timed]) / sum(step_times[timed])
+    busy = result.cpu_busy_threads
     if n_streams > 1:
         result.note(
             f"threads: each batch's rows split over {n_streams} MLX CPU streams, each one thread "

@@ -134,6 +134,9 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        # gradient checkpointing: in training, each layer's activations are recomputed in the
+        # backward pass from its input (mx.checkpoint) instead of being kept
+        self.checkpoint_layers = False
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
                  cache: list[KVCache] | None = None) -> mx.array:
@@ -145,8 +148,25 @@ class LlamaModel(nn.Module):
         else:
             mask = cached_causal_mask(input_ids.shape[1], cache[0].offset, h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask, None if cache is None else cache[i])
+            if self.checkpoint_layers and self.training and cache is None:
+                h = checkpointed(layer, h, mask)
+            else:
+                h = layer(h, mask, None if cache is None else cache[i])
         return self.norm(h)
+
+
+def checkpointed(layer: DecoderLayer, h: mx.array, mask: mx.array | str) -> mx.array:
+    """layer(h, mask) under mx.checkpoint: only h (and the mask) are kept for the backward pass,
+    which runs the layer again. The layer's trainable parameters (LoRA) are inputs of the
+    checkpointed function, so their gradients flow through it. (LoRA dropout would draw new masks
+    in the recomputation: the preflight refuses --grad-checkpoint with dropout for MLX.)"""
+
+    def run(params: dict, x: mx.array, *masks: mx.array) -> mx.array:
+        layer.update(params)
+        return layer(x, masks[0] if masks else mask)
+
+    masks = () if isinstance(mask, str) else (mask,)
+    return mx.checkpoint(run)(layer.trainable_parameters(), h, *masks)
 
 
 class Model(nn.Module):

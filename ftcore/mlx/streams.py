@@ -3,7 +3,7 @@
 On Linux CPU, MLX's own ops run on one thread per stream; only GEMMs go through BLAS. So with T
 threads the step splits each batch's rows over T CPU streams with a 1-thread BLAS each, rather than
 one stream with a T-thread BLAS: T threads in all either way, as torch gets. mx.eval must be wide
-enough for the streams to overlap (ftcore.mlx.env.row_streams_env).
+enough for the streams to overlap: unlimited (ftcore.mlx.env.row_streams_env).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from ftcore.loss import IGNORE_INDEX
-from ftcore.mlx.env import BFS_WIDTH_ENV, BFS_WIDTH_PER_STREAM
+from ftcore.mlx.env import BFS_NO_LIMIT, BFS_WIDTH_ENV
 from ftcore.mlx.loss import loss_sum_count
 from ftcore.mlx.model import Model
 
@@ -51,7 +51,8 @@ def loss_and_grads(
 
 def plan_streams(device: mx.Device, threads: int, batch_size: int) -> int:
     """How many CPU streams the step splits a batch's rows over: `threads` on the CPU when the rows
-    divide evenly and mx.eval's width lets the streams overlap (BFS_WIDTH_ENV), else 1.
+    divide evenly and mx.eval's breadth-first width is unlimited (BFS_WIDTH_ENV, set by
+    ftcore.mlx.env.row_streams_env), which lets the streams overlap, else 1.
 
     Uneven groups would leave a thread idle while the bigger group finishes.
     """
@@ -61,7 +62,7 @@ def plan_streams(device: mx.Device, threads: int, batch_size: int) -> int:
         width = int(os.environ.get(BFS_WIDTH_ENV, "20"))
     except ValueError:
         return 1
-    return threads if width >= BFS_WIDTH_PER_STREAM * threads else 1
+    return threads if width >= BFS_NO_LIMIT else 1
 
 
 @functools.cache

@@ -75,6 +75,7 @@ _ROW_FIELDS = (
     "baseline_rss_mb", "framework_peak_mb", "trainable_params", "flops_per_token", "mfu",
     "precision", "blas", "threads", "eval_loss_before", "accuracy_before", "accuracy_after",
     "target", "world_size", "rank_threads", "allreduce_time_s", "peak_rss_max_rank_mb",
+    "cpu_busy_threads",
 )  # fmt: skip
 
 
@@ -171,6 +172,10 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
             row["scaling_efficiency"] = eff if (r.get("world_size") or 1) > 1 else 1.0
         else:
             row["scaling_efficiency"] = None
+        model_mb = (r.get("memory_model") or {}).get("total") if r.get("status") == "ok" else None
+        row["memory_model_mb"] = model_mb
+        one_process = r.get("peak_rss_max_rank_mb") or r.get("peak_rss_mb")  # the model is per process
+        row["peak_rss_over_model"] = ratio(one_process, model_mb) if model_mb else None
         load = (r.get("extra") or {}).get("machine_load") or {}
         row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
         rows.append(row)

@@ -1,0 +1,74 @@
+"""Gradient checkpointing (--grad-checkpoint): each layer recomputed in the backward pass gives the
+same training as keeping its activations, in torch (transformers' gradient_checkpointing_enable)
+and in MLX (mx.checkpoint per layer); and the analytic memory model (ftcore.memory_model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import ftcore
+
+from ftcore.arch import LORA_TARGETS
+from ftcore.memory_model import base_param_count, memory_model
+
+TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+             "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+             "head_dim": 64}  # fmt: skip
+# random `tiny`, 6 steps; torch with dropout 0.1 (its checkpoint replays the RNG: the same masks),
+# MLX without (refused: its recomputation would draw new masks)
+SMALL = ["--preset", "tiny", "--num-samples", "16", "--eval-samples", "4", "--max-seq-len", "64",
+         "--batch-size", "4", "--steps", "6", "--no-eval-generate"]  # fmt: skip
+DROPOUT = {"torch": ["--lora-dropout", "0.1"], "mlx": ["--lora-dropout", "0"]}
+PARITY_ATOL = 1e-5  # fp32
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_grad_checkpoint_trains_the_same(backend: str, tmp_path) -> None:
+    runs = {}
+    for name, flags in (("plain", []), ("ckpt", ["--grad-checkpoint"])):
+        res = ftcore("run", "--backend", backend, *SMALL, *DROPOUT[backend], *flags, "--out", tmp_path / name, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "result.json").read_text())
+    plain, ckpt = runs["plain"], runs["ckpt"]
+    assert ckpt["config"]["grad_checkpoint"] and not plain["config"]["grad_checkpoint"]
+    assert ckpt["memory_model"]["checkpoint"] and not plain["memory_model"]["checkpoint"]
+    assert len(plain["losses"]) == len(ckpt["losses"]) == 6
+    assert plain["losses"][-1] < plain["losses"][0]  # it trained
+    diff = np.abs(np.array(plain["losses"]) - np.array(ckpt["losses"])).max()
+    assert diff <= PARITY_ATOL, (plain["losses"], ckpt["losses"])
+    assert abs(plain["eval_loss"] - ckpt["eval_loss"]) <= PARITY_ATOL
+    assert ckpt["cpu_busy_threads"] > 0
+
+
+@pytest.mark.integration
+def test_mlx_grad_checkpoint_with_dropout_is_refused(tmp_path) -> None:
+    res = ftcore("run", "--backend", "mlx", *SMALL, "--lora-dropout", "0.1", "--grad-checkpoint",
+                 "--out", tmp_path / "r")  # fmt: skip
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --grad-checkpoint")
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.unit
+def test_memory_model_counts_tinyllama() -> None:
+    assert base_param_count(TINYLLAMA) == 1_100_048_384  # TinyLlama-1.1B's parameter count
+    plain = memory_model(TINYLLAMA, "fp32", 2, 256, LORA_TARGETS, 8, checkpoint=False)
+    ckpt = memory_model(TINYLLAMA, "fp32", 2, 256, LORA_TARGETS, 8, checkpoint=True)
+    half = memory_model(TINYLLAMA, "bf16", 2, 256, LORA_TARGETS, 8, checkpoint=False)
+    assert plain["weights"] == pytest.approx(1_100_048_384 * 4 / 2**20)
+    assert half["weights"] == pytest.approx(plain["weights"] / 2)
+    lora = 22 * 8 * (2048 + 2048 + 2 * (2048 + 256) + 2048 + 2048 + 3 * (2048 + 5632))
+    assert plain["lora_params"] == pytest.approx(lora * 4 / 2**20)
+    assert plain["adamw_state"] == pytest.approx(2 * plain["lora_grads"])  # fp32 in both precisions
+    assert half["adamw_state"] == plain["adamw_state"]
+    assert plain["logits"] == pytest.approx(2 * 512 * 32000 * 4 / 2**20)
+    # per token and layer: 4 hidden-size tensors, q,k,v, probs (32 x 256), attention output,
+    # 4 intermediate-size tensors, a rank-8 intermediate per target
+    per = 4 * 2048 + (32 + 8) * 64 + 32 * 256 + 32 * 64 + 4 * 5632 + 7 * 8
+    assert plain["saved_activations"] == pytest.approx(22 * 512 * per * 4 / 2**20)
+    assert ckpt["saved_activations"] == pytest.approx((22 * 512 * 2048 + 512 * per) * 4 / 2**20)
+    assert ckpt["total"] < plain["total"] - 1500  # checkpointing saves ~1.7 GB here
+    parts = [v for k, v in plain.items() if k not in ("total", "checkpoint")]
+    assert plain["total"] == pytest.approx(sum(parts))
