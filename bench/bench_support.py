@@ -60,15 +60,15 @@ POSITIVE = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb
 # RunResult.extra entries of the first process when present.
 MEDIAN_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
                  "framework_peak_mb", "final_loss", "eval_loss", "mfu", "train_time_s",
-                 "load_time_s", "warmup_time_s")
+                 "load_time_s", "warmup_time_s", "cpu_busy_threads")
 RESULT_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
                  "framework_peak_mb", "final_loss", "eval_loss", "mfu", "train_time_s",
                  "load_time_s", "warmup_time_s", "blas", "batch_fingerprint", "threads",
                  "precision", "steps", "flops_per_token", "trainable_params", "losses",
                  "step_times_s", "world_size", "rank_threads", "allreduce_time_s",
-                 "peak_rss_max_rank_mb")
+                 "peak_rss_max_rank_mb", "cpu_busy_threads", "memory_model")
 EXTRA_KEYS = ("machine_gemm_peak_gflops", "framework_gemm_peak_gflops", "mfu_vs_framework_gemm",
-              "parent_prepare_s", "cpu_busy_threads")
+              "parent_prepare_s")
 
 
 def result_info(results: Sequence[Any], case: Case, warmup: int, timed: int) -> dict[str, Any]:
@@ -90,6 +90,10 @@ def result_info(results: Sequence[Any], case: Case, warmup: int, timed: int) -> 
             info[key] = first.extra[key]
     info["machine_load_per_process"] = [r.extra.get("machine_load") for r in results]
     info["process_wall_s_per_process"] = [r.extra.get("process_wall_s") for r in results]
+    model_mb = (first.memory_model or {}).get("total")
+    one_rank = info.get("peak_rss_max_rank_mb") or info.get("peak_rss_mb")
+    # what a process holds beyond the analytic memory model (ftcore.memory_model)
+    info["peak_rss_over_model"] = one_rank / model_mb if one_rank and model_mb else None
     info["busy_processes"] = sum(bool((r.extra.get("machine_load") or {}).get("busy")) for r in results)
     timed_steps = [t for r in results for t in r.step_times_s[warmup:]]
     info["child_step_median_s"] = statistics.median(timed_steps) if timed_steps else None
