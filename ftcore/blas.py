@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from ftcore.gemm import measure_gemm_peak
+from ftcore.hostinfo import cpu_features
 
 # Optimised BLAS to preload for MLX, best first. Debian/Ubuntu's pthread OpenBLAS measured
 # 220-270 GFLOP/s here, pip mkl's libmkl_rt ~155. libopenblas.so.0 in the variant folder is
@@ -249,15 +250,9 @@ _AVX2_CORES = ("haswell", "zen")
 _AVX512_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}  # what SkylakeX kernels use
 
 
-def cpu_vector_isa(cpuinfo: str | None = None) -> str | None:
-    """"avx512", "avx2" (with FMA) or None, from the x86 CPU flags (/proc/cpuinfo)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
-    flags = set(line.partition(":")[2].split())
+def cpu_vector_isa(flags: set[str] | None = None) -> str | None:
+    """"avx512", "avx2" (with FMA) or None, from the x86 CPU flags (default: this CPU's)."""
+    flags = cpu_features() if flags is None else flags
     if flags >= _AVX512_FLAGS:
         return "avx512"
     return "avx2" if {"avx2", "fma"} <= flags else None
