@@ -67,7 +67,7 @@ def test_mlx_run_fills_every_field(mlx_run, prep, tiny_model_dir):
     # one CPU stream per thread when the batch's rows split evenly (ftcore.mlx.streams)
     threads = prep.cfg.threads
     assert result.extra["cpu_streams"] == (threads if CFG.batch_size % threads == 0 else 1)
-    assert 0 < result.extra["cpu_busy_threads"] <= threads + 0.5
+    assert 0 < result.cpu_busy_threads <= threads + 0.5
     assert result.optimizer["bias_correction"] is True
     assert isinstance(result.extra["compiled"], bool)
     init = initial_lora_state(read_arch(tiny_model_dir), CFG.lora_targets, CFG.lora_rank, CFG.seed)
