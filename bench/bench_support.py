@@ -20,6 +20,7 @@ from typing import Any
 
 from ftcore.backends import BACKENDS, FRAMEWORK_ENVS
 from ftcore.benchcases import SIZES, Case, build_cases, parse_list, parse_shape  # noqa: F401
+from ftcore.memory_model import peak_over_model
 
 BACKEND_NAMES = tuple(BACKENDS)
 
@@ -90,10 +91,9 @@ def result_info(results: Sequence[Any], case: Case, warmup: int, timed: int) -> 
             info[key] = first.extra[key]
     info["machine_load_per_process"] = [r.extra.get("machine_load") for r in results]
     info["process_wall_s_per_process"] = [r.extra.get("process_wall_s") for r in results]
-    model_mb = (first.memory_model or {}).get("total")
-    one_rank = info.get("peak_rss_max_rank_mb") or info.get("peak_rss_mb")
-    # what a process holds beyond the analytic memory model (ftcore.memory_model)
-    info["peak_rss_over_model"] = one_rank / model_mb if one_rank and model_mb else None
+    info["peak_rss_over_model"] = peak_over_model(
+        info.get("peak_rss_max_rank_mb"), info.get("peak_rss_mb"), first.memory_model
+    )
     info["busy_processes"] = sum(bool((r.extra.get("machine_load") or {}).get("busy")) for r in results)
     timed_steps = [t for r in results for t in r.step_times_s[warmup:]]
     info["child_step_median_s"] = statistics.median(timed_steps) if timed_steps else None

@@ -80,3 +80,13 @@ def memory_model(arch: dict[str, Any], precision: str, rows: int, seq_len: int,
     out["total"] = sum(parts.values()) / MB
     out["checkpoint"] = checkpoint
     return out
+
+
+def peak_over_model(peak_max_rank_mb: float | None, peak_mb: float | None,
+                    model: dict[str, Any] | None) -> float | None:
+    """Peak RSS of one process over the analytic model's total: what it holds beyond the necessary.
+
+    The model is per process, so a data-parallel run uses its largest rank's peak."""
+    one_process = peak_max_rank_mb or peak_mb
+    total = (model or {}).get("total")
+    return one_process / total if one_process and total else None

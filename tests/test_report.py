@@ -299,3 +299,13 @@ def test_time_to_target_rows(results):
     assert "| 30 " in steps and "not reached in 5" in steps
     seconds = next(line for line in table.splitlines() if line.startswith("| Time to target (s)"))
     assert "| 3.25 " in seconds
+
+
+def test_peak_rss_over_model_uses_the_largest_rank(results):
+    results[0]["memory_model"] = {"total": 1000.0}
+    results[1].update(memory_model={"total": 800.0}, peak_rss_max_rank_mb=1200.0)  # mlx's peak_rss_mb is 1600
+    comp = report.build_comparison(results)
+    assert _row(comp, "torch")["peak_rss_over_model"] == pytest.approx(2.0)
+    assert _row(comp, "mlx")["peak_rss_over_model"] == pytest.approx(1.5)  # per process: 1200 / 800
+    assert _row(comp, "mlx-lm")["peak_rss_over_model"] is None
+    assert "| Peak RSS / model" in report.format_table(comp)

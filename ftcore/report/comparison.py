@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from itertools import combinations
 from typing import Any
 
+from ftcore.memory_model import peak_over_model
 from ftcore.report.fairness import fairness_checks
 from ftcore.report.values import backend_name, finite, ok_rows, ratio
 from ftcore.result import jsonable
@@ -174,8 +175,10 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
             row["scaling_efficiency"] = None
         model_mb = (r.get("memory_model") or {}).get("total") if r.get("status") == "ok" else None
         row["memory_model_mb"] = model_mb
-        one_process = r.get("peak_rss_max_rank_mb") or r.get("peak_rss_mb")  # the model is per process
-        row["peak_rss_over_model"] = ratio(one_process, model_mb) if model_mb else None
+        row["peak_rss_over_model"] = (
+            peak_over_model(r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), r.get("memory_model"))
+            if model_mb else None
+        )
         load = (r.get("extra") or {}).get("machine_load") or {}
         row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
         rows.append(row)
