@@ -70,10 +70,10 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def child_env(spec: BackendSpec, threads: int) -> dict[str, str]:
+def child_env(spec: BackendSpec, threads: int, cfg: RunConfig) -> dict[str, str]:
     """Environment for a backend's process: offline, equal thread counts, and the rest its spec
     asks for (for MLX a fast BLAS preloaded, which a torch process must never get)."""
-    return spec.child_env(base_env(), threads)
+    return spec.child_env(base_env(), threads, cfg)
 
 
 def gemm_peak(prep: Prepared, refresh: bool = False) -> float | None:
@@ -124,10 +124,10 @@ class BackendProcess:
             cmd = [*wrap, *cmd[2:]]
         cfg, self.world = prep.cfg, prep.cfg.world_size
         if self.world > 1:  # the framework's launcher starts the ranks (ftcore.dist)
-            env = {**child_env(spec, rank_threads(cfg)), DIST_ENV: str(self.world)}
+            env = {**child_env(spec, rank_threads(cfg), cfg), DIST_ENV: str(self.world)}
             cmd = spec.launch(cfg, cmd, out_dir)
         else:
-            env = child_env(spec, cfg.threads)
+            env = child_env(spec, cfg.threads, cfg)
         self._go = self._done = None
         child_fds: tuple[int, ...] = ()
         if gate and self.world > 1:  # named pipes: the launcher would close inherited fds

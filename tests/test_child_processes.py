@@ -14,6 +14,7 @@ import pytest
 
 from ftcore import blas
 from ftcore.backends import BACKENDS
+from ftcore.config import RunConfig
 from ftcore.mlx import env as mlx_env
 from ftcore.mlx import jit
 from ftcore.runner import child_env
@@ -108,7 +109,7 @@ def test_set_blas_threads_in_an_mlx_child() -> None:
         "print(before, ok, blas.blas_threads())"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], env=child_env(BACKENDS["mlx"], 2), capture_output=True,
+        [sys.executable, "-c", code], env=child_env(BACKENDS["mlx"], 2, RunConfig()), capture_output=True,
         text=True, check=True, cwd=ROOT,
     ).stdout.split()  # fmt: skip
     assert out == ["2", "True", "1"]

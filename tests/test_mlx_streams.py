@@ -14,6 +14,7 @@ from parity_utils import save_and_convert
 
 from ftcore.arch import LORA_TARGETS
 from ftcore.backends import BACKENDS
+from ftcore.config import RunConfig
 from ftcore.loss import IGNORE_INDEX
 from ftcore.mlx.env import BFS_NO_LIMIT, BFS_WIDTH_ENV
 from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
@@ -89,11 +90,24 @@ def test_plan_streams(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_runner_gives_only_the_mlx_backend_the_eval_width(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BFS_WIDTH_ENV, raising=False)
-    width = int(child_env(BACKENDS["mlx"], 3)[BFS_WIDTH_ENV])
+    cfg = RunConfig()
+    width = int(child_env(BACKENDS["mlx"], 3, cfg)[BFS_WIDTH_ENV])
     # Above it mx.eval goes depth first and the row streams run in turn. The compiled step's
     # outputs alone (each LoRA A and B, both AdamW moments) at TinyLlama's 22 layers, 7 targets:
     step_outputs = 3 * 2 * len(LORA_TARGETS) * 22
     assert width >= 10 * step_outputs  # a model 10x deeper or wider still overlaps
     # mlx-lm is the yardstick, run as its users would run it
-    assert BFS_WIDTH_ENV not in child_env(BACKENDS["mlx-lm"], 3)
-    assert BFS_WIDTH_ENV not in child_env(BACKENDS["torch"], 3)
+    assert BFS_WIDTH_ENV not in child_env(BACKENDS["mlx-lm"], 3, cfg)
+    assert BFS_WIDTH_ENV not in child_env(BACKENDS["torch"], 3, cfg)
+
+
+def test_checkpointing_keeps_mlx_default_width_and_one_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Breadth first without limit, mx.eval would recompute every checkpointed layer early and keep
+    their activations together (22 layers: MLX's peak 6067 MB against 4745 at its default width,
+    the memory model 4676): with --grad-checkpoint the mlx child keeps MLX's default width, even
+    over a user's own, and so trains on one stream."""
+    monkeypatch.setenv(BFS_WIDTH_ENV, str(BFS_NO_LIMIT))
+    env = child_env(BACKENDS["mlx"], 2, RunConfig(grad_checkpoint=True))
+    assert BFS_WIDTH_ENV not in env
+    monkeypatch.delenv(BFS_WIDTH_ENV)
+    assert plan_streams(mx.cpu, threads=2, batch_size=4) == 1

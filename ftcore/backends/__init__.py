@@ -34,6 +34,12 @@ FRAMEWORK_ENVS: dict[str, Callable[[dict, int], dict]] = {
 }
 
 
+def framework_env(framework: str) -> Callable[[dict, int, RunConfig], dict]:
+    """A backend whose environment is its framework's alone (threads, BLAS, JIT flags)."""
+    make = FRAMEWORK_ENVS[framework]
+    return lambda base_env, threads, cfg: make(base_env, threads)
+
+
 def convert_for_mlx(cfg: RunConfig, model_dir: Path) -> None:
     """Make the run's cached HF -> MLX conversion in the parent, so the MLX process's load time
     and peak RSS cover loading, not converting."""
@@ -79,7 +85,8 @@ class BackendSpec:
     package: str  # importable package the child needs; missing -> the backend is unavailable
     install_hint: str
     summary: str  # one line for --help and the README
-    child_env: Callable[[dict, int], dict]  # (base environment, threads) -> child's environment
+    # (base environment, threads, run config) -> the child's environment
+    child_env: Callable[[dict, int, RunConfig], dict]
     before_spawn: Callable[[RunConfig, Path], None] | None = None  # run in the parent, timed
     # run in the parent before any backend starts (ftcore.preflight); raises UserError
     check: Callable[[RunConfig, Path], None] | None = None
@@ -117,13 +124,13 @@ BACKENDS: dict[str, BackendSpec] = {
     for spec in (
         BackendSpec(
             name="torch", framework="torch", module="torch_loop", package="peft",
-            install_hint="pip install ftcore", child_env=torch_env.child_env, check=check_torch,
+            install_hint="pip install ftcore", child_env=framework_env("torch"), check=check_torch,
             launch=torch_env.launch_command, check_launch=torch_env.check_launch,
             summary="transformers LlamaForCausalLM + PEFT LoRA, a plain training loop",
         ),
         BackendSpec(
             name="hf-trainer", framework="torch", module="hf_trainer", package="transformers",
-            install_hint="pip install ftcore", child_env=torch_env.child_env, check=check_torch,
+            install_hint="pip install ftcore", child_env=framework_env("torch"), check=check_torch,
             owns_steps=False,  # Trainer runs the steps; accuracy before/after still measured
             summary="the same model and adapter through transformers Trainer",
         ),
@@ -137,7 +144,7 @@ BACKENDS: dict[str, BackendSpec] = {
         ),
         BackendSpec(
             name="mlx-lm", framework="mlx", module="mlx_lm_ref", package="mlx_lm",
-            install_hint="pip install 'ftcore[mlx-lm]'", child_env=mlx_env.child_env, check=check_mlx,
+            install_hint="pip install 'ftcore[mlx-lm]'", child_env=framework_env("mlx"), check=check_mlx,
             same_numerics=False,  # its own loss normalisation and Adam, as its users get them
             owns_steps=False,  # mlx-lm's trainer runs the steps: eval after training only
             checkpoint_keeps_dropout=False,

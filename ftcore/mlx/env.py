@@ -46,9 +46,15 @@ def child_env(base_env: dict, threads: int) -> dict:
     return blas.with_threads(env, threads)
 
 
-def row_streams_env(base_env: dict, threads: int) -> dict:
-    """child_env plus mx.eval's breadth-first width unlimited, so row streams overlap at any depth."""
-    return {**child_env(base_env, threads), BFS_WIDTH_ENV: str(BFS_NO_LIMIT)}
+def row_streams_env(base_env: dict, threads: int, cfg: RunConfig) -> dict:
+    """child_env plus mx.eval's breadth-first width unlimited, so row streams overlap at any depth;
+    with gradient checkpointing MLX's default width (depth first: one layer recomputed at a time),
+    and so one stream with a `threads`-thread BLAS (ftcore.mlx.streams.plan_streams)."""
+    env = child_env(base_env, threads)
+    if cfg.grad_checkpoint:
+        env.pop(BFS_WIDTH_ENV, None)  # MLX's default, not one inherited from the user
+        return env
+    return {**env, BFS_WIDTH_ENV: str(BFS_NO_LIMIT)}
 
 
 def launch_command(cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]:
