@@ -3,7 +3,8 @@
 On Linux CPU, MLX's own ops run on one thread per stream; only GEMMs go through BLAS. So with T
 threads the step splits each batch's rows over T CPU streams with a 1-thread BLAS each, rather than
 one stream with a T-thread BLAS: T threads in all either way, as torch gets. mx.eval must be wide
-enough for the streams to overlap: unlimited (ftcore.mlx.env.row_streams_env).
+enough for the streams to overlap: unlimited (ftcore.mlx.env.row_streams_env), which a run with
+--grad-checkpoint gives up for memory (one stream then).
 """
 
 from __future__ import annotations
