@@ -102,9 +102,8 @@ def test_runner_gives_only_the_mlx_backend_the_eval_width(monkeypatch: pytest.Mo
 
 
 def test_checkpointing_keeps_mlx_default_width_and_one_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Breadth first without limit, mx.eval would recompute every checkpointed layer early and keep
-    their activations together (22 layers: MLX's peak 6067 MB against 4745 at its default width,
-    the memory model 4676): with --grad-checkpoint the mlx child keeps MLX's default width, even
+    """Breadth first without limit, mx.eval kept far more of the recomputed layers alive (22 layers:
+    MLX's peak 6067 MB against 4745 at its default width, the memory model 4676): with --grad-checkpoint the mlx child keeps MLX's default width, even
     over a user's own, and so trains on one stream."""
     monkeypatch.setenv(BFS_WIDTH_ENV, str(BFS_NO_LIMIT))
     env = child_env(BACKENDS["mlx"], 2, RunConfig(grad_checkpoint=True))

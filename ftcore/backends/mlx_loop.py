@@ -179,6 +179,11 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             "with a 1-thread BLAS"
             + (f"; {busy:.2f} threads busy over the timed steps" if busy is not None else "")
         )
+    elif cfg.grad_checkpoint and device == mx.cpu and result.threads > 1:
+        result.note(
+            f"threads: one MLX CPU stream with a {result.threads}-thread BLAS: with "
+            "--grad-checkpoint mx.eval keeps its default width, which row streams cannot share"
+        )
 
     measured.after(step_times)
     result.framework_peak_mb = mx.get_peak_memory() / 2**20

@@ -52,8 +52,8 @@ def child_env(base_env: dict, threads: int) -> dict:
 
 def row_streams_env(base_env: dict, threads: int, cfg: RunConfig) -> dict:
     """child_env plus mx.eval's breadth-first width unlimited, so row streams overlap at any depth;
-    with gradient checkpointing MLX's default width (depth first: one layer recomputed at a time),
-    and so one stream with a `threads`-thread BLAS (ftcore.mlx.streams.plan_streams)."""
+    with gradient checkpointing MLX's default width (its peak then matches the memory model), and
+    so one stream with a `threads`-thread BLAS (ftcore.mlx.streams.plan_streams)."""
     env = child_env(base_env, threads)
     if cfg.grad_checkpoint:
         env.pop(BFS_WIDTH_ENV, None)  # MLX's default, not one inherited from the user

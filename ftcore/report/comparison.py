@@ -173,12 +173,9 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
             row["scaling_efficiency"] = eff if (r.get("world_size") or 1) > 1 else 1.0
         else:
             row["scaling_efficiency"] = None
-        model_mb = (r.get("memory_model") or {}).get("total") if r.get("status") == "ok" else None
-        row["memory_model_mb"] = model_mb
-        row["peak_rss_over_model"] = (
-            peak_over_model(r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), r.get("memory_model"))
-            if model_mb else None
-        )
+        model = r.get("memory_model") if r.get("status") == "ok" else None
+        row["memory_model_mb"] = (model or {}).get("total")
+        row["peak_rss_over_model"] = peak_over_model(r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), model)
         load = (r.get("extra") or {}).get("machine_load") or {}
         row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
         rows.append(row)
