@@ -274,8 +274,9 @@ def _interrupt(signum, frame) -> None:  # SIGTERM takes Ctrl-C's path
     raise KeyboardInterrupt
 
 
-def _second_interrupt(signum, frame) -> None:  # while stopping: stop at once
+def _second_interrupt(signum, frame) -> None:  # while stopping: stop at once, still in one line
     kill_all()
+    os.write(2, b"error: interrupted twice; children killed, exiting at once\n")
     os._exit(130)
 
 
