@@ -296,3 +296,12 @@ def test_killed_parent_leaves_no_orphan(tmp_path):
             break
         time.sleep(0.2)
     assert not alive, f"orphaned children: {[c.pid for c in alive]}"
+
+
+def test_second_interrupt_still_says_one_error_line():
+    """The second Ctrl-C exits at once (os._exit), and may come before the first one's message:
+    it says its own line, never an empty stderr."""
+    code = "from ftcore import cli; cli._second_interrupt(2, None)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 130
+    assert res.stderr.strip().splitlines() == ["error: interrupted twice; children killed, exiting at once"]
