@@ -1,15 +1,15 @@
-"""Root fixtures shared by tests/ and bench/: an isolated model cache, the tiny preset checkpoint,
+"""Root fixtures shared by tests/ and bench/: the persistent test cache, the tiny preset checkpoint,
 a checkpoint with a SentencePiece-only tokenizer, small Alpaca files, hypothesis profiles; and the
 test tiers of tests/.
 
 Test tiers. Every test under tests/ belongs to exactly one tier, given by its module's `pytestmark`
-(a module may carry other markers too, e.g. `slow`, `mlx_lm`); collection fails naming any test
-with none or more than one, so a new test file cannot slip outside the tiers. bench/ is not tiered.
+(collection fails naming any test with none or more than one); `slow` marks what takes more than a
+few seconds, in any tier. bench/ is not tiered.
 
-- unit: fast and in-process: no child processes, no training beyond a few tiny steps
-  (`pytest -m unit tests/` runs in well under a minute on 2 cores);
-- parity: numerical parity of the MLX and torch implementations, hypothesis properties included;
-- integration: starts ftcore child processes: the CLI, the runner, compare, backends end to end.
+- unit: in-process, no child process, no training beyond a few tiny steps: seconds each;
+- parity: numerical parity of the MLX and torch implementations, in-process (hypothesis too);
+- integration: real `ftcore` child processes: the CLI, the runner, compare, backends end to end.
+The inner loop is `pytest -m "unit or parity" tests/` (about 3 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, settings
 
 TESTS_DIR = Path(__file__).resolve().parent / "tests"
 TIERS = {
-    "unit": "fast, in-process tests: no child processes, no training beyond a few tiny steps",
-    "parity": "numerical parity between the MLX and torch implementations (hypothesis properties too)",
-    "integration": "starts ftcore child processes: CLI, runner, compare, backends end to end",
+    "unit": "in-process, no child process, no training beyond a few tiny steps: seconds each",
+    "parity": "numerical parity between the MLX and torch implementations, in-process (hypothesis too)",
+    "integration": "real ftcore child processes: CLI, runner, compare, backends end to end",
 }
 
 
@@ -65,33 +65,38 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def ftcore_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test (and every child process it starts) uses a fresh cache, never ~/.cache.
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    cache = os.environ.get("FTCORE_TEST_CACHE") or DEFAULT_TEST_CACHE
+    return [f"ftcore test cache: {cache} ({TEST_CACHE_ENV})",
+            f"hypothesis profile: {settings._current_profile} ({settings().max_examples} examples)"]
 
-    FTCORE_TEST_CACHE keeps one across sessions (e.g. the benchmarks' 1.1B-width checkpoints).
-    """
-    root = Path(os.environ.get("FTCORE_TEST_CACHE") or tmp_path_factory.mktemp("ftcore-cache"))
+
+TEST_CACHE_ENV = "FTCORE_TEST_CACHE"
+DEFAULT_TEST_CACHE = Path.home() / ".cache" / "ftcore-test"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ftcore_cache() -> Path:
+    """The model cache of every test and every child process it starts: never the user's
+    ~/.cache/ftcore. It is persistent ($FTCORE_TEST_CACHE, default ~/.cache/ftcore-test) and holds
+    only artefacts that are fingerprinted and never edited in place: presets (named by recipe
+    fingerprint), MLX conversions (checked against their source), MLX's JIT kernels (keyed by CPU
+    and flags), GEMM peaks (keyed by CPU, cores, BLAS, threads). So a second run reuses them, and
+    CI (which sets a fresh folder) measures a first run. Run folders are always temporary, and a
+    test that needs an empty cache makes its own (tmp_path)."""
+    root = Path(os.environ.get(TEST_CACHE_ENV) or DEFAULT_TEST_CACHE).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
     os.environ["FTCORE_CACHE"] = str(root)
     return root
 
 
 @pytest.fixture(scope="session")
 def default_model_dir(ftcore_cache: Path) -> Path:
-    """The embedded default's checkpoint (`tiny-pretrained`): pretrained once per session cache,
-    ~1-2 min on 2 cores."""
+    """The embedded default's checkpoint (`tiny-pretrained`), shipped in the package."""
     from ftcore.config import RunConfig
     from ftcore.models import materialize_preset
 
     return materialize_preset(RunConfig().preset)
-
-
-@pytest.fixture(autouse=True)
-def _default_model_made_first(request: pytest.FixtureRequest) -> None:
-    """Integration tests run the CLI on the default preset: make it once, up front, so its one-time
-    pretraining never counts against one test's subprocess timeout."""
-    if request.node.get_closest_marker("integration"):
-        request.getfixturevalue("default_model_dir")
 
 
 @pytest.fixture(scope="session")

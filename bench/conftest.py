@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 
 import bench_support as bs
@@ -121,11 +120,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     o: Opts = config._ftcore_bench
-    cache = os.environ.get("FTCORE_TEST_CACHE") or "(fresh tmp dir; set FTCORE_TEST_CACHE to reuse checkpoints)"
     return [f"ftcore bench: sizes={','.join(o.sizes)} backends={','.join(o.backends)} "
             f"timed steps={o.rounds or 'per size'} warm-up steps={o.warmup_rounds if o.warmup_rounds is not None else 'per size'} "
-            f"quick={o.quick} memray_native={o.native}",
-            f"ftcore bench: model cache {cache}"]
+            f"quick={o.quick} memray_native={o.native}"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

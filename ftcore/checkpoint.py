@@ -18,6 +18,7 @@ through a read-only memory map, so no framework is imported for a safetensors ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -232,3 +233,15 @@ def check_vocab(arch: dict[str, Any], tokenizer: Any, model_dir: Path) -> None:
             f"{model_dir}: the tokenizer has {n} tokens but the model's embedding only "
             f"{arch['vocab_size']} rows (vocab_size in config.json)"
         )
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 over the folder's weight files (name and bytes, in name order): equal checksums,
+    equal weights, whatever machine made or read them."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()

@@ -136,6 +136,10 @@ def build_parser() -> Parser:
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=True, help="record native (C/C++) stacks (default on)")
     add_run_options(p)
 
+    p = sub.add_parser("pretrain", parents=[common], help="rebuild the shipped default model from its recipe", description="Make the tiny-pretrained preset from its recipe (ftcore/pretrain.py: tokenizer, seeded init, 1-2 minutes of pretraining on 2 cores) into OUT. ftcore ships the result in ftcore/presets/tiny-pretrained; rebuild it there when the recipe changes.")
+    p.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
+    p.add_argument("--replace", action="store_true", help="replace what OUT holds")
+
     p = sub.add_parser("bench-diff", parents=[common], help="same-machine A/B of two revisions' training steps", description="Time the training steps of two git revisions of this repository on this machine, interleaved, and report per case the HEAD/BASE step-time ratio with a 95%% interval and a p-value. Exit 1 when a case is slower by more than --threshold and significantly so, else 0.")
     p.add_argument("base", help="git revision to compare against (e.g. main, HEAD~1)")
     p.add_argument("head", nargs="?", help="git revision to test (default: the working tree)")
@@ -256,6 +260,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return finish_run([result])
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from ftcore.checkpoint import weights_sha256
+    from ftcore.models import build_preset, preset_config
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.replace:
+        raise UserError(f"--out {args.out}: not an empty folder; pass --replace to rebuild it")
+    build_preset("tiny-pretrained", preset_config("tiny-pretrained"), args.out)
+    made = json.loads((args.out / "ftcore_preset.json").read_text())
+    shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in made["exact_match"].items())
+    print(f"tiny-pretrained written to {args.out} (fingerprint {made['fingerprint']}, "
+          f"weights sha256 {weights_sha256(args.out)[:16]})\nexact match by family: {shares}")
+    return 0
+
+
 def cmd_bench_diff(args: argparse.Namespace) -> int:
     from ftcore.benchdiff import bench_diff
 
@@ -267,7 +285,7 @@ def cmd_bench_diff(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "generate": cmd_generate, "profile": cmd_profile,
-            "bench-diff": cmd_bench_diff}
+            "pretrain": cmd_pretrain, "bench-diff": cmd_bench_diff}
 
 
 def _interrupt(signum, frame) -> None:  # SIGTERM takes Ctrl-C's path

@@ -78,6 +78,7 @@ def machine_gemm_peak(precision: str, envs: dict[str, dict[str, str]], refresh: 
         return float(cached["gflops"])
     root = str(Path(__file__).resolve().parent.parent)
     peaks = {}
+    t0 = time.perf_counter()
     for fw, env in envs.items():
         if importlib.util.find_spec(fw) is None:
             continue
@@ -90,6 +91,9 @@ def machine_gemm_peak(precision: str, envs: dict[str, dict[str, str]], refresh: 
             peaks[fw] = float(out.stdout.strip().splitlines()[-1])
     if not peaks:
         return None
+    why = "re-measured: an MFU above 100% showed the cached figure was low" if refresh else "once per machine and run shape"
+    print(f"ftcore: measured this machine's {precision} GEMM peak ({', '.join(peaks)}) in "
+          f"{time.perf_counter() - t0:.1f} s ({why}; cached in {path})", file=sys.stderr, flush=True)
     earlier = cached.get("gflops", 0) if isinstance(cached, dict) else 0
     best = max([*peaks.values(), earlier])
     cache = _read_cache(path)

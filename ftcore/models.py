@@ -101,17 +101,13 @@ def hf_llama_config(arch: dict[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def train_sentencepiece(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB, n_records: int = TOKENIZER_CORPUS) -> Path:
+def train_sentencepiece(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB) -> Path:
     """Train a Llama-style SentencePiece BPE tokenizer (byte fallback, <unk>=0 <s>=1 </s>=2) on the
     built-in data and write `tokenizer.model` + `tokenizer_config.json` into out_dir."""
     import sentencepiece as spm
 
-    from ftcore.data import format_prompt
-    from ftcore.synthetic import ALL_FAMILIES, synthetic_records
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = synthetic_records(n_records, seed=0, families=ALL_FAMILIES)  # every word any task uses
-    corpus = "\n".join(format_prompt(r) + r["output"] for r in records)
+    corpus = tokenizer_corpus()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "corpus.txt").write_text(corpus, encoding="utf-8")
         spm.SentencePieceTrainer.train(
@@ -160,26 +156,62 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
 
 PRETRAINED_PRESETS = ("tiny-pretrained",)  # pretrained while materialised (ftcore.pretrain)
+# Checkpoints shipped as package data: made once by `ftcore pretrain`, identical on every machine.
+SHIPPED_PRESETS = {"tiny-pretrained": Path(__file__).resolve().parent / "presets" / "tiny-pretrained"}
+
+
+def tokenizer_corpus() -> str:
+    """The text the presets' SentencePiece tokenizer is trained on: every family's records in the
+    Alpaca template (so every word any task uses is in the vocabulary)."""
+    from ftcore.data import format_prompt
+    from ftcore.synthetic import ALL_FAMILIES, synthetic_records
+
+    records = synthetic_records(TOKENIZER_CORPUS, seed=0, families=ALL_FAMILIES)
+    return "\n".join(format_prompt(r) + r["output"] for r in records)
 
 
 def preset_fingerprint(preset: str, arch: dict[str, Any]) -> str:
-    """Hash of everything that makes the preset's checkpoint: its config, seeds, tokenizer
-    settings, and the source of the synthetic data (and of the pretraining, where it applies)."""
-    from ftcore import pretrain, synthetic
+    """Hash of everything that makes the preset's checkpoint: its config, seeds, tokenizer settings
+    and corpus, and for a pretrained preset the recipe, its data and its training code
+    (ftcore.pretrain.recipe_inputs). It hashes what the recipe produces (text), not source files,
+    so an edit that changes no data and no training code keeps the fingerprint."""
+    from ftcore import pretrain
 
     h = hashlib.sha256()
     recipe = pretrain.PRETRAIN_RECIPE if preset in PRETRAINED_PRESETS else None
     h.update(json.dumps([arch, PRESET_INIT_SEED, TOKENIZER_VOCAB, TOKENIZER_CORPUS, recipe], sort_keys=True).encode())
-    sources = [synthetic] + ([pretrain] if recipe else [])
-    for module in sources:
-        h.update(Path(module.__file__).read_bytes())
+    h.update(tokenizer_corpus().encode())
+    if recipe:
+        h.update(pretrain.recipe_inputs().encode())
     return h.hexdigest()[:10]
 
 
+def shipped_preset(preset: str, arch: dict[str, Any]) -> Path | None:
+    """The checkpoint ftcore ships for this preset and architecture (package data, the same bytes
+    on every machine), or None: none shipped, another depth, or made by another recipe than this
+    code's (then it is made locally, with a notice; the test suite fails on such a mismatch)."""
+    folder = SHIPPED_PRESETS.get(preset)
+    made_file = folder / "ftcore_preset.json" if folder else None
+    if made_file is None or not made_file.is_file():
+        return None
+    made = json.loads(made_file.read_text())
+    if made["arch"] != arch:
+        return None
+    if made.get("fingerprint") != preset_fingerprint(preset, arch):
+        print(f"ftcore: the shipped {preset} weights come from another recipe than this code's; "
+              f"making the preset locally (rebuild the shipped copy: ftcore pretrain --out DIR)",
+              file=sys.stderr, flush=True)
+        return None
+    return folder
+
+
 def materialize_preset(preset: str, num_layers: int | None = None, root: Path | None = None) -> Path:
-    """The preset's HF checkpoint folder, made once (atomically, one maker at a time: a second
-    process waits on a lock and reuses it) and reused from the cache."""
+    """The preset's HF checkpoint folder: the shipped one where there is one (shipped_preset),
+    else made once (atomically, one maker at a time: a second process waits on a lock and reuses
+    it) and reused from the cache."""
     arch = preset_config(preset, num_layers)
+    if root is None and (shipped := shipped_preset(preset, arch)):
+        return shipped
     name = f"{preset}-L{arch['num_hidden_layers']}-{preset_fingerprint(preset, arch)}"
     out = (root or cache_root()) / "models" / name
     if (out / "ftcore_preset.json").exists():
@@ -190,11 +222,15 @@ def materialize_preset(preset: str, num_layers: int | None = None, root: Path | 
     with open(locks / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         if not (out / "ftcore_preset.json").exists():
-            _make_preset(preset, arch, out)
+            build_preset(preset, arch, out)
     return out
 
 
-def _make_preset(preset: str, arch: dict[str, Any], out: Path) -> None:
+def build_preset(preset: str, arch: dict[str, Any], out: Path) -> None:
+    """Make the preset's checkpoint in `out` (replaced whole, atomically): tokenizer, seeded init,
+    and for a pretrained preset the pretraining (ftcore.pretrain); ftcore_preset.json records
+    what ran and the fingerprint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         import torch
@@ -207,15 +243,17 @@ def _make_preset(preset: str, arch: dict[str, Any], out: Path) -> None:
         tok.save_pretrained(str(tmp))  # adds tokenizer.json for fast loading
         torch.manual_seed(PRESET_INIT_SEED)
         model = LlamaForCausalLM(hf_llama_config(arch)).float()
-        made: dict[str, Any] = {"preset": preset, "arch": arch, "init_seed": PRESET_INIT_SEED}
+        made: dict[str, Any] = {"preset": preset, "arch": arch, "init_seed": PRESET_INIT_SEED,
+                                "fingerprint": preset_fingerprint(preset, arch)}
         if preset in PRETRAINED_PRESETS:
-            from ftcore.pretrain import PRETRAIN_RECIPE, pretrain
+            from ftcore.pretrain import PRETRAIN_RECIPE, family_exact_match, pretrain
 
-            print(f"ftcore: pretraining the {preset} preset once ({PRETRAIN_RECIPE['steps']} steps, "
-                  f"1-2 minutes on 2 cores); cached in {out.parent}", file=sys.stderr, flush=True)
+            print(f"ftcore: pretraining the {preset} preset ({PRETRAIN_RECIPE['steps']} steps, "
+                  f"1-2 minutes on 2 cores) into {out}", file=sys.stderr, flush=True)
             made["pretraining"] = {"recipe": PRETRAIN_RECIPE, **pretrain(model, tok)}
+            made["exact_match"] = family_exact_match(model, tok)
         model.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "ftcore_preset.json").write_text(json.dumps(made, indent=2))
+        (tmp / "ftcore_preset.json").write_text(json.dumps(made, indent=2) + "\n")
         if out.exists():  # a half-made folder from a killed run (the lock rules out a live maker)
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ftcore.arch import read_arch
 from ftcore.backends import BACKENDS, get_backend
-from ftcore.checkpoint import check_vocab
+from ftcore.checkpoint import check_vocab, weights_sha256
 from ftcore.config import RunConfig, UserError
 from ftcore.data import Batches, build_batches, load_records
 from ftcore.dist import check_threads
@@ -35,6 +36,10 @@ class Prepared:
     model_dir: Path
     batches: Batches
     batches_path: Path | None = None  # set by save(): what the child processes read
+
+    @cached_property
+    def model_sha256(self) -> str:  # read once per run, in the parent
+        return weights_sha256(self.model_dir)
 
     def save(self, work_dir: Path) -> Prepared:
         work_dir.mkdir(parents=True, exist_ok=True)

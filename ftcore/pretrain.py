@@ -1,24 +1,26 @@
 """Full-parameter pretraining of the `tiny-pretrained` preset, offline, on the built-in word tasks.
 
-Run once when the preset is first materialised (ftcore.models), then cached. The recipe is fixed
-(PRETRAIN_RECIPE, part of the preset's cache fingerprint): a fresh seeded model, AdamW, linear
-warm-up then cosine decay, gradient clipping, the loss on responses only (prompts masked), each
-batch padded to its longest record. 700 steps of 32 records took 106 s on a quiet 2-core VM.
-The result learns PRETRAIN_FAMILIES (exact-match accuracy ~0.9-1.0 each) and has never seen
-FINETUNE_FAMILIES, which is what the default fine-tune then teaches it.
-
-Same recipe, same torch build and thread count -> the same weights; other thread counts may
-change the float summation order, so weights can differ in the last bits between machines.
+The weights ftcore uses are made once, by `ftcore pretrain --out DIR`, and shipped in the package
+(ftcore/presets/tiny-pretrained, served by ftcore.models.shipped_preset): float results of this
+recipe depend on the CPU and thread count (summation order), so a preset pretrained on each
+user's machine would be a different base model on each. The recipe is fixed (PRETRAIN_RECIPE; it,
+its data and this module's training code make the preset's fingerprint, recipe_inputs): a fresh
+seeded model, AdamW, linear warm-up then cosine decay, gradient clipping, the loss on responses
+only (prompts masked), each batch padded to its longest record. 700 steps of 32 records take
+1-2 minutes on 2 cores. The result learns PRETRAIN_FAMILIES and has never seen FINETUNE_FAMILIES,
+which is what the default fine-tune then teaches it (family_exact_match measures both).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import random
 import sys
 import time
 from typing import Any
 
-from ftcore.synthetic import PRETRAIN_FAMILIES, synthetic_records
+from ftcore.synthetic import ALL_FAMILIES, PRETRAIN_FAMILIES, synthetic_records
 
 PRETRAIN_RECIPE: dict[str, Any] = dict(
     steps=700,
@@ -28,7 +30,7 @@ PRETRAIN_RECIPE: dict[str, Any] = dict(
     warmup_steps=30,
     min_lr_ratio=0.1,  # cosine decays to 10% of lr
     max_grad_norm=1.0,
-    data_seed=1,
+    data_seed=3,  # 1 and 2 gave bases that already answer the held-out "Spell W in reverse" (44%, 94%)
     families=[f.__name__ for f in PRETRAIN_FAMILIES],
 )
 
@@ -51,6 +53,8 @@ def pretrain(model: Any, tokenizer: Any, recipe: dict[str, Any] = PRETRAIN_RECIP
 
     r = recipe
     B, L = r["batch_size"], r["max_seq_len"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float summation order on any core count (not any CPU)
     records = synthetic_records(r["steps"] * B, seed=r["data_seed"], families=PRETRAIN_FAMILIES)
     tok = tokenize_records(records, tokenizer, L, mask_prompt=True)
     pad = tokenizer.eos_token_id
@@ -84,11 +88,51 @@ def pretrain(model: Any, tokenizer: Any, recipe: dict[str, Any] = PRETRAIN_RECIP
             print(f"  pretraining step {step + 1}/{r['steps']}: loss {losses[-1]:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", file=log, flush=True)
     model.eval()
+    torch.set_num_threads(threads)
     return {
         "steps": len(losses),
         "seconds": round(time.perf_counter() - t0, 1),
         "first_loss": losses[0],
         "last_loss": losses[-1],
-        "threads": torch.get_num_threads(),
+        "threads": 1,
         "torch": torch.__version__,
     }
+
+
+def recipe_inputs(r: dict[str, Any] = PRETRAIN_RECIPE) -> str:
+    """What the pretraining's result depends on besides the recipe dict, as text for the preset's
+    fingerprint: its records in the Alpaca template, and the training code (this loop and its
+    schedule)."""
+    from ftcore.data import format_prompt
+
+    records = synthetic_records(r["steps"] * r["batch_size"], seed=r["data_seed"], families=PRETRAIN_FAMILIES)
+    data = "\n".join(format_prompt(x) + x["output"] for x in records)
+    return data + inspect.getsource(pretrain) + inspect.getsource(recipe_lr)
+
+
+def family_exact_match(model: Any, tokenizer: Any, n_per_family: int = 32, seed: int = 7) -> dict[str, float]:
+    """Greedy exact-match share per built-in task family (`n_per_family` records each), computed
+    teacher-forced: a greedy answer is the expected one (response + EOS) exactly when, fed the
+    expected prefix, the model's argmax is the expected token at every answer position (ties
+    aside). So one forward pass per family stands in for a decoding loop."""
+    import torch
+
+    from ftcore.data import pad_id_of, tokenize_records
+    from ftcore.loss import IGNORE_INDEX
+
+    shares = {}
+    for family in ALL_FAMILIES:
+        rng = random.Random(seed)
+        tok = tokenize_records([family(rng) for _ in range(n_per_family)], tokenizer, 1024, mask_prompt=True)
+        width = max(map(len, tok.ids))
+        ids = torch.full((len(tok.ids), width), pad_id_of(tokenizer), dtype=torch.long)  # (n, width)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        mask = torch.zeros_like(ids)
+        for j, (row, lab) in enumerate(zip(tok.ids, tok.labels, strict=True)):
+            ids[j, : len(row)], labels[j, : len(row)], mask[j, : len(row)] = torch.tensor(row), torch.tensor(lab), 1
+        with torch.no_grad():
+            pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)  # predicts ids[:, 1:]
+        target = labels[:, 1:]
+        right = ((pred == target) | (target == IGNORE_INDEX)).all(dim=1)
+        shares[family.__name__] = round(right.float().mean().item(), 4)
+    return shares

@@ -54,6 +54,7 @@ class RunResult:
     trainable_params: int = 0
     flops_per_token: float = 0.0
     mfu: float | None = None
+    model_sha256: str = ""  # of the checkpoint's weight files (ftcore.checkpoint.weights_sha256)
     batch_fingerprint: str = ""  # of the batches file every backend was given
     fed_batches_fingerprint: str = ""  # of the token ids this backend's loop really fed, step by step
     initial_adapter_fingerprint: str = ""

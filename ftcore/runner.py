@@ -217,6 +217,7 @@ class BackendProcess:
             result = RunResult.failed(backend, prep.cfg.to_dict(),
                                       f"{backend} process {why}" + (f": {last}" if last else ""))
             result.extra["stderr_tail"] = list(self.tail)
+        result.model_sha256 = prep.model_sha256
         if self.watch:
             self._merge_ranks(result)
         if self.before_spawn_s is not None:

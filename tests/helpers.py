@@ -1,6 +1,8 @@
 """Helpers shared by the test modules (imported as `helpers`, like `parity_utils`):
 
 - `ftcore(...)`: the command line in a fresh interpreter;
+- `ftcore_in_process(...)`: the same `cli.main` in this process, for commands that end before any
+  child starts (user errors, exit 2): no interpreter start-up per case;
 - `RESULT_FIELDS`: what every backend's result.json must hold;
 - `broken_model(...)`: a copy of a checkpoint folder with one thing wrong;
 - `TINY`, `make_hf_model(...)`, `save_hf_model(...)`: tiny random HF Llamas;
@@ -40,6 +42,32 @@ def ftcore(*args: Any, timeout: float = 300, cwd: str | Path | None = None):
         [sys.executable, "-m", "ftcore", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, cwd=cwd,
     )  # fmt: skip
+
+
+def ftcore_in_process(*args: Any) -> subprocess.CompletedProcess:
+    """`ftcore ARGS...` through `ftcore.cli.main` in this process, stdout and stderr captured; the
+    same CompletedProcess shape as `ftcore(...)`. For refusals only: a command that starts
+    backends would run them as this process's children. `test_cli.py` proves with a subprocess
+    that the real command line takes the same path."""
+    import contextlib
+    import io
+    import signal
+
+    from ftcore import cli
+
+    argv = list(map(str, args))
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(argv)
+            except SystemExit as e:  # argparse's --help
+                code = e.code or 0
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # main() installs its own handler
+        cli.ACTIVE_RUN = None
+    return subprocess.CompletedProcess(["ftcore", *argv], code, out.getvalue(), err.getvalue())
 
 
 # ----------------------------------------------------------------------------- results and folders

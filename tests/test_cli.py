@@ -1,22 +1,26 @@
 """The command line: --help everywhere; every bad input is one `error:` line, non-zero exit,
-no traceback and no result file."""
+no traceback and no result file.
+
+The refusals run through `cli.main` in this process (`ftcore_in_process`): they end before any
+child starts, and an interpreter start-up per case would cost seconds each.
+`test_the_real_command_line_refuses_the_same_way` proves the subprocess takes the same path."""
 
 from __future__ import annotations
 
 import pytest
-from helpers import broken_model, ftcore
+from helpers import broken_model, ftcore, ftcore_in_process
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("command", ["run", "compare", "convert", "profile"])
+@pytest.mark.parametrize("command", ["run", "compare", "convert", "profile", "pretrain"])
 def test_help(command):
-    out = ftcore(command, "--help")
+    out = ftcore_in_process(command, "--help")
     assert out.returncode == 0 and "--out" in out.stdout
 
 
 def test_run_help_lists_every_run_flag():
-    text = ftcore("run", "--help").stdout
+    text = ftcore_in_process("run", "--help").stdout
     for flag in (
         "--model", "--preset", "--num-layers", "--data", "--num-samples", "--max-seq-len", "--batch-size",
         "--steps", "--warmup-steps", "--lr", "--seed", "--lora-rank", "--lora-alpha", "--lora-targets",
@@ -60,12 +64,21 @@ def _write(path, text):
 def test_bad_input_is_one_clean_line(case, tmp_path, tiny_model_dir, write_alpaca):
     make_args, needle = BAD_INPUTS[case]
     out_dir = tmp_path / "out"
+    args = ["run", "--backend", "torch", "--out", out_dir, *make_args(tmp_path, tiny_model_dir, write_alpaca)]
+    assert_user_error(ftcore_in_process(*args), needle, out_dir)
+
+
+@pytest.mark.parametrize("case", ["missing data path", "unknown flag", "model without config.json"])
+def test_the_real_command_line_refuses_the_same_way(case, tmp_path, tiny_model_dir, write_alpaca):
+    """`python -m ftcore` in a fresh interpreter: the same one line, exit 2, nothing written."""
+    make_args, needle = BAD_INPUTS[case]
+    out_dir = tmp_path / "out"
     out = ftcore("run", "--backend", "torch", "--out", out_dir, *make_args(tmp_path, tiny_model_dir, write_alpaca))
     assert_user_error(out, needle, out_dir)
 
 
 def test_compare_rejects_unknown_backend(tmp_path):
-    out = ftcore("compare", "--backends", "torch,jax", "--out", tmp_path / "c")
+    out = ftcore_in_process("compare", "--backends", "torch,jax", "--out", tmp_path / "c")
     assert_user_error(out, "unknown backend(s) jax", tmp_path / "c")
 
 
@@ -77,6 +90,6 @@ def test_convert_writes_mlx_weights(tiny_model_dir, tmp_path):
 
 def test_convert_refuses_a_non_llama_folder(tiny_model_dir, tmp_path):
     bad = broken_model(tiny_model_dir, tmp_path, "gpt2")
-    out = ftcore("convert", "--model", bad, "--out", tmp_path / "mlx")
+    out = ftcore_in_process("convert", "--model", bad, "--out", tmp_path / "mlx")
     assert_user_error(out, "GPT2LMHeadModel", tmp_path / "mlx")
     assert not (tmp_path / "mlx" / "model.safetensors").exists()

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from helpers import ftcore
+from helpers import ftcore, ftcore_in_process
 
 from ftcore.dist import RankWatch, shard
 from ftcore.loss import target_count
@@ -192,7 +192,7 @@ def test_data_parallel_user_errors_are_one_line(tmp_path):
         (["run", "--backend", "mlx", "--nnodes", "2", "--hostfile", bad_hosts], "lists 1 hosts, --nnodes says 2"),
     ]  # fmt: skip
     for args, needle in cases:
-        res = ftcore(*args, "--num-samples", "16", "--out", tmp_path / "out")
+        res = ftcore_in_process(*args, "--num-samples", "16", "--out", tmp_path / "out")
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
         assert needle in lines[0], lines[0]

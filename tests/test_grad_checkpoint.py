@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import ftcore
+from helpers import ftcore, ftcore_in_process
 
 from ftcore.arch import LORA_TARGETS
 from ftcore.memory_model import base_param_count, memory_model
@@ -53,8 +53,8 @@ def test_grad_checkpoint_trains_the_same(backend: str, tmp_path) -> None:
 
 @pytest.mark.integration
 def test_mlx_grad_checkpoint_with_dropout_is_refused(tmp_path) -> None:
-    res = ftcore("run", "--backend", "mlx", *SMALL, "--lora-dropout", "0.1", "--grad-checkpoint",
-                 "--out", tmp_path / "r")  # fmt: skip
+    res = ftcore_in_process("run", "--backend", "mlx", *SMALL, "--lora-dropout", "0.1", "--grad-checkpoint",
+                            "--out", tmp_path / "r")  # fmt: skip
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --grad-checkpoint")
     assert "Traceback" not in res.stderr
 

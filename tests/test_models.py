@@ -97,3 +97,91 @@ def test_preset_fingerprint_follows_the_recipe(monkeypatch):
     monkeypatch.setitem(pretrain.PRETRAIN_RECIPE, "steps", pretrain.PRETRAIN_RECIPE["steps"] + 1)
     assert preset_fingerprint("tiny-pretrained", arch) != before
 
+
+# ----------------------------------------------------------------------------- the shipped default
+
+
+def _shipped():
+    import json
+
+    from ftcore.models import SHIPPED_PRESETS
+
+    folder = SHIPPED_PRESETS["tiny-pretrained"]
+    return folder, json.loads((folder / "ftcore_preset.json").read_text())
+
+
+def test_shipped_default_was_made_by_the_current_recipe():
+    """The shipped weights' recorded fingerprint is this code's: a changed recipe, pretraining
+    data, tokenizer corpus or training loop without rebuilt weights (`ftcore pretrain`) fails here."""
+    from ftcore.models import preset_fingerprint
+
+    folder, made = _shipped()
+    assert made["arch"] == preset_config("tiny-pretrained")
+    assert made["fingerprint"] == preset_fingerprint("tiny-pretrained", made["arch"]), (
+        "ftcore/presets/tiny-pretrained is stale: rebuild it with "
+        "`ftcore pretrain --out ftcore/presets/tiny-pretrained --replace`"
+    )
+    assert made["pretraining"]["steps"] == made["pretraining"]["recipe"]["steps"]
+    assert made["pretraining"]["last_loss"] < 0.1 * made["pretraining"]["first_loss"]
+    check_model_dir(folder)  # every tensor present, shaped, finite; tokenizer fits
+
+
+def test_default_preset_is_served_from_the_package(ftcore_cache, monkeypatch, capsys):
+    """No pretraining on a user's machine: the default resolves to the shipped folder and writes
+    nothing to the cache; with another recipe than the shipped one it is made locally instead."""
+    from ftcore import pretrain
+    from ftcore.models import shipped_preset
+
+    folder, made = _shipped()
+    before = sorted((ftcore_cache / "models").glob("tiny-pretrained-*")) if (ftcore_cache / "models").exists() else []
+    assert materialize_preset(RunConfig().preset) == folder
+    after = sorted((ftcore_cache / "models").glob("tiny-pretrained-*")) if (ftcore_cache / "models").exists() else []
+    assert after == before
+    assert shipped_preset("tiny-pretrained", {**made["arch"], "num_hidden_layers": 2}) is None
+    monkeypatch.setitem(pretrain.PRETRAIN_RECIPE, "steps", pretrain.PRETRAIN_RECIPE["steps"] + 1)
+    assert shipped_preset("tiny-pretrained", made["arch"]) is None
+    assert "making the preset locally" in capsys.readouterr().err
+
+
+def test_shipped_default_knows_its_tasks_not_the_held_out_ones():
+    """>= 80% exact match on every pretraining family, <= 20% on each held-out (fine-tune) family;
+    the same shares as recorded when the weights were made (the same bytes on any machine)."""
+    from transformers import LlamaForCausalLM
+
+    from ftcore.pretrain import family_exact_match
+    from ftcore.synthetic import FINETUNE_FAMILIES, PRETRAIN_FAMILIES
+
+    folder, made = _shipped()
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    shares = family_exact_match(model, load_tokenizer(folder))
+    for family in PRETRAIN_FAMILIES:
+        assert shares[family.__name__] >= 0.8, shares
+    for family in FINETUNE_FAMILIES:
+        assert shares[family.__name__] <= 0.2, shares
+    assert shares == made["exact_match"]
+
+
+def test_teacher_forced_exact_match_equals_greedy_decoding():
+    """family_exact_match's shortcut (argmax at every answer position, fed the expected prefix)
+    gives the same verdict per record as KV-cache greedy decoding until EOS."""
+    import random
+
+    from transformers import LlamaForCausalLM
+
+    from ftcore.data import format_prompt
+    from ftcore.pretrain import family_exact_match
+    from ftcore.synthetic import ALL_FAMILIES
+    from ftcore.torch.generate import greedy
+
+    folder, _ = _shipped()
+    tok = load_tokenizer(folder)
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    forced = family_exact_match(model, tok, n_per_family=6)
+    for family in ALL_FAMILIES:
+        rng, right = random.Random(7), 0
+        for _ in range(6):
+            r = family(rng)
+            prompt = tok(format_prompt(r))["input_ids"]
+            answer = tok(format_prompt(r) + r["output"])["input_ids"][len(prompt):] + [tok.eos_token_id]
+            right += greedy(model, prompt, len(answer), tok.eos_token_id) == answer
+        assert forced[family.__name__] == round(right / 6, 4), family.__name__

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from parity_utils import backend_runs, initial_peft_adapter, read_adapter, rel_norm_err
 
-pytestmark = [pytest.mark.parity, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # child processes: the real backends
 
 # fp32. Measured (2-core EPYC), 128 tokens: per-step loss diff <= 1.9e-6, eval diff <= 1.3e-6,
 # adapter ||a-b||/||b|| <= 2.1e-5, relative to the update <= 3.2e-5; 512 tokens (6 steps, small

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from helpers import broken_model, ftcore
+from helpers import broken_model, ftcore, ftcore_in_process
 from safetensors.numpy import load_file, save_file
 
 pytestmark = pytest.mark.integration
 
 FAST = ["--num-samples", "16", "--eval-samples", "4", "--max-seq-len", "64", "--batch-size", "2"]
+TINY = ["--preset", "tiny", *FAST]  # random init: for runs that are killed or interrupted anyway
 
 
 def assert_user_error(out, needle: str, *never_written: Path) -> None:
@@ -113,13 +114,13 @@ def test_broken_checkpoint_is_refused_before_any_backend(case, command, tiny_mod
     model = make(tiny_model_dir, tmp_path / "model")
     out_dir = tmp_path / "out"
     extra = ["--backend", "torch"] if command == "run" else []
-    out = ftcore(command, *extra, "--model", model, "--out", out_dir, "--steps", "2", *FAST)
+    out = ftcore_in_process(command, *extra, "--model", model, "--out", out_dir, "--steps", "2", *FAST)
     assert_user_error(out, needle, out_dir)
 
 
 def test_pickle_weights_allowed_run_torch_and_refuse_mlx_up_front(tiny_model_dir, tmp_path):
     model = broken_model(tiny_model_dir, tmp_path, "pickle-only")
-    out = ftcore("compare", "--model", model, "--allow-pickle", "--out", tmp_path / "c", "--steps", "2", *FAST)
+    out = ftcore_in_process("compare", "--model", model, "--allow-pickle", "--out", tmp_path / "c", "--steps", "2", *FAST)
     assert_user_error(out, "MLX reads safetensors weights only", tmp_path / "c")  # not after torch ran
     ok = ftcore("run", "--backend", "torch", "--model", model, "--allow-pickle", "--out", tmp_path / "r",
                 "--steps", "2", *FAST)  # fmt: skip
@@ -151,7 +152,7 @@ def test_bad_data_and_flags_are_one_line(tmp_path, write_alpaca):
     for args, needle in cases:
         out_dir = tmp_path / "out"
         full = ["--out", out_dir, *args] if "--out" not in args else args
-        out = ftcore("compare", *full, "--steps", "2", *FAST)
+        out = ftcore_in_process("compare", *full, "--steps", "2", *FAST)
         assert_user_error(out, needle, out_dir)
 
 
@@ -164,7 +165,7 @@ def test_out_holding_a_run_is_kept_or_replaced_whole(tmp_path):
     (out_dir / "mlx" / "result.json").write_text('{"backend": "mlx", "status": "ok"}')
     (out_dir / "comparison.json").write_text("{}")
     before = tree_hashes(out_dir)
-    out = ftcore("compare", "--backends", "torch", "--out", out_dir, "--steps", "2", *FAST)
+    out = ftcore_in_process("compare", "--backends", "torch", "--out", out_dir, "--steps", "2", *FAST)
     assert_user_error(out, "holds an earlier run; pass --replace")
     assert tree_hashes(out_dir) == before
 
@@ -243,7 +244,7 @@ def _wait_training(proc, backend="torch", timeout=120) -> list[psutil.Process]:
 
 
 def test_killed_backend_is_a_failed_row_without_oom_guess(tmp_path):
-    proc = _start(["compare", "--out", tmp_path / "out", "--steps", "400", *FAST], tmp_path)
+    proc = _start(["compare", "--out", tmp_path / "out", "--steps", "400", *TINY], tmp_path)
     children = _wait_training(proc)
     os.kill(children[0].pid, signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=600)
@@ -258,7 +259,7 @@ def test_killed_backend_is_a_failed_row_without_oom_guess(tmp_path):
                                  "two Ctrl-C"])  # fmt: skip
 def test_interrupt_stops_children_and_marks_the_run(how, tmp_path):
     out_dir = tmp_path / "out"
-    proc = _start(["compare", "--out", out_dir, "--steps", "400", *FAST], tmp_path)
+    proc = _start(["compare", "--out", out_dir, "--steps", "400", *TINY], tmp_path)
     children = _wait_training(proc)
     assert children
     if how == "SIGINT to the group":
@@ -285,7 +286,7 @@ def test_interrupt_stops_children_and_marks_the_run(how, tmp_path):
 
 
 def test_killed_parent_leaves_no_orphan(tmp_path):
-    proc = _start(["compare", "--out", tmp_path / "out", "--steps", "400", *FAST], tmp_path)
+    proc = _start(["compare", "--out", tmp_path / "out", "--steps", "400", *TINY], tmp_path)
     children = _wait_training(proc)
     proc.kill()  # SIGKILL: no handler runs; the children must go by themselves
     proc.communicate(timeout=30)

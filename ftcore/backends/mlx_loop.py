@@ -38,7 +38,7 @@ from ftcore.dist import RankInfo, rank_threads, shard
 from ftcore.lora_init import initial_lora_state, state_fingerprint
 from ftcore.loss import target_count
 from ftcore.memory import current_rss_mb
-from ftcore.mlx import dist
+from ftcore.mlx import dist, jit
 from ftcore.mlx.adapters import save_adapters
 from ftcore.mlx.convert import MANIFEST_FILE
 from ftcore.mlx.generate import greedy
@@ -53,8 +53,9 @@ from ftcore.result import RunResult
 # Compile the whole train step (forward, backward, clipping, AdamW) into one graph: element-wise
 # chains (exp, sigmoid, ...) become fused JIT CPU kernels, built with AVX2/FMA by ftcore.mlx.jit.
 # Measured on a 2-core EPYC (tiny preset, 20 steps): losses within 1e-6 of the uncompiled step
-# (FMA rounding). The first run on a machine builds the kernels with g++ (cached): 10-20 s inside
-# the first (warm-up) step, excluded from throughput.
+# (FMA rounding). The first run on a machine builds the kernels with g++ (cached; announced and
+# recorded by ftcore.mlx.jit.announce_new_kernels) inside the first (warm-up) step, excluded from
+# throughput.
 COMPILE = True
 
 
@@ -146,6 +147,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
 
     model.train()
     clock = StepClock("mlx", cfg, batches, rank=ranks.rank if ranks else 0)
+    kernels_before = jit.built_kernels()
     for i in range(cfg.steps):
         fed = batches.step(i)
         batch = to_mx(shard(fed, ranks.rank, ranks.world) if ranks else fed)
@@ -161,6 +163,8 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         loss_value = loss.item()
         clock.end(i, loss_value, grad_norm=grad_norm.item())
         result.losses.append(loss_value)
+        if i == 0 and (built := jit.announce_new_kernels(kernels_before, "mlx")):
+            result.extra["mlx_kernels_built"] = built  # inside the warm-up step's time
         if ranks and ranks.rank:
             continue  # eval: rank 0 only (the others wait in the next all_sum)
         if measured.after_step(i, clock.times):
