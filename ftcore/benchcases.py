@@ -101,10 +101,12 @@ class Case:
             eval_samples=16,
             lora_targets=BENCH_TARGETS,
             nproc=self.nproc,
+            batching="padded",  # fixed shapes: a step's work is the same in every revision and run
         )
 
-    def run_args(self, warmup: int, timed: int) -> list[str]:
-        """`ftcore run` flags for this case (flags every ftcore revision has understood)."""
+    def run_args(self, warmup: int, timed: int, batching_flag: bool = True) -> list[str]:
+        """`ftcore run` flags for this case. batching_flag=False leaves out `--batching`, for a
+        revision from before it (those always padded, as the case does)."""
         cfg = self.config(warmup, timed)
         args = ["--backend", self.backend, "--preset", cfg.preset, "--batch-size", cfg.batch_size,
                 "--max-seq-len", cfg.max_seq_len, "--steps", cfg.steps, "--timing-warmup-steps",
@@ -115,6 +117,8 @@ class Case:
             args += ["--num-layers", cfg.num_layers]
         if cfg.nproc > 1:
             args += ["--nproc", cfg.nproc]
+        if batching_flag:
+            args += ["--batching", cfg.batching]
         return [str(a) for a in args]
 
 

@@ -127,7 +127,9 @@ def run_once(side: Side, case: Case, warmup: int, timed: int, out: Path) -> list
     """One `ftcore run` of `case` with `side`'s code; its timed step times (s)."""
     env = {**os.environ, "FTCORE_CACHE": str(side.cache),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(side.root), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "ftcore", "run", *case.run_args(warmup, timed), "--out", str(out)]
+    knows_batching = "BATCHINGS" in (side.root / "ftcore" / "config.py").read_text()
+    cmd = [sys.executable, "-m", "ftcore", "run", *case.run_args(warmup, timed, knows_batching),
+           "--out", str(out)]
     load = MachineLoad()
     load.start()
     proc = subprocess.run(cmd, cwd=side.root, env=env, capture_output=True, text=True, timeout=3600)

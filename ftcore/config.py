@@ -23,6 +23,10 @@ PRESETS = ("tiny-pretrained", "tiny", "tinyllama-1.1b")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "gpu")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# How training and eval rows become batches (ftcore.data): `padded` pads every row to
+# --max-seq-len; `longest` is mlx-lm's trainer: rows sorted by length, consecutive batches in a
+# seeded order, each padded to 1 + 32 * ceil(longest / 32) (at most --max-seq-len).
+BATCHINGS = ("padded", "longest")
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,8 @@ class RunConfig:
     data: str | None = None
     num_samples: int = 256  # training records drawn (by seed) from the data
     eval_samples: int = 32  # held-out records for eval loss and accuracy; 0 disables eval
-    max_seq_len: int = 128  # every batch is padded/truncated to exactly this length
+    max_seq_len: int = 128  # rows are truncated to it; `padded` batches are padded to it
+    batching: str = "longest"  # BATCHINGS
     mask_prompt: bool = True  # loss on the response only
     # run
     batch_size: int = 4
@@ -91,6 +96,7 @@ class RunConfig:
         need(self.num_samples >= 1, "num_samples", "must be >= 1")
         need(self.eval_samples >= 0, "eval_samples", "must be >= 0")
         need(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
+        need(self.batching in BATCHINGS, "batching", f"unknown batching {self.batching!r} (one of {', '.join(BATCHINGS)})")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(
             self.batch_size <= self.num_samples,

@@ -1,8 +1,18 @@
 """Alpaca data pipeline, the same for every backend.
 
 records (instruction, input, output) -> Alpaca prompt + response + EOS -> token ids, labels with
--100 on prompt (when masking) and padding -> fixed-shape numpy batches. Every backend consumes
-the byte-identical arrays; their sha256 fingerprint goes into every result.
+-100 on prompt (when masking) and padding -> numpy batches. Every backend consumes the
+byte-identical arrays; their sha256 fingerprint goes into every result.
+
+Batching (RunConfig.batching), for training and eval batches alike:
+- `padded`: every row padded to max_seq_len; training batches walk seeded permutations of the
+  records, epoch after epoch (fixed shapes: the step-timed benchmarks use it);
+- `longest`: mlx-lm's trainer (`mlx_lm.tuner.trainer.iterate_batches`): records sorted by length
+  (stable), cut into consecutive batches (a remainder smaller than a batch is left out), the batch
+  order a permutation drawn with the run's seed by numpy's legacy generator, again for every
+  epoch, each batch padded to 1 + 32 * ceil(longest row / 32), at most max_seq_len. Eval batches
+  keep their order and are padded the same way.
+Batches of one run may then differ in width: `Batches.step(s)` gives step s at its own width.
 """
 
 from __future__ import annotations
@@ -189,12 +199,33 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def _pack(tok: Tokenized, rows: list[int], max_seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded (len(rows), max_seq_len) int64 arrays for the given example indices."""
+PAD_MULTIPLE = 32  # `longest` pads a batch to 1 + a multiple of this (mlx-lm's pad_to)
+
+
+def batch_width(lengths: list[int], max_seq_len: int, batching: str) -> int:
+    """The padded width of a batch whose rows have these lengths (see the module docstring)."""
+    if batching == "padded":
+        return max_seq_len
+    return min(1 + PAD_MULTIPLE * -(-max(lengths) // PAD_MULTIPLE), max_seq_len)
+
+
+def longest_order(lengths: list[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches of record indices as mlx-lm's iterate_batches makes them (loop=True)."""
+    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length) - batch_size + 1, batch_size)]
+    rng = np.random.RandomState(seed)  # what np.random.seed(seed) + np.random.permutation draw
+    order: list[list[int]] = []
+    while len(order) < steps:
+        order += [batches[i] for i in rng.permutation(len(batches))]
+    return order[:steps]
+
+
+def _pack(tok: Tokenized, rows: list[int], width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded (len(rows), width) int64 arrays for the given example indices."""
     n = len(rows)
-    input_ids = np.full((n, max_seq_len), pad_id, dtype=np.int64)
-    labels = np.full((n, max_seq_len), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((n, max_seq_len), dtype=np.int64)
+    input_ids = np.full((n, width), pad_id, dtype=np.int64)
+    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
     for r, i in enumerate(rows):
         k = len(tok.ids[i])
         input_ids[r, :k] = tok.ids[i]
@@ -210,8 +241,10 @@ def _pack(tok: Tokenized, rows: list[int], max_seq_len: int, pad_id: int) -> dic
 class Batches:
     """What every backend trains and evaluates on.
 
-    train[k]: (steps, batch, max_seq_len) int64 for k in input_ids / labels / attention_mask;
-    step s uses train[k][s]. eval: list of dicts of (<=batch, max_seq_len) arrays.
+    train[k]: (steps, batch, width) int64 for k in input_ids / labels / attention_mask, width the
+    widest step's; train["widths"]: (steps,) each step's own width. Step s is `step(s)`:
+    train[k][s, :, :widths[s]] (the columns past it are padding). eval: list of dicts of
+    (<=batch, width) arrays.
     answers: the eval records whose whole response fits, for greedy generation and exact-match
     accuracy: prompt_ids (n, P) and answer_ids (n, A) int64 padded with -1, prompt_len and
     answer_len (n,); an answer is the response's tokens plus EOS.
@@ -226,7 +259,7 @@ class Batches:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         keys = ("input_ids", "labels", "attention_mask")
-        parts = [(p, keys) for p in [self.train, *self.eval]] + [(self.answers, sorted(self.answers))]
+        parts = [(self.train, (*keys, "widths")), *((p, keys) for p in self.eval), (self.answers, sorted(self.answers))]
         for part, names in parts:
             for k in names:
                 a = np.ascontiguousarray(part[k], dtype=np.int64)
@@ -246,7 +279,20 @@ class Batches:
         ]
 
     def step(self, s: int) -> dict[str, np.ndarray]:
-        return {k: v[s] for k, v in self.train.items()}
+        """Step s's (batch, width) arrays at that step's own width."""
+        width = int(self.train["widths"][s])
+        return {k: self.train[k][s, :, :width] for k in ("input_ids", "labels", "attention_mask")}
+
+    def step_tokens(self, first: int = 0, stop: int | None = None) -> dict[str, int]:
+        """Over steps [first, stop): `padded` positions fed (batch x width, what the step
+        computes on), `real` (non-pad) tokens and `loss` tokens (targets the loss is taken over)."""
+        widths = self.train["widths"][first:stop]
+        rows = self.train["input_ids"].shape[1]
+        return {
+            "padded": int(widths.sum()) * rows,
+            "real": int(self.train["attention_mask"][first:stop].sum()),
+            "loss": target_count(self.train["labels"][first:stop]),
+        }
 
     def save(self, path: str | Path) -> None:
         arrays = {f"train_{k}": v for k, v in self.train.items()}
@@ -271,10 +317,8 @@ class Batches:
 
 
 def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None) -> Batches:
-    """Records -> subset/split by seed -> tokens -> `cfg.steps` training batches + eval batches.
-
-    Training batches walk seeded permutations of the training examples, epoch after epoch.
-    """
+    """Records -> subset/split by seed -> tokens -> `cfg.steps` training batches + eval batches,
+    batched as cfg.batching says (module docstring)."""
     if records is None:
         records = load_records(cfg.data, seed=cfg.seed)
     t_len = template_length(tokenizer)
@@ -291,28 +335,42 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
             f"only {n} training records keep a loss token at --max-seq-len {cfg.max_seq_len} "
             f"({train_tok.dropped} dropped); need at least --batch-size {cfg.batch_size}"
         )
-    rng = np.random.default_rng(cfg.seed + 1)
-    need = cfg.steps * cfg.batch_size
-    order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
     pad_id = pad_id_of(tokenizer)
-    train = _pack(train_tok, order.tolist(), cfg.max_seq_len, pad_id)
-    train = {k: v.reshape(cfg.steps, cfg.batch_size, cfg.max_seq_len) for k, v in train.items()}
+    if cfg.batching == "longest":
+        order = longest_order([len(ids) for ids in train_tok.ids], cfg.batch_size, cfg.steps, cfg.seed)
+    else:  # seeded permutations of the records, epoch after epoch, cut into batches
+        rng = np.random.default_rng(cfg.seed + 1)
+        need = cfg.steps * cfg.batch_size
+        flat = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need].tolist()
+        order = [flat[i : i + cfg.batch_size] for i in range(0, need, cfg.batch_size)]
+    widths = [batch_width([len(train_tok.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
+    train = _pack(train_tok, [i for rows in order for i in rows], max(widths), pad_id)
+    train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}
+    train["widths"] = np.array(widths, dtype=np.int64)
+    eval_rows = [list(range(i, min(i + cfg.batch_size, len(eval_tok.ids)))) for i in range(0, len(eval_tok.ids), cfg.batch_size)]
     evals = [
-        _pack(eval_tok, list(range(i, min(i + cfg.batch_size, len(eval_tok.ids)))), cfg.max_seq_len, pad_id)
-        for i in range(0, len(eval_tok.ids), cfg.batch_size)
+        _pack(eval_tok, rows, batch_width([len(eval_tok.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching), pad_id)
+        for rows in eval_rows
     ]
     answers = _answers(eval_tok)
-    stats = {
+    batches = Batches(train=train, eval=evals, answers=answers)
+    tokens = batches.step_tokens()
+    batches.stats = {
         "train_records": n,
         "eval_records": len(eval_tok.ids),
         "dropped_records": train_tok.dropped + eval_tok.dropped,
-        "tokens_per_step": cfg.batch_size * cfg.max_seq_len,
-        "loss_tokens": target_count(train["labels"]),
-        "real_tokens": int(train["attention_mask"].sum()),
+        "batching": cfg.batching,
+        "padded_tokens": tokens["padded"],
+        "loss_tokens": tokens["loss"],
+        "real_tokens": tokens["real"],
+        "padding_share": 1 - tokens["real"] / tokens["padded"],
+        # records per epoch as the batching consumes them (`longest` leaves a remainder out)
+        "steps_per_epoch": n // cfg.batch_size if cfg.batching == "longest" else n / cfg.batch_size,
+        "distinct_widths": len(set(widths)),
         "answer_records": len(answers.get("prompt_len", ())),
         "eos_id": int(tokenizer.eos_token_id),
     }
-    return Batches(train=train, eval=evals, stats=stats, answers=answers)
+    return batches
 
 
 def _answers(tok: Tokenized) -> dict[str, np.ndarray]:

@@ -37,8 +37,10 @@ class RunResult:
     warmup_time_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
     steps: int = 0
-    tokens_per_s: float = 0.0  # all tokens, padding included, over timed steps
+    tokens_per_s: float = 0.0  # every position fed, padding included, over timed steps
+    real_tokens_per_s: float = 0.0  # non-pad tokens, over timed steps (what MFU counts)
     loss_tokens_per_s: float = 0.0  # tokens that count in the loss, over timed steps
+    epoch_time_s: float | None = None  # mean timed step x steps per pass over the training records
     losses: list[float] = field(default_factory=list)  # one per step
     final_loss: float | None = None
     eval_loss: float | None = None

@@ -224,10 +224,10 @@ class BackendProcess:
             result.extra["parent_prepare_s"] = self.before_spawn_s  # ~0 for a current conversion
         if result.status == "ok" and prep.cfg.device == "cpu":
             peak = gemm_peak(prep)
-            result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
+            result.mfu = mfu(result.real_tokens_per_s, result.flops_per_token, peak)
             if result.mfu is not None and result.mfu > 1:  # the cached peak was taken under load
                 peak = gemm_peak(prep, refresh=True)
-                result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
+                result.mfu = mfu(result.real_tokens_per_s, result.flops_per_token, peak)
             result.extra["machine_gemm_peak_gflops"] = peak
         result.extra["process_wall_s"] = time.time() - self.started  # start-up to exit, all of it
         # the kernel's high-water mark for the child alone (KiB on Linux), beside its own figure

@@ -279,14 +279,19 @@ TRAJECTORY_CFG = dict(
     max_grad_norm=1.0,
     eval_every=5,
     threads=2,
+    batching="padded",
 )
 LONG_DATA = "long.json"  # written by backend_runs into its root (long_records)
+LONG_CFG = dict(TRAJECTORY_CFG, num_layers=2, max_seq_len=LONGEST, steps=6, warmup_steps=1,
+                eval_every=2, num_samples=16, eval_samples=2, data=LONG_DATA)  # fmt: skip
+# "-longest": the same with mlx-lm's batching (ftcore.data), batches of several widths
 TRAJECTORIES = {
     "fp32": dict(TRAJECTORY_CFG, precision="fp32"),
     "bf16": dict(TRAJECTORY_CFG, precision="bf16"),
-    "long": dict(TRAJECTORY_CFG, num_layers=2, max_seq_len=LONGEST, steps=6, warmup_steps=1,
-                 eval_every=2, num_samples=16, eval_samples=2, data=LONG_DATA),
-}  # fmt: skip
+    "long": LONG_CFG,
+    "fp32-longest": dict(TRAJECTORY_CFG, precision="fp32", batching="longest"),
+    "long-longest": dict(LONG_CFG, batching="longest"),
+}
 _RUNS: dict[str, Any] = {}
 
 

@@ -88,7 +88,7 @@ def test_synthetic_is_deterministic_and_exact():
 
 
 def test_masking_marks_prompt_and_padding_only(tok):
-    cfg = RunConfig(num_samples=8, eval_samples=2, batch_size=2, steps=4, max_seq_len=96)
+    cfg = RunConfig(num_samples=8, eval_samples=2, batch_size=2, steps=4, max_seq_len=96, batching="padded")
     b = build_batches(cfg, tok)
     ids, labels, mask = b.train["input_ids"], b.train["labels"], b.train["attention_mask"]
     assert ids.shape == labels.shape == mask.shape == (4, 2, 96)
@@ -150,7 +150,7 @@ def test_batches_round_trip_through_npz(tok, tmp_path):
 
 
 def test_epochs_cycle_through_all_examples(tok):
-    cfg = RunConfig(num_samples=4, eval_samples=0, batch_size=2, steps=6)  # 3 epochs
+    cfg = RunConfig(num_samples=4, eval_samples=0, batch_size=2, steps=6, batching="padded")  # 3 epochs
     rows = build_batches(cfg, tok).train["input_ids"].reshape(12, -1)
     for epoch in range(3):
         assert len({r.tobytes() for r in rows[4 * epoch : 4 * epoch + 4]}) == 4
@@ -194,3 +194,71 @@ def test_answers_are_the_eval_records_prompts_and_exact_responses(tok, tmp_path)
     whole = [int(e["input_ids"][i][int(e["attention_mask"][i].sum()) - 1] == tok.eos_token_id)
              for e in b.eval for i in range(len(e["input_ids"]))]  # fmt: skip
     assert 0 < sum(whole) < len(whole) and b.stats["answer_records"] == sum(whole)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def _varied_records(n: int, seed: int = 0) -> list[dict]:
+    """Records of 1-8 built-in tasks each: token lengths from ~30 to ~150 with the tiny tokenizer,
+    so `longest` batches take several widths."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        parts = synthetic_records(rng.randint(1, 8), seed=seed * 1000 + i)
+        out.append({"instruction": "Answer each task in order, one answer per line.",
+                    "input": "\n".join(p["instruction"] for p in parts),
+                    "output": "\n".join(p["output"] for p in parts)})  # fmt: skip
+    return out
+
+
+def test_longest_batches_are_mlx_lm_iterate_batches(tok):
+    """`longest` makes the batches mlx-lm's trainer makes from the same records and seed: the same
+    records per batch in the same order, padded to the same width (loop=True: 3+ epochs)."""
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    cfg = RunConfig(num_samples=30, eval_samples=4, batch_size=4, steps=24, max_seq_len=128, batching="longest", seed=3)
+    records = _varied_records(40)
+    ours = build_batches(cfg, tok, records)
+    train, _ = select_records(records, cfg.num_samples, cfg.eval_samples, cfg.seed)
+    dataset = [(ids, 0) for ids in tokenize_records(train, tok, cfg.max_seq_len, cfg.mask_prompt).ids]
+    theirs = iterate_batches(dataset, cfg.batch_size, cfg.max_seq_len, loop=True, seed=cfg.seed)
+    widths = set()
+    for s in range(cfg.steps):
+        tokens, offsets_lengths = (np.array(a) for a in next(theirs))
+        step = ours.step(s)
+        assert step["input_ids"].shape == tokens.shape, s
+        np.testing.assert_array_equal(step["attention_mask"].sum(1), offsets_lengths[:, 1])
+        real = step["attention_mask"].astype(bool)  # mlx-lm pads with 0, ftcore with EOS
+        np.testing.assert_array_equal(step["input_ids"][real], tokens[real])
+        widths.add(tokens.shape[1])
+    assert len(widths) >= 3 and ours.stats["distinct_widths"] == len(set(ours.train["widths"].tolist()))
+
+
+def test_longest_pads_each_batch_to_a_multiple_of_32_plus_one(tok):
+    cfg = RunConfig(num_samples=30, eval_samples=6, batch_size=4, steps=7, max_seq_len=128, batching="longest")
+    b = build_batches(cfg, tok, _varied_records(40))
+    for s in range(cfg.steps):
+        step = b.step(s)
+        longest = int(step["attention_mask"].sum(1).max())
+        assert step["input_ids"].shape[1] == min(1 + 32 * -(-longest // 32), 128)
+        assert (step["labels"][step["attention_mask"] == 0] == IGNORE_INDEX).all()
+    for e in b.eval:
+        assert e["input_ids"].shape[1] == min(1 + 32 * -(-int(e["attention_mask"].sum(1).max()) // 32), 128)
+    # every position fed is counted once: padded = sum of width x rows, real = the mask's sum
+    t = b.step_tokens()
+    assert t["padded"] == int(b.train["widths"].sum()) * 4 and t["real"] == int(b.train["attention_mask"].sum())
+    assert b.stats["padding_share"] == pytest.approx(1 - t["real"] / t["padded"])
+    assert b.stats["steps_per_epoch"] == 30 // 4
+
+
+def test_longest_wastes_less_than_padded_on_varied_lengths(tok):
+    """The point of `longest`: on records of varied length most positions are real tokens."""
+    kw = dict(num_samples=30, eval_samples=4, batch_size=4, steps=14, max_seq_len=128)
+    records = _varied_records(40)
+    padded = build_batches(RunConfig(**kw, batching="padded"), tok, records).stats["padding_share"]
+    longest = build_batches(RunConfig(**kw, batching="longest"), tok, records).stats["padding_share"]
+    assert longest < 0.5 * padded, (longest, padded)

@@ -157,3 +157,19 @@ def test_mlx_lm_reference_runs(mlx_run, prep, tiny_model_dir, tmp_path):
     peft_state = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     ours = mlx_logits(prep, mlx_run[0], peft_to_mlx_adapter(peft_state), batch)
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
+
+
+def test_mlx_compiles_once_per_distinct_width(tmp_path, write_alpaca):
+    """`longest` batches of several widths: the compiled step is traced once per distinct width
+    (MLX keeps each shape's trace), never once per step."""
+    from test_data import _varied_records
+
+    data = write_alpaca(tmp_path / "varied.json", _varied_records(40))
+    cfg = CFG.replace(data=str(data), num_samples=30, max_seq_len=128, batch_size=2, steps=12, batching="longest")
+    p = prepare(cfg, tmp_path / "prep")
+    widths = p.batches.train["widths"].tolist()
+    assert len(set(widths)) >= 3 and len(set(widths)) < len(widths)
+    result = run_backend("mlx", p, tmp_path / "out")
+    assert result.status == "ok", result.error
+    assert result.extra["compiled_traces"] == len(set(widths)) == p.batches.stats["distinct_widths"]
+    assert 0 < result.real_tokens_per_s < result.tokens_per_s

@@ -66,7 +66,8 @@ def test_sentencepiece_only_folder_loads_and_trains(sentencepiece_model_dir):
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     ids = tok("### Response:\nelppa")["input_ids"]
     assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=True) == "### Response:\nelppa"
-    cfg = RunConfig(model=str(sentencepiece_model_dir), num_samples=8, eval_samples=2, batch_size=2, steps=2)
+    cfg = RunConfig(model=str(sentencepiece_model_dir), num_samples=8, eval_samples=2, batch_size=2, steps=2,
+                    batching="padded")
     assert build_batches(cfg, tok).train["input_ids"].shape == (2, 2, cfg.max_seq_len)
 
 

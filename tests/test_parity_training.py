@@ -49,7 +49,8 @@ BF16_VS_FP32_ATOL = 3e-3
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return backend_runs(("fp32", "bf16", "long"), tmp_path_factory.getbasetemp() / "parity-runs")
+    names = ("fp32", "bf16", "long", "fp32-longest", "long-longest")
+    return backend_runs(names, tmp_path_factory.getbasetemp() / "parity-runs")
 
 
 def _fed_fingerprint(batches, steps: int) -> str:
@@ -111,7 +112,7 @@ def _adapter_errors(r):
     return tensor, update, d / u, cos
 
 
-@pytest.mark.parametrize("name", ["fp32", "long"])
+@pytest.mark.parametrize("name", ["fp32", "long", "fp32-longest", "long-longest"])
 def test_fp32_losses_and_adapters_match(runs, name):
     r = runs[name]
     _ok(r)
@@ -129,6 +130,12 @@ def test_fp32_losses_and_adapters_match(runs, name):
         f"{worst_u}: relative to its update {update[worst_u]:.3g}"
     )
     assert glob < FP32_ADAPTER_RTOL
+
+
+def test_longest_runs_fed_several_widths(runs):
+    for name in ("fp32-longest", "long-longest"):
+        widths = runs[name]["prep"].batches.train["widths"]
+        assert len(set(widths.tolist())) >= 2, name
 
 
 def test_long_run_trains_past_position_64(runs):

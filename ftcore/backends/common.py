@@ -19,7 +19,6 @@ from ftcore.data import Batches
 from ftcore.dist import sibling_pids
 from ftcore.flops import flops_per_token, gemm_shapes, lora_param_count
 from ftcore.hostinfo import affinity_cores, host_info
-from ftcore.loss import target_count
 from ftcore.machine_load import MachineLoad, busy_warning
 from ftcore.memory_model import memory_model
 from ftcore.mfu import gemm_peak_cached, mfu
@@ -37,20 +36,23 @@ def optimizer_record(read_back: dict, max_grad_norm: float | None) -> dict[str, 
 def throughput(cfg: RunConfig, batches: Batches, step_times: list[float]) -> dict[str, float]:
     """Timing figures over the steps after the timing warm-up.
 
-    tokens_per_s counts every token in the (padded) batch; loss_tokens_per_s counts only the
-    targets that enter the loss (labels after the shift that are not IGNORE_INDEX).
+    tokens_per_s counts every position of the batches as fed (padding included: what the step
+    computes on); real_tokens_per_s the non-pad tokens; loss_tokens_per_s only the targets that
+    enter the loss (labels after the shift that are not IGNORE_INDEX).
     """
     w = cfg.timing_warmup_steps
     timed = step_times[w:]
     train_time = sum(timed)
-    labels = batches.train["labels"][w : len(step_times)]
-    all_tokens = labels.size
-    loss_tokens = target_count(labels)
+    tokens = batches.step_tokens(w, len(step_times))
+    rate = (lambda n: n / train_time) if train_time > 0 else (lambda n: 0.0)
+    per_step = train_time / len(timed) if timed else None
     return {
         "train_time_s": train_time,
+        "epoch_time_s": per_step * batches.stats["steps_per_epoch"] if per_step else None,
         "warmup_time_s": sum(step_times[:w]),
-        "tokens_per_s": all_tokens / train_time if train_time > 0 else 0.0,
-        "loss_tokens_per_s": loss_tokens / train_time if train_time > 0 else 0.0,
+        "tokens_per_s": rate(tokens["padded"]),
+        "real_tokens_per_s": rate(tokens["real"]),
+        "loss_tokens_per_s": rate(tokens["loss"]),
     }
 
 
@@ -60,7 +62,9 @@ def base_result(
     """A RunResult with every field that does not depend on the training itself. `framework`
     ("torch" | "mlx") is whose BLAS this process probes, as the backend's spec says."""
     arch = read_arch(model_dir)
-    flops = flops_per_token(arch, cfg.max_seq_len, cfg.lora_targets, cfg.lora_rank)["total"]
+    # per real token; attention's share at the batches' mean width (= max_seq_len when `padded`)
+    mean_width = int(round(float(batches.train["widths"].mean())))
+    flops = flops_per_token(arch, mean_width, cfg.lora_targets, cfg.lora_rank)["total"]
     result = RunResult(
         backend=backend,
         status="ok",
@@ -107,14 +111,14 @@ def finish(
 
         peak = measure_gemm_peak(framework, cfg.precision, n=8192, device="gpu")
         result.extra["gpu_gemm_peak_gflops"] = peak
-        result.mfu = mfu(result.tokens_per_s, result.flops_per_token, peak)
+        result.mfu = mfu(result.real_tokens_per_s, result.flops_per_token, peak)
     if cfg.device == "cpu":  # the GEMM probes measure this machine's CPU only
         # MFU itself (against the machine's best GEMM peak) is set by the runner's parent
         shapes = tuple(tuple(s) for s in result.extra.get("gemm_shapes", ()))
         own = gemm_peak_cached(framework, cfg.precision, shapes=shapes)
         result.extra["framework_gemm_peak_gflops"] = own
         result.extra["mfu_vs_framework_gemm"] = mfu(
-            result.tokens_per_s, result.flops_per_token, own
+            result.real_tokens_per_s, result.flops_per_token, own
         )
     return result
 
@@ -299,8 +303,9 @@ class StepClock:
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise Diverged(step, "the gradient norm", grad_norm, self.losses, self.times)
         self.gate.after(step, loss)
-        timed = self.times[self.cfg.timing_warmup_steps :]
-        tps = self.batches.stats["tokens_per_step"] * len(timed) / sum(timed) if timed else None
+        w = self.cfg.timing_warmup_steps
+        timed = self.times[w:]
+        tps = self.batches.step_tokens(w, len(self.times))["padded"] / sum(timed) if timed else None
         self.progress.update(step, loss, tps)
 
     def stop(self, result: RunResult) -> None:

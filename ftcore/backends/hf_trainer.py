@@ -25,19 +25,23 @@ from ftcore.torch.optim import make_optimizer, settings
 
 
 class Rows(torch.utils.data.Dataset):
-    """The training batches flattened to rows: row i belongs to step i // B."""
+    """The training batches flattened to rows: row i belongs to step i // B and has that step's
+    width (Batches.step), so the Trainer's sequential batches of B rows are our steps exactly."""
 
-    def __init__(self, train: dict[str, np.ndarray]) -> None:
-        steps, batch, length = train["input_ids"].shape
+    def __init__(self, batches: Batches) -> None:
+        steps, self.batch, length = batches.train["input_ids"].shape
+        self.widths = batches.train["widths"]
         self.arrays = {
-            k: torch.from_numpy(v.reshape(steps * batch, length)) for k, v in train.items()
+            k: torch.from_numpy(batches.train[k].reshape(steps * self.batch, length))
+            for k in ("input_ids", "labels", "attention_mask")
         }
 
     def __len__(self) -> int:
         return len(self.arrays["input_ids"])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.arrays.items()}
+        width = int(self.widths[i // self.batch])
+        return {k: v[i, :width] for k, v in self.arrays.items()}
 
 
 def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
@@ -94,7 +98,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     trainer = LossTrainer(
         model=model,
         args=args,
-        train_dataset=Rows(batches.train),
+        train_dataset=Rows(batches),
         optimizers=(opt, sched),
         callbacks=[StepTimes()],
     )

@@ -123,7 +123,11 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
     record_ranks(result, ranks)
 
+    result.extra["compiled_traces"] = 0
+
     def step_fn(batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
+        # Python runs here only while mx.compile traces: once per new input shape (width)
+        result.extra["compiled_traces"] += 1
         loss, grads = loss_and_grads(model, batch, streams)
         if cfg.max_grad_norm is not None:  # the norm before clipping
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -163,8 +167,12 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         loss_value = loss.item()
         clock.end(i, loss_value, grad_norm=grad_norm.item())
         result.losses.append(loss_value)
-        if i == 0 and (built := jit.announce_new_kernels(kernels_before, "mlx")):
-            result.extra["mlx_kernels_built"] = built  # inside the warm-up step's time
+        if (i == 0 or i == cfg.steps - 1) and (built := jit.announce_new_kernels(kernels_before, "mlx")):
+            # the first step's builds (inside the warm-up step's time), then any a new width added
+            so_far = result.extra.get("mlx_kernels_built", {"kernels": 0, "seconds": 0.0})
+            result.extra["mlx_kernels_built"] = {**built, "kernels": so_far["kernels"] + built["kernels"],
+                                                 "seconds": round(so_far["seconds"] + built["seconds"], 2)}
+            kernels_before = jit.built_kernels()
         if ranks and ranks.rank:
             continue  # eval: rank 0 only (the others wait in the next all_sum)
         if measured.after_step(i, clock.times):

@@ -72,7 +72,7 @@ def max_loss_diff(results: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 _ROW_FIELDS = (
     "backend", "status", "error", "load_time_s", "train_time_s", "warmup_time_s", "steps",
-    "tokens_per_s", "loss_tokens_per_s", "final_loss", "eval_loss", "peak_rss_mb",
+    "tokens_per_s", "real_tokens_per_s", "loss_tokens_per_s", "epoch_time_s", "final_loss", "eval_loss", "peak_rss_mb",
     "baseline_rss_mb", "framework_peak_mb", "trainable_params", "flops_per_token", "mfu",
     "precision", "blas", "threads", "eval_loss_before", "accuracy_before", "accuracy_after",
     "target", "world_size", "rank_threads", "allreduce_time_s", "peak_rss_max_rank_mb",

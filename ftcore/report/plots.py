@@ -161,7 +161,8 @@ def _bar_plot(comparison: dict[str, Any], title: str, ylabel: str, fmt: str,
 def _plot_throughput(comparison: dict[str, Any]) -> bytes:
     return _bar_plot(comparison, "Training throughput (timed steps after warm-up)",
                      "throughput (tokens / s)", ".1f",
-                     [("all tokens (incl. padding)", "tokens_per_s"),
+                     [("all positions (incl. padding)", "tokens_per_s"),
+                      ("real tokens", "real_tokens_per_s"),
                       ("loss tokens only", "loss_tokens_per_s")])
 
 

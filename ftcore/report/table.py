@@ -8,12 +8,12 @@ from ftcore.report.values import NA, fmt, fmt_int, fmt_text, short
 
 FOOTNOTES = [
     "Training time: wall time of the timed steps after warm-up (warm-up/compilation steps reported apart).",
-    "Tokens/s (all) counts padded tokens (batch x max_seq_len); loss tokens/s counts only the target tokens the loss is taken over.",
+    "Tokens/s (all) counts every position fed, padding included (batch x each batch's width); real tokens/s the non-pad tokens; loss tokens/s only the target tokens the loss is taken over; padding share = 1 - real / all. Time per epoch = the timed steps' mean step time x the steps one pass over the training records takes.",
     "Memory = peak RSS of the backend's own process; framework peak (mx.get_peak_memory, torch.cuda.max_memory_allocated) is shown beside it, never instead.",
     "Speedup factor = reference training time / this training time; memory efficiency = reference peak RSS / this peak RSS (>1 means better than the reference).",
     "Memory model = what one process must hold (ftcore.memory_model): weights, LoRA parameters, gradients and AdamW state, saved activations (with --grad-checkpoint: each layer's input and one layer recomputed), one layer's backward working set, logits and their gradient; peak RSS / model (largest rank's for data parallel) shows what a backend holds beyond it.",
     "CPU threads busy = the process's CPU seconds / wall seconds over the timed steps.",
-    "MFU = achieved training FLOP/s / this machine's measured GEMM peak at that precision.",
+    "MFU = achieved training FLOP/s (real tokens/s x FLOPs per token: a pad position is not useful work) / this machine's measured GEMM peak at that precision.",
     "Final loss: training loss (mean CE over target tokens) at the last step; eval loss on held-out records, before the first step (the base model) and after the last.",
     "Exact match: share of held-out records whose greedy answer (KV-cache decoding, up to EOS) equals the expected tokens exactly, before -> after the fine-tune; greedy agreement: records with token-for-token the same answer as the reference backend.",
     "Time to target: wall time from the first step to the end of the eval that first reached --target-eval-loss, evals included (steps alone: result.json target.train_seconds).",
@@ -26,6 +26,7 @@ FOOTNOTES = [
 # memory, final loss, speedup, memory efficiency), then the extra figures.
 TABLE_ROWS: list[tuple[str, Any]] = [
     ("Training time (s)", lambda r: fmt(r.get("train_time_s"), ".2f")),
+    ("Time per epoch (s)", lambda r: fmt(r.get("epoch_time_s"), ".2f")),
     ("Peak RSS (MB)", lambda r: fmt(r.get("peak_rss_mb"), ".1f")),
     ("Framework peak (MB)", lambda r: fmt(r.get("framework_peak_mb"), ".1f")),
     ("Memory model (MB)", lambda r: fmt(r.get("memory_model_mb"), ".1f")),
@@ -39,7 +40,9 @@ TABLE_ROWS: list[tuple[str, Any]] = [
     ("Speedup factor", lambda r: fmt(r.get("speedup"), ".2f", "x")),
     ("Memory efficiency", lambda r: fmt(r.get("memory_efficiency"), ".2f", "x")),
     ("Tokens/s (all)", lambda r: fmt(r.get("tokens_per_s"), ".1f")),
+    ("Real tokens/s", lambda r: fmt(r.get("real_tokens_per_s"), ".1f")),
     ("Loss tokens/s", lambda r: fmt(r.get("loss_tokens_per_s"), ".1f")),
+    ("Padding share (%)", lambda r: fmt(_padding_percent(r), ".1f")),
     ("MFU (%)", lambda r: fmt(r.get("mfu_percent"), ".2f")),
     ("Load/convert time (s)", lambda r: fmt(r.get("load_time_s"), ".2f")),
     ("Warm-up time (s)", lambda r: fmt(r.get("warmup_time_s"), ".2f")),
@@ -55,6 +58,11 @@ TABLE_ROWS: list[tuple[str, Any]] = [
     ("Machine (timed steps)", lambda r: {True: "BUSY", False: "quiet"}.get(r.get("machine_busy"), NA)),
     ("Status", lambda r: "ok" if r.get("status") == "ok" else str(r.get("status") or "failed").upper()),
 ]
+
+
+def _padding_percent(r: dict[str, Any]) -> float | None:
+    real, fed = r.get("real_tokens_per_s"), r.get("tokens_per_s")
+    return 100 * (1 - real / fed) if real is not None and fed else None
 
 
 def _percent(v: Any) -> float | None:
