@@ -18,6 +18,9 @@ CASE = "tiny and fp32 and torch and not trainer"
 # direction). CI must not fail by chance, so its A/A asks for a slowdown of 25%: a bench-diff that
 # compares the wrong samples or computes the ratio wrong still trips it.
 THRESHOLD = "0.25"
+# 4 runs a side: the fewest with which a p-value can fall below 0.05 (exact Mann-Whitney: 2/70),
+# so the A/A could still flag; each run is a whole `ftcore run` (~8 s here).
+RUNS = 4
 
 
 def test_aa_bench_diff_flags_no_regression(tmp_path: Path) -> None:
@@ -25,7 +28,7 @@ def test_aa_bench_diff_flags_no_regression(tmp_path: Path) -> None:
         pytest.skip("not a git checkout with a commit")
     out = tmp_path / "aa.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "ftcore", "bench-diff", "HEAD", "HEAD", "-k", CASE, "--runs", "6", "--threshold", THRESHOLD,
+        [sys.executable, "-m", "ftcore", "bench-diff", "HEAD", "HEAD", "-k", CASE, "--runs", str(RUNS), "--threshold", THRESHOLD,
          "--warmup-steps", "2", "--timed-steps", "6", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )
@@ -34,5 +37,5 @@ def test_aa_bench_diff_flags_no_regression(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     [case] = report["cases"]
     assert case["case"] == "tiny-b4-s128-fp32-torch" and case["verdict"] != "slower"
-    assert len(case["base_run_medians_s"]) == len(case["head_run_medians_s"]) == 6
+    assert len(case["base_run_medians_s"]) == len(case["head_run_medians_s"]) == RUNS
     assert case["ci95"][0] <= case["ratio"] <= case["ci95"][1]

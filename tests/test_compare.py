@@ -54,6 +54,27 @@ def test_default_fine_tune_teaches_the_held_out_tasks(default_compare):
             assert result[f"accuracy_{when}"] == sum(g == e for g, e in zip(got, expected, strict=True)) / 32
 
 
+# The shipped default's base figures: the same on every machine (same weights, data, batches), in
+# every backend; the eval loss to float summation order (measured: torch 2.6578004, mlx 2.6577998).
+SHIPPED_EVAL_LOSS_BEFORE = 2.6578
+SHIPPED_EXACT_MATCH_BEFORE = 0.0
+
+
+def test_default_base_figures_are_the_shipped_model_s(default_compare, default_model_dir):
+    from ftcore.checkpoint import weights_sha256
+    from ftcore.models import SHIPPED_PRESETS
+
+    res, out = default_compare
+    assert default_model_dir == SHIPPED_PRESETS["tiny-pretrained"]
+    checksum = weights_sha256(default_model_dir)
+    for name in ("torch", "mlx"):
+        r = json.loads((out / name / "result.json").read_text())
+        assert r["model_sha256"] == checksum
+        assert r["eval_loss_before"] == pytest.approx(SHIPPED_EVAL_LOSS_BEFORE, abs=1e-6)
+        assert r["accuracy_before"] == SHIPPED_EXACT_MATCH_BEFORE
+    assert "pretraining" not in res.stderr  # served from the package, not made here
+
+
 def test_compare_prints_table_and_writes_files(default_compare):
     res, out = default_compare
     assert res.returncode == 0, res.stderr[-2000:]

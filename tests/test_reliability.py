@@ -181,7 +181,7 @@ def test_out_holding_a_run_is_kept_or_replaced_whole(tmp_path):
 def test_two_compares_at_once_write_two_whole_folders(tmp_path):
     """Both into the default runs/ folder, started together: each folder holds only its own run
     (the same-second race itself: tests/test_rundir.py)."""
-    args = [sys.executable, "-m", "ftcore", "compare", "--steps", "3", *FAST]
+    args = [sys.executable, "-m", "ftcore", "compare", "--backends", "torch", "--steps", "3", *FAST]
     procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]  # fmt: skip
     outs = [p.communicate(timeout=600) for p in procs]
@@ -244,7 +244,7 @@ def _wait_training(proc, backend="torch", timeout=120) -> list[psutil.Process]:
 
 
 def test_killed_backend_is_a_failed_row_without_oom_guess(tmp_path):
-    proc = _start(["compare", "--out", tmp_path / "out", "--steps", "400", *TINY], tmp_path)
+    proc = _start(["compare", "--backends", "torch", "--out", tmp_path / "out", "--steps", "400", *TINY], tmp_path)
     children = _wait_training(proc)
     os.kill(children[0].pid, signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=600)
