@@ -50,7 +50,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-layers", type=int, help="keep only the first N layers of the preset")
     g.add_argument("--allow-pickle", action="store_true", default=None, help="accept pickle weights from --model")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="Alpaca .json/.jsonl or datasets.save_to_disk folder (default: built-in synthetic)")
+    g.add_argument("--data", help="Alpaca .json/.jsonl or datasets.save_to_disk folder, or builtin:alpaca-lengths (built-in tasks in records of Stanford Alpaca's token lengths) (default: built-in synthetic)")
     g.add_argument("--num-samples", type=int, help=f"training records drawn by seed (default {d.num_samples})")
     g.add_argument("--eval-samples", type=int, help=f"held-out records for eval loss (default {d.eval_samples})")
     g.add_argument("--max-seq-len", type=int, help=f"tokens per row at most: longer records are truncated (default {d.max_seq_len})")

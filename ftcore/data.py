@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ftcore import length_profile
 from ftcore.config import RunConfig, UserError
 from ftcore.loss import IGNORE_INDEX, target_count
 from ftcore.synthetic import synthetic_records
@@ -54,14 +55,18 @@ def format_prompt(record: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_records(path: str | Path | None, seed: int = 0) -> list[dict[str, str]]:
+def load_records(path: str | Path | None, seed: int = 0) -> list[dict[str, str]] | None:
     """Alpaca-format records from a .json list, a .jsonl file or a `save_to_disk` folder.
 
-    None gives the built-in synthetic set. Every record must have string `instruction` and
-    `output`; `input` is optional. Problems raise UserError naming the file and record.
+    None gives the built-in synthetic set; `builtin:alpaca-lengths` gives None here: those records
+    are made with the model's tokenizer (ftcore.length_profile, in build_batches). Every record
+    must have string `instruction` and `output`; `input` is optional. Problems raise UserError
+    naming the file and record.
     """
     if path is None:
         return synthetic_records(SYNTHETIC_SIZE, seed=seed)
+    if path == length_profile.NAME:
+        return None
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"data path not found: {p}")
@@ -321,6 +326,8 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     batched as cfg.batching says (module docstring)."""
     if records is None:
         records = load_records(cfg.data, seed=cfg.seed)
+    if records is None:  # the built-in Alpaca-length profile: lengths in the model's tokens
+        records = length_profile.alpaca_length_records(tokenizer, SYNTHETIC_SIZE, seed=cfg.seed)
     t_len = template_length(tokenizer)
     if cfg.max_seq_len <= t_len:
         raise UserError(

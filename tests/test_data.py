@@ -200,7 +200,7 @@ def test_answers_are_the_eval_records_prompts_and_exact_responses(tok, tmp_path)
 
 
 def _varied_records(n: int, seed: int = 0) -> list[dict]:
-    """Records of 1-8 built-in tasks each: token lengths from ~30 to ~150 with the tiny tokenizer,
+    """Records of 1-8 built-in tasks each: token lengths from ~80 to ~180 with the tiny tokenizer,
     so `longest` batches take several widths."""
     import random
 
@@ -220,7 +220,7 @@ def test_longest_batches_are_mlx_lm_iterate_batches(tok):
     pytest.importorskip("mlx_lm")
     from mlx_lm.tuner.trainer import iterate_batches
 
-    cfg = RunConfig(num_samples=30, eval_samples=4, batch_size=4, steps=24, max_seq_len=128, batching="longest", seed=3)
+    cfg = RunConfig(num_samples=30, eval_samples=4, batch_size=4, steps=24, max_seq_len=256, batching="longest", seed=3)
     records = _varied_records(40)
     ours = build_batches(cfg, tok, records)
     train, _ = select_records(records, cfg.num_samples, cfg.eval_samples, cfg.seed)
@@ -239,15 +239,15 @@ def test_longest_batches_are_mlx_lm_iterate_batches(tok):
 
 
 def test_longest_pads_each_batch_to_a_multiple_of_32_plus_one(tok):
-    cfg = RunConfig(num_samples=30, eval_samples=6, batch_size=4, steps=7, max_seq_len=128, batching="longest")
+    cfg = RunConfig(num_samples=30, eval_samples=6, batch_size=4, steps=7, max_seq_len=160, batching="longest")
     b = build_batches(cfg, tok, _varied_records(40))
     for s in range(cfg.steps):
         step = b.step(s)
         longest = int(step["attention_mask"].sum(1).max())
-        assert step["input_ids"].shape[1] == min(1 + 32 * -(-longest // 32), 128)
+        assert step["input_ids"].shape[1] == min(1 + 32 * -(-longest // 32), 160)
         assert (step["labels"][step["attention_mask"] == 0] == IGNORE_INDEX).all()
     for e in b.eval:
-        assert e["input_ids"].shape[1] == min(1 + 32 * -(-int(e["attention_mask"].sum(1).max()) // 32), 128)
+        assert e["input_ids"].shape[1] == min(1 + 32 * -(-int(e["attention_mask"].sum(1).max()) // 32), 160)
     # every position fed is counted once: padded = sum of width x rows, real = the mask's sum
     t = b.step_tokens()
     assert t["padded"] == int(b.train["widths"].sum()) * 4 and t["real"] == int(b.train["attention_mask"].sum())
@@ -257,8 +257,26 @@ def test_longest_pads_each_batch_to_a_multiple_of_32_plus_one(tok):
 
 def test_longest_wastes_less_than_padded_on_varied_lengths(tok):
     """The point of `longest`: on records of varied length most positions are real tokens."""
-    kw = dict(num_samples=30, eval_samples=4, batch_size=4, steps=14, max_seq_len=128)
+    kw = dict(num_samples=30, eval_samples=4, batch_size=4, steps=14, max_seq_len=256)
     records = _varied_records(40)
     padded = build_batches(RunConfig(**kw, batching="padded"), tok, records).stats["padding_share"]
     longest = build_batches(RunConfig(**kw, batching="longest"), tok, records).stats["padding_share"]
     assert longest < 0.5 * padded, (longest, padded)
+
+
+def test_alpaca_length_profile_follows_alpaca_s_percentiles(tok):
+    """`--data builtin:alpaca-lengths`: token lengths (this tokenizer, prompt + response + EOS)
+    within 15% of Stanford Alpaca's 50th / 90th / 99th percentiles; answers exact; deterministic."""
+    from ftcore import length_profile
+
+    records = length_profile.alpaca_length_records(tok, 2000, seed=0)
+    lengths = [len(ids) for ids in tokenize_records(records, tok, 4096, mask_prompt=True).ids]
+    for q, want in ((50, 150), (90, 425), (99, 594)):
+        got = np.percentile(lengths, q)
+        assert abs(got - want) <= 0.15 * want, (q, got, want)
+    assert np.percentile(lengths, 10) <= 50  # Alpaca's 36; one task in the template is ~42 here
+    assert records == length_profile.alpaca_length_records(tok, 2000, seed=0)
+    r = records[0]
+    assert len(r["input"].splitlines()) == len(r["output"].splitlines())  # one answer per task
+    cfg = RunConfig(data=length_profile.NAME, num_samples=64, eval_samples=8, batch_size=4, steps=4, max_seq_len=512)
+    assert build_batches(cfg, tok).stats["train_records"] == 64
