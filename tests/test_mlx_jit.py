@@ -5,6 +5,7 @@ That an MLX child really builds its kernels with the flags is checked in test_ch
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import mlx.core as mx
@@ -125,3 +126,36 @@ def test_written_out_silu_equals_nn_silu_and_stays_finite() -> None:
     assert bf.dtype == mx.bfloat16
     exact = np.array(nn.silu(xb.astype(mx.float32)))
     np.testing.assert_allclose(np.array(bf.astype(mx.float32)), exact, rtol=2**-8, atol=1e-30)
+
+
+def test_wrapper_compiles_kernels_against_the_precompiled_preamble(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel source as MLX writes it (the preamble include, then the kernel) built through the
+    wrapper with MLX's own flags uses the precompiled header: g++ -H marks it with '!'."""
+    if mlx_jit.why_not() is not None or mlx_jit.mlx_include_dir() is None:
+        pytest.skip(f"no JIT flags here: {mlx_jit.why_not()}")
+    root = mlx_jit.install_wrapper(tmp_path)
+    src = tmp_path / "kernel.cpp"
+    src.write_text(f'#include "{mlx_jit.PREAMBLE}"\nextern "C" float twice(float x) {{ return 2 * x; }}\n')
+    cmd = [str(root / "bin" / "g++"), *mlx_jit.MLX_COMMAND_FLAGS.split(), "-shared", "-I", str(mlx_jit.mlx_include_dir()),
+           str(src), "-o", str(tmp_path / "kernel.so"), "-H"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    used = [line for line in out.stderr.splitlines() if line.startswith("! ")]
+    assert used and used[0].endswith(mlx_jit.PREAMBLE + ".gch"), out.stderr[:500]
+
+
+def test_new_kernels_are_counted_with_their_build_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """announce_new_kernels: the libraries built since the snapshot, each one's .so time minus its
+    .cpp time summed, one line on stderr; nothing when none was built."""
+    monkeypatch.setattr(mlx_jit, "kernel_dir", lambda: tmp_path)
+    (tmp_path / "libold.so").write_bytes(b"")
+    before = mlx_jit.built_kernels()
+    assert mlx_jit.announce_new_kernels(before, "mlx") is None and capsys.readouterr().err == ""
+    for name, start, end in (("a", 100.0, 100.5), ("b", 200.0, 201.25)):
+        (tmp_path / f"{name}.cpp").write_text("")
+        os.utime(tmp_path / f"{name}.cpp", (start, start))
+        (tmp_path / f"lib{name}.so").write_bytes(b"")
+        os.utime(tmp_path / f"lib{name}.so", (end, end))
+    built = mlx_jit.announce_new_kernels(before, "mlx")
+    assert built["kernels"] == 2 and built["seconds"] == pytest.approx(1.75)
+    assert "MLX built 2 CPU kernels" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import broken_model
@@ -186,3 +188,23 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
             answer = tok(format_prompt(r) + r["output"])["input_ids"][len(prompt):] + [tok.eos_token_id]
             right += greedy(model, prompt, len(answer), tok.eos_token_id) == answer
         assert forced[family.__name__] == round(right / 6, 4), family.__name__
+
+
+def test_weights_checksum_is_the_files_bytes(tmp_path):
+    """model_sha256 is sha256 over each weight file's name and bytes, in name order: computed
+    here independently, and one flipped byte changes it."""
+    import hashlib
+    import shutil
+
+    from ftcore.checkpoint import weights_sha256
+
+    folder, _ = _shipped()
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.name.encode() + f.read_bytes())
+    assert weights_sha256(folder) == h.hexdigest()
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert weights_sha256(copy) != weights_sha256(folder)
