@@ -21,7 +21,15 @@ from pathlib import Path
 from ftcore.arch import LORA_TARGETS
 from ftcore.backends import BACKENDS
 from ftcore.benchcases import SIZES
-from ftcore.config import BATCHINGS, DEVICES, LR_SCHEDULES, PRECISIONS, PRESETS, RunConfig, UserError
+from ftcore.config import (
+    BATCHINGS,
+    DEVICES,
+    LR_SCHEDULES,
+    PRECISIONS,
+    PRESETS,
+    RunConfig,
+    UserError,
+)
 from ftcore.models import resolve_model_dir
 from ftcore.procs import kill_all, stop_all
 from ftcore.report import format_table

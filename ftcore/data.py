@@ -4,14 +4,9 @@ records (instruction, input, output) -> Alpaca prompt + response + EOS -> token 
 -100 on prompt (when masking) and padding -> numpy batches. Every backend consumes the
 byte-identical arrays; their sha256 fingerprint goes into every result.
 
-Batching (RunConfig.batching), for training and eval batches alike:
-- `padded`: every row padded to max_seq_len; training batches walk seeded permutations of the
-  records, epoch after epoch (fixed shapes: the step-timed benchmarks use it);
-- `longest`: mlx-lm's trainer (`mlx_lm.tuner.trainer.iterate_batches`): records sorted by length
-  (stable), cut into consecutive batches (a remainder smaller than a batch is left out), the batch
-  order a permutation drawn with the run's seed by numpy's legacy generator, again for every
-  epoch, each batch padded to 1 + 32 * ceil(longest row / 32), at most max_seq_len. Eval batches
-  keep their order and are padded the same way.
+Batching (RunConfig.batching, ftcore.batching): `padded` (every row at max_seq_len) or `longest`
+(mlx-lm's trainer: sorted by length, consecutive batches in a seeded order, each padded to
+1 + 32 * ceil(longest / 32)), for training and eval batches alike (eval batches keep their order).
 Batches of one run may then differ in width: `Batches.step(s)` gives step s at its own width.
 """
 
@@ -26,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ftcore import length_profile
+from ftcore.batching import batch_width, longest_order, padded_order
 from ftcore.config import RunConfig, UserError
 from ftcore.loss import IGNORE_INDEX, target_count
 from ftcore.synthetic import synthetic_records
@@ -204,27 +200,6 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-PAD_MULTIPLE = 32  # `longest` pads a batch to 1 + a multiple of this (mlx-lm's pad_to)
-
-
-def batch_width(lengths: list[int], max_seq_len: int, batching: str) -> int:
-    """The padded width of a batch whose rows have these lengths (see the module docstring)."""
-    if batching == "padded":
-        return max_seq_len
-    return min(1 + PAD_MULTIPLE * -(-max(lengths) // PAD_MULTIPLE), max_seq_len)
-
-
-def longest_order(lengths: list[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """`steps` batches of record indices as mlx-lm's iterate_batches makes them (loop=True)."""
-    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
-    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length) - batch_size + 1, batch_size)]
-    rng = np.random.RandomState(seed)  # what np.random.seed(seed) + np.random.permutation draw
-    order: list[list[int]] = []
-    while len(order) < steps:
-        order += [batches[i] for i in rng.permutation(len(batches))]
-    return order[:steps]
-
-
 def _pack(tok: Tokenized, rows: list[int], width: int, pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded (len(rows), width) int64 arrays for the given example indices."""
     n = len(rows)
@@ -327,7 +302,10 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     if records is None:
         records = load_records(cfg.data, seed=cfg.seed)
     if records is None:  # the built-in Alpaca-length profile: lengths in the model's tokens
-        records = length_profile.alpaca_length_records(tokenizer, SYNTHETIC_SIZE, seed=cfg.seed)
+        def tokens(r: dict[str, str]) -> int:  # prompt + response + EOS
+            return len(tokenizer(format_prompt(r) + r["output"])["input_ids"]) + 1
+
+        records = length_profile.alpaca_length_records(tokens, SYNTHETIC_SIZE, seed=cfg.seed)
     t_len = template_length(tokenizer)
     if cfg.max_seq_len <= t_len:
         raise UserError(
@@ -345,11 +323,8 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     pad_id = pad_id_of(tokenizer)
     if cfg.batching == "longest":
         order = longest_order([len(ids) for ids in train_tok.ids], cfg.batch_size, cfg.steps, cfg.seed)
-    else:  # seeded permutations of the records, epoch after epoch, cut into batches
-        rng = np.random.default_rng(cfg.seed + 1)
-        need = cfg.steps * cfg.batch_size
-        flat = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need].tolist()
-        order = [flat[i : i + cfg.batch_size] for i in range(0, need, cfg.batch_size)]
+    else:
+        order = padded_order(n, cfg.batch_size, cfg.steps, cfg.seed)
     widths = [batch_width([len(train_tok.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
     train = _pack(train_tok, [i for rows in order for i in rows], max(widths), pad_id)
     train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}

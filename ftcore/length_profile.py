@@ -16,7 +16,7 @@ the 10th percentile lands near 42, not 36.
 from __future__ import annotations
 
 import random
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -36,14 +36,9 @@ def _record(tasks: list[Record]) -> Record:
             "output": "\n".join(t["output"] for t in tasks)}  # fmt: skip
 
 
-def alpaca_length_records(tokenizer: Any, n: int, seed: int = 0) -> list[Record]:
-    """`n` records whose token lengths (with `tokenizer`) follow PERCENTILES; the same for the
-    same tokenizer and seed."""
-    from ftcore.data import format_prompt
-
-    def tokens(r: Record) -> int:
-        return len(tokenizer(format_prompt(r) + r["output"])["input_ids"]) + 1  # + EOS
-
+def alpaca_length_records(tokens: Callable[[Record], int], n: int, seed: int = 0) -> list[Record]:
+    """`n` records whose token lengths (`tokens(record)`: the run's template, tokenizer and EOS)
+    follow PERCENTILES; the same for the same tokenizer and seed."""
     sample = synthetic_records(64, seed=seed + 1, families=FINETUNE_FAMILIES)
     base = tokens(_record(sample[:2]))  # two tasks under the wrapper
     per_task = (tokens(_record(sample)) - base) / (len(sample) - 2)

@@ -269,13 +269,16 @@ def test_alpaca_length_profile_follows_alpaca_s_percentiles(tok):
     within 15% of Stanford Alpaca's 50th / 90th / 99th percentiles; answers exact; deterministic."""
     from ftcore import length_profile
 
-    records = length_profile.alpaca_length_records(tok, 2000, seed=0)
+    def tokens(r):
+        return len(tok(format_prompt(r) + r["output"])["input_ids"]) + 1
+
+    records = length_profile.alpaca_length_records(tokens, 2000, seed=0)
     lengths = [len(ids) for ids in tokenize_records(records, tok, 4096, mask_prompt=True).ids]
     for q, want in ((50, 150), (90, 425), (99, 594)):
         got = np.percentile(lengths, q)
         assert abs(got - want) <= 0.15 * want, (q, got, want)
     assert np.percentile(lengths, 10) <= 50  # Alpaca's 36; one task in the template is ~42 here
-    assert records == length_profile.alpaca_length_records(tok, 2000, seed=0)
+    assert records == length_profile.alpaca_length_records(tokens, 2000, seed=0)
     r = records[0]
     assert len(r["input"].splitlines()) == len(r["output"].splitlines())  # one answer per task
     cfg = RunConfig(data=length_profile.NAME, num_samples=64, eval_samples=8, batch_size=4, steps=4, max_seq_len=512)

@@ -1,0 +1,44 @@
+"""How records become batches (RunConfig.batching): which records go together, in which order,
+padded to what width. ftcore.data builds the arrays; this module decides their shape.
+
+- `padded`: every row padded to max_seq_len; batches walk seeded permutations of the records,
+  epoch after epoch;
+- `longest`: mlx-lm's trainer (`mlx_lm.tuner.trainer.iterate_batches`, mlx-lm 0.32): records sorted
+  by length (a stable sort), cut into consecutive batches (a remainder smaller than a batch is
+  left out), the batch order a permutation drawn by numpy's legacy generator seeded with the
+  run's seed, drawn again for every epoch; each batch padded to 1 + 32 * ceil(longest / 32), at
+  most max_seq_len.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAD_MULTIPLE = 32  # `longest` pads a batch to 1 + a multiple of this (mlx-lm's pad_to)
+
+
+def batch_width(lengths: list[int], max_seq_len: int, batching: str) -> int:
+    """The padded width of a batch whose rows have these lengths (see the module docstring)."""
+    if batching == "padded":
+        return max_seq_len
+    return min(1 + PAD_MULTIPLE * -(-max(lengths) // PAD_MULTIPLE), max_seq_len)
+
+
+def longest_order(lengths: list[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches of record indices as mlx-lm's iterate_batches makes them (loop=True)."""
+    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length) - batch_size + 1, batch_size)]
+    rng = np.random.RandomState(seed)  # what np.random.seed(seed) + np.random.permutation draw
+    order: list[list[int]] = []
+    while len(order) < steps:
+        order += [batches[i] for i in rng.permutation(len(batches))]
+    return order[:steps]
+
+
+def padded_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches of record indices: seeded permutations of the n records, epoch after
+    epoch, cut into batches (an epoch's tail continues into the next batch)."""
+    rng = np.random.default_rng(seed + 1)
+    need = steps * batch_size
+    flat = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need].tolist()
+    return [flat[i : i + batch_size] for i in range(0, need, batch_size)]
