@@ -165,7 +165,7 @@ def test_mlx_compiles_once_per_distinct_width(tmp_path, write_alpaca):
     from test_data import _varied_records
 
     data = write_alpaca(tmp_path / "varied.json", _varied_records(40))
-    cfg = CFG.replace(data=str(data), num_samples=30, max_seq_len=128, batch_size=2, steps=12, batching="longest")
+    cfg = CFG.replace(data=str(data), num_samples=30, max_seq_len=256, batch_size=2, steps=12, batching="longest")
     p = prepare(cfg, tmp_path / "prep")
     widths = p.batches.train["widths"].tolist()
     assert len(set(widths)) >= 3 and len(set(widths)) < len(widths)
