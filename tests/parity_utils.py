@@ -291,6 +291,9 @@ TRAJECTORIES = {
     "long": LONG_CFG,
     "fp32-longest": dict(TRAJECTORY_CFG, precision="fp32", batching="longest"),
     "long-longest": dict(LONG_CFG, batching="longest"),
+    # the built-in Alpaca-length records (ftcore.length_profile) at 512, in both modes
+    "profile-padded": dict(LONG_CFG, data="builtin:alpaca-lengths"),
+    "profile-longest": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="longest"),
 }
 _RUNS: dict[str, Any] = {}
 
@@ -331,7 +334,7 @@ def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]
     preps = {}
     for name in todo:
         cfg = dict(TRAJECTORIES[name])
-        if cfg.get("data") == LONG_DATA:
+        if cfg.get("data") == LONG_DATA:  # (builtin: data needs no file)
             cfg["data"] = str(root / LONG_DATA)
             (root / LONG_DATA).parent.mkdir(parents=True, exist_ok=True)
             (root / LONG_DATA).write_text(json.dumps(long_records(24)))

@@ -49,7 +49,7 @@ BF16_VS_FP32_ATOL = 3e-3
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    names = ("fp32", "bf16", "long", "fp32-longest", "long-longest")
+    names = ("fp32", "bf16", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest")
     return backend_runs(names, tmp_path_factory.getbasetemp() / "parity-runs")
 
 
@@ -112,7 +112,7 @@ def _adapter_errors(r):
     return tensor, update, d / u, cos
 
 
-@pytest.mark.parametrize("name", ["fp32", "long", "fp32-longest", "long-longest"])
+@pytest.mark.parametrize("name", ["fp32", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest"])
 def test_fp32_losses_and_adapters_match(runs, name):
     r = runs[name]
     _ok(r)
