@@ -230,6 +230,16 @@ def lora_cfg_from_peft_dir(adapter_dir: Path) -> tuple[tuple[str, ...], int, flo
 # ----------------------------------------------------------------------------- losses
 
 
+def peft_dir_into_mlx(mlx_dir: Path, adapter_dir: Path):
+    """ftcore's MLX model on mlx_dir with a PEFT adapter folder's LoRA (rank, alpha, targets from
+    its adapter_config.json, weights from its adapter_model.safetensors)."""
+    from safetensors.numpy import load_file
+
+    targets, rank, alpha = lora_cfg_from_peft_dir(adapter_dir)
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    return mlx_model_with_adapter(mlx_dir, targets, rank, alpha, state)[0]
+
+
 def torch_loss(pm, batch: dict[str, np.ndarray]) -> torch.Tensor:
     """ftcore's loss on the torch side: the torch backend's own loss_sum_count, sum / count."""
     from ftcore.torch.loss import loss_sum_count

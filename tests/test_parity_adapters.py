@@ -19,11 +19,10 @@ from hypothesis import given, note
 from parity_utils import (
     add_peft,
     lora_cfg_from_peft_dir,
-    mlx_model_with_adapter,
     model_cases,
+    peft_dir_into_mlx,
     save_and_convert,
 )
-from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.parity
 
@@ -36,12 +35,6 @@ def _peft_logits(pm, batch) -> np.ndarray:
 
 def _mlx_logits(model, batch) -> np.ndarray:
     return mlx_logits(model, batch["input_ids"], batch["attention_mask"])
-
-
-def _peft_dir_into_mlx(mlx_dir: Path, adapter_dir: Path):
-    targets, rank, alpha = lora_cfg_from_peft_dir(adapter_dir)
-    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    return mlx_model_with_adapter(mlx_dir, targets, rank, alpha, state)[0]
 
 
 @given(case=model_cases())
@@ -58,7 +51,7 @@ def test_saved_peft_adapter_loads_into_mlx(case):
             lora["rank"],
             lora["alpha"],
         )
-        model = _peft_dir_into_mlx(mlx_dir, tmp / "adapter")
+        model = peft_dir_into_mlx(mlx_dir, tmp / "adapter")
     ref, got = _peft_logits(pm, batch), _mlx_logits(model, batch)
     err = max_err_real(ref, got, batch["attention_mask"])
     note(f"max |logit| {np.abs(ref).max():.3g}, err {err:.3g}")

@@ -12,15 +12,13 @@ backends train in child processes, parity_utils.backend_runs, shared with test_p
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from helpers import max_err_real, mlx_logits, torch_logits
-from parity_utils import backend_runs, lora_cfg_from_peft_dir, mlx_model_with_adapter
-from safetensors.numpy import load_file
+from parity_utils import backend_runs, peft_dir_into_mlx
 
 from ftcore.mlx.convert import convert_hf_to_mlx
 from ftcore.mlx.lora import apply_lora, load_lora_state
@@ -37,12 +35,6 @@ def _peft_logits(pm, batch) -> np.ndarray:
 
 def _mlx_logits(model, batch) -> np.ndarray:
     return mlx_logits(model, batch["input_ids"], batch["attention_mask"])
-
-
-def _peft_dir_into_mlx(mlx_dir: Path, adapter_dir: Path):
-    targets, rank, alpha = lora_cfg_from_peft_dir(adapter_dir)
-    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    return mlx_model_with_adapter(mlx_dir, targets, rank, alpha, state)[0]
 
 
 # ----------------------------------------------------------------------------- trained adapters
@@ -89,7 +81,7 @@ def test_torch_trained_adapter_loads_into_mlx(fp32_runs, probe_batches, base_mod
     model_dir, mlx_dir, hf = base_models
     adapter_dir = fp32_runs["dirs"]["torch"] / "adapter"
     pm = PeftModel.from_pretrained(hf(), str(adapter_dir)).eval()
-    model = _peft_dir_into_mlx(mlx_dir, adapter_dir)
+    model = peft_dir_into_mlx(mlx_dir, adapter_dir)
     base, _ = load_model(mlx_dir)
     for batch in probe_batches:
         ref, got = _peft_logits(pm, batch), _mlx_logits(model, batch)
