@@ -12,6 +12,8 @@ padded to what width. ftcore.data builds the arrays; this module decides their s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 PAD_MULTIPLE = 32  # `longest` pads a batch to 1 + a multiple of this (mlx-lm's pad_to)
@@ -42,3 +44,14 @@ def padded_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[in
     need = steps * batch_size
     flat = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need].tolist()
     return [flat[i : i + batch_size] for i in range(0, need, batch_size)]
+
+
+def steps_per_epoch(n: int, batch_size: int, batching: str) -> float:
+    """Steps one pass over n records takes: `longest` leaves the remainder out (n // batch),
+    `padded` runs on into the next epoch (n / batch, a fraction)."""
+    return n // batch_size if batching == "longest" else n / batch_size
+
+
+def epoch_steps(epochs: int, n: int, batch_size: int, batching: str) -> int:
+    """Steps that `epochs` whole passes over n records take (--epochs)."""
+    return max(1, math.ceil(epochs * steps_per_epoch(n, batch_size, batching)))

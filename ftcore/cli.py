@@ -67,6 +67,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     g.add_argument("--steps", type=int, help=f"optimiser steps (default {d.steps})")
+    g.add_argument("--epochs", type=int, help="whole passes over the training records instead of --steps (overrides it): steps = epochs x steps per epoch")
     g.add_argument("--timing-warmup-steps", type=int, help=f"first steps left out of throughput (default {d.timing_warmup_steps})")
     g.add_argument("--eval-every", type=int, help=f"evaluate before training, every N steps and at the end; 0: before and end only (default {d.eval_every})")
     g.add_argument("--eval-generate", action=argparse.BooleanOptionalAction, default=None, help="greedy answers to the eval records, before and after training: exact-match accuracy (default: on for the built-in data, whose answers are exact; off for --data)")

@@ -46,6 +46,7 @@ class RunConfig:
     # run
     batch_size: int = 4
     steps: int = 60
+    epochs: int | None = None  # whole passes over the training records instead of `steps` (ftcore.batching.epoch_steps)
     timing_warmup_steps: int = 1  # first steps (compilation, allocator) left out of throughput
     eval_every: int = 10  # eval before training, every N steps and at the end; 0: before and end only
     # greedy answers to the eval records -> exact-match accuracy; None: only on the built-in data,
@@ -104,6 +105,7 @@ class RunConfig:
             f"batch size {self.batch_size} is larger than the training subset ({self.num_samples} samples)",
         )
         need(self.steps >= 1, "steps", "must be >= 1")
+        need(self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1")
         need(0 <= self.timing_warmup_steps < self.steps, "timing_warmup_steps", "must be >= 0 and < --steps")
         need(self.eval_every >= 0, "eval_every", "must be >= 0")
         if self.target_eval_loss is not None:

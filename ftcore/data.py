@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ftcore import length_profile
-from ftcore.batching import batch_width, longest_order, padded_order
+from ftcore.batching import batch_width, epoch_steps, longest_order, padded_order, steps_per_epoch
 from ftcore.config import RunConfig, UserError
 from ftcore.loss import IGNORE_INDEX, target_count
 from ftcore.synthetic import synthetic_records
@@ -321,6 +321,8 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
             f"({train_tok.dropped} dropped); need at least --batch-size {cfg.batch_size}"
         )
     pad_id = pad_id_of(tokenizer)
+    if cfg.epochs is not None:  # whole passes instead of --steps; the caller takes the steps from here
+        cfg = cfg.replace(steps=epoch_steps(cfg.epochs, n, cfg.batch_size, cfg.batching))
     if cfg.batching == "longest":
         order = longest_order([len(ids) for ids in train_tok.ids], cfg.batch_size, cfg.steps, cfg.seed)
     else:
@@ -347,7 +349,7 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         "real_tokens": tokens["real"],
         "padding_share": 1 - tokens["real"] / tokens["padded"],
         # records per epoch as the batching consumes them (`longest` leaves a remainder out)
-        "steps_per_epoch": n // cfg.batch_size if cfg.batching == "longest" else n / cfg.batch_size,
+        "steps_per_epoch": steps_per_epoch(n, cfg.batch_size, cfg.batching),
         "distinct_widths": len(set(widths)),
         "answer_records": len(answers.get("prompt_len", ())),
         "eos_id": int(tokenizer.eos_token_id),

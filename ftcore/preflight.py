@@ -85,6 +85,8 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
     tokenizer = load_tokenizer(model_dir)
     check_vocab(read_arch(model_dir), tokenizer, model_dir)
     batches = build_batches(cfg, tokenizer, records)
+    if cfg.epochs is not None:  # the steps the epochs took (ftcore.batching.epoch_steps)
+        cfg = cfg.replace(steps=len(batches.train["widths"]))
     if cfg.threads is None:
         cfg = cfg.replace(threads=cores)
     for spec in specs:

@@ -23,7 +23,7 @@ def test_run_help_lists_every_run_flag():
     text = ftcore_in_process("run", "--help").stdout
     for flag in (
         "--model", "--preset", "--num-layers", "--data", "--num-samples", "--max-seq-len", "--batch-size",
-        "--steps", "--warmup-steps", "--lr", "--seed", "--lora-rank", "--lora-alpha", "--lora-targets",
+        "--steps", "--epochs", "--batching", "--warmup-steps", "--lr", "--seed", "--lora-rank", "--lora-alpha", "--lora-targets",
         "--precision", "--device", "--eval-samples",
     ):  # fmt: skip
         assert flag in text, flag

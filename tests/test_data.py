@@ -283,3 +283,19 @@ def test_alpaca_length_profile_follows_alpaca_s_percentiles(tok):
     assert len(r["input"].splitlines()) == len(r["output"].splitlines())  # one answer per task
     cfg = RunConfig(data=length_profile.NAME, num_samples=64, eval_samples=8, batch_size=4, steps=4, max_seq_len=512)
     assert build_batches(cfg, tok).stats["train_records"] == 64
+
+
+def test_epochs_are_whole_passes_in_each_batching(tok):
+    """--epochs N: `longest` takes N x (n // batch) steps, each epoch every batch once (the same
+    records, a new order); `padded` takes ceil(N x n / batch) steps."""
+    from ftcore.preflight import check_run
+
+    records = _varied_records(40)
+    kw = dict(num_samples=30, eval_samples=4, batch_size=4, max_seq_len=256, epochs=2)
+    b = build_batches(RunConfig(**kw, batching="longest"), tok, records)
+    assert len(b.train["widths"]) == 2 * (30 // 4) == 2 * b.stats["steps_per_epoch"]
+    rows = [frozenset(r.tobytes() for r in b.step(s)["input_ids"]) for s in range(14)]
+    assert set(rows[:7]) == set(rows[7:]) and len(set(rows[:7])) == 7 and rows[:7] != rows[7:]
+    assert len(build_batches(RunConfig(**kw, batching="padded"), tok, records).train["widths"]) == 15
+    prep = check_run(RunConfig(**kw, batching="longest", preset="tiny", data=None))
+    assert prep.cfg.steps == len(prep.batches.train["widths"]) == 2 * prep.batches.stats["steps_per_epoch"]
