@@ -126,6 +126,7 @@ def build_parser() -> Parser:
     p.add_argument("--model", required=True, type=Path, help="local Hugging Face Llama folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
+    p.add_argument("--force", action="store_true", help="replace what --out holds (an earlier conversion)")
 
     p = sub.add_parser("generate", parents=[common], help="greedy answer from a checkpoint (+ adapter) in torch or MLX", description="Greedy decoding (KV cache, fp32) from a local checkpoint or a preset, with a trained adapter (PEFT folder, e.g. RUN/<backend>/adapter) when given; prints the answer.")
     g = p.add_mutually_exclusive_group()
@@ -233,6 +234,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ftcore.mlx.convert import ConversionError, convert_hf_to_mlx  # imports MLX
 
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+        raise UserError(f"--out {args.out}: holds an earlier conversion; pass --force to replace it")
     try:
         out = convert_hf_to_mlx(args.model, args.out, dtype=args.dtype)
     except ConversionError as e:

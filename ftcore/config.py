@@ -141,6 +141,8 @@ class RunConfig:
         need(len(self.lora_targets) > 0, "lora_targets", "name at least one module")
         for t in self.lora_targets:
             need(t in LORA_TARGETS, "lora_targets", f"unknown target module {t!r} (choose from {','.join(LORA_TARGETS)})")
+        twice = sorted({t for t in self.lora_targets if self.lora_targets.count(t) > 1})
+        need(not twice, "lora_targets", f"{', '.join(twice)} named twice (each module takes one adapter)")
 
     @property
     def generates(self) -> bool:

@@ -83,7 +83,12 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
     records = load_records(cfg.data, seed=cfg.seed)  # bad data is refused before a preset is made
     model_dir = resolve_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir)
-    check_vocab(read_arch(model_dir), tokenizer, model_dir)
+    arch = read_arch(model_dir)
+    check_vocab(arch, tokenizer, model_dir)
+    limit = arch.get("max_position_embeddings")
+    if limit and cfg.max_seq_len > limit:
+        raise UserError(f"--max-seq-len {cfg.max_seq_len}: the model was built for at most {limit} positions "
+                        f"(max_position_embeddings in {model_dir / 'config.json'}); use --max-seq-len {limit} or less")
     batches = build_batches(cfg, tokenizer, records)
     if cfg.epochs is not None:  # the steps the epochs took (ftcore.batching.epoch_steps)
         cfg = cfg.replace(steps=len(batches.train["widths"]))

@@ -52,6 +52,9 @@ BAD_INPUTS = {
     "rank 0": (lambda t, m, w: ["--lora-rank", 0], "--lora-rank: rank must be >= 1"),
     "unknown target": (lambda t, m, w: ["--lora-targets", "q_proj,qkv"], "unknown target module 'qkv'"),
     "unknown flag": (lambda t, m, w: ["--lora-rnak", 4], "unrecognized arguments: --lora-rnak"),
+    "target named twice": (lambda t, m, w: ["--lora-targets", "q_proj,q_proj"], "q_proj named twice"),
+    "rows beyond the model's positions": (lambda t, m, w: ["--model", m, "--max-seq-len", 100000],
+                                          "at most 2048 positions (max_position_embeddings"),
 }
 
 
@@ -93,3 +96,13 @@ def test_convert_refuses_a_non_llama_folder(tiny_model_dir, tmp_path):
     out = ftcore_in_process("convert", "--model", bad, "--out", tmp_path / "mlx")
     assert_user_error(out, "GPT2LMHeadModel", tmp_path / "mlx")
     assert not (tmp_path / "mlx" / "model.safetensors").exists()
+
+
+def test_convert_never_replaces_an_earlier_conversion_without_force(tiny_model_dir, tmp_path):
+    out = tmp_path / "mlx"
+    assert ftcore_in_process("convert", "--model", tiny_model_dir, "--out", out).returncode == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    refused = ftcore_in_process("convert", "--model", tiny_model_dir, "--out", out)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --out") and "--force" in refused.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
+    assert ftcore_in_process("convert", "--model", tiny_model_dir, "--out", out, "--force").returncode == 0
