@@ -106,3 +106,12 @@ def test_convert_never_replaces_an_earlier_conversion_without_force(tiny_model_d
     assert refused.returncode == 2 and refused.stderr.startswith("error: --out") and "--force" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
     assert ftcore_in_process("convert", "--model", tiny_model_dir, "--out", out, "--force").returncode == 0
+
+
+def test_pretrain_refuses_a_folder_that_holds_something(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    out = ftcore_in_process("pretrain", "--out", tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path}: not an empty folder; pass --replace to rebuild it"
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
