@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ftcore.arch import read_arch
 from ftcore.config import UserError
 from ftcore.data import format_prompt
 
@@ -40,6 +41,37 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, tensors
 
 
+def check_adapter(config: dict[str, Any], tensors: dict[str, Any], arch: dict[str, Any], adapter_dir: Path) -> None:
+    """Refuse an adapter that would decode garbage or silently act as the base model: non-finite
+    weights or scale, or a target module of some layer without its lora_A / lora_B."""
+    import numpy as np
+
+    from ftcore.arch import module_path
+
+    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+    if bad:
+        raise UserError(f"{adapter_dir}: {bad[0]} holds NaN or Inf ({len(bad)} tensor(s)); the adapter is broken")
+    alpha, rank = config.get("lora_alpha"), config.get("r")
+    if not (isinstance(alpha, int | float) and isinstance(rank, int) and rank > 0 and np.isfinite(alpha / rank)
+            and abs(alpha / rank) < 1e6):
+        raise UserError(f"{adapter_dir}: lora_alpha {alpha!r} / r {rank!r} in adapter_config.json is not a usable scale")
+    missing = [f"{module_path(i, t)}.{ab}" for i in range(arch["num_hidden_layers"])
+               for t in sorted(config.get("target_modules") or ()) for ab in ("lora_A", "lora_B")
+               if not any(k.endswith(f"{module_path(i, t)}.{ab}.weight") for k in tensors)]
+    if missing:
+        raise UserError(f"{adapter_dir}: lacks {len(missing)} LoRA tensor(s) its config names, e.g. "
+                        f"{', '.join(missing[:3])}; a partial adapter would leave those layers as the base model")
+
+
+def check_finite(logits: Any, backend: str) -> None:
+    """A forward pass whose next-token logits are not all finite cannot give an answer."""
+    import numpy as np
+
+    if not np.isfinite(np.asarray(logits, dtype=np.float32)).all():
+        raise UserError(f"{backend}: the model's logits are NaN or Inf for this prompt; no answer "
+                        "(the checkpoint or adapter is broken)")
+
+
 def prompt_ids(tokenizer: Any, prompt: str, input_text: str, raw: bool) -> list[int]:
     text = prompt if raw else format_prompt({"instruction": prompt, "input": input_text})
     return list(tokenizer(text)["input_ids"])
@@ -59,6 +91,9 @@ def generate_torch(model_dir: Path, adapter: Path | None, prompts: list[list[int
             model = PeftModel.from_pretrained(model, str(adapter))
         except (ValueError, RuntimeError, KeyError) as e:  # shapes or modules of another model
             raise UserError(f"{adapter}: does not fit {model_dir} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for ids in prompts:
+        with torch.no_grad():
+            check_finite(model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy(), "torch")
     return [greedy(model, ids, max_new, eos) for ids in prompts]
 
 
@@ -85,6 +120,8 @@ def generate_mlx(model_dir: Path, adapter: Path | None, prompts: list[list[int]]
             load_lora_state(model, {k: v.astype(mx.float32) for k, v in state.items()})
     except ConversionError as e:
         raise UserError(str(e)) from None
+    for ids in prompts:
+        check_finite(model(mx.array([ids]), None)[0, -1].astype(mx.float32), "mlx")
     return [greedy(model, ids, max_new, eos) for ids in prompts]
 
 
@@ -99,10 +136,15 @@ def generate(model_dir: Path, adapter: Path | None, backend: str, prompts: list[
 
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens: must be >= 1")
-    if adapter is not None:
-        read_adapter(adapter)  # a bad folder is one line, before any model loads
+    arch = read_arch(model_dir)
+    if adapter is not None:  # a bad folder is one line, before any model loads
+        check_adapter(*read_adapter(adapter), arch, adapter)
     tokenizer = load_tokenizer(model_dir)
     ids = [prompt_ids(tokenizer, p, input_text, raw) for p in prompts]
+    limit = arch.get("max_position_embeddings")
+    if limit and (longest := max(map(len, ids))) + max_new_tokens > limit:
+        raise UserError(f"a prompt of {longest} tokens + --max-new-tokens {max_new_tokens} exceeds the model's "
+                        f"{limit} positions (max_position_embeddings); shorten the prompt")
     eos = int(tokenizer.eos_token_id)
     answers = GENERATORS[backend](model_dir, adapter, ids, max_new_tokens, eos)
     return [

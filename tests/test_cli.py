@@ -115,3 +115,80 @@ def test_pretrain_refuses_a_folder_that_holds_something(tmp_path):
         f"error: --out {tmp_path}: not an empty folder; pass --replace to rebuild it"
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_dir, tmp_path_factory):
+    """A PEFT adapter (q_proj, v_proj, r 4) for the tiny preset, B non-zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    peft.save_pretrained(str(out))
+    return out
+
+
+def _broken_adapter(src, dst, tensors=None, config=None):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if tensors:
+        t = load_file(str(dst / "adapter_model.safetensors"))
+        tensors(t)
+        save_file(t, str(dst / "adapter_model.safetensors"))
+    if config:
+        c = json.loads((dst / "adapter_config.json").read_text())
+        c.update(config)
+        (dst / "adapter_config.json").write_text(json.dumps(c))
+    return dst
+
+
+def _nan(t):
+    t[next(k for k in sorted(t) if "lora_B" in k)][0, 0] = float("nan")
+
+
+def _drop(t):
+    del t[next(k for k in sorted(t) if "layers.1." in k and "v_proj.lora_A" in k)]
+
+
+BROKEN_ADAPTERS = {
+    "NaN weights": (dict(tensors=_nan), "holds NaN or Inf"),
+    "alpha 1e30": (dict(config={"lora_alpha": 1e30}), "is not a usable scale"),
+    "a tensor missing": (dict(tensors=_drop), "lacks 1 LoRA tensor(s) its config names, e.g. model.layers.1.self_attn.v_proj.lora_A"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+@pytest.mark.parametrize("case", list(BROKEN_ADAPTERS))
+def test_generate_refuses_a_broken_adapter(case, backend, tiny_model_dir, tiny_adapter, tmp_path):
+    """Never exit 0 with an empty answer or the base model's answer presented as the fine-tune's."""
+    edits, needle = BROKEN_ADAPTERS[case]
+    adapter = _broken_adapter(tiny_adapter, tmp_path / "a", **edits)
+    out = ftcore_in_process("generate", "--model", tiny_model_dir, "--adapter", adapter, "--backend", backend,
+                            "--prompt", "Spell forest in reverse.")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and needle in lines[0], out.stderr
+    ok = ftcore_in_process("generate", "--model", tiny_model_dir, "--adapter", tiny_adapter, "--backend", backend,
+                           "--prompt", "Spell forest in reverse.")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_generate_refuses_a_prompt_beyond_the_model_s_positions(tiny_model_dir):
+    out = ftcore_in_process("generate", "--model", tiny_model_dir, "--prompt", "candle " * 2100)
+    assert out.returncode == 2 and "exceeds the model's 2048 positions" in out.stderr, out.stderr
+
+
+def test_non_finite_logits_are_an_error_not_an_empty_answer():
+    from ftcore.config import UserError
+    from ftcore.generate import check_finite
+
+    check_finite([0.0, 1.0], "torch")
+    with pytest.raises(UserError, match="logits are NaN or Inf"):
+        check_finite([0.0, float("inf")], "mlx")
