@@ -255,8 +255,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if cfg.world_size > 1:
+        raise UserError("profile: --nproc/--nnodes must be 1: memray records one process, and the ranks "
+                        "would write one capture file; profile one process (ftcore run for --nproc speed)")
     run_dir = open_run(args.out, args.replace)
-    prep = check_run(config_from_args(args), [args.backend])
+    prep = check_run(cfg, [args.backend])
     out = run_dir.claim()
     capture = out / f"memray-{args.backend}.bin"
     wrap = [sys.executable, "-m", "memray", "run", "-q", *(["--native"] if args.native else []), "-o", str(capture), "-m"]

@@ -192,3 +192,10 @@ def test_non_finite_logits_are_an_error_not_an_empty_answer():
     check_finite([0.0, 1.0], "torch")
     with pytest.raises(UserError, match="logits are NaN or Inf"):
         check_finite([0.0, float("inf")], "mlx")
+
+
+def test_profile_refuses_data_parallel(tmp_path):
+    out = ftcore_in_process("profile", "--backend", "torch", "--nproc", "2", "--out", tmp_path / "p")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "--nproc/--nnodes must be 1" in lines[0], out.stderr
+    assert not (tmp_path / "p").exists()
