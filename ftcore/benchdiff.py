@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ftcore.benchcases import Case, build_cases, matches
-from ftcore.config import UserError
+from ftcore.config import RunConfig, UserError
 from ftcore.machine_load import MachineLoad
 from ftcore.result import write_json_atomic
 
@@ -165,6 +165,10 @@ def bench_diff(base: str, head: str | None, expr: str | None, threshold: float, 
     """Run the comparison and print the table; 1 when a case is slower, else 0."""
     if runs < 2 or timed < 1 or warmup < 0 or threshold < 0:
         raise UserError("bench-diff: --runs >= 2, --timed-steps >= 1, --warmup-steps >= 0, --threshold >= 0")
+    lr_warmup = RunConfig().warmup_steps  # each run is `ftcore run` with the default LR warm-up
+    if warmup + timed < lr_warmup:
+        raise UserError(f"bench-diff: --warmup-steps {warmup} + --timed-steps {timed} is {warmup + timed} steps; "
+                        f"each run needs at least {lr_warmup} (its learning-rate warm-up)")
     try:
         cases = [c for c in build_cases(sizes, backends, None, None) if matches(expr, c.id)]
     except ValueError as e:

@@ -199,3 +199,12 @@ def test_profile_refuses_data_parallel(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "--nproc/--nnodes must be 1" in lines[0], out.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_bench_diff_refuses_runs_too_short_for_the_lr_warmup():
+    """Refused before any worktree or run starts, naming bench-diff's own flags (it once failed
+    inside the first run with RunConfig's --warmup-steps message)."""
+    out = ftcore_in_process("bench-diff", "HEAD", "HEAD", "--warmup-steps", "0", "--timed-steps", "1")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: bench-diff: --warmup-steps 0 + --timed-steps 1 is 1 steps")
