@@ -287,8 +287,15 @@ def check_model_dir(path: str | Path, allow_pickle: bool = False) -> Path:
 
 
 def resolve_model_dir(cfg: RunConfig) -> Path:
-    """The checkpoint folder a run trains: --model if given, else the materialised preset."""
+    """The checkpoint folder a run trains: --model if given, else the materialised preset. Both
+    pass check_model_dir; a damaged preset says how to get a good one."""
     if cfg.model:
         return check_model_dir(cfg.model, cfg.allow_pickle)
-    return materialize_preset(cfg.preset, cfg.num_layers)
+    folder = materialize_preset(cfg.preset, cfg.num_layers)
+    try:
+        return check_model_dir(folder)
+    except UserError as e:
+        fix = ("reinstall ftcore" if folder in SHIPPED_PRESETS.values()
+               else f"delete {folder} and run again: ftcore makes it anew")
+        raise UserError(f"{e} (the {cfg.preset} preset is damaged: {fix})") from None
 

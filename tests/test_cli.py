@@ -208,3 +208,23 @@ def test_bench_diff_refuses_runs_too_short_for_the_lr_warmup():
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith("error: bench-diff: --warmup-steps 0 + --timed-steps 1 is 1 steps")
+
+
+def test_a_damaged_cached_preset_is_refused_with_the_fix(tmp_path, monkeypatch):
+    """A truncated weights file in a cached preset: one line that names the damage and the fix,
+    before any backend starts; after deleting the folder the preset is made anew."""
+    import shutil
+
+    from ftcore.models import materialize_preset
+
+    monkeypatch.setenv("FTCORE_CACHE", str(tmp_path / "cache"))
+    folder = materialize_preset("tiny")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = ["run", "--backend", "torch", "--preset", "tiny", "--steps", "2", "--num-samples", "8", "--eval-samples", "2"]
+    out = ftcore_in_process(*args, "--out", tmp_path / "r")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "truncated" in lines[0], out.stderr
+    assert f"delete {folder} and run again" in lines[0] and not (tmp_path / "r").exists()
+    shutil.rmtree(folder)
+    assert materialize_preset("tiny") == folder and (folder / "model.safetensors").stat().st_size > 0
