@@ -90,7 +90,9 @@ def generate_torch(model_dir: Path, adapter: Path | None, prompts: list[list[int
         try:
             model = PeftModel.from_pretrained(model, str(adapter))
         except (ValueError, RuntimeError, KeyError) as e:  # shapes or modules of another model
-            raise UserError(f"{adapter}: does not fit {model_dir} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            why = why if len(why) <= 400 else why[:400].rsplit(" ", 1)[0] + " ..."
+            raise UserError(f"{adapter}: does not fit {model_dir} ({type(e).__name__}: {why})") from None
     for ids in prompts:
         with torch.no_grad():
             check_finite(model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy(), "torch")

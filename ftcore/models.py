@@ -219,11 +219,31 @@ def materialize_preset(preset: str, num_layers: int | None = None, root: Path | 
     out.parent.mkdir(parents=True, exist_ok=True)
     locks = out.parent.parent / "locks"
     locks.mkdir(exist_ok=True)
-    with open(locks / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+    with open(locks / f"{name}.lock", "a+") as lock:
+        wait_for_lock(lock, f"the {preset} preset")  # released when the file closes, or the process dies
         if not (out / "ftcore_preset.json").exists():
             build_preset(preset, arch, out)
     return out
+
+
+def wait_for_lock(lock: Any, what: str) -> None:
+    """flock(LOCK_EX) on the open file `lock`; while another process holds it, say so once (with
+    its pid, which the holder writes into the file) and, on getting it, how long the wait took."""
+    import time
+
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        print(f"ftcore: waiting for process {holder}, which is making {what}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        print(f"ftcore: waited {time.monotonic() - t0:.0f} s for {what}", file=sys.stderr, flush=True)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
 
 
 def build_preset(preset: str, arch: dict[str, Any], out: Path) -> None:

@@ -228,3 +228,14 @@ def test_a_damaged_cached_preset_is_refused_with_the_fix(tmp_path, monkeypatch):
     assert f"delete {folder} and run again" in lines[0] and not (tmp_path / "r").exists()
     shutil.rmtree(folder)
     assert materialize_preset("tiny") == folder and (folder / "model.safetensors").stat().st_size > 0
+
+
+def test_adapter_that_does_not_fit_says_why_in_one_whole_line(tiny_model_dir, tiny_adapter, tmp_path):
+    """PEFT's multi-line error becomes one line that still says what does not fit (it used to end
+    at PEFT's first line, 'Error(s) in loading state_dict for ...:')."""
+    adapter = _broken_adapter(tiny_adapter, tmp_path / "a", config={"r": 8, "lora_alpha": 16})
+    out = ftcore_in_process("generate", "--model", tiny_model_dir, "--adapter", adapter, "--backend", "torch",
+                            "--prompt", "Spell forest in reverse.")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "does not fit" in lines[0] and "size mismatch" in lines[0], lines[0]

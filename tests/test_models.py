@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,27 @@ def test_weights_checksum_is_the_files_bytes(tmp_path):
     data[-1] ^= 1
     (copy / "model.safetensors").write_bytes(bytes(data))
     assert weights_sha256(copy) != weights_sha256(folder)
+
+
+def test_waiting_on_another_maker_s_lock_is_said_once_with_its_pid(tmp_path, capsys):
+    import fcntl
+    import threading
+    import time
+
+    from ftcore.models import wait_for_lock
+
+    path = tmp_path / "x.lock"
+    holder = open(path, "a+")  # noqa: SIM115 (held across the thread below)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write("4242")
+    holder.flush()
+    threading.Timer(0.5, lambda: (fcntl.flock(holder, fcntl.LOCK_UN), holder.close())).start()
+    t0 = time.monotonic()
+    with open(path, "a+") as mine:
+        wait_for_lock(mine, "the tiny preset")
+        assert time.monotonic() - t0 >= 0.4
+        mine.seek(0)
+        assert mine.read() == str(os.getpid())  # the next waiter is told who holds it now
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "ftcore: waiting for process 4242, which is making the tiny preset"
+    assert err[1].startswith("ftcore: waited ") and len(err) == 2
