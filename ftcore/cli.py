@@ -235,7 +235,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ftcore.mlx.convert import ConversionError, convert_hf_to_mlx  # imports MLX
 
     if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
-        raise UserError(f"--out {args.out}: holds an earlier conversion; pass --force to replace it")
+        raise UserError(f"--out {args.out}: not empty; pass --force to replace an earlier conversion there")
     try:
         out = convert_hf_to_mlx(args.model, args.out, dtype=args.dtype)
     except ConversionError as e:

@@ -200,7 +200,7 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def _pack(tok: Tokenized, rows: list[int], width: int, pad_id: int) -> dict[str, np.ndarray]:
+def pad_rows(tok: Tokenized, rows: list[int], width: int, pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded (len(rows), width) int64 arrays for the given example indices."""
     n = len(rows)
     input_ids = np.full((n, width), pad_id, dtype=np.int64)
@@ -328,12 +328,12 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     else:
         order = padded_order(n, cfg.batch_size, cfg.steps, cfg.seed)
     widths = [batch_width([len(train_tok.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
-    train = _pack(train_tok, [i for rows in order for i in rows], max(widths), pad_id)
+    train = pad_rows(train_tok, [i for rows in order for i in rows], max(widths), pad_id)
     train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}
     train["widths"] = np.array(widths, dtype=np.int64)
     eval_rows = [list(range(i, min(i + cfg.batch_size, len(eval_tok.ids)))) for i in range(0, len(eval_tok.ids), cfg.batch_size)]
     evals = [
-        _pack(eval_tok, rows, batch_width([len(eval_tok.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching), pad_id)
+        pad_rows(eval_tok, rows, batch_width([len(eval_tok.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching), pad_id)
         for rows in eval_rows
     ]
     answers = _answers(eval_tok)

@@ -117,19 +117,15 @@ def family_exact_match(model: Any, tokenizer: Any, n_per_family: int = 32, seed:
     aside). So one forward pass per family stands in for a decoding loop."""
     import torch
 
-    from ftcore.data import pad_id_of, tokenize_records
+    from ftcore.data import pad_id_of, pad_rows, tokenize_records
     from ftcore.loss import IGNORE_INDEX
 
     shares = {}
     for family in ALL_FAMILIES:
         rng = random.Random(seed)
         tok = tokenize_records([family(rng) for _ in range(n_per_family)], tokenizer, 1024, mask_prompt=True)
-        width = max(map(len, tok.ids))
-        ids = torch.full((len(tok.ids), width), pad_id_of(tokenizer), dtype=torch.long)  # (n, width)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        mask = torch.zeros_like(ids)
-        for j, (row, lab) in enumerate(zip(tok.ids, tok.labels, strict=True)):
-            ids[j, : len(row)], labels[j, : len(row)], mask[j, : len(row)] = torch.tensor(row), torch.tensor(lab), 1
+        rows = pad_rows(tok, list(range(len(tok.ids))), max(map(len, tok.ids)), pad_id_of(tokenizer))
+        ids, labels, mask = (torch.from_numpy(rows[k]) for k in ("input_ids", "labels", "attention_mask"))  # (n, width)
         with torch.no_grad():
             pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)  # predicts ids[:, 1:]
         target = labels[:, 1:]
