@@ -26,7 +26,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 # How training and eval rows become batches (ftcore.data): `padded` pads every row to
 # --max-seq-len; `longest` is mlx-lm's trainer: rows sorted by length, consecutive batches in a
 # seeded order, each padded to 1 + 32 * ceil(longest / 32) (at most --max-seq-len).
-BATCHINGS = ("padded", "longest")
+BATCHINGS = ("padded", "longest", "packed")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """Alpaca data pipeline, the same for every backend.
 
-records (instruction, input, output) -> Alpaca prompt + response + EOS -> token ids, labels with
+records (ftcore.records: instruction, input, output) -> Alpaca prompt + response + EOS -> token ids, labels with
 -100 on prompt (when masking) and padding -> numpy batches. Every backend consumes the
 byte-identical arrays; their sha256 fingerprint goes into every result.
 
-Batching (RunConfig.batching, ftcore.batching): `padded` (every row at max_seq_len) or `longest`
+Batching (RunConfig.batching, ftcore.batching): `padded` (every row at max_seq_len), `longest`
 (mlx-lm's trainer: sorted by length, consecutive batches in a seeded order, each padded to
-1 + 32 * ceil(longest / 32)), for training and eval batches alike (eval batches keep their order).
-Batches of one run may then differ in width: `Batches.step(s)` gives step s at its own width.
+1 + 32 * ceil(longest / 32)) or `packed` (several records per row, first-fit-decreasing, with
+`position_ids` restarting at 0 for each record, from which every backend builds the per-document
+causal mask), for training and eval batches alike (eval batches keep their order). Batches of one
+run may then differ in width: `Batches.step(s)` gives step s at its own width.
 """
 
 from __future__ import annotations
@@ -21,127 +23,23 @@ from typing import Any
 import numpy as np
 
 from ftcore import length_profile
-from ftcore.batching import batch_width, epoch_steps, longest_order, padded_order, steps_per_epoch
+from ftcore.batching import (
+    batch_width,
+    epoch_steps,
+    longest_order,
+    pack_rows,
+    padded_order,
+    steps_per_epoch,
+)
 from ftcore.config import RunConfig, UserError
 from ftcore.loss import IGNORE_INDEX, target_count
-from ftcore.synthetic import synthetic_records
-
-# The Stanford Alpaca prompt templates (tatsu-lab/stanford_alpaca, train.py).
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+from ftcore.records import (
+    PROMPT_NO_INPUT,
+    SYNTHETIC_SIZE,
+    format_prompt,
+    load_records,
+    select_records,
 )
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-SYNTHETIC_SIZE = 4096  # records in the built-in set
-
-
-def format_prompt(record: dict[str, str]) -> str:
-    """The Alpaca prompt for one record; the variant without `### Input:` when input is empty."""
-    if record.get("input", ""):
-        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
-    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_records(path: str | Path | None, seed: int = 0) -> list[dict[str, str]] | None:
-    """Alpaca-format records from a .json list, a .jsonl file or a `save_to_disk` folder.
-
-    None gives the built-in synthetic set; `builtin:alpaca-lengths` gives None here: those records
-    are made with the model's tokenizer (ftcore.length_profile, in build_batches). Every record
-    must have string `instruction` and `output`; `input` is optional. Problems raise UserError
-    naming the file and record.
-    """
-    if path is None:
-        return synthetic_records(SYNTHETIC_SIZE, seed=seed)
-    if path == length_profile.NAME:
-        return None
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"data path not found: {p}")
-    if p.is_dir():
-        rows = _load_saved_dataset(p)
-    elif p.suffix == ".jsonl":
-        rows = []
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{p}: not UTF-8 text (byte {e.start})") from None
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{p}: line {lineno} is not valid JSON ({e.msg})") from None
-    else:
-        try:
-            rows = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{p}: not valid JSON ({getattr(e, 'msg', e)})") from None
-        if isinstance(rows, dict) and isinstance(rows.get("train"), list):
-            rows = rows["train"]
-        if not isinstance(rows, list):
-            raise UserError(f"{p}: expected a JSON list of Alpaca records")
-    if not rows:
-        raise UserError(f"{p}: the dataset is empty")
-    return [_check_record(r, i, p) for i, r in enumerate(rows)]
-
-
-def _load_saved_dataset(p: Path) -> list[dict[str, Any]]:
-    import datasets  # slow import; only needed for save_to_disk folders
-
-    try:
-        ds = datasets.load_from_disk(str(p))
-    except Exception as e:  # datasets raises FileNotFoundError / ValueError variants
-        raise UserError(f"{p}: not a datasets.save_to_disk folder ({e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" in ds:
-            ds = ds["train"]
-        elif len(ds) == 1:
-            ds = next(iter(ds.values()))
-        else:
-            raise UserError(f"{p}: dataset has splits {sorted(ds)}; expected a 'train' split")
-    missing = {"instruction", "output"} - set(ds.column_names)
-    if missing:
-        raise UserError(f"{p}: dataset lacks column(s) {', '.join(sorted(missing))}")
-    return ds.to_list()
-
-
-def _check_record(r: Any, i: int, p: Path) -> dict[str, str]:
-    if not isinstance(r, dict):
-        raise UserError(f"{p}: record {i} is not an object")
-    for key in ("instruction", "output"):
-        if not isinstance(r.get(key), str):
-            raise UserError(f"{p}: record {i} has no string '{key}'")
-    inp = r.get("input")  # absent or null: no input; 0, false, [] are refused like any non-string
-    if inp is None:
-        inp = ""
-    if not isinstance(inp, str):
-        raise UserError(f"{p}: record {i} has a non-string 'input' ({type(inp).__name__})")
-    return {"instruction": r["instruction"], "input": inp, "output": r["output"]}
-
-
-def select_records(
-    records: list[dict[str, str]], num_samples: int, eval_samples: int, seed: int
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Deterministic (train, eval) subsets drawn without overlap by a seeded permutation."""
-    need = num_samples + eval_samples
-    if need > len(records):
-        raise UserError(
-            f"--num-samples {num_samples} + --eval-samples {eval_samples} = {need} records "
-            f"requested, but the data has only {len(records)}"
-        )
-    order = np.random.default_rng(seed).permutation(len(records))[:need]
-    picked = [records[i] for i in order]
-    return picked[:num_samples], picked[num_samples:]
-
 
 # ----------------------------------------------------------------------------- tokenising
 
@@ -153,6 +51,8 @@ class Tokenized:
     dropped: int  # records left with no loss token after truncation
     prompt_lens: list[int] = field(default_factory=list)  # tokens of each kept record's prompt
     complete: list[bool] = field(default_factory=list)  # the whole response + EOS fit in max_seq_len
+    # packed rows only (pack_tokenized): each token's position in its own record, 0 at its start
+    positions: list[list[int]] | None = None
 
 
 def template_length(tokenizer: Any) -> int:
@@ -200,18 +100,36 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
+def pack_tokenized(tok: Tokenized, capacity: int) -> Tokenized:
+    """Records -> packed rows (ftcore.batching.pack_rows): ids and labels concatenated, each
+    record's first label IGNORE_INDEX (the previous record's last token must not predict it; alone,
+    position 0 is never a target either), positions restarting at 0 for each record."""
+    rows = pack_rows([len(ids) for ids in tok.ids], capacity)
+    ids = [[t for i in row for t in tok.ids[i]] for row in rows]
+    labels = [[IGNORE_INDEX if k == 0 else y for i in row for k, y in enumerate(tok.labels[i])] for row in rows]
+    positions = [[k for i in row for k in range(len(tok.ids[i]))] for row in rows]
+    return Tokenized(ids, labels, tok.dropped, positions=positions)
+
+
 def pad_rows(tok: Tokenized, rows: list[int], width: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded (len(rows), width) int64 arrays for the given example indices."""
+    """Right-padded (len(rows), width) int64 arrays for the given example indices; packed rows
+    also get `position_ids` (0 on padding)."""
     n = len(rows)
     input_ids = np.full((n, width), pad_id, dtype=np.int64)
     labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
     mask = np.zeros((n, width), dtype=np.int64)
+    positions = np.zeros((n, width), dtype=np.int64)
     for r, i in enumerate(rows):
         k = len(tok.ids[i])
         input_ids[r, :k] = tok.ids[i]
         labels[r, :k] = tok.labels[i]
         mask[r, :k] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        if tok.positions is not None:
+            positions[r, :k] = tok.positions[i]
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    if tok.positions is not None:
+        out["position_ids"] = positions
+    return out
 
 
 # ----------------------------------------------------------------------------- batches
@@ -221,8 +139,8 @@ def pad_rows(tok: Tokenized, rows: list[int], width: int, pad_id: int) -> dict[s
 class Batches:
     """What every backend trains and evaluates on.
 
-    train[k]: (steps, batch, width) int64 for k in input_ids / labels / attention_mask, width the
-    widest step's; train["widths"]: (steps,) each step's own width. Step s is `step(s)`:
+    train[k]: (steps, batch, width) int64 for k in input_ids / labels / attention_mask (and
+    position_ids when packed: `row_keys`), width the widest step's; train["widths"]: (steps,) each step's own width. Step s is `step(s)`:
     train[k][s, :, :widths[s]] (the columns past it are padding). eval: list of dicts of
     (<=batch, width) arrays.
     answers: the eval records whose whole response fits, for greedy generation and exact-match
@@ -236,9 +154,15 @@ class Batches:
     answers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
+    def row_keys(self) -> tuple[str, ...]:
+        """The per-token arrays of a batch: position_ids too when the rows are packed."""
+        keys = ("input_ids", "labels", "attention_mask")
+        return (*keys, "position_ids") if "position_ids" in self.train else keys
+
+    @property
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        keys = ("input_ids", "labels", "attention_mask")
+        keys = self.row_keys
         parts = [(self.train, (*keys, "widths")), *((p, keys) for p in self.eval), (self.answers, sorted(self.answers))]
         for part, names in parts:
             for k in names:
@@ -261,7 +185,7 @@ class Batches:
     def step(self, s: int) -> dict[str, np.ndarray]:
         """Step s's (batch, width) arrays at that step's own width."""
         width = int(self.train["widths"][s])
-        return {k: self.train[k][s, :, :width] for k in ("input_ids", "labels", "attention_mask")}
+        return {k: self.train[k][s, :, :width] for k in self.row_keys}
 
     def step_tokens(self, first: int = 0, stop: int | None = None) -> dict[str, int]:
         """Over steps [first, stop): `padded` positions fed (batch x width, what the step
@@ -287,10 +211,7 @@ class Batches:
         with np.load(path) as z:
             train = {k[len("train_") :]: z[k] for k in z.files if k.startswith("train_")}
             n_eval = len({k.split("_")[0] for k in z.files if k.startswith("eval")})
-            evals = [
-                {k: z[f"eval{i}_{k}"] for k in ("input_ids", "labels", "attention_mask")}
-                for i in range(n_eval)
-            ]
+            evals = [{k[len(f"eval{i}_") :]: z[k] for k in z.files if k.startswith(f"eval{i}_")} for i in range(n_eval)]
             answers = {k[len("answers_") :]: z[k] for k in z.files if k.startswith("answers_")}
             stats = json.loads(z["stats"].tobytes().decode())
         return cls(train=train, eval=evals, stats=stats, answers=answers)
@@ -320,20 +241,31 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
             f"only {n} training records keep a loss token at --max-seq-len {cfg.max_seq_len} "
             f"({train_tok.dropped} dropped); need at least --batch-size {cfg.batch_size}"
         )
+    packed = cfg.batching == "packed"
+    # the units batches are cut from: records, or packed rows of records
+    units = pack_tokenized(train_tok, cfg.max_seq_len) if packed else train_tok
+    eval_units = pack_tokenized(eval_tok, cfg.max_seq_len) if packed else eval_tok
+    if len(units.ids) < cfg.batch_size:
+        raise UserError(
+            f"the {n} training records pack into {len(units.ids)} rows of --max-seq-len {cfg.max_seq_len}; "
+            f"need at least --batch-size {cfg.batch_size} rows (more --num-samples, or a smaller --batch-size)"
+        )
     pad_id = pad_id_of(tokenizer)
+    lengths = [len(ids) for ids in units.ids]
     if cfg.epochs is not None:  # whole passes instead of --steps; the caller takes the steps from here
-        cfg = cfg.replace(steps=epoch_steps(cfg.epochs, n, cfg.batch_size, cfg.batching))
-    if cfg.batching == "longest":
-        order = longest_order([len(ids) for ids in train_tok.ids], cfg.batch_size, cfg.steps, cfg.seed)
+        cfg = cfg.replace(steps=epoch_steps(cfg.epochs, len(lengths), cfg.batch_size, cfg.batching))
+    if cfg.batching == "padded":
+        order = padded_order(len(lengths), cfg.batch_size, cfg.steps, cfg.seed)
     else:
-        order = padded_order(n, cfg.batch_size, cfg.steps, cfg.seed)
-    widths = [batch_width([len(train_tok.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
-    train = pad_rows(train_tok, [i for rows in order for i in rows], max(widths), pad_id)
+        order = longest_order(lengths, cfg.batch_size, cfg.steps, cfg.seed)
+    widths = [batch_width([lengths[i] for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
+    train = pad_rows(units, [i for rows in order for i in rows], max(widths), pad_id)
     train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}
     train["widths"] = np.array(widths, dtype=np.int64)
-    eval_rows = [list(range(i, min(i + cfg.batch_size, len(eval_tok.ids)))) for i in range(0, len(eval_tok.ids), cfg.batch_size)]
+    n_eval = len(eval_units.ids)
+    eval_rows = [list(range(i, min(i + cfg.batch_size, n_eval))) for i in range(0, n_eval, cfg.batch_size)]
     evals = [
-        pad_rows(eval_tok, rows, batch_width([len(eval_tok.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching), pad_id)
+        pad_rows(eval_units, rows, batch_width([len(eval_units.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching), pad_id)
         for rows in eval_rows
     ]
     answers = _answers(eval_tok)
@@ -344,12 +276,13 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         "eval_records": len(eval_tok.ids),
         "dropped_records": train_tok.dropped + eval_tok.dropped,
         "batching": cfg.batching,
+        "packed_rows": len(lengths) if packed else None,  # rows the training records were packed into
         "padded_tokens": tokens["padded"],
         "loss_tokens": tokens["loss"],
         "real_tokens": tokens["real"],
         "padding_share": 1 - tokens["real"] / tokens["padded"],
-        # records per epoch as the batching consumes them (`longest` leaves a remainder out)
-        "steps_per_epoch": steps_per_epoch(n, cfg.batch_size, cfg.batching),
+        # units per epoch as the batching consumes them (`longest`, `packed` leave a remainder out)
+        "steps_per_epoch": steps_per_epoch(len(lengths), cfg.batch_size, cfg.batching),
         "distinct_widths": len(set(widths)),
         "answer_records": len(answers.get("prompt_len", ())),
         "eos_id": int(tokenizer.eos_token_id),

@@ -14,7 +14,7 @@ from typing import Any
 
 from ftcore.arch import read_arch
 from ftcore.config import UserError
-from ftcore.data import format_prompt
+from ftcore.records import format_prompt
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT format (what ftcore writes)
 

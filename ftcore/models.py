@@ -163,7 +163,7 @@ SHIPPED_PRESETS = {"tiny-pretrained": Path(__file__).resolve().parent / "presets
 def tokenizer_corpus() -> str:
     """The text the presets' SentencePiece tokenizer is trained on: every family's records in the
     Alpaca template (so every word any task uses is in the vocabulary)."""
-    from ftcore.data import format_prompt
+    from ftcore.records import format_prompt
     from ftcore.synthetic import ALL_FAMILIES, synthetic_records
 
     records = synthetic_records(TOKENIZER_CORPUS, seed=0, families=ALL_FAMILIES)

@@ -22,10 +22,11 @@ from ftcore.arch import read_arch
 from ftcore.backends import BACKENDS, get_backend
 from ftcore.checkpoint import check_vocab, weights_sha256
 from ftcore.config import RunConfig, UserError
-from ftcore.data import Batches, build_batches, load_records
+from ftcore.data import Batches, build_batches
 from ftcore.dist import check_threads
 from ftcore.hostinfo import affinity_cores
 from ftcore.models import load_tokenizer, resolve_model_dir
+from ftcore.records import load_records
 
 BATCHES_FILE = "batches.npz"
 
@@ -69,6 +70,10 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
     for spec in specs:
         if why := spec.missing():
             raise UserError(why)
+        if cfg.batching == "packed" and not spec.takes_packed_rows:
+            able = ", ".join(n for n, s in BACKENDS.items() if s.takes_packed_rows)
+            raise UserError(f"--batching packed: the {spec.name} backend's trainer cannot take several "
+                            f"records per row (backends that can: {able}); use --batching longest")
         if cfg.target_eval_loss is not None and not spec.owns_steps:
             raise UserError(
                 f"--target-eval-loss: the {spec.name} backend's trainer runs its own steps and "

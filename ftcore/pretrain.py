@@ -103,7 +103,7 @@ def recipe_inputs(r: dict[str, Any] = PRETRAIN_RECIPE) -> str:
     """What the pretraining's result depends on besides the recipe dict, as text for the preset's
     fingerprint: its records in the Alpaca template, and the training code (this loop and its
     schedule)."""
-    from ftcore.data import format_prompt
+    from ftcore.records import format_prompt
 
     records = synthetic_records(r["steps"] * r["batch_size"], seed=r["data_seed"], families=PRETRAIN_FAMILIES)
     data = "\n".join(format_prompt(x) + x["output"] for x in records)

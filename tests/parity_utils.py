@@ -304,6 +304,9 @@ TRAJECTORIES = {
     # the built-in Alpaca-length records (ftcore.length_profile) at 512, in both modes
     "profile-padded": dict(LONG_CFG, data="builtin:alpaca-lengths"),
     "profile-longest": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="longest"),
+    # "-packed": several records per row, per-document mask and positions (ftcore.batching)
+    "fp32-packed": dict(TRAJECTORY_CFG, precision="fp32", batching="packed"),
+    "profile-packed": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="packed"),
 }
 _RUNS: dict[str, Any] = {}
 

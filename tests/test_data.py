@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 
 from ftcore.config import RunConfig, UserError
-from ftcore.data import (
+from ftcore.data import build_batches, tokenize_records
+from ftcore.loss import IGNORE_INDEX, target_count
+from ftcore.models import load_tokenizer
+from ftcore.records import (
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
-    build_batches,
     format_prompt,
     load_records,
     select_records,
-    tokenize_records,
 )
-from ftcore.loss import IGNORE_INDEX
-from ftcore.models import load_tokenizer
 from ftcore.synthetic import synthetic_records
 
 pytestmark = pytest.mark.unit
@@ -299,3 +298,47 @@ def test_epochs_are_whole_passes_in_each_batching(tok):
     assert len(build_batches(RunConfig(**kw, batching="padded"), tok, records).train["widths"]) == 15
     prep = check_run(RunConfig(**kw, batching="longest", preset="tiny", data=None))
     assert prep.cfg.steps == len(prep.batches.train["widths"]) == 2 * prep.batches.stats["steps_per_epoch"]
+
+
+def test_packed_rows_hold_every_record_once_per_epoch(tok):
+    """`packed`: each epoch feeds every training record once, whole and contiguous, in rows of at
+    most --max-seq-len tokens with positions restarting at 0 per record; eval rows hold the same
+    loss targets as unpacked eval batches; fewer padded positions than `longest`."""
+    records = _varied_records(40)
+    kw = dict(num_samples=30, eval_samples=6, batch_size=2, max_seq_len=256, epochs=2)
+    b = build_batches(RunConfig(**kw, batching="packed"), tok, records)
+    train, _ = select_records(records, 30, 6, 0)
+    alone = tokenize_records(train, tok, 256, mask_prompt=True).ids
+    per_epoch = b.stats["steps_per_epoch"]
+    assert per_epoch == b.stats["packed_rows"] // 2 and b.stats["packed_rows"] < 30
+    assert len(b.train["widths"]) == 2 * per_epoch
+    for epoch in range(2):
+        fed = []
+        for s in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+            step = b.step(s)
+            assert step["input_ids"].shape[1] <= 256
+            for ids, pos, mask in zip(step["input_ids"], step["position_ids"], step["attention_mask"], strict=True):
+                starts = np.flatnonzero((pos == 0) & (mask == 1)).tolist() + [int(mask.sum())]
+                fed += [ids[a:z].tolist() for a, z in zip(starts, starts[1:], strict=False)]
+        # a remainder of rows smaller than a batch is left out, as in `longest`
+        assert len(fed) <= 30 and sorted(map(tuple, fed)) == sorted(set(map(tuple, fed)))
+        assert all(list(r) in alone for r in fed)
+        left_out_rows = b.stats["packed_rows"] % 2
+        assert 30 - len(fed) <= left_out_rows * (256 // min(map(len, alone)))
+    unpacked = build_batches(RunConfig(**kw, batching="longest"), tok, records)
+    assert sum(target_count(e["labels"]) for e in b.eval) == sum(target_count(e["labels"]) for e in unpacked.eval)
+    assert b.stats["padding_share"] < unpacked.stats["padding_share"]
+
+
+def test_mlx_lm_refuses_packed_rows_up_front(tmp_path):
+    """mlx-lm's trainer builds its own masks from one record per row: `packed` is refused before
+    anything runs, by its BackendSpec (takes_packed_rows), with one error line."""
+    pytest.importorskip("mlx_lm")
+    from helpers import ftcore_in_process
+
+    r = ftcore_in_process("compare", "--backends", "torch,mlx-lm", "--batching", "packed", "--preset", "tiny",
+                          "--out", tmp_path / "out")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: --batching packed: the mlx-lm backend"), r.stderr
+    assert not (tmp_path / "out").exists()

@@ -172,8 +172,8 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
 
     from transformers import LlamaForCausalLM
 
-    from ftcore.data import format_prompt
     from ftcore.pretrain import family_exact_match
+    from ftcore.records import format_prompt
     from ftcore.synthetic import ALL_FAMILIES
     from ftcore.torch.generate import greedy
 

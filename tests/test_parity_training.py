@@ -49,7 +49,8 @@ BF16_VS_FP32_ATOL = 3e-3
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    names = ("fp32", "bf16", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest")
+    names = ("fp32", "bf16", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest",
+             "fp32-packed", "profile-packed")
     return backend_runs(names, tmp_path_factory.getbasetemp() / "parity-runs")
 
 
@@ -112,7 +113,8 @@ def _adapter_errors(r):
     return tensor, update, d / u, cos
 
 
-@pytest.mark.parametrize("name", ["fp32", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest"])
+@pytest.mark.parametrize("name", ["fp32", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest",
+                                  "fp32-packed", "profile-packed"])
 def test_fp32_losses_and_adapters_match(runs, name):
     r = runs[name]
     _ok(r)
@@ -137,6 +139,13 @@ def test_longest_runs_fed_narrower_batches(runs):
     several widths up to 512."""
     assert set(runs["fp32-longest"]["prep"].batches.train["widths"].tolist()) == {65}
     assert len(set(runs["long-longest"]["prep"].batches.train["widths"].tolist())) >= 2
+
+
+def test_packed_runs_fed_several_records_per_row(runs):
+    for name in ("fp32-packed", "profile-packed"):
+        stats = runs[name]["prep"].batches.stats
+        assert stats["packed_rows"] < stats["train_records"], stats
+        assert "position_ids" in runs[name]["prep"].batches.train
 
 
 def test_long_run_trains_past_position_64(runs):

@@ -99,6 +99,9 @@ class BackendSpec:
     # True: --grad-checkpoint recomputes a layer with the same LoRA dropout masks (torch replays its
     # RNG); False: new masks (MLX's random state is global), so checkpointing with dropout is refused
     checkpoint_keeps_dropout: bool = True
+    # True: trains on packed rows (--batching packed: position_ids, per-document causal mask);
+    # False: its trainer builds its own masks from plain rows, so `packed` is refused up front
+    takes_packed_rows: bool = True
     # data parallel (--nproc > 1; ftcore.dist): (cfg, child command, out_dir) -> the framework's
     # launcher command, and its parent-side check (UserError); None: one process only
     launch: Callable[[RunConfig, list[str], Path], list[str]] | None = None
@@ -148,6 +151,7 @@ BACKENDS: dict[str, BackendSpec] = {
             same_numerics=False,  # its own loss normalisation and Adam, as its users get them
             owns_steps=False,  # mlx-lm's trainer runs the steps: eval after training only
             checkpoint_keeps_dropout=False,
+            takes_packed_rows=False,  # its iterate_batches / default_loss: one record per row
             summary="mlx-lm's own LoRA layers, loss and trainer, as the MLX yardstick",
         ),
     )

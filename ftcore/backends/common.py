@@ -129,8 +129,10 @@ PROBE_POSITIONS = 16
 
 def probe_batch(batches: Batches) -> dict[str, Any]:
     """The first training row: after training, every backend saves its logits on this row's
-    first PROBE_POSITIONS positions, so a reloaded adapter can be checked in any framework."""
-    return {k: v[:1] for k, v in batches.step(0).items()}
+    first PROBE_POSITIONS positions, so a reloaded adapter can be checked in any framework. A packed
+    row is probed as one plain causal row (no position_ids): any fixed input serves that check,
+    and plain rows are what every framework's loader runs."""
+    return {k: v[:1] for k, v in batches.step(0).items() if k != "position_ids"}
 
 
 def save_probe_logits(logits: Any, out_dir: Path) -> None:

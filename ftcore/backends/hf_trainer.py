@@ -32,7 +32,7 @@ class Rows(torch.utils.data.Dataset):
         self.widths = batches.train["widths"]
         self.arrays = {
             k: torch.from_numpy(batches.train[k].reshape(steps * self.batch, length))
-            for k in ("input_ids", "labels", "attention_mask")
+            for k in batches.row_keys  # position_ids too when packed: loss_sum_count builds the mask
         }
 
     def __len__(self) -> int:

@@ -22,7 +22,9 @@ def loss_sum_count(model: Model, batch: dict[str, mx.array]) -> tuple[mx.array, 
     Same shift and normalisation as the torch backend: logits (fp32) at positions 0..L-2 against
     labels[:, 1:]; the last position predicts nothing, so its logits are not computed.
     """
-    h = model.model(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, L-1, hidden)
+    # packed rows carry position_ids: per-document mask and positions (ftcore.mlx.model)
+    h = model.model(batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"))
+    h = h[:, :-1]  # (B, L-1, hidden)
     logits = model.head(h).astype(mx.float32)  # (B, L-1, V); astype is a no-op in fp32
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX

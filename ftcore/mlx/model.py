@@ -3,7 +3,8 @@
 Parameter paths equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...), so
 converted weights load by name. The forward pass matches `transformers`' LlamaForCausalLM (eager /
 sdpa attention): rotate_half RoPE (`traditional=False`) at positions 0..L-1 (padding included, as
-HF does when no position_ids are given), GQA, RMSNorm, SwiGLU, untied lm_head unless the config
+HF does when no position_ids are given) or, for packed rows, at the given `position_ids` with the
+per-document causal mask (ftcore.mlx.ops.packed_mask), GQA, RMSNorm, SwiGLU, untied lm_head unless the config
 ties it. Attention, softmax and silu come from ftcore.mlx.ops; LoRA from ftcore.mlx.lora.
 """
 
@@ -18,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ftcore.arch import normalise_config, unsupported
-from ftcore.mlx.ops import additive_mask, attention, silu
+from ftcore.mlx.ops import additive_mask, attention, packed_mask, rope_at, silu
 
 WEIGHTS_FILE = "model.safetensors"  # in a conversion folder (ftcore.mlx.convert), as mlx-lm names it
 
@@ -88,14 +89,18 @@ class Attention(nn.Module):
         # HF's rotate_half convention rotates the two halves of head_dim: traditional=False.
         self.rope = nn.RoPE(d, traditional=False, base=args.rope_theta)
 
-    def __call__(self, x: mx.array, mask: mx.array | str, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | str, cache: KVCache | None = None,
+                 positions: mx.array | None = None) -> mx.array:
         B, L, _ = x.shape
         # (B, L, H*D) -> (B, H, L, D)
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset  # new tokens sit at positions offset..offset+L-1
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if positions is not None:  # packed rows: (B, L) positions restarting at each record
+            q, k = rope_at(q, positions, self.rope.base), rope_at(k, positions, self.rope.base)
+        else:
+            offset = 0 if cache is None else cache.offset  # new tokens sit at positions offset..offset+L-1
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, KV, offset+L, D)
         out = attention(q, k, v, self.scale, mask)  # (B, H, L, D)
@@ -121,8 +126,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | str, cache: KVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, mask: mx.array | str, cache: KVCache | None = None,
+                 positions: mx.array | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -139,23 +145,27 @@ class LlamaModel(nn.Module):
         self.checkpoint_layers = False
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
-                 cache: list[KVCache] | None = None) -> mx.array:
+                 cache: list[KVCache] | None = None, position_ids: mx.array | None = None) -> mx.array:
         """`cache` (one KVCache per layer, for decoding; no padding): the new tokens attend to the
-        cached ones and to each other causally, and are appended to the cache."""
+        cached ones and to each other causally, and are appended to the cache. `position_ids`
+        (B, L) (packed rows, with attention_mask): each record attends to itself only."""
         h = self.embed_tokens(input_ids)  # compute dtype = the weights' dtype
-        if cache is None:
+        if position_ids is not None:
+            mask = packed_mask(position_ids, attention_mask, h.dtype)
+        elif cache is None:
             mask = additive_mask(attention_mask, input_ids.shape[1], h.dtype)
         else:
             mask = cached_causal_mask(input_ids.shape[1], cache[0].offset, h.dtype)
         for i, layer in enumerate(self.layers):
             if self.checkpoint_layers and self.training and cache is None:
-                h = checkpointed(layer, h, mask)
+                h = checkpointed(layer, h, mask, position_ids)
             else:
-                h = layer(h, mask, None if cache is None else cache[i])
+                h = layer(h, mask, None if cache is None else cache[i], position_ids)
         return self.norm(h)
 
 
-def checkpointed(layer: DecoderLayer, h: mx.array, mask: mx.array | str) -> mx.array:
+def checkpointed(layer: DecoderLayer, h: mx.array, mask: mx.array | str,
+                 positions: mx.array | None = None) -> mx.array:
     """layer(h, mask) under mx.checkpoint: only h (and the mask) are kept for the backward pass,
     which runs the layer again. The layer's trainable parameters (LoRA) are inputs of the
     checkpointed function, so their gradients flow through it. (LoRA dropout would draw new masks
@@ -163,7 +173,7 @@ def checkpointed(layer: DecoderLayer, h: mx.array, mask: mx.array | str) -> mx.a
 
     def run(params: dict, x: mx.array, *masks: mx.array) -> mx.array:
         layer.update(params)
-        return layer(x, masks[0] if masks else mask)
+        return layer(x, masks[0] if masks else mask, None, positions)
 
     masks = () if isinstance(mask, str) else (mask,)
     return mx.checkpoint(run)(layer.trainable_parameters(), h, *masks)

@@ -27,6 +27,29 @@ def additive_mask(attention_mask: mx.array | None, length: int, dtype: mx.Dtype)
     return mx.where(keep, mx.array(0, dtype=dtype), blocked)[:, None]
 
 
+def packed_mask(position_ids: mx.array, attention_mask: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Additive (B, 1, L, L) per-document causal mask of packed rows: query i sees key j when
+    j <= i, both lie in the same record (a record starts where its position is 0) and j is a real
+    token. The torch backend builds the same mask (ftcore.torch.loss.packed_mask)."""
+    doc = mx.cumsum((position_ids == 0).astype(mx.int32), axis=-1)  # (B, L): record of each token
+    L = doc.shape[1]
+    causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    keep = causal[None] & (doc[:, :, None] == doc[:, None, :]) & (attention_mask[:, None, :] != 0)
+    blocked = mx.array(mx.finfo(dtype).min, dtype=dtype)
+    return mx.where(keep, mx.array(0, dtype=dtype), blocked)[:, None]
+
+
+def rope_at(x: mx.array, positions: mx.array, base: float) -> mx.array:
+    """rotate_half RoPE (HF Llama, `traditional=False`) at given positions: x (B, H, L, D),
+    positions (B, L). Angles in fp32 as HF computes them: position * base^(-2i/D)."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / (base ** (mx.arange(0, D, 2, dtype=mx.float32) / D))  # (D/2,)
+    angles = positions.astype(mx.float32)[:, None, :, None] * inv_freq  # (B, 1, L, D/2)
+    cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
 def writes_exp_out() -> bool:
     """True on MLX's CPU, where softmax, logsumexp and silu are written out with exp: MLX's prebuilt
     CPU kernels (and an unfused Sigmoid) run exp scalar on one thread, while written-out chains

@@ -18,10 +18,8 @@ def loss_sum_count(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     does). Every backend uses this same shift and normalisation (sum / count).
     """
     ids = batch["input_ids"]
-    positions = torch.arange(ids.shape[1] - 1, device=ids.device)  # 0..L-2
-    logits = model(
-        input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=positions
-    ).logits  # (B, L-1, V)
+    keep = torch.arange(ids.shape[1] - 1, device=ids.device)  # logits at positions 0..L-2
+    logits = model(**model_inputs(batch, model.dtype), logits_to_keep=keep).logits  # (B, L-1, V)
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
@@ -30,6 +28,31 @@ def loss_sum_count(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         reduction="sum",
     )
     return loss, (targets != IGNORE_INDEX).sum()
+
+
+def packed_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B, 1, L, L) per-document causal mask of packed rows: query i sees key j when
+    j <= i, both lie in the same record (a record starts where its position is 0) and j is a real
+    token; blocked entries get dtype's most negative finite value (0 elsewhere). transformers uses
+    a 4-D mask as given (masking_utils), in eager and sdpa attention alike."""
+    doc = (position_ids == 0).cumsum(-1)  # (B, L): which record of the row each token is in
+    L = doc.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=doc.device).tril()
+    keep = causal & (doc[:, :, None] == doc[:, None, :]) & (attention_mask[:, None, :] != 0)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=doc.device)
+    return torch.where(keep, torch.zeros((), dtype=dtype, device=doc.device), blocked)[:, None]
+
+
+def model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs: ids and the 2-D padding mask, or for packed rows (position_ids
+    present) the per-document 4-D mask and the positions restarting at each record."""
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": packed_mask(batch["position_ids"], batch["attention_mask"], dtype),
+        "position_ids": batch["position_ids"],
+    }
 
 
 def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
