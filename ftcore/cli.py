@@ -62,7 +62,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-samples", type=int, help=f"training records drawn by seed (default {d.num_samples})")
     g.add_argument("--eval-samples", type=int, help=f"held-out records for eval loss (default {d.eval_samples})")
     g.add_argument("--max-seq-len", type=int, help=f"tokens per row at most: longer records are truncated (default {d.max_seq_len})")
-    g.add_argument("--batching", choices=BATCHINGS, help=f"padded: every row padded to --max-seq-len; longest: as mlx-lm's trainer, records sorted by length, consecutive batches in a seeded order, each padded to 1 + 32*ceil(longest/32) (default {d.batching})")
+    g.add_argument("--batching", choices=BATCHINGS, help=f"padded: every row padded to --max-seq-len; longest: as mlx-lm's trainer, records sorted by length, consecutive batches in a seeded order, each padded to 1 + 32*ceil(longest/32); packed: several records per row (first-fit-decreasing), each attending only to itself, positions restarting at 0 (default {d.batching})")
     g.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None, help="loss on the response only (default on)")
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
