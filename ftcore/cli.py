@@ -27,6 +27,7 @@ from ftcore.config import (
     LR_SCHEDULES,
     PRECISIONS,
     PRESETS,
+    PROMPT_FORMATS,
     RunConfig,
     UserError,
 )
@@ -62,6 +63,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-samples", type=int, help=f"training records drawn by seed (default {d.num_samples})")
     g.add_argument("--eval-samples", type=int, help=f"held-out records for eval loss (default {d.eval_samples})")
     g.add_argument("--max-seq-len", type=int, help=f"tokens per row at most: longer records are truncated (default {d.max_seq_len})")
+    g.add_argument("--prompt-format", choices=PROMPT_FORMATS, help=f"alpaca: the Stanford Alpaca template; chat: the model's own chat template (user = instruction + input, assistant = output; loss on the assistant turn), as mlx-lm formats chat data (default {d.prompt_format})")
     g.add_argument("--batching", choices=BATCHINGS, help=f"padded: every row padded to --max-seq-len; longest: as mlx-lm's trainer, records sorted by length, consecutive batches in a seeded order, each padded to 1 + 32*ceil(longest/32); packed: several records per row (first-fit-decreasing), each attending only to itself, positions restarting at 0 (default {d.batching})")
     g.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None, help="loss on the response only (default on)")
     g = p.add_argument_group("training")
@@ -137,6 +139,7 @@ def build_parser() -> Parser:
     p.add_argument("--prompt", required=True, action="append", help="the instruction (wrapped in the Alpaca template unless --raw); repeat for several, one answer per line")
     p.add_argument("--input", default="", help="the Alpaca input section, if the task has one")
     p.add_argument("--raw", action="store_true", help="send --prompt as it is, without the template")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None, help="alpaca or chat (default: the format the --adapter was trained with, recorded in its folder; alpaca without one)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="(default 64)")
     p.add_argument("--json", action="store_true", help="print backend, prompt, token ids and text as JSON")
 
@@ -249,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = RunConfig(model=str(args.model) if args.model else None, preset=args.preset or RunConfig().preset)
     for out in generate(resolve_model_dir(cfg), args.adapter, args.backend, args.prompt, args.input,
-                        args.raw, args.max_new_tokens):  # fmt: skip
+                        args.raw, args.max_new_tokens, args.prompt_format):  # fmt: skip
         print(json.dumps(out) if args.json else out["text"])
     return 0
 

@@ -27,6 +27,8 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 # --max-seq-len; `longest` is mlx-lm's trainer: rows sorted by length, consecutive batches in a
 # seeded order, each padded to 1 + 32 * ceil(longest / 32) (at most --max-seq-len).
 BATCHINGS = ("padded", "longest", "packed")
+# How a record becomes text (ftcore.records): the Alpaca template, or the tokenizer's own chat template
+PROMPT_FORMATS = ("alpaca", "chat")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class RunConfig:
     max_seq_len: int = 128  # rows are truncated to it; `padded` batches are padded to it
     batching: str = "longest"  # BATCHINGS
     mask_prompt: bool = True  # loss on the response only
+    prompt_format: str = "alpaca"  # PROMPT_FORMATS
     # run
     batch_size: int = 4
     steps: int = 60
@@ -97,6 +100,7 @@ class RunConfig:
         need(self.num_samples >= 1, "num_samples", "must be >= 1")
         need(self.eval_samples >= 0, "eval_samples", "must be >= 0")
         need(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
+        need(self.prompt_format in PROMPT_FORMATS, "prompt_format", f"unknown prompt format {self.prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
         need(self.batching in BATCHINGS, "batching", f"unknown batching {self.batching!r} (one of {', '.join(BATCHINGS)})")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(

@@ -34,8 +34,8 @@ from ftcore.batching import (
 from ftcore.config import RunConfig, UserError
 from ftcore.loss import IGNORE_INDEX, target_count
 from ftcore.records import (
-    PROMPT_NO_INPUT,
     SYNTHETIC_SIZE,
+    chat_messages,
     format_prompt,
     load_records,
     select_records,
@@ -46,7 +46,7 @@ from ftcore.records import (
 
 @dataclass
 class Tokenized:
-    ids: list[list[int]]  # prompt + response + EOS, truncated to max_seq_len
+    ids: list[list[int]]  # prompt + response + EOS (alpaca) or the rendered chat, truncated to max_seq_len
     labels: list[list[int]]  # ids with IGNORE_INDEX on the prompt (when masking)
     dropped: int  # records left with no loss token after truncation
     prompt_lens: list[int] = field(default_factory=list)  # tokens of each kept record's prompt
@@ -55,29 +55,52 @@ class Tokenized:
     positions: list[list[int]] | None = None
 
 
-def template_length(tokenizer: Any) -> int:
-    """Tokens the bare prompt template takes (empty instruction, no input), BOS included."""
-    return len(tokenizer(PROMPT_NO_INPUT.format(instruction=""))["input_ids"])
+def template_length(tokenizer: Any, prompt_format: str = "alpaca") -> int:
+    """Tokens the bare prompt takes (empty instruction, no input), BOS or chat markers included."""
+    empty = {"instruction": "", "input": "", "output": ""}
+    return len(rendered_ids([empty], tokenizer, prompt_format)[0][0])
 
 
-def tokenize_records(
-    records: list[dict[str, str]], tokenizer: Any, max_seq_len: int, mask_prompt: bool
-) -> Tokenized:
-    """Tokenise in two batched calls (prompts, prompt+response); the prompt's token count marks
-    where the loss starts, as in Stanford Alpaca's own preprocessing."""
-    if not records:
-        return Tokenized([], [], 0, [], [])
+def rendered_ids(records: list[dict[str, str]], tokenizer: Any, prompt_format: str) -> tuple[list, list]:
+    """(prompt ids, full ids) per record, each in two batched calls. alpaca: tokenizer(prompt),
+    tokenizer(prompt + output) + EOS, the prompt's token count marking where the loss starts, as
+    in Stanford Alpaca's preprocessing. chat: tokenizer.apply_chat_template on the user turn with
+    the generation prompt, and on user + assistant, exactly as rendered (the template places BOS
+    and EOS); the first must be a prefix of the second."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer defines no EOS token")
-    prompts = [format_prompt(r) for r in records]
-    fulls = [pr + r["output"] for pr, r in zip(prompts, records, strict=True)]
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    full_ids = tokenizer(fulls)["input_ids"]
+    if prompt_format == "alpaca":
+        prompts = [format_prompt(r) for r in records]
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        fulls = tokenizer([pr + r["output"] for pr, r in zip(prompts, records, strict=True)])["input_ids"]
+        return prompt_ids, [list(f) + [eos] for f in fulls]
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("--prompt-format chat: the tokenizer has no chat template; use --prompt-format alpaca")
+    prompt_ids = tokenizer.apply_chat_template([chat_messages(r, False) for r in records],
+                                               add_generation_prompt=True, tokenize=True)["input_ids"]
+    full_ids = tokenizer.apply_chat_template([chat_messages(r) for r in records], tokenize=True)["input_ids"]
+    for p, f in zip(prompt_ids, full_ids, strict=True):
+        if list(f[: len(p)]) != list(p):
+            raise UserError("--prompt-format chat: the chat template renders the prompt differently inside the "
+                            "whole conversation, so the answer's start is unknown; use --prompt-format alpaca")
+    return prompt_ids, full_ids
+
+
+def tokenize_records(
+    records: list[dict[str, str]], tokenizer: Any, max_seq_len: int, mask_prompt: bool,
+    prompt_format: str = "alpaca",
+) -> Tokenized:
+    """Records rendered in `prompt_format` (rendered_ids), truncated to max_seq_len; labels with
+    IGNORE_INDEX on the prompt when masking. A record is complete when its answer's EOS fits."""
+    if not records:
+        return Tokenized([], [], 0, [], [])
+    eos = tokenizer.eos_token_id
+    prompt_ids, full_ids = rendered_ids(records, tokenizer, prompt_format)
     ids_out, labels_out, dropped, prompt_lens, complete = [], [], 0, [], []
     for p_ids, f_ids in zip(prompt_ids, full_ids, strict=True):
-        ids = (list(f_ids) + [eos])[:max_seq_len]
-        whole = len(f_ids) + 1 <= max_seq_len
+        ids = list(f_ids)[:max_seq_len]
+        whole = eos in ids[len(p_ids) :]
         labels = list(ids)
         if mask_prompt:
             n = min(len(p_ids), len(ids))
@@ -227,14 +250,14 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
             return len(tokenizer(format_prompt(r) + r["output"])["input_ids"]) + 1
 
         records = length_profile.alpaca_length_records(tokens, SYNTHETIC_SIZE, seed=cfg.seed)
-    t_len = template_length(tokenizer)
+    t_len = template_length(tokenizer, cfg.prompt_format)
     if cfg.max_seq_len <= t_len:
         raise UserError(
             f"--max-seq-len {cfg.max_seq_len} is shorter than the prompt template ({t_len} tokens)"
         )
     train_recs, eval_recs = select_records(records, cfg.num_samples, cfg.eval_samples, cfg.seed)
-    train_tok = tokenize_records(train_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt)
-    eval_tok = tokenize_records(eval_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt)
+    train_tok = tokenize_records(train_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
+    eval_tok = tokenize_records(eval_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
     n = len(train_tok.ids)
     if n < cfg.batch_size:
         raise UserError(
@@ -268,7 +291,7 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         pad_rows(eval_units, rows, batch_width([len(eval_units.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching), pad_id)
         for rows in eval_rows
     ]
-    answers = _answers(eval_tok)
+    answers = _answers(eval_tok, int(tokenizer.eos_token_id))
     batches = Batches(train=train, eval=evals, answers=answers)
     tokens = batches.step_tokens()
     batches.stats = {
@@ -290,13 +313,15 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     return batches
 
 
-def _answers(tok: Tokenized) -> dict[str, np.ndarray]:
-    """Batches.answers from the tokenised eval records whose whole response + EOS fit."""
+def _answers(tok: Tokenized, eos: int) -> dict[str, np.ndarray]:
+    """Batches.answers from the tokenised eval records whose whole response + EOS fit: the answer
+    is the tokens after the prompt up to its first EOS (a chat template may add text after it)."""
     keep = [i for i, whole in enumerate(tok.complete) if whole]
     if not keep:
         return {}
     prompts = [tok.ids[i][: tok.prompt_lens[i]] for i in keep]
-    answers = [tok.ids[i][tok.prompt_lens[i] :] for i in keep]
+    rests = [tok.ids[i][tok.prompt_lens[i] :] for i in keep]
+    answers = [rest[: rest.index(eos) + 1] for rest in rests]
 
     def padded(rows: list[list[int]]) -> np.ndarray:
         out = np.full((len(rows), max(len(r) for r in rows)), -1, dtype=np.int64)

@@ -2,8 +2,10 @@
 
 Both frameworks decode the same way: the prompt once, then one argmax token at a time with a KV
 cache (transformers' `generate` for torch, ftcore.mlx.generate for MLX), until EOS or
---max-new-tokens, in fp32. The prompt is wrapped in the Alpaca template that ftcore fine-tunes
-with (the instruction; --input adds the input section), unless --raw.
+--max-new-tokens, in fp32. The prompt is rendered in the format the adapter was trained with
+(recorded in its folder: ftcore.records.PROMPT_FORMAT_FILE; `alpaca` without an adapter, or as
+--prompt-format says): the Alpaca template (the instruction; --input adds the input section) or
+the model's chat template with the generation prompt; --raw sends the prompt as it is.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from ftcore.arch import read_arch
 from ftcore.config import UserError
-from ftcore.records import format_prompt
+from ftcore.records import chat_messages, format_prompt, read_prompt_format
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT format (what ftcore writes)
 
@@ -72,9 +74,22 @@ def check_finite(logits: Any, backend: str) -> None:
                         "(the checkpoint or adapter is broken)")
 
 
-def prompt_ids(tokenizer: Any, prompt: str, input_text: str, raw: bool) -> list[int]:
-    text = prompt if raw else format_prompt({"instruction": prompt, "input": input_text})
-    return list(tokenizer(text)["input_ids"])
+def prompt_ids(tokenizer: Any, prompt: str, input_text: str, raw: bool, prompt_format: str = "alpaca") -> list[int]:
+    """The prompt's token ids as training rendered them (ftcore.data.rendered_ids)."""
+    record = {"instruction": prompt, "input": input_text, "output": ""}
+    if not raw and prompt_format == "chat":
+        return list(tokenizer.apply_chat_template(chat_messages(record, False), add_generation_prompt=True,
+                                                  tokenize=True)["input_ids"])
+    return list(tokenizer(prompt if raw else format_prompt(record))["input_ids"])
+
+
+def resolve_prompt_format(adapter: Path | None, asked: str | None) -> str:
+    """The adapter's recorded format; --prompt-format may only repeat it (another format would
+    ask the adapter something it was not trained on)."""
+    trained = read_prompt_format(adapter) if adapter is not None else None
+    if asked and trained and asked != trained:
+        raise UserError(f"--prompt-format {asked}: {adapter} was trained with --prompt-format {trained}")
+    return asked or trained or "alpaca"
 
 
 def generate_torch(model_dir: Path, adapter: Path | None, prompts: list[list[int]], max_new: int, eos: int) -> list[list[int]]:
@@ -131,7 +146,7 @@ GENERATORS = {"torch": generate_torch, "mlx": generate_mlx}
 
 
 def generate(model_dir: Path, adapter: Path | None, backend: str, prompts: list[str], input_text: str = "",
-             raw: bool = False, max_new_tokens: int = 64) -> list[dict[str, Any]]:
+             raw: bool = False, max_new_tokens: int = 64, prompt_format: str | None = None) -> list[dict[str, Any]]:
     """Per prompt {"backend", "prompt", "tokens" (new token ids, EOS kept), "text" (decoded, EOS
     dropped)}; the model loads once."""
     from ftcore.models import load_tokenizer
@@ -141,8 +156,11 @@ def generate(model_dir: Path, adapter: Path | None, backend: str, prompts: list[
     arch = read_arch(model_dir)
     if adapter is not None:  # a bad folder is one line, before any model loads
         check_adapter(*read_adapter(adapter), arch, adapter)
+    fmt = resolve_prompt_format(adapter, prompt_format)
     tokenizer = load_tokenizer(model_dir)
-    ids = [prompt_ids(tokenizer, p, input_text, raw) for p in prompts]
+    if fmt == "chat" and not raw and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"--prompt-format chat: {model_dir} has no chat template; use --prompt-format alpaca")
+    ids = [prompt_ids(tokenizer, p, input_text, raw, fmt) for p in prompts]
     limit = arch.get("max_position_embeddings")
     if limit and (longest := max(map(len, ids))) + max_new_tokens > limit:
         raise UserError(f"a prompt of {longest} tokens + --max-new-tokens {max_new_tokens} exceeds the model's "

@@ -90,6 +90,9 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
     tokenizer = load_tokenizer(model_dir)
     arch = read_arch(model_dir)
     check_vocab(arch, tokenizer, model_dir)
+    if cfg.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"--prompt-format chat: {model_dir} has no chat template (chat_template in "
+                        "tokenizer_config.json, or chat_template.jinja); use --prompt-format alpaca")
     limit = arch.get("max_position_embeddings")
     if limit and cfg.max_seq_len > limit:
         raise UserError(f"--max-seq-len {cfg.max_seq_len}: the model was built for at most {limit} positions "

@@ -1,5 +1,8 @@
 """Alpaca records: loading them (a .json list, a .jsonl file, a `save_to_disk` folder, the
-built-in sets), the seeded train/eval split, and the prompt template each record is formatted with.
+built-in sets), the seeded train/eval split, and the prompt format each record is rendered in
+(RunConfig.prompt_format): `alpaca`, the Stanford Alpaca template; `chat`, the model's own chat
+template with the record as one user turn (instruction, then a blank line and the input when
+there is one) and one assistant turn (output), as mlx-lm renders chat data.
 
 A record is {"instruction", "input", "output"} strings (input may be empty). ftcore.data turns
 records into token ids and batches.
@@ -30,6 +33,37 @@ PROMPT_NO_INPUT = (
 )
 
 SYNTHETIC_SIZE = 4096  # records in the built-in set
+
+
+# Written into every adapter folder a run saves: the format its training records were rendered in,
+# so `ftcore generate` wraps prompts the same way.
+PROMPT_FORMAT_FILE = "ftcore_prompt_format.json"
+
+
+def chat_messages(record: dict[str, str], with_answer: bool = True) -> list[dict[str, str]]:
+    """The record as a conversation: user = instruction (+ blank line + input), assistant = output."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    messages = [{"role": "user", "content": user}]
+    return messages + [{"role": "assistant", "content": record["output"]}] if with_answer else messages
+
+
+def write_prompt_format(adapter_dir: Path, prompt_format: str) -> None:
+    (adapter_dir / PROMPT_FORMAT_FILE).write_text(json.dumps({"prompt_format": prompt_format}) + "\n")
+
+
+def read_prompt_format(adapter_dir: Path) -> str:
+    """The format an adapter was trained with; `alpaca` for a folder without the file (an
+    adapter from another tool, or from before the file existed)."""
+    path = adapter_dir / PROMPT_FORMAT_FILE
+    if not path.is_file():
+        return "alpaca"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("prompt_format")
+    except (ValueError, AttributeError):
+        value = None
+    if value not in ("alpaca", "chat"):
+        raise UserError(f"{path}: unreadable prompt format; delete the file to use alpaca")
+    return value
 
 
 def format_prompt(record: dict[str, str]) -> str:

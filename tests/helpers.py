@@ -195,3 +195,22 @@ def raw_tensors(folder_or_file: Path) -> dict[str, tuple[str, tuple[int, ...], b
                     t.contiguous().view(torch.uint8).numpy().tobytes(),
                 )
     return out
+
+
+# TinyLlama-1.1B-Chat-v1.0's chat template (its tokenizer_config.json), the model ftcore is about.
+TINYLLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+
+def with_chat_template(src: Path, dst: Path) -> Path:
+    """A copy of the model folder src whose tokenizer carries TinyLlama-Chat's chat template."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    config["chat_template"] = TINYLLAMA_CHAT_TEMPLATE
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return dst

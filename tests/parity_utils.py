@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import torch
+from helpers import with_chat_template
 from hypothesis import strategies as st
 
 from ftcore.arch import LORA_TARGETS
@@ -292,6 +293,7 @@ TRAJECTORY_CFG = dict(
     batching="padded",
 )
 LONG_DATA = "long.json"  # written by backend_runs into its root (long_records)
+CHAT_MODEL = "chat-model"  # made by backend_runs in its root: the tiny preset + a chat template
 LONG_CFG = dict(TRAJECTORY_CFG, num_layers=2, max_seq_len=LONGEST, steps=6, warmup_steps=1,
                 eval_every=2, num_samples=16, eval_samples=2, data=LONG_DATA)  # fmt: skip
 # "-longest": the same with mlx-lm's batching (ftcore.data), batches of several widths
@@ -307,6 +309,8 @@ TRAJECTORIES = {
     # "-packed": several records per row, per-document mask and positions (ftcore.batching)
     "fp32-packed": dict(TRAJECTORY_CFG, precision="fp32", batching="packed"),
     "profile-packed": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="packed"),
+    # records in TinyLlama-Chat's chat template (--prompt-format chat) on a copy of the tiny preset
+    "fp32-chat": dict(TRAJECTORY_CFG, precision="fp32", prompt_format="chat", model=CHAT_MODEL),
 }
 _RUNS: dict[str, Any] = {}
 
@@ -351,6 +355,12 @@ def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]
             cfg["data"] = str(root / LONG_DATA)
             (root / LONG_DATA).parent.mkdir(parents=True, exist_ok=True)
             (root / LONG_DATA).write_text(json.dumps(long_records(24)))
+        if cfg.get("model") == CHAT_MODEL:
+            from ftcore.models import materialize_preset
+
+            if not (root / CHAT_MODEL).exists():
+                with_chat_template(materialize_preset(cfg.pop("preset")), root / CHAT_MODEL)
+            cfg["model"] = str(root / CHAT_MODEL)
         preps[name] = prepare(RunConfig(**cfg), root / name)
     jobs = [(n, b) for n in todo for b in ("torch", "mlx")]
     with ThreadPoolExecutor(2) as pool:

@@ -50,7 +50,7 @@ BF16_VS_FP32_ATOL = 3e-3
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     names = ("fp32", "bf16", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest",
-             "fp32-packed", "profile-packed")
+             "fp32-packed", "profile-packed", "fp32-chat")
     return backend_runs(names, tmp_path_factory.getbasetemp() / "parity-runs")
 
 
@@ -114,7 +114,7 @@ def _adapter_errors(r):
 
 
 @pytest.mark.parametrize("name", ["fp32", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest",
-                                  "fp32-packed", "profile-packed"])
+                                  "fp32-packed", "profile-packed", "fp32-chat"])
 def test_fp32_losses_and_adapters_match(runs, name):
     r = runs[name]
     _ok(r)

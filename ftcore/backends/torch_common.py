@@ -22,6 +22,7 @@ from ftcore.data import Batches
 from ftcore.dist import RankInfo, rank_threads
 from ftcore.lora_init import state_fingerprint
 from ftcore.memory import current_rss_mb
+from ftcore.records import write_prompt_format
 from ftcore.result import RunResult
 from ftcore.torch.generate import greedy
 from ftcore.torch.lora import get_lora_state
@@ -91,8 +92,7 @@ def wrap_up(
     measured.after(step_times)
     if device.type == "cuda":
         result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    model.save_pretrained(
-        str(out_dir / "adapter")
-    )  # adapter_config.json + adapter_model.safetensors
+    model.save_pretrained(str(out_dir / "adapter"))  # adapter_config.json + adapter_model.safetensors
+    write_prompt_format(out_dir / "adapter", cfg.prompt_format)  # for `ftcore generate`
     save_probe_logits(probe_logits(model, batches, device), out_dir)
     return finish(result, cfg, batches, step_times, "torch")

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 from ftcore.config import RunConfig
 from ftcore.mlx.convert import ConversionError, hf_to_mlx_key, mlx_to_hf_key
 from ftcore.mlx.lora import LORA_LEAVES
+from ftcore.records import write_prompt_format
 
 # PEFT: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r); a state_dict()
 # taken from the live model also carries the adapter name: lora_A.default.weight.
@@ -152,6 +153,7 @@ def save_adapters(
         "revision": None,
     }
     (peft_dir / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+    write_prompt_format(peft_dir, cfg.prompt_format)  # for `ftcore generate`
     info = {
         "rank": cfg.lora_rank,
         "alpha": cfg.lora_alpha,
