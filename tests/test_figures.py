@@ -102,11 +102,11 @@ def test_u_test_normal_approximation_matches_a_permutation_test() -> None:
 
 
 def test_summary_is_the_median_of_run_medians() -> None:
-    # run medians 2, 3, 4, 1 -> 2.5 (means would give 11, 3, 19, 1); 6, 5, 6, 7 -> 6
+    # run medians 2, 3, 4, 1 -> 2.5 (run means: 11, 3, 19, 1); 6, 5, 6, 13 -> 6 (their mean: 7.5)
     base = [[1, 2, 30], [2, 3, 4], [3, 4, 50], [1, 1, 1]]
-    head = [[5, 6, 7], [4, 5, 60], [6, 6, 6], [5, 7, 100]]
+    head = [[5, 6, 7], [4, 5, 60], [6, 6, 6], [5, 13, 100]]
     s = summarise(base, head, 0.10)
-    assert s["base_run_medians_s"] == [2, 3, 4, 1] and s["head_run_medians_s"] == [6, 5, 6, 7]
+    assert s["base_run_medians_s"] == [2, 3, 4, 1] and s["head_run_medians_s"] == [6, 5, 6, 13]
     assert (s["base_step_s"], s["head_step_s"], s["ratio"]) == (2.5, 6.0, 2.4)
     assert s["p_value"] == pytest.approx(2 / 70)  # complete separation, 4 vs 4
     assert s["verdict"] == "slower"
