@@ -97,17 +97,23 @@ class MachineLoad:
             "busy": None,
             "reason": None,
         }
-        if wall < MIN_WINDOW_S:
-            record["reason"] = f"window {wall:.2f} s too short to tell"
-            return record
-        reasons = []
-        if record["other_cores"] > BUSY_OTHER_CORES:
-            reasons.append(f"other processes kept {record['other_cores']:.2f} of {cores} cores busy")
-        if record["steal_fraction"] > BUSY_STEAL_FRACTION:
-            reasons.append(f"the hypervisor stole {100 * record['steal_fraction']:.0f}% of CPU time")
-        record["busy"] = bool(reasons)
-        record["reason"] = "; ".join(reasons) or None
+        return judge(record)
+
+
+def judge(record: dict) -> dict:
+    """Set `busy` and `reason` of a {wall_s, cores, other_cores, steal_fraction} record: too short
+    a window cannot tell (busy None); else busy when either share is above its limit."""
+    if record["wall_s"] < MIN_WINDOW_S:
+        record["busy"], record["reason"] = None, f"window {record['wall_s']:.2f} s too short to tell"
         return record
+    reasons = []
+    if record["other_cores"] > BUSY_OTHER_CORES:
+        reasons.append(f"other processes kept {record['other_cores']:.2f} of {record['cores']} cores busy")
+    if record["steal_fraction"] > BUSY_STEAL_FRACTION:
+        reasons.append(f"the hypervisor stole {100 * record['steal_fraction']:.0f}% of CPU time")
+    record["busy"] = bool(reasons)
+    record["reason"] = "; ".join(reasons) or None
+    return record
 
 
 def busy_warning(record: dict | None) -> str | None:

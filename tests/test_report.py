@@ -19,6 +19,8 @@ CONFIG = {
     "adam_beta2": 0.999, "adam_eps": 1e-8, "lora_rank": 8, "lora_alpha": 16.0,
     "lora_dropout": 0.0, "lora_targets": ["q_proj", "v_proj"],
 }  # fmt: skip
+# CONFIG's cosine schedule, steps 0..4: warm-up lr/3, 2lr/3, then lr * (1 + cos(pi * k / 3)) / 2
+LRS = [1e-3 / 3, 2e-3 / 3, 1e-3, 0.75e-3, 0.25e-3]
 
 
 def _ok(backend: str, losses: list[float], train: float, rss: float, tps: float, **kw) -> dict:
@@ -34,7 +36,7 @@ def _ok(backend: str, losses: list[float], train: float, rss: float, tps: float,
         "mfu": 0.123, "batch_fingerprint": "a" * 64, "fed_batches_fingerprint": "d" * 16,
         "initial_adapter_fingerprint": "b" * 64,
         "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
-                      "bias_correction": True, "max_grad_norm": None, "lr_per_step": [1e-3, 5e-4]},
+                      "bias_correction": True, "max_grad_norm": None, "lr_per_step": LRS},
         "precision": "fp32", "blas": "mkl", "threads": 2, "extra": {},
     }  # fmt: skip
     r.update(kw)
@@ -133,10 +135,10 @@ def test_fairness_pass_and_mismatch(results):
 
 def test_fairness_tolerates_float32_rounding_and_flags_missing(results):
     r = copy.deepcopy(results)
-    r[1]["optimizer"]["lr_per_step"][0] = 0.0010000000474974513  # 1e-3 read from a float32
+    r[1]["optimizer"]["lr_per_step"][2] = 0.0010000000474974513  # 1e-3 read from a float32
     r[1]["optimizer"]["name"] = "mlx.optimizers.AdamW"
     by = {c["check"]: c for c in report.fairness_checks(r)}
-    assert by["optimizer"]["ok"], by["optimizer"]
+    assert by["optimizer"]["ok"] and by["lr_schedule"]["ok"], (by["optimizer"], by["lr_schedule"])
     r[1]["threads"] = None
     by = {c["check"]: c for c in report.fairness_checks(r)}
     assert not by["threads"]["ok"] and by["threads"]["status"] == "missing"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ftcore.report.values import backend_name, ok_rows, same, short
@@ -26,6 +27,32 @@ def config_key(cfg: Any) -> Any:
     if not isinstance(cfg, dict):
         return cfg
     return {k: v for k, v in cfg.items() if k not in IGNORED_CONFIG_KEYS}
+
+
+def scheduled_lr(cfg: dict[str, Any], step: int) -> float:
+    """The LR of step `step` (0-based) by the documented schedule, written out here apart from
+    RunConfig.lr_at so that a wrong lr_at, shared by every backend, still shows: warm-up
+    lr * (step + 1) / (warmup + 1), then constant, or linear / cosine over the share of the
+    decay still to go, (steps - step) / (steps - warmup): 1 at the warm-up's end, 1 / (steps -
+    warmup) at the last step, so the last step's LR is never 0."""
+    lr, warm, steps = cfg["lr"], cfg["warmup_steps"], cfg["steps"]
+    if step < warm:
+        return lr * (step + 1) / (warm + 1)
+    left = (steps - step) / max(1, steps - warm)
+    return {"constant": lr, "linear": lr * left,
+            "cosine": lr * (1 - math.cos(math.pi * left)) / 2}[cfg["lr_schedule"]]
+
+
+def lr_schedule_key(r: dict[str, Any]) -> Any:
+    """The steps whose applied LR (read from the backend's optimizer, `lr_per_step`) is not the
+    documented schedule's, as [step, applied, expected]: [] when every step's is (float32
+    rounding allowed); None when the run recorded no LRs or no schedule."""
+    lrs, cfg = (r.get("optimizer") or {}).get("lr_per_step"), r.get("config") or {}
+    if not lrs or not all(k in cfg for k in ("lr", "warmup_steps", "steps", "lr_schedule")):
+        return None
+    want = [scheduled_lr(cfg, s) for s in range(len(lrs))]
+    return [[s, a, w] for s, (a, w) in enumerate(zip(lrs, want, strict=True))
+            if not math.isclose(a, w, rel_tol=1e-6, abs_tol=1e-12)][:3]
 
 
 # ----------------------------------------------------------------------------- fairness
@@ -68,6 +95,21 @@ def _check(name: str, rows: list[dict[str, Any]], get: Any) -> dict[str, Any]:
     return {"check": name, "ok": status == "pass", "status": status, "detail": detail}
 
 
+def _lr_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each backend against the documented schedule, not against the others: a schedule wrong in
+    the same way everywhere is a mismatch too."""
+    pairs = [(backend_name(r, i), lr_schedule_key(r)) for i, r in enumerate(rows)]
+    missing = [n for n, v in pairs if v is None]
+    off = [f"{n} step {s}: {a:.6g} (schedule {w:.6g})" for n, v in pairs for s, a, w in v or []]
+    if missing:
+        status, detail = "missing", "no per-step LR recorded by " + ", ".join(missing)
+    elif off:
+        status, detail = "mismatch", "; ".join(off)
+    else:
+        status, detail = "pass", f"all {len(rows)} applied the {rows[0]['config']['lr_schedule']} schedule" if rows else "no rows"
+    return {"check": "lr_schedule", "ok": status == "pass", "status": status, "detail": detail}
+
+
 def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Did every successful backend see the same inputs and settings? Each figure is measured in
     the backend's own run: the token ids its loop fed (hashed step by step), the settings read back
@@ -84,6 +126,7 @@ def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         _check("initial_adapter_fingerprint", rows, lambda r: r.get("initial_adapter_fingerprint")),
         _check("trainable_params", rows, lambda r: r.get("trainable_params") or None),
         _check("optimizer", rows, lambda r: optimizer_key(r.get("optimizer"))),
+        _lr_check(rows),
         _check("precision", rows, lambda r: r.get("precision")),
         _check("threads", rows, lambda r: r.get("threads") or None),
         _check("config", rows, lambda r: config_key(r.get("config"))),
