@@ -125,7 +125,7 @@ def write_top_png(sites: list[Site], peak_mb: float, png: Path, title: str) -> N
     """Horizontal bars, largest on top: MB live at the peak per site (matplotlib, no pyplot)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 1.3 + 0.32 * max(len(sites), 1)), layout="constrained")
+    fig = Figure(figsize=(8, 1.3 + 0.32 * max(len(sites), 1)))
     ax = fig.subplots()
     labels = [_short(f"{s.function} ({s.location})" if s.location else s.function) for s in sites][::-1]
     values = [s.mb for s in sites][::-1]
@@ -134,8 +134,9 @@ def write_top_png(sites: list[Site], peak_mb: float, png: Path, title: str) -> N
     ax.set_xlabel("MB live at the peak")
     ax.set_xlim(0, max(values, default=1) * 1.2)
     ax.tick_params(axis="y", labelsize=8)
-    ax.set_title(f"{title}: top allocation sites at the memray peak ({peak_mb:.0f} MB)", fontsize=10)
-    fig.savefig(png, dpi=90)
+    ax.set_title(f"{title}: top allocation sites at the memray peak\n"
+                 f"(these {len(sites)} hold {sum(values):.0f} of {peak_mb:.0f} MB)", fontsize=10)
+    fig.savefig(png, dpi=90, bbox_inches="tight")  # room for long labels
 
 
 def _short(text: str, width: int = 50) -> str:
