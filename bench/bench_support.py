@@ -221,16 +221,17 @@ def method_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def hardware_key(machine_info: dict[str, Any]) -> dict[str, Any]:
     """The parts of a machine_info that make timings comparable: CPU model, architecture, core
-    counts, the kernel-relevant CPU flags and each framework's BLAS (name and library).
+    counts, the kernel-relevant CPU flags, each framework's BLAS (name and library) and version.
     Deliberately left out: hostname (`node`), clock speeds (`hz_actual` wobbles between runs),
     kernel release, cache-size strings and Python build details."""
     cpu = machine_info.get("cpu") or {}
     ft = machine_info.get("ftcore") or {}
     flags = sorted(f for f in cpu.get("flags") or () if f.startswith(_FLAG_PREFIXES))
-    blas = {}
+    blas, versions = {}, {}
     for fw, info in (ft.get("framework_blas") or {}).items():
         path = info.get("path")
         blas[fw] = {"blas": info.get("blas"), "library": os.path.basename(path) if path else None}
+        versions[fw] = info.get("version")
     return {
         "cpu_model": ft.get("cpu_model") or cpu.get("brand_raw"),
         "arch": cpu.get("arch") or machine_info.get("machine"),
@@ -239,6 +240,7 @@ def hardware_key(machine_info: dict[str, Any]) -> dict[str, Any]:
         "cpu_flags": flags,
         "system": machine_info.get("system"),
         "blas": blas,
+        "versions": versions,  # torch / mlx: a framework upgrade changes what a step computes
     }
 
 
@@ -263,6 +265,10 @@ def hardware_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
         x, y = a["blas"].get(fw), b["blas"].get(fw)
         if a["blas"] and x != y:
             diffs.append(f"{fw} BLAS: baseline {show(x)}, now {show(y)}")
+    for fw in sorted(set(a["versions"]) & set(b["versions"])):
+        x, y = a["versions"][fw], b["versions"][fw]
+        if x and y and x != y:
+            diffs.append(f"{fw} version: baseline {x}, now {y}")
     return diffs
 
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import baseline_compare as bc
 import bench_support as bs
 import pytest
 
@@ -49,6 +50,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "memray-flamegraph-<backend>.html, memray-summary-<backend>.json (default: a pytest tmp dir)")
     g.addoption("--memray-native", action=argparse.BooleanOptionalAction, default=None,
                 help="record native stacks in the memray pass (default on; off with --bench-quick)")
+    g.addoption(bc.ACROSS_FLAG, action="store_true", default=False,
+                help="apply --benchmark-compare-fail to a baseline recorded on another machine (CPU, "
+                     "cores, BLAS, framework versions); by default its rows are marked not comparable "
+                     "and never fail the run")
 
 
 class Opts:
@@ -199,8 +204,9 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 @pytest.hookimpl(wrapper=True)
 def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
-    """Warn when the baseline ran on different hardware or BLAS; stay quiet about host names
-    and clock-speed wobble.
+    """Say in one line when the baseline ran on different hardware, BLAS or framework versions
+    (bench/baseline_compare.py: its rows are then marked and never fail on time); stay quiet
+    about host names and clock-speed wobble.
 
     pytest-benchmark's own implementation of this hook warns on *any* machine_info difference
     (hostname, `hz_actual`), i.e. on every run here. This wrapper does the meaningful comparison
@@ -211,9 +217,8 @@ def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info
     diffs = bs.method_differences(saved, machine_info) + bs.hardware_differences(saved, machine_info)
     where = getattr(benchmarksession.storage, "path", None) or "storage"  # .location raises outside cwd
     if diffs:
-        benchmarksession.logger.warning(
-            f"Baseline ran on different hardware/BLAS or timed other work ({where}); timings are not comparable:\n  "
-            + "\n  ".join(diffs))
+        bc.note_other_machine(benchmarksession, compared_benchmark, diffs, str(where),
+                              enforce=config.getoption(bc.ACROSS_FLAG))
     else:
         key = bs.hardware_key(machine_info)
         blas = ", ".join(f"{fw} {v['blas']}" for fw, v in key["blas"].items())
@@ -225,3 +230,10 @@ def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info
         return (yield)
     finally:
         compared_benchmark["machine_info"] = saved
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_benchmark_group_stats(config, benchmarks, group_by):
+    """Rows compared with another machine's baseline end in "[other machine: not comparable]"."""
+    bc.mark_rows(config._benchmarksession, benchmarks)
+    return (yield)

@@ -57,6 +57,15 @@ def test_blas_difference_is_reported():
     assert len(diffs) == 1 and diffs[0].startswith("mlx BLAS"), diffs
 
 
+def test_framework_version_difference_is_reported():
+    a, b = machine_info(), machine_info()
+    a["ftcore"]["framework_blas"]["torch"]["version"] = "2.13.0+cpu"
+    b["ftcore"]["framework_blas"]["torch"]["version"] = "2.14.0+cpu"
+    assert bs.hardware_differences(a, b) == ["torch version: baseline 2.13.0+cpu, now 2.14.0+cpu"]
+    del b["ftcore"]["framework_blas"]["torch"]["version"]  # older baselines lack it: no claim
+    assert bs.hardware_differences(a, b) == []
+
+
 def test_baseline_without_blas_info_is_flagged():
     a = machine_info()
     del a["ftcore"]

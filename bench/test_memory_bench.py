@@ -8,7 +8,9 @@ wrap the child itself) and writes into `--memray-out` (default: a pytest tmp dir
 
     <dir>/<size>/memray-<backend>.bin                the capture (all allocations, not aggregated:
                                                      `memray stats|summary|tree|table` all work on it)
-    <dir>/<size>/memray-flamegraph-<backend>.html    `python -m memray flamegraph` of the capture
+    <dir>/<size>/memray-flamegraph-<backend>.html    `python -m memray flamegraph` of the capture,
+                                                     its CDN scripts inlined (ftcore.flamegraph)
+    <dir>/<size>/memray-top-<backend>.png            the top allocation sites at the peak
     <dir>/<size>/memray-summary-<backend>.json       peak, bytes live at the peak by allocator and
                                                      owner, beside the child's RSS figures
 
@@ -37,13 +39,13 @@ mlx ~100 vs 185 MB, mlx-lm ~325 vs 278 MB. The RSS figure stays the headline mem
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import bench_support as bs
 import pytest
 
 from ftcore.backends import BACKENDS
+from ftcore.flamegraph import external_resources, write_reports
 
 # Memory budgets for the tiny fp32 case (default shape 4x128): memray peak heap of the
 # whole child process, in MB. Measured on the 2-core EPYC (torch 2.13 CPU wheel, transformers
@@ -72,9 +74,9 @@ def test_memray_profile(memray_case: bs.Case, bench_opts, prepared, memray_dir, 
     result = run_backend(case.backend, prep, tmp_path / "run", wrap=wrap)
     assert result.status == "ok", f"{case.backend} under memray failed: {result.error}"
     assert capture.exists(), "memray wrote no capture"
-    subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-f", "-o", str(html), str(capture)],
-                   check=True, stdout=subprocess.DEVNULL)
-    assert html.stat().st_size > 0
+    png = out / f"memray-top-{case.backend}.png"
+    assert write_reports(capture, html, png, case.id) == [], "flamegraph assets not all vendored"
+    assert external_resources(html.read_text()) == [] and png.stat().st_size > 0  # opens offline
 
     summary = bs.memray_summary(capture)
     summary.update({

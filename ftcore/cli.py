@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -272,10 +271,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         result.status, result.error = "failed", "memray wrote no capture"
     if result.status != "ok":
         return finish_run([result])
-    html = out / f"memray-flamegraph-{args.backend}.html"
-    subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-f", "-o", str(html), str(capture)], check=True, stdout=subprocess.DEVNULL)
+    from ftcore.flamegraph import write_reports
+
+    html, png = out / f"memray-flamegraph-{args.backend}.html", out / f"memray-top-{args.backend}.png"
+    warnings = write_reports(capture, html, png, f"ftcore profile {args.backend}")  # self-contained
     print_summary(result)
-    print(f"memray capture   {capture}\nflamegraph       {html}")
+    print(f"memray capture   {capture}\nflamegraph       {html} (opens offline)\ntop allocators   {png}")
+    for w in warnings:
+        print(f"warning: {w}")
     print("note: timings under memray include its tracking overhead; use `ftcore run` for speed figures")
     return finish_run([result])
 

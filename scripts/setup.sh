@@ -17,6 +17,19 @@ if [ "$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q libopenblas;
   fi
 fi
 
+# Headless Chromium for tests/test_flamegraph.py, which opens a written flamegraph offline
+# (Debian's chromium-headless-shell: ~96 MB download, ~11 s to install here).
+if [ "$(uname -s)" = Linux ] && ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    apt_chromium() { $SUDO apt-get install -y -qq --no-install-recommends chromium-headless-shell >/dev/null; }
+    apt_chromium || { $SUDO apt-get update -qq && apt_chromium; } \
+      || echo "setup: could not install chromium-headless-shell; tests/test_flamegraph.py will fail" >&2
+  else
+    echo "setup: install a headless Chromium (or set FTCORE_CHROMIUM) for tests/test_flamegraph.py" >&2
+  fi
+fi
+
 stamp=.venv/.ftcore-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -1,0 +1,99 @@
+"""`pytest bench/ --benchmark-compare` against a baseline from another machine and one from this
+machine (bench/baseline_compare.py), through real pytest-benchmark in child pytest sessions.
+
+The benchmark is the tokenising one at 300 records (in-process, a real timing, ~1.5 s of rounds).
+1. The committed baseline's JSON, its CPU model edited, its tokenising entry renamed to 300
+   records and its stats scaled to them and made 3x faster: exit 0, one notice line naming cpu_model,
+   the baseline's rows marked not comparable. The same session saves this run.
+2. That saved run, its stats made 1.5x faster (so this run's step is 1.5x slower), same machine:
+   exit 1 (PerformanceRegression).
+3. Baseline 1 again with --bench-compare-across-machines: exit 1.
+The fail threshold is on `min` (10%) over 20 rounds: a loaded machine only ever adds time, so the
+minimum of a run's rounds moves far less between sessions than its median (2. fails unless this
+run's fastest round beats the recorded one by more than a quarter).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pytest_benchmark.utils import get_machine_id
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = 300
+ROUNDS = 20  # ~70 ms each: a min over 1.5 s of rounds, robust to a moment of load
+PARAM = f"tiny-{RECORDS}rec"
+FULLNAME = f"bench/test_data_bench.py::test_tokenize_alpaca[{PARAM}]"
+MARK = "[other machine: not comparable]"
+TIME_STATS = ("min", "max", "mean", "stddev", "median", "iqr", "q1", "q3", "ld15iqr", "hd15iqr", "total")
+
+
+def bench_session(storage: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pytest", "bench/test_data_bench.py", "--benchmark-only", "-p", "no:cacheprovider",
+           f"--tokenize-records={RECORDS}", f"--bench-rounds={ROUNDS}", f"--benchmark-storage=file://{storage}",
+           "--benchmark-compare",
+           "--benchmark-compare-fail=min:10%", *args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def scaled(bench: dict, factor: float) -> dict:
+    """The benchmark entry with every time statistic multiplied by `factor`."""
+    out = copy.deepcopy(bench)
+    for k in TIME_STATS:
+        out["stats"][k] *= factor
+    out["stats"]["ops"] /= factor
+    return out
+
+
+def store(storage: Path, name: str, run: dict) -> None:
+    d = storage / get_machine_id()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"0001_{name}.json").write_text(json.dumps(run))
+
+
+def test_compare_across_machines_notes_marks_and_does_not_fail(tmp_path: Path):
+    committed = json.loads(next((ROOT / ".benchmarks").glob("*/0001_baseline.json")).read_text())
+    other = copy.deepcopy(committed)
+    other["machine_info"]["cpu"]["brand_raw"] = other["machine_info"]["ftcore"]["cpu_model"] = "Other CPU (edited)"
+    tok = next(b for b in other["benchmarks"] if b["name"].startswith("test_tokenize_alpaca"))
+    tok = scaled(tok, RECORDS / tok["params"]["tokenize_n"] / 3)  # this machine looks >= 3x slower
+    tok.update(name=f"test_tokenize_alpaca[{PARAM}]", fullname=FULLNAME, param=PARAM,
+               params={"tokenize_n": RECORDS}, group=f"tokenize tiny {RECORDS} records")
+    other["benchmarks"] = [tok]
+    store(tmp_path / "other", "other", other)
+
+    # 1. another CPU: one notice, rows marked, exit 0 although far slower; this run is saved
+    r1 = bench_session(tmp_path / "other", "--benchmark-save=now")
+    out1 = r1.stdout + r1.stderr
+    assert r1.returncode == 0, out1[-4000:]
+    notices = [line for line in out1.splitlines() if "ran on another machine" in line]
+    assert len(notices) == 1 and notices[0].startswith("ftcore bench: baseline") and "cpu_model" in notices[0], notices
+    assert "Other CPU (edited)" in notices[0] and "PytestBenchmarkWarning" not in out1
+    rows = [line for line in out1.splitlines() if line.startswith(f"test_tokenize_alpaca[{PARAM}]")]
+    assert len(rows) == 2 and sum(MARK in row for row in rows) == 1, rows
+    assert "Performance has regressed" not in out1
+
+    # 2. this machine, its step 1.5x slower than the baseline's: still fails
+    saved = json.loads(next((tmp_path / "other").glob("*/0002_now.json")).read_text())
+    same = dict(saved, benchmarks=[scaled(b, 1 / 1.5) for b in saved["benchmarks"]])
+    store(tmp_path / "same", "same", same)
+    r2 = bench_session(tmp_path / "same")
+    out2 = r2.stdout + r2.stderr
+    assert r2.returncode == 1 and "Performance has regressed" in out2, out2[-4000:]
+    assert "ran on another machine" not in out2 and MARK not in out2
+
+    # 3. another CPU with the explicit flag: the threshold applies again
+    (tmp_path / "other" / get_machine_id() / "0002_now.json").unlink()
+    r3 = bench_session(tmp_path / "other", "--bench-compare-across-machines")
+    out3 = r3.stdout + r3.stderr
+    assert r3.returncode == 1 and "Performance has regressed" in out3, out3[-4000:]
+    assert "--benchmark-compare-fail still applies" in out3
