@@ -16,20 +16,14 @@ import os
 import signal
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
-from ftcore.arch import LORA_TARGETS
 from ftcore.backends import BACKENDS
 from ftcore.benchcases import SIZES
-from ftcore.config import (
-    BATCHINGS,
-    DEVICES,
-    LR_SCHEDULES,
-    PRECISIONS,
-    PRESETS,
-    RunConfig,
-    UserError,
-)
+from ftcore.config import PRESETS, RunConfig, UserError
 from ftcore.models import resolve_model_dir
 from ftcore.procs import kill_all, stop_all
 from ftcore.report import format_table
@@ -49,58 +43,52 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field (dest = field name); unset flags keep RunConfig's default."""
-    d = RunConfig()
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="local Hugging Face Llama folder (overrides --preset)")
-    g.add_argument("--preset", choices=PRESETS, help=f"built-in checkpoint made locally: tiny-pretrained (pretrained once on the built-in tasks), tiny (random init), tinyllama-1.1b (TinyLlama's architecture, random init) (default {d.preset})")
-    g.add_argument("--num-layers", type=int, help="keep only the first N layers of the preset")
-    g.add_argument("--allow-pickle", action="store_true", default=None, help="accept pickle weights from --model")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="Alpaca .json/.jsonl or datasets.save_to_disk folder, or builtin:alpaca-lengths (built-in tasks in records of Stanford Alpaca's token lengths) (default: built-in synthetic)")
-    g.add_argument("--num-samples", type=int, help=f"training records drawn by seed (default {d.num_samples})")
-    g.add_argument("--eval-samples", type=int, help=f"held-out records for eval loss (default {d.eval_samples})")
-    g.add_argument("--max-seq-len", type=int, help=f"tokens per row at most: longer records are truncated (default {d.max_seq_len})")
-    g.add_argument("--batching", choices=BATCHINGS, help=f"padded: every row padded to --max-seq-len; longest: as mlx-lm's trainer, records sorted by length, consecutive batches in a seeded order, each padded to 1 + 32*ceil(longest/32) (default {d.batching})")
-    g.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None, help="loss on the response only (default on)")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
-    g.add_argument("--steps", type=int, help=f"optimiser steps (default {d.steps})")
-    g.add_argument("--epochs", type=int, help="whole passes over the training records instead of --steps (overrides it): steps = epochs x steps per epoch")
-    g.add_argument("--timing-warmup-steps", type=int, help=f"first steps left out of throughput (default {d.timing_warmup_steps})")
-    g.add_argument("--eval-every", type=int, help=f"evaluate before training, every N steps and at the end; 0: before and end only (default {d.eval_every})")
-    g.add_argument("--eval-generate", action=argparse.BooleanOptionalAction, default=None, help="greedy answers to the eval records, before and after training: exact-match accuracy (default: on for the built-in data, whose answers are exact; off for --data)")
-    g.add_argument("--target-eval-loss", type=float, help="stop once a periodic eval reaches this loss; report steps and seconds to it")
-    g.add_argument("--seed", type=int, help=f"data subset, batch order and initial LoRA weights (default {d.seed})")
-    g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
-    g.add_argument("--device", choices=DEVICES, help=f"(default {d.device})")
-    g.add_argument("--threads", type=int, help="threads per framework (default: all cores)")
-    g.add_argument("--grad-checkpoint", action="store_true", default=None, help="gradient checkpointing: recompute each layer's activations in the backward pass instead of keeping them (torch: transformers' gradient_checkpointing_enable; mlx, mlx-lm: mx.checkpoint per layer)")
-    g = p.add_argument_group("optimiser (AdamW with bias correction)")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"after warm-up (default {d.lr_schedule})")
-    g.add_argument("--warmup-steps", type=int, help=f"linear LR warm-up steps (default {d.warmup_steps})")
-    g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
-    g.add_argument("--adam-beta1", type=float, help=f"(default {d.adam_beta1})")
-    g.add_argument("--adam-beta2", type=float, help=f"(default {d.adam_beta2})")
-    g.add_argument("--adam-eps", type=float, help=f"(default {d.adam_eps})")
-    g.add_argument("--max-grad-norm", type=float, help="clip gradients to this norm (default: no clipping)")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=int, help=f"(default {d.lora_rank})")
-    g.add_argument("--lora-alpha", type=float, help=f"scale = alpha / rank (default {d.lora_alpha:g})")
-    g.add_argument("--lora-dropout", type=float, help=f"(default {d.lora_dropout})")
-    g.add_argument("--lora-targets", help=f"comma list from {','.join(LORA_TARGETS)} (default {','.join(d.lora_targets)})")
-    g = p.add_argument_group("data parallel (torchrun / mlx.launch; torch and mlx backends)")
-    g.add_argument("--nproc", type=int, help="processes per machine, each a shard of every global batch; threads are split over them; compare also runs each backend at 1 process (default 1)")
-    g.add_argument("--nnodes", type=int, help="machines (default 1); torch needs --rdzv-endpoint, mlx --hostfile")
-    g.add_argument("--rdzv-endpoint", help="torchrun rendezvous HOST:PORT for --nnodes > 1")
-    g.add_argument("--hostfile", help="mlx.launch JSON hostfile, one entry per machine, for --nnodes > 1")
+def _flag_type(hint: Any) -> Any:
+    """The field's type without None: `int | None` -> int."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else hint
+    return typing.get_origin(hint) or hint
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def add_run_options(p: argparse.ArgumentParser, config: type = RunConfig) -> None:
+    """One flag per field of `config` (dest = field name), made from the field (ftcore.config.option):
+    int/float fields take that type, str and tuple fields a string (a tuple's comma list is split
+    by the config), a bool a switch (--x when its default is off; --x/--no-x otherwise). Every
+    flag's default is None: an unset flag keeps the config's own default."""
+    hints = typing.get_type_hints(config)
+    group: argparse._ActionsContainer = p
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        if "group" in meta:
+            group = p.add_argument_group(meta["group"])
+        kind, default = _flag_type(hints[f.name]), f.default
+        help_text = meta.get("help", "")
+        if default is not None and "(default" not in help_text and default is not False:
+            help_text = f"{help_text} (default {_shown(default)})".strip()
+        kw: dict[str, Any] = {"help": help_text, "default": None}
+        if kind is bool:
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        elif kind in (int, float):
+            kw["type"] = kind
+        elif kind not in (str, tuple):
+            raise TypeError(f"RunConfig.{f.name}: no flag for type {hints[f.name]}")
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_from_args(args: argparse.Namespace, config: type = RunConfig) -> Any:
+    fields = {f.name for f in dataclasses.fields(config)}
+    return config(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
 
 
 def build_parser() -> Parser:
