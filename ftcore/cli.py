@@ -10,23 +10,20 @@ or FTCORE_DEBUG=1 asks for it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any
 
 from ftcore.backends import BACKENDS
 from ftcore.benchcases import SIZES
-from ftcore.config import PRESETS, RunConfig, UserError
+from ftcore.config import PRESETS, RunConfig, UserError, add_run_options, config_from_args
 from ftcore.models import resolve_model_dir
 from ftcore.procs import kill_all, stop_all
-from ftcore.report import format_table
+from ftcore.report import format_run, format_short, format_table
 from ftcore.result import RunResult
 from ftcore.rundir import RunDir
 from ftcore.runner import OFFLINE_ENV, check_run, compare, run_backend
@@ -41,54 +38,6 @@ BACKENDS_HELP = "; ".join(f"{name}: {spec.summary}" for name, spec in BACKENDS.i
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's default prints the whole usage block
         raise UserError(f"{self.prog}: {message}")
-
-
-def _flag_type(hint: Any) -> Any:
-    """The field's type without None: `int | None` -> int."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        rest = [a for a in typing.get_args(hint) if a is not type(None)]
-        return rest[0] if len(rest) == 1 else hint
-    return typing.get_origin(hint) or hint
-
-
-def _shown(default: Any) -> str:
-    if isinstance(default, bool):
-        return "on" if default else "off"
-    if isinstance(default, tuple):
-        return ",".join(default)
-    return f"{default:g}" if isinstance(default, float) else str(default)
-
-
-def add_run_options(p: argparse.ArgumentParser, config: type = RunConfig) -> None:
-    """One flag per field of `config` (dest = field name), made from the field (ftcore.config.option):
-    int/float fields take that type, str and tuple fields a string (a tuple's comma list is split
-    by the config), a bool a switch (--x when its default is off; --x/--no-x otherwise). Every
-    flag's default is None: an unset flag keeps the config's own default."""
-    hints = typing.get_type_hints(config)
-    group: argparse._ActionsContainer = p
-    for f in dataclasses.fields(config):
-        meta = f.metadata
-        if "group" in meta:
-            group = p.add_argument_group(meta["group"])
-        kind, default = _flag_type(hints[f.name]), f.default
-        help_text = meta.get("help", "")
-        if default is not None and "(default" not in help_text and default is not False:
-            help_text = f"{help_text} (default {_shown(default)})".strip()
-        kw: dict[str, Any] = {"help": help_text, "default": None}
-        if kind is bool:
-            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
-        elif kind in (int, float):
-            kw["type"] = kind
-        elif kind not in (str, tuple):
-            raise TypeError(f"RunConfig.{f.name}: no flag for type {hints[f.name]}")
-        if "choices" in meta:
-            kw["choices"] = meta["choices"]
-        group.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def config_from_args(args: argparse.Namespace, config: type = RunConfig) -> Any:
-    fields = {f.name for f in dataclasses.fields(config)}
-    return config(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
 
 
 def build_parser() -> Parser:
@@ -108,6 +57,7 @@ def build_parser() -> Parser:
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list (default {DEFAULT_BACKENDS}); {BACKENDS_HELP}")
     p.add_argument("--out", type=Path, help="output folder, new or empty (default: a new runs/compare-<time>[-n] folder)")
     p.add_argument("--replace", action="store_true", help=replace_help)
+    p.add_argument("--verbose", action="store_true", help="print the full table, checks, notes and footnotes (as in report.md) instead of the short answer")
     add_run_options(p)
 
     p = sub.add_parser("convert", parents=[common], help="convert a HF Llama checkpoint to MLX", description="Convert a local Hugging Face Llama folder to MLX weights + config.")
@@ -163,22 +113,6 @@ def parse_backends(text: str) -> list[str]:
     return names
 
 
-def fmt(v: object, spec: str = ".1f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
-def print_summary(r) -> None:
-    if r.status != "ok":
-        return
-    first = r.losses[0] if r.losses else None
-    print(f"backend          {r.backend} ({r.precision}, {r.extra.get('device', 'cpu')}, {r.threads} threads, BLAS {r.blas})")
-    print(f"loss             {fmt(first, '.4f')} -> {fmt(r.final_loss, '.4f')} over {r.steps} steps; eval {fmt(r.eval_loss, '.4f')}")
-    print(f"time             load {fmt(r.load_time_s, '.2f')} s, warm-up {fmt(r.warmup_time_s, '.2f')} s, train {fmt(r.train_time_s, '.2f')} s")
-    print(f"throughput       {fmt(r.tokens_per_s)} tok/s (all tokens), {fmt(r.loss_tokens_per_s)} loss tok/s")
-    print(f"memory           peak RSS {fmt(r.peak_rss_mb, '.0f')} MB, after load {fmt(r.baseline_rss_mb, '.0f')} MB, framework peak {fmt(r.framework_peak_mb, '.0f')} MB")
-    print(f"MFU              {fmt(None if r.mfu is None else 100 * r.mfu, '.2f')} % of measured GEMM peak")
-
-
 def open_run(out: Path | None, replace: bool) -> RunDir:
     """The run's folder, to be claimed once every input check has passed (ftcore.rundir)."""
     global ACTIVE_RUN
@@ -203,7 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     prep = check_run(config_from_args(args), [args.backend])
     out = run_dir.claim()
     result = run_backend(args.backend, prep.save(out), out)
-    print_summary(result)
+    if summary := format_run(result):
+        print(summary)
     print(f"result           {out / 'result.json'}")
     return finish_run([result])
 
@@ -214,8 +149,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     prep = check_run(config_from_args(args), backends)
     out = run_dir.claim()
     comparison = compare(backends, prep.save(out), out)
-    print(format_table(comparison))
-    print(f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: {out / 'loss_curves.png'}")
+    if args.verbose:
+        print(format_table(comparison))
+        print(f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: {out / 'loss_curves.png'}")
+    else:  # the short answer; the full table with footnotes and environment is in report.md
+        width = shutil.get_terminal_size().columns
+        print(format_short(comparison, width))
+        print(f"\nFull table, footnotes, environment: report.md (or --verbose)\nreport: {out / 'report.md'}"
+              f"\ndata:   {out / 'comparison.json'}")
     return finish_run([RunResult.from_dict(r) for r in comparison["results"]])
 
 
@@ -259,7 +200,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return finish_run([result])
     html = out / f"memray-flamegraph-{args.backend}.html"
     subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-f", "-o", str(html), str(capture)], check=True, stdout=subprocess.DEVNULL)
-    print_summary(result)
+    if summary := format_run(result):
+        print(summary)
     print(f"memray capture   {capture}\nflamegraph       {html}")
     print("note: timings under memray include its tracking overhead; use `ftcore run` for speed figures")
     return finish_run([result])

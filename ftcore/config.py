@@ -1,14 +1,18 @@
 """RunConfig: the one object that drives every backend.
 
-Every CLI flag maps onto one field here. A bad value is refused on creation with a
+Every run flag is made from one field here (`option`: help, choices, group; `add_run_options`
+builds the flags), so a new option is one field. A bad value is refused on creation with a
 message naming the field, before any model is loaded or any data is read.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,3 +207,53 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+
+# ----------------------------------------------------------------------------- run flags
+
+
+def _flag_type(hint: Any) -> Any:
+    """The field's type without None: `int | None` -> int."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else hint
+    return typing.get_origin(hint) or hint
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def add_run_options(p: argparse.ArgumentParser, config: type = RunConfig) -> None:
+    """One flag per field of `config` (dest = field name), made from the field (ftcore.config.option):
+    int/float fields take that type, str and tuple fields a string (a tuple's comma list is split
+    by the config), a bool a switch (--x when its default is off; --x/--no-x otherwise). Every
+    flag's default is None: an unset flag keeps the config's own default."""
+    hints = typing.get_type_hints(config)
+    group: argparse._ActionsContainer = p
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        if "group" in meta:
+            group = p.add_argument_group(meta["group"])
+        kind, default = _flag_type(hints[f.name]), f.default
+        help_text = meta.get("help", "")
+        if default is not None and "(default" not in help_text and default is not False:
+            help_text = f"{help_text} (default {_shown(default)})".strip()
+        kw: dict[str, Any] = {"help": help_text, "default": None}
+        if kind is bool:
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        elif kind in (int, float):
+            kw["type"] = kind
+        elif kind not in (str, tuple):
+            raise TypeError(f"RunConfig.{f.name}: no flag for type {hints[f.name]}")
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_from_args(args: argparse.Namespace, config: type = RunConfig) -> Any:
+    fields = {f.name for f in dataclasses.fields(config)}
+    return config(**{k: v for k, v in vars(args).items() if k in fields and v is not None})

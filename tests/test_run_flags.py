@@ -1,5 +1,5 @@
 """The run options are generated from RunConfig's fields (ftcore.config.option ->
-ftcore.cli.add_run_options): the same flags as the hand-written list they replaced, and a new
+add_run_options): the same flags as the hand-written list they replaced, and a new
 field is a new flag with no other edit."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 
 from ftcore import config
-from ftcore.cli import Parser, add_run_options, config_from_args
-from ftcore.config import RunConfig, UserError, option
+from ftcore.cli import Parser
+from ftcore.config import RunConfig, UserError, add_run_options, config_from_args, option
 
 pytestmark = pytest.mark.unit
 
