@@ -94,6 +94,7 @@ def test_many_backends_are_split_into_tables_that_fit_80_columns():
     names = ["torch", "torch x2", "mlx", "mlx x2", "hf-trainer", "mlx-lm"]
     results = [_result(n, 1.0 + i, 400.0 + i) for i, n in enumerate(names)]
     lines = _short(*results)
+    assert lines[1].startswith("Fastest: torch, 2.00x as fast as torch x2.")  # against the runner-up
     assert max(map(len, lines)) <= 80
     headers = [ln for i, ln in enumerate(lines[1:], 1) if lines[i - 1] == "" and i + 1 < len(lines) and set(lines[i + 1]) == {"-"}]
     assert len(headers) >= 2 and [n for h in headers for n in re.split(r"\s{2,}", h.strip())] == names
