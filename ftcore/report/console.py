@@ -47,12 +47,14 @@ def _any(key: str, test: Any) -> Any:
 
 ALWAYS = None
 DATA_PARALLEL = _any("world_size", lambda w: (num(w) or 1) > 1)
-# (label, cell(row, comparison), shown(rows) or ALWAYS): a row whose cells are all n/a is left out
-# too (no eval generation: no exact match; one backend: no ratios or loss difference).
+
+
 def _full(label: str) -> Any:
     return lambda r, c: FULL[label](r)
 
 
+# (label, cell(row, comparison), shown(rows) or ALWAYS): a row whose cells are all n/a is left out
+# too (no eval generation: no exact match or agreement; one backend: no loss difference).
 SHORT_ROWS: list[tuple[str, Any, Any]] = [
     ("Training time (s)", _full("Training time (s)"), ALWAYS),
     ("Speedup vs {ref}", _full("Speedup factor"), ALWAYS),
