@@ -89,12 +89,12 @@ def result_info(results: Sequence[Any], case: Case, warmup: int, timed: int) -> 
     for key in EXTRA_KEYS:
         if key in first.extra:
             info[key] = first.extra[key]
-    info["machine_load_per_process"] = [r.extra.get("machine_load") for r in results]
+    info["machine_load_per_process"] = [r.machine_load for r in results]
     info["process_wall_s_per_process"] = [r.extra.get("process_wall_s") for r in results]
     info["peak_rss_over_model"] = peak_over_model(
         info.get("peak_rss_max_rank_mb"), info.get("peak_rss_mb"), first.memory_model
     )
-    info["busy_processes"] = sum(bool((r.extra.get("machine_load") or {}).get("busy")) for r in results)
+    info["busy_processes"] = sum(bool((r.machine_load or {}).get("busy")) for r in results)
     timed_steps = [t for r in results for t in r.step_times_s[warmup:]]
     info["child_step_median_s"] = statistics.median(timed_steps) if timed_steps else None
     env = first.env or {}

@@ -10,29 +10,26 @@ or FTCORE_DEBUG=1 asks for it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
 
-from ftcore.arch import LORA_TARGETS
 from ftcore.backends import BACKENDS
 from ftcore.benchcases import SIZES
 from ftcore.config import (
-    BATCHINGS,
-    DEVICES,
-    LR_SCHEDULES,
-    PRECISIONS,
     PRESETS,
     PROMPT_FORMATS,
     RunConfig,
     UserError,
+    add_run_options,
+    config_from_args,
 )
 from ftcore.models import resolve_model_dir
 from ftcore.procs import kill_all, stop_all
-from ftcore.report import format_table
+from ftcore.report import format_run, format_short, format_table
 from ftcore.result import RunResult
 from ftcore.rundir import RunDir
 from ftcore.runner import OFFLINE_ENV, check_run, compare, run_backend
@@ -47,61 +44,6 @@ BACKENDS_HELP = "; ".join(f"{name}: {spec.summary}" for name, spec in BACKENDS.i
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's default prints the whole usage block
         raise UserError(f"{self.prog}: {message}")
-
-
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field (dest = field name); unset flags keep RunConfig's default."""
-    d = RunConfig()
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="local Hugging Face Llama folder (overrides --preset)")
-    g.add_argument("--preset", choices=PRESETS, help=f"built-in checkpoint made locally: tiny-pretrained (pretrained once on the built-in tasks), tiny (random init), tinyllama-1.1b (TinyLlama's architecture, random init) (default {d.preset})")
-    g.add_argument("--num-layers", type=int, help="keep only the first N layers of the preset")
-    g.add_argument("--allow-pickle", action="store_true", default=None, help="accept pickle weights from --model")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="Alpaca .json/.jsonl or datasets.save_to_disk folder, or builtin:alpaca-lengths (built-in tasks in records of Stanford Alpaca's token lengths) (default: built-in synthetic)")
-    g.add_argument("--num-samples", type=int, help=f"training records drawn by seed (default {d.num_samples})")
-    g.add_argument("--eval-samples", type=int, help=f"held-out records for eval loss (default {d.eval_samples})")
-    g.add_argument("--max-seq-len", type=int, help=f"tokens per row at most: longer records are truncated (default {d.max_seq_len})")
-    g.add_argument("--prompt-format", choices=PROMPT_FORMATS, help=f"alpaca: the Stanford Alpaca template; chat: the model's own chat template (user = instruction + input, assistant = output; loss on the assistant turn), as mlx-lm formats chat data (default {d.prompt_format})")
-    g.add_argument("--batching", choices=BATCHINGS, help=f"padded: every row padded to --max-seq-len; longest: as mlx-lm's trainer, records sorted by length, consecutive batches in a seeded order, each padded to 1 + 32*ceil(longest/32); packed: several records per row (first-fit-decreasing), each attending only to itself, positions restarting at 0 (default {d.batching})")
-    g.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None, help="loss on the response only (default on)")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
-    g.add_argument("--steps", type=int, help=f"optimiser steps (default {d.steps})")
-    g.add_argument("--epochs", type=int, help="whole passes over the training records instead of --steps (overrides it): steps = epochs x steps per epoch")
-    g.add_argument("--timing-warmup-steps", type=int, help=f"first steps left out of throughput (default {d.timing_warmup_steps})")
-    g.add_argument("--eval-every", type=int, help=f"evaluate before training, every N steps and at the end; 0: before and end only (default {d.eval_every})")
-    g.add_argument("--eval-generate", action=argparse.BooleanOptionalAction, default=None, help="greedy answers to the eval records, before and after training: exact-match accuracy (default: on for the built-in data, whose answers are exact; off for --data)")
-    g.add_argument("--target-eval-loss", type=float, help="stop once a periodic eval reaches this loss; report steps and seconds to it")
-    g.add_argument("--seed", type=int, help=f"data subset, batch order and initial LoRA weights (default {d.seed})")
-    g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
-    g.add_argument("--device", choices=DEVICES, help=f"(default {d.device})")
-    g.add_argument("--threads", type=int, help="threads per framework (default: all cores)")
-    g.add_argument("--grad-checkpoint", action="store_true", default=None, help="gradient checkpointing: recompute each layer's activations in the backward pass instead of keeping them (torch: transformers' gradient_checkpointing_enable; mlx, mlx-lm: mx.checkpoint per layer)")
-    g = p.add_argument_group("optimiser (AdamW with bias correction)")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"after warm-up (default {d.lr_schedule})")
-    g.add_argument("--warmup-steps", type=int, help=f"linear LR warm-up steps (default {d.warmup_steps})")
-    g.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
-    g.add_argument("--adam-beta1", type=float, help=f"(default {d.adam_beta1})")
-    g.add_argument("--adam-beta2", type=float, help=f"(default {d.adam_beta2})")
-    g.add_argument("--adam-eps", type=float, help=f"(default {d.adam_eps})")
-    g.add_argument("--max-grad-norm", type=float, help="clip gradients to this norm (default: no clipping)")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=int, help=f"(default {d.lora_rank})")
-    g.add_argument("--lora-alpha", type=float, help=f"scale = alpha / rank (default {d.lora_alpha:g})")
-    g.add_argument("--lora-dropout", type=float, help=f"(default {d.lora_dropout})")
-    g.add_argument("--lora-targets", help=f"comma list from {','.join(LORA_TARGETS)} (default {','.join(d.lora_targets)})")
-    g = p.add_argument_group("data parallel (torchrun / mlx.launch; torch and mlx backends)")
-    g.add_argument("--nproc", type=int, help="processes per machine, each a shard of every global batch; threads are split over them; compare also runs each backend at 1 process (default 1)")
-    g.add_argument("--nnodes", type=int, help="machines (default 1); torch needs --rdzv-endpoint, mlx --hostfile")
-    g.add_argument("--rdzv-endpoint", help="torchrun rendezvous HOST:PORT for --nnodes > 1")
-    g.add_argument("--hostfile", help="mlx.launch JSON hostfile, one entry per machine, for --nnodes > 1")
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
 
 
 def build_parser() -> Parser:
@@ -121,6 +63,7 @@ def build_parser() -> Parser:
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list (default {DEFAULT_BACKENDS}); {BACKENDS_HELP}")
     p.add_argument("--out", type=Path, help="output folder, new or empty (default: a new runs/compare-<time>[-n] folder)")
     p.add_argument("--replace", action="store_true", help=replace_help)
+    p.add_argument("--verbose", action="store_true", help="print the full table, checks, notes and footnotes (as in report.md) instead of the short answer")
     add_run_options(p)
 
     p = sub.add_parser("convert", parents=[common], help="convert a HF Llama checkpoint to MLX", description="Convert a local Hugging Face Llama folder to MLX weights + config.")
@@ -177,22 +120,6 @@ def parse_backends(text: str) -> list[str]:
     return names
 
 
-def fmt(v: object, spec: str = ".1f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
-def print_summary(r) -> None:
-    if r.status != "ok":
-        return
-    first = r.losses[0] if r.losses else None
-    print(f"backend          {r.backend} ({r.precision}, {r.extra.get('device', 'cpu')}, {r.threads} threads, BLAS {r.blas})")
-    print(f"loss             {fmt(first, '.4f')} -> {fmt(r.final_loss, '.4f')} over {r.steps} steps; eval {fmt(r.eval_loss, '.4f')}")
-    print(f"time             load {fmt(r.load_time_s, '.2f')} s, warm-up {fmt(r.warmup_time_s, '.2f')} s, train {fmt(r.train_time_s, '.2f')} s")
-    print(f"throughput       {fmt(r.tokens_per_s)} tok/s (all tokens), {fmt(r.loss_tokens_per_s)} loss tok/s")
-    print(f"memory           peak RSS {fmt(r.peak_rss_mb, '.0f')} MB, after load {fmt(r.baseline_rss_mb, '.0f')} MB, framework peak {fmt(r.framework_peak_mb, '.0f')} MB")
-    print(f"MFU              {fmt(None if r.mfu is None else 100 * r.mfu, '.2f')} % of measured GEMM peak")
-
-
 def open_run(out: Path | None, replace: bool) -> RunDir:
     """The run's folder, to be claimed once every input check has passed (ftcore.rundir)."""
     global ACTIVE_RUN
@@ -217,7 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     prep = check_run(config_from_args(args), [args.backend])
     out = run_dir.claim()
     result = run_backend(args.backend, prep.save(out), out)
-    print_summary(result)
+    if summary := format_run(result):
+        print(summary)
     print(f"result           {out / 'result.json'}")
     return finish_run([result])
 
@@ -228,8 +156,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     prep = check_run(config_from_args(args), backends)
     out = run_dir.claim()
     comparison = compare(backends, prep.save(out), out)
-    print(format_table(comparison))
-    print(f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: {out / 'loss_curves.png'}")
+    if args.verbose:
+        print(format_table(comparison))
+        print(f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: {out / 'loss_curves.png'}")
+    else:  # the short answer; the full table with footnotes and environment is in report.md
+        width = shutil.get_terminal_size().columns
+        print(format_short(comparison, width))
+        print(f"\nFull table, footnotes, environment: report.md (or --verbose)\nreport: {out / 'report.md'}"
+              f"\ndata:   {out / 'comparison.json'}")
     return finish_run([RunResult.from_dict(r) for r in comparison["results"]])
 
 
@@ -275,7 +209,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     html, png = out / f"memray-flamegraph-{args.backend}.html", out / f"memray-top-{args.backend}.png"
     warnings = write_reports(capture, html, png, f"ftcore profile {args.backend}")  # self-contained
-    print_summary(result)
+    if summary := format_run(result):
+        print(summary)
     print(f"memray capture   {capture}\nflamegraph       {html} (opens offline)\ntop allocators   {png}")
     for w in warnings:
         print(f"warning: {w}")

@@ -1,14 +1,18 @@
 """RunConfig: the one object that drives every backend.
 
-Every CLI flag maps onto one field here. A bad value is refused on creation with a
+Every run flag is made from one field here (`option`: help, choices, group; `add_run_options`
+builds the flags), so a new option is one field. A bad value is refused on creation with a
 message naming the field, before any model is loaded or any data is read.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,57 +35,67 @@ BATCHINGS = ("padded", "longest", "packed")
 PROMPT_FORMATS = ("alpaca", "chat")
 
 
+def option(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None,
+           group: str | None = None) -> Any:
+    """A RunConfig field with its command-line flag (ftcore.cli.add_run_options): `--<name>`
+    with this help, choices and flag group (`group` starts a new one; later fields stay in it).
+    The flag's type comes from the annotation; "(default X)" is added unless the help says it."""
+    meta = {"help": help, "choices": choices, "group": group}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
 @dataclass(frozen=True)
 class RunConfig:
+    """Every run option, one field each; a new option is one field here (its flag follows)."""
+
     # model: a local HF folder wins over a preset
-    model: str | None = None
-    preset: str = "tiny-pretrained"  # the embedded default (ftcore.models)
-    num_layers: int | None = None  # truncate the preset to its first N layers
-    allow_pickle: bool = False  # accept *.bin / *.pt weights from --model
+    model: str | None = option(None, "local Hugging Face Llama folder (overrides --preset)", group="model")
+    preset: str = option("tiny-pretrained", "built-in checkpoint made locally: tiny-pretrained (pretrained once on the built-in tasks), tiny (random init), tinyllama-1.1b (TinyLlama's architecture, random init)", choices=PRESETS)  # ftcore.models
+    num_layers: int | None = option(None, "keep only the first N layers of the preset")
+    allow_pickle: bool = option(False, "accept pickle weights from --model")  # *.bin / *.pt
     # data: None means the built-in synthetic Alpaca-format set
-    data: str | None = None
-    num_samples: int = 256  # training records drawn (by seed) from the data
-    eval_samples: int = 32  # held-out records for eval loss and accuracy; 0 disables eval
-    max_seq_len: int = 128  # rows are truncated to it; `padded` batches are padded to it
-    batching: str = "longest"  # BATCHINGS
-    mask_prompt: bool = True  # loss on the response only
-    prompt_format: str = "alpaca"  # PROMPT_FORMATS
+    data: str | None = option(None, "Alpaca .json/.jsonl or datasets.save_to_disk folder, or builtin:alpaca-lengths (built-in tasks in records of Stanford Alpaca's token lengths) (default: built-in synthetic)", group="data")
+    num_samples: int = option(256, "training records drawn by seed")
+    eval_samples: int = option(32, "held-out records for eval loss (0 disables eval)")
+    max_seq_len: int = option(128, "tokens per row at most: longer records are truncated")
+    batching: str = option("longest", "padded: every row padded to --max-seq-len; longest: as mlx-lm's trainer, records sorted by length, consecutive batches in a seeded order, each padded to 1 + 32*ceil(longest/32); packed: several records per row (first-fit-decreasing), each attending only to itself, positions restarting at 0", choices=BATCHINGS)
+    mask_prompt: bool = option(True, "loss on the response only")
+    prompt_format: str = option("alpaca", "alpaca: the Stanford Alpaca template; chat: the model's own chat template (user = instruction + input, assistant = output; loss on the assistant turn), as mlx-lm formats chat data", choices=PROMPT_FORMATS)
     # run
-    batch_size: int = 4
-    steps: int = 60
-    epochs: int | None = None  # whole passes over the training records instead of `steps` (ftcore.batching.epoch_steps)
-    timing_warmup_steps: int = 1  # first steps (compilation, allocator) left out of throughput
-    eval_every: int = 10  # eval before training, every N steps and at the end; 0: before and end only
-    # greedy answers to the eval records -> exact-match accuracy; None: only on the built-in data,
-    # whose answers are exact (free-form answers of real data rarely match, and cost long decodes)
-    eval_generate: bool | None = None
-    target_eval_loss: float | None = None  # stop once an eval reaches it (needs eval_every > 0)
-    seed: int = 0
-    precision: str = "fp32"
-    device: str = "cpu"
-    threads: int | None = None  # per framework; None: all logical cores
-    # recompute each layer's activations in the backward pass instead of keeping them (torch:
-    # transformers' gradient checkpointing; MLX: mx.checkpoint per layer): less memory, ~1/3 more FLOPs
-    grad_checkpoint: bool = False
+    batch_size: int = option(4, group="training")
+    steps: int = option(60, "optimiser steps")
+    epochs: int | None = option(None, "whole passes over the training records instead of --steps (overrides it): steps = epochs x steps per epoch")  # ftcore.batching.epoch_steps
+    timing_warmup_steps: int = option(1, "first steps left out of throughput")  # compilation, allocator
+    eval_every: int = option(10, "evaluate before training, every N steps and at the end; 0: before and end only")
+    # None: only on the built-in data, whose answers are exact (free-form answers of real data
+    # rarely match, and cost long decodes)
+    eval_generate: bool | None = option(None, "greedy answers to the eval records, before and after training: exact-match accuracy (default: on for the built-in data, whose answers are exact; off for --data)")
+    target_eval_loss: float | None = option(None, "stop once a periodic eval reaches this loss; report steps and seconds to it")  # needs eval_every > 0
+    seed: int = option(0, "data subset, batch order and initial LoRA weights")
+    precision: str = option("fp32", choices=PRECISIONS)
+    device: str = option("cpu", choices=DEVICES)
+    threads: int | None = option(None, "threads per framework (default: all cores)")
+    # less memory, ~1/3 more FLOPs
+    grad_checkpoint: bool = option(False, "gradient checkpointing: recompute each layer's activations in the backward pass instead of keeping them (torch: transformers' gradient_checkpointing_enable; mlx, mlx-lm: mx.checkpoint per layer)")
     # optimiser: AdamW with bias correction in every backend
-    lr: float = 3e-3
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 2  # linear LR warm-up from 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = None  # None: no clipping
+    lr: float = option(3e-3, "peak learning rate", group="optimiser (AdamW with bias correction)")
+    lr_schedule: str = option("cosine", "after warm-up", choices=LR_SCHEDULES)
+    warmup_steps: int = option(2, "linear LR warm-up steps")  # from 0
+    weight_decay: float = option(0.0)
+    adam_beta1: float = option(0.9)
+    adam_beta2: float = option(0.999)
+    adam_eps: float = option(1e-8)
+    max_grad_norm: float | None = option(None, "clip gradients to this norm (default: no clipping)")
     # LoRA: y = W x + (alpha / rank) * B(A(dropout(x)))
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = field(default=LORA_TARGETS)  # all 7 linears of each layer
+    lora_rank: int = option(8, group="LoRA")
+    lora_alpha: float = option(16.0, "scale = alpha / rank")
+    lora_dropout: float = option(0.0)
+    lora_targets: tuple[str, ...] = option(LORA_TARGETS, f"comma list from {','.join(LORA_TARGETS)}")  # all 7 linears of each layer
     # data parallel (ftcore.dist): processes per machine, machines, and how the launcher finds them
-    nproc: int = 1
-    nnodes: int = 1
-    rdzv_endpoint: str | None = None  # torchrun --rdzv-endpoint HOST:PORT (nnodes > 1)
-    hostfile: str | None = None  # mlx.launch JSON hostfile, one entry per machine (nnodes > 1)
+    nproc: int = option(1, "processes per machine, each a shard of every global batch; threads are split over them; compare also runs each backend at 1 process", group="data parallel (torchrun / mlx.launch; torch and mlx backends)")
+    nnodes: int = option(1, "machines; torch needs --rdzv-endpoint, mlx --hostfile")
+    rdzv_endpoint: str | None = option(None, "torchrun rendezvous HOST:PORT for --nnodes > 1")
+    hostfile: str | None = option(None, "mlx.launch JSON hostfile, one entry per machine, for --nnodes > 1")
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):
@@ -197,3 +211,53 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+
+# ----------------------------------------------------------------------------- run flags
+
+
+def _flag_type(hint: Any) -> Any:
+    """The field's type without None: `int | None` -> int."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else hint
+    return typing.get_origin(hint) or hint
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def add_run_options(p: argparse.ArgumentParser, config: type = RunConfig) -> None:
+    """One flag per field of `config` (dest = field name), made from the field (ftcore.config.option):
+    int/float fields take that type, str and tuple fields a string (a tuple's comma list is split
+    by the config), a bool a switch (--x when its default is off; --x/--no-x otherwise). Every
+    flag's default is None: an unset flag keeps the config's own default."""
+    hints = typing.get_type_hints(config)
+    group: argparse._ActionsContainer = p
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        if "group" in meta:
+            group = p.add_argument_group(meta["group"])
+        kind, default = _flag_type(hints[f.name]), f.default
+        help_text = meta.get("help", "")
+        if default is not None and "(default" not in help_text and default is not False:
+            help_text = f"{help_text} (default {_shown(default)})".strip()
+        kw: dict[str, Any] = {"help": help_text, "default": None}
+        if kind is bool:
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        elif kind in (int, float):
+            kw["type"] = kind
+        elif kind not in (str, tuple):
+            raise TypeError(f"RunConfig.{f.name}: no flag for type {hints[f.name]}")
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_from_args(args: argparse.Namespace, config: type = RunConfig) -> Any:
+    fields = {f.name for f in dataclasses.fields(config)}
+    return config(**{k: v for k, v in vars(args).items() if k in fields and v is not None})

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Fields that were keys of `extra` in older result files: read from there when the file has no field.
+FORMERLY_EXTRA = ("device", "trainable_params_expected", "machine_load", "notes", "warnings", "traceback")
+
 
 @dataclass
 class RunResult:
@@ -23,8 +26,10 @@ class RunResult:
     (``step_times_s[warmup:]``); ``warmup_time_s`` is the excluded first steps; ``step_times_s``
     lists every step, warm-up included. Memory figures are in MB (2**20 bytes).
 
-    ``extra["notes"]`` (strings) and ``extra["warnings"]`` (strings) are printed in the report under
-    the backend's name, whatever the backend: the one channel a backend has to say how it ran.
+    ``notes`` and ``warnings`` (strings) are printed in the report under the backend's name,
+    whatever the backend: the one channel a backend has to say how it ran. ``extra`` holds only
+    backend-specific figures (e.g. mlx's ``cpu_streams``); what the report, the bench or a test
+    reads for every backend is a field here.
     """
 
     backend: str
@@ -74,7 +79,16 @@ class RunResult:
     # what one process must hold by ftcore.memory_model (MB by component, "total"), beside peak RSS
     memory_model: dict | None = None
     cpu_busy_threads: float | None = None  # this process's CPU seconds / wall seconds, timed steps
-    extra: dict = field(default_factory=dict)
+    device: str = ""  # what the loop ran on: torch's device ("cpu", "cuda:0"), MLX's device name
+    trainable_params_expected: int | None = None  # the closed-form LoRA count (ftcore.arch)
+    # other processes' CPU use on the run's cores over the timed steps (ftcore.machine_load):
+    # {..., "busy": bool}; busy shows as BUSY in the report
+    machine_load: dict | None = None
+    notes: list[str] = field(default_factory=list)  # lines for the report (RunResult.note)
+    warnings: list[str] = field(default_factory=list)  # the same, said as warnings (RunResult.warn)
+    traceback: str | None = None  # a failed run's Python traceback; `error` says what failed
+    extra: dict = field(default_factory=dict)  # backend-specific figures only
+
 
     @classmethod
     def failed(cls, backend: str, config: dict | None, error: str) -> RunResult:
@@ -88,6 +102,11 @@ class RunResult:
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
         unknown = {k: v for k, v in d.items() if k not in names}
+        old = dict(known.get("extra") or {})
+        for k in FORMERLY_EXTRA:
+            if k in old and k not in known:
+                known[k] = old.pop(k)
+        known["extra"] = old
         res = cls(**known)
         if unknown:  # newer/older writers: keep what we do not know instead of dropping it
             res.extra = {**res.extra, "unknown_fields": unknown}
@@ -95,7 +114,11 @@ class RunResult:
 
     def note(self, text: str) -> None:
         """Add a line to the report's backend notes."""
-        self.extra.setdefault("notes", []).append(text)
+        self.notes.append(text)
+
+    def warn(self, text: str) -> None:
+        """Add a warning line to the report's backend notes."""
+        self.warnings.append(text)
 
     def write_json(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())

@@ -5,7 +5,7 @@ once; `run_backend()` starts `python -m ftcore.runner ...` for one backend, stre
 returns its RunResult (or a failed one with the reason when the child dies).
 Child side: `main()` loads config + batches, measures peak RSS around the backend's `train`, and
 writes result.json atomically: status `ok`, `diverged` (a non-finite loss or gradient stopped it,
-ftcore.backends.common.Diverged) or `failed` (an exception; its traceback in extra).
+ftcore.backends.common.Diverged) or `failed` (an exception; its traceback in `traceback`).
 Children run in their own session and die with the parent (ftcore.procs).
 """
 
@@ -323,12 +323,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{args.backend}] {result.error}", file=sys.stderr)
         except UserError as e:
             result, code = RunResult.failed(args.backend, cfg.to_dict(), str(e)), 1
-        except Exception as e:  # the row says why; the traceback stays in extra for debugging
+        except Exception as e:  # the row says why; the traceback stays in the result for debugging
             result, code = (
                 RunResult.failed(args.backend, cfg.to_dict(), f"{type(e).__name__}: {e}"),
                 1,
             )
-            result.extra["traceback"] = traceback.format_exc()
+            result.traceback = traceback.format_exc()
             print(f"[{args.backend}] failed: {type(e).__name__}: {e}", file=sys.stderr)
     result.peak_rss_mb = result.peak_rss_max_rank_mb = rss.peak_mb
     result.rank_threads = result.rank_threads or result.threads  # a loop that did not say

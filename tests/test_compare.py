@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 from helpers import ftcore, ftcore_in_process
@@ -14,9 +15,9 @@ from ftcore.runner import compare, prepare
 
 pytestmark = pytest.mark.integration
 
-TABLE_ROWS = ("Training time (s)", "Peak RSS (MB)", "Final loss", "Eval loss", "Eval loss before fine-tune",
-              "Eval loss drop (%)", "Exact match before -> after (%)", "Greedy agreement", "Speedup factor",
-              "Memory efficiency", "Tokens/s", "MFU")  # fmt: skip
+SHORT_ROWS = ("Training time (s)", "Speedup vs torch", "Peak RSS (MB)", "Memory efficiency vs torch",
+              "Loss tokens/s", "Eval loss before -> after", "Exact match before -> after (%)",
+              "Greedy agreement", "Loss diff vs torch (largest)")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_default_fine_tune_teaches_the_held_out_tasks(default_compare):
     agree = rows["mlx"]["greedy_agreement"]
     # the README's claim: fp32 torch and mlx give the same greedy answer on all 32 records
     assert agree["vs"] == "torch" and agree["of"] == 32 and agree["same"] == 32, agree
-    assert "| Greedy agreement" in res.stdout and f"{agree['same']}/{agree['of']} = torch" in res.stdout
+    assert "Greedy agreement" in res.stdout and f"{agree['same']}/{agree['of']} = torch" in res.stdout
     expected = [answer for _, answer in Batches.load(out / "batches.npz").answer_items()]
     for name in rows:  # the accuracies are exact matches of the answers the backend generated
         result = json.loads((out / name / "result.json").read_text())
@@ -76,18 +77,93 @@ def test_default_base_figures_are_the_shipped_model_s(default_compare, default_m
     assert "pretraining" not in res.stderr  # served from the package, not made here
 
 
-def test_compare_prints_table_and_writes_files(default_compare):
+def test_compare_prints_the_short_answer_and_writes_the_full_report(default_compare):
+    """At most 30 lines, none wider than 80 columns (but the two that name a file), the compact
+    rows in order; the full table, its footnotes and the environment are in report.md."""
+    from ftcore.report import FOOTNOTES, TABLE_ROWS
+
     res, out = default_compare
     assert res.returncode == 0, res.stderr[-2000:]
-    header = next(line for line in res.stdout.splitlines() if line.startswith("| Backend"))
-    assert "torch" in header and "mlx" in header
-    for row in TABLE_ROWS:
-        assert f"| {row}" in res.stdout, row
+    lines = res.stdout.splitlines()
+    assert len(lines) <= 30, res.stdout
+    for line in lines:
+        if line.startswith(("report: ", "data: ")):  # a file's path, as long as it is
+            assert Path(line.split(maxsplit=1)[1]).is_file(), line
+        else:
+            assert len(line) <= 80, line
+    assert lines[0] == "All 2 backends ran ok." and "Fairness: 9/9 checks PASS" in lines
+    header = next(i for i, line in enumerate(lines) if line.split() == ["torch", "mlx"])
+    busy = any(r["machine_busy"] for r in json.loads((out / "comparison.json").read_text())["rows"])
+    rows = [line.split("  ")[0] for line in lines[header + 2 : lines.index("", header)]]
+    assert rows == [*SHORT_ROWS, *(["Machine (timed steps)"] if busy else [])]  # BUSY: a shared CI host
     for f in ("report.md", "comparison.json", "loss_curves.png", "throughput.png", "memory.png", "torch/result.json", "mlx/result.json"):
         assert (out / f).is_file(), f
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    assert "Speedup" in report and "torch" in report and "mlx" in report
+    for label, _ in TABLE_ROWS:
+        assert f"| {label} |" in report, label
+    assert all(f"- {note}" in report for note in FOOTNOTES) and "## Environment" in report
+
+
+# comparison.json's keys when the result figures the report reads became typed fields (#28): each
+# must stay. What was in a result's `extra` for every backend (device, trainable_params_expected,
+# machine_load, notes, warnings, traceback) is now a field of the result.
+TOP_KEYS = {"created_utc", "reference", "reference_note", "backends", "ok_backends", "failed_backends", "all_ok",
+            "rows", "fairness", "all_fair", "loss_diff", "scaling", "environment", "config", "results"}
+ROW_KEYS = {"accuracy_after", "accuracy_before", "allreduce_time_s", "backend", "baseline_rss_mb", "blas",
+            "cpu_busy_threads", "epoch_time_s", "error", "eval_loss", "eval_loss_before", "eval_loss_drop", "final_loss",
+            "flops_per_token", "framework_peak_mb", "greedy_agreement", "load_time_s", "loss_tokens_per_s",
+            "machine_busy", "memory_efficiency", "memory_model_mb", "mfu", "mfu_percent", "peak_rss_max_rank_mb",
+            "peak_rss_mb", "peak_rss_over_model", "precision", "rank_threads", "real_tokens_per_s", "scaling_efficiency",
+            "speedup", "status", "steps", "target", "threads", "tokens_per_s", "tokens_per_s_ratio", "train_time_s",
+            "trainable_params", "warmup_time_s", "world_size"}
+RESULT_KEYS = {"accuracy_after", "accuracy_before", "allreduce_time_s", "allreduce_times_s", "backend", "baseline_rss_mb",
+               "batch_fingerprint", "blas", "config", "cpu_busy_threads", "env", "epoch_time_s", "error", "eval_loss",
+               "eval_loss_before", "eval_losses", "extra", "fed_batches_fingerprint", "final_loss", "flops_per_token",
+               "framework_peak_mb", "generations", "initial_adapter_fingerprint", "load_time_s", "loss_tokens_per_s",
+               "losses", "memory_model", "mfu", "model_sha256", "optimizer", "peak_rss_max_rank_mb", "peak_rss_mb",
+               "precision", "rank_threads", "real_tokens_per_s", "status", "step_times_s", "steps", "target", "threads",
+               "tokens_per_s", "train_time_s", "trainable_params", "warmup_time_s", "world_size",
+               "device", "trainable_params_expected", "machine_load", "notes", "warnings", "traceback"}
+COMMON_EXTRA = {"child_maxrss_mb", "framework_gemm_peak_gflops", "gemm_shapes", "machine_gemm_peak_gflops",
+                "mfu_vs_framework_gemm", "precision_mode", "process_wall_s"}
+EXTRA_KEYS = {"torch": COMMON_EXTRA | {"grad_checkpoint_active"},
+              "mlx": COMMON_EXTRA | {"blas_probe", "compiled", "compiled_traces", "conversion_cache_hit", "conversion_dir",
+                                     "convert_time_s", "cpu_streams", "framework_peak_note", "mlx_jit", "parent_prepare_s"}}
+NESTED_KEYS = {  # (path, keys)
+    "loss_diff": {"index", "max_abs_diff", "pair", "pairs", "reference", "step", "vs_reference"},
+    "loss_diff.pairs[]": {"index", "length_mismatch", "max_abs_diff", "max_rel_diff", "pair", "step", "steps_compared"},
+    "loss_diff.vs_reference.mlx": {"index", "length_mismatch", "max_abs_diff", "max_rel_diff", "step", "steps_compared"},
+    "environment.torch": {"blas", "cpu", "device", "git_commit", "logical_cores", "precision", "python", "threads", "versions"},
+    "fairness[]": {"check", "detail", "ok", "status"},
+    "rows[1].greedy_agreement": {"of", "same", "vs"},
+}  # fmt: skip
+
+
+def _at(d, path):
+    for part in path.replace("]", "").replace("[", ".").split("."):
+        d = d[int(part)] if part.isdigit() else d if part == "" else d[part]
+    return d if isinstance(d, list) else [d]
+
+
+def test_comparison_json_keeps_every_figure(default_compare):
+    import dataclasses
+
+    res, out = default_compare
+    c = json.loads((out / "comparison.json").read_text())
+    assert set(c) >= TOP_KEYS, TOP_KEYS - set(c)
+    assert all(set(row) >= ROW_KEYS for row in c["rows"]), ROW_KEYS - set(c["rows"][0])
+    for path, keys in NESTED_KEYS.items():
+        for d in _at(c, path):
+            assert set(d) >= keys, (path, keys - set(d))
+    assert [f["check"] for f in c["fairness"]] == ["batch_fingerprint", "fed_batches", "initial_adapter_fingerprint",
+                                                   "trainable_params", "optimizer", "precision", "threads", "config", "steps"]
+    assert set(c["config"]) >= {f.name for f in dataclasses.fields(RunConfig)}
+    for r in c["results"]:
+        assert set(r) >= RESULT_KEYS, (r["backend"], RESULT_KEYS - set(r))
+        assert set(r["extra"]) >= EXTRA_KEYS[r["backend"]], (r["backend"], EXTRA_KEYS[r["backend"]] - set(r["extra"]))
+        assert r["device"] and r["machine_load"] and r["trainable_params_expected"] == r["trainable_params"]
+    assert any(n.startswith("threads: ") for n in c["results"][1]["notes"])  # mlx's note on its streams
 
 
 def test_compare_loss_difference_below_1e4(default_compare):
@@ -179,7 +255,7 @@ def test_time_to_target_stops_at_the_first_eval_that_reaches_it(tmp_path):
     res = ftcore("compare", "--backends", "torch,mlx", "--target-eval-loss", target, "--eval-every", 5,
                  "--no-eval-generate", "--out", out, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"| Steps to target eval loss {target:g}" in res.stdout and "| Time to target (s)" in res.stdout
+    assert f"Steps to target eval loss {target:g}" in res.stdout and "Time to target (s)" in res.stdout
     for name in ("torch", "mlx"):
         r = json.loads((out / name / "result.json").read_text())
         t = r["target"]

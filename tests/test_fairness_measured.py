@@ -78,7 +78,7 @@ def test_an_extra_trainable_tensor_is_caught(setup, monkeypatch):
 
     monkeypatch.setattr(torch_common, "load_peft_model", also_train_a_norm)
     other = train(setup, "norm")
-    expected = other["extra"]["trainable_params_expected"]  # the closed-form LoRA count
+    expected = other["trainable_params_expected"]  # the closed-form LoRA count
     assert other["trainable_params"] > honest["trainable_params"] == expected
     assert not check([honest, other], "trainable_params")["ok"]
 

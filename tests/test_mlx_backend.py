@@ -115,7 +115,7 @@ def test_gpu_without_one_is_a_clean_failed_row(small_cfg, tiny_model_dir, tmp_pa
     result = run_backend("mlx", prep, tmp_path / "out")
     assert result.status == "failed"
     assert result.error.startswith("--device gpu:") and "no GPU" in result.error
-    assert "traceback" not in result.extra
+    assert result.traceback is None
 
 
 @pytest.mark.mlx_lm
@@ -131,7 +131,7 @@ def test_mlx_lm_reference_runs(mlx_run, prep, tiny_model_dir, tmp_path):
     assert result.tokens_per_s > 0 and result.peak_rss_mb > result.baseline_rss_mb > 0
     assert result.initial_adapter_fingerprint == mlx_run[0].initial_adapter_fingerprint
     assert result.optimizer["bias_correction"] is False
-    assert any(n.startswith("numerics differ: ") for n in result.extra["notes"])
+    assert any(n.startswith("numerics differ: ") for n in result.notes)
 
     # Step 0 runs with B = 0, i.e. the base model: its loss is the mean CE over mlx-lm's targets,
     # which are ours plus the pad target after each untruncated row.

@@ -70,7 +70,7 @@ def _fed_fingerprint(batches, steps: int) -> str:
 
 def _ok(r):
     for b in ("torch", "mlx"):
-        assert r[b].status == "ok", f"{b}: {r[b].error}\n{r[b].extra.get('traceback', '')}"
+        assert r[b].status == "ok", f"{b}: {r[b].error}\n{r[b].traceback or ''}"
     # Same inputs, fed in order, same starting point, same optimiser settings in both.
     assert r["torch"].batch_fingerprint == r["mlx"].batch_fingerprint
     expected = _fed_fingerprint(r["prep"].batches, r["cfg"].steps)

@@ -247,19 +247,15 @@ def test_runresult_defaults_are_not_figures(results, tmp_path: Path):
 
 
 def test_backend_notes_and_warnings_are_reported(results, tmp_path: Path):
-    """Every line of a result's extra["notes"] and extra["warnings"] is printed as
+    """Every line of a result's notes and warnings is printed as
     "<backend>: <line>", in the table and in report.md; a backend that says nothing gets no line."""
     notes = [
         "numerics differ: Adam: no bias correction",
         "threads: rows split over 2 streams; 1.95 threads busy over the timed steps",
     ]
     warnings = ["WARNING: MLX is using the reference BLAS"]
-    results[1]["extra"] = {
-        "notes": notes,
-        "warnings": warnings,
-        "cpu_streams": 2,  # other extra keys are figures, not notes
-        "cpu_busy_threads": 1.954,
-    }
+    results[1].update(notes=notes, warnings=warnings, cpu_busy_threads=1.954)
+    results[1]["extra"] = {"cpu_streams": 2}  # extra's keys are figures, not notes
     comp = report.build_comparison(results)
     table = report.format_table(comp)
     name = results[1]["backend"]

@@ -80,7 +80,7 @@ def base_result(
         cfg.lora_rank, cfg.grad_checkpoint,
     )
     # what LoRA on these targets should train; the backend counts what its model really trains
-    result.extra["trainable_params_expected"] = lora_param_count(arch, cfg.lora_targets, cfg.lora_rank)
+    result.trainable_params_expected = lora_param_count(arch, cfg.lora_targets, cfg.lora_rank)
     # the run's GEMM shapes: MFU's peak is measured over them too (ftcore.flops.gemm_shapes)
     threads = cfg.threads or affinity_cores()
     result.extra["gemm_shapes"] = gemm_shapes(arch, cfg.batch_size, cfg.max_seq_len, threads)
@@ -320,7 +320,7 @@ class StepClock:
             result.cpu_busy_threads = sum(self.cpu_times[timed]) / sum(self.times[timed])
         if result.optimizer:
             result.optimizer["lr_per_step"] = list(self.lrs)
-        record = result.extra["machine_load"] = self.load.stop()
+        record = result.machine_load = self.load.stop()
         if (warning := busy_warning(record)) and not self.progress.quiet:
             print(f"[{result.backend}] {warning}", file=sys.stderr, flush=True)
-            result.extra.setdefault("warnings", []).append(warning)
+            result.warn(warning)

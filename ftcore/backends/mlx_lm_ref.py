@@ -6,7 +6,7 @@ its compiled step with its `default_loss` on our batches (fed through its `itera
 hook). The adapters start from the shared `initial_lora_state` (transposed: mlx-lm's lora_a is
 (in, r), lora_b is (r, out)). The optimiser is configured as a user of mlx-lm would
 (`optim.Adam`, or `optim.AdamW` when weight decay is asked for, MLX defaults otherwise), so the
-loss curve differs from the other backends; its report notes (`extra["notes"]`) say where and why.
+loss curve differs from the other backends; its report notes (`result.notes`) say where and why.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         result.eval_losses.append([cfg.steps, result.eval_loss])
     result.framework_peak_mb = mx.get_peak_memory() / 2**20
     save_adapters(cfg, peft_layout(model), len(model.layers), model_dir, out_dir)
-    result.extra["device"] = device.name
+    result.device = device.name
     result.extra["compiled"] = True  # mlx-lm's trainer always compiles its step
     for note in numerics_notes(cfg, batches):
         result.note(f"numerics differ: {note}")

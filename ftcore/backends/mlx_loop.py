@@ -210,7 +210,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     save_probe_logits(
         np.array(model(probe["input_ids"], probe["attention_mask"]).astype(mx.float32)), out_dir
     )
-    result.extra["device"] = device.name
+    result.device = device.name
     result.extra["compiled"] = COMPILE
     result.extra["precision_mode"] = (
         "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"

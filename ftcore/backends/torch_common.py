@@ -50,7 +50,7 @@ def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches,
     result = base_result(backend, cfg, model_dir, batches, "torch")
     result.threads = threads
     result.blas = result.env.get("torch_blas", "")
-    result.extra["device"] = str(device)
+    result.device = str(device)
     result.extra["precision_mode"] = (
         "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
     )

@@ -46,4 +46,4 @@ def blas_facts(result: RunResult, cfg: RunConfig) -> None:
     warning = result.env.get("blas_warning")
     if warning:
         print(warning, file=sys.stderr, flush=True)
-        result.extra.setdefault("warnings", []).append(warning)
+        result.warn(warning)

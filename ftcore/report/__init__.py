@@ -1,7 +1,8 @@
 """The comparison report: comparison.json, report.md, the printed table and the plots.
 
 comparison.build_comparison (rows, ratios, loss differences, environment) -> fairness (same inputs
-and settings?) -> table (grid and markdown) and plots (PNG); write_report writes them all.
+and settings?) -> table (grid and markdown), console (the short printed answer) and plots (PNG);
+write_report writes the files.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.report.comparison import build_comparison, max_loss_diff
+from ftcore.report.console import SHORT_ROWS, format_run, format_short
 from ftcore.report.fairness import fairness_checks
 from ftcore.report.plots import plots
 from ftcore.report.table import FOOTNOTES, TABLE_ROWS, format_table, markdown
 from ftcore.result import jsonable, write_atomic
 
 __all__ = [
-    "FOOTNOTES", "TABLE_ROWS", "build_comparison", "fairness_checks", "format_table",
-    "max_loss_diff", "write_report",
+    "FOOTNOTES", "SHORT_ROWS", "TABLE_ROWS", "build_comparison", "fairness_checks", "format_run",
+    "format_short", "format_table", "max_loss_diff", "write_report",
 ]
 
 

@@ -176,7 +176,7 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
         model = r.get("memory_model") if r.get("status") == "ok" else None
         row["memory_model_mb"] = (model or {}).get("total")
         row["peak_rss_over_model"] = peak_over_model(r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), model)
-        load = (r.get("extra") or {}).get("machine_load") or {}
+        load = r.get("machine_load") or {}
         row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
         rows.append(row)
 

@@ -198,11 +198,10 @@ def headline(comparison: dict[str, Any]) -> str:
 
 
 def _backend_notes(comparison: dict[str, Any]) -> list[str]:
-    """What each backend says about how it ran (its result's extra["notes"] and ["warnings"])."""
+    """What each backend says about how it ran (its result's notes and warnings)."""
     out = []
     for r in comparison.get("results") or []:
-        extra = r.get("extra") or {}
-        for line in [*(extra.get("notes") or []), *(extra.get("warnings") or [])]:
+        for line in [*(r.get("notes") or []), *(r.get("warnings") or [])]:
             out.append(f"{r.get('backend')}: {line}")
     return out
 

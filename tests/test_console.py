@@ -1,0 +1,145 @@
+"""The short answer `ftcore compare` prints (ftcore.report.console), `--verbose`'s full table, and
+the typed result fields the report reads (RunResult: what was once in `extra`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from helpers import ftcore_in_process
+
+import ftcore
+from ftcore import cli, report
+from ftcore.result import FORMERLY_EXTRA, RunResult
+
+pytestmark = pytest.mark.unit
+
+CONFIG = {"preset": "tiny", "steps": 4, "lr": 1e-3, "lora_targets": ["q_proj", "v_proj"]}
+OPTIMIZER = {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+
+
+def _result(backend: str, train: float, rss: float, losses=(2.5, 2.0, 1.5, 1.2), **kw) -> dict:
+    r = RunResult(
+        backend=backend, config=dict(CONFIG), train_time_s=train, peak_rss_mb=rss, steps=len(losses),
+        tokens_per_s=400 / train, real_tokens_per_s=300 / train, loss_tokens_per_s=100 / train,
+        losses=list(losses), final_loss=losses[-1], eval_loss_before=2.6578, eval_loss=0.20539,
+        accuracy_before=0.0, accuracy_after=0.84375, generations={"after": [[5, 6], [7]]},
+        trainable_params=74752, batch_fingerprint="a" * 16, fed_batches_fingerprint="b" * 16,
+        initial_adapter_fingerprint="c" * 16, optimizer=dict(OPTIMIZER), precision="fp32", threads=2,
+        machine_load={"busy": False},
+    ).to_dict()  # fmt: skip
+    r.update(kw)
+    return r
+
+
+def _short(*results: dict) -> list[str]:
+    return report.format_short(report.build_comparison(list(results))).splitlines()
+
+
+def _labels(lines: list[str]) -> list[str]:
+    """The compact table's row labels (text before the first run of two spaces)."""
+    start = next(i for i, ln in enumerate(lines) if set(ln) == {"-"}) + 1
+    end = lines.index("", start)
+    return [re.split(r"\s{2,}", ln)[0] for ln in lines[start:end]]
+
+
+DEFAULT_ROWS = ["Training time (s)", "Speedup vs torch", "Peak RSS (MB)", "Memory efficiency vs torch",
+                "Loss tokens/s", "Eval loss before -> after", "Exact match before -> after (%)",
+                "Greedy agreement", "Loss diff vs torch (largest)"]  # fmt: skip
+
+
+def test_two_backends_give_the_verdict_ten_rows_and_one_fairness_line():
+    lines = _short(_result("torch", 3.2, 411.5), _result("mlx", 1.6, 99.9, losses=(2.5, 2.0, 1.5, 1.20002)))
+    assert lines[0] == "All 2 backends ran ok."
+    assert lines[1] == "Fastest: mlx, 2.00x as fast as torch. Least peak RSS: mlx, 4.12x below torch."
+    assert _labels(lines) == DEFAULT_ROWS  # world size, machine and status rows hidden
+    assert "Fairness: 9/9 checks PASS" in lines and not any("PASS " in ln for ln in lines)
+    table = "\n".join(lines)
+    assert "2.658 -> 0.205" in table and "0.0 -> 84.4" in table and "2/2 = torch" in table
+    assert "2.000e-05" in table and "4.12x" in table
+    assert len(lines) <= 20 and max(map(len, lines)) <= 80
+
+
+def test_rows_that_matter_only_sometimes_show_when_they_do():
+    one = _result("torch", 3.0, 400.0)
+    two = _result("torch", 2.0, 600.0, world_size=2, rank_threads=1, allreduce_time_s=0.002,
+                  peak_rss_max_rank_mb=300.0, machine_load={"busy": True})  # fmt: skip
+    failed = RunResult.failed("mlx", CONFIG, "RuntimeError: boom").to_dict()
+    lines = _short(one, two, failed)
+    assert lines[0].startswith("NOT OK - mlx failed: RuntimeError: boom")
+    labels = _labels(lines)
+    for label in ("World size (processes)", "Threads per rank", "All-reduce (ms/step)",
+                  "Peak RSS, largest rank (MB)", "Scaling efficiency", "Machine (timed steps)", "Status"):  # fmt: skip
+        assert label in labels, label
+    machine = next(ln for ln in lines if ln.startswith("Machine"))
+    assert machine.split()[-3:] == ["quiet", "BUSY", "n/a"]
+    # no greedy answers (e.g. --no-eval-generate): the exact-match and agreement rows go
+    quiet = [_result(b, t, 400.0, accuracy_before=None, accuracy_after=None, generations={})
+             for b, t in (("torch", 3.0), ("mlx", 2.0))]  # fmt: skip
+    labels = _labels(_short(*quiet))
+    assert "Exact match before -> after (%)" not in labels and "Greedy agreement" not in labels
+    assert "Training time (s)" in labels
+
+
+def test_a_failing_fairness_check_is_listed_and_the_passing_ones_are_not():
+    other = _result("mlx", 2.0, 300.0, batch_fingerprint="f" * 16)
+    lines = _short(_result("torch", 3.0, 400.0), other)
+    at = lines.index("Fairness: 8/9 checks PASS; not passed:")
+    assert lines[at + 1].split()[:2] == ["MISMATCH", "batch_fingerprint:"]
+    assert len(lines) == at + 2  # only the failing check follows
+
+
+def test_many_backends_are_split_into_tables_that_fit_80_columns():
+    names = ["torch", "torch x2", "mlx", "mlx x2", "hf-trainer", "mlx-lm"]
+    results = [_result(n, 1.0 + i, 400.0 + i) for i, n in enumerate(names)]
+    lines = _short(*results)
+    assert lines[1].startswith("Fastest: torch, 2.00x as fast as torch x2.")  # against the runner-up
+    assert max(map(len, lines)) <= 80
+    headers = [ln for i, ln in enumerate(lines[1:], 1) if lines[i - 1] == "" and i + 1 < len(lines) and set(lines[i + 1]) == {"-"}]
+    assert len(headers) >= 2 and [n for h in headers for n in re.split(r"\s{2,}", h.strip())] == names
+
+
+def test_warnings_are_one_line_each():
+    noisy = _result("mlx", 2.0, 300.0, warnings=["BUSY MACHINE: " + "other processes used 0.8 cores " * 5])
+    lines = _short(_result("torch", 3.0, 400.0), noisy)
+    said = [ln for ln in lines if ln.startswith("warning: mlx: BUSY MACHINE")]
+    assert len(said) == 1 and len(said[0]) <= 80
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_compare_prints_the_short_answer_or_with_verbose_the_full_table(verbose, tmp_path, monkeypatch):
+    comparison = report.build_comparison([_result("torch", 3.2, 411.5), _result("mlx", 1.6, 99.9)])
+
+    class Prep:
+        def save(self, out):
+            return self
+
+    monkeypatch.setattr(cli, "check_run", lambda cfg, backends: Prep())
+    monkeypatch.setattr(cli, "compare", lambda backends, prep, out: comparison)
+    out = ftcore_in_process("compare", "--out", tmp_path / "c", *(["--verbose"] if verbose else []))
+    assert out.returncode == 0, out.stderr
+    full = report.format_table(comparison)
+    assert (full in out.stdout) is verbose
+    assert ("Fairness: 9/9 checks PASS" in out.stdout) is not verbose
+    assert f"report: {tmp_path / 'c' / 'report.md'}" in out.stdout
+
+
+def test_old_result_files_read_their_extra_keys_into_the_fields():
+    old = RunResult(backend="mlx").to_dict()
+    for k in FORMERLY_EXTRA:
+        old.pop(k)
+    figures = {"device": "cpu", "trainable_params_expected": 5, "machine_load": {"busy": True},
+               "notes": ["n"], "warnings": ["w"], "traceback": "Traceback ..."}  # fmt: skip
+    old["extra"] = {**figures, "cpu_streams": 2}
+    r = RunResult.from_dict(old)
+    assert {k: getattr(r, k) for k in FORMERLY_EXTRA} == figures and r.extra == {"cpu_streams": 2}
+
+
+def test_no_module_writes_a_typed_figure_into_extra():
+    """`extra` holds backend-specific figures; the fields above are written as fields."""
+    keys = "|".join(FORMERLY_EXTRA)
+    pattern = re.compile(rf"""extra(\[|\.setdefault\(|\.get\(|\.update\()\s*["']?({keys})\b""")
+    for path in Path(ftcore.__file__).parent.rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            assert not pattern.search(line), f"{path.name}:{n}: {line.strip()}"
