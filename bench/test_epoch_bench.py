@@ -30,9 +30,12 @@ QUICK_RECORDS = 16  # --bench-quick: 4 steps an epoch with `longest`
 
 
 def epoch_cases(opts) -> list[tuple[str, str, str]]:
-    """(size, batching, backend) for every size and backend asked for; in --bench-quick torch and
-    mlx only (the step-timed cases cover the others)."""
-    backends = [b for b in opts.backends if not opts.quick or b in ("torch", "mlx")]
+    """(size, batching, backend) for every size and backend asked for; in --bench-quick the first
+    backend of each framework only (torch, mlx: the step-timed cases cover the others)."""
+    first_of_framework = {}
+    for name, spec in BACKENDS.items():
+        first_of_framework.setdefault(spec.framework, name)
+    backends = [b for b in opts.backends if not opts.quick or b in first_of_framework.values()]
     return [(size, batching, b) for size in opts.sizes for batching in BATCHINGS for b in backends
             if batching != "packed" or BACKENDS[b].takes_packed_rows]
 

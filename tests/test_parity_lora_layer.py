@@ -140,12 +140,15 @@ def test_lora_linear_on_bf16_base_keeps_the_adapter_math_fp32(d_in, d_out, rank,
     assert y.dtype == mx.bfloat16 and ga.dtype == gb.dtype == mx.float32
     got_y, got_ga, got_gb = np.array(y.astype(mx.float32)), np.array(ga), np.array(gb)
 
-    # Output: both round W x + s B A x to bf16 once; the bf16 base GEMMs may round differently
-    # (fp32 accumulation order), so one bf16 ulp of the output's magnitude.
+    # Output: PEFT rounds the bf16 base output W x, adds the fp32 update and rounds the sum; the
+    # bf16 base GEMMs may round differently (fp32 accumulation order). So one bf16 ulp of the
+    # output's magnitude plus one of W x's: where the update cancels most of W x (seed 111, d_in
+    # 50, d_out 86, rank 5: |W x| ~ 1, output 0.029), W x's rounding is what shows.
     s = alpha / rank
     xf, wf = x.float().numpy(), w.float().numpy()
     absdot = np.abs(xf) @ np.abs(wf).T + s * (np.abs(xf) @ np.abs(a).T) @ np.abs(b).T
-    assert (np.abs(got_y - ref_y) <= BF16_ULP * np.abs(ref_y) + 1e-6 * absdot).all()
+    base = np.abs(xf @ wf.T)
+    assert (np.abs(got_y - ref_y) <= BF16_ULP * (np.abs(ref_y) + base) + 1e-6 * absdot).all()
     # Gradients: fp32 dot products over bf16-exact inputs (rows, then rank / d_out terms):
     # the fp32 budget of test_lora_linear_matches_peft, with |g|, |x|, |A|, |B| in the sums.
     # Measured over 200 cases: worst err/tol 0.14 (median 0.02); with the LoRA matmuls in bf16,

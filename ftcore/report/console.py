@@ -9,7 +9,7 @@ environment stay in report.md, every figure in comparison.json.
     -----------------------------------------------------------
     Training time (s)                    3.23            1.61
     ...
-    Fairness: 9/9 checks PASS
+    Fairness: 10/10 checks PASS
 """
 
 from __future__ import annotations
