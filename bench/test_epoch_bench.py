@@ -30,13 +30,16 @@ QUICK_RECORDS = 16  # --bench-quick: 4 steps an epoch with `longest`
 
 
 def epoch_cases(opts) -> list[tuple[str, str, str]]:
-    """(size, batching, backend) for every size and backend asked for; in --bench-quick the first
-    backend of each framework only (torch, mlx: the step-timed cases cover the others)."""
+    """(size, batching, backend) for every size, mode and backend asked for; in --bench-quick the
+    first backend of each framework only (torch, mlx), `longest` and `packed` (the step-timed
+    cases cover the other backends and `padded`)."""
     first_of_framework = {}
     for name, spec in BACKENDS.items():
         first_of_framework.setdefault(spec.framework, name)
     backends = [b for b in opts.backends if not opts.quick or b in first_of_framework.values()]
-    return [(size, batching, b) for size in opts.sizes for batching in BATCHINGS for b in backends
+    # quick: the modes whose shapes change from step to step (the step cases run `padded`)
+    batchings = [b for b in BATCHINGS if not opts.quick or b != "padded"]
+    return [(size, batching, b) for size in opts.sizes for batching in batchings for b in backends
             if batching != "packed" or BACKENDS[b].takes_packed_rows]
 
 
