@@ -306,11 +306,12 @@ TRAJECTORIES = {
     # the built-in Alpaca-length records (ftcore.length_profile) at 512, in both modes
     "profile-padded": dict(LONG_CFG, data="builtin:alpaca-lengths"),
     "profile-longest": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="longest"),
-    # "-packed": several records per row, per-document mask and positions (ftcore.batching)
-    "fp32-packed": dict(TRAJECTORY_CFG, precision="fp32", batching="packed"),
+    # "-packed": several records per row, per-document mask and positions (ftcore.batching); on
+    # the default data in TinyLlama-Chat's chat template (--prompt-format chat) on a copy of the
+    # tiny preset, which tests both in one run
+    "fp32-chat-packed": dict(TRAJECTORY_CFG, precision="fp32", batching="packed", prompt_format="chat",
+                             model=CHAT_MODEL),
     "profile-packed": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="packed"),
-    # records in TinyLlama-Chat's chat template (--prompt-format chat) on a copy of the tiny preset
-    "fp32-chat": dict(TRAJECTORY_CFG, precision="fp32", prompt_format="chat", model=CHAT_MODEL),
 }
 _RUNS: dict[str, Any] = {}
 

@@ -3,7 +3,7 @@ machine (bench/baseline_compare.py), through real pytest-benchmark in child pyte
 
 The benchmark is the tokenising one at 300 records (in-process, a real timing, ~1.5 s of rounds).
 1. The committed baseline's JSON, its CPU model edited, its tokenising entry renamed to 300
-   records and its stats scaled to them and made 3x faster: exit 0, one notice line naming cpu_model,
+   records and its stats scaled to them and made 30x faster: exit 0, one notice line naming cpu_model,
    the baseline's rows marked not comparable. The same session saves this run.
 2. That saved run, its stats made 1.5x faster (so this run's step is 1.5x slower), same machine:
    exit 1 (PerformanceRegression).
@@ -65,7 +65,10 @@ def test_compare_across_machines_notes_marks_and_does_not_fail(tmp_path: Path):
     other = copy.deepcopy(committed)
     other["machine_info"]["cpu"]["brand_raw"] = other["machine_info"]["ftcore"]["cpu_model"] = "Other CPU (edited)"
     tok = next(b for b in other["benchmarks"] if b["name"].startswith("test_tokenize_alpaca"))
-    tok = scaled(tok, RECORDS / tok["params"]["tokenize_n"] / 3)  # this machine looks >= 3x slower
+    # per record as the committed run, then 30x faster: this machine looks many times slower
+    # (at /3 a 300-record run here came within 3% of it: per-record cost is not the same at 300
+    # and 20000 records, so only a wide margin makes the "far slower" premise hold)
+    tok = scaled(tok, RECORDS / tok["params"]["tokenize_n"] / 30)
     tok.update(name=f"test_tokenize_alpaca[{PARAM}]", fullname=FULLNAME, param=PARAM,
                params={"tokenize_n": RECORDS}, group=f"tokenize tiny {RECORDS} records")
     other["benchmarks"] = [tok]

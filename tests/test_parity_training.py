@@ -53,7 +53,7 @@ BF16_VS_FP32_ATOL = 3e-3
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     names = ("fp32", "bf16", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest",
-             "fp32-packed", "profile-packed", "fp32-chat")
+             "fp32-chat-packed", "profile-packed")
     return backend_runs(names, tmp_path_factory.getbasetemp() / "parity-runs")
 
 
@@ -117,7 +117,7 @@ def _adapter_errors(r):
 
 
 @pytest.mark.parametrize("name", ["fp32", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest",
-                                  "fp32-packed", "profile-packed", "fp32-chat"])
+                                  "fp32-chat-packed", "profile-packed"])
 def test_fp32_losses_and_adapters_match(runs, name):
     r = runs[name]
     _ok(r)
@@ -145,10 +145,11 @@ def test_longest_runs_fed_narrower_batches(runs):
 
 
 def test_packed_runs_fed_several_records_per_row(runs):
-    for name in ("fp32-packed", "profile-packed"):
+    for name in ("fp32-chat-packed", "profile-packed"):
         stats = runs[name]["prep"].batches.stats
         assert stats["packed_rows"] < stats["train_records"], stats
         assert "position_ids" in runs[name]["prep"].batches.train
+    assert runs["fp32-chat-packed"]["prep"].cfg.prompt_format == "chat"
 
 
 def test_long_run_trains_past_position_64(runs):
