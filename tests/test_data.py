@@ -326,6 +326,8 @@ def test_packed_rows_hold_every_record_once_per_epoch(tok):
         left_out_rows = b.stats["packed_rows"] % 2
         assert 30 - len(fed) <= left_out_rows * (256 // min(map(len, alone)))
     unpacked = build_batches(RunConfig(**kw, batching="longest"), tok, records)
+    # eval records are packed too (the same mode as training), with the same loss targets
+    assert all("position_ids" in e for e in b.eval) and len(b.eval) < len(unpacked.eval)
     assert sum(target_count(e["labels"]) for e in b.eval) == sum(target_count(e["labels"]) for e in unpacked.eval)
     assert b.stats["padding_share"] < unpacked.stats["padding_share"]
 
