@@ -3,7 +3,7 @@
 Exit codes: 0 every backend ran ok; 1 a backend failed, diverged or was killed (its row says
 why); 2 a user mistake (data, model folder, flags, device, output folder): one line `error: ...`
 on stderr and nothing written; 130 interrupted (SIGINT/SIGTERM): the children are stopped and the
-run folder is marked `interrupted` (ftcore.rundir). No traceback reaches the user unless --debug
+run folder is marked `interrupted` (ftcore.run.rundir). No traceback reaches the user unless --debug
 or FTCORE_DEBUG=1 asks for it.
 """
 
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ftcore.backends import BACKENDS
-from ftcore.benchcases import SIZES
+from ftcore.bench.cases import SIZES
 from ftcore.config import (
     PRESETS,
     PROMPT_FORMATS,
@@ -27,12 +27,12 @@ from ftcore.config import (
     add_run_options,
     config_from_args,
 )
-from ftcore.models import resolve_model_dir
-from ftcore.procs import kill_all, stop_all
+from ftcore.inputs.presets import resolve_model_dir
 from ftcore.report import format_run, format_short, format_table
 from ftcore.result import RunResult
-from ftcore.rundir import RunDir
-from ftcore.runner import OFFLINE_ENV, check_run, compare, run_backend
+from ftcore.run.backend_process import OFFLINE_ENV, check_run, compare, run_backend
+from ftcore.run.procs import kill_all, stop_all
+from ftcore.run.rundir import RunDir
 
 DEBUG_ENV = "FTCORE_DEBUG"
 ACTIVE_RUN: RunDir | None = None  # the folder being written, marked if the run is interrupted
@@ -121,7 +121,7 @@ def parse_backends(text: str) -> list[str]:
 
 
 def open_run(out: Path | None, replace: bool) -> RunDir:
-    """The run's folder, to be claimed once every input check has passed (ftcore.rundir)."""
+    """The run's folder, to be claimed once every input check has passed (ftcore.run.rundir)."""
     global ACTIVE_RUN
     ACTIVE_RUN = RunDir(out, replace)
     ACTIVE_RUN.check()  # refuse an earlier run in --out before the slower checks
@@ -181,7 +181,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ftcore.generate import generate
+    from ftcore.run.generate_text import generate
 
     cfg = RunConfig(model=str(args.model) if args.model else None, preset=args.preset or RunConfig().preset)
     for out in generate(resolve_model_dir(cfg), args.adapter, args.backend, args.prompt, args.input,
@@ -205,7 +205,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         result.status, result.error = "failed", "memray wrote no capture"
     if result.status != "ok":
         return finish_run([result])
-    from ftcore.flamegraph import write_reports
+    from ftcore.report.flamegraph import write_reports
 
     html, png = out / f"memray-flamegraph-{args.backend}.html", out / f"memray-top-{args.backend}.png"
     warnings = write_reports(capture, html, png, f"ftcore profile {args.backend}")  # self-contained
@@ -219,8 +219,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ftcore.checkpoint import weights_sha256
-    from ftcore.models import build_preset, preset_config
+    from ftcore.inputs.checkpoint import weights_sha256
+    from ftcore.inputs.presets import build_preset, preset_config
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.replace:
         raise UserError(f"--out {args.out}: not an empty folder; pass --replace to rebuild it")
@@ -233,7 +233,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_diff(args: argparse.Namespace) -> int:
-    from ftcore.benchdiff import bench_diff
+    from ftcore.bench.bench_diff import bench_diff
 
     sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
     if unknown := [x for x in sizes if x not in SIZES]:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from ftcore import blas
 from ftcore.backends import BACKENDS
 from ftcore.config import RunConfig
+from ftcore.measure import blas
 from ftcore.mlx import env as mlx_env
 from ftcore.mlx import jit
-from ftcore.runner import child_env
+from ftcore.run.backend_process import child_env
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def test_mlx_child_gets_openblas_kernels_for_the_cpus_vector_isa(tmp_path: Path)
 def test_preload_interposes_torch_sgemm() -> None:
     """A BLAS preload also captures torch's exported sgemm_ — why torch children must not get it."""
     pytest.importorskip("torch")
-    code = "import torch; from ftcore.blas import torch_blas; print(torch_blas())"
+    code = "import torch; from ftcore.measure.blas import torch_blas; print(torch_blas())"
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env["PYTHONPATH"] = str(ROOT)
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

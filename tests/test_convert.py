@@ -278,7 +278,7 @@ def test_mlx_lm_loads_the_conversion(tiny_model_dir, tmp_path):
     """`mlx_lm.load(<ftcore convert output>)`: model and tokenizer load; its logits equal ftcore's
     MLX model within 1e-5 in fp32, and its tokenizer encodes as the checkpoint's does."""
     mlx_lm = pytest.importorskip("mlx_lm")
-    from ftcore.models import load_tokenizer
+    from ftcore.inputs.presets import load_tokenizer
 
     out = convert_hf_to_mlx(tiny_model_dir, tmp_path / "mlx")
     theirs, tokenizer = mlx_lm.load(str(out))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ftcore.backends import BACKENDS
-from ftcore.data import Batches
+from ftcore.inputs.batches import Batches
 from ftcore.report import fairness_checks
-from ftcore.runner import prepare
+from ftcore.run.backend_process import prepare
 
 pytestmark = pytest.mark.integration
 

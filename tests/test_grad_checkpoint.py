@@ -1,6 +1,6 @@
 """Gradient checkpointing (--grad-checkpoint): each layer recomputed in the backward pass gives the
 same training as keeping its activations, in torch (transformers' gradient_checkpointing_enable)
-and in MLX (mx.checkpoint per layer); and the analytic memory model (ftcore.memory_model)."""
+and in MLX (mx.checkpoint per layer); and the analytic memory model (ftcore.measure.memory_model)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from helpers import ftcore, ftcore_in_process
 
-from ftcore.arch import LORA_TARGETS
-from ftcore.memory_model import base_param_count, memory_model
+from ftcore.inputs.arch import LORA_TARGETS
+from ftcore.measure.memory_model import base_param_count, memory_model
 
 TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
              "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,

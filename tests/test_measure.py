@@ -1,6 +1,6 @@
-"""Measurement plumbing: RunResult JSON (ftcore.result), peak RSS (ftcore.memory), the FLOPs
-formula (ftcore.flops), MFU and the GEMM peak cache (ftcore.gemm, ftcore.mfu), host facts
-(ftcore.hostinfo), BLAS lookup and child environments (ftcore.blas, ftcore.mlx.env,
+"""Measurement plumbing: RunResult JSON (ftcore.result), peak RSS (ftcore.measure.rss), the FLOPs
+formula (ftcore.measure.flops), MFU and the GEMM peak cache (ftcore.measure.gemm_timing, ftcore.measure.gemm_peak), host facts
+(ftcore.measure.hostinfo), BLAS lookup and child environments (ftcore.measure.blas, ftcore.mlx.env,
 ftcore.torch.env). The probes that need a child process are in test_child_processes.py."""
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 
 import ftcore.result
-from ftcore import blas, gemm, hostinfo, memory, mfu
-from ftcore.flops import flops_per_token
-from ftcore.memory import PeakRSS
+from ftcore.measure import blas, hostinfo
+from ftcore.measure import gemm_peak as mfu
+from ftcore.measure import gemm_timing as gemm
+from ftcore.measure import rss as memory
+from ftcore.measure.flops import flops_per_token
+from ftcore.measure.rss import PeakRSS
 from ftcore.mlx import env as mlx_env
 from ftcore.result import RunResult
 from ftcore.torch import env as torch_env

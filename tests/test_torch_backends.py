@@ -13,11 +13,11 @@ import pytest
 import torch
 from helpers import RESULT_FIELDS
 
-from ftcore.arch import read_arch
-from ftcore.backends.common import PROBE_FILE, PROBE_POSITIONS, probe_batch
-from ftcore.flops import lora_param_count
-from ftcore.lora_init import initial_lora_state, state_fingerprint
-from ftcore.runner import prepare, run_backend
+from ftcore.backends.step_clock import PROBE_FILE, PROBE_POSITIONS, probe_batch
+from ftcore.inputs.arch import read_arch
+from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
+from ftcore.measure.flops import lora_param_count
+from ftcore.run.backend_process import prepare, run_backend
 
 pytestmark = pytest.mark.integration
 

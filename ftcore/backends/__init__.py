@@ -6,8 +6,8 @@ Adding a backend: write `ftcore/backends/<module>.py` with
     train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult
 
 and add one BackendSpec to BACKENDS. `train` runs inside a fresh process started by
-ftcore.runner with `child_env`'s environment: it loads the checkpoint, trains `cfg.steps` steps on
-`batches` starting from `ftcore.lora_init.initial_lora_state`, evaluates, saves the adapter under
+ftcore.run.backend_process with `child_env`'s environment: it loads the checkpoint, trains `cfg.steps` steps on
+`batches` starting from `ftcore.inputs.lora_init.initial_lora_state`, evaluates, saves the adapter under
 out_dir/adapter and returns the measured figures (`backends.common.base_result` / `finish` fill
 the shared ones). Whatever it wants the report to say goes in `result.note(...)`.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftcore.config import RunConfig, UserError
-from ftcore.data import Batches
+from ftcore.inputs.batches import Batches
 from ftcore.mlx import env as mlx_env
 from ftcore.result import RunResult
 from ftcore.torch import env as torch_env
@@ -88,7 +88,7 @@ class BackendSpec:
     # (base environment, threads, run config) -> the child's environment
     child_env: Callable[[dict, int, RunConfig], dict]
     before_spawn: Callable[[RunConfig, Path], None] | None = None  # run in the parent, timed
-    # run in the parent before any backend starts (ftcore.preflight); raises UserError
+    # run in the parent before any backend starts (ftcore.run.preflight); raises UserError
     check: Callable[[RunConfig, Path], None] | None = None
     # True: computes the loss contract with AdamW as REFERENCE_BACKEND does, so its fp32
     # per-step losses must equal the reference's within 1e-4 (checked by tests and bench)
@@ -102,7 +102,7 @@ class BackendSpec:
     # True: trains on packed rows (--batching packed: position_ids, per-document causal mask);
     # False: its trainer builds its own masks from plain rows, so `packed` is refused up front
     takes_packed_rows: bool = True
-    # data parallel (--nproc > 1; ftcore.dist): (cfg, child command, out_dir) -> the framework's
+    # data parallel (--nproc > 1; ftcore.run.ranks): (cfg, child command, out_dir) -> the framework's
     # launcher command, and its parent-side check (UserError); None: one process only
     launch: Callable[[RunConfig, list[str], Path], list[str]] | None = None
     check_launch: Callable[[RunConfig], None] | None = None

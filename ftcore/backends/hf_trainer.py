@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ftcore.backends.common import StepClock, optimizer_record
+from ftcore.backends.step_clock import StepClock, optimizer_record
 from ftcore.backends.torch_common import quality, start, wrap_up
 from ftcore.config import RunConfig
-from ftcore.data import Batches
+from ftcore.inputs.batches import Batches
 from ftcore.result import RunResult
 from ftcore.torch.loss import loss_sum_count
 from ftcore.torch.model import sync

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ftcore.backends.common import (
+from ftcore.backends.step_clock import (
     Quality,
     base_result,
     finish,
@@ -18,12 +18,12 @@ from ftcore.backends.common import (
     save_probe_logits,
 )
 from ftcore.config import RunConfig
-from ftcore.data import Batches
-from ftcore.dist import RankInfo, rank_threads
-from ftcore.lora_init import state_fingerprint
-from ftcore.memory import current_rss_mb
-from ftcore.records import write_prompt_format
+from ftcore.inputs.batches import Batches
+from ftcore.inputs.lora_init import state_fingerprint
+from ftcore.inputs.records import write_prompt_format
+from ftcore.measure.rss import current_rss_mb
 from ftcore.result import RunResult
+from ftcore.run.ranks import RankInfo, rank_threads
 from ftcore.torch.generate import greedy
 from ftcore.torch.lora import get_lora_state
 from ftcore.torch.loss import evaluate, to_torch

@@ -1,7 +1,7 @@
 """The environment of an MLX process (set by the parent before it starts; imports no MLX).
 
 * BLAS: the Linux `mlx[cpu]` wheel calls a bundled reference BLAS (~7 GFLOP/s fp32 here); an
-  optimised one found by `ftcore.blas.find_fast_blas` is LD_PRELOADed (~250 GFLOP/s with
+  optimised one found by `ftcore.measure.blas.find_fast_blas` is LD_PRELOADed (~250 GFLOP/s with
   OpenBLAS). FTCORE_NO_BLAS_PRELOAD=1 turns it off, to measure the stock wheel.
   On a CPU OpenBLAS does not know it would run SSE3 kernels; OPENBLAS_CORETYPE is then set to
   the CPU's vector ISA (`blas.with_core_type`).
@@ -29,12 +29,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ftcore import blas
+from ftcore.cache_dir import cache_root
 from ftcore.config import RunConfig, UserError
-from ftcore.dist import free_ports, hostfile_hosts, under_launcher
+from ftcore.measure import blas
 from ftcore.mlx import jit
-from ftcore.models import cache_root
 from ftcore.result import write_json_atomic
+from ftcore.run.ranks import free_ports, hostfile_hosts, under_launcher
 
 BFS_WIDTH_ENV = "MLX_BFS_MAX_WIDTH"
 BFS_NO_LIMIT = 2**31 - 1  # MLX reads the width as a C int

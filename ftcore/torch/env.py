@@ -1,7 +1,7 @@
 """The environment of a torch process (set by the parent before it starts; imports no torch).
 
 Every BLAS library is removed from LD_PRELOAD: torch's CPU wheel links MKL statically but calls
-sgemm_ through its PLT, so a preloaded OpenBLAS would interpose it (see ftcore.blas).
+sgemm_ through its PLT, so a preloaded OpenBLAS would interpose it (see ftcore.measure.blas).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ftcore import blas
 from ftcore.config import RunConfig, UserError
-from ftcore.dist import under_launcher
+from ftcore.measure import blas
+from ftcore.run.ranks import under_launcher
 
 
 def child_env(base_env: dict, threads: int) -> dict:
@@ -20,7 +20,7 @@ def child_env(base_env: dict, threads: int) -> dict:
 
 
 def launch_command(cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]:
-    """`inner` (python -m ftcore.runner ...) as cfg.nproc ranks per machine under torchrun."""
+    """`inner` (python -m ftcore.run.backend_process ...) as cfg.nproc ranks per machine under torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
            "--max-restarts=0", "--monitor-interval=0.5"]  # fmt: skip
     if cfg.nnodes > 1:

@@ -1,0 +1,73 @@
+"""Time a square GEMM in torch or MLX: the probe behind MFU's peak and the BLAS speed check.
+
+Imports the framework only when asked to time it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+
+def _torch_gemm(precision: str, m: int, k: int, n: int, device: str) -> Callable[[], None]:
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    dev = "cuda" if device == "gpu" else "cpu"
+    a = torch.randn(m, k, dtype=dtype, device=dev)
+    b = torch.randn(k, n, dtype=dtype, device=dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def run() -> None:
+        a @ b
+        sync()
+
+    return run
+
+
+def _mlx_gemm(precision: str, m: int, k: int, n: int, device: str) -> Callable[[], None]:
+    import mlx.core as mx
+
+    dtype = {"fp32": mx.float32, "bf16": mx.bfloat16}[precision]
+    stream = mx.gpu if device == "gpu" else mx.cpu
+    a = mx.random.normal((m, k), stream=stream).astype(dtype, stream=stream)
+    b = mx.random.normal((k, n), stream=stream).astype(dtype, stream=stream)
+    mx.eval(a, b)
+
+    def run() -> None:
+        mx.eval(mx.matmul(a, b, stream=stream))  # MLX is lazy: the work happens in eval
+
+    return run
+
+
+GEMMS = {"torch": _torch_gemm, "mlx": _mlx_gemm}  # framework -> GEMM maker
+
+
+def gemm_gflops(framework: str, precision: str, m: int, k: int, n: int, repeats: int = 5,
+                max_time_s: float = 1.5, device: str = "cpu") -> float:
+    """Best throughput of an (m x k) @ (k x n) GEMM in GFLOP/s, after one warm-up run.
+
+    Stops early once ``max_time_s`` is spent (after at least two timed runs), so slow backends
+    (MLX's reference BLAS ~7 GFLOP/s, MLX bf16 ~6) stay within a couple of seconds.
+    """
+    run = GEMMS[framework](precision, m, k, n, device)
+    run()  # warm-up: thread pools, kernel selection, page faults
+    best = math.inf
+    t_end = time.perf_counter() + max_time_s
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+        if i >= 1 and time.perf_counter() > t_end:
+            break
+    return 2 * m * k * n / best / 1e9
+
+
+def measure_gemm_peak(framework: str, precision: str, n: int = 1024, repeats: int = 5,
+                      max_time_s: float = 1.5, device: str = "cpu",
+                      shapes: tuple[tuple[int, int, int], ...] = ()) -> float:
+    """Best GEMM throughput in GFLOP/s over an ``n``x``n`` square and the (m, k, n) ``shapes``
+    (the run's own, ftcore.measure.flops.gemm_shapes): a peak no GEMM of that run can beat."""
+    return max(gemm_gflops(framework, precision, *shape, repeats=repeats, max_time_s=max_time_s,
+                           device=device) for shape in [(n, n, n), *shapes])
