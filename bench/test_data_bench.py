@@ -1,6 +1,6 @@
 """Tokenising micro-benchmark: the Alpaca pipeline's tokenisation of a large synthetic set.
 
-Times `ftcore.inputs.batches.tokenize_records` (Alpaca prompt formatting, two batched tokenizer calls,
+Times `ftcore.inputs.token_rows.tokenize_records` (Alpaca prompt formatting, two batched tokenizer calls,
 truncation and prompt masking) on N generated Alpaca-format records with the tiny preset's
 tokenizer, in this process (no model involved). Record generation and tokenizer loading are not
 timed. TOKENIZERS_PARALLELISM=false, as in every ftcore process (ftcore.run.backend_process.OFFLINE_ENV).
@@ -18,9 +18,9 @@ TOKENIZE_ROUNDS, TOKENIZE_WARMUP = 5, 1  # unless --bench-rounds / --bench-warmu
 
 
 def test_tokenize_alpaca(benchmark, bench_opts, tokenize_n, tiny_model_dir, monkeypatch):
-    from ftcore.inputs.batches import tokenize_records
-    from ftcore.inputs.presets import load_tokenizer
     from ftcore.inputs.synthetic import synthetic_records
+    from ftcore.inputs.token_rows import tokenize_records
+    from ftcore.inputs.tokenizer import load_tokenizer
 
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     n, preset = tokenize_n, "tiny"

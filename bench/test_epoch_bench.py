@@ -49,9 +49,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="module")
 def epoch_prepared(tmp_path_factory, ftcore_cache, bench_opts):
-    """prepared(size, batching) -> ftcore.run.backend_process.Prepared for two epochs, built once per pair and
+    """prepared(size, batching) -> ftcore.run.preflight.Prepared for two epochs, built once per pair and
     shared by the backends."""
-    from ftcore.run.backend_process import gemm_peak, prepare
+    from ftcore.run.backend_process import gemm_peak
+    from ftcore.run.preflight import prepare
 
     cache = {}
 

@@ -2,7 +2,7 @@
 
 Separate from the timed pass (these tests take no `benchmark` fixture, so `--benchmark-only`
 skips them and no timing is ever taken under memray, whose tracking slows torch several-fold).
-Each case runs `ftcore.run.backend_process` for one backend under `python -m memray run [--native]` (via
+Each case runs `ftcore.run.child` for one backend under `python -m memray run [--native]` (via
 run_backend's `wrap`, as `ftcore profile` does; memray does not follow subprocesses, so it must
 wrap the child itself) and writes into `--memray-out` (default: a pytest tmp dir):
 

@@ -345,7 +345,8 @@ def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]
     from concurrent.futures import ThreadPoolExecutor
 
     from ftcore.config import RunConfig
-    from ftcore.run.backend_process import prepare, run_backend
+    from ftcore.run.backend_process import run_backend
+    from ftcore.run.preflight import prepare
 
     todo = [n for n in names if n not in _RUNS]
     preps = {}

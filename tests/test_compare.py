@@ -11,7 +11,8 @@ from helpers import ftcore, ftcore_in_process
 
 from ftcore.config import RunConfig
 from ftcore.inputs.batches import Batches
-from ftcore.run.backend_process import compare, prepare
+from ftcore.run.compare import compare
+from ftcore.run.preflight import prepare
 
 pytestmark = pytest.mark.integration
 

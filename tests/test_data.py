@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from ftcore.config import RunConfig, UserError
-from ftcore.inputs.batches import build_batches, tokenize_records
+from ftcore.inputs.batches import build_batches
 from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count
-from ftcore.inputs.presets import load_tokenizer
 from ftcore.inputs.records import (
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
@@ -17,6 +16,8 @@ from ftcore.inputs.records import (
     select_records,
 )
 from ftcore.inputs.synthetic import synthetic_records
+from ftcore.inputs.token_rows import tokenize_records
+from ftcore.inputs.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -86,7 +86,7 @@ def test_nproc2_records_ranks_threads_allreduce_and_memory(compare_nproc2):
 
 def test_gated_data_parallel_process_runs_one_step_per_request(tmp_path, small_cfg):
     """The bench's step gate reaches rank 0 through named pipes (launchers close inherited fds)."""
-    from ftcore.run.backend_process import BackendProcess, prepare
+    from ftcore.run.child import BackendProcess, prepare
 
     prep = prepare(small_cfg.replace(steps=3, batch_size=4, nproc=2, eval_samples=0), tmp_path, ["mlx"])
     proc = BackendProcess("mlx", prep, tmp_path / "run", gate=True)
@@ -148,7 +148,7 @@ def test_rank_watch_ends_a_launcher_whose_rank_died(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "DEAD_RANK_GRACE_S", 1.0)
     launcher = subprocess.Popen(["sleep", "60"], start_new_session=True)
     # a "rank" in its own session, as torchrun's are (named like one: only ranks are killed)
-    survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ftcore.run.backend_process"],
+    survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ftcore.run.child"],
                                 start_new_session=True)  # fmt: skip
     dead = subprocess.Popen(["true"])
     dead.wait()

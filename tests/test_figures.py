@@ -9,11 +9,14 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ftcore.backends.step_clock import Quality
+from ftcore.backends import BACKENDS
+from ftcore.backends.eval_schedule import EvalSchedule
+from ftcore.backends.run_context import Run
 from ftcore.bench.bench_diff import EXACT_LIMIT, mann_whitney_p, ratio_interval, summarise
 from ftcore.config import RunConfig
 from ftcore.inputs.batches import Batches
@@ -27,7 +30,7 @@ EOS = 2
 
 
 def _scored(answers: list[list[int]], outputs: list[list[int]]) -> tuple[float, list[int]]:
-    """Quality's exact-match accuracy of `outputs` (what greedy decoding returned) against
+    """EvalSchedule's exact-match accuracy of `outputs` (what greedy decoding returned) against
     `answers` (each ending with EOS); and the token budgets the generator was given."""
     n, width = len(answers), max(map(len, answers))
     ids = np.full((n, width), -1)
@@ -43,7 +46,8 @@ def _scored(answers: list[list[int]], outputs: list[list[int]]) -> tuple[float, 
         asked.append(budget)
         return outputs[prompt[0] - 10]
 
-    q = Quality(RunConfig(), batches, RunResult(backend="t"), lambda: None, generate)
+    run = Run(BACKENDS["torch"], RunConfig(), Path("."), batches, Path("."), result=RunResult(backend="t"))
+    q = EvalSchedule(run, lambda: None, generate)
     q.before()
     return q.result.accuracy_before, asked
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from helpers import ftcore, ftcore_in_process
 
+from ftcore.config import RunConfig
 from ftcore.inputs.arch import LORA_TARGETS
 from ftcore.measure.memory_model import base_param_count, memory_model
 
@@ -62,9 +63,10 @@ def test_mlx_grad_checkpoint_with_dropout_is_refused(tmp_path) -> None:
 @pytest.mark.unit
 def test_memory_model_counts_tinyllama() -> None:
     assert base_param_count(TINYLLAMA) == 1_100_048_384  # TinyLlama-1.1B's parameter count
-    plain = memory_model(TINYLLAMA, "fp32", 2, 256, LORA_TARGETS, 8, checkpoint=False)
-    ckpt = memory_model(TINYLLAMA, "fp32", 2, 256, LORA_TARGETS, 8, checkpoint=True)
-    half = memory_model(TINYLLAMA, "bf16", 2, 256, LORA_TARGETS, 8, checkpoint=False)
+    cfg = RunConfig(precision="fp32", max_seq_len=256, lora_targets=LORA_TARGETS, lora_rank=8)
+    plain = memory_model(TINYLLAMA, cfg, 2)
+    ckpt = memory_model(TINYLLAMA, cfg.replace(grad_checkpoint=True), 2)
+    half = memory_model(TINYLLAMA, cfg.replace(precision="bf16"), 2)
     assert plain["weights"] == pytest.approx(1_100_048_384 * 4 / 2**20)
     assert half["weights"] == pytest.approx(plain["weights"] / 2)
     lora = 22 * 8 * (2048 + 2048 + 2 * (2048 + 256) + 2048 + 2048 + 3 * (2048 + 5632))

@@ -21,7 +21,8 @@ from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
 from ftcore.mlx.adapters import peft_to_mlx_adapter
 from ftcore.mlx.lora import apply_lora, load_lora_state
 from ftcore.mlx.model import load_model
-from ftcore.run.backend_process import prepare, run_backend
+from ftcore.run.backend_process import run_backend
+from ftcore.run.preflight import prepare
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,10 @@ from ftcore.inputs.batches import build_batches
 from ftcore.inputs.presets import (
     PRESET_CONFIGS,
     check_model_dir,
-    load_tokenizer,
     materialize_preset,
     preset_config,
 )
+from ftcore.inputs.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.unit
 

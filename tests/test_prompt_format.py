@@ -11,10 +11,11 @@ import pytest
 from helpers import ftcore_in_process, with_chat_template
 
 from ftcore.config import RunConfig, UserError
-from ftcore.inputs.batches import build_batches, tokenize_records
+from ftcore.inputs.batches import build_batches
 from ftcore.inputs.loss_contract import IGNORE_INDEX
-from ftcore.inputs.presets import load_tokenizer
 from ftcore.inputs.records import PROMPT_FORMAT_FILE, chat_messages, write_prompt_format
+from ftcore.inputs.token_rows import tokenize_records
+from ftcore.inputs.tokenizer import load_tokenizer
 from ftcore.run.generate_text import prompt_ids, resolve_prompt_format
 
 pytestmark = pytest.mark.unit

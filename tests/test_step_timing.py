@@ -9,7 +9,8 @@ import time
 import pytest
 
 from ftcore.measure.machine_load import MachineLoad
-from ftcore.run.backend_process import BackendProcess, prepare
+from ftcore.run.backend_process import BackendProcess
+from ftcore.run.preflight import prepare
 
 pytestmark = pytest.mark.integration
 

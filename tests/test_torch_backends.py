@@ -17,7 +17,8 @@ from ftcore.backends.step_clock import PROBE_FILE, PROBE_POSITIONS, probe_batch
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
 from ftcore.measure.flops import lora_param_count
-from ftcore.run.backend_process import prepare, run_backend
+from ftcore.run.backend_process import run_backend
+from ftcore.run.preflight import prepare
 
 pytestmark = pytest.mark.integration
 

@@ -1,15 +1,16 @@
 """The backends: one BackendSpec each, in BACKENDS. Everything outside this package (runner, CLI,
 report, bench) reads a backend's facts from its spec and never compares backend names.
 
-Adding a backend: write `ftcore/backends/<module>.py` with
+Adding a backend: write `ftcore/backends/<backend name>.py` with
 
-    train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult
+    train(run: Run) -> RunResult     # run: backends.run_context.Run (cfg, batches, out_dir, ...)
 
-and add one BackendSpec to BACKENDS. `train` runs inside a fresh process started by
-ftcore.run.backend_process with `child_env`'s environment: it loads the checkpoint, trains `cfg.steps` steps on
-`batches` starting from `ftcore.inputs.lora_init.initial_lora_state`, evaluates, saves the adapter under
-out_dir/adapter and returns the measured figures (`backends.common.base_result` / `finish` fill
-the shared ones). Whatever it wants the report to say goes in `result.note(...)`.
+and add one BackendSpec to BACKENDS. `train` runs inside a fresh process (ftcore.run.child) with
+`child_env`'s environment: it loads the checkpoint, trains `cfg.steps` steps on `run.batches`
+starting from `ftcore.inputs.lora_init.initial_lora_state`, evaluates (backends.eval_schedule),
+times each step (backends.step_clock), saves the adapter under run.out_dir/adapter and returns
+the measured figures (backends.result_fields: `start_result` / `finish_result` fill the shared
+ones). Whatever it wants the report to say goes in `result.note(...)`.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class BackendSpec:
     # per-step losses must equal the reference's within 1e-4 (checked by tests and bench)
     same_numerics: bool = True
     # True: its loop owns the steps, so it evaluates every --eval-every steps, stops at
-    # --target-eval-loss and measures greedy exact-match accuracy (backends.common.Quality)
+    # --target-eval-loss and measures greedy exact-match accuracy (backends.eval_schedule)
     owns_steps: bool = True
     # True: --grad-checkpoint recomputes a layer with the same LoRA dropout masks (torch replays its
     # RNG); False: new masks (MLX's random state is global), so checkpointing with dropout is refused
@@ -112,8 +113,12 @@ class BackendSpec:
         return self.launch is not None
 
     def train(self, cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
+        """Train this backend in this process (the child's job: ftcore.run.child)."""
+        from ftcore.backends.run_context import Run
+        from ftcore.run.ranks import RankInfo
+
         module = importlib.import_module(f"ftcore.backends.{self.module}")
-        return module.train(cfg, model_dir, batches, out_dir)
+        return module.train(Run(self, cfg, Path(model_dir), batches, Path(out_dir), RankInfo.from_env()))
 
     def missing(self) -> str | None:
         """Why this backend cannot run here (its package is not installed), or None."""
@@ -126,7 +131,7 @@ BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec(
-            name="torch", framework="torch", module="torch_loop", package="peft",
+            name="torch", framework="torch", module="torch", package="peft",
             install_hint="pip install ftcore", child_env=framework_env("torch"), check=check_torch,
             launch=torch_env.launch_command, check_launch=torch_env.check_launch,
             summary="transformers LlamaForCausalLM + PEFT LoRA, a plain training loop",
@@ -138,7 +143,7 @@ BACKENDS: dict[str, BackendSpec] = {
             summary="the same model and adapter through transformers Trainer",
         ),
         BackendSpec(
-            name="mlx", framework="mlx", module="mlx_loop", package="mlx",
+            name="mlx", framework="mlx", module="mlx", package="mlx",
             install_hint="pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)",
             child_env=mlx_env.row_streams_env, before_spawn=convert_for_mlx,
             check=check_mlx_converted, launch=mlx_env.launch_command,
@@ -146,7 +151,7 @@ BACKENDS: dict[str, BackendSpec] = {
             summary="ftcore's own MLX Llama (ftcore.mlx), weights converted from the same checkpoint",
         ),
         BackendSpec(
-            name="mlx-lm", framework="mlx", module="mlx_lm_ref", package="mlx_lm",
+            name="mlx-lm", framework="mlx", module="mlx_lm", package="mlx_lm",
             install_hint="pip install 'ftcore[mlx-lm]'", child_env=framework_env("mlx"), check=check_mlx,
             same_numerics=False,  # its own loss normalisation and Adam, as its users get them
             owns_steps=False,  # mlx-lm's trainer runs the steps: eval after training only

@@ -20,19 +20,19 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ftcore.backends.step_clock import (
-    Quality,
-    StepClock,
-    base_result,
-    finish,
+from ftcore.backends.eval_schedule import EvalSchedule
+from ftcore.backends.result_fields import (
+    finish_result,
     optimizer_record,
     probe_batch,
     record_ranks,
     save_probe_logits,
+    start_result,
 )
+from ftcore.backends.run_context import Run
+from ftcore.backends.step_clock import StepClock
 from ftcore.config import RunConfig
 from ftcore.inputs.arch import read_arch
-from ftcore.inputs.batches import Batches
 from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
 from ftcore.inputs.loss_contract import target_count
 from ftcore.measure.blas import blas_threads, set_blas_threads
@@ -48,7 +48,7 @@ from ftcore.mlx.optim import make_optimizer, settings
 from ftcore.mlx.runtime import blas_facts, convert, pick_device
 from ftcore.mlx.streams import cpu_streams, loss_and_grads, plan_streams
 from ftcore.result import RunResult
-from ftcore.run.ranks import RankInfo, rank_threads, shard
+from ftcore.run.ranks import rank_threads, shard
 
 # Compile the whole train step (forward, backward, clipping, AdamW) into one graph: element-wise
 # chains (exp, sigmoid, ...) become fused JIT CPU kernels, built with AVX2/FMA by ftcore.mlx.jit.
@@ -83,14 +83,14 @@ def load(cfg: RunConfig, model_dir: Path, result: RunResult) -> Model:
     return model
 
 
-def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
+def train(run: Run) -> RunResult:
+    cfg, batches, model_dir, ranks = run.cfg, run.batches, run.model_dir, run.ranks
     device = pick_device(cfg.device)  # before anything slow: a bad --device fails at once
     mx.set_default_device(device)
     mx.random.seed(cfg.seed)  # LoRA dropout masks
-    result = base_result("mlx", cfg, model_dir, batches, "mlx")
-    ranks = RankInfo.from_env()
+    result = start_result(run)
     if ranks:
-        cfg = cfg.replace(threads=rank_threads(cfg))  # this rank's threads, for streams and BLAS
+        cfg = run.cfg = cfg.replace(threads=rank_threads(cfg))  # this rank's threads, for streams and BLAS
         group = dist.init(device, ranks.world)
     blas_facts(result, cfg)
 
@@ -101,10 +101,10 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     )
     mx.reset_peak_memory()
     # before any stream sets the BLAS to one thread
-    measured = Quality(cfg, batches, result, lambda: evaluate(model, batches),
-                       lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
-    if not (ranks and ranks.rank):
-        measured.before()  # rank 0 only, as every eval
+    evals = EvalSchedule(run, lambda: evaluate(model, batches),
+                         lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
+    if run.lead:
+        evals.before()  # rank 0 only, as every eval
 
     # One stream per thread, each with a 1-thread BLAS (where its threads can be set: otherwise
     # streams x BLAS threads would oversubscribe the cores).
@@ -121,7 +121,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     # threads really at work in a step: one per stream, times the BLAS threads each one calls
     result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
-    record_ranks(result, ranks)
+    record_ranks(run)
 
     result.extra["compiled_traces"] = 0
 
@@ -150,7 +150,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             return loss, apply_part(grads)
 
     model.train()
-    clock = StepClock("mlx", cfg, batches, rank=ranks.rank if ranks else 0)
+    clock = StepClock(run)
     kernels_before = jit.built_kernels()
     for i in range(cfg.steps):
         fed = batches.step(i)
@@ -173,17 +173,17 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             result.extra["mlx_kernels_built"] = {**built, "kernels": so_far["kernels"] + built["kernels"],
                                                  "seconds": round(so_far["seconds"] + built["seconds"], 2)}
             kernels_before = jit.built_kernels()
-        if ranks and ranks.rank:
+        if not run.lead:
             continue  # eval: rank 0 only (the others wait in the next all_sum)
-        if measured.after_step(i, clock.times):
+        if evals.after_step(i, clock.times):
             break  # --target-eval-loss reached (one process only: refused with --nproc > 1)
-    clock.stop(result)
+    clock.stop()
     step_times = clock.times
-    if ranks and ranks.rank:
+    if not run.lead:
         return result  # identical weights: rank 0 evaluates and saves
 
     if n_streams > 1:
-        set_blas_threads(result.rank_threads)  # eval and the GEMM probe in finish() run on one stream
+        set_blas_threads(result.rank_threads)  # eval and the GEMM probe in finish_result() run on one stream
     busy = result.cpu_busy_threads
     if n_streams > 1:
         result.note(
@@ -197,25 +197,25 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             "--grad-checkpoint mx.eval keeps its default width, which row streams cannot share"
         )
 
-    measured.after(step_times)
+    evals.after(step_times)
     result.framework_peak_mb = mx.get_peak_memory() / 2**20
     result.extra["framework_peak_note"] = (
         "mx.get_peak_memory() since after load: MLX array buffers in use at the peak of training + "
         "eval (weights, activations, grads, optimizer state); excludes the allocator cache and "
         "non-MLX memory"
     )
-    save_adapters(cfg, lora_state(model), len(model.model.layers), model_dir, out_dir)
+    save_adapters(cfg, lora_state(model), len(model.model.layers), model_dir, run.out_dir)
     model.eval()
     probe = to_mx(probe_batch(batches))
     save_probe_logits(
-        np.array(model(probe["input_ids"], probe["attention_mask"]).astype(mx.float32)), out_dir
+        np.array(model(probe["input_ids"], probe["attention_mask"]).astype(mx.float32)), run.out_dir
     )
     result.device = device.name
     result.extra["compiled"] = COMPILE
     result.extra["precision_mode"] = (
         "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
     )
-    return finish(result, cfg, batches, step_times, "mlx")
+    return finish_result(run, step_times)
 
 
 def compile_grads(model: Model, streams: tuple, state: list):

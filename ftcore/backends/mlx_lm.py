@@ -20,7 +20,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ftcore.backends.step_clock import StepClock, base_result, finish, optimizer_record
+from ftcore.backends.result_fields import finish_result, optimizer_record, start_result
+from ftcore.backends.run_context import Run
+from ftcore.backends.step_clock import StepClock
 from ftcore.config import RunConfig, UserError
 from ftcore.inputs.arch import block_of, read_arch
 from ftcore.inputs.batches import Batches
@@ -183,8 +185,8 @@ class Recorder:
     `batches` is the iterate_batches hook for training: the step gate waits there, right before
     mlx-lm starts its step clock."""
 
-    def __init__(self, cfg: RunConfig, batches: Batches, opt: optim.Optimizer) -> None:
-        self.clock = StepClock("mlx-lm", cfg, batches)
+    def __init__(self, run: Run, opt: optim.Optimizer) -> None:
+        self.clock = StepClock(run)
         self.opt = opt
         self.losses: list[float] = []
 
@@ -204,12 +206,13 @@ class Recorder:
         pass
 
 
-def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
+def train(run: Run) -> RunResult:
     trainer, utils, load_model = import_mlx_lm()
+    cfg, batches, model_dir, out_dir = run.cfg, run.batches, run.model_dir, run.out_dir
     device = pick_device(cfg.device)
     mx.set_default_device(device)
     mx.random.seed(cfg.seed)
-    result = base_result("mlx-lm", cfg, model_dir, batches, "mlx")
+    result = start_result(run)
     blas_facts(result, cfg)
     # mlx-lm imports transformers (tokenizer_utils), which imports torch when installed: its RSS
     result.extra["torch_imported"] = "torch" in sys.modules
@@ -236,7 +239,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         adapter_file=str(adapter_dir / "adapters.safetensors"),
         grad_checkpoint=cfg.grad_checkpoint,  # mlx-lm's own: mx.checkpoint around each layer
     )
-    recorder = Recorder(cfg, batches, opt)
+    recorder = Recorder(run, opt)
     train_set = [mlx_lm_batch(batches.step(s)) for s in range(cfg.steps)]
     trainer.train(
         model,
@@ -248,7 +251,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
         training_callback=recorder,
     )
     result.losses = recorder.losses
-    recorder.clock.stop(result)
+    recorder.clock.stop()
 
     if batches.eval:
         eval_set = [mlx_lm_batch(b) for b in batches.eval]
@@ -270,4 +273,4 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     result.extra["precision_mode"] = (
         "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + Adam"
     )
-    return finish(result, cfg, batches, recorder.clock.times, "mlx")
+    return finish_result(run, recorder.clock.times)

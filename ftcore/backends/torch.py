@@ -7,37 +7,36 @@ so every rank steps identically; only rank 0 evaluates and saves.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from ftcore.backends.step_clock import StepClock, optimizer_record
-from ftcore.backends.torch_common import quality, start, wrap_up
-from ftcore.config import RunConfig
-from ftcore.inputs.batches import Batches
+from ftcore.backends.result_fields import optimizer_record
+from ftcore.backends.run_context import Run
+from ftcore.backends.step_clock import StepClock
+from ftcore.backends.torch_common import eval_schedule, start, wrap_up
 from ftcore.inputs.loss_contract import target_count
 from ftcore.result import RunResult
-from ftcore.run.ranks import RankInfo, shard
+from ftcore.run.ranks import shard
 from ftcore.torch import dist
 from ftcore.torch.loss import loss_sum_count, to_torch
 from ftcore.torch.optim import make_optimizer, settings
 
 
-def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
-    ranks = RankInfo.from_env()
+def train(run: Run) -> RunResult:
+    cfg, batches, ranks = run.cfg, run.batches, run.ranks
     if ranks:
         dist.pick_rank_gpu(cfg, ranks.local_rank)
-    model, device, result = start("torch", cfg, model_dir, batches, ranks)
+    model, device = start(run)
+    result = run.result
     if ranks:
         dist.init(device, cfg.nproc)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
     result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
-    measured = quality(model, device, cfg, batches, result)
-    if not (ranks and ranks.rank):
-        measured.before()  # rank 0 only, as every eval
+    evals = eval_schedule(run, model, device)
+    if run.lead:
+        evals.before()  # rank 0 only, as every eval
     model.train()
-    clock = StepClock("torch", cfg, batches, rank=ranks.rank if ranks else 0)
+    clock = StepClock(run)
     for step in range(cfg.steps):
         fed = batches.step(step)
         batch = to_torch(shard(fed, ranks.rank, ranks.world) if ranks else fed, device)
@@ -65,13 +64,13 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
             loss_value = loss.item()  # sync point: the step's work is done after this
         clock.end(step, loss_value, grad_norm=grad_norm.item())
         result.losses.append(loss_value)
-        if ranks and ranks.rank:
+        if not run.lead:
             continue  # eval: rank 0 only (the others wait in the next all-reduce)
-        if measured.after_step(step, clock.times):
+        if evals.after_step(step, clock.times):
             break  # --target-eval-loss reached (one process only: refused with --nproc > 1)
-    clock.stop(result)
+    clock.stop()
     if ranks:
         dist.close()
         if ranks.rank:
             return result  # identical weights: rank 0 evaluates and saves
-    return wrap_up(model, device, result, cfg, batches, out_dir, clock.times, measured)
+    return wrap_up(run, model, device, clock.times, evals)

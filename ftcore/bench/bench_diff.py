@@ -159,10 +159,28 @@ def format_table(rows: list[dict], base: str, head: str, threshold: float) -> st
     return "\n".join(lines)
 
 
-def bench_diff(base: str, head: str | None, expr: str | None, threshold: float, runs: int,
-               warmup: int, timed: int, sizes: list[str], json_path: Path | None,
-               backends: list[str]) -> int:
+@dataclass(frozen=True)
+class DiffPlan:
+    """What `ftcore bench-diff` compares: two revisions (head None: the working tree), the cases
+    (sizes x backends, filtered by -k `expr`), runs per side, steps per run, the slower threshold
+    and where the JSON goes."""
+
+    base: str
+    head: str | None
+    expr: str | None
+    threshold: float
+    runs: int
+    warmup: int
+    timed: int
+    sizes: list[str]
+    json_path: Path | None
+    backends: list[str]
+
+
+def bench_diff(plan: DiffPlan) -> int:
     """Run the comparison and print the table; 1 when a case is slower, else 0."""
+    base, head, expr, threshold, runs = plan.base, plan.head, plan.expr, plan.threshold, plan.runs
+    warmup, timed, sizes, json_path, backends = plan.warmup, plan.timed, plan.sizes, plan.json_path, plan.backends
     if runs < 2 or timed < 1 or warmup < 0 or threshold < 0:
         raise UserError("bench-diff: --runs >= 2, --timed-steps >= 1, --warmup-steps >= 0, --threshold >= 0")
     lr_warmup = RunConfig().warmup_steps  # each run is `ftcore run` with the default LR warm-up

@@ -48,8 +48,8 @@ def pretrain(model: Any, tokenizer: Any, recipe: dict[str, Any] = PRETRAIN_RECIP
     (steps, seconds, first/last loss, threads) for the preset's ftcore_preset.json."""
     import torch
 
-    from ftcore.inputs.batches import tokenize_records
     from ftcore.inputs.loss_contract import IGNORE_INDEX
+    from ftcore.inputs.token_rows import tokenize_records
 
     r = recipe
     B, L = r["batch_size"], r["max_seq_len"]
@@ -107,7 +107,14 @@ def recipe_inputs(r: dict[str, Any] = PRETRAIN_RECIPE) -> str:
 
     records = synthetic_records(r["steps"] * r["batch_size"], seed=r["data_seed"], families=PRETRAIN_FAMILIES)
     data = "\n".join(format_prompt(x) + x["output"] for x in records)
-    return data + inspect.getsource(pretrain) + inspect.getsource(recipe_lr)
+    return data + training_code(pretrain) + training_code(recipe_lr)
+
+
+def training_code(fn: Any) -> str:
+    """`fn`'s source without its ftcore import lines: where a helper module lives (a rename, a
+    move) is not what the loop computes, so it does not make a new preset."""
+    lines = inspect.getsource(fn).splitlines(keepends=True)
+    return "".join(ln for ln in lines if not ln.lstrip().startswith(("from ftcore", "import ftcore")))
 
 
 def family_exact_match(model: Any, tokenizer: Any, n_per_family: int = 32, seed: int = 7) -> dict[str, float]:
@@ -117,8 +124,8 @@ def family_exact_match(model: Any, tokenizer: Any, n_per_family: int = 32, seed:
     aside). So one forward pass per family stands in for a decoding loop."""
     import torch
 
-    from ftcore.inputs.batches import pad_id_of, pad_rows, tokenize_records
     from ftcore.inputs.loss_contract import IGNORE_INDEX
+    from ftcore.inputs.token_rows import pad_id_of, pad_rows, tokenize_records
 
     shares = {}
     for family in ALL_FAMILIES:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 def _torch_gemm(precision: str, m: int, k: int, n: int, device: str) -> Callable[[], None]:
@@ -44,13 +45,21 @@ def _mlx_gemm(precision: str, m: int, k: int, n: int, device: str) -> Callable[[
 GEMMS = {"torch": _torch_gemm, "mlx": _mlx_gemm}  # framework -> GEMM maker
 
 
-def gemm_gflops(framework: str, precision: str, m: int, k: int, n: int, repeats: int = 5,
-                max_time_s: float = 1.5, device: str = "cpu") -> float:
-    """Best throughput of an (m x k) @ (k x n) GEMM in GFLOP/s, after one warm-up run.
+@dataclass(frozen=True)
+class Timing:
+    """How long one GEMM is timed: at most `repeats` runs, stopping early once `max_time_s` is
+    spent (after at least two), so slow backends (MLX's reference BLAS ~7 GFLOP/s, MLX bf16 ~6)
+    stay within a couple of seconds."""
 
-    Stops early once ``max_time_s`` is spent (after at least two timed runs), so slow backends
-    (MLX's reference BLAS ~7 GFLOP/s, MLX bf16 ~6) stay within a couple of seconds.
-    """
+    repeats: int = 5
+    max_time_s: float = 1.5
+
+
+def gemm_gflops(framework: str, precision: str, shape: tuple[int, int, int], device: str = "cpu",
+                timing: Timing = Timing()) -> float:
+    """Best throughput of an (m x k) @ (k x n) GEMM, shape (m, k, n), in GFLOP/s, after one warm-up run."""
+    m, k, n = shape
+    repeats, max_time_s = timing.repeats, timing.max_time_s
     run = GEMMS[framework](precision, m, k, n, device)
     run()  # warm-up: thread pools, kernel selection, page faults
     best = math.inf
@@ -64,10 +73,8 @@ def gemm_gflops(framework: str, precision: str, m: int, k: int, n: int, repeats:
     return 2 * m * k * n / best / 1e9
 
 
-def measure_gemm_peak(framework: str, precision: str, n: int = 1024, repeats: int = 5,
-                      max_time_s: float = 1.5, device: str = "cpu",
-                      shapes: tuple[tuple[int, int, int], ...] = ()) -> float:
+def measure_gemm_peak(framework: str, precision: str, n: int = 1024, device: str = "cpu",
+                      shapes: tuple[tuple[int, int, int], ...] = (), timing: Timing = Timing()) -> float:
     """Best GEMM throughput in GFLOP/s over an ``n``x``n`` square and the (m, k, n) ``shapes``
     (the run's own, ftcore.measure.flops.gemm_shapes): a peak no GEMM of that run can beat."""
-    return max(gemm_gflops(framework, precision, *shape, repeats=repeats, max_time_s=max_time_s,
-                           device=device) for shape in [(n, n, n), *shapes])
+    return max(gemm_gflops(framework, precision, shape, device, timing) for shape in [(n, n, n), *shapes])

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ftcore.config import RunConfig
 from ftcore.inputs.arch import linear_shapes
 from ftcore.measure.flops import lora_param_count
 
@@ -54,10 +55,11 @@ def saved_per_token_layer(arch: dict[str, Any], seq_len: int, targets: Iterable[
     return attention + mlp + rank * len(list(targets))
 
 
-def memory_model(arch: dict[str, Any], precision: str, rows: int, seq_len: int,
-                 targets: Iterable[str], rank: int, checkpoint: bool) -> dict[str, Any]:
-    """{component: MB, ..., "total": MB, "checkpoint": bool} for one training process."""
-    targets = list(targets)
+def memory_model(arch: dict[str, Any], cfg: RunConfig, rows: int) -> dict[str, Any]:
+    """{component: MB, ..., "total": MB, "checkpoint": bool} for one training process of `rows`
+    rows at the run's precision, max_seq_len, LoRA targets and rank, and --grad-checkpoint."""
+    precision, seq_len, rank, checkpoint = cfg.precision, cfg.max_seq_len, cfg.lora_rank, cfg.grad_checkpoint
+    targets = list(cfg.lora_targets)
     b = BYTES[precision]
     tokens = rows * seq_len
     layers = arch["num_hidden_layers"]

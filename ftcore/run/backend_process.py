@@ -1,20 +1,13 @@
-"""Run one backend in a fresh process; a crash becomes a failed row, not a lost run.
-
-Parent side: `prepare()` (ftcore.run.preflight) checks every input and writes the shared batches
-once; `run_backend()` starts `python -m ftcore.run.backend_process ...` for one backend, streams its progress, and
-returns its RunResult (or a failed one with the reason when the child dies).
-Child side: `main()` loads config + batches, measures peak RSS around the backend's `train`, and
-writes result.json atomically: status `ok`, `diverged` (a non-finite loss or gradient stopped it,
-ftcore.backends.step_clock.Diverged) or `failed` (an exception; its traceback in `traceback`).
-Children run in their own session and die with the parent (ftcore.run.procs).
+"""Parent side of one backend's run: `run_backend()` / `BackendProcess` start
+`python -m ftcore.run.child ...` (ftcore.run.child) for one backend in a fresh process, stream its
+progress, and return its RunResult, or a failed one with the reason when the child dies; the
+parent completes the result (MFU against this machine's GEMM peak, process figures, ranks).
+Inputs are checked and the shared batches written once before, by ftcore.run.preflight.prepare.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import contextlib
-import dataclasses
 import json
 import os
 import select
@@ -22,34 +15,21 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from ftcore.backends import BACKENDS, FRAMEWORK_ENVS, BackendSpec, get_backend
-from ftcore.backends.step_clock import Diverged
-from ftcore.config import RunConfig, UserError
-from ftcore.inputs.arch import read_arch
-from ftcore.inputs.batches import Batches
-from ftcore.measure.flops import gemm_shapes
-from ftcore.measure.gemm_peak import machine_gemm_peak, mfu
-from ftcore.measure.rss import PeakRSS
-from ftcore.report import build_comparison, write_report
+from ftcore.backends import FRAMEWORK_ENVS, BackendSpec, get_backend
+from ftcore.config import RunConfig
+from ftcore.measure.gemm_peak import machine_gemm_peak
+from ftcore.measure.mfu import achieved_gflops, record_mfu
 from ftcore.result import RunResult
-from ftcore.run.preflight import Prepared, check_run, prepare  # noqa: F401 (the runner's API)
-from ftcore.run.procs import death_reason, die_with_parent, oom_kills, reaped, spawn
-from ftcore.run.ranks import (
-    DIST_ENV,
-    RankInfo,
-    RankWatch,
-    announce,
-    merge_ranks,
-    rank_threads,
-    write_rank_file,
-)
-from ftcore.run.stepgate import FIFO_PREFIX, GATE_ENV
+from ftcore.run.child import RESULT_FILE
+from ftcore.run.preflight import Prepared
+from ftcore.run.procs import death_reason, oom_kills, reaped, spawn
+from ftcore.run.ranks import DIST_ENV, RankWatch, merge_ranks, rank_threads
+from ftcore.run.stepgate import ParentGate
 
-RESULT_FILE = "result.json"
+CHILD_MODULE = "ftcore.run.child"
 # Never reach for a hub, and keep library chatter (weight-loading bars) off the progress stream.
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -76,18 +56,23 @@ def child_env(spec: BackendSpec, threads: int, cfg: RunConfig) -> dict[str, str]
     return spec.child_env(base_env(), threads, cfg)
 
 
-def gemm_peak(prep: Prepared, refresh: bool = False) -> float | None:
-    """This machine's GEMM peak for the run (a large square and the run's own GEMM shapes), each
-    framework probed in its backends' environment."""
+def gemm_peak(prep: Prepared, shapes: list | None = None, at_least: float | None = None) -> float | None:
+    """This machine's GEMM peak for the run (a large square and the run's own GEMM shapes: the
+    child's, else made here the same way), each framework probed in its backends' environment;
+    re-measured when below `at_least` GFLOP/s (ftcore.measure.gemm_peak.machine_gemm_peak)."""
+    from ftcore.inputs.arch import read_arch
+    from ftcore.measure.flops import gemm_shapes
+
     cfg = prep.cfg
     envs = {fw: make(base_env(), cfg.threads) for fw, make in FRAMEWORK_ENVS.items()}
-    shapes = gemm_shapes(read_arch(prep.model_dir), cfg.batch_size, cfg.max_seq_len, cfg.threads)
-    return machine_gemm_peak(cfg.precision, envs, refresh=refresh, shapes=tuple(shapes))
+    if shapes is None:
+        shapes = gemm_shapes(read_arch(prep.model_dir), cfg.batch_size, cfg.max_seq_len, cfg.threads)
+    return machine_gemm_peak(cfg.precision, envs, shapes=tuple(map(tuple, shapes)), at_least=at_least)
 
 
 def child_command(backend: str, prep: Prepared, out_dir: Path) -> list[str]:
     return [
-        sys.executable, "-m", "ftcore.run.backend_process",
+        sys.executable, "-m", CHILD_MODULE,
         "--backend", backend,
         "--config", prep.cfg.to_json(),
         "--model-dir", str(prep.model_dir),
@@ -128,33 +113,15 @@ class BackendProcess:
             cmd = spec.launch(cfg, cmd, out_dir)
         else:
             env = child_env(spec, cfg.threads, cfg)
-        self._go = self._done = None
-        child_fds: tuple[int, ...] = ()
-        if gate and self.world > 1:  # named pipes: the launcher would close inherited fds
-            go_path, done_path = out_dir / "gate-go", out_dir / "gate-done"
-            for path in (go_path, done_path):
-                path.unlink(missing_ok=True)
-                os.mkfifo(path)
-            # O_RDWR: opens at once on Linux; the child's open then never waits for us
-            self._go = os.fdopen(os.open(go_path, os.O_RDWR), "w")
-            self._done = os.fdopen(os.open(done_path, os.O_RDWR), "r")
-            env[GATE_ENV] = f"{FIFO_PREFIX}{go_path},{done_path}"
-            gate = False
-        if gate:
-            go_read, go_write = os.pipe()
-            done_read, done_write = os.pipe()
-            child_fds = (go_read, done_write)
-            env[GATE_ENV] = f"{go_read},{done_write}"
+        self.gate = ParentGate(out_dir, self.world, env) if gate else None
         self.oom_before = oom_kills()
         # stdin: a pipe (RankWatch._nudge writes mlx.launch one byte; /dev/null would spin it)
         self.proc = spawn(cmd, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, pass_fds=child_fds)
+                          stderr=subprocess.PIPE, text=True,
+                          pass_fds=self.gate.child_fds if self.gate else ())
         self.watch = RankWatch(out_dir, self.world, self.proc.pid, self.proc.stdin) if self.world > 1 else None
-        if gate:
-            os.close(go_read)
-            os.close(done_write)
-            self._go = os.fdopen(go_write, "w")
-            self._done = os.fdopen(done_read, "r")
+        if self.gate:
+            self.gate.spawned()
         if on_start:
             on_start(self.proc)
         self.tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -170,8 +137,7 @@ class BackendProcess:
     def step(self) -> float:
         """Let the gated child run one training step; returns that step's loss once it is done."""
         try:
-            self._go.write("go\n")
-            self._go.flush()
+            self.gate.go()
             answer = self._answer()
         except BrokenPipeError:
             answer = ""
@@ -185,21 +151,20 @@ class BackendProcess:
     def _answer(self) -> str:
         """The child's answer line; "" when it died first. Named pipes (a launcher's rank 0) never
         reach EOF, since this process holds both ends: poll the launcher (and RankWatch) instead."""
+        done = self.gate.done
         if not self.watch:
-            return self._done.readline()
-        while not select.select([self._done], [], [], 0.5)[0]:
+            return done.readline()
+        while not select.select([done], [], [], 0.5)[0]:
             self.watch.poll()
             # has the launcher ended? WNOWAIT: leave it for wait()'s wait4 and its rusage
             if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
                 return ""
-        return self._done.readline()
+        return done.readline()
 
     def wait(self) -> RunResult:
         """Wait for the child to finish; its result (a failed one if it died), MFU filled in."""
-        for pipe in (self._go, self._done):
-            if pipe is not None:
-                with contextlib.suppress(BrokenPipeError):
-                    pipe.close()  # a gated child still waiting for a step gets EOF and stops
+        if self.gate:
+            self.gate.close()  # a gated child still waiting for a step gets EOF and stops
         prep, backend = self.prep, self.backend
         result_path = self.out_dir / RESULT_FILE
         _, status, rusage = self._wait4()
@@ -222,13 +187,12 @@ class BackendProcess:
             self._merge_ranks(result)
         if self.before_spawn_s is not None:
             result.extra["parent_prepare_s"] = self.before_spawn_s  # ~0 for a current conversion
+        machine_peak = None
         if result.status == "ok" and prep.cfg.device == "cpu":
-            peak = gemm_peak(prep)
-            result.mfu = mfu(result.real_tokens_per_s, result.flops_per_token, peak)
-            if result.mfu is not None and result.mfu > 1:  # the cached peak was taken under load
-                peak = gemm_peak(prep, refresh=True)
-                result.mfu = mfu(result.real_tokens_per_s, result.flops_per_token, peak)
-            result.extra["machine_gemm_peak_gflops"] = peak
+            # a cached peak below what this run achieved was taken under load: re-measured
+            machine_peak = gemm_peak(prep, result.extra.get("gemm_shapes"), at_least=achieved_gflops(result))
+            result.extra["machine_gemm_peak_gflops"] = machine_peak
+        record_mfu(result, machine_peak)
         result.extra["process_wall_s"] = time.time() - self.started  # start-up to exit, all of it
         # the kernel's high-water mark for the child alone (KiB on Linux), beside its own figure
         result.extra["child_maxrss_mb"] = (
@@ -268,78 +232,3 @@ def run_backend(
 ) -> RunResult:
     """Run `backend` in its own process and return its result (see BackendProcess)."""
     return BackendProcess(backend, prep, out_dir, on_start=on_start, wrap=wrap).wait()
-
-
-def compare(
-    backends: list[str],
-    prep: Prepared,
-    out_dir: Path,
-    on_start: Callable[[str, subprocess.Popen], None] | None = None,
-) -> dict:
-    """Run the backends one after another, each in its own process, then write the comparison
-    (comparison.json, report.md, plots) into out_dir. A failed backend is a failed row. With
-    cfg.nproc > 1 each backend runs at one process (out_dir/NAME) and then data-parallel
-    (out_dir/NAME-xW, W ranks): the scaling and parity reference."""
-    runs = [(name, prep) for name in backends]
-    world = prep.cfg.world_size
-    if world > 1:  # each backend at one process too: the parity and scaling-efficiency reference
-        one = dataclasses.replace(prep, cfg=prep.cfg.replace(nproc=1, nnodes=1))
-        runs = [run for name in backends for run in ((name, one), (name, prep))]
-    results = []
-    for i, (name, p) in enumerate(runs, 1):
-        label = name if p.cfg.world_size == 1 else f"{name}-x{p.cfg.world_size}"
-        print(f"== [{i}/{len(runs)}] {label}", file=sys.stderr, flush=True)
-        hook = (lambda proc, name=name: on_start(name, proc)) if on_start else None
-        results.append(run_backend(name, p, out_dir / label, on_start=hook).to_dict())
-    comparison = build_comparison(results)
-    write_report(comparison, out_dir)
-    return comparison
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Child entry: train one backend, write result.json; exit 1 with a failed row on error."""
-    ap = argparse.ArgumentParser(prog="python -m ftcore.run.backend_process")
-    ap.add_argument("--backend", required=True, choices=sorted(BACKENDS))
-    ap.add_argument("--config", required=True, help="RunConfig as JSON")
-    ap.add_argument("--model-dir", required=True, type=Path)
-    ap.add_argument("--batches", required=True, type=Path)
-    ap.add_argument("--out", required=True, type=Path)
-    args = ap.parse_args(argv)
-    die_with_parent()
-    cfg = RunConfig.from_dict(json.loads(args.config))
-    args.out.mkdir(parents=True, exist_ok=True)
-    ranks = RankInfo.from_env()
-    if ranks:
-        announce(args.out, ranks.rank)
-    with PeakRSS() as rss:
-        try:
-            batches = Batches.load(args.batches)
-            result = get_backend(args.backend).train(cfg, args.model_dir, batches, args.out)
-            code = 0
-        except KeyboardInterrupt:  # SIGINT sent to this process itself: stop, quietly
-            return 130
-        except Diverged as e:
-            result, code = e.result(args.backend, cfg.to_dict()), 1
-            print(f"[{args.backend}] {result.error}", file=sys.stderr)
-        except UserError as e:
-            result, code = RunResult.failed(args.backend, cfg.to_dict(), str(e)), 1
-        except Exception as e:  # the row says why; the traceback stays in the result for debugging
-            result, code = (
-                RunResult.failed(args.backend, cfg.to_dict(), f"{type(e).__name__}: {e}"),
-                1,
-            )
-            result.traceback = traceback.format_exc()
-            print(f"[{args.backend}] failed: {type(e).__name__}: {e}", file=sys.stderr)
-    result.peak_rss_mb = result.peak_rss_max_rank_mb = rss.peak_mb
-    result.rank_threads = result.rank_threads or result.threads  # a loop that did not say
-    if ranks:  # the parent sums the ranks' peaks (ftcore.run.ranks.merge_ranks)
-        write_rank_file(args.out, ranks.rank, status=result.status, peak_rss_mb=rss.peak_mb,
-                        baseline_rss_mb=result.baseline_rss_mb, threads=result.rank_threads)
-        if ranks.rank:
-            return code
-    result.write_json(args.out / RESULT_FILE)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

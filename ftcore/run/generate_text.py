@@ -11,6 +11,7 @@ the model's chat template with the generation prompt; --raw sends the prompt as 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def check_finite(logits: Any, backend: str) -> None:
 
 
 def prompt_ids(tokenizer: Any, prompt: str, input_text: str, raw: bool, prompt_format: str = "alpaca") -> list[int]:
-    """The prompt's token ids as training rendered them (ftcore.inputs.batches.rendered_ids)."""
+    """The prompt's token ids as training rendered them (ftcore.inputs.token_rows.rendered_ids)."""
     record = {"instruction": prompt, "input": input_text, "output": ""}
     if not raw and prompt_format == "chat":
         return list(tokenizer.apply_chat_template(chat_messages(record, False), add_generation_prompt=True,
@@ -145,11 +146,21 @@ def generate_mlx(model_dir: Path, adapter: Path | None, prompts: list[list[int]]
 GENERATORS = {"torch": generate_torch, "mlx": generate_mlx}
 
 
-def generate(model_dir: Path, adapter: Path | None, backend: str, prompts: list[str], input_text: str = "",
-             raw: bool = False, max_new_tokens: int = 64, prompt_format: str | None = None) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Prompting:
+    """How a prompt becomes token ids: the --input text, --raw (no template), --prompt-format."""
+
+    input_text: str = ""
+    raw: bool = False
+    prompt_format: str | None = None  # None: the adapter's own (ftcore.inputs.records)
+
+
+def generate(model_dir: Path, adapter: Path | None, backend: str, prompts: list[str],
+             max_new_tokens: int = 64, how: Prompting = Prompting()) -> list[dict[str, Any]]:
     """Per prompt {"backend", "prompt", "tokens" (new token ids, EOS kept), "text" (decoded, EOS
     dropped)}; the model loads once."""
-    from ftcore.inputs.presets import load_tokenizer
+    input_text, raw, prompt_format = how.input_text, how.raw, how.prompt_format
+    from ftcore.inputs.tokenizer import load_tokenizer
 
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens: must be >= 1")

@@ -23,8 +23,9 @@ from ftcore.config import RunConfig, UserError
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.batches import Batches, build_batches
 from ftcore.inputs.checkpoint import check_vocab, weights_sha256
-from ftcore.inputs.presets import load_tokenizer, resolve_model_dir
+from ftcore.inputs.presets import resolve_model_dir
 from ftcore.inputs.records import load_records
+from ftcore.inputs.tokenizer import load_tokenizer
 from ftcore.measure.hostinfo import affinity_cores
 from ftcore.run.ranks import check_threads
 

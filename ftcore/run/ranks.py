@@ -2,7 +2,7 @@
 mx.distributed launched by mlx.launch (ring backend). ftcore writes no transport of its own.
 
 Parent side: each framework's `launch_command` (ftcore.torch.env, ftcore.mlx.env) wraps a child's
-`python -m ftcore.run.backend_process ...` in its launcher, started `under_launcher`;
+`python -m ftcore.run.child ...` in its launcher, started `under_launcher`;
 `RankWatch` ends a launcher whose rank died while the others wait in an all-reduce; `merge_ranks`
 folds every rank's file into rank 0's result (peak RSS summed and largest).
 Rank side: `RankInfo.from_env`, `shard` (rank r takes rows [r*B/W, (r+1)*B/W) of every global
@@ -186,10 +186,10 @@ class RankWatch:
 
     def kill_ranks(self, pids: dict[int, int] | None = None) -> None:
         """SIGKILL announced ranks still running (torchrun's workers lead their own sessions);
-        a pid is only taken for a rank while it still runs ftcore.run.backend_process."""
+        a pid is only taken for a rank while it still runs ftcore.run.child."""
         for pid in (pids or self._pids()).values():
             with contextlib.suppress(OSError):
-                if b"ftcore.run.backend_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if b"ftcore.run.child" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
 
 
