@@ -233,3 +233,27 @@ def test_waiting_on_another_maker_s_lock_is_said_once_with_its_pid(tmp_path, cap
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "ftcore: waiting for process 4242, which is making the tiny preset"
     assert err[1].startswith("ftcore: waited ") and len(err) == 2
+
+
+def test_preset_training_code_ignores_where_its_helpers_live():
+    """A moved or renamed helper module (an import line) keeps the preset's fingerprint; a changed
+    line of the training loop does not."""
+    from ftcore.inputs.pretrain import training_code
+
+    def loop(n):
+        from ftcore.inputs.loss_contract import IGNORE_INDEX
+
+        return n * IGNORE_INDEX
+
+    def moved(n):
+        from ftcore.somewhere_else import IGNORE_INDEX
+
+        return n * IGNORE_INDEX
+
+    def changed(n):
+        from ftcore.inputs.loss_contract import IGNORE_INDEX
+
+        return n * IGNORE_INDEX + 1
+
+    strip = lambda fn: training_code(fn).split("\n", 1)[1]  # noqa: E731 (the def line names each)
+    assert strip(loop) == strip(moved) != strip(changed)
