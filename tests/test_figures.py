@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftcore.backends import BACKENDS
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.run_context import Run
 from ftcore.bench.bench_diff import EXACT_LIMIT, mann_whitney_p, ratio_interval, summarise
@@ -46,7 +45,7 @@ def _scored(answers: list[list[int]], outputs: list[list[int]]) -> tuple[float, 
         asked.append(budget)
         return outputs[prompt[0] - 10]
 
-    run = Run(BACKENDS["torch"], RunConfig(), Path("."), batches, Path("."), result=RunResult(backend="t"))
+    run = Run("t", "torch", RunConfig(), Path("."), batches, Path("."), result=RunResult(backend="t"))
     q = EvalSchedule(run, lambda: None, generate)
     q.before()
     return q.result.accuracy_before, asked

@@ -201,7 +201,7 @@ def test_find_fast_blas_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_child_envs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(blas, "find_fast_blas", lambda: "/opt/libopenblas.so.0")
+    monkeypatch.setattr(blas_env, "find_fast_blas", lambda: "/opt/libopenblas.so.0")
     base = {"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin", "FTCORE_CACHE": str(tmp_path)}
     env = mlx_env.child_env(base, threads=2)
     assert env["LD_PRELOAD"] == "/opt/libopenblas.so.0:/x/libfoo.so"
@@ -227,8 +227,8 @@ def test_openblas_kernels_follow_the_cpus_vector_isa(monkeypatch: pytest.MonkeyP
     assert blas_env.openblas_core_fix("zen", "avx2") is None
     assert blas_env.openblas_core_fix(None, "avx512") is None and blas_env.openblas_core_fix("prescott", None) is None
     lib = "/opt/openblas-pthread/libopenblas.so.0"
-    monkeypatch.setattr(blas, "openblas_corename", lambda path: "prescott")
-    monkeypatch.setattr(blas, "cpu_vector_isa", lambda: "avx512")
+    monkeypatch.setattr(blas_env, "openblas_corename", lambda path: "prescott")
+    monkeypatch.setattr(blas_env, "cpu_vector_isa", lambda: "avx512")
     monkeypatch.setattr(blas_env.sys, "platform", "linux")
     assert blas_env.with_core_type({}, lib)[blas_env.CORETYPE_ENV] == "SkylakeX"
     assert blas_env.with_core_type({blas_env.CORETYPE_ENV: "Haswell"}, lib)[blas_env.CORETYPE_ENV] == "Haswell"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import RESULT_FIELDS
 
-from ftcore.backends.step_clock import PROBE_FILE, PROBE_POSITIONS, probe_batch
+from ftcore.backends.result_fields import PROBE_FILE, PROBE_POSITIONS, probe_batch
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
 from ftcore.measure.flops import lora_param_count

@@ -118,7 +118,8 @@ class BackendSpec:
         from ftcore.run.ranks import RankInfo
 
         module = importlib.import_module(f"ftcore.backends.{self.module}")
-        return module.train(Run(self, cfg, Path(model_dir), batches, Path(out_dir), RankInfo.from_env()))
+        run = Run(self.name, self.framework, cfg, Path(model_dir), batches, Path(out_dir), RankInfo.from_env())
+        return module.train(run)
 
     def missing(self) -> str | None:
         """Why this backend cannot run here (its package is not installed), or None."""

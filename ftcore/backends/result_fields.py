@@ -52,8 +52,8 @@ def throughput(run: Run, step_times: list[float]) -> dict[str, float]:
 
 def start_result(run: Run) -> RunResult:
     """run.result: a RunResult with every field that does not depend on the training itself. The
-    BLAS probed is this process's framework's (run.spec.framework)."""
-    cfg, batches, framework = run.cfg, run.batches, run.spec.framework
+    BLAS probed is this process's framework's (run.framework)."""
+    cfg, batches, framework = run.cfg, run.batches, run.framework
     arch = read_arch(run.model_dir)
     # per real token; attention's share at the batches' mean width (= max_seq_len when `padded`)
     mean_width = int(round(float(batches.train["widths"].mean())))
@@ -93,7 +93,7 @@ def finish_result(run: Run, step_times: list[float]) -> RunResult:
     """Fill the throughput fields from the per-step wall times, and measure this framework's own
     GEMM peak in this process (its BLAS and threads as trained; on a GPU, that GPU's). MFU itself
     is computed from these by the parent, in one place (ftcore.measure.mfu.record_mfu)."""
-    cfg, result, framework = run.cfg, run.result, run.spec.framework
+    cfg, result, framework = run.cfg, run.result, run.framework
     result.step_times_s = list(step_times)
     for k, v in throughput(run, step_times).items():
         setattr(result, k, v)

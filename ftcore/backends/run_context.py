@@ -6,15 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ftcore.config import RunConfig
 from ftcore.inputs.batches import Batches
 from ftcore.result import RunResult
 from ftcore.run.ranks import RankInfo
-
-if TYPE_CHECKING:
-    from ftcore.backends import BackendSpec
 
 
 @dataclass
@@ -23,17 +19,14 @@ class Run:
     result_fields.start_result and filled by the loop. `cfg` may be replaced by the loop (a rank's
     own thread count) after the result recorded the run's config."""
 
-    spec: BackendSpec  # name and framework (whose BLAS and GEMM peak this process probes)
+    backend: str  # its name (BackendSpec.name)
+    framework: str  # "torch" | "mlx": whose BLAS and GEMM peak this process probes
     cfg: RunConfig
     model_dir: Path
     batches: Batches
     out_dir: Path
     ranks: RankInfo | None = None  # under a launcher (ftcore.run.ranks); None: one process
     result: RunResult | None = None
-
-    @property
-    def backend(self) -> str:
-        return self.spec.name
 
     @property
     def rank(self) -> int:
