@@ -86,7 +86,8 @@ def test_nproc2_records_ranks_threads_allreduce_and_memory(compare_nproc2):
 
 def test_gated_data_parallel_process_runs_one_step_per_request(tmp_path, small_cfg):
     """The bench's step gate reaches rank 0 through named pipes (launchers close inherited fds)."""
-    from ftcore.run.child import BackendProcess, prepare
+    from ftcore.run.backend_process import BackendProcess
+    from ftcore.run.preflight import prepare
 
     prep = prepare(small_cfg.replace(steps=3, batch_size=4, nproc=2, eval_samples=0), tmp_path, ["mlx"])
     proc = BackendProcess("mlx", prep, tmp_path / "run", gate=True)
