@@ -94,14 +94,14 @@ def ftcore_cache() -> Path:
 def default_model_dir(ftcore_cache: Path) -> Path:
     """The embedded default's checkpoint (`tiny-pretrained`), shipped in the package."""
     from ftcore.config import RunConfig
-    from ftcore.models import materialize_preset
+    from ftcore.inputs.presets import materialize_preset
 
     return materialize_preset(RunConfig().preset)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(ftcore_cache: Path) -> Path:
-    from ftcore.models import materialize_preset
+    from ftcore.inputs.presets import materialize_preset
 
     return materialize_preset("tiny")
 
@@ -110,7 +110,7 @@ def tiny_model_dir(ftcore_cache: Path) -> Path:
 def sentencepiece_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local HF Llama folder laid out like a TinyLlama download whose tokenizer is only a
     SentencePiece `tokenizer.model` (no tokenizer.json): the slow-to-fast conversion path."""
-    from ftcore.models import train_sentencepiece
+    from ftcore.inputs.presets import train_sentencepiece
 
     d = tmp_path_factory.mktemp("sp-llama")
     for name in ("config.json", "model.safetensors"):
@@ -141,7 +141,7 @@ def write_alpaca():
 
 @pytest.fixture
 def alpaca_records() -> list[dict]:
-    from ftcore.synthetic import synthetic_records
+    from ftcore.inputs.synthetic import synthetic_records
 
     return synthetic_records(40, seed=7)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.backends import BACKENDS, FRAMEWORK_ENVS
-from ftcore.benchcases import SIZES, Case, build_cases, parse_list, parse_shape  # noqa: F401
-from ftcore.memory_model import peak_over_model
+from ftcore.bench.cases import SIZES, Case, build_cases, parse_list, parse_shape  # noqa: F401
+from ftcore.measure.memory_model import peak_over_model
 
 BACKEND_NAMES = tuple(BACKENDS)
 
@@ -43,7 +43,7 @@ def missing_package(backend: str) -> str | None:
 # What a case's timed call is; recorded in machine_info so a baseline of other work is named.
 TIMING_METHOD = "one training step per round (step gate)"
 TIMED_WHAT = ("benchmark time = one training step of a process that loaded once (the step gate, "
-              "ftcore.stepgate): from the parent's 'go' to the child's answer after the step's sync "
+              "ftcore.run.stepgate): from the parent's 'go' to the child's answer after the step's sync "
               "point; rounds pool the timed steps of several fresh processes, whose start, load "
               "and warm-up steps run untimed (pytest-benchmark's setup)")
 
@@ -153,8 +153,8 @@ _FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4", "neon", "asimd", "sve", "
 
 _PROBE_CODE = r"""
 import json, sys
-from ftcore.blas import gemm_blas
-from ftcore.hostinfo import version
+from ftcore.measure.blas import gemm_blas
+from ftcore.measure.hostinfo import version
 fw = sys.argv[1]
 try:
     info = gemm_blas(fw)
@@ -168,8 +168,8 @@ print(json.dumps(out))
 def probe_framework_blas(threads: int | None = None, timeout: float = 120) -> dict[str, dict]:
     """BLAS each framework really calls, probed in child processes with the runner's own child
     environment (so the MLX probe sees the OpenBLAS preload the MLX backend gets). Never raises."""
-    from ftcore.hostinfo import affinity_cores
-    from ftcore.runner import base_env
+    from ftcore.measure.hostinfo import affinity_cores
+    from ftcore.run.backend_process import base_env
 
     threads = threads or affinity_cores()
     root = str(Path(__file__).resolve().parent.parent)
@@ -195,7 +195,7 @@ def probe_framework_blas(threads: int | None = None, timeout: float = 120) -> di
 
 def ftcore_machine_info(threads: int | None = None) -> dict[str, Any]:
     """The `ftcore` section added to pytest-benchmark's machine_info."""
-    from ftcore.hostinfo import affinity_cores, cpu_model, git_commit
+    from ftcore.measure.hostinfo import affinity_cores, cpu_model, git_commit
 
     return {
         "cpu_model": cpu_model(),

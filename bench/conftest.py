@@ -151,10 +151,11 @@ def bench_opts(pytestconfig: pytest.Config) -> Opts:
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory: pytest.TempPathFactory, ftcore_cache: Path, bench_opts: Opts):
-    """prepared(case) -> (ftcore.runner.Prepared, warm-up steps, timed steps): the model
+    """prepared(case) -> (ftcore.run.preflight.Prepared, warm-up steps, timed steps): the model
     materialised (cached across sessions with FTCORE_TEST_CACHE) and the batches built once per
     config, shared by every backend."""
-    from ftcore.runner import gemm_peak, prepare
+    from ftcore.run.backend_process import gemm_peak
+    from ftcore.run.preflight import prepare
 
     cache: dict[str, object] = {}
 

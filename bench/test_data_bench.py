@@ -1,9 +1,9 @@
 """Tokenising micro-benchmark: the Alpaca pipeline's tokenisation of a large synthetic set.
 
-Times `ftcore.data.tokenize_records` (Alpaca prompt formatting, two batched tokenizer calls,
+Times `ftcore.inputs.token_rows.tokenize_records` (Alpaca prompt formatting, two batched tokenizer calls,
 truncation and prompt masking) on N generated Alpaca-format records with the tiny preset's
 tokenizer, in this process (no model involved). Record generation and tokenizer loading are not
-timed. TOKENIZERS_PARALLELISM=false, as in every ftcore process (ftcore.runner.OFFLINE_ENV).
+timed. TOKENIZERS_PARALLELISM=false, as in every ftcore process (ftcore.run.backend_process.OFFLINE_ENV).
 extra_info: records_per_s and tokens_per_s (tokens of the returned rows, i.e. prompt + response
 + EOS after truncation to max_seq_len), from the median round.
 """
@@ -18,9 +18,9 @@ TOKENIZE_ROUNDS, TOKENIZE_WARMUP = 5, 1  # unless --bench-rounds / --bench-warmu
 
 
 def test_tokenize_alpaca(benchmark, bench_opts, tokenize_n, tiny_model_dir, monkeypatch):
-    from ftcore.data import tokenize_records
-    from ftcore.models import load_tokenizer
-    from ftcore.synthetic import synthetic_records
+    from ftcore.inputs.synthetic import synthetic_records
+    from ftcore.inputs.token_rows import tokenize_records
+    from ftcore.inputs.tokenizer import load_tokenizer
 
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     n, preset = tokenize_n, "tiny"

@@ -8,7 +8,7 @@ take with the batching I would use? Data: the built-in Alpaca-length profile
 the mode (mlx-lm has no packed rows).
 
 What is timed: the second of two epochs. A case starts one backend process with the step gate
-(ftcore.stepgate); its first epoch (loading, compiling every batch width the epoch has, the
+(ftcore.run.stepgate); its first epoch (loading, compiling every batch width the epoch has, the
 allocator's growth) runs in pedantic's untimed `setup`, then the benchmark round lets it run the
 second epoch's steps one by one, each waited on to its sync point. So the figure is one
 steady-state epoch of that batching, the same records in a new batch order.
@@ -20,9 +20,9 @@ import bench_support as bs
 import pytest
 
 from ftcore.backends import BACKENDS
-from ftcore.benchcases import BENCH_TARGETS, SIZES
+from ftcore.bench.cases import BENCH_TARGETS, SIZES
 from ftcore.config import BATCHINGS, RunConfig
-from ftcore.length_profile import NAME as ALPACA_LENGTHS
+from ftcore.inputs.length_profile import NAME as ALPACA_LENGTHS
 
 BATCH, SEQ = 4, 512
 RECORDS = 64  # training records: 16 steps an epoch with `longest`, ~6 with `packed`
@@ -52,9 +52,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="module")
 def epoch_prepared(tmp_path_factory, ftcore_cache, bench_opts):
-    """prepared(size, batching) -> ftcore.runner.Prepared for two epochs, built once per pair and
+    """prepared(size, batching) -> ftcore.run.preflight.Prepared for two epochs, built once per pair and
     shared by the backends."""
-    from ftcore.runner import gemm_peak, prepare
+    from ftcore.run.backend_process import gemm_peak
+    from ftcore.run.preflight import prepare
 
     cache = {}
 
@@ -77,7 +78,7 @@ def epoch_prepared(tmp_path_factory, ftcore_cache, bench_opts):
 
 
 def test_epoch(benchmark, epoch_case, epoch_prepared, tmp_path):
-    from ftcore.runner import BackendProcess
+    from ftcore.run.backend_process import BackendProcess
 
     size, batching, backend = epoch_case
     if reason := bs.missing_package(backend):

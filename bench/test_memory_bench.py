@@ -2,14 +2,14 @@
 
 Separate from the timed pass (these tests take no `benchmark` fixture, so `--benchmark-only`
 skips them and no timing is ever taken under memray, whose tracking slows torch several-fold).
-Each case runs `ftcore.runner` for one backend under `python -m memray run [--native]` (via
+Each case runs `ftcore.run.child` for one backend under `python -m memray run [--native]` (via
 run_backend's `wrap`, as `ftcore profile` does; memray does not follow subprocesses, so it must
 wrap the child itself) and writes into `--memray-out` (default: a pytest tmp dir):
 
     <dir>/<size>/memray-<backend>.bin                the capture (all allocations, not aggregated:
                                                      `memray stats|summary|tree|table` all work on it)
     <dir>/<size>/memray-flamegraph-<backend>.html    `python -m memray flamegraph` of the capture,
-                                                     its CDN scripts inlined (ftcore.flamegraph)
+                                                     its CDN scripts inlined (ftcore.report.flamegraph)
     <dir>/<size>/memray-top-<backend>.png            the top allocation sites at the peak
     <dir>/<size>/memray-summary-<backend>.json       peak, bytes live at the peak by allocator and
                                                      owner, beside the child's RSS figures
@@ -45,7 +45,7 @@ import bench_support as bs
 import pytest
 
 from ftcore.backends import BACKENDS
-from ftcore.flamegraph import external_resources, write_reports
+from ftcore.report.flamegraph import external_resources, write_reports
 
 # Memory budgets for the tiny fp32 case (default shape 4x128): memray peak heap of the
 # whole child process, in MB. Measured on the 2-core EPYC (torch 2.13 CPU wheel, transformers
@@ -61,7 +61,7 @@ def test_memray_profile(memray_case: bs.Case, bench_opts, prepared, memray_dir, 
     case = memray_case
     if reason := bs.missing_package(case.backend):
         pytest.skip(reason)
-    from ftcore.runner import run_backend
+    from ftcore.run.backend_process import run_backend
 
     prep, _, _ = prepared(case)
     out = memray_dir / case.size

@@ -3,7 +3,7 @@
 Exit codes: 0 every backend ran ok; 1 a backend failed, diverged or was killed (its row says
 why); 2 a user mistake (data, model folder, flags, device, output folder): one line `error: ...`
 on stderr and nothing written; 130 interrupted (SIGINT/SIGTERM): the children are stopped and the
-run folder is marked `interrupted` (ftcore.rundir). No traceback reaches the user unless --debug
+run folder is marked `interrupted` (ftcore.run.rundir). No traceback reaches the user unless --debug
 or FTCORE_DEBUG=1 asks for it.
 """
 
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ftcore.backends import BACKENDS
-from ftcore.benchcases import SIZES
+from ftcore.bench.cases import SIZES
 from ftcore.config import (
     PRESETS,
     PROMPT_FORMATS,
@@ -27,12 +27,14 @@ from ftcore.config import (
     add_run_options,
     config_from_args,
 )
-from ftcore.models import resolve_model_dir
-from ftcore.procs import kill_all, stop_all
+from ftcore.inputs.presets import resolve_model_dir
 from ftcore.report import format_run, format_short, format_table
 from ftcore.result import RunResult
-from ftcore.rundir import RunDir
-from ftcore.runner import OFFLINE_ENV, check_run, compare, run_backend
+from ftcore.run.backend_process import OFFLINE_ENV, run_backend
+from ftcore.run.compare import compare
+from ftcore.run.preflight import check_run
+from ftcore.run.procs import kill_all, stop_all
+from ftcore.run.rundir import RunDir
 
 DEBUG_ENV = "FTCORE_DEBUG"
 ACTIVE_RUN: RunDir | None = None  # the folder being written, marked if the run is interrupted
@@ -92,7 +94,7 @@ def build_parser() -> Parser:
     p.add_argument("--native", action=argparse.BooleanOptionalAction, default=True, help="record native (C/C++) stacks (default on)")
     add_run_options(p)
 
-    p = sub.add_parser("pretrain", parents=[common], help="rebuild the shipped default model from its recipe", description="Make the tiny-pretrained preset from its recipe (ftcore/pretrain.py: tokenizer, seeded init, 1-2 minutes of pretraining on 2 cores) into OUT. ftcore ships the result in ftcore/presets/tiny-pretrained; rebuild it there when the recipe changes.")
+    p = sub.add_parser("pretrain", parents=[common], help="rebuild the shipped default model from its recipe", description="Make the tiny-pretrained preset from its recipe (ftcore/inputs/pretrain.py: tokenizer, seeded init, 1-2 minutes of pretraining on 2 cores) into OUT. ftcore ships the result in ftcore/presets/tiny-pretrained; rebuild it there when the recipe changes.")
     p.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
     p.add_argument("--replace", action="store_true", help="replace what OUT holds")
 
@@ -121,7 +123,7 @@ def parse_backends(text: str) -> list[str]:
 
 
 def open_run(out: Path | None, replace: bool) -> RunDir:
-    """The run's folder, to be claimed once every input check has passed (ftcore.rundir)."""
+    """The run's folder, to be claimed once every input check has passed (ftcore.run.rundir)."""
     global ACTIVE_RUN
     ACTIVE_RUN = RunDir(out, replace)
     ACTIVE_RUN.check()  # refuse an earlier run in --out before the slower checks
@@ -181,11 +183,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ftcore.generate import generate
+    from ftcore.run.generate_text import Prompting, generate
 
     cfg = RunConfig(model=str(args.model) if args.model else None, preset=args.preset or RunConfig().preset)
-    for out in generate(resolve_model_dir(cfg), args.adapter, args.backend, args.prompt, args.input,
-                        args.raw, args.max_new_tokens, args.prompt_format):  # fmt: skip
+    how = Prompting(args.input, args.raw, args.prompt_format)
+    for out in generate(resolve_model_dir(cfg), args.adapter, args.backend, args.prompt, args.max_new_tokens, how):
         print(json.dumps(out) if args.json else out["text"])
     return 0
 
@@ -195,32 +197,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if cfg.world_size > 1:
         raise UserError("profile: --nproc/--nnodes must be 1: memray records one process, and the ranks "
                         "would write one capture file; profile one process (ftcore run for --nproc speed)")
+    from ftcore.run.memray_profile import profile
+
     run_dir = open_run(args.out, args.replace)
     prep = check_run(cfg, [args.backend])
-    out = run_dir.claim()
-    capture = out / f"memray-{args.backend}.bin"
-    wrap = [sys.executable, "-m", "memray", "run", "-q", *(["--native"] if args.native else []), "-o", str(capture), "-m"]
-    result = run_backend(args.backend, prep.save(out), out, wrap=wrap)
-    if result.status == "ok" and not capture.exists():
-        result.status, result.error = "failed", "memray wrote no capture"
-    if result.status != "ok":
-        return finish_run([result])
-    from ftcore.flamegraph import write_reports
-
-    html, png = out / f"memray-flamegraph-{args.backend}.html", out / f"memray-top-{args.backend}.png"
-    warnings = write_reports(capture, html, png, f"ftcore profile {args.backend}")  # self-contained
-    if summary := format_run(result):
-        print(summary)
-    print(f"memray capture   {capture}\nflamegraph       {html} (opens offline)\ntop allocators   {png}")
-    for w in warnings:
-        print(f"warning: {w}")
-    print("note: timings under memray include its tracking overhead; use `ftcore run` for speed figures")
+    result, lines = profile(args.backend, prep, run_dir.claim(), args.native)
+    for line in lines:
+        print(line)
     return finish_run([result])
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ftcore.checkpoint import weights_sha256
-    from ftcore.models import build_preset, preset_config
+    from ftcore.inputs.checkpoint import weights_sha256
+    from ftcore.inputs.presets import build_preset, preset_config
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.replace:
         raise UserError(f"--out {args.out}: not an empty folder; pass --replace to rebuild it")
@@ -233,13 +222,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_diff(args: argparse.Namespace) -> int:
-    from ftcore.benchdiff import bench_diff
+    from ftcore.bench.bench_diff import DiffPlan, bench_diff
 
     sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
     if unknown := [x for x in sizes if x not in SIZES]:
         raise UserError(f"--sizes: unknown {', '.join(unknown)} (choose from {','.join(SIZES)})")
-    return bench_diff(args.base, args.head, args.expr, args.threshold, args.runs, args.warmup_steps,
-                      args.timed_steps, sizes, args.json, parse_backends(args.backends))
+    return bench_diff(DiffPlan(args.base, args.head, args.expr, args.threshold, args.runs, args.warmup_steps,
+                               args.timed_steps, sizes, args.json, parse_backends(args.backends)))
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "generate": cmd_generate, "profile": cmd_profile,

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftcore.arch import LORA_TARGETS, parse_targets
+from ftcore.inputs.arch import LORA_TARGETS, parse_targets
 
 
 class UserError(Exception):
@@ -27,11 +27,11 @@ PRESETS = ("tiny-pretrained", "tiny", "tinyllama-1.1b")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "gpu")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-# How training and eval rows become batches (ftcore.data): `padded` pads every row to
+# How training and eval rows become batches (ftcore.inputs.batches): `padded` pads every row to
 # --max-seq-len; `longest` is mlx-lm's trainer: rows sorted by length, consecutive batches in a
 # seeded order, each padded to 1 + 32 * ceil(longest / 32) (at most --max-seq-len).
 BATCHINGS = ("padded", "longest", "packed")
-# How a record becomes text (ftcore.records): the Alpaca template, or the tokenizer's own chat template
+# How a record becomes text (ftcore.inputs.records): the Alpaca template, or the tokenizer's own chat template
 PROMPT_FORMATS = ("alpaca", "chat")
 
 
@@ -50,7 +50,7 @@ class RunConfig:
 
     # model: a local HF folder wins over a preset
     model: str | None = option(None, "local Hugging Face Llama folder (overrides --preset)", group="model")
-    preset: str = option("tiny-pretrained", "built-in checkpoint made locally: tiny-pretrained (pretrained once on the built-in tasks), tiny (random init), tinyllama-1.1b (TinyLlama's architecture, random init)", choices=PRESETS)  # ftcore.models
+    preset: str = option("tiny-pretrained", "built-in checkpoint made locally: tiny-pretrained (pretrained once on the built-in tasks), tiny (random init), tinyllama-1.1b (TinyLlama's architecture, random init)", choices=PRESETS)  # ftcore.inputs.presets
     num_layers: int | None = option(None, "keep only the first N layers of the preset")
     allow_pickle: bool = option(False, "accept pickle weights from --model")  # *.bin / *.pt
     # data: None means the built-in synthetic Alpaca-format set
@@ -64,7 +64,7 @@ class RunConfig:
     # run
     batch_size: int = option(4, group="training")
     steps: int = option(60, "optimiser steps")
-    epochs: int | None = option(None, "whole passes over the training records instead of --steps (overrides it): steps = epochs x steps per epoch")  # ftcore.batching.epoch_steps
+    epochs: int | None = option(None, "whole passes over the training records instead of --steps (overrides it): steps = epochs x steps per epoch")  # ftcore.inputs.batching.epoch_steps
     timing_warmup_steps: int = option(1, "first steps left out of throughput")  # compilation, allocator
     eval_every: int = option(10, "evaluate before training, every N steps and at the end; 0: before and end only")
     # None: only on the built-in data, whose answers are exact (free-form answers of real data
@@ -91,7 +91,7 @@ class RunConfig:
     lora_alpha: float = option(16.0, "scale = alpha / rank")
     lora_dropout: float = option(0.0)
     lora_targets: tuple[str, ...] = option(LORA_TARGETS, f"comma list from {','.join(LORA_TARGETS)}")  # all 7 linears of each layer
-    # data parallel (ftcore.dist): processes per machine, machines, and how the launcher finds them
+    # data parallel (ftcore.run.ranks): processes per machine, machines, and how the launcher finds them
     nproc: int = option(1, "processes per machine, each a shard of every global batch; threads are split over them; compare also runs each backend at 1 process", group="data parallel (torchrun / mlx.launch; torch and mlx backends)")
     nnodes: int = option(1, "machines; torch needs --rdzv-endpoint, mlx --hostfile")
     rdzv_endpoint: str | None = option(None, "torchrun rendezvous HOST:PORT for --nnodes > 1")

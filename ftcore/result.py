@@ -61,27 +61,27 @@ class RunResult:
     trainable_params: int = 0
     flops_per_token: float = 0.0
     mfu: float | None = None
-    model_sha256: str = ""  # of the checkpoint's weight files (ftcore.checkpoint.weights_sha256)
+    model_sha256: str = ""  # of the checkpoint's weight files (ftcore.inputs.checkpoint.weights_sha256)
     batch_fingerprint: str = ""  # of the batches file every backend was given
     fed_batches_fingerprint: str = ""  # of the token ids this backend's loop really fed, step by step
     initial_adapter_fingerprint: str = ""
     optimizer: dict = field(default_factory=dict)
     precision: str = ""
-    blas: str = ""  # what BLAS this framework really calls (ftcore.blas)
+    blas: str = ""  # what BLAS this framework really calls (ftcore.measure.blas)
     threads: int = 0  # a data-parallel run: all ranks' threads together
-    # data parallel (ftcore.dist): ranks, threads of one rank, rank 0's all-reduce time of every
+    # data parallel (ftcore.run.ranks): ranks, threads of one rank, rank 0's all-reduce time of every
     # step and its mean over the timed steps; peak_rss_mb is then summed over ranks
     world_size: int = 1
     rank_threads: int = 0
     allreduce_times_s: list[float] = field(default_factory=list)
     allreduce_time_s: float | None = None
     peak_rss_max_rank_mb: float | None = None  # the largest single rank's peak RSS
-    # what one process must hold by ftcore.memory_model (MB by component, "total"), beside peak RSS
+    # what one process must hold by ftcore.measure.memory_model (MB by component, "total"), beside peak RSS
     memory_model: dict | None = None
     cpu_busy_threads: float | None = None  # this process's CPU seconds / wall seconds, timed steps
     device: str = ""  # what the loop ran on: torch's device ("cpu", "cuda:0"), MLX's device name
-    trainable_params_expected: int | None = None  # the closed-form LoRA count (ftcore.arch)
-    # other processes' CPU use on the run's cores over the timed steps (ftcore.machine_load):
+    trainable_params_expected: int | None = None  # the closed-form LoRA count (ftcore.inputs.arch)
+    # other processes' CPU use on the run's cores over the timed steps (ftcore.measure.machine_load):
     # {..., "busy": bool}; busy shows as BUSY in the report
     machine_load: dict | None = None
     notes: list[str] = field(default_factory=list)  # lines for the report (RunResult.note)

@@ -23,13 +23,13 @@ import torch
 from helpers import with_chat_template
 from hypothesis import strategies as st
 
-from ftcore.arch import LORA_TARGETS
-from ftcore.loss import IGNORE_INDEX
+from ftcore.inputs.arch import LORA_TARGETS
+from ftcore.inputs.loss_contract import IGNORE_INDEX
+from ftcore.inputs.presets import PRESET_CONFIGS
 from ftcore.mlx.adapters import peft_to_mlx_adapter
 from ftcore.mlx.convert import convert_hf_to_mlx
 from ftcore.mlx.lora import apply_lora, load_lora_state
 from ftcore.mlx.model import load_model
-from ftcore.models import PRESET_CONFIGS
 
 FP32_EPS = float(np.finfo(np.float32).eps)
 
@@ -296,17 +296,17 @@ LONG_DATA = "long.json"  # written by backend_runs into its root (long_records)
 CHAT_MODEL = "chat-model"  # made by backend_runs in its root: the tiny preset + a chat template
 LONG_CFG = dict(TRAJECTORY_CFG, num_layers=2, max_seq_len=LONGEST, steps=6, warmup_steps=1,
                 eval_every=2, num_samples=16, eval_samples=2, data=LONG_DATA)  # fmt: skip
-# "-longest": the same with mlx-lm's batching (ftcore.data), batches of several widths
+# "-longest": the same with mlx-lm's batching (ftcore.inputs.batches), batches of several widths
 TRAJECTORIES = {
     "fp32": dict(TRAJECTORY_CFG, precision="fp32"),
     "bf16": dict(TRAJECTORY_CFG, precision="bf16"),
     "long": LONG_CFG,
     "fp32-longest": dict(TRAJECTORY_CFG, precision="fp32", batching="longest"),
     "long-longest": dict(LONG_CFG, batching="longest"),
-    # the built-in Alpaca-length records (ftcore.length_profile) at 512, in both modes
+    # the built-in Alpaca-length records (ftcore.inputs.length_profile) at 512, in both modes
     "profile-padded": dict(LONG_CFG, data="builtin:alpaca-lengths"),
     "profile-longest": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="longest"),
-    # "-packed": several records per row, per-document mask and positions (ftcore.batching); on
+    # "-packed": several records per row, per-document mask and positions (ftcore.inputs.batching); on
     # the default data in TinyLlama-Chat's chat template (--prompt-format chat) on a copy of the
     # tiny preset, which tests both in one run
     "fp32-chat-packed": dict(TRAJECTORY_CFG, precision="fp32", batching="packed", prompt_format="chat",
@@ -321,7 +321,7 @@ def long_records(n: int, seed: int = 0) -> list[dict[str, str]]:
     line): 159-487 tokens with the tiny preset's tokenizer, the response last."""
     import random
 
-    from ftcore.synthetic import synthetic_records
+    from ftcore.inputs.synthetic import synthetic_records
 
     rng = random.Random(seed)
     out = []
@@ -337,7 +337,7 @@ def long_records(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]]:
     """{name: {"torch": RunResult, "mlx": RunResult, "cfg", "prep", "dirs"}} for TRAJECTORIES
-    `names`: each backend trained in its own child process by ftcore.runner on the same prepared
+    `names`: each backend trained in its own child process by ftcore.run.backend_process on the same prepared
     batches.
 
     The runs not made yet go two at a time (2 cores in CI; the thread count does not enter the
@@ -346,7 +346,8 @@ def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]
     from concurrent.futures import ThreadPoolExecutor
 
     from ftcore.config import RunConfig
-    from ftcore.runner import prepare, run_backend
+    from ftcore.run.backend_process import run_backend
+    from ftcore.run.preflight import prepare
 
     todo = [n for n in names if n not in _RUNS]
     preps = {}
@@ -357,7 +358,7 @@ def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]
             (root / LONG_DATA).parent.mkdir(parents=True, exist_ok=True)
             (root / LONG_DATA).write_text(json.dumps(long_records(24)))
         if cfg.get("model") == CHAT_MODEL:
-            from ftcore.models import materialize_preset
+            from ftcore.inputs.presets import materialize_preset
 
             if not (root / CHAT_MODEL).exists():
                 with_chat_template(materialize_preset(cfg.pop("preset")), root / CHAT_MODEL)
@@ -378,9 +379,9 @@ def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]
 
 
 def initial_peft_adapter(cfg, model_dir: Path) -> dict[str, np.ndarray]:
-    """The shared initial adapter (ftcore.lora_init.initial_lora_state) under PEFT keys."""
-    from ftcore.arch import read_arch
-    from ftcore.lora_init import initial_lora_state
+    """The shared initial adapter (ftcore.inputs.lora_init.initial_lora_state) under PEFT keys."""
+    from ftcore.inputs.arch import read_arch
+    from ftcore.inputs.lora_init import initial_lora_state
     from ftcore.mlx.adapters import mlx_to_peft_adapter
 
     init = initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed)

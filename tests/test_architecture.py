@@ -1,6 +1,7 @@
 """The shape of the package, checked from its source: no import cycles (imports inside functions
-included), no backend named outside ftcore/backends/, no module over 400 lines, and nothing that
-cites a document outside the repository."""
+included), no backend named outside ftcore/backends/, no module over 300 lines, no function with
+more than 6 parameters, no two modules of one file name (but the ftcore/torch/ <-> ftcore/mlx/
+mirror), and nothing that cites a document outside the repository."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "ftcore"
-MAX_LINES = 400
+MAX_LINES = 300
+MAX_PARAMS = 6  # self / cls not counted; *args and **kwargs count one each
+# the one deliberate mirror: a module in each of these folders with one name does one job per framework
+MIRROR = ("torch", "mlx")
 
 
 def source_modules(package: Path = PACKAGE) -> dict[str, Path]:
@@ -77,7 +81,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycles_in_ftcore() -> None:
     graph = import_graph(source_modules())
-    assert "ftcore.runner" in graph and "ftcore.report.comparison" in graph["ftcore.report"]
+    assert "ftcore.run.backend_process" in graph and "ftcore.report.comparison" in graph["ftcore.report"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -134,9 +138,89 @@ def test_backend_name_check_sees_comparisons(tmp_path: Path) -> None:
     assert sorted(backend_name_uses(probe, tmp_path)) == ["probe.py:2", "probe.py:4", "probe.py:5"]
 
 
-def test_every_module_is_at_most_400_lines() -> None:
-    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
-    assert {k: n for k, n in sizes.items() if n > MAX_LINES} == {}
+def long_modules(package: Path = PACKAGE, limit: int = MAX_LINES) -> dict[str, int]:
+    """Modules of `package` over `limit` lines: {path relative to its parent: lines}."""
+    sizes = {str(p.relative_to(package.parent)): len(p.read_text().splitlines()) for p in package.rglob("*.py")}
+    return {k: n for k, n in sizes.items() if n > limit}
+
+
+def test_every_module_is_at_most_300_lines() -> None:
+    assert long_modules() == {}
+
+
+def test_size_check_sees_a_long_module(tmp_path: Path) -> None:
+    pkg = tmp_path / "ftcore"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "sub" / "ok.py").write_text("x = 1\n" * MAX_LINES)
+    (pkg / "sub" / "long.py").write_text("x = 1\n" * (MAX_LINES + 1))
+    assert long_modules(pkg) == {"ftcore/sub/long.py": MAX_LINES + 1}
+
+
+def wide_functions(package: Path = PACKAGE, limit: int = MAX_PARAMS) -> dict[str, int]:
+    """Functions and methods (lambdas aside) of `package` with more than `limit` parameters:
+    {"path:line name": count}. A method's first parameter (self / cls) is not counted."""
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        methods = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            a = node.args
+            names = [x.arg for x in (*a.posonlyargs, *a.args)]
+            static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list)
+            if id(node) in methods and not static and names and names[0] in ("self", "cls"):
+                names = names[1:]
+            count = len(names) + len(a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+            if count > limit:
+                out[f"{path.relative_to(package.parent)}:{node.lineno} {node.name}"] = count
+    return out
+
+
+def test_no_function_takes_more_than_6_parameters() -> None:
+    assert wide_functions() == {}
+
+
+def test_parameter_check_sees_a_wide_function(tmp_path: Path) -> None:
+    pkg = tmp_path / "ftcore"
+    pkg.mkdir()
+    (pkg / "a.py").write_text(
+        "def six(a, b, c, d, e, f):\n    pass\n"
+        "def seven(a, b, c, d, e, *, f=1, g=2):\n    pass\n"
+        "def star(a, b, c, d, e, *args, **kwargs):\n    pass\n"
+        "class K:\n"
+        "    def method(self, a, b, c, d, e, f):\n        pass\n"
+        "    def wide(self, a, b, c, d, e, f, g):\n        pass\n"
+    )
+    assert wide_functions(pkg) == {"ftcore/a.py:3 seven": 7, "ftcore/a.py:5 star": 7, "ftcore/a.py:10 wide": 7}
+
+
+def repeated_module_names(package: Path = PACKAGE) -> dict[str, list[str]]:
+    """File names used by more than one module of `package` ({name: [paths]}), except __init__.py
+    and a name used once in each mirror folder (`package`/torch and `package`/mlx) and nowhere else."""
+    where: dict[str, list[Path]] = {}
+    for p in sorted(package.rglob("*.py")):
+        if p.name != "__init__.py":
+            where.setdefault(p.name, []).append(p.parent)
+    mirror = sorted(package / m for m in MIRROR)
+    return {name: [str((d / name).relative_to(package.parent)) for d in dirs]
+            for name, dirs in where.items() if len(dirs) > 1 and sorted(dirs) != mirror}
+
+
+def test_module_names_are_unique_but_the_framework_mirror() -> None:
+    assert repeated_module_names() == {}
+    assert (PACKAGE / "torch" / "loss.py").is_file() and (PACKAGE / "mlx" / "loss.py").is_file()
+
+
+def test_name_check_sees_a_repeated_module_name(tmp_path: Path) -> None:
+    pkg = tmp_path / "ftcore"
+    for folder in ("torch", "mlx", "inputs", "run"):
+        (pkg / folder).mkdir(parents=True)
+    for path in ("torch/loss.py", "mlx/loss.py", "torch/only.py", "inputs/data.py", "run/data.py", "mlx/env.py",
+                 "run/env.py"):
+        (pkg / path).write_text("")
+    assert repeated_module_names(pkg) == {"data.py": ["ftcore/inputs/data.py", "ftcore/run/data.py"],
+                                          "env.py": ["ftcore/mlx/env.py", "ftcore/run/env.py"]}
 
 
 def test_the_repository_cites_no_document_outside_it() -> None:

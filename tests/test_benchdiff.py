@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from ftcore.benchdiff import mann_whitney_p, ratio_interval, summarise
-from ftcore.stepgate import GATE_ENV, StepGate
+from ftcore.bench.bench_diff import mann_whitney_p, ratio_interval, summarise
+from ftcore.run.stepgate import GATE_ENV, StepGate
 
 pytestmark = pytest.mark.unit
 

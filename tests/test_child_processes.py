@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from ftcore import blas
 from ftcore.backends import BACKENDS
 from ftcore.config import RunConfig
+from ftcore.measure import blas, blas_env
 from ftcore.mlx import env as mlx_env
 from ftcore.mlx import jit
-from ftcore.runner import child_env
+from ftcore.run.backend_process import child_env
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FAST = blas.find_fast_blas()
+FAST = blas_env.find_fast_blas()
 needs_openblas = pytest.mark.skipif(
     sys.platform != "linux" or FAST is None,
     reason="no optimised BLAS installed to preload (apt install libopenblas0-pthread)")
@@ -46,7 +46,7 @@ def test_mlx_child_gets_openblas_kernels_for_the_cpus_vector_isa(tmp_path: Path)
     """The kernel set OpenBLAS really runs in an MLX child's environment (openblas_get_corename),
     not the SSE3 fallback it picks for a CPU model it does not know (31 vs 242 GFLOP/s on an
     AVX-512 Xeon VM)."""
-    isa = blas.cpu_vector_isa()
+    isa = blas_env.cpu_vector_isa()
     if not FAST.endswith("libopenblas.so.0") or isa is None:
         pytest.skip("not OpenBLAS, or a CPU without AVX2/AVX-512")
     env = mlx_env.child_env({**os.environ, "FTCORE_CACHE": str(tmp_path)}, threads=1)
@@ -54,15 +54,15 @@ def test_mlx_child_gets_openblas_kernels_for_the_cpus_vector_isa(tmp_path: Path)
             "f.restype = ctypes.c_char_p; print(f().decode())")
     core = subprocess.run([sys.executable, "-c", code, FAST], env=env, capture_output=True, text=True,
                           timeout=60, check=True).stdout.split()[-1].lower()
-    wanted = blas._AVX512_CORES if isa == "avx512" else (*blas._AVX512_CORES, *blas._AVX2_CORES)
-    assert core in wanted, (core, isa, env.get(blas.CORETYPE_ENV))
+    wanted = blas_env._AVX512_CORES if isa == "avx512" else (*blas_env._AVX512_CORES, *blas_env._AVX2_CORES)
+    assert core in wanted, (core, isa, env.get(blas_env.CORETYPE_ENV))
 
 
 @needs_openblas
 def test_preload_interposes_torch_sgemm() -> None:
     """A BLAS preload also captures torch's exported sgemm_ — why torch children must not get it."""
     pytest.importorskip("torch")
-    code = "import torch; from ftcore.blas import torch_blas; print(torch_blas())"
+    code = "import torch; from ftcore.measure.blas import torch_blas; print(torch_blas())"
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env["PYTHONPATH"] = str(ROOT)
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -104,7 +104,7 @@ def test_runner_s_mlx_children_build_kernels_with_the_flags(tmp_path: Path) -> N
 def test_set_blas_threads_in_an_mlx_child() -> None:
     """In the MLX child's environment (OpenBLAS preloaded, 2 threads) the count can be set."""
     code = (
-        "from ftcore import blas; import mlx.core as mx; mx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)));"
+        "from ftcore.measure import blas; import mlx.core as mx; mx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)));"
         "before = blas.blas_threads(); ok = blas.set_blas_threads(1);"
         "print(before, ok, blas.blas_threads())"
     )

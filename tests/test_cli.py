@@ -187,7 +187,7 @@ def test_generate_refuses_a_prompt_beyond_the_model_s_positions(tiny_model_dir):
 
 def test_non_finite_logits_are_an_error_not_an_empty_answer():
     from ftcore.config import UserError
-    from ftcore.generate import check_finite
+    from ftcore.run.generate_text import check_finite
 
     check_finite([0.0, 1.0], "torch")
     with pytest.raises(UserError, match="logits are NaN or Inf"):
@@ -215,7 +215,7 @@ def test_a_damaged_cached_preset_is_refused_with_the_fix(tmp_path, monkeypatch):
     before any backend starts; after deleting the folder the preset is made anew."""
     import shutil
 
-    from ftcore.models import materialize_preset
+    from ftcore.inputs.presets import materialize_preset
 
     monkeypatch.setenv("FTCORE_CACHE", str(tmp_path / "cache"))
     folder = materialize_preset("tiny")

@@ -10,8 +10,9 @@ import pytest
 from helpers import ftcore, ftcore_in_process
 
 from ftcore.config import RunConfig
-from ftcore.data import Batches
-from ftcore.runner import compare, prepare
+from ftcore.inputs.batches import Batches
+from ftcore.run.compare import compare
+from ftcore.run.preflight import prepare
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +64,8 @@ SHIPPED_EXACT_MATCH_BEFORE = 0.0
 
 
 def test_default_base_figures_are_the_shipped_model_s(default_compare, default_model_dir):
-    from ftcore.checkpoint import weights_sha256
-    from ftcore.models import SHIPPED_PRESETS
+    from ftcore.inputs.checkpoint import weights_sha256
+    from ftcore.inputs.presets import SHIPPED_PRESETS
 
     res, out = default_compare
     assert default_model_dir == SHIPPED_PRESETS["tiny-pretrained"]
@@ -217,7 +218,7 @@ def test_fairness_mismatch_is_shown(tmp_path, small_cfg):
 
     a = prepare(small_cfg, tmp_path / "a")
     b = prepare(RunConfig.from_dict({**small_cfg.to_dict(), "seed": 1}), tmp_path / "b")
-    from ftcore.runner import run_backend
+    from ftcore.run.backend_process import run_backend
 
     results = [run_backend("torch", a, tmp_path / "a" / "torch").to_dict(), run_backend("torch", b, tmp_path / "b" / "torch").to_dict()]
     results[1]["backend"] = "torch-seed1"

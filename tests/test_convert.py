@@ -23,12 +23,11 @@ from ftcore.mlx.convert import (
     cached_conversion,
     convert_hf_to_mlx,
     convert_mlx_to_hf,
-    hf_to_mlx_key,
     is_conversion_current,
-    mlx_to_hf_key,
 )
 from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
 from ftcore.mlx.model import load_model
+from ftcore.mlx.weight_names import hf_to_mlx_key, mlx_to_hf_key
 
 pytestmark = pytest.mark.unit
 
@@ -278,7 +277,7 @@ def test_mlx_lm_loads_the_conversion(tiny_model_dir, tmp_path):
     """`mlx_lm.load(<ftcore convert output>)`: model and tokenizer load; its logits equal ftcore's
     MLX model within 1e-5 in fp32, and its tokenizer encodes as the checkpoint's does."""
     mlx_lm = pytest.importorskip("mlx_lm")
-    from ftcore.models import load_tokenizer
+    from ftcore.inputs.tokenizer import load_tokenizer
 
     out = convert_hf_to_mlx(tiny_model_dir, tmp_path / "mlx")
     theirs, tokenizer = mlx_lm.load(str(out))

@@ -6,17 +6,18 @@ import numpy as np
 import pytest
 
 from ftcore.config import RunConfig, UserError
-from ftcore.data import build_batches, tokenize_records
-from ftcore.loss import IGNORE_INDEX, target_count
-from ftcore.models import load_tokenizer
-from ftcore.records import (
+from ftcore.inputs.batches import build_batches
+from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count
+from ftcore.inputs.records import (
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
     format_prompt,
     load_records,
     select_records,
 )
-from ftcore.synthetic import synthetic_records
+from ftcore.inputs.synthetic import synthetic_records
+from ftcore.inputs.token_rows import tokenize_records
+from ftcore.inputs.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -53,7 +54,7 @@ def test_synthetic_is_deterministic_and_exact():
     families only, whose instructions never occur in the pretraining families."""
     import re
 
-    from ftcore.synthetic import ALL_FAMILIES, FINETUNE_FAMILIES, PRETRAIN_FAMILIES, WORDS
+    from ftcore.inputs.synthetic import ALL_FAMILIES, FINETUNE_FAMILIES, PRETRAIN_FAMILIES, WORDS
 
     a, b = synthetic_records(200, seed=3), synthetic_records(200, seed=3)
     assert a == b and a != synthetic_records(200, seed=4)
@@ -170,7 +171,7 @@ def test_answers_are_the_eval_records_prompts_and_exact_responses(tok, tmp_path)
     """Batches.answers: per eval record whose whole response fits, the prompt's tokens and the
     response's tokens + EOS, exactly as in the eval rows; saved and loaded with the batches and
     part of the fingerprint. A record cut by max_seq_len has no answer (it could never match)."""
-    from ftcore.data import Batches
+    from ftcore.inputs.batches import Batches
 
     cfg = RunConfig(num_samples=8, eval_samples=6, batch_size=2, steps=2, max_seq_len=96)
     b = build_batches(cfg, tok)
@@ -266,7 +267,7 @@ def test_longest_wastes_less_than_padded_on_varied_lengths(tok):
 def test_alpaca_length_profile_follows_alpaca_s_percentiles(tok):
     """`--data builtin:alpaca-lengths`: token lengths (this tokenizer, prompt + response + EOS)
     within 15% of Stanford Alpaca's 50th / 90th / 99th percentiles; answers exact; deterministic."""
-    from ftcore import length_profile
+    from ftcore.inputs import length_profile
 
     def tokens(r):
         return len(tok(format_prompt(r) + r["output"])["input_ids"]) + 1
@@ -287,7 +288,7 @@ def test_alpaca_length_profile_follows_alpaca_s_percentiles(tok):
 def test_epochs_are_whole_passes_in_each_batching(tok):
     """--epochs N: `longest` takes N x (n // batch) steps, each epoch every batch once (the same
     records, a new order); `padded` takes ceil(N x n / batch) steps."""
-    from ftcore.preflight import check_run
+    from ftcore.run.preflight import check_run
 
     records = _varied_records(40)
     kw = dict(num_samples=30, eval_samples=4, batch_size=4, max_seq_len=256, epochs=2)

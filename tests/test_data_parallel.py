@@ -1,4 +1,4 @@
-"""Data-parallel runs (--nproc, ftcore.dist) through the command line: an N-process run trains
+"""Data-parallel runs (--nproc, ftcore.run.ranks) through the command line: an N-process run trains
 exactly what the one-process run trains, its figures are recorded and reported, a rank that dies
 ends the backend as a failed row with nothing left running, and user mistakes are one line."""
 
@@ -18,8 +18,8 @@ import psutil
 import pytest
 from helpers import ftcore, ftcore_in_process
 
-from ftcore.dist import RankWatch, shard
-from ftcore.loss import target_count
+from ftcore.inputs.loss_contract import target_count
+from ftcore.run.ranks import RankWatch, shard
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_nproc2_losses_equal_one_process(compare_nproc2):
     assert res.returncode == 0, res.stderr[-3000:]
     comp = json.loads((out / "comparison.json").read_text())
     assert comp["backends"] == ["torch", "torch x2", "mlx", "mlx x2"] and comp["all_fair"]
-    from ftcore.data import Batches
+    from ftcore.inputs.batches import Batches
 
     batches = Batches.load(out / "batches.npz")
     counts = [[target_count(shard(batches.step(s), r, 2)["labels"]) for r in range(2)] for s in range(4)]
@@ -86,7 +86,8 @@ def test_nproc2_records_ranks_threads_allreduce_and_memory(compare_nproc2):
 
 def test_gated_data_parallel_process_runs_one_step_per_request(tmp_path, small_cfg):
     """The bench's step gate reaches rank 0 through named pipes (launchers close inherited fds)."""
-    from ftcore.runner import BackendProcess, prepare
+    from ftcore.run.backend_process import BackendProcess
+    from ftcore.run.preflight import prepare
 
     prep = prepare(small_cfg.replace(steps=3, batch_size=4, nproc=2, eval_samples=0), tmp_path, ["mlx"])
     proc = BackendProcess("mlx", prep, tmp_path / "run", gate=True)
@@ -143,12 +144,12 @@ def test_killed_rank_is_a_failed_row_no_hang_no_orphans(backend, tmp_path):
 def test_rank_watch_ends_a_launcher_whose_rank_died(tmp_path, monkeypatch):
     """A launcher that does not end the survivors (one stuck in a collective): the parent's watch
     kills its group and the announced ranks once a rank is gone without its rank file."""
-    import ftcore.dist as dist
+    import ftcore.run.ranks as dist
 
     monkeypatch.setattr(dist, "DEAD_RANK_GRACE_S", 1.0)
     launcher = subprocess.Popen(["sleep", "60"], start_new_session=True)
     # a "rank" in its own session, as torchrun's are (named like one: only ranks are killed)
-    survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ftcore.runner"],
+    survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "ftcore.run.child"],
                                 start_new_session=True)  # fmt: skip
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -165,7 +166,7 @@ def test_rank_watch_ends_a_launcher_whose_rank_died(tmp_path, monkeypatch):
 
 def test_sibling_ranks_cpu_time_is_not_machine_load():
     """A rank's busy check must not count the other ranks of its own run as another load."""
-    from ftcore.machine_load import MachineLoad
+    from ftcore.measure.machine_load import MachineLoad
 
     sibling = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ftcore.backends import BACKENDS
-from ftcore.data import Batches
+from ftcore.inputs.batches import Batches
 from ftcore.report import fairness_checks
-from ftcore.runner import prepare
+from ftcore.run.preflight import prepare
 
 pytestmark = pytest.mark.integration
 
@@ -53,11 +53,11 @@ def test_a_reordered_batch_is_caught(setup, monkeypatch):
 
 
 def test_another_beta2_is_caught(setup, monkeypatch):
-    from ftcore.backends import torch_loop
+    import ftcore.backends.torch as torch_backend
 
     honest = train(setup, "honest")
-    make = torch_loop.make_optimizer
-    monkeypatch.setattr(torch_loop, "make_optimizer",
+    make = torch_backend.make_optimizer
+    monkeypatch.setattr(torch_backend, "make_optimizer",
                         lambda cfg, params: make(cfg.replace(adam_beta2=0.99), params))
     other = train(setup, "beta2")
     assert other["optimizer"]["betas"][1] == 0.99 and other["config"] == honest["config"]

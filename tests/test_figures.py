@@ -9,14 +9,16 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ftcore.backends.common import Quality
-from ftcore.benchdiff import EXACT_LIMIT, mann_whitney_p, ratio_interval, summarise
+from ftcore.backends.eval_schedule import EvalSchedule
+from ftcore.backends.run_context import Run
+from ftcore.bench.bench_diff import EXACT_LIMIT, mann_whitney_p, ratio_interval, summarise
 from ftcore.config import RunConfig
-from ftcore.data import Batches
+from ftcore.inputs.batches import Batches
 from ftcore.result import RunResult
 
 pytestmark = pytest.mark.unit
@@ -27,7 +29,7 @@ EOS = 2
 
 
 def _scored(answers: list[list[int]], outputs: list[list[int]]) -> tuple[float, list[int]]:
-    """Quality's exact-match accuracy of `outputs` (what greedy decoding returned) against
+    """EvalSchedule's exact-match accuracy of `outputs` (what greedy decoding returned) against
     `answers` (each ending with EOS); and the token budgets the generator was given."""
     n, width = len(answers), max(map(len, answers))
     ids = np.full((n, width), -1)
@@ -43,7 +45,8 @@ def _scored(answers: list[list[int]], outputs: list[list[int]]) -> tuple[float, 
         asked.append(budget)
         return outputs[prompt[0] - 10]
 
-    q = Quality(RunConfig(), batches, RunResult(backend="t"), lambda: None, generate)
+    run = Run("t", "torch", RunConfig(), Path("."), batches, Path("."), result=RunResult(backend="t"))
+    q = EvalSchedule(run, lambda: None, generate)
     q.before()
     return q.result.accuracy_before, asked
 
@@ -131,7 +134,7 @@ def test_the_two_peak_rss_sources_agree_in_one_run() -> None:
     """The kernel's high-water mark (VmHWM, KiB) and psutil's RSS (bytes), both in MB, over one
     block that holds 200 MB then frees 300 MB the sampler never sees: the block's peak is
     the high-water mark's, within 20% of a sample taken while the 200 MB were held."""
-    from ftcore.memory import PeakRSS, current_rss_mb, reset_rss_high_water, rss_high_water_mb
+    from ftcore.measure.rss import PeakRSS, current_rss_mb, reset_rss_high_water, rss_high_water_mb
 
     if not reset_rss_high_water():
         pytest.skip("no /proc/self/clear_refs: the high-water mark cannot be reset here")
@@ -152,7 +155,12 @@ def test_the_two_peak_rss_sources_agree_in_one_run() -> None:
 
 
 def test_busy_verdict_at_its_limits() -> None:
-    from ftcore.machine_load import BUSY_OTHER_CORES, BUSY_STEAL_FRACTION, MIN_WINDOW_S, judge
+    from ftcore.measure.machine_load import (
+        BUSY_OTHER_CORES,
+        BUSY_STEAL_FRACTION,
+        MIN_WINDOW_S,
+        judge,
+    )
 
     def rec(other=0.0, steal=0.0, wall=1.0):
         return judge({"wall_s": wall, "cores": 2, "other_cores": other, "steal_fraction": steal})

@@ -15,8 +15,8 @@ from helpers import TINY, save_hf_model
 from transformers import LlamaForCausalLM
 
 from ftcore.config import RunConfig
-from ftcore.data import Batches
-from ftcore.loss import IGNORE_INDEX
+from ftcore.inputs.batches import Batches
+from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.mlx.convert import convert_hf_to_mlx
 from ftcore.mlx.model import load_model
 
@@ -105,7 +105,7 @@ def _torch_q(cfg, model_dir):
 
 
 def _mlx_q(cfg, model_dir):
-    from ftcore.backends.mlx_loop import load
+    from ftcore.backends.mlx import load
     from ftcore.result import RunResult
 
     model = load(cfg, model_dir, RunResult(backend="mlx"))

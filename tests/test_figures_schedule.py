@@ -60,9 +60,9 @@ def test_torch_and_mlx_optimizers_hold_transformers_schedule(kind) -> None:
     mopt = mlx_optimizer(cfg)
     for s in range(cfg.steps):
         hf = ref.param_groups[0]["lr"]
-        for group in mine.param_groups:  # as ftcore.backends.torch_loop sets it
+        for group in mine.param_groups:  # as ftcore.backends.torch sets it
             group["lr"] = cfg.lr_at(s)
-        mopt.learning_rate = cfg.lr_at(s)  # as ftcore.backends.mlx_loop sets it
+        mopt.learning_rate = cfg.lr_at(s)  # as ftcore.backends.mlx sets it
         if s >= cfg.warmup_steps:
             assert mine.param_groups[0]["lr"] == pytest.approx(hf, rel=1e-12), s
             assert mopt.learning_rate.item() == pytest.approx(hf, rel=1e-6), s  # a float32

@@ -1,4 +1,4 @@
-"""Offline flamegraphs (ftcore.flamegraph): the HTML ftcore writes renders in headless Chromium
+"""Offline flamegraphs (ftcore.report.flamegraph): the HTML ftcore writes renders in headless Chromium
 with networking off, and the PNG of the top allocation sites is written beside it.
 
 A small script under the real `memray run` makes the capture (a 48 MB and an 8 MB allocation in
@@ -19,7 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from ftcore.flamegraph import external_resources, inline_cdn_assets, top_allocators, write_reports
+from ftcore.report.flamegraph import (
+    external_resources,
+    inline_cdn_assets,
+    top_allocators,
+    write_reports,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +118,7 @@ def test_external_resources_sees_every_kind_of_load():
 
 
 def test_inlined_text_cannot_close_its_element(tmp_path, monkeypatch):
-    import ftcore.flamegraph as fg
+    import ftcore.report.flamegraph as fg
 
     (tmp_path / "x.js").write_text('var s = "</script><b>oops</b>";\n//# sourceMappingURL=x.js.map\n')
     (tmp_path / "x.css").write_text("a{}</STYLE><b>\n/*# sourceMappingURL=x.css.map */")

@@ -1,5 +1,5 @@
 """Greedy decoding: MLX's KV cache against recomputing the whole sequence, MLX against transformers'
-`generate`, and both through ftcore.generate with a PEFT adapter (random prompts, hypothesis)."""
+`generate`, and both through ftcore.run.generate_text with a PEFT adapter (random prompts, hypothesis)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from ftcore.generate import generate_mlx, generate_torch
 from ftcore.mlx.convert import convert_hf_to_mlx
 from ftcore.mlx.generate import greedy as mlx_greedy
 from ftcore.mlx.model import KVCache, load_model
+from ftcore.run.generate_text import generate_mlx, generate_torch
 from ftcore.torch.generate import greedy as torch_greedy
 
 pytestmark = pytest.mark.parity

@@ -1,6 +1,6 @@
 """Gradient checkpointing (--grad-checkpoint): each layer recomputed in the backward pass gives the
 same training as keeping its activations, in torch (transformers' gradient_checkpointing_enable)
-and in MLX (mx.checkpoint per layer); and the analytic memory model (ftcore.memory_model)."""
+and in MLX (mx.checkpoint per layer); and the analytic memory model (ftcore.measure.memory_model)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from helpers import ftcore, ftcore_in_process
 
-from ftcore.arch import LORA_TARGETS
-from ftcore.memory_model import base_param_count, memory_model
+from ftcore.config import RunConfig
+from ftcore.inputs.arch import LORA_TARGETS
+from ftcore.measure.memory_model import base_param_count, memory_model
 
 TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
              "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
@@ -62,9 +63,10 @@ def test_mlx_grad_checkpoint_with_dropout_is_refused(tmp_path) -> None:
 @pytest.mark.unit
 def test_memory_model_counts_tinyllama() -> None:
     assert base_param_count(TINYLLAMA) == 1_100_048_384  # TinyLlama-1.1B's parameter count
-    plain = memory_model(TINYLLAMA, "fp32", 2, 256, LORA_TARGETS, 8, checkpoint=False)
-    ckpt = memory_model(TINYLLAMA, "fp32", 2, 256, LORA_TARGETS, 8, checkpoint=True)
-    half = memory_model(TINYLLAMA, "bf16", 2, 256, LORA_TARGETS, 8, checkpoint=False)
+    cfg = RunConfig(precision="fp32", max_seq_len=256, lora_targets=LORA_TARGETS, lora_rank=8)
+    plain = memory_model(TINYLLAMA, cfg, 2)
+    ckpt = memory_model(TINYLLAMA, cfg.replace(grad_checkpoint=True), 2)
+    half = memory_model(TINYLLAMA, cfg.replace(precision="bf16"), 2)
     assert plain["weights"] == pytest.approx(1_100_048_384 * 4 / 2**20)
     assert half["weights"] == pytest.approx(plain["weights"] / 2)
     lora = 22 * 8 * (2048 + 2048 + 2 * (2048 + 256) + 2048 + 2048 + 3 * (2048 + 5632))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from helpers import TINY, make_hf_model
 from parity_utils import save_and_convert
 
-from ftcore.loss import IGNORE_INDEX, reference_sum_count
+from ftcore.inputs.loss_contract import IGNORE_INDEX, reference_sum_count
 from ftcore.mlx import loss as mlx_loss
 from ftcore.mlx.model import load_model
 from ftcore.torch import loss as torch_loss

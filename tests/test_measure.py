@@ -1,6 +1,6 @@
-"""Measurement plumbing: RunResult JSON (ftcore.result), peak RSS (ftcore.memory), the FLOPs
-formula (ftcore.flops), MFU and the GEMM peak cache (ftcore.gemm, ftcore.mfu), host facts
-(ftcore.hostinfo), BLAS lookup and child environments (ftcore.blas, ftcore.mlx.env,
+"""Measurement plumbing: RunResult JSON (ftcore.result), peak RSS (ftcore.measure.rss), the FLOPs
+formula (ftcore.measure.flops), MFU and the GEMM peak cache (ftcore.measure.gemm_timing, ftcore.measure.gemm_peak), host facts
+(ftcore.measure.hostinfo), BLAS lookup and child environments (ftcore.measure.blas, ftcore.mlx.env,
 ftcore.torch.env). The probes that need a child process are in test_child_processes.py."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import ftcore.result
-from ftcore import blas, gemm, hostinfo, memory, mfu
-from ftcore.flops import flops_per_token
-from ftcore.memory import PeakRSS
+from ftcore.measure import blas, blas_env, gemm_peak, gemm_timing, hostinfo, mfu
+from ftcore.measure.flops import flops_per_token
+from ftcore.measure.rss import PeakRSS, current_rss_mb
 from ftcore.mlx import env as mlx_env
 from ftcore.result import RunResult
 from ftcore.torch import env as torch_env
@@ -90,7 +90,7 @@ def test_peak_rss_sees_200mb_allocation() -> None:
     assert rss.peak_mb - rss.start_mb >= 180, (rss.start_mb, rss.peak_mb)
     assert rss.sampled_peak_mb - rss.start_mb >= 180  # the sampler alone saw it too
     assert rss.samples >= 3
-    assert memory.current_rss_mb() < rss.peak_mb
+    assert current_rss_mb() < rss.peak_mb
 
 
 def _tiny_arch() -> dict:
@@ -158,7 +158,7 @@ def test_host_info_never_fails() -> None:
 
 def test_gemm_peak_positive_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torch")
-    assert gemm.measure_gemm_peak("torch", "fp32", n=256, max_time_s=0.2) > 0
+    assert gemm_timing.measure_gemm_peak("torch", "fp32", n=256, timing=gemm_timing.Timing(max_time_s=0.2)) > 0
     monkeypatch.setenv("FTCORE_CACHE", str(tmp_path))
     calls = []
 
@@ -166,21 +166,21 @@ def test_gemm_peak_positive_and_cached(tmp_path: Path, monkeypatch: pytest.Monke
         calls.append((framework, precision))
         return 123.0
 
-    monkeypatch.setattr(mfu, "measure_gemm_peak", fake)
-    assert mfu.gemm_peak_cached("torch", "fp32") == 123.0
-    assert mfu.gemm_peak_cached("torch", "fp32") == 123.0
+    monkeypatch.setattr(gemm_peak, "measure_gemm_peak", fake)
+    assert gemm_peak.gemm_peak_cached("torch", "fp32") == 123.0
+    assert gemm_peak.gemm_peak_cached("torch", "fp32") == 123.0
     assert calls == [("torch", "fp32")]  # the second call read the cache
     cache = json.loads((tmp_path / "gemm_peak.json").read_text())
     (key,) = cache
     assert "|torch|fp32|" in key and cache[key]["gflops"] == 123.0
-    mfu.gemm_peak_cached("torch", "bf16")
+    gemm_peak.gemm_peak_cached("torch", "bf16")
     assert len(calls) == 2 and len(json.loads((tmp_path / "gemm_peak.json").read_text())) == 2
     # a refresh on a busy machine (a slower probe) never lowers the best figure seen
-    monkeypatch.setattr(mfu, "measure_gemm_peak", lambda *a, **kw: 50.0)
-    assert mfu.gemm_peak_cached("torch", "fp32", refresh=True) == 123.0
-    monkeypatch.setattr(mfu, "measure_gemm_peak", lambda *a, **kw: 200.0)
-    assert mfu.gemm_peak_cached("torch", "fp32", refresh=True) == 200.0
-    assert mfu.gemm_peak_cached("torch", "fp32") == 200.0
+    monkeypatch.setattr(gemm_peak, "measure_gemm_peak", lambda *a, **kw: 50.0)
+    assert gemm_peak.gemm_peak_cached("torch", "fp32", refresh=True) == 123.0
+    monkeypatch.setattr(gemm_peak, "measure_gemm_peak", lambda *a, **kw: 200.0)
+    assert gemm_peak.gemm_peak_cached("torch", "fp32", refresh=True) == 200.0
+    assert gemm_peak.gemm_peak_cached("torch", "fp32") == 200.0
 
 
 # --- BLAS -----------------------------------------------------------------------------------
@@ -190,23 +190,23 @@ def test_find_fast_blas_debian() -> None:
     deb = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
     if not os.path.exists(deb) or os.environ.get(blas.PRELOAD_ENV):
         pytest.skip("Debian's libopenblas0-pthread is not installed here (or overridden)")
-    assert blas.find_fast_blas() == deb
+    assert blas_env.find_fast_blas() == deb
 
 
 def test_find_fast_blas_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lib = tmp_path / "libmkl_rt.so.2"
     lib.write_bytes(b"")
     monkeypatch.setenv(blas.PRELOAD_ENV, str(lib))
-    assert blas.find_fast_blas() == (str(lib) if sys.platform == "linux" else None)
+    assert blas_env.find_fast_blas() == (str(lib) if sys.platform == "linux" else None)
 
 
 def test_child_envs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(blas, "find_fast_blas", lambda: "/opt/libopenblas.so.0")
+    monkeypatch.setattr(blas_env, "find_fast_blas", lambda: "/opt/libopenblas.so.0")
     base = {"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin", "FTCORE_CACHE": str(tmp_path)}
     env = mlx_env.child_env(base, threads=2)
     assert env["LD_PRELOAD"] == "/opt/libopenblas.so.0:/x/libfoo.so"
     assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
-    off = mlx_env.child_env({blas.NO_PRELOAD_ENV: "1", "FTCORE_CACHE": str(tmp_path)}, threads=1)
+    off = mlx_env.child_env({blas_env.NO_PRELOAD_ENV: "1", "FTCORE_CACHE": str(tmp_path)}, threads=1)
     assert "LD_PRELOAD" not in off and off["OPENBLAS_NUM_THREADS"] == "1"
     t = torch_env.child_env(env, threads=2)
     assert t["LD_PRELOAD"] == "/x/libfoo.so" and t["OMP_NUM_THREADS"] == "2"
@@ -217,22 +217,22 @@ def test_openblas_kernels_follow_the_cpus_vector_isa(monkeypatch: pytest.MonkeyP
     """OpenBLAS falls back to SSE3 (Prescott) kernels on a CPU model it does not know; the MLX
     child then gets OPENBLAS_CORETYPE for the CPU's vector ISA, and only then."""
     avx512 = {"fpu", "sse2", "avx", "avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
-    assert blas.cpu_vector_isa(avx512) == "avx512"
-    assert blas.cpu_vector_isa({"fpu", "sse2", "avx", "avx2", "fma", "avx512f"}) == "avx2"
-    assert blas.cpu_vector_isa({"fpu", "sse2", "avx", "avx2"}) is None  # no FMA
-    assert blas.openblas_core_fix("prescott", "avx512") == "SkylakeX"
-    assert blas.openblas_core_fix("haswell", "avx512") == "SkylakeX"
-    assert blas.openblas_core_fix("sapphirerapids", "avx512") is None
-    assert blas.openblas_core_fix("prescott", "avx2") == "Haswell"
-    assert blas.openblas_core_fix("zen", "avx2") is None
-    assert blas.openblas_core_fix(None, "avx512") is None and blas.openblas_core_fix("prescott", None) is None
+    assert blas_env.cpu_vector_isa(avx512) == "avx512"
+    assert blas_env.cpu_vector_isa({"fpu", "sse2", "avx", "avx2", "fma", "avx512f"}) == "avx2"
+    assert blas_env.cpu_vector_isa({"fpu", "sse2", "avx", "avx2"}) is None  # no FMA
+    assert blas_env.openblas_core_fix("prescott", "avx512") == "SkylakeX"
+    assert blas_env.openblas_core_fix("haswell", "avx512") == "SkylakeX"
+    assert blas_env.openblas_core_fix("sapphirerapids", "avx512") is None
+    assert blas_env.openblas_core_fix("prescott", "avx2") == "Haswell"
+    assert blas_env.openblas_core_fix("zen", "avx2") is None
+    assert blas_env.openblas_core_fix(None, "avx512") is None and blas_env.openblas_core_fix("prescott", None) is None
     lib = "/opt/openblas-pthread/libopenblas.so.0"
-    monkeypatch.setattr(blas, "openblas_corename", lambda path: "prescott")
-    monkeypatch.setattr(blas, "cpu_vector_isa", lambda: "avx512")
-    monkeypatch.setattr(blas.sys, "platform", "linux")
-    assert blas.with_core_type({}, lib)[blas.CORETYPE_ENV] == "SkylakeX"
-    assert blas.with_core_type({blas.CORETYPE_ENV: "Haswell"}, lib)[blas.CORETYPE_ENV] == "Haswell"
-    assert blas.CORETYPE_ENV not in blas.with_core_type({}, "/opt/libmkl_rt.so.2")
+    monkeypatch.setattr(blas_env, "openblas_corename", lambda path: "prescott")
+    monkeypatch.setattr(blas_env, "cpu_vector_isa", lambda: "avx512")
+    monkeypatch.setattr(blas_env.sys, "platform", "linux")
+    assert blas_env.with_core_type({}, lib)[blas_env.CORETYPE_ENV] == "SkylakeX"
+    assert blas_env.with_core_type({blas_env.CORETYPE_ENV: "Haswell"}, lib)[blas_env.CORETYPE_ENV] == "Haswell"
+    assert blas_env.CORETYPE_ENV not in blas_env.with_core_type({}, "/opt/libmkl_rt.so.2")
 
 
 def test_blas_warning() -> None:

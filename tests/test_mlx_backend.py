@@ -1,4 +1,4 @@
-"""The `mlx` and `mlx-lm` backends end to end, each in its real child process (ftcore.runner):
+"""The `mlx` and `mlx-lm` backends end to end, each in its real child process (ftcore.run.backend_process):
 loss falls, every result field is filled, the saved adapters load in PEFT and mlx-lm and
 reproduce the MLX model's logits, the conversion cache is reused, a missing GPU is a clean error."""
 
@@ -14,14 +14,15 @@ import pytest
 from helpers import RESULT_FIELDS, torch_logits
 from safetensors.numpy import load_file
 
-from ftcore.arch import read_arch
-from ftcore.backends.mlx_lm_ref import offsets_lengths
+from ftcore.backends.mlx_lm import offsets_lengths
 from ftcore.config import RunConfig
-from ftcore.lora_init import initial_lora_state, state_fingerprint
+from ftcore.inputs.arch import read_arch
+from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
 from ftcore.mlx.adapters import peft_to_mlx_adapter
 from ftcore.mlx.lora import apply_lora, load_lora_state
 from ftcore.mlx.model import load_model
-from ftcore.runner import prepare, run_backend
+from ftcore.run.backend_process import run_backend
+from ftcore.run.preflight import prepare
 
 pytestmark = pytest.mark.integration
 

@@ -12,16 +12,16 @@ from helpers import TINY, make_hf_model
 from mlx.utils import tree_flatten
 from parity_utils import save_and_convert
 
-from ftcore.arch import LORA_TARGETS
 from ftcore.backends import BACKENDS
 from ftcore.config import RunConfig
-from ftcore.loss import IGNORE_INDEX
+from ftcore.inputs.arch import LORA_TARGETS
+from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.mlx.env import BFS_NO_LIMIT, BFS_WIDTH_ENV
 from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
 from ftcore.mlx.loss import loss_sum_count, to_mx
 from ftcore.mlx.model import load_model
 from ftcore.mlx.streams import cpu_streams, loss_and_grads, plan_streams
-from ftcore.runner import child_env
+from ftcore.run.backend_process import child_env
 
 pytestmark = pytest.mark.unit
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 from helpers import broken_model
 
-from ftcore.arch import read_arch
 from ftcore.config import RunConfig, UserError
-from ftcore.data import build_batches
-from ftcore.models import (
+from ftcore.inputs.arch import read_arch
+from ftcore.inputs.batches import build_batches
+from ftcore.inputs.presets import (
     PRESET_CONFIGS,
     check_model_dir,
-    load_tokenizer,
     materialize_preset,
     preset_config,
 )
+from ftcore.inputs.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -90,8 +90,8 @@ def test_check_model_dir_refusals(tiny_model_dir, tmp_path):
 
 def test_preset_fingerprint_follows_the_recipe(monkeypatch):
     """A changed pretraining recipe or architecture names a new cache folder: never served stale."""
-    from ftcore import pretrain
-    from ftcore.models import preset_fingerprint
+    from ftcore.inputs import pretrain
+    from ftcore.inputs.presets import preset_fingerprint
 
     arch = preset_config("tiny-pretrained")
     before = preset_fingerprint("tiny-pretrained", arch)
@@ -108,7 +108,7 @@ def test_preset_fingerprint_follows_the_recipe(monkeypatch):
 def _shipped():
     import json
 
-    from ftcore.models import SHIPPED_PRESETS
+    from ftcore.inputs.presets import SHIPPED_PRESETS
 
     folder = SHIPPED_PRESETS["tiny-pretrained"]
     return folder, json.loads((folder / "ftcore_preset.json").read_text())
@@ -117,7 +117,7 @@ def _shipped():
 def test_shipped_default_was_made_by_the_current_recipe():
     """The shipped weights' recorded fingerprint is this code's: a changed recipe, pretraining
     data, tokenizer corpus or training loop without rebuilt weights (`ftcore pretrain`) fails here."""
-    from ftcore.models import preset_fingerprint
+    from ftcore.inputs.presets import preset_fingerprint
 
     folder, made = _shipped()
     assert made["arch"] == preset_config("tiny-pretrained")
@@ -133,8 +133,8 @@ def test_shipped_default_was_made_by_the_current_recipe():
 def test_default_preset_is_served_from_the_package(ftcore_cache, monkeypatch, capsys):
     """No pretraining on a user's machine: the default resolves to the shipped folder and writes
     nothing to the cache; with another recipe than the shipped one it is made locally instead."""
-    from ftcore import pretrain
-    from ftcore.models import shipped_preset
+    from ftcore.inputs import pretrain
+    from ftcore.inputs.presets import shipped_preset
 
     folder, made = _shipped()
     before = sorted((ftcore_cache / "models").glob("tiny-pretrained-*")) if (ftcore_cache / "models").exists() else []
@@ -152,8 +152,8 @@ def test_shipped_default_knows_its_tasks_not_the_held_out_ones():
     the same shares as recorded when the weights were made (the same bytes on any machine)."""
     from transformers import LlamaForCausalLM
 
-    from ftcore.pretrain import family_exact_match
-    from ftcore.synthetic import FINETUNE_FAMILIES, PRETRAIN_FAMILIES
+    from ftcore.inputs.pretrain import family_exact_match
+    from ftcore.inputs.synthetic import FINETUNE_FAMILIES, PRETRAIN_FAMILIES
 
     folder, made = _shipped()
     model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -172,9 +172,9 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
 
     from transformers import LlamaForCausalLM
 
-    from ftcore.pretrain import family_exact_match
-    from ftcore.records import format_prompt
-    from ftcore.synthetic import ALL_FAMILIES
+    from ftcore.inputs.pretrain import family_exact_match
+    from ftcore.inputs.records import format_prompt
+    from ftcore.inputs.synthetic import ALL_FAMILIES
     from ftcore.torch.generate import greedy
 
     folder, _ = _shipped()
@@ -197,7 +197,7 @@ def test_weights_checksum_is_the_files_bytes(tmp_path):
     import hashlib
     import shutil
 
-    from ftcore.checkpoint import weights_sha256
+    from ftcore.inputs.checkpoint import weights_sha256
 
     folder, _ = _shipped()
     h = hashlib.sha256()
@@ -216,7 +216,7 @@ def test_waiting_on_another_maker_s_lock_is_said_once_with_its_pid(tmp_path, cap
     import threading
     import time
 
-    from ftcore.models import wait_for_lock
+    from ftcore.inputs.presets import wait_for_lock
 
     path = tmp_path / "x.lock"
     holder = open(path, "a+")  # noqa: SIM115 (held across the thread below)
@@ -233,3 +233,29 @@ def test_waiting_on_another_maker_s_lock_is_said_once_with_its_pid(tmp_path, cap
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "ftcore: waiting for process 4242, which is making the tiny preset"
     assert err[1].startswith("ftcore: waited ") and len(err) == 2
+
+
+def test_preset_training_code_ignores_where_its_helpers_live():
+    """A moved or renamed helper module (an import line) keeps the preset's fingerprint; a changed
+    line of the training loop does not."""
+    from ftcore.inputs.pretrain import training_code
+
+    def loop(n):
+        from ftcore.inputs.loss_contract import IGNORE_INDEX
+
+        return n * IGNORE_INDEX
+
+    def moved(n):
+        from ftcore.somewhere_else import IGNORE_INDEX
+
+        return n * IGNORE_INDEX
+
+    def changed(n):
+        from ftcore.inputs.loss_contract import IGNORE_INDEX
+
+        return n * IGNORE_INDEX + 1
+
+    def strip(fn):  # without the def line, which names each
+        return training_code(fn).split("\n", 1)[1]
+
+    assert strip(loop) == strip(moved) != strip(changed)

@@ -23,8 +23,8 @@ from helpers import make_hf_model
 from mlx.utils import tree_flatten
 from parity_utils import add_peft, mlx_loss_and_grads, mlx_model_with_adapter, save_and_convert
 
-from ftcore.data import Tokenized, pack_tokenized, pad_rows
-from ftcore.loss import IGNORE_INDEX
+from ftcore.inputs.loss_contract import IGNORE_INDEX
+from ftcore.inputs.token_rows import Tokenized, pack_tokenized, pad_rows
 from ftcore.mlx import ops as mlx_ops
 from ftcore.mlx.loss import to_mx
 from ftcore.torch.loss import loss_sum_count
@@ -161,7 +161,7 @@ def test_the_models_rotate_packed_records_from_position_0(models, monkeypatch) -
 
 def test_packing_rule_first_fit_decreasing() -> None:
     """Rows hold at most the capacity; longest record first, each into the first row with room."""
-    from ftcore.batching import pack_rows
+    from ftcore.inputs.batching import pack_rows
 
     assert pack_rows([5, 3, 8, 2, 6], 10) == [[2, 3], [4, 1], [0]]
     lengths = np.random.default_rng(0).integers(1, 100, 500).tolist()

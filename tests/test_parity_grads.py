@@ -38,8 +38,8 @@ from parity_utils import (
     torch_loss,
 )
 
-from ftcore.arch import LORA_TARGETS
-from ftcore.loss import IGNORE_INDEX
+from ftcore.inputs.arch import LORA_TARGETS
+from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.mlx.loss import to_mx
 
 pytestmark = pytest.mark.parity

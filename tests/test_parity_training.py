@@ -1,5 +1,5 @@
 """Training trajectories: the `torch` and `mlx` backends, each in its own child process
-(ftcore.runner.prepare + run_backend), train on the same batches from the same initial adapters
+(ftcore.run.preflight.prepare + ftcore.run.backend_process.run_backend), train on the same batches from the same initial adapters
 with the same config (parity_utils.TRAJECTORIES): the tiny preset at the default 128 tokens, every
 LoRA target, weight decay, cosine schedule with warm-up, clipping at max_grad_norm 1.0 and eval
 every 5 steps, 20 steps, fp32 and bf16; and a 512-token fp32 run on long records. Two threads, so
@@ -58,7 +58,7 @@ def runs(tmp_path_factory):
 
 
 def _fed_fingerprint(batches, steps: int) -> str:
-    """What ftcore.backends.common.StepClock.feed hashes when a loop feeds batches 0..steps-1 in
+    """What ftcore.backends.step_clock.StepClock.feed hashes when a loop feeds batches 0..steps-1 in
     order: each step's (B, L) int64 token ids, shape first."""
     h = hashlib.sha256()
     for s in range(steps):

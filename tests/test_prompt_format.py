@@ -11,11 +11,12 @@ import pytest
 from helpers import ftcore_in_process, with_chat_template
 
 from ftcore.config import RunConfig, UserError
-from ftcore.data import build_batches, tokenize_records
-from ftcore.generate import prompt_ids, resolve_prompt_format
-from ftcore.loss import IGNORE_INDEX
-from ftcore.models import load_tokenizer
-from ftcore.records import PROMPT_FORMAT_FILE, chat_messages, write_prompt_format
+from ftcore.inputs.batches import build_batches
+from ftcore.inputs.loss_contract import IGNORE_INDEX
+from ftcore.inputs.records import PROMPT_FORMAT_FILE, chat_messages, write_prompt_format
+from ftcore.inputs.token_rows import tokenize_records
+from ftcore.inputs.tokenizer import load_tokenizer
+from ftcore.run.generate_text import prompt_ids, resolve_prompt_format
 
 pytestmark = pytest.mark.unit
 

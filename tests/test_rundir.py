@@ -1,4 +1,4 @@
-"""Run folders (ftcore.rundir): claimed atomically, an earlier run never mixed with a new one."""
+"""Run folders (ftcore.run.rundir): claimed atomically, an earlier run never mixed with a new one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from ftcore.config import UserError
-from ftcore.rundir import STATUS_FILE, RunDir
+from ftcore.run.rundir import STATUS_FILE, RunDir
 
 pytestmark = pytest.mark.unit
 
@@ -86,7 +86,7 @@ def test_out_that_is_a_file_is_refused(tmp_path):
 def test_kill_reason_names_the_oom_killer_only_when_its_counter_rose():
     import signal
 
-    from ftcore import procs
+    from ftcore.run import procs
 
     now = procs.oom_kills()
     assert now is None or now >= 0  # this machine's cgroup counter, read for real
@@ -105,7 +105,7 @@ def test_stop_all_terminates_then_kills_every_live_child():
     import sys
     import time
 
-    from ftcore import procs
+    from ftcore.run import procs
 
     obey = procs.spawn([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
     ignore = procs.spawn(

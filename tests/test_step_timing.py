@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from ftcore.machine_load import MachineLoad
-from ftcore.runner import BackendProcess, prepare
+from ftcore.measure.machine_load import MachineLoad
+from ftcore.run.backend_process import BackendProcess
+from ftcore.run.preflight import prepare
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,7 @@ def test_busy_flag_counts_a_hog_it_starts_and_not_its_own_work() -> None:
     CPU time is subtracted, exactly. Holds on a machine other processes already load: the window
     lasts until the hogs got 0.3 CPU seconds, and what either side adds to the other's figure is
     the hogs' own CPU seconds, read from /proc."""
-    from ftcore.machine_load import _pids_cpu_s
+    from ftcore.measure.machine_load import _pids_cpu_s
 
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     pids = [h.pid for h in hogs]

@@ -13,11 +13,12 @@ import pytest
 import torch
 from helpers import RESULT_FIELDS
 
-from ftcore.arch import read_arch
-from ftcore.backends.common import PROBE_FILE, PROBE_POSITIONS, probe_batch
-from ftcore.flops import lora_param_count
-from ftcore.lora_init import initial_lora_state, state_fingerprint
-from ftcore.runner import prepare, run_backend
+from ftcore.backends.result_fields import PROBE_FILE, PROBE_POSITIONS, probe_batch
+from ftcore.inputs.arch import read_arch
+from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
+from ftcore.measure.flops import lora_param_count
+from ftcore.run.backend_process import run_backend
+from ftcore.run.preflight import prepare
 
 pytestmark = pytest.mark.integration
 

@@ -1,15 +1,16 @@
 """The backends: one BackendSpec each, in BACKENDS. Everything outside this package (runner, CLI,
 report, bench) reads a backend's facts from its spec and never compares backend names.
 
-Adding a backend: write `ftcore/backends/<module>.py` with
+Adding a backend: write `ftcore/backends/<backend name>.py` with
 
-    train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult
+    train(run: Run) -> RunResult     # run: backends.run_context.Run (cfg, batches, out_dir, ...)
 
-and add one BackendSpec to BACKENDS. `train` runs inside a fresh process started by
-ftcore.runner with `child_env`'s environment: it loads the checkpoint, trains `cfg.steps` steps on
-`batches` starting from `ftcore.lora_init.initial_lora_state`, evaluates, saves the adapter under
-out_dir/adapter and returns the measured figures (`backends.common.base_result` / `finish` fill
-the shared ones). Whatever it wants the report to say goes in `result.note(...)`.
+and add one BackendSpec to BACKENDS. `train` runs inside a fresh process (ftcore.run.child) with
+`child_env`'s environment: it loads the checkpoint, trains `cfg.steps` steps on `run.batches`
+starting from `ftcore.inputs.lora_init.initial_lora_state`, evaluates (backends.eval_schedule),
+times each step (backends.step_clock), saves the adapter under run.out_dir/adapter and returns
+the measured figures (backends.result_fields: `start_result` / `finish_result` fill the shared
+ones). Whatever it wants the report to say goes in `result.note(...)`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftcore.config import RunConfig, UserError
-from ftcore.data import Batches
+from ftcore.inputs.batches import Batches
 from ftcore.mlx import env as mlx_env
 from ftcore.result import RunResult
 from ftcore.torch import env as torch_env
@@ -88,13 +89,13 @@ class BackendSpec:
     # (base environment, threads, run config) -> the child's environment
     child_env: Callable[[dict, int, RunConfig], dict]
     before_spawn: Callable[[RunConfig, Path], None] | None = None  # run in the parent, timed
-    # run in the parent before any backend starts (ftcore.preflight); raises UserError
+    # run in the parent before any backend starts (ftcore.run.preflight); raises UserError
     check: Callable[[RunConfig, Path], None] | None = None
     # True: computes the loss contract with AdamW as REFERENCE_BACKEND does, so its fp32
     # per-step losses must equal the reference's within 1e-4 (checked by tests and bench)
     same_numerics: bool = True
     # True: its loop owns the steps, so it evaluates every --eval-every steps, stops at
-    # --target-eval-loss and measures greedy exact-match accuracy (backends.common.Quality)
+    # --target-eval-loss and measures greedy exact-match accuracy (backends.eval_schedule)
     owns_steps: bool = True
     # True: --grad-checkpoint recomputes a layer with the same LoRA dropout masks (torch replays its
     # RNG); False: new masks (MLX's random state is global), so checkpointing with dropout is refused
@@ -102,7 +103,7 @@ class BackendSpec:
     # True: trains on packed rows (--batching packed: position_ids, per-document causal mask);
     # False: its trainer builds its own masks from plain rows, so `packed` is refused up front
     takes_packed_rows: bool = True
-    # data parallel (--nproc > 1; ftcore.dist): (cfg, child command, out_dir) -> the framework's
+    # data parallel (--nproc > 1; ftcore.run.ranks): (cfg, child command, out_dir) -> the framework's
     # launcher command, and its parent-side check (UserError); None: one process only
     launch: Callable[[RunConfig, list[str], Path], list[str]] | None = None
     check_launch: Callable[[RunConfig], None] | None = None
@@ -112,8 +113,13 @@ class BackendSpec:
         return self.launch is not None
 
     def train(self, cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
+        """Train this backend in this process (the child's job: ftcore.run.child)."""
+        from ftcore.backends.run_context import Run
+        from ftcore.run.ranks import RankInfo
+
         module = importlib.import_module(f"ftcore.backends.{self.module}")
-        return module.train(cfg, model_dir, batches, out_dir)
+        run = Run(self.name, self.framework, cfg, Path(model_dir), batches, Path(out_dir), RankInfo.from_env())
+        return module.train(run)
 
     def missing(self) -> str | None:
         """Why this backend cannot run here (its package is not installed), or None."""
@@ -126,7 +132,7 @@ BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec(
-            name="torch", framework="torch", module="torch_loop", package="peft",
+            name="torch", framework="torch", module="torch", package="peft",
             install_hint="pip install ftcore", child_env=framework_env("torch"), check=check_torch,
             launch=torch_env.launch_command, check_launch=torch_env.check_launch,
             summary="transformers LlamaForCausalLM + PEFT LoRA, a plain training loop",
@@ -138,7 +144,7 @@ BACKENDS: dict[str, BackendSpec] = {
             summary="the same model and adapter through transformers Trainer",
         ),
         BackendSpec(
-            name="mlx", framework="mlx", module="mlx_loop", package="mlx",
+            name="mlx", framework="mlx", module="mlx", package="mlx",
             install_hint="pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)",
             child_env=mlx_env.row_streams_env, before_spawn=convert_for_mlx,
             check=check_mlx_converted, launch=mlx_env.launch_command,
@@ -146,7 +152,7 @@ BACKENDS: dict[str, BackendSpec] = {
             summary="ftcore's own MLX Llama (ftcore.mlx), weights converted from the same checkpoint",
         ),
         BackendSpec(
-            name="mlx-lm", framework="mlx", module="mlx_lm_ref", package="mlx_lm",
+            name="mlx-lm", framework="mlx", module="mlx_lm", package="mlx_lm",
             install_hint="pip install 'ftcore[mlx-lm]'", child_env=framework_env("mlx"), check=check_mlx,
             same_numerics=False,  # its own loss normalisation and Adam, as its users get them
             owns_steps=False,  # mlx-lm's trainer runs the steps: eval after training only

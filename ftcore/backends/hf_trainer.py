@@ -9,14 +9,14 @@ the Trainer reads the pre-built rows sequentially with batch size B, so its step
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
-from ftcore.backends.common import StepClock, optimizer_record
-from ftcore.backends.torch_common import quality, start, wrap_up
-from ftcore.config import RunConfig
-from ftcore.data import Batches
+from ftcore.backends.result_fields import optimizer_record
+from ftcore.backends.run_context import Run
+from ftcore.backends.step_clock import StepClock
+from ftcore.backends.torch_common import eval_schedule, start, wrap_up
+from ftcore.inputs.batches import Batches
 from ftcore.result import RunResult
 from ftcore.torch.loss import loss_sum_count
 from ftcore.torch.model import sync
@@ -43,14 +43,16 @@ class Rows(torch.utils.data.Dataset):
         return {k: v[i, :width] for k, v in self.arrays.items()}
 
 
-def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
+def train(run: Run) -> RunResult:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    model, device, result = start("hf-trainer", cfg, model_dir, batches)
-    measured = quality(model, device, cfg, batches, result)
-    measured.before()
+    cfg, batches = run.cfg, run.batches
+    model, device = start(run)
+    result = run.result
+    evals = eval_schedule(run, model, device)
+    evals.before()
 
-    clock = StepClock("hf-trainer", cfg, batches)
+    clock = StepClock(run)
 
     class LossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -74,7 +76,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_at(s) / cfg.lr)
     args = TrainingArguments(
-        output_dir=str(out_dir / "trainer"),
+        output_dir=str(run.out_dir / "trainer"),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=1,
         max_steps=cfg.steps,
@@ -105,7 +107,7 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     t_train = time.perf_counter()
     trainer.train()
     train_call_s = time.perf_counter() - t_train
-    clock.stop(result)
+    clock.stop()
 
     result.extra.update(
         # the Trainer's own cost next to the plain loop: set-up, and train() time outside the steps
@@ -115,4 +117,4 @@ def train(cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> R
     )
     if cfg.eval_every:
         result.note("--eval-every ignored: hf-trainer evaluates before and after training only")
-    return wrap_up(model, device, result, cfg, batches, out_dir, clock.times, measured)
+    return wrap_up(run, model, device, clock.times, evals)

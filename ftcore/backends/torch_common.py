@@ -4,26 +4,25 @@ model load, eval, the adapter in PEFT format, probe logits and the throughput fi
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ftcore.backends.common import (
-    Quality,
-    base_result,
-    finish,
+from ftcore.backends.eval_schedule import EvalSchedule
+from ftcore.backends.result_fields import (
+    finish_result,
     probe_batch,
     record_ranks,
     save_probe_logits,
+    start_result,
 )
-from ftcore.config import RunConfig
-from ftcore.data import Batches
-from ftcore.dist import RankInfo, rank_threads
-from ftcore.lora_init import state_fingerprint
-from ftcore.memory import current_rss_mb
-from ftcore.records import write_prompt_format
+from ftcore.backends.run_context import Run
+from ftcore.inputs.batches import Batches
+from ftcore.inputs.lora_init import state_fingerprint
+from ftcore.inputs.records import write_prompt_format
+from ftcore.measure.rss import current_rss_mb
 from ftcore.result import RunResult
+from ftcore.run.ranks import rank_threads
 from ftcore.torch.generate import greedy
 from ftcore.torch.lora import get_lora_state
 from ftcore.torch.loss import evaluate, to_torch
@@ -39,15 +38,15 @@ def probe_logits(model, batches: Batches, device: torch.device) -> np.ndarray:
     return logits.float().cpu().numpy()
 
 
-def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches,
-          ranks: RankInfo | None = None):
+def start(run: Run):
     """Shared by `torch` and `hf-trainer`: threads, seed, device, the timed model load and the
-    RSS after it. Returns (model, device, result)."""
-    threads = rank_threads(cfg) if ranks else cfg.threads or torch.get_num_threads()
+    RSS after it; sets run.result. Returns (model, device)."""
+    cfg = run.cfg
+    threads = rank_threads(cfg) if run.ranks else cfg.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)  # LoRA dropout masks
     device = pick_device(cfg.device)
-    result = base_result(backend, cfg, model_dir, batches, "torch")
+    result = start_result(run)
     result.threads = threads
     result.blas = result.env.get("torch_blas", "")
     result.device = str(device)
@@ -56,7 +55,7 @@ def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches,
     )
 
     t0 = time.perf_counter()
-    model = load_peft_model(cfg, model_dir, device)
+    model = load_peft_model(cfg, run.model_dir, device)
     sync(device)
     result.load_time_s = time.perf_counter() - t0
     result.baseline_rss_mb = current_rss_mb()
@@ -65,34 +64,26 @@ def start(backend: str, cfg: RunConfig, model_dir: Path, batches: Batches,
     # transformers' own flag: whether its layers really recompute in the backward pass
     result.extra["grad_checkpoint_active"] = bool(getattr(model, "is_gradient_checkpointing", False))
     result.threads = torch.get_num_threads()  # what torch reports, not what was asked for
-    record_ranks(result, ranks)
+    record_ranks(run)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    return model, device, result
+    return model, device
 
 
-def quality(model, device: torch.device, cfg: RunConfig, batches: Batches, result: RunResult) -> Quality:
+def eval_schedule(run: Run, model, device: torch.device) -> EvalSchedule:
     """Eval loss and greedy exact-match accuracy of this torch model, before, during and after."""
-    return Quality(cfg, batches, result, lambda: evaluate(model, batches, device),
-                   lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
+    return EvalSchedule(run, lambda: evaluate(model, run.batches, device),
+                        lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
 
 
-def wrap_up(
-    model,
-    device: torch.device,
-    result: RunResult,
-    cfg: RunConfig,
-    batches: Batches,
-    out_dir: Path,
-    step_times: list[float],
-    measured: Quality,
-) -> RunResult:
+def wrap_up(run: Run, model, device: torch.device, step_times: list[float], evals: EvalSchedule) -> RunResult:
     """Shared end: eval loss and accuracy after training, CUDA peak, the adapter in PEFT format,
     probe logits, throughput."""
-    measured.after(step_times)
+    evals.after(step_times)
     if device.type == "cuda":
-        result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    model.save_pretrained(str(out_dir / "adapter"))  # adapter_config.json + adapter_model.safetensors
-    write_prompt_format(out_dir / "adapter", cfg.prompt_format)  # for `ftcore generate`
-    save_probe_logits(probe_logits(model, batches, device), out_dir)
-    return finish(result, cfg, batches, step_times, "torch")
+        run.result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    adapter = run.out_dir / "adapter"
+    model.save_pretrained(str(adapter))  # adapter_config.json + adapter_model.safetensors
+    write_prompt_format(adapter, run.cfg.prompt_format)  # for `ftcore generate`
+    save_probe_logits(probe_logits(model, run.batches, device), run.out_dir)
+    return finish_result(run, step_times)

@@ -18,9 +18,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ftcore.config import RunConfig
-from ftcore.mlx.convert import ConversionError, hf_to_mlx_key, mlx_to_hf_key
+from ftcore.inputs.records import write_prompt_format
 from ftcore.mlx.lora import LORA_LEAVES
-from ftcore.records import write_prompt_format
+from ftcore.mlx.weight_names import ConversionError, hf_to_mlx_key, mlx_to_hf_key
 
 # PEFT: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r); a state_dict()
 # taken from the live model also carries the adapter name: lora_A.default.weight.

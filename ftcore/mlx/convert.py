@@ -1,6 +1,6 @@
 """HF <-> MLX weights: a checked, cached, atomic conversion of a local Llama checkpoint.
 
-Every source tensor goes through an explicit name table (`HF_TO_MLX`): it is either mapped or
+Every source tensor goes through an explicit name table (`HF_TO_MLX`, ftcore.mlx.weight_names): it is either mapped or
 deliberately dropped, and an unknown key is an error. MLX uses HF's names, so the table is mostly
 identity; it exists so that nothing is copied (or lost) by accident.
 
@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ftcore.mlx.model import WEIGHTS_FILE, Model, ModelArgs
+from ftcore.mlx.weight_names import ConversionError, hf_to_mlx_key, mlx_to_hf_key
 
 FORMAT_VERSION = 2  # 2: weights named model.safetensors, tokenizer files copied (mlx-lm loads it)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -44,52 +43,6 @@ _DTYPES = {
     "fp16": mx.float16, "float16": mx.float16,
 }  # fmt: skip
 _DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
-
-
-class ConversionError(Exception):
-    """A source or conversion folder that cannot be converted; the message is one line."""
-
-
-# HF key template -> MLX key template ("{}" = layer index); None = deliberately dropped.
-HF_TO_MLX: dict[str, str | None] = {
-    "model.embed_tokens.weight": "model.embed_tokens.weight",
-    "model.layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "model.layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
-    "model.layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
-    "model.norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",  # dropped instead when tie_word_embeddings
-    # RoPE frequencies, stored by old checkpoints; MLX recomputes them from rope_theta.
-    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
-}
-MLX_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_MLX.items() if v is not None}
-
-
-def _map_key(key: str, table: Mapping[str, str | None]) -> str | None:
-    template = re.sub(r"\.(\d+)\.", ".{}.", key, count=1)
-    if template not in table:
-        raise ConversionError(f"no mapping for tensor {key!r}")
-    target = table[template]
-    if target is None or "{}" not in template:
-        return target
-    return target.format(re.search(r"\.(\d+)\.", key).group(1))
-
-
-def hf_to_mlx_key(key: str, tie_word_embeddings: bool = False) -> str | None:
-    """MLX name of an HF tensor; None if deliberately dropped; ConversionError if unknown."""
-    if tie_word_embeddings and key == "lm_head.weight":
-        return None  # the head is embed_tokens; some tied checkpoints still store a copy
-    return _map_key(key, HF_TO_MLX)
-
-
-def mlx_to_hf_key(key: str) -> str:
-    """HF name of an MLX tensor; ConversionError if unknown."""
-    return _map_key(key, MLX_TO_HF)
 
 
 def _normalise_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:

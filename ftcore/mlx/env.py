@@ -1,10 +1,10 @@
 """The environment of an MLX process (set by the parent before it starts; imports no MLX).
 
 * BLAS: the Linux `mlx[cpu]` wheel calls a bundled reference BLAS (~7 GFLOP/s fp32 here); an
-  optimised one found by `ftcore.blas.find_fast_blas` is LD_PRELOADed (~250 GFLOP/s with
+  optimised one found by `ftcore.measure.blas_env.find_fast_blas` is LD_PRELOADed (~250 GFLOP/s with
   OpenBLAS). FTCORE_NO_BLAS_PRELOAD=1 turns it off, to measure the stock wheel.
   On a CPU OpenBLAS does not know it would run SSE3 kernels; OPENBLAS_CORETYPE is then set to
-  the CPU's vector ISA (`blas.with_core_type`).
+  the CPU's vector ISA (`blas_env.with_core_type`).
 * JIT: mx.compile's CPU kernels are built with vector flags (`ftcore.mlx.jit`).
 * Threads: every BLAS/OpenMP thread count set to the run's threads.
 * Row streams (`row_streams_env`, the `mlx` backend only): mx.eval lays the graph out as a tape in
@@ -29,12 +29,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ftcore import blas
+from ftcore.cache_dir import cache_root
 from ftcore.config import RunConfig, UserError
-from ftcore.dist import free_ports, hostfile_hosts, under_launcher
+from ftcore.measure import blas_env
 from ftcore.mlx import jit
-from ftcore.models import cache_root
 from ftcore.result import write_json_atomic
+from ftcore.run.ranks import free_ports, hostfile_hosts, under_launcher
 
 BFS_WIDTH_ENV = "MLX_BFS_MAX_WIDTH"
 BFS_NO_LIMIT = 2**31 - 1  # MLX reads the width as a C int
@@ -44,10 +44,10 @@ def child_env(base_env: dict, threads: int) -> dict:
     """Environment for a process that runs MLX: fast BLAS preloaded, JIT flags, threads set.
     Never give it to a torch process: the preload would interpose torch's MKL sgemm_ too."""
     env = jit.child_env(dict(base_env), cache_root(base_env))
-    fast = None if env.get(blas.NO_PRELOAD_ENV) == "1" else blas.find_fast_blas()
+    fast = None if env.get(blas_env.NO_PRELOAD_ENV) == "1" else blas_env.find_fast_blas()
     if fast:
-        env = blas.with_core_type(blas.with_preload(env, fast), fast)
-    return blas.with_threads(env, threads)
+        env = blas_env.with_core_type(blas_env.with_preload(env, fast), fast)
+    return blas_env.with_threads(env, threads)
 
 
 def row_streams_env(base_env: dict, threads: int, cfg: RunConfig) -> dict:

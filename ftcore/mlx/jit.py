@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ftcore.hostinfo import cpu_features, cpu_model
+from ftcore.measure.hostinfo import cpu_features, cpu_model
 
 # -mavx2 -mfma -mf16c: what later MLX sources add themselves. The other three let GCC inline MLX's
 # simd::exp (a polynomial, no libm call) into the kernel loop and vectorize it; they do not

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ftcore.arch import LORA_TARGETS, block_of
+from ftcore.inputs.arch import LORA_TARGETS, block_of
 from ftcore.mlx.model import Model
 
 LORA_LEAVES = ("lora_A", "lora_B")

@@ -1,12 +1,12 @@
-"""The loss contract (ftcore.loss) in MLX: summed CE over target tokens and its count, and eval."""
+"""The loss contract (ftcore.inputs.loss_contract) in MLX: summed CE over target tokens and its count, and eval."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 
-from ftcore.data import Batches
-from ftcore.loss import IGNORE_INDEX
+from ftcore.inputs.batches import Batches
+from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.mlx.model import Model
 from ftcore.mlx.ops import logsumexp
 

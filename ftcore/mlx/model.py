@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ftcore.arch import normalise_config, unsupported
+from ftcore.inputs.arch import normalise_config, unsupported
 from ftcore.mlx.ops import additive_mask, attention, packed_mask, rope_at, silu
 
 WEIGHTS_FILE = "model.safetensors"  # in a conversion folder (ftcore.mlx.convert), as mlx-lm names it

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ftcore.cache_dir import cache_root
 from ftcore.config import RunConfig, UserError
 from ftcore.mlx.convert import cached_conversion
 from ftcore.mlx.jit import NOTE_ENV
-from ftcore.models import cache_root
 from ftcore.result import RunResult
 
 CONVERT_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -37,7 +37,7 @@ def convert(cfg: RunConfig, model_dir: Path) -> Path:
 
 def blas_facts(result: RunResult, cfg: RunConfig) -> None:
     """Record the BLAS MLX really calls (from the probe env_info ran in this process) and threads."""
-    probe = result.env.get("mlx_blas")  # ftcore.blas.mlx_blas_info(): dladdr + a timed GEMM
+    probe = result.env.get("mlx_blas")  # ftcore.measure.blas.mlx_blas_info(): dladdr + a timed GEMM
     result.extra["blas_probe"] = probe
     result.blas = f"{probe['name']} ({probe['path']})" if probe else "unknown (probe failed)"
     result.threads = cfg.threads or (probe or {}).get("threads") or os.cpu_count() or 1

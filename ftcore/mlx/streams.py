@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from ftcore.loss import IGNORE_INDEX
+from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.mlx.env import BFS_NO_LIMIT, BFS_WIDTH_ENV
 from ftcore.mlx.loss import loss_sum_count
 from ftcore.mlx.model import Model

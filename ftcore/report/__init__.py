@@ -15,8 +15,9 @@ from typing import Any
 from ftcore.report.comparison import build_comparison, max_loss_diff
 from ftcore.report.console import SHORT_ROWS, format_run, format_short
 from ftcore.report.fairness import fairness_checks
+from ftcore.report.footnotes import FOOTNOTES
 from ftcore.report.plots import plots
-from ftcore.report.table import FOOTNOTES, TABLE_ROWS, format_table, markdown
+from ftcore.report.table import TABLE_ROWS, format_table, markdown
 from ftcore.result import jsonable, write_atomic
 
 __all__ = [

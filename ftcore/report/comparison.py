@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from itertools import combinations
 from typing import Any
 
-from ftcore.memory_model import peak_over_model
+from ftcore.measure.memory_model import peak_over_model
 from ftcore.report.fairness import fairness_checks
 from ftcore.report.values import backend_name, finite, ok_rows, ratio
 from ftcore.result import jsonable

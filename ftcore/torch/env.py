@@ -1,7 +1,7 @@
 """The environment of a torch process (set by the parent before it starts; imports no torch).
 
 Every BLAS library is removed from LD_PRELOAD: torch's CPU wheel links MKL statically but calls
-sgemm_ through its PLT, so a preloaded OpenBLAS would interpose it (see ftcore.blas).
+sgemm_ through its PLT, so a preloaded OpenBLAS would interpose it (see ftcore.measure.blas).
 """
 
 from __future__ import annotations
@@ -9,18 +9,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ftcore import blas
 from ftcore.config import RunConfig, UserError
-from ftcore.dist import under_launcher
+from ftcore.measure import blas_env
+from ftcore.run.ranks import under_launcher
 
 
 def child_env(base_env: dict, threads: int) -> dict:
     """Environment for a torch process: no BLAS preload, every thread count set to `threads`."""
-    return blas.with_threads(blas.without_blas_preload(base_env), threads)
+    return blas_env.with_threads(blas_env.without_blas_preload(base_env), threads)
 
 
 def launch_command(cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]:
-    """`inner` (python -m ftcore.runner ...) as cfg.nproc ranks per machine under torchrun."""
+    """`inner` (python -m ftcore.run.child ...) as cfg.nproc ranks per machine under torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
            "--max-restarts=0", "--monitor-interval=0.5"]  # fmt: skip
     if cfg.nnodes > 1:

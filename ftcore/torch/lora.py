@@ -1,5 +1,5 @@
 """LoRA state of a PeftModel as numpy arrays keyed `<module path>.lora_A|lora_B` (PEFT layout:
-lora_A (rank, in), lora_B (out, rank)), the keys ftcore.lora_init and the MLX side use."""
+lora_A (rank, in), lora_B (out, rank)), the keys ftcore.inputs.lora_init and the MLX side use."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The loss contract (ftcore.loss) in torch: summed CE over target tokens and its count, and eval."""
+"""The loss contract (ftcore.inputs.loss_contract) in torch: summed CE over target tokens and its count, and eval."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftcore.data import Batches
-from ftcore.loss import IGNORE_INDEX
+from ftcore.inputs.batches import Batches
+from ftcore.inputs.loss_contract import IGNORE_INDEX
 
 
 def loss_sum_count(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

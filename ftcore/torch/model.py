@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ftcore.arch import read_arch
 from ftcore.config import RunConfig, UserError
-from ftcore.lora_init import initial_lora_state
+from ftcore.inputs.arch import read_arch
+from ftcore.inputs.lora_init import initial_lora_state
 from ftcore.torch.lora import set_lora_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

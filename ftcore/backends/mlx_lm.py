@@ -1,0 +1,276 @@
+"""`mlx-lm` backend: the same config through mlx-lm's own machinery, as a reference for `mlx`.
+
+mlx-lm's loader (`mlx_lm.utils.load_model`) reads the HF folder, its `linear_to_lora_layers`
+adds its LoRALinear (`scale` = alpha / rank, literally), and `mlx_lm.tuner.trainer.train` runs
+its compiled step with its `default_loss` on our batches (fed through its `iterate_batches`
+hook). The adapters start from the shared `initial_lora_state` (transposed: mlx-lm's lora_a is
+(in, r), lora_b is (r, out)). The optimiser is configured as a user of mlx-lm would
+(`optim.Adam`, or `optim.AdamW` when weight decay is asked for, MLX defaults otherwise), so the
+loss curve differs from the other backends; its report notes (`result.notes`) say where and why.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ftcore.backends.result_fields import finish_result, optimizer_record, start_result
+from ftcore.backends.run_context import Run
+from ftcore.backends.step_clock import StepClock
+from ftcore.config import RunConfig, UserError
+from ftcore.inputs.arch import block_of, read_arch
+from ftcore.inputs.batches import Batches
+from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
+from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count
+from ftcore.measure.blas import blas_threads
+from ftcore.measure.rss import current_rss_mb
+from ftcore.mlx.adapters import save_adapters
+from ftcore.mlx.optim import settings
+from ftcore.mlx.runtime import blas_facts, pick_device
+from ftcore.result import RunResult
+
+DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
+
+
+def import_mlx_lm():
+    try:
+        from mlx_lm.tuner import trainer, utils
+        from mlx_lm.utils import load_model
+    except ImportError as e:
+        raise UserError("mlx-lm is not installed (pip install 'ftcore[mlx-lm]')") from e
+    return trainer, utils, load_model
+
+
+def mlx_lm_key(target: str) -> str:
+    """mlx-lm's per-layer LoRA key for a target: q_proj -> self_attn.q_proj."""
+    return f"{block_of(target)}.{target}"
+
+
+def mlx_lm_leaf(key: str) -> str:
+    """`lora_state` key -> mlx-lm's parameter name: ...q_proj.lora_A -> ...q_proj.lora_a."""
+    module, leaf = key.rsplit(".", 1)
+    return f"{module}.{leaf.lower()}"
+
+
+def peft_layout(model) -> dict[str, mx.array]:
+    """mlx-lm's adapters as `lora_state` keys in PEFT layout: lora_a (in, r) -> lora_A (r, in)."""
+    leaves = {"lora_a": "lora_A", "lora_b": "lora_B"}
+    out = {}
+    for key, value in tree_flatten(model.trainable_parameters()):
+        module, leaf = key.rsplit(".", 1)
+        out[f"{module}.{leaves[leaf]}"] = value.T
+    return out
+
+
+def offsets_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """mlx-lm's per-row (offset, length), (B, 2): the first loss target position (the prompt
+    length when masking) and the real length (padding excluded; our rows are right-padded)."""
+    offsets = np.argmax(batch["labels"] != IGNORE_INDEX, axis=1)
+    return np.stack([offsets, batch["attention_mask"].sum(axis=1)], axis=1)
+
+
+def mlx_lm_batch(batch: dict[str, np.ndarray]) -> tuple[mx.array, mx.array]:
+    """Our (B, L) batch as what mlx-lm's iterate_batches yields: (tokens, offsets_lengths)."""
+    tokens = batch["input_ids"].astype(np.int32)
+    return mx.array(tokens), mx.array(offsets_lengths(batch).astype(np.int32))
+
+
+def mlx_lm_target_count(batch: dict[str, np.ndarray]) -> int:
+    """Targets default_loss counts: positions offset..length (inclusive) within 1..L-1."""
+    ol = offsets_lengths(batch)
+    positions = np.arange(1, batch["input_ids"].shape[1])[None]  # (1, L-1)
+    return int(((positions >= ol[:, :1]) & (positions <= ol[:, 1:])).sum())
+
+
+def our_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+    """mlx-lm's `iterate_batches` hook: yield our prepared (tokens, lengths) pairs in order."""
+    yield from dataset
+
+
+def load(cfg: RunConfig, model_dir: Path, result: RunResult, utils, load_model):
+    """mlx-lm's loader on the HF folder, cast to the run's precision, LoRA set to the shared init."""
+    arch = read_arch(model_dir)
+    t0 = time.perf_counter()
+    # mlx-lm's ModelArgs defaults tie_word_embeddings=True (its sanitize then drops lm_head), and
+    # its llama reads a top-level rope_theta only; pass both as HF means them.
+    overrides = {
+        "tie_word_embeddings": bool(arch.get("tie_word_embeddings", False)),
+        "rope_theta": arch["rope_theta"],
+    }
+    model, _ = load_model(Path(model_dir), model_config=overrides)
+    if overrides["tie_word_embeddings"] == hasattr(model, "lm_head"):
+        raise RuntimeError("mlx-lm's model does not match the checkpoint's lm_head tying")
+    model.set_dtype(DTYPES[cfg.precision])  # every float weight; adapters are added in fp32 below
+    model.freeze()
+    lora = {
+        "rank": cfg.lora_rank,
+        "scale": cfg.lora_scale,
+        "dropout": cfg.lora_dropout,
+        "keys": [mlx_lm_key(t) for t in cfg.lora_targets],
+    }
+    utils.linear_to_lora_layers(model, len(model.layers), lora)
+    init = initial_lora_state(arch, cfg.lora_targets, cfg.lora_rank, cfg.seed)
+    weights = [(mlx_lm_leaf(k), mx.array(np.ascontiguousarray(v.T))) for k, v in init.items()]
+    model.load_weights(weights, strict=False)
+    if {k for k, _ in tree_flatten(model.trainable_parameters())} != {k for k, _ in weights}:
+        raise RuntimeError("mlx-lm's trainable adapters do not match the initial LoRA state")
+    mx.eval(model.parameters())
+    result.load_time_s = time.perf_counter() - t0
+    result.extra["mlx_lm_lora_parameters"] = lora
+    return model
+
+
+def make_optimizer(cfg: RunConfig, result: RunResult) -> optim.Optimizer:
+    """What an mlx-lm user gets: its default `adam` (or `adamw` for weight decay) with the
+    config's betas/eps and MLX's defaults otherwise (no bias correction); our per-step LRs as
+    a schedule (mlx-lm accepts any callable of the step)."""
+    lrs = mx.array([cfg.lr_at(s) for s in range(cfg.steps)])
+
+    def schedule(step: mx.array) -> mx.array:
+        # `step` counts the updates done so far: update k uses lrs[k]
+        return lrs[mx.minimum(step, cfg.steps - 1)]
+
+    common = {
+        "learning_rate": schedule,
+        "betas": [cfg.adam_beta1, cfg.adam_beta2],
+        "eps": cfg.adam_eps,
+    }
+    if cfg.weight_decay > 0:
+        opt = optim.AdamW(weight_decay=cfg.weight_decay, **common)
+    else:
+        opt = optim.Adam(**common)  # mlx-lm's default optimizer
+    result.optimizer = optimizer_record(settings(opt), None)  # its trainer does not clip
+    return opt
+
+
+def numerics_notes(cfg: RunConfig, batches: Batches) -> list[str]:
+    ours = target_count(batches.train["labels"])
+    theirs = sum(mlx_lm_target_count(batches.step(s)) for s in range(cfg.steps))
+    notes = [
+        f"loss: mlx-lm's default_loss counts targets at positions offset..length inclusive, i.e. one "
+        f"pad target after each untruncated row: {theirs} targets over the run vs {ours} in the other "
+        "backends; the mean is over its count",
+        "loss: the model sees tokens[:, :-1] (tokens/s still counts full rows, as elsewhere) with a "
+        "causal mask only (no padding mask: the same for the counted targets under right padding); "
+        "cross-entropy runs in the logits' dtype",
+        "Adam: no bias correction (MLX default bias_correction=False); the other backends use AdamW "
+        "with bias correction, so steps differ from the first update",
+        "mlx-lm's trainer clears MLX's buffer cache after every step (clear_cache_threshold=0)",
+    ]
+    if cfg.weight_decay > 0:
+        notes.append(
+            f"weight decay {cfg.weight_decay}: MLX AdamW's decoupled p *= 1 - lr*wd, as torch"
+        )
+    if cfg.max_grad_norm is not None:
+        notes.append(
+            f"--max-grad-norm {cfg.max_grad_norm} ignored: mlx-lm's trainer does not clip gradients"
+        )
+    if cfg.eval_every:
+        notes.append("--eval-every ignored: eval runs once, after training")
+    if cfg.precision == "bf16":
+        notes.append(
+            "bf16: mlx-lm's LoRALinear rounds the LoRA term to bf16 before adding it to the base output"
+        )
+    return notes
+
+
+class Recorder:
+    """mlx-lm TrainingCallback: with steps_per_report=1 each report is one step's loss and time.
+    `batches` is the iterate_batches hook for training: the step gate waits there, right before
+    mlx-lm starts its step clock."""
+
+    def __init__(self, run: Run, opt: optim.Optimizer) -> None:
+        self.clock = StepClock(run)
+        self.opt = opt
+        self.losses: list[float] = []
+
+    def batches(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+        for step, batch in enumerate(dataset):
+            self.clock.begin(step)
+            self.clock.feed(np.array(batch[0]))
+            yield batch
+
+    def on_train_loss_report(self, info: dict) -> None:
+        # iterations_per_second = 1 / that step's wall time, read after mx.eval in mlx-lm's loop
+        self.losses.append(float(info["train_loss"]))
+        self.clock.lr(self.opt.learning_rate.item())  # the schedule's value for the step just done
+        self.clock.end(len(self.losses) - 1, self.losses[-1], 1.0 / info["iterations_per_second"])
+
+    def on_val_loss_report(self, info: dict) -> None:
+        pass
+
+
+def train(run: Run) -> RunResult:
+    trainer, utils, load_model = import_mlx_lm()
+    cfg, batches, model_dir, out_dir = run.cfg, run.batches, run.model_dir, run.out_dir
+    device = pick_device(cfg.device)
+    mx.set_default_device(device)
+    mx.random.seed(cfg.seed)
+    result = start_result(run)
+    blas_facts(result, cfg)
+    # mlx-lm imports transformers (tokenizer_utils), which imports torch when installed: its RSS
+    result.extra["torch_imported"] = "torch" in sys.modules
+
+    model = load(cfg, model_dir, result, utils, load_model)
+    result.baseline_rss_mb = current_rss_mb()
+    result.initial_adapter_fingerprint = state_fingerprint(
+        {k: np.array(v) for k, v in peft_layout(model).items()}
+    )
+    result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if device == mx.cpu:  # one stream: MLX's ops on one thread, GEMMs on the BLAS's threads
+        result.threads = blas_threads() or 1
+    mx.reset_peak_memory()
+
+    opt = make_optimizer(cfg, result)
+    adapter_dir = out_dir / "adapter_mlx_lm"
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    args = trainer.TrainingArgs(
+        batch_size=cfg.batch_size,
+        iters=cfg.steps,
+        steps_per_report=1,
+        steps_per_save=cfg.steps + 1,  # only the final save
+        max_seq_length=cfg.max_seq_len,
+        adapter_file=str(adapter_dir / "adapters.safetensors"),
+        grad_checkpoint=cfg.grad_checkpoint,  # mlx-lm's own: mx.checkpoint around each layer
+    )
+    recorder = Recorder(run, opt)
+    train_set = [mlx_lm_batch(batches.step(s)) for s in range(cfg.steps)]
+    trainer.train(
+        model,
+        opt,
+        train_set,
+        args=args,
+        loss=trainer.default_loss,
+        iterate_batches=recorder.batches,
+        training_callback=recorder,
+    )
+    result.losses = recorder.losses
+    recorder.clock.stop()
+
+    if batches.eval:
+        eval_set = [mlx_lm_batch(b) for b in batches.eval]
+        result.eval_loss = trainer.evaluate(
+            model,
+            eval_set,
+            cfg.batch_size,
+            num_batches=-1,
+            max_seq_length=cfg.max_seq_len,
+            iterate_batches=our_batches,
+        )
+        result.eval_losses.append([cfg.steps, result.eval_loss])
+    result.framework_peak_mb = mx.get_peak_memory() / 2**20
+    save_adapters(cfg, peft_layout(model), len(model.layers), model_dir, out_dir)
+    result.device = device.name
+    result.extra["compiled"] = True  # mlx-lm's trainer always compiles its step
+    for note in numerics_notes(cfg, batches):
+        result.note(f"numerics differ: {note}")
+    result.extra["precision_mode"] = (
+        "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + Adam"
+    )
+    return finish_result(run, recorder.clock.times)

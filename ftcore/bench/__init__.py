@@ -1,0 +1,1 @@
+"""Benchmarks shared with the repository's bench/ suite: the case matrix and `ftcore bench-diff`."""

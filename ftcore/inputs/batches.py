@@ -1,0 +1,227 @@
+"""Alpaca data pipeline, the same for every backend.
+
+records (ftcore.inputs.records: instruction, input, output) -> Alpaca prompt + response + EOS -> token ids, labels with
+-100 on prompt (when masking) and padding -> numpy batches. Every backend consumes the
+byte-identical arrays; their sha256 fingerprint goes into every result.
+
+Batching (RunConfig.batching, ftcore.inputs.batching): `padded` (every row at max_seq_len), `longest`
+(mlx-lm's trainer: sorted by length, consecutive batches in a seeded order, each padded to
+1 + 32 * ceil(longest / 32)) or `packed` (several records per row, first-fit-decreasing, with
+`position_ids` restarting at 0 for each record, from which every backend builds the per-document
+causal mask), for training and eval batches alike (eval batches keep their order). Batches of one
+run may then differ in width: `Batches.step(s)` gives step s at its own width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftcore.config import RunConfig, UserError
+from ftcore.inputs import length_profile
+from ftcore.inputs.batching import (
+    batch_width,
+    epoch_steps,
+    longest_order,
+    padded_order,
+    steps_per_epoch,
+)
+from ftcore.inputs.loss_contract import target_count
+from ftcore.inputs.records import (
+    SYNTHETIC_SIZE,
+    format_prompt,
+    load_records,
+    select_records,
+)
+from ftcore.inputs.token_rows import (
+    Tokenized,
+    pack_tokenized,
+    pad_id_of,
+    pad_rows,
+    template_length,
+    tokenize_records,
+)
+
+
+@dataclass
+class Batches:
+    """What every backend trains and evaluates on.
+
+    train[k]: (steps, batch, width) int64 for k in input_ids / labels / attention_mask (and
+    position_ids when packed: `row_keys`), width the widest step's; train["widths"]: (steps,) each step's own width. Step s is `step(s)`:
+    train[k][s, :, :widths[s]] (the columns past it are padding). eval: list of dicts of
+    (<=batch, width) arrays.
+    answers: the eval records whose whole response fits, for greedy generation and exact-match
+    accuracy: prompt_ids (n, P) and answer_ids (n, A) int64 padded with -1, prompt_len and
+    answer_len (n,); an answer is the response's tokens plus EOS.
+    """
+
+    train: dict[str, np.ndarray]
+    eval: list[dict[str, np.ndarray]]
+    stats: dict[str, Any] = field(default_factory=dict)
+    answers: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def row_keys(self) -> tuple[str, ...]:
+        """The per-token arrays of a batch: position_ids too when the rows are packed."""
+        keys = ("input_ids", "labels", "attention_mask")
+        return (*keys, "position_ids") if "position_ids" in self.train else keys
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        keys = self.row_keys
+        parts = [(self.train, (*keys, "widths")), *((p, keys) for p in self.eval), (self.answers, sorted(self.answers))]
+        for part, names in parts:
+            for k in names:
+                a = np.ascontiguousarray(part[k], dtype=np.int64)
+                h.update(k.encode())
+                h.update(str(a.shape).encode())
+                h.update(a.tobytes())
+        return h.hexdigest()[:16]
+
+    def answer_items(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt token ids, expected answer token ids ending with EOS) per answerable eval record."""
+        a = self.answers
+        if not a:
+            return []
+        return [
+            (a["prompt_ids"][i, : a["prompt_len"][i]].tolist(), a["answer_ids"][i, : a["answer_len"][i]].tolist())
+            for i in range(len(a["prompt_len"]))
+        ]
+
+    def step(self, s: int) -> dict[str, np.ndarray]:
+        """Step s's (batch, width) arrays at that step's own width."""
+        width = int(self.train["widths"][s])
+        return {k: self.train[k][s, :, :width] for k in self.row_keys}
+
+    def step_tokens(self, first: int = 0, stop: int | None = None) -> dict[str, int]:
+        """Over steps [first, stop): `padded` positions fed (batch x width, what the step
+        computes on), `real` (non-pad) tokens and `loss` tokens (targets the loss is taken over)."""
+        widths = self.train["widths"][first:stop]
+        rows = self.train["input_ids"].shape[1]
+        return {
+            "padded": int(widths.sum()) * rows,
+            "real": int(self.train["attention_mask"][first:stop].sum()),
+            "loss": target_count(self.train["labels"][first:stop]),
+        }
+
+    def save(self, path: str | Path) -> None:
+        arrays = {f"train_{k}": v for k, v in self.train.items()}
+        for i, b in enumerate(self.eval):
+            arrays.update({f"eval{i}_{k}": v for k, v in b.items()})
+        arrays.update({f"answers_{k}": v for k, v in self.answers.items()})
+        arrays["stats"] = np.frombuffer(json.dumps(self.stats).encode(), dtype=np.uint8)
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Batches:
+        with np.load(path) as z:
+            train = {k[len("train_") :]: z[k] for k in z.files if k.startswith("train_")}
+            n_eval = len({k.split("_")[0] for k in z.files if k.startswith("eval")})
+            evals = [{k[len(f"eval{i}_") :]: z[k] for k in z.files if k.startswith(f"eval{i}_")} for i in range(n_eval)]
+            answers = {k[len("answers_") :]: z[k] for k in z.files if k.startswith("answers_")}
+            stats = json.loads(z["stats"].tobytes().decode())
+        return cls(train=train, eval=evals, stats=stats, answers=answers)
+
+
+def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None) -> Batches:
+    """Records -> subset/split by seed -> tokens -> `cfg.steps` training batches + eval batches,
+    batched as cfg.batching says (module docstring)."""
+    if records is None:
+        records = load_records(cfg.data, seed=cfg.seed)
+    if records is None:  # the built-in Alpaca-length profile: lengths in the model's tokens
+        def tokens(r: dict[str, str]) -> int:  # prompt + response + EOS
+            return len(tokenizer(format_prompt(r) + r["output"])["input_ids"]) + 1
+
+        records = length_profile.alpaca_length_records(tokens, SYNTHETIC_SIZE, seed=cfg.seed)
+    t_len = template_length(tokenizer, cfg.prompt_format)
+    if cfg.max_seq_len <= t_len:
+        raise UserError(
+            f"--max-seq-len {cfg.max_seq_len} is shorter than the prompt template ({t_len} tokens)"
+        )
+    train_recs, eval_recs = select_records(records, cfg.num_samples, cfg.eval_samples, cfg.seed)
+    train_tok = tokenize_records(train_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
+    eval_tok = tokenize_records(eval_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
+    n = len(train_tok.ids)
+    if n < cfg.batch_size:
+        raise UserError(
+            f"only {n} training records keep a loss token at --max-seq-len {cfg.max_seq_len} "
+            f"({train_tok.dropped} dropped); need at least --batch-size {cfg.batch_size}"
+        )
+    packed = cfg.batching == "packed"
+    # the units batches are cut from: records, or packed rows of records
+    units = pack_tokenized(train_tok, cfg.max_seq_len) if packed else train_tok
+    eval_units = pack_tokenized(eval_tok, cfg.max_seq_len) if packed else eval_tok
+    if len(units.ids) < cfg.batch_size:
+        raise UserError(
+            f"the {n} training records pack into {len(units.ids)} rows of --max-seq-len {cfg.max_seq_len}; "
+            f"need at least --batch-size {cfg.batch_size} rows (more --num-samples, or a smaller --batch-size)"
+        )
+    pad_id = pad_id_of(tokenizer)
+    lengths = [len(ids) for ids in units.ids]
+    if cfg.epochs is not None:  # whole passes instead of --steps; the caller takes the steps from here
+        cfg = cfg.replace(steps=epoch_steps(cfg.epochs, len(lengths), cfg.batch_size, cfg.batching))
+    if cfg.batching == "padded":
+        order = padded_order(len(lengths), cfg.batch_size, cfg.steps, cfg.seed)
+    else:
+        order = longest_order(lengths, cfg.batch_size, cfg.steps, cfg.seed)
+    widths = [batch_width([lengths[i] for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
+    train = pad_rows(units, [i for rows in order for i in rows], max(widths), pad_id)
+    train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}
+    train["widths"] = np.array(widths, dtype=np.int64)
+    n_eval = len(eval_units.ids)
+    eval_rows = [list(range(i, min(i + cfg.batch_size, n_eval))) for i in range(0, n_eval, cfg.batch_size)]
+    evals = [
+        pad_rows(eval_units, rows, batch_width([len(eval_units.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching), pad_id)
+        for rows in eval_rows
+    ]
+    answers = _answers(eval_tok, int(tokenizer.eos_token_id))
+    batches = Batches(train=train, eval=evals, answers=answers)
+    tokens = batches.step_tokens()
+    batches.stats = {
+        "train_records": n,
+        "eval_records": len(eval_tok.ids),
+        "dropped_records": train_tok.dropped + eval_tok.dropped,
+        "batching": cfg.batching,
+        "packed_rows": len(lengths) if packed else None,  # rows the training records were packed into
+        "padded_tokens": tokens["padded"],
+        "loss_tokens": tokens["loss"],
+        "real_tokens": tokens["real"],
+        "padding_share": 1 - tokens["real"] / tokens["padded"],
+        # units per epoch as the batching consumes them (`longest`, `packed` leave a remainder out)
+        "steps_per_epoch": steps_per_epoch(len(lengths), cfg.batch_size, cfg.batching),
+        "distinct_widths": len(set(widths)),
+        "answer_records": len(answers.get("prompt_len", ())),
+        "eos_id": int(tokenizer.eos_token_id),
+    }
+    return batches
+
+
+def _answers(tok: Tokenized, eos: int) -> dict[str, np.ndarray]:
+    """Batches.answers from the tokenised eval records whose whole response + EOS fit: the answer
+    is the tokens after the prompt up to its first EOS (a chat template may add text after it)."""
+    keep = [i for i, whole in enumerate(tok.complete) if whole]
+    if not keep:
+        return {}
+    prompts = [tok.ids[i][: tok.prompt_lens[i]] for i in keep]
+    rests = [tok.ids[i][tok.prompt_lens[i] :] for i in keep]
+    answers = [rest[: rest.index(eos) + 1] for rest in rests]
+
+    def padded(rows: list[list[int]]) -> np.ndarray:
+        out = np.full((len(rows), max(len(r) for r in rows)), -1, dtype=np.int64)
+        for j, r in enumerate(rows):
+            out[j, : len(r)] = r
+        return out
+
+    return {
+        "prompt_ids": padded(prompts),
+        "prompt_len": np.array([len(r) for r in prompts], dtype=np.int64),
+        "answer_ids": padded(answers),
+        "answer_len": np.array([len(r) for r in answers], dtype=np.int64),
+    }

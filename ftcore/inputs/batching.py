@@ -1,0 +1,83 @@
+"""How records become batches (RunConfig.batching): which records go together, in which order,
+padded to what width. ftcore.inputs.batches builds the arrays; this module decides their shape.
+
+- `padded`: every row padded to max_seq_len; batches walk seeded permutations of the records,
+  epoch after epoch;
+- `longest`: mlx-lm's trainer (`mlx_lm.tuner.trainer.iterate_batches`, mlx-lm 0.32): records sorted
+  by length (a stable sort), cut into consecutive batches (a remainder smaller than a batch is
+  left out), the batch order a permutation drawn by numpy's legacy generator seeded with the
+  run's seed, drawn again for every epoch; each batch padded to 1 + 32 * ceil(longest / 32), at
+  most max_seq_len;
+- `packed`: several records per row (torchtune's PackedDataset, HF's DataCollatorWithFlattening):
+  the records are packed once, first-fit-decreasing (longest record first, each into the first
+  row with room, a new row when none has), into rows of at most max_seq_len tokens; the rows then
+  take `longest`'s place (seeded batch order per epoch, remainder left out, the same padding
+  rule). Inside a row every record attends only to itself (a per-document causal mask) and its
+  positions restart at 0 (`position_ids`); its first token is never a target, so each record's
+  loss terms are exactly those it has alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+PAD_MULTIPLE = 32  # `longest` pads a batch to 1 + a multiple of this (mlx-lm's pad_to)
+
+
+def batch_width(lengths: list[int], max_seq_len: int, batching: str) -> int:
+    """The padded width of a batch whose rows have these lengths (see the module docstring)."""
+    if batching == "padded":
+        return max_seq_len
+    return min(1 + PAD_MULTIPLE * -(-max(lengths) // PAD_MULTIPLE), max_seq_len)
+
+
+def longest_order(lengths: list[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches of record indices as mlx-lm's iterate_batches makes them (loop=True).
+    For `packed`, the "records" are the packed rows (their filled lengths)."""
+    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length) - batch_size + 1, batch_size)]
+    rng = np.random.RandomState(seed)  # what np.random.seed(seed) + np.random.permutation draw
+    order: list[list[int]] = []
+    while len(order) < steps:
+        order += [batches[i] for i in rng.permutation(len(batches))]
+    return order[:steps]
+
+
+def padded_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches of record indices: seeded permutations of the n records, epoch after
+    epoch, cut into batches (an epoch's tail continues into the next batch)."""
+    rng = np.random.default_rng(seed + 1)
+    need = steps * batch_size
+    flat = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need].tolist()
+    return [flat[i : i + batch_size] for i in range(0, need, batch_size)]
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing: record indices per row, each row's lengths summing to <= capacity.
+    Records are taken longest first (ties by index) and each goes into the first row with room."""
+    free = np.zeros(0, dtype=np.int64)  # (rows,) room left in each row so far
+    rows: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = np.flatnonzero(free >= lengths[i])
+        if fits.size:
+            r = int(fits[0])
+        else:
+            r, free = len(rows), np.append(free, capacity)
+            rows.append([])
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
+
+
+def steps_per_epoch(n: int, batch_size: int, batching: str) -> float:
+    """Steps one pass over n units (records; packed rows for `packed`) takes: `longest` and
+    `packed` leave the remainder out (n // batch), `padded` runs on into the next epoch (n / batch,
+    a fraction)."""
+    return n / batch_size if batching == "padded" else n // batch_size
+
+
+def epoch_steps(epochs: int, n: int, batch_size: int, batching: str) -> int:
+    """Steps that `epochs` whole passes over n units take (--epochs)."""
+    return max(1, math.ceil(epochs * steps_per_epoch(n, batch_size, batching)))

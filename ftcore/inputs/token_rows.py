@@ -1,0 +1,133 @@
+"""Records -> token rows, the same for every backend: the prompt template rendered and tokenised,
+labels masked on the prompt (when masking), EOS appended, truncated to max_seq_len; rows packed
+(several records a row) and padded to a width. ftcore.inputs.batches makes the run's batches of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ftcore.config import UserError
+from ftcore.inputs.batching import (
+    pack_rows,
+)
+from ftcore.inputs.loss_contract import IGNORE_INDEX
+from ftcore.inputs.records import (
+    chat_messages,
+    format_prompt,
+)
+
+
+@dataclass
+class Tokenized:
+    ids: list[list[int]]  # prompt + response + EOS (alpaca) or the rendered chat, truncated to max_seq_len
+    labels: list[list[int]]  # ids with IGNORE_INDEX on the prompt (when masking)
+    dropped: int  # records left with no loss token after truncation
+    prompt_lens: list[int] = field(default_factory=list)  # tokens of each kept record's prompt
+    complete: list[bool] = field(default_factory=list)  # the whole response + EOS fit in max_seq_len
+    # packed rows only (pack_tokenized): each token's position in its own record, 0 at its start
+    positions: list[list[int]] | None = None
+
+
+def template_length(tokenizer: Any, prompt_format: str = "alpaca") -> int:
+    """Tokens the bare prompt takes (empty instruction, no input), BOS or chat markers included."""
+    empty = {"instruction": "", "input": "", "output": ""}
+    return len(rendered_ids([empty], tokenizer, prompt_format)[0][0])
+
+
+def rendered_ids(records: list[dict[str, str]], tokenizer: Any, prompt_format: str) -> tuple[list, list]:
+    """(prompt ids, full ids) per record, each in two batched calls. alpaca: tokenizer(prompt),
+    tokenizer(prompt + output) + EOS, the prompt's token count marking where the loss starts, as
+    in Stanford Alpaca's preprocessing. chat: tokenizer.apply_chat_template on the user turn with
+    the generation prompt, and on user + assistant, exactly as rendered (the template places BOS
+    and EOS); the first must be a prefix of the second."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer defines no EOS token")
+    if prompt_format == "alpaca":
+        prompts = [format_prompt(r) for r in records]
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        fulls = tokenizer([pr + r["output"] for pr, r in zip(prompts, records, strict=True)])["input_ids"]
+        return prompt_ids, [list(f) + [eos] for f in fulls]
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("--prompt-format chat: the tokenizer has no chat template; use --prompt-format alpaca")
+    prompt_ids = tokenizer.apply_chat_template([chat_messages(r, False) for r in records],
+                                               add_generation_prompt=True, tokenize=True)["input_ids"]
+    full_ids = tokenizer.apply_chat_template([chat_messages(r) for r in records], tokenize=True)["input_ids"]
+    for p, f in zip(prompt_ids, full_ids, strict=True):
+        if list(f[: len(p)]) != list(p):
+            raise UserError("--prompt-format chat: the chat template renders the prompt differently inside the "
+                            "whole conversation, so the answer's start is unknown; use --prompt-format alpaca")
+    return prompt_ids, full_ids
+
+
+def tokenize_records(
+    records: list[dict[str, str]], tokenizer: Any, max_seq_len: int, mask_prompt: bool,
+    prompt_format: str = "alpaca",
+) -> Tokenized:
+    """Records rendered in `prompt_format` (rendered_ids), truncated to max_seq_len; labels with
+    IGNORE_INDEX on the prompt when masking. A record is complete when its answer's EOS fits."""
+    if not records:
+        return Tokenized([], [], 0, [], [])
+    eos = tokenizer.eos_token_id
+    prompt_ids, full_ids = rendered_ids(records, tokenizer, prompt_format)
+    ids_out, labels_out, dropped, prompt_lens, complete = [], [], 0, [], []
+    for p_ids, f_ids in zip(prompt_ids, full_ids, strict=True):
+        ids = list(f_ids)[:max_seq_len]
+        whole = eos in ids[len(p_ids) :]
+        labels = list(ids)
+        if mask_prompt:
+            n = min(len(p_ids), len(ids))
+            labels[:n] = [IGNORE_INDEX] * n
+        # position 0 is never a target (labels shift by one), so a loss token must sit at >= 1
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            dropped += 1
+            continue
+        ids_out.append(ids)
+        labels_out.append(labels)
+        prompt_lens.append(len(p_ids))
+        complete.append(whole)
+    return Tokenized(ids_out, labels_out, dropped, prompt_lens, complete)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def pack_tokenized(tok: Tokenized, capacity: int) -> Tokenized:
+    """Records -> packed rows (ftcore.inputs.batching.pack_rows): ids and labels concatenated, each
+    record's first label IGNORE_INDEX (the previous record's last token must not predict it; alone,
+    position 0 is never a target either), positions restarting at 0 for each record."""
+    rows = pack_rows([len(ids) for ids in tok.ids], capacity)
+    ids = [[t for i in row for t in tok.ids[i]] for row in rows]
+    labels = [[IGNORE_INDEX if k == 0 else y for i in row for k, y in enumerate(tok.labels[i])] for row in rows]
+    positions = [[k for i in row for k in range(len(tok.ids[i]))] for row in rows]
+    return Tokenized(ids, labels, tok.dropped, positions=positions)
+
+
+def pad_rows(tok: Tokenized, rows: list[int], width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded (len(rows), width) int64 arrays for the given example indices; packed rows
+    also get `position_ids` (0 on padding)."""
+    n = len(rows)
+    input_ids = np.full((n, width), pad_id, dtype=np.int64)
+    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    positions = np.zeros((n, width), dtype=np.int64)
+    for r, i in enumerate(rows):
+        k = len(tok.ids[i])
+        input_ids[r, :k] = tok.ids[i]
+        labels[r, :k] = tok.labels[i]
+        mask[r, :k] = 1
+        if tok.positions is not None:
+            positions[r, :k] = tok.positions[i]
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    if tok.positions is not None:
+        out["position_ids"] = positions
+    return out
+
+

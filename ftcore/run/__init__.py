@@ -1,0 +1,3 @@
+"""Run orchestration: checks before any backend starts (preflight), run folders, one backend per
+fresh process (backend_process, parent side; child, the process's entry), compare, data-parallel
+ranks, the step gate, child-process lifetimes, and `ftcore generate`."""
