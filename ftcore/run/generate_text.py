@@ -17,7 +17,8 @@ from typing import Any
 
 from ftcore.config import UserError
 from ftcore.inputs.arch import read_arch
-from ftcore.inputs.records import chat_messages, format_prompt, read_prompt_format
+from ftcore.inputs.records import read_prompt_format
+from ftcore.inputs.token_rows import rendered_ids
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT format (what ftcore writes)
 
@@ -76,12 +77,12 @@ def check_finite(logits: Any, backend: str) -> None:
 
 
 def prompt_ids(tokenizer: Any, prompt: str, input_text: str, raw: bool, prompt_format: str = "alpaca") -> list[int]:
-    """The prompt's token ids as training rendered them (ftcore.inputs.token_rows.rendered_ids)."""
+    """The prompt's token ids as training rendered them (the prompt half of rendered_ids); --raw:
+    the text as it is."""
+    if raw:
+        return list(tokenizer(prompt)["input_ids"])
     record = {"instruction": prompt, "input": input_text, "output": ""}
-    if not raw and prompt_format == "chat":
-        return list(tokenizer.apply_chat_template(chat_messages(record, False), add_generation_prompt=True,
-                                                  tokenize=True)["input_ids"])
-    return list(tokenizer(prompt if raw else format_prompt(record))["input_ids"])
+    return list(rendered_ids([record], tokenizer, prompt_format)[0][0])
 
 
 def resolve_prompt_format(adapter: Path | None, asked: str | None) -> str:
