@@ -1,7 +1,8 @@
 """Alpaca data pipeline, the same for every backend.
 
-records (ftcore.inputs.records: instruction, input, output) -> Alpaca prompt + response + EOS -> token ids, labels with
--100 on prompt (when masking) and padding -> numpy batches. Every backend consumes the
+records (ftcore.inputs.records: instruction, input, output) -> rendered in RunConfig.prompt_format
+(ftcore.inputs.token_rows: Alpaca prompt + response + EOS, or the model's chat template) -> token
+ids, labels with -100 on prompt (when masking) and padding -> numpy batches. Every backend consumes the
 byte-identical arrays; their sha256 fingerprint goes into every result.
 
 Batching (RunConfig.batching, ftcore.inputs.batching): `padded` (every row at max_seq_len), `longest`
@@ -58,7 +59,7 @@ class Batches:
     (<=batch, width) arrays.
     answers: the eval records whose whole response fits, for greedy generation and exact-match
     accuracy: prompt_ids (n, P) and answer_ids (n, A) int64 padded with -1, prompt_len and
-    answer_len (n,); an answer is the response's tokens plus EOS.
+    answer_len (n,); an answer is the response's tokens up to and including the first EOS.
     """
 
     train: dict[str, np.ndarray]
