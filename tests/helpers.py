@@ -44,6 +44,15 @@ def ftcore(*args: Any, timeout: float = 300, cwd: str | Path | None = None):
     )  # fmt: skip
 
 
+def ftcore_together(*commands: list[Any], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """`ftcore(*command)` for each command, two at a time: independent runs whose figures do not
+    depend on timing overlap their start-up (imports, one core each) on 2 cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda cmd: ftcore(*cmd, timeout=timeout), commands))
+
+
 def ftcore_in_process(*args: Any) -> subprocess.CompletedProcess:
     """`ftcore ARGS...` through `ftcore.cli.main` in this process, stdout and stderr captured; the
     same CompletedProcess shape as `ftcore(...)`. For refusals only: a command that starts

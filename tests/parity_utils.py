@@ -296,15 +296,12 @@ LONG_DATA = "long.json"  # written by backend_runs into its root (long_records)
 CHAT_MODEL = "chat-model"  # made by backend_runs in its root: the tiny preset + a chat template
 LONG_CFG = dict(TRAJECTORY_CFG, num_layers=2, max_seq_len=LONGEST, steps=6, warmup_steps=1,
                 eval_every=2, num_samples=16, eval_samples=2, data=LONG_DATA)  # fmt: skip
-# "-longest": the same with mlx-lm's batching (ftcore.inputs.batches), batches of several widths
 TRAJECTORIES = {
     "fp32": dict(TRAJECTORY_CFG, precision="fp32"),
     "bf16": dict(TRAJECTORY_CFG, precision="bf16"),
     "long": LONG_CFG,
-    "fp32-longest": dict(TRAJECTORY_CFG, precision="fp32", batching="longest"),
-    "long-longest": dict(LONG_CFG, batching="longest"),
-    # the built-in Alpaca-length records (ftcore.inputs.length_profile) at 512, in both modes
-    "profile-padded": dict(LONG_CFG, data="builtin:alpaca-lengths"),
+    # the built-in Alpaca-length records (ftcore.inputs.length_profile) at 512 in `longest` batches
+    # (`padded` at 512: "long" above)
     "profile-longest": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="longest"),
     # "-packed": several records per row, per-document mask and positions (ftcore.inputs.batching); on
     # the default data in TinyLlama-Chat's chat template (--prompt-format chat) on a copy of the

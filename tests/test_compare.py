@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import ftcore, ftcore_in_process
+from helpers import ftcore, ftcore_in_process, ftcore_together
 
 from ftcore.config import RunConfig
 from ftcore.inputs.batches import Batches
@@ -238,9 +238,10 @@ def test_generate_gives_the_same_tokens_in_torch_and_mlx(default_compare):
     assert res.returncode == 0, res.stderr[-2000:]
     prompts = [a for ask in ASKS for a in ("--prompt", ask)]
     answers = {}
-    for backend, adapter in (("torch", out / "mlx" / "adapter"), ("mlx", out / "mlx" / "adapter"), ("mlx", None)):
-        more = ["--adapter", adapter] if adapter else []
-        gen = ftcore("generate", "--backend", backend, "--json", *more, *prompts, timeout=300)
+    runs = (("torch", out / "mlx" / "adapter"), ("mlx", out / "mlx" / "adapter"), ("mlx", None))
+    gens = ftcore_together(*(["generate", "--backend", backend, "--json", *(["--adapter", adapter] if adapter else []), *prompts]
+                             for backend, adapter in runs))  # fmt: skip
+    for (backend, adapter), gen in zip(runs, gens, strict=True):
         assert gen.returncode == 0, gen.stderr[-2000:]
         lines = [json.loads(line) for line in gen.stdout.splitlines()]
         assert [g["prompt"] for g in lines] == list(ASKS)

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import ftcore, ftcore_in_process
+from helpers import ftcore_in_process, ftcore_together
 
 from ftcore.config import RunConfig
 from ftcore.inputs.arch import LORA_TARGETS
@@ -28,9 +28,11 @@ PARITY_ATOL = 1e-5  # fp32
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_grad_checkpoint_trains_the_same(backend: str, tmp_path) -> None:
+    flags = {"plain": [], "ckpt": ["--grad-checkpoint"]}
+    done = ftcore_together(*(["run", "--backend", backend, *SMALL, *DROPOUT[backend], *flags[name], "--out", tmp_path / name]
+                             for name in flags), timeout=600)  # fmt: skip
     runs = {}
-    for name, flags in (("plain", []), ("ckpt", ["--grad-checkpoint"])):
-        res = ftcore("run", "--backend", backend, *SMALL, *DROPOUT[backend], *flags, "--out", tmp_path / name, timeout=600)
+    for name, res in zip(flags, done, strict=True):
         assert res.returncode == 0, res.stderr[-3000:]
         runs[name] = json.loads((tmp_path / name / "result.json").read_text())
     plain, ckpt = runs["plain"], runs["ckpt"]

@@ -52,8 +52,7 @@ BF16_VS_FP32_ATOL = 3e-3
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    names = ("fp32", "bf16", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest",
-             "fp32-chat-packed", "profile-packed")
+    names = ("fp32", "bf16", "long", "profile-longest", "fp32-chat-packed", "profile-packed")
     return backend_runs(names, tmp_path_factory.getbasetemp() / "parity-runs")
 
 
@@ -116,8 +115,7 @@ def _adapter_errors(r):
     return tensor, update, d / u, cos
 
 
-@pytest.mark.parametrize("name", ["fp32", "long", "fp32-longest", "long-longest", "profile-padded", "profile-longest",
-                                  "fp32-chat-packed", "profile-packed"])
+@pytest.mark.parametrize("name", ["fp32", "long", "profile-longest", "fp32-chat-packed", "profile-packed"])
 def test_fp32_losses_and_adapters_match(runs, name):
     r = runs[name]
     _ok(r)
@@ -137,11 +135,11 @@ def test_fp32_losses_and_adapters_match(runs, name):
     assert glob < FP32_ADAPTER_RTOL
 
 
-def test_longest_runs_fed_narrower_batches(runs):
-    """The built-in records (~42 tokens) all fit one width, 65 of 128; the long records take
-    several widths up to 512."""
-    assert set(runs["fp32-longest"]["prep"].batches.train["widths"].tolist()) == {65}
-    assert len(set(runs["long-longest"]["prep"].batches.train["widths"].tolist())) >= 2
+def test_longest_run_fed_batches_of_several_widths(runs):
+    """The Alpaca-length records take several `longest` widths up to 512 (the widths themselves:
+    tests/test_data.py)."""
+    widths = set(runs["profile-longest"]["prep"].batches.train["widths"].tolist())
+    assert len(widths) >= 2 and max(widths) <= 512, widths
 
 
 def test_packed_runs_fed_several_records_per_row(runs):

@@ -227,10 +227,14 @@ def test_divergence_is_a_diverged_row_and_exit_1(tmp_path):
 
 
 def _start(args, cwd):
-    """The CLI as a terminal starts a job: its own process group."""
+    """The CLI as a terminal starts a job: its own process group, SIGINT at its default action.
+    (pytest run in the background by a non-interactive shell inherits SIGINT ignored, and Python
+    keeps an ignored SIGINT ignored, as `nohup`-style launchers expect: the restore makes these
+    tests test ftcore, not how pytest was started.)"""
     return subprocess.Popen([sys.executable, "-m", "ftcore", *map(str, args)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def _wait_training(proc, backend="torch", timeout=120) -> list[psutil.Process]:
