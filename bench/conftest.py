@@ -112,6 +112,7 @@ class Opts:
 
 def pytest_configure(config: pytest.Config) -> None:
     opts = config._ftcore_bench = Opts(config)
+    config.addinivalue_line("markers", f"{FULL_ONLY}: left out of --bench-quick (CI's time budget)")
     if opts.quick:
         clash = [flag for flag, dest in (("--benchmark-only", "benchmark_only"), ("--benchmark-save", "benchmark_save"),
                                          ("--benchmark-autosave", "benchmark_autosave"),
@@ -123,11 +124,27 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.benchmark_disable = True
 
 
+# Cases too slow for CI's 15-minute budget: `--bench-quick` leaves them out (deselected, and the
+# header says so); a full `pytest bench/` runs them.
+FULL_ONLY = "full_bench"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config._ftcore_bench.quick:
+        return
+    left_out = [item for item in items if item.get_closest_marker(FULL_ONLY)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker(FULL_ONLY)]
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     o: Opts = config._ftcore_bench
     return [f"ftcore bench: sizes={','.join(o.sizes)} backends={','.join(o.backends)} "
             f"timed steps={o.rounds or 'per size'} warm-up steps={o.warmup_rounds if o.warmup_rounds is not None else 'per size'} "
-            f"quick={o.quick} memray_native={o.native}"]
+            f"quick={o.quick} memray_native={o.native}"] + (
+        [f"ftcore bench: --bench-quick leaves out the cases marked {FULL_ONLY} (the A/A bench-diff: "
+         "`pytest bench/test_bench_diff.py`)"] if o.quick else [])
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

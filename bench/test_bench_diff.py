@@ -1,6 +1,7 @@
 """`ftcore bench-diff` on this machine: an A/A comparison (the same commit on both sides) must not
 flag a regression. (That a real slowdown is flagged is shown by hand, with a slowed-step commit:
-README, "Same-machine A/B".)"""
+README, "Same-machine A/B".) Eight whole `ftcore run`s, ~2 minutes here: a full `pytest bench/`
+runs it, `--bench-quick` (CI) leaves it out; bench-diff's statistics are tested in tests/."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.full_bench  # bench/conftest.py: FULL_ONLY
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE = "tiny and fp32 and torch and not trainer"

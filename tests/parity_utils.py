@@ -175,6 +175,33 @@ def model_cases(draw):
     )
 
 
+# ----------------------------------------------------------------------------- tolerances
+
+# Each fp32 parity tolerance is at most 10x the worst difference measured on a stated set of
+# cases, and a test beside it (parity tier) measures that set again: the first TOLERANCE_EXAMPLES
+# cases hypothesis draws from the property's own strategy with derandomize=True (the same cases on
+# every machine and run, for a given hypothesis version and strategy source).
+TOLERANCE_EXAMPLES = 30
+
+
+def measured_on_stated_cases(strategy, metric, examples: int = TOLERANCE_EXAMPLES) -> list[Any]:
+    """[metric(case)] for the stated cases of `strategy` (above): generation only, no shrinking,
+    no example database, whatever the active hypothesis profile."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    seen: list[Any] = []
+
+    @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(case=strategy)
+    def measure(case):
+        seen.append(metric(case))
+
+    measure()
+    assert len(seen) == examples, f"hypothesis drew {len(seen)} of {examples} stated cases"
+    return seen
+
+
 # ----------------------------------------------------------------------------- builders
 
 
@@ -300,8 +327,10 @@ TRAJECTORIES = {
     "fp32": dict(TRAJECTORY_CFG, precision="fp32"),
     "bf16": dict(TRAJECTORY_CFG, precision="bf16"),
     "long": LONG_CFG,
-    # the built-in Alpaca-length records (ftcore.inputs.length_profile) at 512 in `longest` batches
-    # (`padded` at 512: "long" above)
+    # the same mode on the default data: one width (65) for every batch
+    "fp32-longest": dict(TRAJECTORY_CFG, precision="fp32", batching="longest"),
+    # the built-in Alpaca-length records (ftcore.inputs.length_profile) at 512, in each mode
+    "profile-padded": dict(LONG_CFG, data="builtin:alpaca-lengths"),
     "profile-longest": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="longest"),
     # "-packed": several records per row, per-document mask and positions (ftcore.inputs.batching); on
     # the default data in TinyLlama-Chat's chat template (--prompt-format chat) on a copy of the

@@ -28,6 +28,7 @@ from parity_utils import (
     long_case,
     long_model_cases,
     lora_settings,
+    measured_on_stated_cases,
     mlx_loss_and_grads,
     mlx_model_with_adapter,
     peft_state_np,
@@ -53,14 +54,19 @@ pytestmark = pytest.mark.parity
 #   proportional to a small B; a saturated softmax starves q/k);
 # - an absolute per-element floor ~ u (6e-8): the loss and activations are O(1), so a gradient that
 #   is ~0 in exact arithmetic (saturated attention) is fp32 noise of that size on either side.
-# Measured over 500 random cases (large-init configs, up to 3 layers): worst per-tensor relative
-# error 4.2e-4 (peaked attention at init std 0.3; typical 1e-6), worst error / ||g_all|| 1.1e-5;
-# worst error / budget 0.018.
-GRAD_RTOL = 1e-3
-GRAD_GTOL = 1e-4
-GRAD_ABS = 1e-7
-# Mean loss (values up to ~10): measured worst |diff| 4.8e-6.
-LOSS_ATOL = 2e-5
+# Measured on the stated cases (parity_utils.TOLERANCE_EXAMPLES = 30 derandomized draws of the
+# properties' strategy, 2-core EPYC; test_tolerances_are_at_most_10x_the_measured makes it again):
+# worst err / budget 0.0047 at 1/0.03 of the budget below (then 1e-3, 1e-4, 1e-7), i.e. 0.157 of
+# it: 6.4x headroom (room for the few-percent moves of fp32 rounding with the thread state).
+# Earlier, over 500 random cases (large-init configs, up to 3 layers): worst per-tensor relative
+# error 4.2e-4 (peaked attention at init std 0.3; typical 1e-6), 0.6 of this budget; over 42 long
+# cases 0.37, at TinyLlama width 0.2.
+GRAD_RTOL = 3e-5
+GRAD_GTOL = 3e-6
+GRAD_ABS = 3e-9
+# Mean loss (values up to ~10): worst |diff| 1.9e-6 on the stated cases (5.2x below), 4.8e-6 over
+# the 500 random ones.
+LOSS_ATOL = 1e-5
 
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])\.default\.weight$")
 
@@ -96,7 +102,8 @@ def _grads(cfg, lora, batch, seed):
     return float(loss_t.detach()), float(loss_m), g_torch, g_mlx
 
 
-def _check(case):
+def _errors(case) -> tuple[float, float, str]:
+    """(|loss_mlx - loss_torch|, worst per-tensor gradient error / its budget, why)."""
     cfg, lora, batch, seed = case
     loss_t, loss_m, g_torch, g_mlx = _grads(cfg, lora, batch, seed)
     why = f"{batch['input_ids'].shape} tokens; torch loss {loss_t:.6f}, MLX loss {loss_m:.6f}"
@@ -119,8 +126,24 @@ def _check(case):
         f"; grad norm {total:.3g}; worst tensor {worst[1]}: rel err "
         f"{rel_norm_err(g_mlx[worst[1]], g_torch[worst[1]]):.3g}, err/budget {worst[0]:.3g}"
     )
-    assert abs(loss_m - loss_t) < LOSS_ATOL, why
-    assert worst[0] <= 1.0, why
+    return abs(loss_m - loss_t), worst[0], why
+
+
+def _check(case):
+    loss_diff, err_over_budget, why = _errors(case)
+    assert loss_diff < LOSS_ATOL, why
+    assert err_over_budget <= 1.0, why
+
+
+def test_tolerances_are_at_most_10x_the_measured():
+    """The measurement recorded beside GRAD_* and LOSS_ATOL, made again on the stated cases
+    (parity_utils.TOLERANCE_EXAMPLES), masked and unmasked prompts alike: within the tolerance,
+    and the tolerance at most 10x it."""
+    measured = measured_on_stated_cases(cases(mask_prompt=None), _errors)
+    loss, ratio = max(m[0] for m in measured), max(m[1] for m in measured)
+    print(f"stated cases: worst loss diff {loss:.3g}, worst gradient err/budget {ratio:.3g}")
+    assert loss < LOSS_ATOL <= 10 * loss, loss
+    assert 0.1 <= ratio <= 1.0, ratio  # the budget is at most 10x the worst error
 
 
 @given(case=cases(mask_prompt=True))
@@ -135,8 +158,8 @@ def test_lora_grads_match_padding_only(case):
 
 # ----------------------------------------------------------------------------- long sequences
 
-# Same budget as above. Measured over 42 long cases: worst err/budget 0.011, loss diff 1.9e-6;
-# at TinyLlama width (below): err/budget 0.006, worst per-tensor relative error 7.6e-6.
+# Same budget as above. Measured over 42 long cases: worst err/budget 0.37, loss diff 1.9e-6;
+# at TinyLlama width (below): err/budget 0.2, worst per-tensor relative error 7.6e-6.
 
 
 @settings(max_examples=LONG_EXAMPLES)
