@@ -7,6 +7,7 @@ logits at every non-pad position, fp32. Short batches (<= 20 tokens) for many co
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -31,17 +32,23 @@ from parity_utils import (
 
 pytestmark = pytest.mark.parity
 
-# The fp32 logits contract (MLX vs transformers + peft) on tiny configs: worst |diff| on the
-# stated cases (parity_utils.TOLERANCE_EXAMPLES; test_tolerance_is_at_most_10x_the_measured makes
-# it again) 1.29e-5 in a process of its own, 9.5e-6 after the rest of the parity tier (the
-# frameworks' thread state moves fp32 rounding): 5.4-7.3x headroom.
-LOGITS_ATOL = 7e-5
+# The fp32 logits contract (MLX vs transformers + peft), short batches: MLX's fp32 logits are as
+# accurate as transformers + peft's, both measured against the same PEFT model in float64 at every
+# real position: |mlx - ref64| <= FP32_ERROR_RATIO * max(|torch - ref64|, FP32_ERROR_FLOOR). An
+# absolute bound fails on ill-conditioned draws that are no bug (3 layers at init std 0.22, head_dim
+# 2, LoRA scale 32: torch's own fp32 error 1.3e-4, MLX's 3.1e-5, their difference 1.6e-4), while a
+# wrong operation in MLX moves its error by orders of magnitude. Measured on the stated cases
+# (parity_utils.TOLERANCE_EXAMPLES; test_tolerance_is_at_most_10x_the_measured makes it again):
+# worst ratio 2.77 (median 1.1), so 3.6x headroom; |mlx - torch| itself at most 1.4e-5 there.
+FP32_ERROR_RATIO = 10.0
+FP32_ERROR_FLOOR = 1e-6  # ~ fp32 rounding of O(10) logits: a case torch computes almost exactly
 # The long-sequence bound's base (long_logits_tol), measured on its own: 600 long cases, worst
 # err/bound 0.41.
 LONG_LOGITS_ATOL = 1e-4
 
 
-def _logits_pair(cfg, lora, batch, seed, attn="sdpa"):
+def _logits_pair(cfg, lora, batch, seed, attn="sdpa", fp64=False):
+    """(PEFT fp32 logits, MLX logits, base-model logits, PEFT float64 logits or None)."""
     hf = make_hf_model({**cfg}, seed)
     hf.config._attn_implementation = attn  # noqa: SLF001 (eager vs sdpa: both must match)
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,34 +62,56 @@ def _logits_pair(cfg, lora, batch, seed, attn="sdpa"):
     with pm.disable_adapter():
         no_lora = torch_logits(pm.get_base_model(), ids, mask)
     got = mlx_logits(model, ids, mask)
-    return ref, got, no_lora
+    return ref, got, no_lora, (_float64_logits(pm, ids, mask) if fp64 else None)
+
+
+def _float64_logits(pm, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The same PEFT model's logits in float64 (on a copy: `pm` stays fp32), (B, L, V), NaN at pad.
+    Row by row on its real tokens at their batch positions, with no padding: in float64 a padded
+    query attends to nothing and turns NaN, and a later layer's 0-weighted NaN value spreads it."""
+    import torch
+
+    model, out = copy.deepcopy(pm).double(), None
+    with torch.no_grad():
+        for r in range(ids.shape[0]):
+            pos = np.flatnonzero(mask[r])  # (n,) the real tokens: contiguous, left or right padded
+            logits = model(input_ids=torch.from_numpy(ids[r, pos][None]), position_ids=torch.from_numpy(pos[None])).logits
+            out = np.full((*ids.shape, logits.shape[-1]), np.nan) if out is None else out
+            out[r, pos] = logits[0].numpy()
+    return out
+
+
+def _error_ratio(ref, got, ref64, mask) -> tuple[float, str]:
+    """(|mlx - ref64| / max(|torch - ref64|, FP32_ERROR_FLOOR), why) over real positions."""
+    e_torch, e_mlx = max_err_real(ref, ref64, mask), max_err_real(got, ref64, mask)
+    why = (f"max |logit| {np.abs(ref).max():.3g}; vs float64: torch {e_torch:.3g}, mlx {e_mlx:.3g}; "
+           f"|mlx - torch| {max_err_real(ref, got, mask):.3g}")  # fmt: skip
+    return e_mlx / max(e_torch, FP32_ERROR_FLOOR), why
 
 
 @given(case=model_cases(), attn=st.sampled_from(["sdpa", "eager"]))
 def test_model_logits_match_peft(case, attn):
     cfg, lora, batch, seed = case
-    ref, got, no_lora = _logits_pair(cfg, lora, batch, seed, attn)
+    ref, got, no_lora, ref64 = _logits_pair(cfg, lora, batch, seed, attn, fp64=True)
     mask = batch["attention_mask"]
-    err = max_err_real(ref, got, mask)
-    note(
-        f"max |logit| {np.abs(ref).max():.3g}, LoRA moved logits by {max_err_real(ref, no_lora, mask):.3g}, err {err:.3g}"
-    )
+    ratio, why = _error_ratio(ref, got, ref64, mask)
+    note(f"{why}; LoRA moved logits by {max_err_real(ref, no_lora, mask):.3g}")
     assert np.isfinite(got).all()
-    assert err < LOGITS_ATOL
+    assert ratio <= FP32_ERROR_RATIO, why
 
 
-def _short_err(case) -> float:
+def _short_ratio(case) -> float:
     cfg, lora, batch, seed = case
-    ref, got, _ = _logits_pair(cfg, lora, batch, seed)
-    return max_err_real(ref, got, batch["attention_mask"])
+    ref, got, _, ref64 = _logits_pair(cfg, lora, batch, seed, fp64=True)
+    return _error_ratio(ref, got, ref64, batch["attention_mask"])[0]
 
 
 def test_tolerance_is_at_most_10x_the_measured():
-    """The measurement recorded beside LOGITS_ATOL, made again on the stated cases
-    (parity_utils.TOLERANCE_EXAMPLES): within it, and LOGITS_ATOL at most 10x it."""
-    worst = max(measured_on_stated_cases(model_cases(), _short_err))
-    print(f"stated cases: worst |mlx - peft| logit {worst:.3g}")
-    assert worst < LOGITS_ATOL <= 10 * worst, worst
+    """The measurement recorded beside FP32_ERROR_RATIO, made again on the stated cases
+    (parity_utils.TOLERANCE_EXAMPLES): within it, and FP32_ERROR_RATIO at most 10x it."""
+    worst = max(measured_on_stated_cases(model_cases(), _short_ratio))
+    print(f"stated cases: worst MLX / torch error against float64 {worst:.3g}")
+    assert worst < FP32_ERROR_RATIO <= 10 * worst, worst
 
 
 def long_logits_tol(length: int) -> np.ndarray:
@@ -96,7 +125,7 @@ def long_logits_tol(length: int) -> np.ndarray:
 
 def _check_long(case):
     cfg, lora, batch, seed = case
-    ref, got, _ = _logits_pair(cfg, lora, batch, seed)
+    ref, got, _, _ = _logits_pair(cfg, lora, batch, seed)
     mask = batch["attention_mask"].astype(bool)
     err = np.where(mask[..., None], np.abs(ref - got), 0.0).max(axis=(0, 2))  # (L,)
     ratio = err / long_logits_tol(mask.shape[1])
@@ -137,8 +166,8 @@ def test_tinyllama_width_one_layer():
     mask[0, :4] = 0  # left padded
     mask[1, 9:] = 0  # right padded
     batch = {"input_ids": ids, "attention_mask": mask}
-    ref, got, no_lora = _logits_pair(cfg, lora, batch, seed)
-    err, effect = max_err_real(ref, got, mask), max_err_real(ref, no_lora, mask)
-    why = f"max |logit| {np.abs(ref).max():.3g}, LoRA effect {effect:.3g}, |mlx - peft| {err:.3g}"
-    assert effect > 1e-2, why  # the adapter really acts
-    assert err < LOGITS_ATOL, why
+    ref, got, no_lora, ref64 = _logits_pair(cfg, lora, batch, seed, fp64=True)
+    ratio, why = _error_ratio(ref, got, ref64, mask)
+    effect = max_err_real(ref, no_lora, mask)
+    assert effect > 1e-2, f"{why}; LoRA effect {effect:.3g}"  # the adapter really acts
+    assert ratio <= FP32_ERROR_RATIO, why
