@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import torch
-from helpers import with_chat_template
+from helpers import passive_omp, with_chat_template
 from hypothesis import strategies as st
 
 from ftcore.inputs.arch import LORA_TARGETS
@@ -367,7 +367,7 @@ def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]
     batches.
 
     The runs not made yet go two at a time (2 cores in CI; the thread count does not enter the
-    comparison). Memoised per process, so the trajectory and adapter-interop tests share them.
+    comparison), with passive OpenMP waiting (helpers.passive_omp). Memoised per process, so the trajectory and adapter-interop tests share them.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -391,7 +391,7 @@ def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]
             cfg["model"] = str(root / CHAT_MODEL)
         preps[name] = prepare(RunConfig(**cfg), root / name)
     jobs = [(n, b) for n in todo for b in ("torch", "mlx")]
-    with ThreadPoolExecutor(2) as pool:
+    with passive_omp(), ThreadPoolExecutor(2) as pool:
         futures = {(n, b): pool.submit(run_backend, b, preps[n], root / n / b) for n, b in jobs}
         out = {job: f.result() for job, f in futures.items()}
     for n in todo:

@@ -71,12 +71,12 @@ def _float64_logits(pm, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     query attends to nothing and turns NaN, and a later layer's 0-weighted NaN value spreads it."""
     import torch
 
-    model, out = copy.deepcopy(pm).double(), None
+    model = copy.deepcopy(pm).double()
+    out = np.full((*ids.shape, model.config.vocab_size), np.nan)
     with torch.no_grad():
         for r in range(ids.shape[0]):
             pos = np.flatnonzero(mask[r])  # (n,) the real tokens: contiguous, left or right padded
             logits = model(input_ids=torch.from_numpy(ids[r, pos][None]), position_ids=torch.from_numpy(pos[None])).logits
-            out = np.full((*ids.shape, logits.shape[-1]), np.nan) if out is None else out
             out[r, pos] = logits[0].numpy()
     return out
 

@@ -190,7 +190,7 @@ def test_tolerances_are_at_most_10x_the_measured(runs):
     each tolerance holds them and is at most 10x the worst of them. (Here, not in the parity tier:
     a trajectory needs each backend's own child process.)"""
     fp32 = [runs[n] for n in FP32_RUNS]
-    loss = max(max(_losses(r)[2].max(), _losses(r)[3].max()) for r in fp32)
+    loss = max(max(step.max(), evals.max()) for _, _, step, evals in map(_losses, fp32))
     adapter = max(max(max(t.values()), max(u.values())) for t, u, *_ in map(_adapter_errors, fp32))
     _, _, b_diff, b_eval = _losses(runs["bf16"])
     b_tensor, _, b_glob, b_cos = _adapter_errors(runs["bf16"])
