@@ -46,21 +46,14 @@ def ftcore(*args: Any, timeout: float = 300, cwd: str | Path | None = None):
     )  # fmt: skip
 
 
-@contextlib.contextmanager
 def passive_omp():
     """OMP_WAIT_POLICY=passive for the children started inside (they copy os.environ). For tests
     that run two children at once on 2 cores: torch's OpenMP threads otherwise spin on the cores
     the other child needs (the trajectory fixture: 98-175 s active, 48 s passive, same losses).
     Timing only, never the numbers; the benchmarks keep the default a user's run has."""
-    before = os.environ.get("OMP_WAIT_POLICY")
-    os.environ["OMP_WAIT_POLICY"] = "passive"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["OMP_WAIT_POLICY"]
-        else:
-            os.environ["OMP_WAIT_POLICY"] = before
+    from unittest import mock
+
+    return mock.patch.dict(os.environ, OMP_WAIT_POLICY="passive")
 
 
 def ftcore_together(*commands: list[Any], timeout: float = 300) -> list[subprocess.CompletedProcess]:

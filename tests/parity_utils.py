@@ -367,7 +367,8 @@ def backend_runs(names: tuple[str, ...], root: Path) -> dict[str, dict[str, Any]
     batches.
 
     The runs not made yet go two at a time (2 cores in CI; the thread count does not enter the
-    comparison), with passive OpenMP waiting (helpers.passive_omp). Memoised per process, so the trajectory and adapter-interop tests share them.
+    comparison), with passive OpenMP waiting (helpers.passive_omp). Memoised per process, so the
+    trajectory and adapter-interop tests share them.
     """
     from concurrent.futures import ThreadPoolExecutor
 
