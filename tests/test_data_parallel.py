@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import numpy as np
 import psutil
@@ -19,7 +20,7 @@ import pytest
 from helpers import ftcore, ftcore_in_process
 
 from ftcore.inputs.loss_contract import target_count
-from ftcore.run.ranks import RankWatch, shard
+from ftcore.run.ranks import LAUNCHER_LOGS_DIR, RankWatch, prune_empty_dirs, shard
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +34,15 @@ DEVICE = os.environ.get("FTCORE_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh set
 @pytest.fixture(scope="module")
 def compare_nproc2(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp") / "run"
-    res = ftcore("compare", "--backends", "torch,mlx", "--nproc", "2", "--steps", "4", *SMALL,
-                 "--device", DEVICE, "--out", out, timeout=600)  # fmt: skip
-    return res, out
+    tmp = tmp_path_factory.mktemp("tmpdir")  # the runs' TMPDIR: what they leave behind there
+    with mock.patch.dict(os.environ, TMPDIR=str(tmp)):
+        res = ftcore("compare", "--backends", "torch,mlx", "--nproc", "2", "--steps", "4", *SMALL,
+                     "--device", DEVICE, "--out", out, timeout=600)  # fmt: skip
+    return res, out, tmp
 
 
 def test_nproc2_losses_equal_one_process(compare_nproc2):
-    res, out = compare_nproc2
+    res, out, _ = compare_nproc2
     assert res.returncode == 0, res.stderr[-3000:]
     comp = json.loads((out / "comparison.json").read_text())
     assert comp["backends"] == ["torch", "torch x2", "mlx", "mlx x2"] and comp["all_fair"]
@@ -59,7 +62,7 @@ def test_nproc2_losses_equal_one_process(compare_nproc2):
 
 
 def test_nproc2_records_ranks_threads_allreduce_and_memory(compare_nproc2):
-    res, out = compare_nproc2
+    res, out, _ = compare_nproc2
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("torch", "mlx"):
         r = json.loads((out / f"{name}-x2" / "result.json").read_text())
@@ -82,6 +85,29 @@ def test_nproc2_records_ranks_threads_allreduce_and_memory(compare_nproc2):
         assert f"\n{label}  " in res.stdout, label  # the short answer's data-parallel rows
     report = (out / "report.md").read_text()  # the scaling lines: in the report
     assert "Scaling torch: 1 process x 2 threads" in report and "2 processes x 1 thread(s)" in report
+
+
+def test_nproc2_leaves_no_launcher_logs_behind(compare_nproc2):
+    """torchrun makes a per-rank log tree for every run (in TMPDIR unless told --log-dir); ftcore
+    points it into the run folder and removes it, since it holds no file."""
+    res, out, tmp = compare_nproc2
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not list(tmp.glob("torchelastic_*")), sorted(p.name for p in tmp.iterdir())
+    assert not list(out.rglob(LAUNCHER_LOGS_DIR)), sorted(str(p) for p in out.rglob(LAUNCHER_LOGS_DIR))
+
+
+def test_launcher_log_tree_is_pruned_only_where_it_holds_no_file(tmp_path):
+    logs = tmp_path / LAUNCHER_LOGS_DIR
+    (logs / "run_x" / "attempt_0" / "0").mkdir(parents=True)
+    (logs / "run_x" / "attempt_0" / "1").mkdir()
+    prune_empty_dirs(logs)
+    assert not logs.exists()
+    (logs / "run_y" / "attempt_0" / "1").mkdir(parents=True)
+    (logs / "run_y" / "attempt_0" / "0").mkdir()
+    (logs / "run_y" / "attempt_0" / "0" / "error.json").write_text("{}")
+    prune_empty_dirs(logs)  # a rank's log is kept, with the folders above it
+    assert (logs / "run_y" / "attempt_0" / "0" / "error.json").exists()
+    assert not (logs / "run_y" / "attempt_0" / "1").exists()
 
 
 def test_gated_data_parallel_process_runs_one_step_per_request(tmp_path, small_cfg):

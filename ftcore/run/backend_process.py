@@ -26,7 +26,14 @@ from ftcore.result import RunResult
 from ftcore.run.child import RESULT_FILE
 from ftcore.run.preflight import Prepared
 from ftcore.run.procs import death_reason, oom_kills, reaped, spawn
-from ftcore.run.ranks import DIST_ENV, RankWatch, merge_ranks, rank_threads
+from ftcore.run.ranks import (
+    DIST_ENV,
+    LAUNCHER_LOGS_DIR,
+    RankWatch,
+    merge_ranks,
+    prune_empty_dirs,
+    rank_threads,
+)
 from ftcore.run.stepgate import ParentGate
 
 CHILD_MODULE = "ftcore.run.child"
@@ -216,6 +223,7 @@ class BackendProcess:
         """Every rank's peak RSS into the result; a rank that died makes the row failed."""
         result.world_size = self.world  # a failed row too: it names the run "NAME xW"
         self.watch.kill_ranks()  # none outlives its launcher (torchrun's lead their own sessions)
+        prune_empty_dirs(self.out_dir / LAUNCHER_LOGS_DIR)
         # a rank without its rank file died before its end, seen by the watch or not (a launcher
         # that ends at once after a rank's death leaves it no poll to see it)
         if dead := sorted(set(self.watch.dead) | set(merge_ranks(result, self.out_dir, self.world))):

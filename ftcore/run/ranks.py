@@ -31,6 +31,7 @@ from ftcore.result import RunResult, write_json_atomic
 
 DIST_ENV = "FTCORE_WORLD_SIZE"  # set by the parent for a launched child: the world it expects
 RANKS_DIR = "ranks"  # out_dir/ranks/rank-<r>.json: one file per rank, written at its end
+LAUNCHER_LOGS_DIR = "launcher-logs"  # a launcher's log tree (torchrun --log-dir), kept if not empty
 RANK_DIR_ENV = "FTCORE_RANK_DIR"  # a rank's out_dir/ranks, set by the runner's child main
 DEAD_RANK_GRACE_S = 10.0  # a launcher still running this long after a rank died is ended
 
@@ -132,6 +133,18 @@ def merge_ranks(result: RunResult, out_dir: Path, world: int) -> list[int]:
         result.peak_rss_mb = sum(peaks)
         result.peak_rss_max_rank_mb = max(peaks)
     return missing
+
+
+def prune_empty_dirs(root: Path) -> None:
+    """Remove `root` and the directories under it that hold no file (deepest first): torchrun
+    makes a tree of per-rank log folders even when it writes no log into them."""
+    if not root.is_dir():
+        return
+    for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: a log worth keeping
+            path.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 class RankWatch:
