@@ -136,15 +136,11 @@ def merge_ranks(result: RunResult, out_dir: Path, world: int) -> list[int]:
 
 
 def prune_empty_dirs(root: Path) -> None:
-    """Remove `root` and the directories under it that hold no file (deepest first): torchrun
-    makes a tree of per-rank log folders even when it writes no log into them."""
-    if not root.is_dir():
-        return
-    for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    """Remove `root` and the directories under it that hold no file (deepest first, `root`
+    last): torchrun makes a tree of per-rank log folders even when it writes no log into them."""
+    for folder, _, _ in os.walk(root, topdown=False):
         with contextlib.suppress(OSError):  # not empty: a log worth keeping
-            path.rmdir()
-    with contextlib.suppress(OSError):
-        root.rmdir()
+            os.rmdir(folder)
 
 
 class RankWatch:
