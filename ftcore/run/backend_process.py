@@ -220,7 +220,8 @@ class BackendProcess:
         return os.wait4(self.proc.pid, 0)
 
     def _merge_ranks(self, result: RunResult) -> None:
-        """Every rank's peak RSS into the result; a rank that died makes the row failed."""
+        """After a launcher: no rank left running, its empty log tree gone, every rank's peak RSS
+        in the result; a rank that died makes the row failed."""
         result.world_size = self.world  # a failed row too: it names the run "NAME xW"
         self.watch.kill_ranks()  # none outlives its launcher (torchrun's lead their own sessions)
         prune_empty_dirs(self.out_dir / LAUNCHER_LOGS_DIR)
