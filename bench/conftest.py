@@ -201,6 +201,13 @@ def memray_dir(bench_opts: Opts, tmp_path_factory: pytest.TempPathFactory, pytes
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    """Before pytest-benchmark's table (this conftest's hook runs first): one line per timed case
+    whose processes ran on a busy machine, one per comparison a busy side made not decidable
+    (bench/baseline_compare.py); quiet cases say nothing. Then where the memray pass wrote."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is not None:  # None with -p no:benchmark; no benchmarks when timing is disabled
+        for line in bc.busy_lines(session.benchmarks) + bc.undecidable_lines(session):
+            terminalreporter.write_line(line, yellow=True, bold=True)
     d = getattr(config, "_ftcore_memray_dir", None)
     if d is not None:
         terminalreporter.write_line(f"ftcore bench: memray captures, flamegraphs and summaries in {d}")
@@ -224,13 +231,15 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
     """Say in one line when the baseline ran on different hardware, BLAS or framework versions
     (bench/baseline_compare.py: its rows are then marked and never fail on time); stay quiet
-    about host names and clock-speed wobble.
+    about host names and clock-speed wobble. Whatever the machine, wrap the
+    --benchmark-compare-fail checks so that a comparison with a busy side is not decided.
 
     pytest-benchmark's own implementation of this hook warns on *any* machine_info difference
     (hostname, `hz_actual`), i.e. on every run here. This wrapper does the meaningful comparison
     itself, then lets the built-in one compare the current info with itself (so it stays silent),
     and puts the saved info back afterwards.
     """
+    bc.guard_checks(benchmarksession, enforce_across=config.getoption(bc.ACROSS_FLAG))
     saved = compared_benchmark.get("machine_info") or {}
     diffs = bs.method_differences(saved, machine_info) + bs.hardware_differences(saved, machine_info)
     where = getattr(benchmarksession.storage, "path", None) or "storage"  # .location raises outside cwd

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ from ftcore.inputs.presets import resolve_model_dir
 from ftcore.report import format_run, format_short, format_table
 from ftcore.result import RunResult
 from ftcore.run.backend_process import OFFLINE_ENV, run_backend
-from ftcore.run.compare import compare
+from ftcore.run.compare import DEFAULT_TIME_BUDGET_S, MIN_RUNS, Schedule, compare
 from ftcore.run.preflight import check_run
 from ftcore.run.procs import kill_all, stop_all
 from ftcore.run.rundir import RunDir
@@ -66,6 +67,8 @@ def build_parser() -> Parser:
     p.add_argument("--out", type=Path, help="output folder, new or empty (default: a new runs/compare-<time>[-n] folder)")
     p.add_argument("--replace", action="store_true", help=replace_help)
     p.add_argument("--verbose", action="store_true", help="print the full table, checks, notes and footnotes (as in report.md) instead of the short answer")
+    p.add_argument("--repeats", type=int, default=None, metavar="N", help=f"runs per backend, each a fresh process, interleaved (default: adaptive, at least {MIN_RUNS}, more while the speed verdict is undecided and --time-budget-s allows)")
+    p.add_argument("--time-budget-s", type=float, default=DEFAULT_TIME_BUDGET_S, metavar="S", help=f"wall time the rounds of runs may take beyond the first {MIN_RUNS} (or --repeats): more rounds to decide an undecided verdict or to make up for BUSY runs (default {DEFAULT_TIME_BUDGET_S:g})")
     add_run_options(p)
 
     p = sub.add_parser("convert", parents=[common], help="convert a HF Llama checkpoint to MLX", description="Convert a local Hugging Face Llama folder to MLX weights + config.")
@@ -112,14 +115,24 @@ def build_parser() -> Parser:
     return ap
 
 
-def parse_backends(text: str) -> list[str]:
+def parse_backends(text: str, twice_ok: bool = False) -> list[str]:
+    """Backend names from a comma list; `twice_ok`: a backend may be named again (compare's A/A
+    run: `torch,torch` measures this machine's noise)."""
     names = [b.strip() for b in text.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown or not names:
         raise UserError(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'} (choose from {','.join(BACKENDS)})")
-    if len(set(names)) != len(names):
+    if len(set(names)) != len(names) and not twice_ok:
         raise UserError("--backends: a backend is named twice")
     return names
+
+
+def schedule_from_args(args: argparse.Namespace) -> Schedule:
+    if args.repeats is not None and args.repeats < 1:
+        raise UserError(f"--repeats: must be >= 1, not {args.repeats}")
+    if not math.isfinite(args.time_budget_s) or args.time_budget_s < 0:
+        raise UserError(f"--time-budget-s: must be a finite number of seconds >= 0, not {args.time_budget_s}")
+    return Schedule(args.repeats, args.time_budget_s)
 
 
 def open_run(out: Path | None, replace: bool) -> RunDir:
@@ -153,11 +166,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    backends = parse_backends(args.backends)
+    backends = parse_backends(args.backends, twice_ok=True)
+    schedule = schedule_from_args(args)
     run_dir = open_run(args.out, args.replace)
-    prep = check_run(config_from_args(args), backends)
+    prep = check_run(config_from_args(args), list(dict.fromkeys(backends)))
     out = run_dir.claim()
-    comparison = compare(backends, prep.save(out), out)
+    comparison = compare(backends, prep.save(out), out, schedule=schedule)
     if args.verbose:
         print(format_table(comparison))
         print(f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: {out / 'loss_curves.png'}")

@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from ftcore.bench.bench_diff import mann_whitney_p, ratio_interval, summarise
+from ftcore.bench.bench_diff import summarise
+from ftcore.measure.stats import compare_runs
+from ftcore.measure.stats import u_test_p as mann_whitney_p
 from ftcore.run.stepgate import GATE_ENV, StepGate
 
 pytestmark = pytest.mark.unit
@@ -47,7 +49,8 @@ def test_verdicts_need_size_and_significance() -> None:
 
 
 def test_ratio_interval_covers_the_ratio() -> None:
-    lo, hi = ratio_interval(runs(0.020), runs(0.030, seed=1))
+    s = compare_runs(runs(0.020), runs(0.030, seed=1))
+    lo, hi = s.ci_low, s.ci_high
     assert 1.4 < lo < 1.5 < hi < 1.6
 
 

@@ -188,6 +188,7 @@ def test_compare_local_sentencepiece_checkpoint_and_alpaca_hf(tmp_path, sentence
     res = ftcore(
         "compare", "--backends", "torch,mlx", "--model", sentencepiece_model_dir, "--data", data,
         "--num-samples", 16, "--eval-samples", 4, "--batch-size", 2, "--max-seq-len", 96, "--steps", 4, "--out", out,
+        "--repeats", 1,
         timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
@@ -256,7 +257,7 @@ def test_time_to_target_stops_at_the_first_eval_that_reaches_it(tmp_path):
     target = 1.0
     out = tmp_path / "run"
     res = ftcore("compare", "--backends", "torch,mlx", "--target-eval-loss", target, "--eval-every", 5,
-                 "--no-eval-generate", "--out", out, timeout=600)  # fmt: skip
+                 "--no-eval-generate", "--repeats", 1, "--out", out, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"Steps to target eval loss {target:g}" in res.stdout and "Time to target (s)" in res.stdout
     for name in ("torch", "mlx"):

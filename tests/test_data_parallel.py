@@ -37,7 +37,7 @@ def compare_nproc2(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tmpdir")  # the runs' TMPDIR: what they leave behind there
     with mock.patch.dict(os.environ, TMPDIR=str(tmp)):
         res = ftcore("compare", "--backends", "torch,mlx", "--nproc", "2", "--steps", "4", *SMALL,
-                     "--device", DEVICE, "--out", out, timeout=600)  # fmt: skip
+                     "--device", DEVICE, "--repeats", 1, "--out", out, timeout=600)  # fmt: skip
     return res, out, tmp
 
 

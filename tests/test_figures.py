@@ -16,9 +16,11 @@ import pytest
 
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.run_context import Run
-from ftcore.bench.bench_diff import EXACT_LIMIT, mann_whitney_p, ratio_interval, summarise
+from ftcore.bench.bench_diff import summarise
 from ftcore.config import RunConfig
 from ftcore.inputs.batches import Batches
+from ftcore.measure.stats import EXACT_LIMIT, compare_runs
+from ftcore.measure.stats import u_test_p as mann_whitney_p
 from ftcore.result import RunResult
 
 pytestmark = pytest.mark.unit
@@ -115,14 +117,19 @@ def test_summary_is_the_median_of_run_medians() -> None:
     assert s["verdict"] == "slower"
 
 
+def _interval(runs_a, runs_b) -> tuple[float, float]:
+    s = compare_runs(runs_a, runs_b)
+    return s.ci_low, s.ci_high
+
+
 def test_bootstrap_interval_by_hand() -> None:
     """BASE is 1.0 in every step. HEAD's runs are steady at 1..5: the median of 5 runs drawn
     with replacement is <= 1 with P = 0.058 and <= 4 with P = 0.942, so the 95% interval is
     [1, 5]. HEAD's runs [1, 1, 10]: a resampled run's median is 10 with P = 7/27, the median
     of 5 such runs with P = 0.113, so [1, 10]; without resampling the steps it would be [1, 1]."""
     ones = [[1.0] * 3] * 5
-    assert ratio_interval(ones, [[float(k)] * 3 for k in range(1, 6)]) == (1.0, 5.0)
-    assert ratio_interval(ones, [[1.0, 1.0, 10.0]] * 5) == (1.0, 10.0)
+    assert _interval(ones, [[float(k)] * 3 for k in range(1, 6)]) == (1.0, 5.0)
+    assert _interval(ones, [[1.0, 1.0, 10.0]] * 5) == (1.0, 10.0)
 
 
 # ----------------------------------------------------------------------------- peak RSS

@@ -6,17 +6,16 @@ with that tree first on its import path (and a model cache of its own). The inst
 orchestrates. Runs are interleaved on this machine in one job (round r runs A then B, the next
 round B then A), so drift and background load hit both sides alike.
 
-Statistics, per case: the unit of replication is one process (a run): its sample is the median of
-its timed step times. ratio = median of HEAD's run medians / median of BASE's. The 95% interval
-comes from a two-level bootstrap (resample runs, then steps within each run); the p-value from a
-two-sided Mann-Whitney U test on the run medians (exact for small samples: the anchors are asv
-`continuous`, pyperf `compare_to` and Google benchmark's U test). A case is "slower" only when the
-ratio exceeds 1 + threshold *and* p < ALPHA; the command then exits 1.
+Statistics, per case (ftcore.measure.stats, shared with `ftcore compare`): the unit of replication
+is one process (a run): its sample is the median of its timed step times. ratio = median of HEAD's
+run medians / median of BASE's, with a 95% interval from a two-level bootstrap and the p-value of a
+two-sided Mann-Whitney U test on the run medians. A case is "slower" only when the ratio exceeds
+1 + threshold *and* p < ALPHA; the command then exits 1. Fewer runs a side than
+smallest_runs_for(ALPHA) (4) could never reach p < ALPHA, so they are refused.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -34,74 +33,23 @@ import numpy as np
 from ftcore.bench.cases import Case, build_cases, matches
 from ftcore.config import RunConfig, UserError
 from ftcore.measure.machine_load import MachineLoad
+from ftcore.measure.stats import ALPHA, compare_runs, smallest_runs_for
 from ftcore.result import write_json_atomic
-
-ALPHA = 0.05
-BOOTSTRAP = 2000
-EXACT_LIMIT = 20000  # largest number of rank arrangements the exact U test enumerates
-
-
-def mann_whitney_p(a: list[float], b: list[float]) -> float:
-    """Two-sided p-value of the Mann-Whitney U test: exact (all arrangements of the pooled ranks)
-    when there are at most EXACT_LIMIT of them, else the normal approximation with tie correction."""
-    n, m = len(a), len(b)
-    if n == 0 or m == 0:
-        return 1.0
-    pooled = np.concatenate([a, b])
-    order = pooled.argsort(kind="stable")
-    ranks = np.empty(n + m)
-    sorted_vals = pooled[order]
-    i = 0
-    while i < n + m:  # average ranks over ties
-        j = i
-        while j + 1 < n + m and sorted_vals[j + 1] == sorted_vals[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    observed = ranks[:n].sum()
-    mean = n * (n + m + 1) / 2
-    if math.comb(n + m, n) <= EXACT_LIMIT:
-        sums = np.array([ranks[list(c)].sum() for c in itertools.combinations(range(n + m), n)])
-        return float(min(1.0, np.mean(np.abs(sums - mean) >= abs(observed - mean) - 1e-9)))
-    _, counts = np.unique(pooled, return_counts=True)
-    var = n * m / 12 * ((n + m + 1) - ((counts**3 - counts).sum()) / ((n + m) * (n + m - 1)))
-    if var <= 0:
-        return 1.0
-    z = (abs(observed - mean) - 0.5) / math.sqrt(var)
-    return float(math.erfc(max(z, 0.0) / math.sqrt(2)))
-
-
-def ratio_interval(runs_a: list[list[float]], runs_b: list[list[float]], seed: int = 0,
-                   draws: int = BOOTSTRAP) -> tuple[float, float]:
-    """95% interval of median(run medians of B) / median(run medians of A) by a two-level
-    bootstrap: resample the runs, then the steps within each resampled run."""
-    rng = np.random.default_rng(seed)
-
-    def one(runs: list[list[float]]) -> float:
-        picked = rng.integers(0, len(runs), len(runs))
-        meds = [np.median(rng.choice(runs[i], len(runs[i]))) for i in picked]
-        return float(np.median(meds))
-
-    ratios = [one(runs_b) / one(runs_a) for _ in range(draws)]
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def summarise(runs_a: list[list[float]], runs_b: list[list[float]], threshold: float) -> dict:
     """The comparison of one case from each side's per-run timed step times (seconds)."""
     med_a = [float(np.median(r)) for r in runs_a]
     med_b = [float(np.median(r)) for r in runs_b]
-    ratio = float(np.median(med_b) / np.median(med_a))
-    lo, hi = ratio_interval(runs_a, runs_b)
-    p = mann_whitney_p(med_a, med_b)
-    if ratio > 1 + threshold and p < ALPHA:
+    s = compare_runs(runs_a, runs_b)
+    if s.ratio > 1 + threshold and s.p_value < ALPHA:
         verdict = "slower"
-    elif ratio < 1 / (1 + threshold) and p < ALPHA:
+    elif s.ratio < 1 / (1 + threshold) and s.p_value < ALPHA:
         verdict = "faster"
     else:
         verdict = "same"
     return {"base_step_s": float(np.median(med_a)), "head_step_s": float(np.median(med_b)),
-            "ratio": ratio, "ci95": [lo, hi], "p_value": p, "verdict": verdict,
+            "ratio": s.ratio, "ci95": [s.ci_low, s.ci_high], "p_value": s.p_value, "verdict": verdict,
             "base_run_medians_s": med_a, "head_run_medians_s": med_b}
 
 
@@ -181,8 +129,14 @@ def bench_diff(plan: DiffPlan) -> int:
     """Run the comparison and print the table; 1 when a case is slower, else 0."""
     base, head, expr, threshold, runs = plan.base, plan.head, plan.expr, plan.threshold, plan.runs
     warmup, timed, sizes, json_path, backends = plan.warmup, plan.timed, plan.sizes, plan.json_path, plan.backends
-    if runs < 2 or timed < 1 or warmup < 0 or threshold < 0:
-        raise UserError("bench-diff: --runs >= 2, --timed-steps >= 1, --warmup-steps >= 0, --threshold >= 0")
+    fewest = smallest_runs_for(ALPHA)
+    if not math.isfinite(threshold) or threshold < 0:
+        raise UserError(f"bench-diff: --threshold must be a finite fraction >= 0, not {threshold}")
+    if runs < fewest:
+        raise UserError(f"bench-diff: --runs {runs} can never be significant: with n runs a side the exact "
+                        f"U test's smallest p-value is 2/C(2n, n), below {ALPHA} only from {fewest} runs")
+    if timed < 1 or warmup < 0:
+        raise UserError("bench-diff: --timed-steps >= 1, --warmup-steps >= 0")
     lr_warmup = RunConfig().warmup_steps  # each run is `ftcore run` with the default LR warm-up
     if warmup + timed < lr_warmup:
         raise UserError(f"bench-diff: --warmup-steps {warmup} + --timed-steps {timed} is {warmup + timed} steps; "

@@ -7,6 +7,7 @@ Input is a list of per-backend result.json dicts (fields: ftcore.result.RunResul
 from __future__ import annotations
 
 import copy
+import statistics
 from datetime import datetime, timezone
 from itertools import combinations
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from ftcore.measure.memory_model import peak_over_model
 from ftcore.report.fairness import fairness_checks
 from ftcore.report.values import backend_name, finite, ok_rows, ratio
+from ftcore.report.verdict import build_verdict, busy, usable
 from ftcore.result import jsonable
 
 
@@ -129,14 +131,43 @@ def _env_summary(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_comparison(results: list[dict[str, Any]], reference: str | None = None) -> dict[str, Any]:
+# Figures a row takes as the median over its usable repeats (ok, not BUSY), with their spread.
+REPEATED_FIELDS = ("train_time_s", "tokens_per_s", "real_tokens_per_s", "loss_tokens_per_s",
+                   "epoch_time_s", "peak_rss_mb", "baseline_rss_mb", "framework_peak_mb", "mfu",
+                   "load_time_s", "warmup_time_s", "cpu_busy_threads", "peak_rss_max_rank_mb")
+
+
+def _over_repeats(result: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The result with REPEATED_FIELDS replaced by their median over the usable runs (all ok runs
+    when every one was BUSY), plus `repeats_used`, `repeats_busy` and `spread` {field: [min, max]}."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    used = usable(runs) or ok
+    out = {**result, "repeats_used": len(used), "repeats_busy": sum(map(busy, runs)), "spread": {}}
+    if not used or result.get("status") != "ok":
+        return out
+    for key in REPEATED_FIELDS:
+        values = [finite(r.get(key)) for r in used]
+        if all(v is not None for v in values):
+            out[key] = statistics.median(values)
+            out["spread"][key] = [min(values), max(values)]
+    out["machine_load"] = {**(result.get("machine_load") or {}), "busy": all(map(busy, used))}
+    return out
+
+
+def build_comparison(results: list[dict[str, Any]], reference: str | None = None,
+                     repeats: list[list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """The machine-readable comparison (`comparison.json`).
 
     reference: backend the ratios are taken against; default (or when it did not succeed)
     the first successful backend. Ratios are None where either side has no figure.
+    repeats: each backend's runs (aligned with `results`, one representative each): the rows'
+    time and memory figures become medians over them, and `verdict` (ftcore.report.verdict) says
+    which backend is faster and leaner, with intervals; without repeats each result is one run.
     """
+    repeats = repeats or [[r] for r in results]
     results = [dict(r) for r in results]
-    ok = ok_rows(results)
+    summed = [_over_repeats(r, runs) for r, runs in zip(results, repeats, strict=True)]
+    ok = ok_rows(summed)
     ok_names = [backend_name(r, i) for i, r in enumerate(results) if r.get("status") == "ok"]
     note = None
     if reference is not None and reference not in ok_names:
@@ -148,9 +179,9 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
         reference = ok_names[0]
     ref = next((r for r in ok if r.get("backend") == reference), ok[0] if ok else None)
 
-    scaled = scaling(results)
+    scaled = scaling(summed)
     rows = []
-    for i, r in enumerate(results):
+    for i, r in enumerate(summed):
         row = {k: r.get(k) for k in _ROW_FIELDS}
         row["backend"] = backend_name(r, i)
         if r.get("status") != "ok":  # a failed run's figures are defaults, not measurements
@@ -178,9 +209,12 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
         row["peak_rss_over_model"] = peak_over_model(r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), model)
         load = r.get("machine_load") or {}
         row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
+        row["runs"], row["busy_runs"], row["spread"] = r["repeats_used"], r["repeats_busy"], r["spread"]
         rows.append(row)
 
     checks = fairness_checks(results)
+    names = [row["backend"] for row in rows]
+    verdict = build_verdict(dict(zip(names, repeats, strict=True)), reference)
     source = ref or (results[0] if results else {})
     return jsonable(
         {
@@ -196,6 +230,7 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
             "all_fair": all(c["ok"] for c in checks),
             "loss_diff": max_loss_diff(results),
             "scaling": scaled,
+            "verdict": verdict,
             "environment": {backend_name(r, i): _env_summary(r) for i, r in enumerate(results)},
             "config": copy.deepcopy(source.get("config") or {}),
             "results": copy.deepcopy(results),

@@ -3,6 +3,9 @@ means and how it was measured."""
 
 FOOTNOTES = [
     "Training time: wall time of the timed steps after warm-up (warm-up/compilation steps reported apart).",
+    "Repeated runs: time, throughput and memory figures are the median over a backend's runs that were "
+    "not BUSY, with (min-max) across them; the verdict lines compare the runs' median step times and "
+    "peak RSS with a 95% bootstrap interval and a Mann-Whitney U test (one run: no interval).",
     "Tokens/s (all) counts every position fed, padding included (batch x each batch's width); real tokens/s the non-pad tokens; loss tokens/s only the target tokens the loss is taken over; padding share = 1 - real / all. Time per epoch = the timed steps' mean step time x the steps one pass over the training records takes.",
     "Memory = peak RSS of the backend's own process; framework peak (mx.get_peak_memory, torch.cuda.max_memory_allocated) is shown beside it, never instead.",
     "Speedup factor = reference training time / this training time; memory efficiency = reference peak RSS / this peak RSS (>1 means better than the reference).",

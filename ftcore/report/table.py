@@ -6,13 +6,14 @@ from typing import Any
 
 from ftcore.report.footnotes import FOOTNOTES
 from ftcore.report.values import NA, fmt, fmt_int, fmt_text, short
+from ftcore.report.verdict import verdict_lines
 
 # (label, how to render one row): the classic comparison table's rows first (training time,
 # memory, final loss, speedup, memory efficiency), then the extra figures.
 TABLE_ROWS: list[tuple[str, Any]] = [
-    ("Training time (s)", lambda r: fmt(r.get("train_time_s"), ".2f")),
+    ("Training time (s)", lambda r: _with_spread(r, "train_time_s", ".2f")),
     ("Time per epoch (s)", lambda r: fmt(r.get("epoch_time_s"), ".2f")),
-    ("Peak RSS (MB)", lambda r: fmt(r.get("peak_rss_mb"), ".1f")),
+    ("Peak RSS (MB)", lambda r: _with_spread(r, "peak_rss_mb", ".1f")),
     ("Framework peak (MB)", lambda r: fmt(r.get("framework_peak_mb"), ".1f")),
     ("Memory model (MB)", lambda r: fmt(r.get("memory_model_mb"), ".1f")),
     ("Peak RSS / model", lambda r: fmt(r.get("peak_rss_over_model"), ".2f", "x")),
@@ -26,7 +27,7 @@ TABLE_ROWS: list[tuple[str, Any]] = [
     ("Memory efficiency", lambda r: fmt(r.get("memory_efficiency"), ".2f", "x")),
     ("Tokens/s (all)", lambda r: fmt(r.get("tokens_per_s"), ".1f")),
     ("Real tokens/s", lambda r: fmt(r.get("real_tokens_per_s"), ".1f")),
-    ("Loss tokens/s", lambda r: fmt(r.get("loss_tokens_per_s"), ".1f")),
+    ("Loss tokens/s", lambda r: _with_spread(r, "loss_tokens_per_s", ".1f")),
     ("Padding share (%)", lambda r: fmt(_padding_percent(r), ".1f")),
     ("MFU (%)", lambda r: fmt(r.get("mfu_percent"), ".2f")),
     ("Load/convert time (s)", lambda r: fmt(r.get("load_time_s"), ".2f")),
@@ -43,6 +44,14 @@ TABLE_ROWS: list[tuple[str, Any]] = [
     ("Machine (timed steps)", lambda r: {True: "BUSY", False: "quiet"}.get(r.get("machine_busy"), NA)),
     ("Status", lambda r: "ok" if r.get("status") == "ok" else str(r.get("status") or "failed").upper()),
 ]
+
+
+def _with_spread(r: dict[str, Any], key: str, spec: str) -> str:
+    """A figure over repeated runs: "median (min-max)"; one run: the figure alone."""
+    lo_hi = (r.get("spread") or {}).get(key)
+    if (r.get("runs") or 0) < 2 or not lo_hi:
+        return fmt(r.get(key), spec)
+    return f"{fmt(r.get(key), spec)} ({fmt(lo_hi[0], spec)}-{fmt(lo_hi[1], spec)})"
 
 
 def _padding_percent(r: dict[str, Any]) -> float | None:
@@ -194,7 +203,7 @@ def _backend_notes(comparison: dict[str, Any]) -> list[str]:
 def format_table(comparison: dict[str, Any]) -> str:
     """The grid table (one column per backend), then loss diff, fairness, errors and backend notes."""
     header, body = _cells(comparison)
-    lines = [headline(comparison), "", _grid(header, body), ""]
+    lines = [headline(comparison), *verdict_lines(comparison.get("verdict")), "", _grid(header, body), ""]
     if comparison.get("reference"):
         lines.append(f"Reference for ratios: {comparison['reference']}")
     if comparison.get("reference_note"):
@@ -218,6 +227,8 @@ def markdown(comparison: dict[str, Any]) -> str:
     cfg = comparison.get("config") or {}
     model = cfg.get("model") or f"preset {cfg.get('preset', NA)}"
     out = ["# ftcore comparison", "", f"**{headline(comparison)}**", ""]
+    if said := verdict_lines(comparison.get("verdict")):
+        out += [*[f"- {line}" for line in said], ""]
     out += [
         f"- Model: `{model}`"
         + (f" (first {cfg['num_layers']} layers)" if cfg.get("num_layers") else ""),

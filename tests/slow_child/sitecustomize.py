@@ -1,0 +1,57 @@
+"""Test-only hook, never part of a user's run: with this folder on PYTHONPATH and
+FTCORE_TEST_SLOW_STEPS="FACTOR:LABEL" (e.g. "1.3:mlx#2"), the ftcore child processes whose --out
+lies under a folder named LABEL take FACTOR times as long for each training step: after the step
+ran, StepClock.end sleeps (FACTOR - 1) x the step's own time before reading the clock. Used by
+tests/test_compare_repeats.py to check that `ftcore compare` names a slower backend slower."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_SPEC = os.environ.get("FTCORE_TEST_SLOW_STEPS")
+
+
+def _slowed(out: str, label: str) -> bool:
+    from pathlib import Path
+
+    return label in Path(out).parts
+
+
+def _slow_step_clock(module) -> None:
+    import time
+
+    factor_text, label = _SPEC.split(":", 1)
+    factor = float(factor_text)
+    argv = sys.argv
+    if "--out" not in argv or not _slowed(argv[argv.index("--out") + 1], label):
+        return
+    end = module.StepClock.end
+
+    def slowed_end(self, step, loss, seconds=None, grad_norm=None):
+        if seconds is None:  # the step ran between begin and end: stretch it
+            time.sleep((factor - 1) * (time.perf_counter() - self._t))
+        return end(self, step, loss, seconds, grad_norm)
+
+    module.StepClock.end = slowed_end
+
+
+if _SPEC:
+    import importlib.abc
+    import importlib.machinery
+
+    class _SlowStepFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "ftcore.backends.step_clock":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                _slow_step_clock(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _SlowStepFinder())
