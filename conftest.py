@@ -30,9 +30,19 @@ TIERS = {
 }
 
 
+STUDY = "study"  # repetition studies: 10 compares each, ~10 minutes; run with --study
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--study", action="store_true", default=False,
+                     help="also run the tests marked `study` (how often the compare verdict is right "
+                          "over 10 compares; ~10 minutes); without it they are deselected")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in TIERS.items():
         config.addinivalue_line("markers", f"{name}: test tier: {text}")
+    config.addinivalue_line("markers", f"{STUDY}: a repetition study, deselected unless --study")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
@@ -45,6 +55,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
         if len(tiers) != 1:
             wrong.append(f"  {item.nodeid}: {', '.join(tiers) if tiers else 'no tier'}")
+    if not config.getoption("--study"):
+        studies = [item for item in items if item.get_closest_marker(STUDY)]
+        if studies:
+            config.hook.pytest_deselected(items=studies)
+            items[:] = [item for item in items if not item.get_closest_marker(STUDY)]
     if wrong:
         raise pytest.UsageError(
             f"{len(wrong)} test(s) under tests/ without exactly one tier marker "

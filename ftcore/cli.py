@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -127,14 +126,6 @@ def parse_backends(text: str, twice_ok: bool = False) -> list[str]:
     return names
 
 
-def schedule_from_args(args: argparse.Namespace) -> Schedule:
-    if args.repeats is not None and args.repeats < 1:
-        raise UserError(f"--repeats: must be >= 1, not {args.repeats}")
-    if not math.isfinite(args.time_budget_s) or args.time_budget_s < 0:
-        raise UserError(f"--time-budget-s: must be a finite number of seconds >= 0, not {args.time_budget_s}")
-    return Schedule(args.repeats, args.time_budget_s)
-
-
 def open_run(out: Path | None, replace: bool) -> RunDir:
     """The run's folder, to be claimed once every input check has passed (ftcore.run.rundir)."""
     global ACTIVE_RUN
@@ -167,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     backends = parse_backends(args.backends, twice_ok=True)
-    schedule = schedule_from_args(args)
+    schedule = Schedule.checked(args.repeats, args.time_budget_s)
     run_dir = open_run(args.out, args.replace)
     prep = check_run(config_from_args(args), list(dict.fromkeys(backends)))
     out = run_dir.claim()

@@ -6,7 +6,9 @@ The benchmark is the tokenising one at 300 records (in-process, a real timing, ~
    records and its stats scaled to them and made 30x faster: exit 0, one notice line naming cpu_model,
    the baseline's rows marked not comparable. The same session saves this run.
 2. That saved run, its stats made 3x faster (so this run's step is 3x slower), same machine:
-   exit 1 (PerformanceRegression).
+   exit 1 (PerformanceRegression). Compared in the same session with a copy whose entry records
+   1 of 3 processes busy: that row is one "not decidable: busy" line, not a regression (the
+   tokenising benchmark records no load: this run's side counts as quiet, whatever runs here).
 3. Baseline 1 again with --bench-compare-across-machines: exit 1.
 The fail threshold is on `min` (10%) over 20 rounds: a loaded machine only ever adds time, so the
 minimum of a run's rounds moves far less between sessions than its median. It still moves: on CI
@@ -35,16 +37,26 @@ PARAM = f"tiny-{RECORDS}rec"
 FULLNAME = f"bench/test_data_bench.py::test_tokenize_alpaca[{PARAM}]"
 MARK = "[other machine: not comparable]"
 SAME_MACHINE_SLOWDOWN = 3.0  # 2.'s margin: far above two sessions' min-to-min spread (1.54x seen)
+BUSY_LINE = "processes ran on a busy machine"  # bench/baseline_compare.busy_line
 TIME_STATS = ("min", "max", "mean", "stddev", "median", "iqr", "q1", "q3", "ld15iqr", "hd15iqr", "total")
 
 
-def bench_session(storage: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pytest", "bench/test_data_bench.py", "--benchmark-only", "-p", "no:cacheprovider",
-           f"--tokenize-records={RECORDS}", f"--bench-rounds={ROUNDS}", f"--benchmark-storage=file://{storage}",
-           "--benchmark-compare",
-           "--benchmark-compare-fail=min:10%", *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+def pytest_bench(storage: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m pytest ARGS --benchmark-only` in the repository root, its benchmarks stored in
+    `storage`; `env`: variables to add to this process's environment."""
+    cmd = [sys.executable, "-m", "pytest", "--benchmark-only", "-p", "no:cacheprovider",
+           f"--benchmark-storage=file://{storage}", *args]
+    env = dict(os.environ, **(env or {}),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def bench_session(storage: Path, *args: str, compare: str | None = None) -> subprocess.CompletedProcess:
+    """The tokenising benchmark compared with `storage`'s latest run (`compare`: a file glob
+    instead), failing on a 10% slower min."""
+    return pytest_bench(storage, "bench/test_data_bench.py", f"--tokenize-records={RECORDS}", f"--bench-rounds={ROUNDS}",
+                        f"--benchmark-compare={compare}" if compare else "--benchmark-compare",
+                        "--benchmark-compare-fail=min:10%", *args)
 
 
 def scaled(bench: dict, factor: float) -> dict:
@@ -56,10 +68,11 @@ def scaled(bench: dict, factor: float) -> dict:
     return out
 
 
-def store(storage: Path, name: str, run: dict) -> None:
+def store(storage: Path, name: str, run: dict, number: int = 1) -> None:
+    """Save `run` as pytest-benchmark would, as this machine's run `number` named `name`."""
     d = storage / get_machine_id()
     d.mkdir(parents=True, exist_ok=True)
-    (d / f"0001_{name}.json").write_text(json.dumps(run))
+    (d / f"{number:04d}_{name}.json").write_text(json.dumps(run))
 
 
 def test_compare_across_machines_notes_marks_and_does_not_fail(tmp_path: Path):
@@ -85,16 +98,26 @@ def test_compare_across_machines_notes_marks_and_does_not_fail(tmp_path: Path):
     assert "Other CPU (edited)" in notices[0] and "PytestBenchmarkWarning" not in out1
     rows = [line for line in out1.splitlines() if line.startswith(f"test_tokenize_alpaca[{PARAM}]")]
     assert len(rows) == 2 and sum(MARK in row for row in rows) == 1, rows
-    assert "Performance has regressed" not in out1
+    assert "Performance has regressed" not in out1 and BUSY_LINE not in out1  # it records no load
 
-    # 2. this machine, its step 3x slower than the baseline's: still fails
+    # 2. this machine, its step 3x slower than two baselines': the quiet one still fails; the one
+    #    whose entry records busy processes is not decidable (one line) and is no regression
     saved = json.loads(next((tmp_path / "other").glob("*/0002_now.json")).read_text())
     same = dict(saved, benchmarks=[scaled(b, 1 / SAME_MACHINE_SLOWDOWN) for b in saved["benchmarks"]])
     store(tmp_path / "same", "same", same)
-    r2 = bench_session(tmp_path / "same")
+    busy = copy.deepcopy(same)
+    for b in busy["benchmarks"]:
+        b["extra_info"].update(busy_processes=1, processes=3)
+    store(tmp_path / "same", "busy", busy, number=2)
+    r2 = bench_session(tmp_path / "same", compare="000")  # both files
     out2 = r2.stdout + r2.stderr
     assert r2.returncode == 1 and "Performance has regressed" in out2, out2[-4000:]
-    assert "ran on another machine" not in out2 and MARK not in out2
+    regressions = out2.split("Performance has regressed:")[1].split("Performance has regressed.")[0]
+    assert "(0001_same)" in regressions and "0002_busy" not in regressions, regressions
+    undecidable = [line for line in out2.splitlines() if "not decidable" in line]
+    assert undecidable == [f"ftcore bench: {PARAM}: --benchmark-compare-fail not decidable: busy (this run: quiet "
+                           "(no load recorded); baseline 0002_busy: 1 of 3 processes busy)"], undecidable
+    assert "ran on another machine" not in out2 and MARK not in out2 and BUSY_LINE not in out2
 
     # 3. another CPU with the explicit flag: the threshold applies again
     (tmp_path / "other" / get_machine_id() / "0002_now.json").unlink()

@@ -210,6 +210,31 @@ def test_bench_diff_refuses_runs_too_short_for_the_lr_warmup():
     assert lines[0].startswith("error: bench-diff: --warmup-steps 0 + --timed-steps 1 is 1 steps")
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--runs", "3"], "--runs 3 can never be significant"),  # 2/C(6,3) = 0.1: no p below 0.05
+    (["--threshold", "nan"], "--threshold must be a finite fraction >= 0, not nan"),
+    (["--threshold", "-0.1"], "--threshold must be a finite fraction >= 0"),
+])
+def test_bench_diff_refuses_what_could_never_flag_a_case(args, said):
+    out = ftcore_in_process("bench-diff", "HEAD", "HEAD", *args)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and said in lines[0], out.stderr
+    assert ftcore_in_process("bench-diff", "HEAD", "HEAD", "--runs", "4", "--warmup-steps", "0",
+                             "--timed-steps", "1").stderr.count("--timed-steps 1 is 1 steps") == 1  # 4 passes
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--repeats", "0"], "--repeats: must be >= 1, not 0"),
+    (["--time-budget-s", "inf"], "--time-budget-s: must be a finite number of seconds >= 0, not inf"),
+    (["--time-budget-s", "-1"], "--time-budget-s: must be a finite number"),
+])
+def test_compare_refuses_a_bad_schedule_before_writing(args, said, tmp_path):
+    out = ftcore_in_process("compare", *args, "--out", tmp_path / "c")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and said in lines[0], out.stderr
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_damaged_cached_preset_is_refused_with_the_fix(tmp_path, monkeypatch):
     """A truncated weights file in a cached preset: one line that names the damage and the fix,
     before any backend starts; after deleting the folder the preset is made anew."""

@@ -63,6 +63,30 @@ SHIPPED_EVAL_LOSS_BEFORE = 2.6578
 SHIPPED_EXACT_MATCH_BEFORE = 0.0
 
 
+def test_default_compare_repeats_each_backend_and_gives_one_verdict(default_compare):
+    """The default is adaptive: at least 3 runs a backend, interleaved, every run a fresh process
+    in its own folder, identical losses and evals in each; the verdict's lines open the answer
+    and come from comparison.json's `verdict`."""
+    from ftcore.report.verdict import line
+
+    res, out = default_compare
+    c = json.loads((out / "comparison.json").read_text())
+    rounds = c["schedule"]["rounds"]
+    assert rounds >= 3 and c["schedule"]["repeats"] is None
+    for name in ("torch", "mlx"):
+        first = json.loads((out / name / "result.json").read_text())
+        for k in range(2, rounds + 1):
+            again = json.loads((out / name / "repeats" / str(k) / "result.json").read_text())
+            for key in ("losses", "eval_losses", "generations", "batch_fingerprint"):
+                assert again[key] == first[key], (name, k, key)
+        assert len(c["verdict"]["repeats"][name]) == rounds
+    assert c["verdict"]["nondeterministic"] == []
+    said = [line(c["verdict"]["speed"]), line(c["verdict"]["memory"])]
+    assert " ".join(res.stdout.splitlines()[1:5]).startswith(" ".join(said)[:60]), res.stdout
+    order = [ln.split("] ")[1] for ln in res.stderr.splitlines() if ln.startswith("== [round ")]
+    assert order[:6] == ["torch", "mlx", "mlx (run 2)", "torch (run 2)", "torch (run 3)", "mlx (run 3)"]
+
+
 def test_default_base_figures_are_the_shipped_model_s(default_compare, default_model_dir):
     from ftcore.inputs.checkpoint import weights_sha256
     from ftcore.inputs.presets import SHIPPED_PRESETS
@@ -110,14 +134,15 @@ def test_compare_prints_the_short_answer_and_writes_the_full_report(default_comp
 # must stay. What was in a result's `extra` for every backend (device, trainable_params_expected,
 # machine_load, notes, warnings, traceback) is now a field of the result.
 TOP_KEYS = {"created_utc", "reference", "reference_note", "backends", "ok_backends", "failed_backends", "all_ok",
-            "rows", "fairness", "all_fair", "loss_diff", "scaling", "environment", "config", "results"}
+            "rows", "fairness", "all_fair", "loss_diff", "scaling", "environment", "config", "results",
+            "verdict", "schedule"}
 ROW_KEYS = {"accuracy_after", "accuracy_before", "allreduce_time_s", "backend", "baseline_rss_mb", "blas",
             "cpu_busy_threads", "epoch_time_s", "error", "eval_loss", "eval_loss_before", "eval_loss_drop", "final_loss",
             "flops_per_token", "framework_peak_mb", "greedy_agreement", "load_time_s", "loss_tokens_per_s",
             "machine_busy", "memory_efficiency", "memory_model_mb", "mfu", "mfu_percent", "peak_rss_max_rank_mb",
             "peak_rss_mb", "peak_rss_over_model", "precision", "rank_threads", "real_tokens_per_s", "scaling_efficiency",
             "speedup", "status", "steps", "target", "threads", "tokens_per_s", "tokens_per_s_ratio", "train_time_s",
-            "trainable_params", "warmup_time_s", "world_size"}
+            "trainable_params", "warmup_time_s", "world_size", "runs", "busy_runs", "spread"}
 RESULT_KEYS = {"accuracy_after", "accuracy_before", "allreduce_time_s", "allreduce_times_s", "backend", "baseline_rss_mb",
                "batch_fingerprint", "blas", "config", "cpu_busy_threads", "env", "epoch_time_s", "error", "eval_loss",
                "eval_loss_before", "eval_losses", "extra", "fed_batches_fingerprint", "final_loss", "flops_per_token",
@@ -131,6 +156,8 @@ COMMON_EXTRA = {"child_maxrss_mb", "framework_gemm_peak_gflops", "gemm_shapes", 
 EXTRA_KEYS = {"torch": COMMON_EXTRA | {"grad_checkpoint_active"},
               "mlx": COMMON_EXTRA | {"blas_probe", "compiled", "compiled_traces", "conversion_cache_hit", "conversion_dir",
                                      "convert_time_s", "cpu_streams", "framework_peak_note", "mlx_jit", "parent_prepare_s"}}
+VERDICT_KEYS = {"kind", "pair", "winner", "ratio", "ci_low", "ci_high", "p_value", "runs", "busy_left_out", "outcome",
+                "suggested_repeats"}
 NESTED_KEYS = {  # (path, keys)
     "loss_diff": {"index", "max_abs_diff", "pair", "pairs", "reference", "step", "vs_reference"},
     "loss_diff.pairs[]": {"index", "length_mismatch", "max_abs_diff", "max_rel_diff", "pair", "step", "steps_compared"},
@@ -138,6 +165,11 @@ NESTED_KEYS = {  # (path, keys)
     "environment.torch": {"blas", "cpu", "device", "git_commit", "logical_cores", "precision", "python", "threads", "versions"},
     "fairness[]": {"check", "detail", "ok", "status"},
     "rows[1].greedy_agreement": {"of", "same", "vs"},
+    "verdict": {"speed", "memory", "pairs", "repeats", "nondeterministic"},
+    "verdict.speed": VERDICT_KEYS,
+    "verdict.memory": VERDICT_KEYS,
+    "verdict.repeats.torch[]": {"status", "busy", "median_step_s", "train_time_s", "peak_rss_mb", "loss_tokens_per_s"},
+    "schedule": {"repeats", "time_budget_s", "rounds", "repeats_wall_s"},
 }  # fmt: skip
 
 

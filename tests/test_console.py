@@ -31,7 +31,7 @@ def _result(backend: str, train: float, rss: float, losses=(2.5, 2.0, 1.5, 1.2),
         accuracy_before=0.0, accuracy_after=0.84375, generations={"after": [[5, 6], [7]]},
         trainable_params=74752, batch_fingerprint="a" * 16, fed_batches_fingerprint="b" * 16,
         initial_adapter_fingerprint="c" * 16, optimizer=dict(OPTIMIZER), precision="fp32", threads=2,
-        machine_load={"busy": False},
+        machine_load={"busy": False}, step_times_s=[train / len(losses)] * len(losses),
     ).to_dict()  # fmt: skip
     r.update(kw)
     return r
@@ -56,7 +56,10 @@ DEFAULT_ROWS = ["Training time (s)", "Speedup vs torch", "Peak RSS (MB)", "Memor
 def test_two_backends_give_the_verdict_ten_rows_and_one_fairness_line():
     lines = _short(_result("torch", 3.2, 411.5), _result("mlx", 1.6, 99.9, losses=(2.5, 2.0, 1.5, 1.20002)))
     assert lines[0] == "All 2 backends ran ok."
-    assert lines[1] == "Fastest: mlx, 2.00x as fast as torch. Least peak RSS: mlx, 4.12x below torch."
+    # one run each: no interval, so no decision (tests/test_verdict.py: the decided lines)
+    assert lines[1:3] == ["Speed undecided after 1 run each: mlx/torch 2.00x (no interval from one run);",
+                          "--repeats 3 to decide"]
+    assert lines[3] == "Peak RSS undecided after 1 run each: torch/mlx 4.12x (no interval from one run);"
     assert _labels(lines) == DEFAULT_ROWS  # world size, machine and status rows hidden
     assert "Fairness: 10/10 checks PASS" in lines and not any("PASS " in ln for ln in lines)
     table = "\n".join(lines)
@@ -98,7 +101,8 @@ def test_many_backends_are_split_into_tables_that_fit_80_columns():
     names = ["torch", "torch x2", "mlx", "mlx x2", "hf-trainer", "mlx-lm"]
     results = [_result(n, 1.0 + i, 400.0 + i) for i, n in enumerate(names)]
     lines = _short(*results)
-    assert lines[1].startswith("Fastest: torch, 2.00x as fast as torch x2.")  # against the runner-up
+    said = [ln for ln in lines if "undecided after 1 run each" in ln]  # speed and memory, each against torch
+    assert len(said) == 2 * (len(names) - 1) and said[0].startswith("Speed undecided after 1 run each: torch x2/torch 0.50x")
     assert max(map(len, lines)) <= 80
     headers = [ln for i, ln in enumerate(lines[1:], 1) if lines[i - 1] == "" and i + 1 < len(lines) and set(lines[i + 1]) == {"-"}]
     assert len(headers) >= 2 and [n for h in headers for n in re.split(r"\s{2,}", h.strip())] == names

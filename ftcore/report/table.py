@@ -48,10 +48,8 @@ TABLE_ROWS: list[tuple[str, Any]] = [
 
 def _with_spread(r: dict[str, Any], key: str, spec: str) -> str:
     """A figure over repeated runs: "median (min-max)"; one run: the figure alone."""
-    lo_hi = (r.get("spread") or {}).get(key)
-    if (r.get("runs") or 0) < 2 or not lo_hi:
-        return fmt(r.get(key), spec)
-    return f"{fmt(r.get(key), spec)} ({fmt(lo_hi[0], spec)}-{fmt(lo_hi[1], spec)})"
+    lo_hi = (r.get("spread") or {}).get(key) if (r.get("runs") or 0) > 1 else None
+    return f"{fmt(r.get(key), spec)} ({fmt(lo_hi[0], spec)}-{fmt(lo_hi[1], spec)})" if lo_hi else fmt(r.get(key), spec)
 
 
 def _padding_percent(r: dict[str, Any]) -> float | None:
@@ -203,7 +201,7 @@ def _backend_notes(comparison: dict[str, Any]) -> list[str]:
 def format_table(comparison: dict[str, Any]) -> str:
     """The grid table (one column per backend), then loss diff, fairness, errors and backend notes."""
     header, body = _cells(comparison)
-    lines = [headline(comparison), *verdict_lines(comparison.get("verdict")), "", _grid(header, body), ""]
+    lines = [headline(comparison), "", _grid(header, body), "", *verdict_lines(comparison.get("verdict"))]
     if comparison.get("reference"):
         lines.append(f"Reference for ratios: {comparison['reference']}")
     if comparison.get("reference_note"):

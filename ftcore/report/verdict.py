@@ -23,6 +23,7 @@ from typing import Any
 from ftcore.measure.stats import BAND, compare_runs
 
 MAX_SUGGESTED_REPEATS = 50
+MIN_RUNS_FOR_INTERVAL = 3  # suggested after one run a side
 # figures that must be identical across a backend's repeats: same batches, seed and threads
 DETERMINISTIC = ("losses", "eval_losses", "eval_loss_before", "eval_loss", "accuracy_before",
                  "accuracy_after", "generations")
@@ -87,7 +88,9 @@ def judge(kind: str, a: str, b: str, runs_a: list[dict[str, Any]], runs_b: list[
     entry.update(ratio=s.ratio, ci_low=s.ci_low, ci_high=s.ci_high, p_value=s.p_value, outcome=s.outcome)
     if s.outcome == "decided":
         entry["winner"] = b if s.ratio > 1 else a
-    elif s.outcome == "undecided" and s.ci_low is not None:
+    elif s.ci_low is None:  # one run a side: no spread between runs to judge by
+        entry["suggested_repeats"] = MIN_RUNS_FOR_INTERVAL
+    elif s.outcome == "undecided":
         entry["suggested_repeats"] = _suggest_repeats(s.ratio, s.ci_low, s.ci_high, min(len(use_a), len(use_b)))
     return entry
 
@@ -124,14 +127,15 @@ def _largest_loss_gap(a: dict[str, Any], b: dict[str, Any], keys: list[str]) -> 
 def build_verdict(repeats: dict[str, list[dict[str, Any]]], reference: str | None) -> dict[str, Any] | None:
     """{"speed", "memory": the reference against the other backend (the first other, when there
     are several), "pairs": the reference against every other backend, "repeats": per-run figures,
-    "nondeterministic": warning lines}; None with fewer than two backends."""
-    labels = list(repeats)
-    if reference not in repeats or len(labels) < 2:
+    "nondeterministic": warning lines}; None with fewer than two backends that ran ok at least once
+    (a failed backend's row and the headline say why)."""
+    ran = [label for label, runs in repeats.items() if any(r.get("status") == "ok" for r in runs)]
+    if reference not in ran or len(ran) < 2:  # a failed backend's row and headline say why
         return None
     pairs = [{"pair": [reference, b],
               "speed": judge("speed", reference, b, repeats[reference], repeats[b]),
               "memory": judge("memory", reference, b, repeats[reference], repeats[b])}
-             for b in labels if b != reference]  # fmt: skip
+             for b in ran if b != reference]  # fmt: skip
     return {"speed": pairs[0]["speed"], "memory": pairs[0]["memory"], "pairs": pairs,
             "repeats": {label: [run_figures(r) for r in runs] for label, runs in repeats.items()},
             "nondeterministic": nondeterminism(repeats)}

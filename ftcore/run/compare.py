@@ -18,6 +18,7 @@ noise) is labelled `torch` and `torch#2`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftcore.config import UserError
 from ftcore.report import build_comparison, write_report
 from ftcore.report.verdict import judge, usable
 from ftcore.run.backend_process import run_backend
@@ -42,6 +44,15 @@ class Schedule:
 
     repeats: int | None = None
     time_budget_s: float = DEFAULT_TIME_BUDGET_S
+
+    @classmethod
+    def checked(cls, repeats: int | None, time_budget_s: float) -> Schedule:
+        """From the flags; a bad value is a UserError (one line)."""
+        if repeats is not None and repeats < 1:
+            raise UserError(f"--repeats: must be >= 1, not {repeats}")
+        if not math.isfinite(time_budget_s) or time_budget_s < 0:
+            raise UserError(f"--time-budget-s: must be a finite number of seconds >= 0, not {time_budget_s}")
+        return cls(repeats, time_budget_s)
 
     @property
     def min_rounds(self) -> int:
