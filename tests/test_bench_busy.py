@@ -27,10 +27,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CASE = "tiny-b4-s128-fp32-torch"
 FULLNAME = f"bench/test_finetune_bench.py::test_finetune[{CASE}]"
-WARMUP, ROUNDS = 1, 5  # 5 steps under the hogs: a load window of 0.5 s, over machine_load's 0.2 s minimum
+WARMUP, ROUNDS = 1, 8  # 8 steps under the hogs: a load window of ~0.8 s, well over machine_load's 0.2 s
 BASELINE_STEP_S = 1e-4
-# Torch's OpenMP threads spin-wait by default: beside the hogs the one case took 152 s instead of
-# 36 s (two processes). Passive waiting changes the timing only, which nothing here asserts.
+# Torch's OpenMP threads spin-wait by default: beside the hogs a two-process case took 152 s
+# instead of 36 s with passive waiting, which changes the timing only (nothing here asserts it).
 PASSIVE_OMP = {"OMP_WAIT_POLICY": "passive"}
 
 
