@@ -3,7 +3,8 @@
 - A backend slowed on purpose by 1.3x a step is named slower, its interval beyond 1.05: the slow
   step comes from tests/slow_child/sitecustomize.py, a hook that exists only under the test suite
   (on the children's PYTHONPATH with FTCORE_TEST_SLOW_STEPS; a user's run never has it).
-- The same backend twice (`--backends torch,torch`, an A/A run) is never "decided".
+- The same backend twice (`--backends mlx,mlx`; the study: `torch,torch`, an A/A run) is never
+  "decided".
 - The repeats of a backend trained on the same batches give identical losses (no warning).
 
 CI runs one compare of each. The studies (10 compares each: how often the verdict is right) run
@@ -70,14 +71,18 @@ def test_slowed_backend_is_named_slower_and_repeats_agree(tmp_path) -> None:
 
 
 def test_same_backend_twice_is_never_decided(tmp_path) -> None:
-    res, c = compare(tmp_path / "aa", "torch,torch", "--time-budget-s", 0)
+    """The A/A mechanics with mlx (its processes start in ~1.5 s; torch,torch is the study's)."""
+    res, c = compare(tmp_path / "aa", "mlx,mlx", "--time-budget-s", 0)
     speed = c["verdict"]["speed"]
-    assert c["backends"] == ["torch", "torch#2"] and speed["pair"] == ["torch", "torch#2"]
-    assert speed["runs"]["torch"] + speed["busy_left_out"]["torch"] == 3  # each run quiet or left out
+    assert c["backends"] == ["mlx", "mlx#2"] and speed["pair"] == ["mlx", "mlx#2"]
+    assert speed["runs"]["mlx"] + speed["busy_left_out"]["mlx"] == 3  # each run quiet or left out
     assert speed["outcome"] in ("no_clear_difference", "undecided"), speed
-    assert c["schedule"]["rounds"] == 3 and (tmp_path / "aa" / "torch#2" / "repeats" / "3" / "result.json").is_file()
+    assert c["schedule"]["rounds"] == 3
+    for label in ("mlx", "mlx#2"):  # the first run where a single run writes it, run k under repeats/k
+        assert [json.loads((tmp_path / "aa" / label / f / "result.json").read_text())["backend"]
+                for f in ("", "repeats/2", "repeats/3")] == ["mlx"] * 3
     first = res.stdout.splitlines()[1]
-    assert first.startswith(("No clear speed difference: torch#2/torch ", "Speed undecided after ")), res.stdout
+    assert first.startswith(("No clear speed difference: mlx#2/mlx ", "Speed undecided after ")), res.stdout
     assert c["verdict"]["nondeterministic"] == []
 
 

@@ -144,3 +144,13 @@ def test_schedule_minimum_budget_and_early_stop() -> None:
     assert not adaptive.another_round(failed, 1, 0.0, 0.0)
     assert not adaptive.another_round({"torch": runs(0.04, 1)}, 1, 0.0, 0.0)  # one backend: one run
     assert labels_for(["torch", "mlx", "torch"]) == ["torch", "mlx", "torch#2"]
+
+
+def test_a_run_s_speed_is_its_timed_steps_only() -> None:
+    """Compilation steps (`--timing-warmup-steps`) are left out: 5 slow first steps, 4 timed."""
+    from ftcore.report.verdict import run_figures
+
+    r = {**run(0.01, 0), "config": {"timing_warmup_steps": 5}, "step_times_s": [1.0] * 5 + [0.01] * 4}
+    assert run_figures(r)["median_step_s"] == 0.01
+    s = build_verdict({"torch": [r] * 3, "mlx": [{**r, "step_times_s": [1.0] * 5 + [0.02] * 4}] * 3}, "torch")["speed"]
+    assert s["ratio"] == pytest.approx(0.5) and s["winner"] == "torch"
