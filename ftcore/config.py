@@ -111,6 +111,8 @@ class RunConfig:
 
         need(self.preset in PRESETS, "preset", f"unknown preset {self.preset!r} (one of {', '.join(PRESETS)})")
         need(self.num_layers is None or self.num_layers >= 1, "num_layers", "must be >= 1")
+        need(self.num_layers is None or not self.model, "num_layers",
+             "truncates a --preset only; with --model DIR, train a checkpoint of the depth you want")
         need(self.num_samples >= 1, "num_samples", "must be >= 1")
         need(self.eval_samples >= 0, "eval_samples", "must be >= 0")
         need(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
@@ -131,7 +133,7 @@ class RunConfig:
             need(self.eval_samples > 0, "target_eval_loss", "needs eval records (--eval-samples > 0)")
             need(self.eval_every > 0, "target_eval_loss", "needs periodic eval (--eval-every > 0)")
             need(self.nproc * self.nnodes == 1, "target_eval_loss", "one process only (rank 0 evaluates; the ranks cannot stop together)")
-        need(self.seed >= 0, "seed", "must be >= 0")
+        need(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (numpy's seed range), got {self.seed}")
         need(self.precision in PRECISIONS, "precision", f"unknown precision {self.precision!r} (one of {', '.join(PRECISIONS)})")
         need(self.device in DEVICES, "device", f"unknown device {self.device!r} (one of {', '.join(DEVICES)})")
         need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
@@ -141,8 +143,10 @@ class RunConfig:
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
         need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
-        need(self.adam_eps > 0, "adam_eps", "must be > 0")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        # an infinite eps makes every Adam update 0: nothing would train, yet every step "ran"
+        need(math.isfinite(self.adam_eps) and self.adam_eps > 0, "adam_eps", f"must be a finite number > 0, got {self.adam_eps}")
+        need(self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
+             "max_grad_norm", f"must be a finite number > 0, got {self.max_grad_norm}")
         need(self.lora_rank >= 1, "lora_rank", f"rank must be >= 1, got {self.lora_rank}")
         need(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")

@@ -154,6 +154,10 @@ def _nan(t):
     t[next(k for k in sorted(t) if "lora_B" in k)][0, 0] = float("nan")
 
 
+def _exploded(t):  # what a diverged fine-tune (e.g. mlx at --lr 1e9) wrote: B ~ 1.5e9
+    t[next(k for k in sorted(t) if "lora_B" in k)][0, 0] = 1.5e9
+
+
 def _drop(t):
     del t[next(k for k in sorted(t) if "layers.1." in k and "v_proj.lora_A" in k)]
 
@@ -161,6 +165,7 @@ def _drop(t):
 BROKEN_ADAPTERS = {
     "NaN weights": (dict(tensors=_nan), "holds NaN or Inf"),
     "alpha 1e30": (dict(config={"lora_alpha": 1e30}), "is not a usable scale"),
+    "exploded weights": (dict(tensors=_exploded), "holds |w| = 1.5e+09 (> 10000); the fine-tune that wrote it diverged"),
     "a tensor missing": (dict(tensors=_drop), "lacks 1 LoRA tensor(s) its config names, e.g. model.layers.1.self_attn.v_proj.lora_A"),
 }
 

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # child processes: the
 # threads, 2-core EPYC; test_tolerances_are_at_most_10x_the_measured makes it again): per-step or
 # eval loss diff <= 6.2e-6, adapter tensor rel err (or relative to the update) <= 4.3e-4.
 FP32_LOSS_ATOL = 4e-5  # per-step and eval, torch vs MLX: 6.5x the 6.2e-6 measured
-FP32_ADAPTER_RTOL = 1e-3  # 2.3x the 4.3e-4 measured; a skipped clipping gives 6.7e-3
+FP32_ADAPTER_RTOL = 3e-3  # 2x the 1.47e-3 measured on a Zen 2 EPYC (no AVX-512; 4.3e-4 on an AVX-512 one); a skipped clipping gives 6.7e-3
 # bf16 (frozen base in bf16, LoRA + AdamW in fp32 in both). The frameworks round bf16 matmuls,
 # RMSNorm and RoPE in different orders, so this is agreement, not identity. Each bound is 1.3-3.4x
 # its measured value (128 tokens, 2 threads; made again by the test below): per-step loss diff

@@ -142,6 +142,12 @@ def test_bad_data_and_flags_are_one_line(tmp_path, write_alpaca):
          "record 0 has a non-string 'input' (bool)"),
         (["--threads", "999"], "--threads 999: this process may use"),
         (["--out", tmp_path / "a-file" / "sub"], "cannot create the run folder"),
+        # nothing would train (every Adam update 0) yet every step would "run": refused up front
+        (["--adam-eps", "inf"], "--adam-eps: must be a finite number > 0, got inf"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm: must be a finite number > 0, got nan"),
+        (["--seed", str(2**32)], "--seed: must be in [0, 2**32)"),
+        # it once trained the whole model and recorded num_layers 1: never record what did not run
+        (["--model", tmp_path, "--num-layers", "1"], "--num-layers: truncates a --preset only"),
     ]  # fmt: skip
     import mlx.core as mx
     import torch
@@ -177,6 +183,16 @@ def test_out_holding_a_run_is_kept_or_replaced_whole(tmp_path):
     assert json.loads((out_dir / "status.json").read_text())["status"] == "complete"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden leftovers
 
+    # a replacement that diverges keeps the complete run it was to replace; it is kept beside it
+    good = tree_hashes(out_dir)
+    out = ftcore("compare", "--backends", "torch", "--out", out_dir, "--replace", "--steps", "3", "--lr", "1e9",
+                 "--warmup-steps", "0", *FAST)  # fmt: skip
+    assert out.returncode == 1 and "torch diverged" in out.stderr, out.stderr
+    assert tree_hashes(out_dir) == good and f"{out_dir} keeps the earlier run" in out.stderr
+    failed = [p for p in tmp_path.iterdir() if p.name.startswith("out.failed-")]
+    assert len(failed) == 1 and json.loads((failed[0] / "status.json").read_text())["status"] == "failed"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
 
 def test_two_compares_at_once_write_two_whole_folders(tmp_path):
     """Both into the default runs/ folder, started together: each folder holds only its own run
@@ -208,7 +224,8 @@ def test_two_compares_at_once_write_two_whole_folders(tmp_path):
 
 def test_divergence_is_a_diverged_row_and_exit_1(tmp_path):
     """lr 1e9: torch's gradient norm is NaN at step 2 (its loss still finite), hf-trainer (which
-    checks the loss only) sees a NaN loss at step 3; MLX's loss happens to stay finite."""
+    checks the loss only) sees a NaN loss at step 3; MLX's loss stays finite, pinned at ln(vocab)
+    with lora_B ~1e9: the parent's check of the adapter (ftcore.run.training_health) calls it."""
     out_dir = tmp_path / "out"
     out = ftcore("compare", "--backends", "torch,hf-trainer,mlx", "--out", out_dir, "--lr", "1e9",
                  "--warmup-steps", "0", "--lr-schedule", "constant", "--steps", "4", *FAST)  # fmt: skip
@@ -216,10 +233,15 @@ def test_divergence_is_a_diverged_row_and_exit_1(tmp_path):
     assert "Traceback" not in out.stderr
     comp = json.loads((out_dir / "comparison.json").read_text())
     diverged = [r for r in comp["rows"] if r["status"] == "diverged"]
-    assert {r["backend"] for r in diverged} >= {"torch", "hf-trainer"} and comp["all_ok"] is False
+    assert {r["backend"] for r in diverged} == {"torch", "hf-trainer", "mlx"} and comp["all_ok"] is False
     errors = " ".join(r["error"] for r in diverged)
     assert "the gradient norm is nan" in errors and "the loss is nan" in errors  # both checks
+    mlx = next(r for r in diverged if r["backend"] == "mlx")
+    assert "the adapter's weights exploded: max |w| = " in mlx["error"], mlx["error"]
+    assert f"error: mlx diverged: {mlx['error']}" in out.stderr
     for r in diverged:
+        if r["backend"] == "mlx":
+            continue
         assert "diverged at step" in r["error"] and ("nan" in r["error"] or "inf" in r["error"])
         assert f"error: {r['backend']} diverged: diverged at step" in out.stderr
     assert out.stdout.splitlines()[0].startswith("NOT OK - ")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ftcore.backends import FRAMEWORK_ENVS, BackendSpec, get_backend
 from ftcore.config import RunConfig
+from ftcore.inputs.arch import read_arch
 from ftcore.measure.gemm_peak import machine_gemm_peak
 from ftcore.measure.mfu import achieved_gflops, record_mfu
 from ftcore.result import RunResult
@@ -35,6 +36,7 @@ from ftcore.run.ranks import (
     rank_threads,
 )
 from ftcore.run.stepgate import ParentGate
+from ftcore.run.training_health import adapter_problem, collapsed
 
 CHILD_MODULE = "ftcore.run.child"
 # Never reach for a hub, and keep library chatter (weight-loading bars) off the progress stream.
@@ -67,7 +69,6 @@ def gemm_peak(prep: Prepared, shapes: list | None = None, at_least: float | None
     """This machine's GEMM peak for the run (a large square and the run's own GEMM shapes: the
     child's, else made here the same way), each framework probed in its backends' environment;
     re-measured when below `at_least` GFLOP/s (ftcore.measure.gemm_peak.machine_gemm_peak)."""
-    from ftcore.inputs.arch import read_arch
     from ftcore.measure.flops import gemm_shapes
 
     cfg = prep.cfg
@@ -192,6 +193,12 @@ class BackendProcess:
         result.model_sha256 = prep.model_sha256
         if self.watch:
             self._merge_ranks(result)
+        if result.status == "ok":  # every backend held to one rule: it learned, and sanely
+            vocab = read_arch(prep.model_dir)["vocab_size"]
+            reason = collapsed(result.losses, vocab)
+            problem = adapter_problem(self.out_dir / "adapter") or (("diverged", reason) if reason else None)
+            if problem:
+                result.status, result.error = problem
         if self.before_spawn_s is not None:
             result.extra["parent_prepare_s"] = self.before_spawn_s  # ~0 for a current conversion
         machine_peak = None

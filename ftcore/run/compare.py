@@ -107,23 +107,24 @@ def compare(
     the comparison (comparison.json with its verdict, report.md, plots) into out_dir. With
     cfg.nproc > 1 each backend runs at one process (label NAME) and data-parallel (NAME-xW, W
     ranks) in every round: the scaling and parity reference."""
-    sides = [(label, name, prep) for label, name in zip(labels_for(backends), backends, strict=True)]
+    # (folder, row label, backend, prepared run): folder = label, or label-xW for W ranks
+    sides = [(label, label, name, prep) for label, name in zip(labels_for(backends), backends, strict=True)]
     world = prep.cfg.world_size
     if world > 1:  # each backend at one process too: the parity and scaling-efficiency reference
         one = dataclasses.replace(prep, cfg=prep.cfg.replace(nproc=1, nnodes=1))
-        sides = [s for label, name, _ in sides for s in ((label, name, one), (f"{label}-x{world}", name, prep))]
-    repeats: dict[str, list[dict]] = {label: [] for label, _, _ in sides}
+        sides = [s for label, _, name, _ in sides
+                 for s in ((label, label, name, one), (f"{label}-x{world}", label, name, prep))]
+    repeats: dict[str, list[dict]] = {folder: [] for folder, *_ in sides}
     started, rounds, last_round_s = time.monotonic(), 0, 0.0
     while True:
         t0 = time.monotonic()
-        for label, name, p in sides if rounds % 2 == 0 else sides[::-1]:
-            k = len(repeats[label]) + 1
-            print(f"== [round {rounds + 1}] {label}" + (f" (run {k})" if k > 1 else ""), file=sys.stderr, flush=True)
+        for folder, label, name, p in sides if rounds % 2 == 0 else sides[::-1]:
+            k = len(repeats[folder]) + 1
+            print(f"== [round {rounds + 1}] {folder}" + (f" (run {k})" if k > 1 else ""), file=sys.stderr, flush=True)
             hook = (lambda proc, name=name: on_start(name, proc)) if on_start else None
-            result = run_backend(name, p, run_dir(out_dir, label, k), on_start=hook).to_dict()
-            if label != name:
-                result["backend"] = label  # the row's name (torch#2); its result.json keeps the backend's
-            repeats[label].append(result)
+            result = run_backend(name, p, run_dir(out_dir, folder, k), on_start=hook).to_dict()
+            result["backend"] = label  # the row's name (torch#2); its result.json keeps the backend's
+            repeats[folder].append(result)
         rounds, last_round_s = rounds + 1, time.monotonic() - t0
         if not schedule.another_round(repeats, rounds, time.monotonic() - started, last_round_s):
             break

@@ -4,7 +4,8 @@
   exists, so two runs started in the same second get `...-<time>` and `...-<time>-1`.
 * `--out` at an existing, non-empty folder is refused unless `replace` is set. A replaced run is
   moved aside (`.<name>.replaced-<pid>`), the new run is written in its place, and the old one is
-  deleted only once the new one has ended; an interrupted replacement puts the old one back.
+  deleted only once the new one has ended ok; a replacement that failed or was interrupted puts
+  the old one back (a failed one is kept beside it as `<name>.failed-<time>-<pid>`).
 * `status.json` in the folder says `running` while the run lasts, then `complete`, `failed`
   (a backend did not finish ok) or `interrupted`, with the exit code.
 """
@@ -90,12 +91,22 @@ class RunDir:
         write_json_atomic(self.path / STATUS_FILE, self._status)
 
     def end(self, status: str, exit_code: int) -> None:
-        """The run ended (`complete` or `failed`): the replaced run, if any, is deleted now."""
+        """The run ended (`complete` or `failed`). Complete: the replaced run, if any, is deleted
+        now. Failed: the replaced run is put back in its place (it stays until a new run ends
+        ok) and this one is kept beside it as `<name>.failed-<time>`, said in one line."""
         self._status.update(status=status, exit_code=exit_code, ended_utc=_now())
         self._write_status()
-        if self._aside is not None:
+        if self._aside is None:
+            return
+        if status == "complete":
             shutil.rmtree(self._aside, ignore_errors=True)
-            self._aside = None
+        else:
+            failed = self.path.with_name(f"{self.path.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            os.rename(self.path, failed)
+            os.rename(self._aside, self.path)
+            print(f"ftcore: this run did not end ok, so {self.path} keeps the earlier run it was to replace; "
+                  f"this one is in {failed}", file=sys.stderr)
+        self._aside = None
 
     def interrupted(self, exit_code: int = 130) -> None:
         """Stopped by a signal: mark the folder, or put back the run it was replacing."""
