@@ -3,9 +3,8 @@
 batches; then the comparison report with its verdict (ftcore.report.verdict).
 
 How many runs (Schedule): `repeats` fixed, or adaptive (one run when there is one backend, nothing
-to compare it with): at least MIN_RUNS runs a backend, then
-more rounds while the speed verdict is undecided, as long as another round (as long as the last
-one took) fits in `time_budget_s`. A run whose timed steps were BUSY (another process took the
+to compare it with): at least MIN_RUNS runs a backend, then more rounds while the speed verdict is
+undecided, as long as another round (as long as the last one took) fits in `time_budget_s`. A run whose timed steps were BUSY (another process took the
 CPU) is left out of the statistics and made up for by another round while the budget lasts. A
 failed run stops the rounds: that backend's row is failed. One-time costs (MLX building its
 kernels, the GEMM-peak probe) happen in the first round, outside every timed step.
