@@ -81,6 +81,8 @@ class RunResult:
     cpu_busy_threads: float | None = None  # this process's CPU seconds / wall seconds, timed steps
     device: str = ""  # what the loop ran on: torch's device ("cpu", "cuda:0"), MLX's device name
     trainable_params_expected: int | None = None  # the closed-form LoRA count (ftcore.inputs.arch)
+    # the records that ran: train/eval kept, dropped (no answer token fits), prompt-only
+    records: dict | None = None
     # other processes' CPU use on the run's cores over the timed steps (ftcore.measure.machine_load):
     # {..., "busy": bool}; busy shows as BUSY in the report
     machine_load: dict | None = None

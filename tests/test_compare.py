@@ -150,7 +150,7 @@ RESULT_KEYS = {"accuracy_after", "accuracy_before", "allreduce_time_s", "allredu
                "losses", "memory_model", "mfu", "model_sha256", "optimizer", "peak_rss_max_rank_mb", "peak_rss_mb",
                "precision", "rank_threads", "real_tokens_per_s", "status", "step_times_s", "steps", "target", "threads",
                "tokens_per_s", "train_time_s", "trainable_params", "warmup_time_s", "world_size",
-               "device", "trainable_params_expected", "machine_load", "notes", "warnings", "traceback"}
+               "device", "trainable_params_expected", "machine_load", "notes", "warnings", "traceback", "records"}
 COMMON_EXTRA = {"child_maxrss_mb", "framework_gemm_peak_gflops", "gemm_shapes", "machine_gemm_peak_gflops",
                 "mfu_vs_framework_gemm", "precision_mode", "process_wall_s"}
 EXTRA_KEYS = {"torch": COMMON_EXTRA | {"grad_checkpoint_active"},

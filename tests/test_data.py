@@ -345,3 +345,52 @@ def test_mlx_lm_refuses_packed_rows_up_front(tmp_path):
     assert r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("error: --batching packed: the mlx-lm backend"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _records(n_long: int, n_short: int, empty: int = 0) -> list[dict[str, str]]:
+    long = {"instruction": " ".join(["apple"] * 40), "input": "", "output": "pear"}
+    short = {"instruction": "Say pear.", "input": "", "output": "pear"}
+    blank = {"instruction": "   ", "input": "", "output": "pear"}
+    return [dict(long) for _ in range(n_long)] + [dict(short) for _ in range(n_short)] + [dict(blank) for _ in range(empty)]
+
+
+def test_dropped_records_are_said_counted_and_the_fix_named(tok):
+    """Records whose answer never fits were dropped without a word while the config still said
+    --num-samples: one line with the count, the --max-seq-len that keeps them all, and the counts."""
+    cfg = RunConfig(num_samples=12, eval_samples=4, batch_size=2, steps=2, max_seq_len=48)
+    b = build_batches(cfg, tok, _records(8, 8))
+    dropped = b.stats["dropped_records"]
+    assert dropped > 0 and b.stats["train_records"] + b.stats["eval_records"] + dropped == 16
+    said = b.stats["data_warnings"]
+    assert len(said) == 1 and said[0].startswith(f"{dropped} of 16 records dropped (") and "--max-seq-len 48;" in said[0]
+    keeps = int(said[0].rsplit("--max-seq-len ", 1)[1].split()[0])
+    assert build_batches(cfg.replace(max_seq_len=keeps), tok, _records(8, 8)).stats["dropped_records"] == 0
+    assert build_batches(cfg.replace(max_seq_len=keeps - 1), tok, _records(8, 8)).stats["dropped_records"] > 0
+
+
+def test_an_eval_set_left_empty_is_refused(tok):
+    cfg = RunConfig(num_samples=4, eval_samples=2, batch_size=2, steps=2, max_seq_len=48)
+    with pytest.raises(UserError, match=r"--eval-samples 2: all 2 eval records are dropped .* --max-seq-len \d+ keeps them, or --eval-samples 0"):
+        build_batches(cfg, tok, _records(6, 0))
+
+
+def test_prompt_only_and_blank_records_are_said(tok):
+    cfg = RunConfig(num_samples=8, eval_samples=2, batch_size=2, steps=2, max_seq_len=48, mask_prompt=False)
+    b = build_batches(cfg, tok, _records(5, 3, empty=2))
+    said = " | ".join(b.stats["data_warnings"])
+    assert b.stats["prompt_only_records"] > 0
+    assert f"{b.stats['prompt_only_records']} training records train on prompt text only" in said
+    assert "2 of 10 records have an empty or whitespace-only instruction or answer" in said
+    quiet = build_batches(cfg.replace(max_seq_len=128, mask_prompt=True), tok, _records(0, 10))
+    assert quiet.stats["data_warnings"] == []
+
+
+def test_preflight_says_the_data_warnings_once_and_results_record_the_counts(tmp_path, write_alpaca, capsys):
+    from ftcore.run.preflight import check_run
+
+    path = write_alpaca(tmp_path / "d.json", _records(8, 8))
+    cfg = RunConfig(preset="tiny", data=str(path), num_samples=12, eval_samples=4, batch_size=2, steps=2, max_seq_len=48)
+    prep = check_run(cfg)
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1 and "records dropped (" in err, err
+    assert prep.batches.stats["train_records"] < 12  # what ran, beside the config's 12

@@ -72,6 +72,7 @@ def start_result(run: Run) -> RunResult:
     result.memory_model = memory_model(arch, cfg, cfg.batch_size // cfg.world_size)
     # what LoRA on these targets should train; the backend counts what its model really trains
     result.trainable_params_expected = lora_param_count(arch, cfg.lora_targets, cfg.lora_rank)
+    result.records = {k: batches.stats.get(f"{k}_records") for k in ("train", "eval", "dropped", "prompt_only")}
     # the run's GEMM shapes: the GEMM peaks MFU divides by are measured over them too
     # (ftcore.measure.flops.gemm_shapes; the parent reads them back, ftcore.measure.mfu)
     threads = cfg.threads or affinity_cores()

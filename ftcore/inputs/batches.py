@@ -131,6 +131,25 @@ class Batches:
         return cls(train=train, eval=evals, stats=stats, answers=answers)
 
 
+def data_warnings(records: list[dict[str, str]], train: Tokenized, evals: Tokenized, cfg: RunConfig) -> list[str]:
+    """What about the selected records a user must hear, one line each: records dropped (no answer
+    token fits), records that train on prompt text only, empty or whitespace-only fields."""
+    out = []
+    dropped = train.dropped + evals.dropped
+    if dropped:
+        out.append(f"{dropped} of {len(records)} records dropped ({train.dropped} training, {evals.dropped} eval): "
+                   f"no answer token fits in --max-seq-len {cfg.max_seq_len}; --max-seq-len "
+                   f"{max(train.keeps_all_at, evals.keeps_all_at)} keeps them all")
+    if train.prompt_only:
+        out.append(f"{train.prompt_only} training records train on prompt text only: no token of their answer "
+                   f"fits in --max-seq-len {cfg.max_seq_len} (--no-mask-prompt)")
+    empty = sum(not r.get("instruction", "").strip() or not r.get("output", "").strip() for r in records)
+    if empty:
+        out.append(f"{empty} of {len(records)} records have an empty or whitespace-only instruction or answer; "
+                   "they train as they are")
+    return out
+
+
 def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None) -> Batches:
     """Records -> subset/split by seed -> tokens -> `cfg.steps` training batches + eval batches,
     batched as cfg.batching says (module docstring)."""
@@ -149,6 +168,10 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     train_recs, eval_recs = select_records(records, cfg.num_samples, cfg.eval_samples, cfg.seed)
     train_tok = tokenize_records(train_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
     eval_tok = tokenize_records(eval_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
+    if cfg.eval_samples > 0 and eval_recs and not eval_tok.ids:
+        raise UserError(f"--eval-samples {cfg.eval_samples}: all {len(eval_recs)} eval records are dropped (no answer "
+                        f"token fits in --max-seq-len {cfg.max_seq_len}); --max-seq-len {eval_tok.keeps_all_at} "
+                        "keeps them, or --eval-samples 0")
     n = len(train_tok.ids)
     if n < cfg.batch_size:
         raise UserError(
@@ -189,6 +212,8 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         "train_records": n,
         "eval_records": len(eval_tok.ids),
         "dropped_records": train_tok.dropped + eval_tok.dropped,
+        "prompt_only_records": train_tok.prompt_only,
+        "data_warnings": data_warnings(train_recs + eval_recs, train_tok, eval_tok, cfg),
         "batching": cfg.batching,
         "packed_rows": len(lengths) if packed else None,  # rows the training records were packed into
         "padded_tokens": tokens["padded"],

@@ -29,6 +29,8 @@ class Tokenized:
     complete: list[bool] = field(default_factory=list)  # the whole response + EOS fit in max_seq_len
     # packed rows only (pack_tokenized): each token's position in its own record, 0 at its start
     positions: list[list[int]] | None = None
+    keeps_all_at: int = 0  # the smallest max_seq_len at which no record is dropped (0: none was)
+    prompt_only: int = 0  # kept records none of whose answer fits (they train on prompt text only)
 
 
 def template_length(tokenizer: Any, prompt_format: str = "alpaca") -> int:
@@ -74,6 +76,7 @@ def tokenize_records(
     eos = tokenizer.eos_token_id
     prompt_ids, full_ids = rendered_ids(records, tokenizer, prompt_format)
     ids_out, labels_out, dropped, prompt_lens, complete = [], [], 0, [], []
+    keeps_all_at = prompt_only = 0
     for p_ids, f_ids in zip(prompt_ids, full_ids, strict=True):
         ids = list(f_ids)[:max_seq_len]
         whole = eos in ids[len(p_ids) :]
@@ -84,12 +87,15 @@ def tokenize_records(
         # position 0 is never a target (labels shift by one), so a loss token must sit at >= 1
         if all(t == IGNORE_INDEX for t in labels[1:]):
             dropped += 1
+            keeps_all_at = max(keeps_all_at, len(p_ids) + 1 if mask_prompt else 2)  # one answer token
             continue
+        prompt_only += len(ids) <= len(p_ids)
         ids_out.append(ids)
         labels_out.append(labels)
         prompt_lens.append(len(p_ids))
         complete.append(whole)
-    return Tokenized(ids_out, labels_out, dropped, prompt_lens, complete)
+    return Tokenized(ids_out, labels_out, dropped, prompt_lens, complete, keeps_all_at=keeps_all_at,
+                     prompt_only=prompt_only)
 
 
 def pad_id_of(tokenizer: Any) -> int:

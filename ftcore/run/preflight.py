@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -99,6 +100,8 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
         raise UserError(f"--max-seq-len {cfg.max_seq_len}: the model was built for at most {limit} positions "
                         f"(max_position_embeddings in {model_dir / 'config.json'}); use --max-seq-len {limit} or less")
     batches = build_batches(cfg, tokenizer, records)
+    for line in batches.stats["data_warnings"]:  # once, before any backend starts
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     if cfg.epochs is not None:  # the steps the epochs took (ftcore.inputs.batching.epoch_steps)
         cfg = cfg.replace(steps=len(batches.train["widths"]))
     if cfg.threads is None:
