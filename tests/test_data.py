@@ -394,3 +394,22 @@ def test_preflight_says_the_data_warnings_once_and_results_record_the_counts(tmp
     err = capsys.readouterr().err
     assert err.count("warning: ") == 1 and "records dropped (" in err, err
     assert prep.batches.stats["train_records"] < 12  # what ran, beside the config's 12
+
+
+def test_the_fingerprint_sees_the_batching_mode_and_the_positions(tok):
+    """Rows too long to share: each packed row holds one record, so `packed` feeds the tokens
+    `longest` does; the fingerprint still tells the runs apart, and sees position_ids."""
+    long = [{"instruction": f"Spell {w} backwards, then once more in capitals.", "input": "", "output": w[::-1] * 3}
+            for w in ("candle", "forest", "window", "garden", "silver", "planet", "bottle", "marble")]
+    cfg = RunConfig(num_samples=6, eval_samples=2, batch_size=2, steps=3, max_seq_len=64, batching="longest")
+    a = build_batches(cfg, tok, long)
+    b = build_batches(cfg.replace(batching="packed"), tok, long)
+    assert b.stats["packed_rows"] == b.stats["train_records"]  # one record a row
+    assert a.fingerprint != b.fingerprint
+    import dataclasses
+
+    relabelled = dataclasses.replace(a, stats={**a.stats, "batching": "packed"})  # same arrays, other mode
+    assert relabelled.fingerprint != a.fingerprint
+    moved = build_batches(cfg.replace(batching="packed"), tok, long)
+    moved.train["position_ids"] = moved.train["position_ids"] + 1
+    assert moved.fingerprint != b.fingerprint

@@ -75,7 +75,9 @@ class Batches:
 
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
+        """sha256 (16 hex) of the batching mode and every array fed: a packed run whose rows each
+        hold one record feeds the same tokens as a `longest` one, yet is another run."""
+        h = hashlib.sha256(str(self.stats.get("batching")).encode())
         keys = self.row_keys
         parts = [(self.train, (*keys, "widths")), *((p, keys) for p in self.eval), (self.answers, sorted(self.answers))]
         for part, names in parts:
