@@ -413,3 +413,12 @@ def test_the_fingerprint_sees_the_batching_mode_and_the_positions(tok):
     moved = build_batches(cfg.replace(batching="packed"), tok, long)
     moved.train["position_ids"] = moved.train["position_ids"] + 1
     assert moved.fingerprint != b.fingerprint
+
+
+@pytest.mark.parametrize("flags, said", [({"steps": 10_000_000}, "--steps 10000000: the training batches would take up to"),
+                                         ({"epochs": 100_000_000}, "--epochs 100000000 (")])
+def test_batches_that_cannot_fit_in_memory_are_refused_before_any_is_made(tok, flags, said):
+    """--steps 10000000 once allocated 19 GiB and died; --epochs 1e8 hung before the first step."""
+    with pytest.raises(UserError, match="more than half of this machine's available memory") as e:
+        build_batches(RunConfig(num_samples=64, eval_samples=4, batch_size=4, **flags), tok)
+    assert said in str(e.value)

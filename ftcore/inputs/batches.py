@@ -133,6 +133,21 @@ class Batches:
         return cls(train=train, eval=evals, stats=stats, answers=answers)
 
 
+def check_batches_fit(cfg: RunConfig, packed: bool) -> None:
+    """Refuse, before any array is made, training batches that would take more than half of this
+    machine's available memory: steps x batch x max_seq_len x their int64 arrays (an upper bound:
+    `longest` batches may be narrower). `--steps 10000000` once allocated 19 GiB and died."""
+    import psutil
+
+    need = cfg.steps * cfg.batch_size * cfg.max_seq_len * 8 * (4 if packed else 3)
+    room = psutil.virtual_memory().available / 2
+    if need > room:
+        asked = f"--epochs {cfg.epochs} ({cfg.steps} steps)" if cfg.epochs is not None else f"--steps {cfg.steps}"
+        raise UserError(f"{asked}: the training batches would take up to {need / 2**30:.1f} GiB "
+                        f"(steps x batch x --max-seq-len x {4 if packed else 3} int64 arrays), more than half "
+                        f"of this machine's available memory ({2 * room / 2**30:.1f} GiB); run fewer steps or epochs")
+
+
 def data_warnings(records: list[dict[str, str]], train: Tokenized, evals: Tokenized, cfg: RunConfig) -> list[str]:
     """What about the selected records a user must hear, one line each: records dropped (no answer
     token fits), records that train on prompt text only, empty or whitespace-only fields."""
@@ -193,6 +208,7 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     lengths = [len(ids) for ids in units.ids]
     if cfg.epochs is not None:  # whole passes instead of --steps; the caller takes the steps from here
         cfg = cfg.replace(steps=epoch_steps(cfg.epochs, len(lengths), cfg.batch_size, cfg.batching))
+    check_batches_fit(cfg, packed)
     if cfg.batching == "padded":
         order = padded_order(len(lengths), cfg.batch_size, cfg.steps, cfg.seed)
     else:
