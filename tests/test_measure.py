@@ -147,6 +147,19 @@ def test_mfu() -> None:
     assert mfu.mfu(100.0, 1e9, None) is None
 
 
+def test_mfu_counts_real_tokens_not_padding() -> None:
+    """A pad position is no useful work: MFU from every position fed (tokens_per_s) once passed
+    the whole suite, whose other checks only bound MFU between 0 and 1."""
+    from ftcore.result import RunResult
+
+    r = RunResult(backend="torch", tokens_per_s=300.0, real_tokens_per_s=200.0, flops_per_token=1e9)
+    r.extra["framework_gemm_peak_gflops"] = 800.0
+    mfu.record_mfu(r, machine_peak=400.0)
+    assert r.mfu == pytest.approx(200.0 * 1e9 / 400e9)  # 0.5; all positions would say 0.75
+    assert r.extra["mfu_vs_framework_gemm"] == pytest.approx(0.25)
+    assert mfu.achieved_gflops(r) == pytest.approx(200.0)
+
+
 def test_host_info_never_fails() -> None:
     env = hostinfo.host_info()
     assert env["logical_cores"] >= 1 and 1 <= env["affinity_cores"] <= env["logical_cores"]
