@@ -219,6 +219,8 @@ def test_bench_diff_refuses_runs_too_short_for_the_lr_warmup():
     (["--runs", "3"], "--runs 3 can never be significant"),  # 2/C(6,3) = 0.1: no p below 0.05
     (["--threshold", "nan"], "--threshold must be a finite fraction >= 0, not nan"),
     (["--threshold", "-0.1"], "--threshold must be a finite fraction >= 0"),
+    (["--json", "."], "--json .: is a folder; name a file to write"),
+    (["--json", "no/such/dir/d.json"], "--json no/such/dir/d.json: its folder no/such/dir does not exist"),
 ])
 def test_bench_diff_refuses_what_could_never_flag_a_case(args, said):
     out = ftcore_in_process("bench-diff", "HEAD", "HEAD", *args)

@@ -137,6 +137,10 @@ def bench_diff(plan: DiffPlan) -> int:
                         f"U test's smallest p-value is 2/C(2n, n), below {ALPHA} only from {fewest} runs")
     if timed < 1 or warmup < 0:
         raise UserError("bench-diff: --timed-steps >= 1, --warmup-steps >= 0")
+    if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
+        # checked before the runs: it was once refused only after 88 s of them
+        why = "is a folder" if json_path.is_dir() else f"its folder {json_path.parent} does not exist"
+        raise UserError(f"bench-diff: --json {json_path}: {why}; name a file to write")
     lr_warmup = RunConfig().warmup_steps  # each run is `ftcore run` with the default LR warm-up
     if warmup + timed < lr_warmup:
         raise UserError(f"bench-diff: --warmup-steps {warmup} + --timed-steps {timed} is {warmup + timed} steps; "
