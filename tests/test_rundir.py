@@ -119,3 +119,23 @@ def test_stop_all_terminates_then_kills_every_live_child():
     assert time.monotonic() - t0 < 10
     assert obey.returncode == -15 and ignore.returncode == -9  # SIGTERM, then SIGKILL
     assert not procs.LIVE
+
+
+def test_a_run_whose_process_died_is_named_so(tmp_path):
+    """A SIGKILLed parent leaves status.json at `running` for ever: the next run into the folder
+    says that run's process is gone (a live one is not called dead)."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / STATUS_FILE).write_text(json.dumps({"status": "running", "pid": gone.pid}))
+    with pytest.raises(UserError, match=r"died without ending it .* pass --replace"):
+        RunDir(out).claim()
+    (out / STATUS_FILE).write_text(json.dumps({"status": "running", "pid": os.getpid()}))
+    with pytest.raises(UserError) as e:
+        RunDir(out).claim()
+    assert "without ending it" not in str(e.value) and "holds an earlier run; pass --replace" in str(e.value)

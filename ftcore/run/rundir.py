@@ -29,6 +29,27 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _dead_run(out: Path) -> str:
+    """", whose process (pid N) died without ending it" when status.json still says `running` and
+    that process is gone (e.g. SIGKILLed), else ""."""
+    import json
+
+    try:
+        st = json.loads((out / STATUS_FILE).read_text())
+        pid = int(st["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if st.get("status") != "running":
+        return ""
+    try:
+        os.kill(pid, 0)  # signal 0: does the process exist?
+    except ProcessLookupError:
+        return f" whose process (pid {pid}) died without ending it (status.json still says running)"
+    except PermissionError:
+        pass
+    return ""
+
+
 class RunDir:
     """The folder one command writes. `claim()` it after every input check has passed (nothing
     is written for a refused run), then `end(status, exit_code)` or `interrupted()`."""
@@ -52,7 +73,7 @@ class RunDir:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a folder")
         if out.is_dir() and any(out.iterdir()) and not self.replace:
-            raise UserError(f"--out {out}: holds an earlier run; pass --replace to replace it whole")
+            raise UserError(f"--out {out}: holds an earlier run{_dead_run(out)}; pass --replace to replace it whole")
 
     def claim(self) -> Path:
         self.check()
