@@ -168,3 +168,57 @@ def busy_line(case: str, info: dict) -> str | None:
 def busy_lines(benchmarks: list[Any]) -> list[str]:
     """One line per timed benchmark (pytest-benchmark's Metadata) whose case had a busy process."""
     return [line for b in benchmarks if (line := busy_line(case_name(b), b.extra_info or {}))]
+
+
+STAT_FIELDS = ("min", "max", "mean", "median", "stddev")  # what --benchmark-compare-fail may read
+
+
+def baseline_problem(compared_benchmark: Any) -> str | None:
+    """What makes a loaded baseline unusable (it once ran the whole benchmark and then ended in a
+    traceback or INTERNALERROR): not an object, `machine_info` not an object, `benchmarks` not a
+    list of entries each with a `fullname` and finite numeric `stats`. None when it is usable."""
+    import math
+
+    if not isinstance(compared_benchmark, dict):
+        return "not a JSON object"
+    if not isinstance(compared_benchmark.get("machine_info"), dict):
+        return "`machine_info` is not an object"
+    benches = compared_benchmark.get("benchmarks")
+    if not isinstance(benches, list) or not benches:
+        return "`benchmarks` is not a non-empty list"
+    for i, b in enumerate(benches):
+        name = b.get("fullname") if isinstance(b, dict) else None
+        if not isinstance(name, str):
+            return f"benchmark {i} has no `fullname`"
+        stats = b.get("stats")
+        if not isinstance(stats, dict):
+            return f"{name}: no `stats`"
+        for key in STAT_FIELDS:
+            v = stats.get(key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                return f"{name}: stats.{key} is {v!r}, not a number"
+    return None
+
+
+def check_baseline_files(config: Any) -> None:
+    """Before pytest-benchmark loads them (it skips a file it cannot parse with a warning and
+    ends in a traceback after the whole run): the baseline files `--benchmark-compare` selects,
+    chosen as pytest-benchmark does, must parse and pass baseline_problem; else one usage error."""
+    import json
+
+    import pytest
+    from pytest_benchmark.storage.file import FileStorage
+    from pytest_benchmark.utils import get_machine_id
+
+    compare, storage = config.getoption("benchmark_compare", None), config.getoption("benchmark_storage", None)
+    if not compare or not isinstance(storage, str) or "://" in storage and not storage.startswith("file://"):
+        return
+    files = FileStorage(storage.removeprefix("file://"), logger=None, default_machine_id=get_machine_id())
+    chosen = list(files.query("[0-9][0-9][0-9][0-9]_"))[-1:] if compare is True else list(files.query(compare))
+    for path in chosen:
+        try:
+            problem = baseline_problem(json.loads(path.read_text(encoding="utf8")))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            problem = f"not readable JSON ({e})"
+        if problem:
+            raise pytest.UsageError(f"--benchmark-compare: baseline {path} is unusable: {problem}")

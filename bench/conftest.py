@@ -112,6 +112,7 @@ class Opts:
 
 def pytest_configure(config: pytest.Config) -> None:
     opts = config._ftcore_bench = Opts(config)
+    bc.check_baseline_files(config)  # before pytest-benchmark (trylast) loads them
     config.addinivalue_line("markers", f"{FULL_ONLY}: left out of --bench-quick (CI's time budget)")
     if opts.quick:
         clash = [flag for flag, dest in (("--benchmark-only", "benchmark_only"), ("--benchmark-save", "benchmark_save"),

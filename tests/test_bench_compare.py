@@ -127,3 +127,40 @@ def test_compare_across_machines_notes_marks_and_does_not_fail(tmp_path: Path):
     out3 = r3.stdout + r3.stderr
     assert r3.returncode == 1 and "Performance has regressed" in out3, out3[-4000:]
     assert "--benchmark-compare-fail still applies" in out3
+
+
+def _no_median(b: dict) -> None:
+    b["benchmarks"][0]["stats"]["median"] = None
+
+
+def _info_text(b: dict) -> None:
+    b["machine_info"] = "a string"
+
+
+def _no_stats(b: dict) -> None:
+    del b["benchmarks"][0]["stats"]
+
+
+def _truncated(b: dict) -> str:
+    return json.dumps(b)[:500]
+
+
+@pytest.mark.parametrize("edit, said", [(_no_median, "stats.median is None, not a number"),
+                                        (_info_text, "`machine_info` is not an object"),
+                                        (_no_stats, ": no `stats`"),
+                                        (_truncated, "not readable JSON (")])
+def test_a_malformed_baseline_is_refused_before_the_first_case(tmp_path: Path, edit, said):
+    """It once ran the whole benchmark, then ended in a traceback or INTERNALERROR."""
+    committed = json.loads(next((ROOT / ".benchmarks").rglob("*.json")).read_text())
+    text = edit(committed)
+    if text is None:
+        store(tmp_path, "bad", committed)
+    else:
+        (tmp_path / get_machine_id()).mkdir(parents=True)
+        (tmp_path / get_machine_id() / "0001_bad.json").write_text(text)
+    res = bench_session(tmp_path, compare="0001")
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    bad = tmp_path / get_machine_id() / "0001_bad.json"
+    assert res.returncode == 4 and len(lines) == 1, res.stdout + res.stderr
+    assert lines[0].startswith(f"ERROR: --benchmark-compare: baseline {bad} is unusable: "), lines
+    assert said in lines[0] and "Traceback" not in res.stderr and "test_tokenize_alpaca" not in res.stdout.split("ERROR")[0]
