@@ -18,6 +18,7 @@ all come from the one dict build_verdict returns.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from ftcore.measure.stats import BAND, compare_runs
@@ -46,12 +47,8 @@ def usable(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_figures(r: dict[str, Any]) -> dict[str, Any]:
     """One run's entry under verdict["repeats"]."""
-    steps = sorted(timed_steps(r))
-    median = None
-    if steps:
-        k = len(steps)
-        median = steps[k // 2] if k % 2 else (steps[k // 2 - 1] + steps[k // 2]) / 2
-    return {"status": r.get("status"), "busy": busy(r), "median_step_s": median,
+    steps = timed_steps(r)
+    return {"status": r.get("status"), "busy": busy(r), "median_step_s": statistics.median(steps) if steps else None,
             "train_time_s": r.get("train_time_s"), "peak_rss_mb": r.get("peak_rss_mb"),
             "loss_tokens_per_s": r.get("loss_tokens_per_s")}
 

@@ -47,18 +47,18 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def check_adapter(config: dict[str, Any], tensors: dict[str, Any], arch: dict[str, Any], adapter_dir: Path) -> None:
     """Refuse an adapter that would decode garbage or silently act as the base model: non-finite
-    or exploded weights (ftcore.run.training_health.EXPLODED), an unusable scale, or a target module of some layer without its lora_A / lora_B."""
+    or exploded weights (ftcore.run.training_health.EXPLODED), an unusable scale, or a target
+    module of some layer without its lora_A / lora_B."""
     import numpy as np
 
     from ftcore.inputs.arch import module_path
-    from ftcore.run.training_health import EXPLODED
+    from ftcore.run.training_health import EXPLODED, largest_weight, nonfinite
 
-    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
-    if bad:
+    if bad := nonfinite(tensors):
         raise UserError(f"{adapter_dir}: {bad[0]} holds NaN or Inf ({len(bad)} tensor(s)); the adapter is broken")
-    big = sorted((float(np.abs(v).max(initial=0)), k) for k, v in tensors.items())[-1:]
-    if big and big[0][0] > EXPLODED:  # a diverged fine-tune's: it would decode an empty answer
-        raise UserError(f"{adapter_dir}: {big[0][1]} holds |w| = {big[0][0]:.3g} (> {EXPLODED:g}); the fine-tune "
+    name, biggest = largest_weight(tensors)
+    if biggest > EXPLODED:  # a diverged fine-tune's: it would decode an empty answer
+        raise UserError(f"{adapter_dir}: {name} holds |w| = {biggest:.3g} (> {EXPLODED:g}); the fine-tune "
                         "that wrote it diverged")
     alpha, rank = config.get("lora_alpha"), config.get("r")
     if not (isinstance(alpha, int | float) and isinstance(rank, int) and rank > 0 and np.isfinite(alpha / rank)

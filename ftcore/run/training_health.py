@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,17 @@ EXPLODED = 1e4  # |adapter weight| beyond this: diverged (the default moves them
 COLLAPSE_STEPS = 3
 COLLAPSE_ATOL = 1e-4
 ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def nonfinite(tensors: dict[str, Any]) -> list[str]:
+    """Names of the tensors holding NaN or Inf, sorted."""
+    return sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+
+
+def largest_weight(tensors: dict[str, Any]) -> tuple[str, float]:
+    """(name, max |w|) of the tensor with the largest magnitude; ("", 0.0) when there is none."""
+    return max(((k, float(np.abs(v).max(initial=0.0))) for k, v in tensors.items()),
+               key=lambda kv: kv[1], default=("", 0.0))
 
 
 def adapter_problem(adapter_dir: Path) -> tuple[str, str] | None:
@@ -34,11 +46,9 @@ def adapter_problem(adapter_dir: Path) -> tuple[str, str] | None:
     if not path.is_file():
         return None
     tensors = {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
-    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
-    if bad:
+    if bad := nonfinite(tensors):
         return "diverged", f"the trained adapter holds NaN or Inf ({bad[0]}, {len(bad)} tensor(s))"
-    name, biggest = max(((k, float(np.abs(v).max(initial=0.0))) for k, v in tensors.items()),
-                        key=lambda kv: kv[1], default=("", 0.0))
+    name, biggest = largest_weight(tensors)
     if biggest > EXPLODED:
         return "diverged", f"the adapter's weights exploded: max |w| = {biggest:.3g} in {name} (> {EXPLODED:g})"
     b = [v for k, v in tensors.items() if "lora_B" in k]
