@@ -216,16 +216,20 @@ def _varied_records(n: int, seed: int = 0) -> list[dict]:
 
 def test_longest_batches_are_mlx_lm_iterate_batches(tok):
     """`longest` makes the batches mlx-lm's trainer makes from the same records and seed: the same
-    records per batch in the same order, padded to the same width (loop=True: 3+ epochs)."""
+    records per batch in the same order, padded to the same width (loop=True: 3+ epochs). mlx-lm
+    sorts by each record's whole length, truncating only when it pads a batch: records longer than
+    --max-seq-len must keep their order by whole length, not tie at the limit."""
     pytest.importorskip("mlx_lm")
     from mlx_lm.tuner.trainer import iterate_batches
 
-    cfg = RunConfig(num_samples=30, eval_samples=4, batch_size=4, steps=24, max_seq_len=256, batching="longest", seed=3)
+    cfg = RunConfig(num_samples=30, eval_samples=4, batch_size=4, steps=24, max_seq_len=120, batching="longest", seed=3,
+                    mask_prompt=False)  # nothing dropped: every record keeps targets however long
     records = _varied_records(40)
     ours = build_batches(cfg, tok, records)
     train, _ = select_records(records, cfg.num_samples, cfg.eval_samples, cfg.seed)
-    dataset = [(ids, 0) for ids in tokenize_records(train, tok, cfg.max_seq_len, cfg.mask_prompt).ids]
-    theirs = iterate_batches(dataset, cfg.batch_size, cfg.max_seq_len, loop=True, seed=cfg.seed)
+    whole = tokenize_records(train, tok, 10_000, cfg.mask_prompt).ids  # untruncated, as mlx-lm's dataset
+    assert ours.stats["dropped_records"] == 0 and sum(len(ids) > cfg.max_seq_len for ids in whole) >= 8
+    theirs = iterate_batches([(ids, 0) for ids in whole], cfg.batch_size, cfg.max_seq_len, loop=True, seed=cfg.seed)
     widths = set()
     for s in range(cfg.steps):
         tokens, offsets_lengths = (np.array(a) for a in next(theirs))
@@ -235,7 +239,7 @@ def test_longest_batches_are_mlx_lm_iterate_batches(tok):
         real = step["attention_mask"].astype(bool)  # mlx-lm pads with 0, ftcore with EOS
         np.testing.assert_array_equal(step["input_ids"][real], tokens[real])
         widths.add(tokens.shape[1])
-    assert len(widths) >= 3 and ours.stats["distinct_widths"] == len(set(ours.train["widths"].tolist()))
+    assert len(widths) >= 2 and ours.stats["distinct_widths"] == len(set(ours.train["widths"].tolist()))
 
 
 def test_longest_pads_each_batch_to_a_multiple_of_32_plus_one(tok):
@@ -252,7 +256,7 @@ def test_longest_pads_each_batch_to_a_multiple_of_32_plus_one(tok):
     t = b.step_tokens()
     assert t["padded"] == int(b.train["widths"].sum()) * 4 and t["real"] == int(b.train["attention_mask"].sum())
     assert b.stats["padding_share"] == pytest.approx(1 - t["real"] / t["padded"])
-    assert b.stats["steps_per_epoch"] == 30 // 4
+    assert b.stats["steps_per_epoch"] == -(-30 // 4)  # a whole pass ends with a short batch
 
 
 def test_longest_wastes_less_than_padded_on_varied_lengths(tok):
@@ -285,47 +289,127 @@ def test_alpaca_length_profile_follows_alpaca_s_percentiles(tok):
     assert build_batches(cfg, tok).stats["train_records"] == 64
 
 
-def test_epochs_are_whole_passes_in_each_batching(tok):
-    """--epochs N: `longest` takes N x (n // batch) steps, each epoch every batch once (the same
-    records, a new order); `padded` takes ceil(N x n / batch) steps."""
+def _trained_records(b, steps) -> list[tuple[int, ...]]:
+    """Every record a range of steps trains on, once per occurrence (rows without targets skipped)."""
+    fed = []
+    for s in steps:
+        step = b.step(s)
+        for ids, labels, mask, pos in zip(step["input_ids"], step["labels"], step["attention_mask"],
+                                          step.get("position_ids", step["attention_mask"] * 0 + 1), strict=True):
+            if not (labels[1:] != IGNORE_INDEX).any():
+                continue
+            starts = np.flatnonzero((pos == 0) & (mask == 1)).tolist() if "position_ids" in step else [0]
+            starts.append(int(mask.sum()))
+            fed += [tuple(ids[a:z].tolist()) for a, z in zip(starts, starts[1:], strict=False)]
+    return fed
+
+
+@pytest.mark.parametrize(("batching", "batch"), [("longest", 4), ("packed", 3)])  # neither divides evenly
+def test_epochs_train_every_record_once_per_epoch(tok, batching, batch):
+    """--epochs N: each epoch trains every record exactly once. A pass that does not divide into
+    batches ends with a short batch whose missing rows are copies of its own rows with no targets
+    (filler rows); they are not counted as real tokens."""
     from ftcore.run.preflight import check_run
 
     records = _varied_records(40)
-    kw = dict(num_samples=30, eval_samples=4, batch_size=4, max_seq_len=256, epochs=2)
-    b = build_batches(RunConfig(**kw, batching="longest"), tok, records)
-    assert len(b.train["widths"]) == 2 * (30 // 4) == 2 * b.stats["steps_per_epoch"]
-    rows = [frozenset(r.tobytes() for r in b.step(s)["input_ids"]) for s in range(14)]
-    assert set(rows[:7]) == set(rows[7:]) and len(set(rows[:7])) == 7 and rows[:7] != rows[7:]
-    assert len(build_batches(RunConfig(**kw, batching="padded"), tok, records).train["widths"]) == 15
-    prep = check_run(RunConfig(**kw, batching="longest", preset="tiny", data=None))
+    kw = dict(num_samples=30, eval_samples=4, batch_size=batch, max_seq_len=256, epochs=2, batching=batching)
+    b = build_batches(RunConfig(**kw), tok, records)
+    train, _ = select_records(records, 30, 4, 0)
+    every = sorted(tuple(ids) for ids in tokenize_records(train, tok, 256, mask_prompt=True).ids)
+    units = 30 if batching == "longest" else b.stats["packed_rows"]
+    per_epoch = b.stats["steps_per_epoch"]
+    assert per_epoch == -(-units // batch) and units % batch and len(b.train["widths"]) == 2 * per_epoch
+    for epoch in range(2):
+        assert sorted(_trained_records(b, range(epoch * per_epoch, (epoch + 1) * per_epoch))) == every
+    labels = b.train["labels"]
+    filler = ~(labels[..., 1:] != IGNORE_INDEX).any(-1)  # (steps, batch)
+    assert filler.sum() == b.stats["filler_rows"] == 2 * (batch - units % batch)
+    for s, r in zip(*np.nonzero(filler), strict=True):  # a copy of a trained row of its own batch
+        own = [b.train["input_ids"][s, k] for k in range(batch) if not filler[s, k]]
+        assert any((row == b.train["input_ids"][s, r]).all() for row in own)
+    real = int((b.train["attention_mask"] * ~filler[..., None]).sum())
+    assert b.step_tokens()["real"] == real < int(b.train["attention_mask"].sum())
+    prep = check_run(RunConfig(**kw, preset="tiny", data=None))
     assert prep.cfg.steps == len(prep.batches.train["widths"]) == 2 * prep.batches.stats["steps_per_epoch"]
 
 
+def test_steps_keep_mlx_lm_s_passes_without_a_short_batch(tok):
+    """--steps with `longest`: mlx-lm's loop, a remainder smaller than a batch left out of every
+    pass (no filler rows); `padded` with --epochs runs on into the next epoch (ceil(N x n / batch))."""
+    records = _varied_records(40)
+    kw = dict(num_samples=30, eval_samples=4, batch_size=4, max_seq_len=256)
+    b = build_batches(RunConfig(**kw, steps=14, batching="longest"), tok, records)
+    assert b.stats["filler_rows"] == 0 and len(set(_trained_records(b, range(14)))) == 28
+    assert len(build_batches(RunConfig(**kw, epochs=2, batching="padded"), tok, records).train["widths"]) == 15
+
+
+@pytest.mark.parametrize("framework", ["torch", "mlx"])
+def test_filler_rows_change_neither_loss_nor_count(tok, tiny_model_dir, tmp_path, framework):
+    """A short batch's filler rows: the loss sum and target count of the whole (batch, width) step
+    equal those of its real rows alone, in each framework's loss (ftcore.{torch,mlx}.loss)."""
+    records = _varied_records(40)
+    b = build_batches(RunConfig(num_samples=30, eval_samples=0, batch_size=4, max_seq_len=256, epochs=1,
+                                batching="longest"), tok, records)
+    s = next(s for s in range(b.train["widths"].size) if not (b.step(s)["labels"][-1, 1:] != IGNORE_INDEX).any())
+    step = b.step(s)
+    real = int((step["labels"][:, 1:] != IGNORE_INDEX).any(-1).sum())
+    if framework == "torch":
+        import torch
+
+        from transformers import AutoModelForCausalLM
+
+        from ftcore.torch.loss import loss_sum_count
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+        def run(batch):
+            with torch.no_grad():
+                total, count = loss_sum_count(model, {k: torch.from_numpy(v) for k, v in batch.items()})
+            return float(total), int(count)
+    else:
+        import mlx.core as mx
+
+        from ftcore.mlx.convert import convert_hf_to_mlx
+        from ftcore.mlx.loss import loss_sum_count
+        from ftcore.mlx.model import load_model
+
+        model, _ = load_model(convert_hf_to_mlx(tiny_model_dir, tmp_path / "mlx"))
+
+        def run(batch):
+            total, count = loss_sum_count(model, {k: mx.array(v) for k, v in batch.items()})
+            return float(total), int(count)
+
+    whole, alone = run(step), run({k: v[:real] for k, v in step.items()})
+    assert whole[1] == alone[1] > 0 and whole[0] == pytest.approx(alone[0], rel=1e-6)
+
+
+def test_mlx_lm_counts_no_target_in_a_filler_row(tok):
+    """mlx-lm's default_loss takes targets from (offset, length): a filler row must give none."""
+    pytest.importorskip("mlx_lm")
+    from ftcore.backends.mlx_lm import mlx_lm_target_count
+
+    b = build_batches(RunConfig(num_samples=30, eval_samples=0, batch_size=4, max_seq_len=256, epochs=1,
+                                batching="longest"), tok, _varied_records(40))
+    for s in range(b.train["widths"].size):
+        step = b.step(s)
+        real = int((step["labels"][:, 1:] != IGNORE_INDEX).any(-1).sum())
+        assert mlx_lm_target_count(step) == mlx_lm_target_count({k: v[:real] for k, v in step.items()})
+
+
 def test_packed_rows_hold_every_record_once_per_epoch(tok):
-    """`packed`: each epoch feeds every training record once, whole and contiguous, in rows of at
-    most --max-seq-len tokens with positions restarting at 0 per record; eval rows hold the same
-    loss targets as unpacked eval batches; fewer padded positions than `longest`."""
+    """`packed`: each record is fed whole and contiguous, in rows of at most --max-seq-len tokens
+    with positions restarting at 0 per record; eval rows hold the same loss targets as unpacked
+    eval batches; fewer padded positions than `longest`."""
     records = _varied_records(40)
     kw = dict(num_samples=30, eval_samples=6, batch_size=2, max_seq_len=256, epochs=2)
     b = build_batches(RunConfig(**kw, batching="packed"), tok, records)
-    train, _ = select_records(records, 30, 6, 0)
-    alone = tokenize_records(train, tok, 256, mask_prompt=True).ids
-    per_epoch = b.stats["steps_per_epoch"]
-    assert per_epoch == b.stats["packed_rows"] // 2 and b.stats["packed_rows"] < 30
-    assert len(b.train["widths"]) == 2 * per_epoch
-    for epoch in range(2):
-        fed = []
-        for s in range(epoch * per_epoch, (epoch + 1) * per_epoch):
-            step = b.step(s)
-            assert step["input_ids"].shape[1] <= 256
-            for ids, pos, mask in zip(step["input_ids"], step["position_ids"], step["attention_mask"], strict=True):
-                starts = np.flatnonzero((pos == 0) & (mask == 1)).tolist() + [int(mask.sum())]
-                fed += [ids[a:z].tolist() for a, z in zip(starts, starts[1:], strict=False)]
-        # a remainder of rows smaller than a batch is left out, as in `longest`
-        assert len(fed) <= 30 and sorted(map(tuple, fed)) == sorted(set(map(tuple, fed)))
-        assert all(list(r) in alone for r in fed)
-        left_out_rows = b.stats["packed_rows"] % 2
-        assert 30 - len(fed) <= left_out_rows * (256 // min(map(len, alone)))
+    assert b.stats["packed_rows"] < 30
+    for s in range(len(b.train["widths"])):
+        step = b.step(s)
+        assert step["input_ids"].shape[1] <= 256
+        for pos, mask in zip(step["position_ids"], step["attention_mask"], strict=True):
+            starts = np.flatnonzero((pos == 0) & (mask == 1))
+            assert (np.diff(pos[: int(mask.sum())]) != 1).sum() == len(starts) - 1  # contiguous records
     unpacked = build_batches(RunConfig(**kw, batching="longest"), tok, records)
     # eval records are packed too (the same mode as training), with the same loss targets
     assert all("position_ids" in e for e in b.eval) and len(b.eval) < len(unpacked.eval)

@@ -27,7 +27,7 @@ from ftcore.config import RunConfig, UserError
 from ftcore.inputs.arch import block_of, read_arch
 from ftcore.inputs.batches import Batches
 from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
-from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count
+from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count, trained_rows
 from ftcore.measure.blas import blas_threads
 from ftcore.measure.rss import current_rss_mb
 from ftcore.mlx.adapters import save_adapters
@@ -70,9 +70,12 @@ def peft_layout(model) -> dict[str, mx.array]:
 
 def offsets_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
     """mlx-lm's per-row (offset, length), (B, 2): the first loss target position (the prompt
-    length when masking) and the real length (padding excluded; our rows are right-padded)."""
+    length when masking) and the real length (padding excluded; our rows are right-padded). A row
+    with no target (a short batch's filler row) gets (1, 0): no position counts."""
     offsets = np.argmax(batch["labels"] != IGNORE_INDEX, axis=1)
-    return np.stack([offsets, batch["attention_mask"].sum(axis=1)], axis=1)
+    trained = trained_rows(batch["labels"])
+    ol = np.stack([offsets, batch["attention_mask"].sum(axis=1)], axis=1)
+    return np.where(trained[:, None], ol, np.array([1, 0]))
 
 
 def mlx_lm_batch(batch: dict[str, np.ndarray]) -> tuple[mx.array, mx.array]:

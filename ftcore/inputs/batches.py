@@ -28,11 +28,12 @@ from ftcore.inputs import length_profile
 from ftcore.inputs.batching import (
     batch_width,
     epoch_steps,
+    filled,
     longest_order,
     padded_order,
     steps_per_epoch,
 )
-from ftcore.inputs.loss_contract import target_count
+from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count, trained_rows
 from ftcore.inputs.records import (
     SYNTHETIC_SIZE,
     format_prompt,
@@ -105,12 +106,15 @@ class Batches:
 
     def step_tokens(self, first: int = 0, stop: int | None = None) -> dict[str, int]:
         """Over steps [first, stop): `padded` positions fed (batch x width, what the step
-        computes on), `real` (non-pad) tokens and `loss` tokens (targets the loss is taken over)."""
+        computes on), `real` (non-pad) tokens of the rows trained on (a short batch's filler rows
+        are computed like padding: ftcore.inputs.batching) and `loss` tokens (targets the loss is
+        taken over)."""
         widths = self.train["widths"][first:stop]
         rows = self.train["input_ids"].shape[1]
+        trained = trained_rows(self.train["labels"][first:stop])  # (steps, batch)
         return {
             "padded": int(widths.sum()) * rows,
-            "real": int(self.train["attention_mask"][first:stop].sum()),
+            "real": int((self.train["attention_mask"][first:stop] * trained[..., None]).sum()),
             "loss": target_count(self.train["labels"][first:stop]),
         }
 
@@ -211,11 +215,15 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     check_batches_fit(cfg, packed)
     if cfg.batching == "padded":
         order = padded_order(len(lengths), cfg.batch_size, cfg.steps, cfg.seed)
-    else:
-        order = longest_order(lengths, cfg.batch_size, cfg.steps, cfg.seed)
+    else:  # sorted as mlx-lm sorts: records by their whole length, packed rows by their filled one
+        sort_keys = lengths if packed else train_tok.full_lens
+        order = longest_order(sort_keys, cfg.batch_size, cfg.steps, cfg.seed, whole_epochs=cfg.epochs is not None)
     widths = [batch_width([lengths[i] for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
+    order, real_rows = zip(*(filled(rows, cfg.batch_size) for rows in order), strict=True)
     train = pad_rows(units, [i for rows in order for i in rows], max(widths), pad_id)
     train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}
+    for s, real in enumerate(real_rows):  # a short batch's filler rows: no targets (batching docstring)
+        train["labels"][s, real:] = IGNORE_INDEX
     train["widths"] = np.array(widths, dtype=np.int64)
     n_eval = len(eval_units.ids)
     eval_rows = [list(range(i, min(i + cfg.batch_size, n_eval))) for i in range(0, n_eval, cfg.batch_size)]
@@ -234,11 +242,12 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         "data_warnings": data_warnings(train_recs + eval_recs, train_tok, eval_tok, cfg),
         "batching": cfg.batching,
         "packed_rows": len(lengths) if packed else None,  # rows the training records were packed into
+        "filler_rows": cfg.steps * cfg.batch_size - sum(real_rows),  # short batches' rows with no targets
         "padded_tokens": tokens["padded"],
         "loss_tokens": tokens["loss"],
         "real_tokens": tokens["real"],
         "padding_share": 1 - tokens["real"] / tokens["padded"],
-        # units per epoch as the batching consumes them (`longest`, `packed` leave a remainder out)
+        # steps of one whole pass over the units (`longest`, `packed`: the last batch short)
         "steps_per_epoch": steps_per_epoch(len(lengths), cfg.batch_size, cfg.batching),
         "distinct_widths": len(set(widths)),
         "answer_records": len(answers.get("prompt_len", ())),

@@ -2,19 +2,25 @@
 padded to what width. ftcore.inputs.batches builds the arrays; this module decides their shape.
 
 - `padded`: every row padded to max_seq_len; batches walk seeded permutations of the records,
-  epoch after epoch;
+  epoch after epoch (an epoch's tail continues into the next batch);
 - `longest`: mlx-lm's trainer (`mlx_lm.tuner.trainer.iterate_batches`, mlx-lm 0.32): records sorted
-  by length (a stable sort), cut into consecutive batches (a remainder smaller than a batch is
-  left out), the batch order a permutation drawn by numpy's legacy generator seeded with the
-  run's seed, drawn again for every epoch; each batch padded to 1 + 32 * ceil(longest / 32), at
-  most max_seq_len;
+  by their whole length before truncation (a stable sort), cut into consecutive batches, the batch
+  order a permutation drawn by numpy's legacy generator seeded with the run's seed, drawn again
+  for every epoch; each batch padded to 1 + 32 * ceil(longest / 32), at most max_seq_len. With
+  `--steps` the batches are mlx-lm's exactly: a remainder smaller than a batch is left out of every
+  pass. With `--epochs` every record is trained once per epoch: the remainder is a short batch;
 - `packed`: several records per row (torchtune's PackedDataset, HF's DataCollatorWithFlattening):
   the records are packed once, first-fit-decreasing (longest record first, each into the first
   row with room, a new row when none has), into rows of at most max_seq_len tokens; the rows then
-  take `longest`'s place (seeded batch order per epoch, remainder left out, the same padding
+  take `longest`'s place (seeded batch order per epoch, the same remainder rule, the same padding
   rule). Inside a row every record attends only to itself (a per-document causal mask) and its
   positions restart at 0 (`position_ids`); its first token is never a target, so each record's
   loss terms are exactly those it has alone.
+
+A short batch keeps the run's (batch, width) shape: its missing rows are copies of its own rows
+with every label IGNORE_INDEX ("filler rows"). The loss is the mean over the batch's target tokens
+and rows do not see each other, so filler rows change neither the loss nor any gradient; they are
+computed (like padding) and are not counted as real tokens.
 """
 
 from __future__ import annotations
@@ -33,11 +39,16 @@ def batch_width(lengths: list[int], max_seq_len: int, batching: str) -> int:
     return min(1 + PAD_MULTIPLE * -(-max(lengths) // PAD_MULTIPLE), max_seq_len)
 
 
-def longest_order(lengths: list[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """`steps` batches of record indices as mlx-lm's iterate_batches makes them (loop=True).
-    For `packed`, the "records" are the packed rows (their filled lengths)."""
+def longest_order(
+    lengths: list[int], batch_size: int, steps: int, seed: int, whole_epochs: bool = False,
+) -> list[list[int]]:
+    """`steps` batches of record indices as mlx-lm's iterate_batches makes them (loop=True), sorted
+    by `lengths` (each record's whole length, before truncation, as mlx-lm sorts). For `packed`,
+    the "records" are the packed rows (their filled lengths). whole_epochs: the remainder is a
+    short last batch instead of left out, so each pass holds every record once (--epochs)."""
     by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
-    batches = [by_length[i : i + batch_size] for i in range(0, len(by_length) - batch_size + 1, batch_size)]
+    stop = len(by_length) if whole_epochs else len(by_length) - batch_size + 1
+    batches = [by_length[i : i + batch_size] for i in range(0, stop, batch_size)]
     rng = np.random.RandomState(seed)  # what np.random.seed(seed) + np.random.permutation draw
     order: list[list[int]] = []
     while len(order) < steps:
@@ -72,10 +83,16 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def steps_per_epoch(n: int, batch_size: int, batching: str) -> float:
-    """Steps one pass over n units (records; packed rows for `packed`) takes: `longest` and
-    `packed` leave the remainder out (n // batch), `padded` runs on into the next epoch (n / batch,
-    a fraction)."""
-    return n / batch_size if batching == "padded" else n // batch_size
+    """Steps one whole pass over n units (records; packed rows for `packed`) takes: `longest` and
+    `packed` end a pass with a short batch (ceil(n / batch)), `padded` runs on into the next epoch
+    (n / batch, a fraction)."""
+    return n / batch_size if batching == "padded" else math.ceil(n / batch_size)
+
+
+def filled(rows: list[int], batch_size: int) -> tuple[list[int], int]:
+    """A batch's record indices made up to batch_size by repeating its own rows, and how many rows
+    are real (the rest are filler rows: the module docstring)."""
+    return rows + [rows[k % len(rows)] for k in range(batch_size - len(rows))], len(rows)
 
 
 def epoch_steps(epochs: int, n: int, batch_size: int, batching: str) -> int:

@@ -27,6 +27,12 @@ def target_count(labels: np.ndarray) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
+def trained_rows(labels: np.ndarray) -> np.ndarray:
+    """(..., L) labels -> (...) bool: the rows with at least one target (every kept record has one;
+    a short batch's filler rows have none)."""
+    return (labels[..., 1:] != IGNORE_INDEX).any(-1)
+
+
 def reference_sum_count(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
     """The contract in float64 numpy: full logits (B, L, V), labels (B, L) -> (CE sum, count)."""
     lo, tg = logits[:, :-1].astype(np.float64), labels[:, 1:]

@@ -31,6 +31,7 @@ class Tokenized:
     positions: list[list[int]] | None = None
     keeps_all_at: int = 0  # the smallest max_seq_len at which no record is dropped (0: none was)
     prompt_only: int = 0  # kept records none of whose answer fits (they train on prompt text only)
+    full_lens: list[int] = field(default_factory=list)  # each kept record's length before truncation
 
 
 def template_length(tokenizer: Any, prompt_format: str = "alpaca") -> int:
@@ -75,7 +76,7 @@ def tokenize_records(
         return Tokenized([], [], 0, [], [])
     eos = tokenizer.eos_token_id
     prompt_ids, full_ids = rendered_ids(records, tokenizer, prompt_format)
-    ids_out, labels_out, dropped, prompt_lens, complete = [], [], 0, [], []
+    ids_out, labels_out, dropped, prompt_lens, complete, full_lens = [], [], 0, [], [], []
     keeps_all_at = prompt_only = 0
     for p_ids, f_ids in zip(prompt_ids, full_ids, strict=True):
         ids = list(f_ids)[:max_seq_len]
@@ -94,8 +95,9 @@ def tokenize_records(
         labels_out.append(labels)
         prompt_lens.append(len(p_ids))
         complete.append(whole)
+        full_lens.append(len(f_ids))
     return Tokenized(ids_out, labels_out, dropped, prompt_lens, complete, keeps_all_at=keeps_all_at,
-                     prompt_only=prompt_only)
+                     prompt_only=prompt_only, full_lens=full_lens)
 
 
 def pad_id_of(tokenizer: Any) -> int:
