@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ftcore.backends import BACKENDS
 from ftcore.bench.cases import SIZES
+from ftcore.cache_dir import file_in_the_way
 from ftcore.config import (
     PRESETS,
     PROMPT_FORMATS,
@@ -218,6 +219,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.replace:
         raise UserError(f"--out {args.out}: not an empty folder; pass --replace to rebuild it")
+    if blocker := file_in_the_way(args.out):
+        raise UserError(f"--out {args.out}: {blocker} is a file, not a folder; choose an --out outside it")
     build_preset("tiny-pretrained", preset_config("tiny-pretrained"), args.out)
     made = json.loads((args.out / "ftcore_preset.json").read_text())
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in made["exact_match"].items())

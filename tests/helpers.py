@@ -227,10 +227,10 @@ TINYLLAMA_CHAT_TEMPLATE = (
 )
 
 
-def with_chat_template(src: Path, dst: Path) -> Path:
-    """A copy of the model folder src whose tokenizer carries TinyLlama-Chat's chat template."""
+def with_chat_template(src: Path, dst: Path, template: str = TINYLLAMA_CHAT_TEMPLATE) -> Path:
+    """A copy of the model folder src whose tokenizer carries `template` (default TinyLlama-Chat's)."""
     shutil.copytree(src, dst)
     config = json.loads((dst / "tokenizer_config.json").read_text())
-    config["chat_template"] = TINYLLAMA_CHAT_TEMPLATE
+    config["chat_template"] = template
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return dst

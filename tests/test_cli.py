@@ -55,6 +55,13 @@ BAD_INPUTS = {
     "target named twice": (lambda t, m, w: ["--lora-targets", "q_proj,q_proj"], "q_proj named twice"),
     "rows beyond the model's positions": (lambda t, m, w: ["--model", m, "--max-seq-len", 100000],
                                           "at most 2048 positions (max_position_embeddings"),
+    # one batch a pass: 1 step, which the flags' defaults (1 timing warm-up, 2 LR warm-up steps)
+    # outgrow; the line names the short epoch, not flags the user never set as if set wrongly
+    "--epochs 1 of one batch": (lambda t, m, w: ["--data", w(t / "a.json", [{"instruction": f"Say {c}.", "output": c} for c in "abcdef"]),
+                                                 "--num-samples", 4, "--eval-samples", 2, "--epochs", 1],
+                                "--epochs 1: 4 training records at --batch-size 4 make 1 step, too few: the timing leaves "
+                                "out the first 1 step as warm-up (--timing-warmup-steps 1), and the learning rate warms up "
+                                "over 2 steps (--warmup-steps 2); use --epochs 2, more records (--num-samples) or a smaller --batch-size"),
 }
 
 
@@ -117,19 +124,25 @@ def test_pretrain_refuses_a_folder_that_holds_something(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+def _peft_adapter(base, out):
+    """A PEFT adapter (q_proj, v_proj, r 4, B non-zero) of the transformers model `base`, saved in out."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    peft.save_pretrained(str(out))
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model_dir, tmp_path_factory):
     """A PEFT adapter (q_proj, v_proj, r 4) for the tiny preset, B non-zero."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
     base = LlamaForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    peft.save_pretrained(str(out))
-    return out
+    return _peft_adapter(base, tmp_path_factory.mktemp("adapter") / "adapter")
 
 
 def _broken_adapter(src, dst, tensors=None, config=None):
@@ -262,12 +275,101 @@ def test_a_damaged_cached_preset_is_refused_with_the_fix(tmp_path, monkeypatch):
     assert materialize_preset("tiny") == folder and (folder / "model.safetensors").stat().st_size > 0
 
 
-def test_adapter_that_does_not_fit_says_why_in_one_whole_line(tiny_model_dir, tiny_adapter, tmp_path):
-    """PEFT's multi-line error becomes one line that still says what does not fit (it used to end
-    at PEFT's first line, 'Error(s) in loading state_dict for ...:')."""
+def test_adapter_whose_config_and_weights_disagree_says_so_in_one_line(tiny_model_dir, tiny_adapter, tmp_path):
+    """r 8 in adapter_config.json over rank-4 tensors: one line naming the tensor and both ranks,
+    before any model loads (it used to be PEFT's multi-line 'size mismatch', joined)."""
     adapter = _broken_adapter(tiny_adapter, tmp_path / "a", config={"r": 8, "lora_alpha": 16})
     out = ftcore_in_process("generate", "--model", tiny_model_dir, "--adapter", adapter, "--backend", "torch",
                             "--prompt", "Spell forest in reverse.")
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
-    assert "does not fit" in lines[0] and "size mismatch" in lines[0], lines[0]
+    assert lines[0] == (f"error: {adapter}: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight is (4, 128), "
+                        "of rank 4, but its adapter_config.json says r 8; the folder's weights and config disagree")
+
+
+@pytest.fixture(scope="module")
+def tiny_l2_dir(ftcore_cache):
+    """The tiny preset cut to its first 2 layers (of 4): the same shapes, fewer layers."""
+    from ftcore.inputs.presets import materialize_preset
+
+    return materialize_preset("tiny", 2)
+
+
+def _other_adapter(which, tmp_path, tiny_l2_dir):
+    """An adapter of a model other than the tiny preset: "narrower" (hidden 64, not 128),
+    "shallower" (2 layers, not 4)."""
+    import torch
+    from helpers import TINY, make_hf_model
+    from transformers import LlamaForCausalLM
+
+    if which == "narrower":
+        return _peft_adapter(make_hf_model(TINY, seed=0), tmp_path / "adapter")
+    return _peft_adapter(LlamaForCausalLM.from_pretrained(str(tiny_l2_dir), dtype=torch.float32), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("which", ["narrower", "shallower", "deeper"])
+def test_an_adapter_of_another_model_is_named_so_not_partial(which, tiny_model_dir, tiny_l2_dir, tiny_adapter, tmp_path):
+    """An adapter of another model is refused in one line that says it does not match the model
+    (which tensor, found vs expected shape; or the layers), not that it is partial."""
+    model, adapter = tiny_model_dir, tiny_adapter
+    if which == "deeper":  # the tiny preset's (4 layers) on the 2-layer cut
+        model = tiny_l2_dir
+    else:
+        adapter = _other_adapter(which, tmp_path, tiny_l2_dir)
+    said = {
+        "narrower": "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight is (4, 64), the model's "
+                    "q_proj needs (4, 128); an adapter of another model",
+        "shallower": "it holds LoRA tensors for 2 layers, the model has 4; an adapter of another model",
+        "deeper": "it holds base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight (layer 2), the model "
+                  "has 2 layers; an adapter of another model",
+    }[which]
+    out = ftcore_in_process("generate", "--model", model, "--adapter", adapter, "--prompt", "Spell forest in reverse.")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: {adapter}: does not match {model}: {said}"), lines[0]
+    assert "partial" not in lines[0]
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "pretrain", "convert"])
+def test_out_below_a_file_is_one_line_naming_the_file(command, tmp_path, tiny_model_dir):
+    """--out afile/run: not a bare "File exists: afile" (or a traceback), and nothing trains first."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    args = {"run": ["--backend", "torch"], "convert": ["--model", tiny_model_dir]}.get(command, [])
+    out = ftcore_in_process(command, *args, "--out", afile / "run")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    what = "the conversion cannot be written below it" if command == "convert" else "choose an --out outside it"
+    assert f"{afile / 'run'}: {afile} is a file, not a folder" in lines[0] and what in lines[0], lines[0]
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_a_cache_blocked_by_a_file_is_refused_before_training(below, tmp_path, monkeypatch):
+    """FTCORE_CACHE at a file (or below one): one line naming it, before any backend starts (it
+    used to train, then fail in the child with a bare FileExistsError)."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    cache = afile / "cache" if below else afile
+    monkeypatch.setenv("FTCORE_CACHE", str(cache))
+    out = ftcore_in_process("run", "--backend", "torch", "--steps", "2", "--out", tmp_path / "r")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    what = f"cannot be made: {afile} is a file" if below else "is a file"
+    assert lines[0] == (f"error: FTCORE_CACHE {cache} {what}, not a folder; point FTCORE_CACHE at a folder "
+                        "(it is made if missing)")
+    assert not (tmp_path / "r").exists() and afile.read_text() == "mine"
+
+
+def test_an_empty_home_is_taken_as_unset(monkeypatch):
+    """HOME="" puts the cache where an unset HOME does (the user database's home), not at /.cache."""
+    from pathlib import Path
+
+    from ftcore.cache_dir import cache_root
+
+    monkeypatch.delenv("FTCORE_CACHE")
+    monkeypatch.delenv("HOME", raising=False)
+    unset = cache_root()
+    assert unset == Path.home() / ".cache" / "ftcore"
+    monkeypatch.setenv("HOME", "")
+    assert cache_root() == unset != Path("/.cache/ftcore")

@@ -36,7 +36,8 @@ def test_prompt_with_and_without_input():
     assert "### Input" not in no_input and no_input.endswith("### Response:\n")
 
 
-@pytest.mark.parametrize("fmt, name", [("json", "a.json"), ("jsonl", "a.jsonl"), ("hf", "alpaca_hf")])
+@pytest.mark.parametrize("fmt, name", [("json", "a.json"), ("jsonl", "a.jsonl"), ("jsonl", "A.JSONL"), ("json", "A.JSON"),
+                                       ("hf", "alpaca_hf")])
 def test_load_each_format(tmp_path, write_alpaca, alpaca_records, fmt, name):
     path = write_alpaca(tmp_path / name, alpaca_records, fmt)
     assert load_records(path) == [

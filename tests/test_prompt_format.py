@@ -77,3 +77,59 @@ def test_generate_asks_in_the_adapter_s_format(chat_tok, tmp_path):
     ids = prompt_ids(chat_tok, "Spell the word in reverse.", "cat", raw=False, prompt_format="chat")
     assert ids == tokenize_records([RECORD], chat_tok, 512, True, "chat").ids[0][: len(ids)]
     assert len(ids) == tokenize_records([RECORD], chat_tok, 512, True, "chat").prompt_lens[0]
+
+
+BROKEN_TEMPLATES = {  # template -> what the one line must say (jinja's own message included)
+    "syntax error": ("{% for m in messages %}{{ m['content'] }", "fails to render (TemplateSyntaxError at line 1: unexpected '}')"),
+    "raise_exception": ("{{ raise_exception('Only user and system roles are supported') }}",
+                        "fails to render (TemplateError: Only user and system roles are supported)"),
+    "undefined variable": ("{% for m in messages %}{{ m['content'] + eos_tokn.upper() }}{% endfor %}",
+                           "fails to render (UndefinedError: 'eos_tokn' is undefined)"),
+    "empty": ("", "has a blank chat template (empty or whitespace: it renders nothing"),
+    "whitespace": ("  \n ", "has a blank chat template (empty or whitespace: it renders nothing"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_TEMPLATES))
+def test_a_broken_chat_template_is_one_line_that_names_it(case, default_model_dir, tmp_path):
+    """Not an internal error (exit 1) for a template jinja cannot render, nor "no record keeps a
+    loss token" for a blank one: one line naming the template's problem, before any training."""
+    template, said = BROKEN_TEMPLATES[case]
+    model = with_chat_template(default_model_dir, tmp_path / "model", template)
+    r = ftcore_in_process("run", "--backend", "torch", "--model", model, "--prompt-format", "chat",
+                          "--out", tmp_path / "out")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: --prompt-format chat: ") and str(model) in lines[0] and said in lines[0], lines[0]
+    assert lines[0].endswith("use --prompt-format alpaca") and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def chat_adapter(default_model_dir, tmp_path_factory):
+    """A PEFT adapter of the default model recorded as trained with --prompt-format chat."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
+    out = tmp_path_factory.mktemp("chat-adapter") / "adapter"
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(str(out))
+    write_prompt_format(out, "chat")
+    return out
+
+
+@pytest.mark.parametrize("asked", [[], ["--prompt-format", "chat"]])
+def test_generate_s_advice_for_a_chat_adapter_on_a_template_less_model_works(asked, chat_adapter, default_model_dir,
+                                                                              chat_model_dir):
+    """A chat adapter on a model without a chat template: the advice is never --prompt-format
+    alpaca (refused for a chat adapter); each way out it names is taken."""
+    args = ["generate", "--adapter", chat_adapter, "--prompt", "Spell cat in reverse.", "--max-new-tokens", "2"]
+    r = ftcore_in_process(*args, "--model", default_model_dir, *asked)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {chat_adapter} was trained with --prompt-format chat, and "
+                               f"{default_model_dir} has no chat template"), lines[0]
+    assert "--prompt-format alpaca" not in lines[0] and "give the --model it was trained on" in lines[0]
+    assert "or --raw" in lines[0]
+    assert ftcore_in_process(*args, "--model", default_model_dir, "--raw").returncode == 0
+    assert ftcore_in_process(*args, "--model", chat_model_dir, *asked).returncode == 0

@@ -171,6 +171,30 @@ def data_warnings(records: list[dict[str, str]], train: Tokenized, evals: Tokeni
     return out
 
 
+def steps_of_epochs(cfg: RunConfig, n: int, units: str) -> int:
+    """The steps --epochs take over n units (epoch_steps), refused in one line when fewer than the
+    run needs: more than --timing-warmup-steps (those are left out of the timing) and at least
+    --warmup-steps (the LR warm-up), which RunConfig would otherwise blame on those flags."""
+    steps = epoch_steps(cfg.epochs, n, cfg.batch_size, cfg.batching)
+    need = max(cfg.timing_warmup_steps + 1, cfg.warmup_steps)
+    if steps >= need:
+        return steps
+    enough = next(k for k in range(cfg.epochs + 1, need + 1) if epoch_steps(k, n, cfg.batch_size, cfg.batching) >= need)
+
+    def n_steps(k: int) -> str:
+        return f"{k} step" + "s" * (k != 1)
+
+    why = []
+    if steps <= cfg.timing_warmup_steps:
+        why.append(f"the timing leaves out the first {n_steps(cfg.timing_warmup_steps)} as warm-up "
+                   f"(--timing-warmup-steps {cfg.timing_warmup_steps})")
+    if steps < cfg.warmup_steps:
+        why.append(f"the learning rate warms up over {n_steps(cfg.warmup_steps)} (--warmup-steps {cfg.warmup_steps})")
+    raise UserError(f"--epochs {cfg.epochs}: {n} {units} at --batch-size {cfg.batch_size} make {n_steps(steps)}, "
+                    f"too few: {', and '.join(why)}; use --epochs {enough}, more records (--num-samples) or a "
+                    "smaller --batch-size")
+
+
 def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None) -> Batches:
     """Records -> subset/split by seed -> tokens -> `cfg.steps` training batches + eval batches,
     batched as cfg.batching says (module docstring)."""
@@ -211,7 +235,7 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     pad_id = pad_id_of(tokenizer)
     lengths = [len(ids) for ids in units.ids]
     if cfg.epochs is not None:  # whole passes instead of --steps; the caller takes the steps from here
-        cfg = cfg.replace(steps=epoch_steps(cfg.epochs, len(lengths), cfg.batch_size, cfg.batching))
+        cfg = cfg.replace(steps=steps_of_epochs(cfg, len(lengths), "packed rows" if packed else "training records"))
     check_batches_fit(cfg, packed)
     if cfg.batching == "padded":
         order = padded_order(len(lengths), cfg.batch_size, cfg.steps, cfg.seed)

@@ -93,7 +93,7 @@ def load_records(path: str | Path | None, seed: int = 0) -> list[dict[str, str]]
         raise UserError(f"data path not found: {p}")
     if p.is_dir():
         rows = _load_saved_dataset(p)
-    elif p.suffix == ".jsonl":
+    elif p.suffix.lower() == ".jsonl":  # X.JSONL too
         rows = []
         try:
             text = p.read_text(encoding="utf-8")

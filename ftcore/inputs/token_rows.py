@@ -34,6 +34,20 @@ class Tokenized:
     full_lens: list[int] = field(default_factory=list)  # each kept record's length before truncation
 
 
+CHAT_TEMPLATE_PLACES = "chat_template in tokenizer_config.json, or chat_template.jinja"
+
+
+def chat_template_problem(tokenizer: Any) -> str | None:
+    """Why `tokenizer` cannot render --prompt-format chat, or None: it has no chat template, or a
+    blank one (empty or whitespace, which renders no turn, so no record would keep a loss token)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        return f"has no chat template ({CHAT_TEMPLATE_PLACES})"
+    if not template or (isinstance(template, str) and not template.strip()):
+        return f"has a blank chat template (empty or whitespace: it renders nothing; {CHAT_TEMPLATE_PLACES})"
+    return None
+
+
 def template_length(tokenizer: Any, prompt_format: str = "alpaca") -> int:
     """Tokens the bare prompt takes (empty instruction, no input), BOS or chat markers included."""
     empty = {"instruction": "", "input": "", "output": ""}
@@ -54,11 +68,20 @@ def rendered_ids(records: list[dict[str, str]], tokenizer: Any, prompt_format: s
         prompt_ids = tokenizer(prompts)["input_ids"]
         fulls = tokenizer([pr + r["output"] for pr, r in zip(prompts, records, strict=True)])["input_ids"]
         return prompt_ids, [list(f) + [eos] for f in fulls]
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("--prompt-format chat: the tokenizer has no chat template; use --prompt-format alpaca")
-    prompt_ids = tokenizer.apply_chat_template([chat_messages(r, False) for r in records],
-                                               add_generation_prompt=True, tokenize=True)["input_ids"]
-    full_ids = tokenizer.apply_chat_template([chat_messages(r) for r in records], tokenize=True)["input_ids"]
+    import jinja2
+
+    model_dir = tokenizer.name_or_path  # the folder load_tokenizer read
+    if why := chat_template_problem(tokenizer):
+        raise UserError(f"--prompt-format chat: {model_dir} {why}; use --prompt-format alpaca")
+    try:
+        prompt_ids = tokenizer.apply_chat_template([chat_messages(r, False) for r in records],
+                                                   add_generation_prompt=True, tokenize=True)["input_ids"]
+        full_ids = tokenizer.apply_chat_template([chat_messages(r) for r in records], tokenize=True)["input_ids"]
+    except jinja2.TemplateError as e:  # a syntax error, the template's raise_exception(...), an undefined name
+        line = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+        what = " ".join(str(getattr(e, "message", None) or e).split())
+        raise UserError(f"--prompt-format chat: the chat template of {model_dir} fails to render ({type(e).__name__}"
+                        f"{line}: {what}); fix it ({CHAT_TEMPLATE_PLACES}) or use --prompt-format alpaca") from None
     for p, f in zip(prompt_ids, full_ids, strict=True):
         if list(f[: len(p)]) != list(p):
             raise UserError("--prompt-format chat: the chat template renders the prompt differently inside the "

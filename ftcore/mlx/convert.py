@@ -25,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ftcore.cache_dir import file_in_the_way
 from ftcore.mlx.model import WEIGHTS_FILE, Model, ModelArgs
 from ftcore.mlx.weight_names import ConversionError, hf_to_mlx_key, mlx_to_hf_key
 
@@ -192,6 +193,9 @@ def convert_hf_to_mlx(
         raise ConversionError(
             f"{out_dir} exists and is not an ftcore conversion; refusing to overwrite it"
         )
+    if blocker := file_in_the_way(out_dir.parent):
+        raise ConversionError(f"{out_dir}: {blocker} is a file, not a folder, so the conversion cannot be "
+                              "written below it; choose an output folder outside it")
     sources = _sources_fingerprint(hf_dir)  # taken first: a source edited meanwhile reads as stale
     weights = _load_hf_tensors(hf_dir, args)
     if target is not None:

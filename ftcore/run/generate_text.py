@@ -11,6 +11,7 @@ the model's chat template with the generation prompt; --raw sends the prompt as 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from ftcore.config import UserError
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.records import read_prompt_format
-from ftcore.inputs.token_rows import rendered_ids
+from ftcore.inputs.token_rows import chat_template_problem, rendered_ids
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT format (what ftcore writes)
 
@@ -45,13 +46,15 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, tensors
 
 
-def check_adapter(config: dict[str, Any], tensors: dict[str, Any], arch: dict[str, Any], adapter_dir: Path) -> None:
+def check_adapter(config: dict[str, Any], tensors: dict[str, Any], arch: dict[str, Any], adapter_dir: Path,
+                  model_dir: Path) -> None:
     """Refuse an adapter that would decode garbage or silently act as the base model: non-finite
-    or exploded weights (ftcore.run.training_health.EXPLODED), an unusable scale, or a target
-    module of some layer without its lora_A / lora_B."""
+    or exploded weights (ftcore.run.training_health.EXPLODED), an unusable scale, a LoRA tensor
+    that does not match the model (a layer it lacks, or another shape: an adapter of another
+    model), or a target module of some layer without its lora_A / lora_B (a partial adapter):
+    check_adapter_fits."""
     import numpy as np
 
-    from ftcore.inputs.arch import module_path
     from ftcore.run.training_health import EXPLODED, largest_weight, nonfinite
 
     if bad := nonfinite(tensors):
@@ -64,9 +67,43 @@ def check_adapter(config: dict[str, Any], tensors: dict[str, Any], arch: dict[st
     if not (isinstance(alpha, int | float) and isinstance(rank, int) and rank > 0 and np.isfinite(alpha / rank)
             and abs(alpha / rank) < 1e6):
         raise UserError(f"{adapter_dir}: lora_alpha {alpha!r} / r {rank!r} in adapter_config.json is not a usable scale")
-    missing = [f"{module_path(i, t)}.{ab}" for i in range(arch["num_hidden_layers"])
-               for t in sorted(config.get("target_modules") or ()) for ab in ("lora_A", "lora_B")
+    check_adapter_fits(config, tensors, arch, adapter_dir, model_dir)
+
+
+def check_adapter_fits(config: dict[str, Any], tensors: dict[str, Any], arch: dict[str, Any], adapter_dir: Path,
+                       model_dir: Path) -> None:
+    """Each LoRA tensor of a layer the model has, in the shape its linear and r give (else: an
+    adapter of another model, named by the tensor, found vs expected shape), and every target
+    module of every layer (else: a partial adapter, or a shallower model's when whole layers from
+    some k on are absent)."""
+    from ftcore.inputs.arch import linear_shapes, module_path
+
+    rank, layers, shapes = config["r"], arch["num_hidden_layers"], linear_shapes(arch)
+    other = f"an adapter of another model{f' ({b})' if (b := config.get('base_model_name_or_path')) else ''}"
+    for key, w in sorted(tensors.items()):
+        # e.g. base_model.model.model.layers.3.mlp.down_proj.lora_A.weight: A is (r, in), B is (out, r)
+        m = re.search(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$", key)
+        if not m or m[2] not in shapes:
+            continue
+        if int(m[1]) >= layers:
+            raise UserError(f"{adapter_dir}: does not match {model_dir}: it holds {key} (layer {m[1]}), the model "
+                            f"has {layers} layers; {other}")
+        fan_in, fan_out = shapes[m[2]]
+        want, r_at = ((rank, fan_in), 0) if m[3] == "A" else ((fan_out, rank), 1)
+        if tuple(w.shape) == want:
+            continue
+        if w.ndim == 2 and w.shape[r_at] != rank:  # the folder disagrees with itself, whatever the model
+            raise UserError(f"{adapter_dir}: {key} is {tuple(w.shape)}, of rank {w.shape[r_at]}, but its "
+                            f"adapter_config.json says r {rank}; the folder's weights and config disagree")
+        raise UserError(f"{adapter_dir}: does not match {model_dir}: {key} is {tuple(w.shape)}, the model's "
+                        f"{m[2]} needs {want}; {other}")
+    targets = sorted(config.get("target_modules") or ())
+    missing = [f"{module_path(i, t)}.{ab}" for i in range(layers) for t in targets for ab in ("lora_A", "lora_B")
                if not any(k.endswith(f"{module_path(i, t)}.{ab}.weight") for k in tensors)]
+    held = {i for i in range(layers) if any(f"model.layers.{i}." in k for k in tensors)}
+    if missing and held and max(held) + 1 == len(held) < layers:  # whole layers 0..k-1: a shallower model's
+        raise UserError(f"{adapter_dir}: does not match {model_dir}: it holds LoRA tensors for {len(held)} layers, "
+                        f"the model has {layers}; {other}")
     if missing:
         raise UserError(f"{adapter_dir}: lacks {len(missing)} LoRA tensor(s) its config names, e.g. "
                         f"{', '.join(missing[:3])}; a partial adapter would leave those layers as the base model")
@@ -171,12 +208,19 @@ def generate(model_dir: Path, adapter: Path | None, backend: str, prompts: list[
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens: must be >= 1")
     arch = read_arch(model_dir)
+    config: dict[str, Any] = {}
     if adapter is not None:  # a bad folder is one line, before any model loads
-        check_adapter(*read_adapter(adapter), arch, adapter)
+        config, tensors = read_adapter(adapter)
+        check_adapter(config, tensors, arch, adapter, model_dir)
     fmt = resolve_prompt_format(adapter, prompt_format)
     tokenizer = load_tokenizer(model_dir)
-    if fmt == "chat" and not raw and not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"--prompt-format chat: {model_dir} has no chat template; use --prompt-format alpaca")
+    if fmt == "chat" and not raw and (why := chat_template_problem(tokenizer)):
+        if adapter is not None:  # trained on chat prompts (resolve_prompt_format): alpaca is no way out
+            base = config.get("base_model_name_or_path")
+            raise UserError(f"{adapter} was trained with --prompt-format chat, and {model_dir} {why}: give the "
+                            f"--model it was trained on{f' ({base})' if base else ''}, whose chat template "
+                            "renders its prompts, or --raw with the prompt written out as that template renders it")
+        raise UserError(f"--prompt-format chat: {model_dir} {why}; use --prompt-format alpaca")
     ids = [prompt_ids(tokenizer, p, input_text, raw, fmt) for p in prompts]
     limit = arch.get("max_position_embeddings")
     if limit and (longest := max(map(len, ids))) + max_new_tokens > limit:

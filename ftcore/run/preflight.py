@@ -1,12 +1,14 @@
 """Everything checked before any backend starts, in the parent, so that a user's mistake is one
 `error:` line with nothing written and never a half-finished run:
 
+* the cache folder ($FTCORE_CACHE) is not blocked by a file (ftcore.cache_dir);
 * flags: RunConfig's own validation, and --threads at most the cores this process may use, and
   enough of them for --nproc ranks; a data-parallel run only with backends that support it and
   what their launcher needs for several machines (ftcore.run.ranks);
 * the model folder: ftcore.inputs.presets.check_model_dir (files, config, every tensor, finite weights);
 * the tokenizer: it loads, and its vocabulary fits the embedding (ftcore.inputs.checkpoint.check_vocab);
-* the data: loads, tokenizes and fills the batches (ftcore.inputs.batches.build_batches);
+* the data: loads, tokenizes (with --prompt-format chat: the model has a chat template that
+  renders, ftcore.inputs.token_rows.rendered_ids) and fills the batches (ftcore.inputs.batches.build_batches);
 * each backend: its package is installed, and its spec's `check` passes (device present; for
   MLX the cached conversion of this checkpoint is made here, so a conversion error stops the run
   before torch has spent its time).
@@ -20,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ftcore.backends import BACKENDS, get_backend
+from ftcore.cache_dir import cache_root
 from ftcore.config import RunConfig, UserError
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.batches import Batches, build_batches
@@ -54,6 +57,7 @@ class Prepared:
 def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Prepared:
     """Every check of the module docstring; raises UserError (one line). Writes nothing but the
     cache (a preset checkpoint, the MLX conversion)."""
+    cache_root()  # the cache folder can be made (not below a file), before any backend needs it
     cores = affinity_cores()
     if cfg.threads is not None and cfg.threads > cores:
         raise UserError(
@@ -92,9 +96,6 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
     tokenizer = load_tokenizer(model_dir)
     arch = read_arch(model_dir)
     check_vocab(arch, tokenizer, model_dir)
-    if cfg.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"--prompt-format chat: {model_dir} has no chat template (chat_template in "
-                        "tokenizer_config.json, or chat_template.jinja); use --prompt-format alpaca")
     limit = arch.get("max_position_embeddings")
     if limit and cfg.max_seq_len > limit:
         raise UserError(f"--max-seq-len {cfg.max_seq_len}: the model was built for at most {limit} positions "

@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ftcore.cache_dir import file_in_the_way
 from ftcore.config import UserError
 from ftcore.result import write_json_atomic
 
@@ -72,6 +73,9 @@ class RunDir:
             return
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a folder")
+        if blocker := file_in_the_way(out):
+            raise UserError(f"--out {out}: {blocker} is a file, not a folder, so the run folder cannot be made "
+                            "below it; choose an --out outside it")
         if out.is_dir() and any(out.iterdir()) and not self.replace:
             raise UserError(f"--out {out}: holds an earlier run{_dead_run(out)}; pass --replace to replace it whole")
 
