@@ -117,8 +117,9 @@ def train(run: Run) -> RunResult:
 
     opt = make_optimizer(cfg)
     opt.init(model.trainable_parameters())
-    result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
-    result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    trainable = tree_flatten(model.trainable_parameters())  # what opt.update updates
+    result.optimizer = optimizer_record(settings(opt, [k for k, _ in trainable]), cfg.max_grad_norm)
+    result.trainable_params = sum(v.size for _, v in trainable)
     # threads really at work in a step: one per stream, times the BLAS threads each one calls
     result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
     record_ranks(run)

@@ -31,7 +31,7 @@ def train(run: Run) -> RunResult:
         dist.init(device, cfg.nproc)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
-    result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
+    result.optimizer = optimizer_record(settings(opt, model), cfg.max_grad_norm)
     evals = eval_schedule(run, model, device)
     if run.lead:
         evals.before()  # rank 0 only, as every eval
