@@ -47,6 +47,11 @@ class RunResult:
     loss_tokens_per_s: float = 0.0  # tokens that count in the loss, over timed steps
     epoch_time_s: float | None = None  # mean timed step x steps per pass over the training records
     losses: list[float] = field(default_factory=list)  # one per step
+    # per step, where the loop owns its step (torch, mlx): the targets its loss was taken over (a
+    # data-parallel run: summed over ranks; each rank's own in its rank file) and the gradient
+    # norm before clipping (of the summed gradients)
+    step_targets: list[int] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     final_loss: float | None = None
     eval_loss: float | None = None
     eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss]; step 0 = before training

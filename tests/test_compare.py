@@ -116,7 +116,7 @@ def test_compare_prints_the_short_answer_and_writes_the_full_report(default_comp
             assert Path(line.split(maxsplit=1)[1]).is_file(), line
         else:
             assert len(line) <= 80, line
-    assert lines[0] == "All 2 backends ran ok." and "Fairness: 10/10 checks PASS" in lines
+    assert lines[0] == "All 2 backends ran ok." and "Fairness: 11/11 checks PASS" in lines
     header = next(i for i, line in enumerate(lines) if line.split() == ["torch", "mlx"])
     busy = any(r["machine_busy"] for r in json.loads((out / "comparison.json").read_text())["rows"])
     rows = [line.split("  ")[0] for line in lines[header + 2 : lines.index("", header)]]
@@ -190,7 +190,7 @@ def test_comparison_json_keeps_every_figure(default_compare):
         for d in _at(c, path):
             assert set(d) >= keys, (path, keys - set(d))
     assert [f["check"] for f in c["fairness"]] == ["batch_fingerprint", "fed_batches", "initial_adapter_fingerprint",
-                                                   "trainable_params", "optimizer", "lr_schedule", "precision", "threads",
+                                                   "trainable_params", "optimizer", "weight_decay", "lr_schedule", "precision", "threads",
                                                    "config", "steps"]
     assert set(c["config"]) >= {f.name for f in dataclasses.fields(RunConfig)}
     for r in c["results"]:

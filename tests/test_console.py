@@ -19,7 +19,8 @@ pytestmark = pytest.mark.unit
 CONFIG = {"preset": "tiny", "steps": 4, "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine",
           "lora_targets": ["q_proj", "v_proj"]}
 # the LR each step applied, as the backends read it from their optimizers (the schedule's)
-OPTIMIZER = {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+OPTIMIZER = {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8,
+             "weight_decay_per_tensor": {"model.layers.0.self_attn.q_proj.lora_B": 0.0},
              "lr_per_step": [RunConfig(**CONFIG).lr_at(s) for s in range(4)]}
 
 
@@ -61,7 +62,7 @@ def test_two_backends_give_the_verdict_ten_rows_and_one_fairness_line():
                           "--repeats 3 to decide"]
     assert lines[3] == "Peak RSS undecided after 1 run each: torch/mlx 4.12x (no interval from one run);"
     assert _labels(lines) == DEFAULT_ROWS  # world size, machine and status rows hidden
-    assert "Fairness: 10/10 checks PASS" in lines and not any("PASS " in ln for ln in lines)
+    assert "Fairness: 11/11 checks PASS" in lines and not any("PASS " in ln for ln in lines)
     table = "\n".join(lines)
     assert "2.658 -> 0.205" in table and "0.0 -> 84.4" in table and "2/2 = torch" in table
     assert "2.000e-05" in table and "4.12x" in table
@@ -92,7 +93,7 @@ def test_rows_that_matter_only_sometimes_show_when_they_do():
 def test_a_failing_fairness_check_is_listed_and_the_passing_ones_are_not():
     other = _result("mlx", 2.0, 300.0, batch_fingerprint="f" * 16)
     lines = _short(_result("torch", 3.0, 400.0), other)
-    at = lines.index("Fairness: 9/10 checks PASS; not passed:")
+    at = lines.index("Fairness: 10/11 checks PASS; not passed:")
     assert lines[at + 1].split()[:2] == ["MISMATCH", "batch_fingerprint:"]
     assert len(lines) == at + 2  # only the failing check follows
 
@@ -129,7 +130,7 @@ def test_compare_prints_the_short_answer_or_with_verbose_the_full_table(verbose,
     assert out.returncode == 0, out.stderr
     full = report.format_table(comparison)
     assert (full in out.stdout) is verbose
-    assert ("Fairness: 10/10 checks PASS" in out.stdout) is not verbose
+    assert ("Fairness: 11/11 checks PASS" in out.stdout) is not verbose
     assert f"report: {tmp_path / 'c' / 'report.md'}" in out.stdout
 
 

@@ -20,7 +20,7 @@ import pytest
 from helpers import ftcore, ftcore_in_process
 
 from ftcore.inputs.loss_contract import target_count
-from ftcore.run.ranks import LAUNCHER_LOGS_DIR, RankWatch, prune_empty_dirs, shard
+from ftcore.run.ranks import LAUNCHER_LOGS_DIR, RankWatch, prune_empty_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 SMALL = ["--num-samples", "16", "--eval-samples", "4", "--max-seq-len", "64", "--batch-size", "4",
          "--max-grad-norm", "0.05"]  # fmt: skip
 PARITY_ATOL = 1e-5  # fp32, N processes vs one (measured: <= 1e-6)
+GRAD_NORM_RTOL = 5e-6  # fp32, the norm before clipping, N processes vs one (measured: <= 5.9e-7)
 DEVICE = os.environ.get("FTCORE_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh sets gpu
 
 
@@ -49,12 +50,24 @@ def test_nproc2_losses_equal_one_process(compare_nproc2):
     from ftcore.inputs.batches import Batches
 
     batches = Batches.load(out / "batches.npz")
-    counts = [[target_count(shard(batches.step(s), r, 2)["labels"]) for r in range(2)] for s in range(4)]
+    # rank r's rows are [2r, 2r + 2) of each 4-row batch (sliced here, not by ftcore's `shard`)
+    labels = [batches.step(s)["labels"] for s in range(4)]
+    counts = [[target_count(y[2 * r : 2 * r + 2]) for r in range(2)] for y in labels]
     assert any(a != b for a, b in counts), counts  # uneven shards: a per-rank mean would be wrong
     for name in ("torch", "mlx"):
         one = json.loads((out / name / "result.json").read_text())
         two = json.loads((out / f"{name}-x2" / "result.json").read_text())
         assert len(two["losses"]) == 4 and one["world_size"] == 1 and two["world_size"] == 2
+        # The targets each rank's loss was taken over: its own rows, together the whole batch.
+        ranks = [json.loads((out / f"{name}-x2" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+        got = [list(c) for c in zip(*(x["step_targets"] for x in ranks), strict=True)]  # (step, rank)
+        assert two["step_targets"] == one["step_targets"] == list(map(target_count, labels)), (
+            name, "targets per step, 2 ranks summed vs 1 process", two["step_targets"], one["step_targets"])
+        assert got == counts, (name, "targets per rank and step", got, "rows as sharded:", counts)
+        # The gradient norm before clipping: clipping at 0.05 would hide a scaled gradient (each
+        # rank on the whole batch: 2x) from the losses and the weights.
+        assert len(one["grad_norms"]) == len(two["grad_norms"]) == 4, name
+        np.testing.assert_allclose(two["grad_norms"], one["grad_norms"], rtol=GRAD_NORM_RTOL, err_msg=name)
         diff = np.abs(np.array(one["losses"]) - np.array(two["losses"])).max()
         assert diff <= PARITY_ATOL, (name, one["losses"], two["losses"])
         assert abs(one["eval_loss"] - two["eval_loss"]) <= PARITY_ATOL  # the same adapter at the end

@@ -24,9 +24,10 @@ def setup(tmp_path_factory):
     return prep, tmp_path_factory
 
 
-def train(setup, name: str):
+def train(setup, name: str, **changes):
     prep, factory = setup
-    result = BACKENDS["torch"].train(prep.cfg, prep.model_dir, prep.batches, factory.mktemp(name))
+    cfg = prep.cfg.replace(**changes)
+    result = BACKENDS["torch"].train(cfg, prep.model_dir, prep.batches, factory.mktemp(name))
     assert result.status == "ok"
     return result.to_dict() | {"backend": name}
 
@@ -63,6 +64,32 @@ def test_another_beta2_is_caught(setup, monkeypatch):
     assert other["optimizer"]["betas"][1] == 0.99 and other["config"] == honest["config"]
     result = check([honest, other], "optimizer")
     assert not result["ok"] and "betas" in result["detail"]
+
+
+def test_weight_decay_on_lora_b_only_is_caught(setup, monkeypatch):
+    """Two param groups, lora_B's first with the asked decay and lora_A's without: group 0 says
+    0.05 as the honest run's does; per tensor, the lora_A half differs."""
+    import ftcore.backends.torch as torch_backend
+    from ftcore.inputs.arch import read_arch
+    from ftcore.inputs.lora_init import initial_lora_state
+
+    prep, _ = setup
+    honest = train(setup, "honest", weight_decay=0.05)
+
+    def lora_b_only(cfg, params):  # PEFT registers each module's lora_A, then its lora_B
+        return torch.optim.AdamW([{"params": params[1::2]}, {"params": params[0::2], "weight_decay": 0.0}],
+                                 lr=cfg.lr, weight_decay=cfg.weight_decay)  # fmt: skip
+
+    monkeypatch.setattr(torch_backend, "make_optimizer", lora_b_only)
+    other = train(setup, "b-only", weight_decay=0.05)
+    keys = initial_lora_state(read_arch(prep.model_dir), prep.cfg.lora_targets, prep.cfg.lora_rank, 0)
+    assert honest["optimizer"]["weight_decay_per_tensor"] == dict.fromkeys(keys, 0.05)
+    assert other["optimizer"]["weight_decay_per_tensor"] == {k: 0.05 if k.endswith("lora_B") else 0.0 for k in keys}
+    assert check([honest, other], "optimizer")["ok"]  # the settings beside the decay are alike
+    result = check([honest, other], "weight_decay")
+    assert not result["ok"] and result["status"] == "mismatch", result
+    assert f"b-only: {len(keys) // 2} of {len(keys)} tensors differ from honest" in result["detail"]
+    assert "lora_A honest=0.05 b-only=0.0" in result["detail"], result["detail"]
 
 
 def test_an_extra_trainable_tensor_is_caught(setup, monkeypatch):

@@ -73,6 +73,8 @@ def test_mlx_run_fills_every_field(mlx_run, prep, tiny_model_dir):
     assert isinstance(result.extra["compiled"], bool)
     init = initial_lora_state(read_arch(tiny_model_dir), CFG.lora_targets, CFG.lora_rank, CFG.seed)
     assert result.initial_adapter_fingerprint == state_fingerprint(init)
+    # MLX's one decay on every adapter tensor, under the keys the torch side records too
+    assert result.optimizer["weight_decay_per_tensor"] == dict.fromkeys(init, CFG.weight_decay)
 
 
 def test_peft_adapter_reproduces_mlx_logits(mlx_run, prep, tiny_model_dir):
@@ -132,6 +134,7 @@ def test_mlx_lm_reference_runs(mlx_run, prep, tiny_model_dir, tmp_path):
     assert result.tokens_per_s > 0 and result.peak_rss_mb > result.baseline_rss_mb > 0
     assert result.initial_adapter_fingerprint == mlx_run[0].initial_adapter_fingerprint
     assert result.optimizer["bias_correction"] is False
+    assert result.optimizer["weight_decay_per_tensor"] == mlx_run[0].optimizer["weight_decay_per_tensor"]
     assert any(n.startswith("numerics differ: ") for n in result.notes)
 
     # Step 0 runs with B = 0, i.e. the base model: its loss is the mean CE over mlx-lm's targets,

@@ -35,7 +35,9 @@ def _ok(backend: str, losses: list[float], train: float, rss: float, tps: float,
         "framework_peak_mb": None, "trainable_params": 1_126_400, "flops_per_token": 6.6e9,
         "mfu": 0.123, "batch_fingerprint": "a" * 64, "fed_batches_fingerprint": "d" * 16,
         "initial_adapter_fingerprint": "b" * 64,
-        "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+        "optimizer": {"name": "AdamW", "betas": [0.9, 0.999], "eps": 1e-8,
+                      "weight_decay_per_tensor": {"model.layers.0.self_attn.q_proj.lora_A": 0.0,
+                                                  "model.layers.0.self_attn.q_proj.lora_B": 0.0},
                       "bias_correction": True, "max_grad_norm": None, "lr_per_step": LRS},
         "precision": "fp32", "blas": "mkl", "threads": 2, "extra": {},
     }  # fmt: skip
@@ -142,6 +144,25 @@ def test_fairness_tolerates_float32_rounding_and_flags_missing(results):
     r[1]["threads"] = None
     by = {c["check"]: c for c in report.fairness_checks(r)}
     assert not by["threads"]["ok"] and by["threads"]["status"] == "missing"
+
+
+def test_weight_decay_is_compared_per_tensor(results):
+    """Both asked for 0.05, one decays lora_B only: a mismatch naming the tensor; the optimizer's
+    other settings still agree. A backend that recorded no per-tensor decay is not a pass."""
+    r = copy.deepcopy(results)
+    keys = list(r[0]["optimizer"]["weight_decay_per_tensor"])  # q_proj's lora_A, lora_B
+    r[0]["optimizer"]["weight_decay_per_tensor"] = dict.fromkeys(keys, 0.05)
+    r[1]["optimizer"]["weight_decay_per_tensor"] = {keys[0]: 0.0, keys[1]: 0.05}
+    by = {c["check"]: c for c in report.fairness_checks(r)}
+    assert by["optimizer"]["ok"]
+    assert not by["weight_decay"]["ok"] and by["weight_decay"]["status"] == "mismatch"
+    assert by["weight_decay"]["detail"] == (
+        "mlx: 1 of 2 tensors differ from torch, e.g. model.layers.0.self_attn.q_proj.lora_A torch=0.05 mlx=0.0"
+    )
+    r[1]["optimizer"]["weight_decay_per_tensor"] = dict.fromkeys(keys, 0.05)
+    assert {c["check"]: c for c in report.fairness_checks(r)}["weight_decay"]["ok"]
+    del r[1]["optimizer"]["weight_decay_per_tensor"]
+    assert {c["check"]: c for c in report.fairness_checks(r)}["weight_decay"]["status"] == "missing"
 
 
 def test_table_has_rows_columns_and_error(results):

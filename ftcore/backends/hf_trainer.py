@@ -73,7 +73,7 @@ def train(run: Run) -> RunResult:
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
-    result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
+    result.optimizer = optimizer_record(settings(opt, model), cfg.max_grad_norm)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_at(s) / cfg.lr)
     args = TrainingArguments(
         output_dir=str(run.out_dir / "trainer"),

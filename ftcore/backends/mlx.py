@@ -117,8 +117,9 @@ def train(run: Run) -> RunResult:
 
     opt = make_optimizer(cfg)
     opt.init(model.trainable_parameters())
-    result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
-    result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    trainable = tree_flatten(model.trainable_parameters())  # what opt.update updates
+    result.optimizer = optimizer_record(settings(opt, [k for k, _ in trainable]), cfg.max_grad_norm)
+    result.trainable_params = sum(v.size for _, v in trainable)
     # threads really at work in a step: one per stream, times the BLAS threads each one calls
     result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
     record_ranks(run)
@@ -154,7 +155,8 @@ def train(run: Run) -> RunResult:
     kernels_before = jit.built_kernels()
     for i in range(cfg.steps):
         fed = batches.step(i)
-        batch = to_mx(shard(fed, ranks.rank, ranks.world) if ranks else fed)
+        mine = shard(fed, ranks.rank, ranks.world) if ranks else fed
+        batch, targets = to_mx(mine), target_count(mine["labels"])  # this rank's rows
         opt.learning_rate = cfg.lr_at(i)
         clock.feed(fed["input_ids"])
         clock.lr(opt.learning_rate.item())
@@ -165,7 +167,7 @@ def train(run: Run) -> RunResult:
             loss, grad_norm = step(batch)
         mx.eval(loss, grad_norm, state)  # MLX is lazy: the step's work happens here
         loss_value = loss.item()
-        clock.end(i, loss_value, grad_norm=grad_norm.item())
+        clock.end(i, loss_value, grad_norm=grad_norm.item(), targets=targets)
         result.losses.append(loss_value)
         if (i == 0 or i == cfg.steps - 1) and (built := jit.announce_new_kernels(kernels_before, "mlx")):
             # the first step's builds (inside the warm-up step's time), then any a new width added

@@ -129,10 +129,11 @@ def load(cfg: RunConfig, model_dir: Path, result: RunResult, utils, load_model):
     return model
 
 
-def make_optimizer(cfg: RunConfig, result: RunResult) -> optim.Optimizer:
+def make_optimizer(cfg: RunConfig, result: RunResult, names: list[str]) -> optim.Optimizer:
     """What an mlx-lm user gets: its default `adam` (or `adamw` for weight decay) with the
     config's betas/eps and MLX's defaults otherwise (no bias correction); our per-step LRs as
-    a schedule (mlx-lm accepts any callable of the step)."""
+    a schedule (mlx-lm accepts any callable of the step). `names`: the trainable tensors as
+    `lora_state` keys (its trainer updates all of them)."""
     lrs = mx.array([cfg.lr_at(s) for s in range(cfg.steps)])
 
     def schedule(step: mx.array) -> mx.array:
@@ -148,7 +149,7 @@ def make_optimizer(cfg: RunConfig, result: RunResult) -> optim.Optimizer:
         opt = optim.AdamW(weight_decay=cfg.weight_decay, **common)
     else:
         opt = optim.Adam(**common)  # mlx-lm's default optimizer
-    result.optimizer = optimizer_record(settings(opt), None)  # its trainer does not clip
+    result.optimizer = optimizer_record(settings(opt, names), None)  # its trainer does not clip
     return opt
 
 
@@ -230,7 +231,7 @@ def train(run: Run) -> RunResult:
         result.threads = blas_threads() or 1
     mx.reset_peak_memory()
 
-    opt = make_optimizer(cfg, result)
+    opt = make_optimizer(cfg, result, list(peft_layout(model)))
     adapter_dir = out_dir / "adapter_mlx_lm"
     adapter_dir.mkdir(parents=True, exist_ok=True)
     args = trainer.TrainingArgs(

@@ -55,6 +55,8 @@ class StepClock:
         self.times: list[float] = []
         self.lrs: list[float] = []
         self.losses: list[float] = []
+        self.targets: list[int] = []  # this process's loss targets, per step (given to `end`)
+        self.grad_norms: list[float] = []
         self._fed = hashlib.sha256()
         self._t = self._cpu = 0.0
         self.cpu_times: list[float] = []  # CPU seconds of all this process's threads, per step
@@ -77,12 +79,17 @@ class StepClock:
         self._t = time.perf_counter()
 
     def end(self, step: int, loss: float, seconds: float | None = None,
-            grad_norm: float | None = None) -> None:
-        """`seconds`: the step's time when the loop measured it itself (mlx-lm's trainer)."""
+            grad_norm: float | None = None, targets: int | None = None) -> None:
+        """`seconds`: the step's time when the loop measured it itself (mlx-lm's trainer);
+        `grad_norm`: before clipping; `targets`: the target tokens of the rows this process fed."""
         self.times.append(time.perf_counter() - self._t if seconds is None else seconds)
         if seconds is None:  # the step ran between begin and end: its CPU time is this process's
             self.cpu_times.append(time.process_time() - self._cpu)
         self.losses.append(loss)
+        if grad_norm is not None:
+            self.grad_norms.append(grad_norm)
+        if targets is not None:
+            self.targets.append(targets)
         if not math.isfinite(loss):
             raise Diverged(step, "the loss", loss, self.losses, self.times)
         if grad_norm is not None and not math.isfinite(grad_norm):
@@ -104,6 +111,7 @@ class StepClock:
             result.cpu_busy_threads = sum(self.cpu_times[timed]) / sum(self.times[timed])
         if result.optimizer:
             result.optimizer["lr_per_step"] = list(self.lrs)
+        result.step_targets, result.grad_norms = list(self.targets), list(self.grad_norms)
         record = result.machine_load = self.load.stop()
         if (warning := busy_warning(record)) and not self.progress.quiet:
             print(f"[{result.backend}] {warning}", file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ def train(run: Run) -> RunResult:
         dist.init(device, cfg.nproc)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
-    result.optimizer = optimizer_record(settings(opt), cfg.max_grad_norm)
+    result.optimizer = optimizer_record(settings(opt, model), cfg.max_grad_norm)
     evals = eval_schedule(run, model, device)
     if run.lead:
         evals.before()  # rank 0 only, as every eval
@@ -39,7 +39,8 @@ def train(run: Run) -> RunResult:
     clock = StepClock(run)
     for step in range(cfg.steps):
         fed = batches.step(step)
-        batch = to_torch(shard(fed, ranks.rank, ranks.world) if ranks else fed, device)
+        mine = shard(fed, ranks.rank, ranks.world) if ranks else fed
+        batch, targets = to_torch(mine, device), target_count(mine["labels"])  # this rank's rows
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step)
         clock.feed(fed["input_ids"])  # the global batch, which the ranks split
@@ -62,7 +63,7 @@ def train(run: Run) -> RunResult:
         opt.zero_grad(set_to_none=True)
         if not ranks:
             loss_value = loss.item()  # sync point: the step's work is done after this
-        clock.end(step, loss_value, grad_norm=grad_norm.item())
+        clock.end(step, loss_value, grad_norm=grad_norm.item(), targets=targets)
         result.losses.append(loss_value)
         if not run.lead:
             continue  # eval: rank 0 only (the others wait in the next all-reduce)

@@ -19,13 +19,16 @@ def make_optimizer(cfg: RunConfig) -> optim.AdamW:
     )
 
 
-def settings(opt: optim.Optimizer) -> dict:
-    """The settings read back from an MLX Adam/AdamW object, for fairness checks."""
+def settings(opt: optim.Optimizer, names: list[str]) -> dict:
+    """The settings read back from an MLX Adam/AdamW object, for fairness checks. `names`: the
+    trainable tensors it updates, as `lora_state` keys; MLX applies its one weight_decay (Adam:
+    none) to each of them (`weight_decay_per_tensor`)."""
+    decay = float(getattr(opt, "weight_decay", 0.0))
     return {
         "name": type(opt).__name__,
         "betas": [float(b) for b in opt.betas],
         "eps": float(opt.eps),
-        "weight_decay": float(getattr(opt, "weight_decay", 0.0)),
+        "weight_decay_per_tensor": {n: decay for n in names},
         "bias_correction": bool(opt.bias_correction),
         "amsgrad": False,
     }

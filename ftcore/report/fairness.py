@@ -14,10 +14,11 @@ IGNORED_CONFIG_KEYS = frozenset({"backend", "out", "out_dir", "nproc", "nnodes",
 
 
 def optimizer_key(opt: Any) -> Any:
-    """Optimizer settings to compare; the name is compared case-insensitively without module path."""
+    """Optimizer settings to compare; the name is compared case-insensitively without module path.
+    The per-tensor weight decay has a check of its own (_decay_check)."""
     if not isinstance(opt, dict):
         return opt
-    out = dict(opt)
+    out = {k: v for k, v in opt.items() if k != "weight_decay_per_tensor"}
     if isinstance(out.get("name"), str):
         out["name"] = out["name"].rsplit(".", 1)[-1].lower()
     return out
@@ -110,11 +111,32 @@ def _lr_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"check": "lr_schedule", "ok": status == "pass", "status": status, "detail": detail}
 
 
+def _decay_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The weight decay each backend's optimizer applies to each trainable tensor
+    (optimizer.weight_decay_per_tensor, {lora_state key: decay}), against the first backend's:
+    decay on lora_B only in one backend is a mismatch though both were asked for the same."""
+    pairs = [(backend_name(r, i), (r.get("optimizer") or {}).get("weight_decay_per_tensor") or None)
+             for i, r in enumerate(rows)]  # fmt: skip
+    if missing := [n for n, v in pairs if v is None]:
+        status, detail = "missing", "no per-tensor weight decay recorded by " + ", ".join(missing)
+        return {"check": "weight_decay", "ok": False, "status": status, "detail": detail}
+    off = []
+    (first, ref), *others = pairs or [("", {})]
+    for n, v in others:
+        keys = sorted(ref.keys() | v.keys())
+        if diff := [k for k in keys if not same(ref.get(k), v.get(k))]:
+            off.append(f"{n}: {len(diff)} of {len(keys)} tensors differ from {first}, e.g. "
+                       + ", ".join(f"{k} {first}={ref.get(k)} {n}={v.get(k)}" for k in diff[:2]))
+    decays = ", ".join(map(str, sorted(set(ref.values()))))
+    detail = "; ".join(off) or f"all {len(rows)} alike on each of {len(ref)} tensors (decay {decays})"
+    return {"check": "weight_decay", "ok": not off, "status": "mismatch" if off else "pass", "detail": detail}
+
+
 def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Did every successful backend see the same inputs and settings? Each figure is measured in
     the backend's own run: the token ids its loop fed (hashed step by step), the settings read back
-    from its optimizer object and the learning rate of every step, the parameters its model
-    trains, the threads its framework reports.
+    from its optimizer object (the weight decay per tensor) and the learning rate of every step,
+    the parameters its model trains, the threads its framework reports.
 
     Each check: {"check", "ok", "status" ("pass"|"mismatch"|"missing"), "detail"}.
     A value a backend did not record cannot be verified and is not ok ("missing").
@@ -126,6 +148,7 @@ def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         _check("initial_adapter_fingerprint", rows, lambda r: r.get("initial_adapter_fingerprint")),
         _check("trainable_params", rows, lambda r: r.get("trainable_params") or None),
         _check("optimizer", rows, lambda r: optimizer_key(r.get("optimizer"))),
+        _decay_check(rows),
         _lr_check(rows),
         _check("precision", rows, lambda r: r.get("precision")),
         _check("threads", rows, lambda r: r.get("threads") or None),

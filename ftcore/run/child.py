@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     result.rank_threads = result.rank_threads or result.threads  # a loop that did not say
     if ranks:  # the parent sums the ranks' peaks (ftcore.run.ranks.merge_ranks)
         write_rank_file(args.out, ranks.rank, status=result.status, peak_rss_mb=rss.peak_mb,
-                        baseline_rss_mb=result.baseline_rss_mb, threads=result.rank_threads)
+                        baseline_rss_mb=result.baseline_rss_mb, threads=result.rank_threads,
+                        step_targets=result.step_targets)  # this rank's shard's, summed by the parent
         if ranks.rank:
             return code
     result.write_json(args.out / RESULT_FILE)

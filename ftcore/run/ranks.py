@@ -123,7 +123,8 @@ def write_rank_file(out_dir: Path, rank: int, **fields) -> None:
 
 def merge_ranks(result: RunResult, out_dir: Path, world: int) -> list[int]:
     """Peak RSS over ranks into rank 0's result (summed: `peak_rss_mb`; largest:
-    `peak_rss_max_rank_mb`); returns the ranks that left no file (died before their end)."""
+    `peak_rss_max_rank_mb`) and each step's loss targets summed over ranks (`step_targets`);
+    returns the ranks that left no file (died before their end)."""
     files = {r: rank_file(out_dir, r) for r in range(world)}
     ranks = {r: json.loads(f.read_text()) for r, f in files.items() if f.exists()}
     missing = [r for r in range(world) if r not in ranks]
@@ -132,6 +133,8 @@ def merge_ranks(result: RunResult, out_dir: Path, world: int) -> list[int]:
     if peaks and not missing:
         result.peak_rss_mb = sum(peaks)
         result.peak_rss_max_rank_mb = max(peaks)
+        per_rank = [ranks[r].get("step_targets") or [] for r in sorted(ranks)]  # (world, steps)
+        result.step_targets = [sum(t) for t in zip(*per_rank, strict=False)]
     return missing
 
 

@@ -3,8 +3,14 @@ lora_A (rank, in), lora_B (out, rank)), the keys ftcore.inputs.lora_init and the
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
+
+# PEFT's parameter name -> its lora_state key: base_model.model.<module>.lora_A.default.weight
+# -> <module>.lora_A; any other parameter keeps its module path.
+_PEFT_PARAM = re.compile(r"\.(lora_A|lora_B)\.[^.]+\.weight$")
 
 
 def set_lora_state(model, state: dict[str, np.ndarray]) -> None:
@@ -25,3 +31,8 @@ def get_lora_state(model) -> dict[str, np.ndarray]:
             state[f"{name}.lora_A"] = module.lora_A["default"].weight.detach().float().cpu().numpy()
             state[f"{name}.lora_B"] = module.lora_B["default"].weight.detach().float().cpu().numpy()
     return state
+
+
+def lora_key(param_name: str) -> str:
+    """A PeftModel parameter's name as a `lora_state` key (the MLX side's name for it)."""
+    return _PEFT_PARAM.sub(r".\1", param_name.removeprefix("base_model.model."))
