@@ -1,11 +1,10 @@
-"""ftcore command line: run | compare | convert | profile | bench-diff.
+"""ftcore command line: run | compare | convert | generate | profile | pretrain | bench-diff.
 
-Exit codes: 0 every backend ran ok; 1 a backend failed, diverged or was killed (its row says
-why); 2 a user mistake (data, model folder, flags, device, output folder): one line `error: ...`
-on stderr and nothing written; 130 interrupted (SIGINT/SIGTERM): the children are stopped and the
-run folder is marked `interrupted` (ftcore.run.rundir). No traceback reaches the user unless --debug
-or FTCORE_DEBUG=1 asks for it.
-"""
+Exit codes: 0 every backend ran ok; 1 a backend failed, diverged or was killed (its row says why);
+2 a user mistake (data, model folder, flags, device, output folder): one line `error: ...` on
+stderr and nothing written; 130 interrupted (SIGINT/SIGTERM): the children are stopped and the run
+folder is marked `interrupted` (ftcore.run.rundir). No traceback reaches the user unless --debug or
+FTCORE_DEBUG=1 asks for it."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from pathlib import Path
 
 from ftcore.backends import BACKENDS
 from ftcore.bench.cases import SIZES
-from ftcore.cache_dir import file_in_the_way
 from ftcore.config import (
     PRESETS,
     PROMPT_FORMATS,
@@ -215,12 +213,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ftcore.inputs.checkpoint import weights_sha256
-    from ftcore.inputs.presets import build_preset, preset_config
+    from ftcore.inputs.presets import build_preset, check_preset_out, preset_config
 
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.replace:
-        raise UserError(f"--out {args.out}: not an empty folder; pass --replace to rebuild it")
-    if blocker := file_in_the_way(args.out):
-        raise UserError(f"--out {args.out}: {blocker} is a file, not a folder; choose an --out outside it")
+    check_preset_out(args.out, args.replace)
     build_preset("tiny-pretrained", preset_config("tiny-pretrained"), args.out)
     made = json.loads((args.out / "ftcore_preset.json").read_text())
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in made["exact_match"].items())

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ftcore.cache_dir import cache_root
+from ftcore.cache_dir import cache_root, file_in_the_way
 from ftcore.config import RunConfig, UserError
 from ftcore.inputs.checkpoint import check_checkpoint, read_config
 from ftcore.inputs.tokenizer import (
@@ -255,3 +255,10 @@ def resolve_model_dir(cfg: RunConfig) -> Path:
                else f"delete {folder} and run again: ftcore makes it anew")
         raise UserError(f"{e} (the {cfg.preset} preset is damaged: {fix})") from None
 
+
+def check_preset_out(out: Path, replace: bool) -> None:
+    """`ftcore pretrain --out`: an empty or new folder (or --replace), not below a file (UserError)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not replace:
+        raise UserError(f"--out {out}: not an empty folder; pass --replace to rebuild it")
+    if blocker := file_in_the_way(out):
+        raise UserError(f"--out {out}: {blocker} is a file, not a folder; choose an --out outside it")

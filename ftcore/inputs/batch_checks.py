@@ -1,0 +1,67 @@
+"""What a run's batches must satisfy before any array is made, and what about its records a user
+must hear: the memory the training batches take, the steps --epochs come to, dropped, prompt-only
+and blank records. ftcore.inputs.batches calls these while it builds the batches."""
+
+from __future__ import annotations
+
+from ftcore.config import RunConfig, UserError
+from ftcore.inputs.batching import epoch_steps
+from ftcore.inputs.token_rows import Tokenized
+
+
+def check_batches_fit(cfg: RunConfig, packed: bool) -> None:
+    """Refuse, before any array is made, training batches that would take more than half of this
+    machine's available memory: steps x batch x max_seq_len x their int64 arrays (an upper bound:
+    `longest` batches may be narrower). `--steps 10000000` once allocated 19 GiB and died."""
+    import psutil
+
+    need = cfg.steps * cfg.batch_size * cfg.max_seq_len * 8 * (4 if packed else 3)
+    room = psutil.virtual_memory().available / 2
+    if need > room:
+        asked = f"--epochs {cfg.epochs} ({cfg.steps} steps)" if cfg.epochs is not None else f"--steps {cfg.steps}"
+        raise UserError(f"{asked}: the training batches would take up to {need / 2**30:.1f} GiB "
+                        f"(steps x batch x --max-seq-len x {4 if packed else 3} int64 arrays), more than half "
+                        f"of this machine's available memory ({2 * room / 2**30:.1f} GiB); run fewer steps or epochs")
+
+
+def data_warnings(records: list[dict[str, str]], train: Tokenized, evals: Tokenized, cfg: RunConfig) -> list[str]:
+    """What about the selected records a user must hear, one line each: records dropped (no answer
+    token fits), records that train on prompt text only, empty or whitespace-only fields."""
+    out = []
+    dropped = train.dropped + evals.dropped
+    if dropped:
+        out.append(f"{dropped} of {len(records)} records dropped ({train.dropped} training, {evals.dropped} eval): "
+                   f"no answer token fits in --max-seq-len {cfg.max_seq_len}; --max-seq-len "
+                   f"{max(train.keeps_all_at, evals.keeps_all_at)} keeps them all")
+    if train.prompt_only:
+        out.append(f"{train.prompt_only} training records train on prompt text only: no token of their answer "
+                   f"fits in --max-seq-len {cfg.max_seq_len} (--no-mask-prompt)")
+    empty = sum(not r.get("instruction", "").strip() or not r.get("output", "").strip() for r in records)
+    if empty:
+        out.append(f"{empty} of {len(records)} records have an empty or whitespace-only instruction or answer; "
+                   "they train as they are")
+    return out
+
+
+def steps_of_epochs(cfg: RunConfig, n: int, units: str) -> int:
+    """The steps --epochs take over n units (epoch_steps), refused in one line when fewer than the
+    run needs: more than --timing-warmup-steps (those are left out of the timing) and at least
+    --warmup-steps (the LR warm-up), which RunConfig would otherwise blame on those flags."""
+    steps = epoch_steps(cfg.epochs, n, cfg.batch_size, cfg.batching)
+    need = max(cfg.timing_warmup_steps + 1, cfg.warmup_steps)
+    if steps >= need:
+        return steps
+    enough = next(k for k in range(cfg.epochs + 1, need + 1) if epoch_steps(k, n, cfg.batch_size, cfg.batching) >= need)
+
+    def n_steps(k: int) -> str:
+        return f"{k} step" + "s" * (k != 1)
+
+    why = []
+    if steps <= cfg.timing_warmup_steps:
+        why.append(f"the timing leaves out the first {n_steps(cfg.timing_warmup_steps)} as warm-up "
+                   f"(--timing-warmup-steps {cfg.timing_warmup_steps})")
+    if steps < cfg.warmup_steps:
+        why.append(f"the learning rate warms up over {n_steps(cfg.warmup_steps)} (--warmup-steps {cfg.warmup_steps})")
+    raise UserError(f"--epochs {cfg.epochs}: {n} {units} at --batch-size {cfg.batch_size} make {n_steps(steps)}, "
+                    f"too few: {', and '.join(why)}; use --epochs {enough}, more records (--num-samples) or a "
+                    "smaller --batch-size")
