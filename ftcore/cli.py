@@ -2,8 +2,9 @@
 
 Exit codes: 0 every backend ran ok; 1 a backend failed, diverged or was killed (its row says
 why); 2 a user mistake (data, model folder, flags, device, output folder): one line `error: ...`
-on stderr and nothing written; 130 interrupted (SIGINT/SIGTERM): the children are stopped and the
-run folder is marked `interrupted` (ftcore.run.rundir). No traceback reaches the user unless --debug
+on stderr and nothing written, or a full disk (one line naming the file, status.json `failed`);
+130 interrupted (SIGINT/SIGTERM): the children are stopped and the run folder is marked
+`interrupted` (ftcore.run.rundir). No traceback reaches the user unless --debug
 or FTCORE_DEBUG=1 asks for it.
 """
 
@@ -34,7 +35,7 @@ from ftcore.run.backend_process import OFFLINE_ENV, run_backend
 from ftcore.run.compare import DEFAULT_TIME_BUDGET_S, MIN_RUNS, Schedule, compare
 from ftcore.run.preflight import check_run
 from ftcore.run.procs import kill_all, stop_all
-from ftcore.run.rundir import RunDir
+from ftcore.run.rundir import STATUS_FILE, RunDir
 
 DEBUG_ENV = "FTCORE_DEBUG"
 ACTIVE_RUN: RunDir | None = None  # the folder being written, marked if the run is interrupted
@@ -143,6 +144,18 @@ def finish_run(results: list, code_if_ok: int = 0) -> int:
     code = 1 if bad else code_if_ok
     ACTIVE_RUN.end("failed" if bad else "complete", code)
     return code
+
+
+def mark_failed(exit_code: int) -> str:
+    """After an OSError (a full disk): the run folder's status.json says failed. Returns "" or,
+    when even that cannot be written, the words that say so, for the same error line."""
+    if ACTIVE_RUN is None or ACTIVE_RUN.path is None:
+        return ""
+    try:
+        ACTIVE_RUN.end("failed", exit_code)
+    except OSError as e:
+        return f"; {ACTIVE_RUN.path / STATUS_FILE} could not be marked failed either ({e.strerror or e})"
+    return ""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -282,12 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return interrupted()
-    except OSError as e:  # unwritable --out, disk full, ...
+    except OSError as e:  # unwritable --out, disk full (ftcore.result.DiskFull names the file), ...
         if debug:
             raise
-        if ACTIVE_RUN is not None and ACTIVE_RUN.path is not None:
-            ACTIVE_RUN.end("failed", 2)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{mark_failed(2)}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug, not the user's: one line unless asked for the traceback
         if debug:
