@@ -19,8 +19,6 @@ padded to what width. ftcore.inputs.batches builds the arrays; this module decid
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 PAD_MULTIPLE = 32  # `longest` pads a batch to 1 + a multiple of this (mlx-lm's pad_to)
@@ -79,5 +77,8 @@ def steps_per_epoch(n: int, batch_size: int, batching: str) -> float:
 
 
 def epoch_steps(epochs: int, n: int, batch_size: int, batching: str) -> int:
-    """Steps that `epochs` whole passes over n units take (--epochs)."""
-    return max(1, math.ceil(epochs * steps_per_epoch(n, batch_size, batching)))
+    """Steps that `epochs` whole passes over n units take (--epochs); in integers, exact for any
+    `epochs` (a float product overflows above ~1e308)."""
+    if batching == "padded":
+        return max(1, -(-epochs * n // batch_size))  # ceil(epochs * n / batch_size)
+    return max(1, epochs * (n // batch_size))
