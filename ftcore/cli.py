@@ -2,9 +2,9 @@
 
 Exit codes: 0 every backend ran ok; 1 a backend failed, diverged or was killed (its row says why);
 2 a user mistake (data, model folder, flags, device, output folder): one line `error: ...` on
-stderr and nothing written; 130 interrupted (SIGINT/SIGTERM): the children are stopped and the run
-folder is marked `interrupted` (ftcore.run.rundir). No traceback reaches the user unless --debug or
-FTCORE_DEBUG=1 asks for it."""
+stderr and nothing written, or a full disk (one line naming the file, status.json `failed`); 130
+interrupted (SIGINT/SIGTERM): the children are stopped and the run folder is marked `interrupted`
+(ftcore.run.rundir). No traceback reaches the user unless --debug or FTCORE_DEBUG=1 asks for it."""
 
 from __future__ import annotations
 
@@ -280,12 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return interrupted()
-    except OSError as e:  # unwritable --out, disk full, ...
+    except OSError as e:  # unwritable --out, disk full (ftcore.result.DiskFull names the file), ...
         if debug:
             raise
-        if ACTIVE_RUN is not None and ACTIVE_RUN.path is not None:
-            ACTIVE_RUN.end("failed", 2)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{ACTIVE_RUN.mark_failed(2) if ACTIVE_RUN else ''}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug, not the user's: one line unless asked for the traceback
         if debug:

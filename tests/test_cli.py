@@ -62,6 +62,8 @@ BAD_INPUTS = {
                                 "--epochs 1: 4 training records at --batch-size 4 make 1 step, too few: the timing leaves "
                                 "out the first 1 step as warm-up (--timing-warmup-steps 1), and the learning rate warms up "
                                 "over 2 steps (--warmup-steps 2); use --epochs 2, more records (--num-samples) or a smaller --batch-size"),
+    "more steps than ftcore runs": (lambda t, m, w: ["--steps", 10**9], "--steps 1000000000: at most 100000 steps"),
+    "epochs whose steps overflow a float": (lambda t, m, w: ["--epochs", 10**400], "steps): at most 100000 steps"),
 }
 
 
@@ -76,6 +78,14 @@ def test_bad_input_is_one_clean_line(case, tmp_path, tiny_model_dir, write_alpac
     out_dir = tmp_path / "out"
     args = ["run", "--backend", "torch", "--out", out_dir, *make_args(tmp_path, tiny_model_dir, write_alpaca)]
     assert_user_error(ftcore_in_process(*args), needle, out_dir)
+
+
+@pytest.mark.parametrize("flags", [["--steps", 10**9], ["--epochs", 10**8]])
+def test_compare_refuses_more_steps_than_ftcore_runs(flags, tmp_path):
+    """Before any batch is made (--steps 200000 built for 30 s, then said nothing for an hour)."""
+    out_dir = tmp_path / "out"
+    assert_user_error(ftcore_in_process("compare", "--out", out_dir, *flags), "at most 100000 steps: every step's", out_dir)
+    assert not out_dir.exists()
 
 
 @pytest.mark.parametrize("case", ["missing data path", "unknown flag", "model without config.json"])

@@ -356,7 +356,6 @@ def test_filler_rows_change_neither_loss_nor_count(tok, tiny_model_dir, tmp_path
     real = int((step["labels"][:, 1:] != IGNORE_INDEX).any(-1).sum())
     if framework == "torch":
         import torch
-
         from transformers import AutoModelForCausalLM
 
         from ftcore.torch.loss import loss_sum_count
@@ -500,10 +499,36 @@ def test_the_fingerprint_sees_the_batching_mode_and_the_positions(tok):
     assert moved.fingerprint != b.fingerprint
 
 
-@pytest.mark.parametrize("flags, said", [({"steps": 10_000_000}, "--steps 10000000: the training batches would take up to"),
-                                         ({"epochs": 100_000_000}, "--epochs 100000000 (")])
+@pytest.mark.parametrize("flags, said", [({"steps": 100_000}, "--steps 100000: the training batches would take up to 585.9 GiB"),
+                                         ({"epochs": 100_000}, "--epochs 100000 (100000 steps): the training batches would take up to 585.9 GiB")])
 def test_batches_that_cannot_fit_in_memory_are_refused_before_any_is_made(tok, flags, said):
-    """--steps 10000000 once allocated 19 GiB and died; --epochs 1e8 hung before the first step."""
+    """--steps 10000000 once allocated 19 GiB and died (here: 100,000 steps x 64 x 4096 x 3 int64)."""
     with pytest.raises(UserError, match="more than half of this machine's available memory") as e:
+        build_batches(RunConfig(num_samples=64, eval_samples=4, batch_size=64, max_seq_len=4096, **flags), tok)
+    assert str(e.value).startswith(said)
+
+
+@pytest.mark.parametrize("flags, said", [
+    ({"steps": 100_001}, "--steps 100001: at most 100000 steps: every step's batch is made and written to the run "
+                         "folder before the first step"),
+    ({"steps": 10**9}, "--steps 1000000000: at most 100000 steps"),
+    ({"epochs": 6251}, "--epochs 6251 (100016 steps): at most 100000 steps"),  # 64 records, 4 a batch
+    ({"epochs": 10**400}, f"--epochs {10**400} ({16 * 10**400} steps): at most 100000 steps"),
+    ({"epochs": 10**400, "batching": "padded"}, f"--epochs {10**400} ({16 * 10**400} steps): at most 100000 steps"),
+])
+def test_more_steps_than_ftcore_runs_are_refused_before_any_batch_is_made(tok, flags, said):
+    """--steps 200000 built batches for 30 s, wrote 1.2 GiB and said nothing for an hour;
+    --epochs 1e400 overflowed a float (an internal error: in the GiB figure, and for `padded` in
+    the epoch's steps)."""
+    with pytest.raises(UserError) as e:
         build_batches(RunConfig(num_samples=64, eval_samples=4, batch_size=4, **flags), tok)
-    assert said in str(e.value)
+    assert str(e.value).startswith(said) and str(e.value).endswith("; run fewer steps or epochs"), str(e.value)
+
+
+def test_epoch_steps_are_exact_integers():
+    from ftcore.inputs.batching import epoch_steps
+
+    assert epoch_steps(3, 10, 4, "padded") == 8  # ceil(30 / 4): runs on into the next pass
+    assert epoch_steps(3, 10, 4, "longest") == 9  # 2 whole batches and a short one a pass
+    assert epoch_steps(10**30, 3, 3, "padded") == 10**30  # a float would round it
+    assert epoch_steps(1, 3, 4, "packed") == 1

@@ -141,7 +141,7 @@ def test_bad_data_and_flags_are_one_line(tmp_path, write_alpaca):
         (["--data", write_alpaca(tmp_path / "false.json", [{"instruction": "a", "input": False, "output": "b"}] * 30)],
          "record 0 has a non-string 'input' (bool)"),
         (["--threads", "999"], "--threads 999: this process may use"),
-        (["--out", tmp_path / "a-file" / "sub"], "cannot create the run folder"),
+        (["--out", tmp_path / "a-file" / "sub"], "a-file is a file, not a folder, so the run folder cannot be made below it"),
         # nothing would train (every Adam update 0) yet every step would "run": refused up front
         (["--adam-eps", "inf"], "--adam-eps: must be a finite number > 0, got inf"),
         (["--max-grad-norm", "nan"], "--max-grad-norm: must be a finite number > 0, got nan"),

@@ -33,7 +33,7 @@ from ftcore.measure.rss import current_rss_mb
 from ftcore.mlx.adapters import save_adapters
 from ftcore.mlx.optim import settings
 from ftcore.mlx.runtime import blas_facts, pick_device
-from ftcore.result import RunResult
+from ftcore.result import RunResult, atomic_path
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
 
@@ -232,28 +232,28 @@ def train(run: Run) -> RunResult:
     mx.reset_peak_memory()
 
     opt = make_optimizer(cfg, result, list(peft_layout(model)))
-    adapter_dir = out_dir / "adapter_mlx_lm"
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    args = trainer.TrainingArgs(
-        batch_size=cfg.batch_size,
-        iters=cfg.steps,
-        steps_per_report=1,
-        steps_per_save=cfg.steps + 1,  # only the final save
-        max_seq_length=cfg.max_seq_len,
-        adapter_file=str(adapter_dir / "adapters.safetensors"),
-        grad_checkpoint=cfg.grad_checkpoint,  # mlx-lm's own: mx.checkpoint around each layer
-    )
     recorder = Recorder(run, opt)
     train_set = [mlx_lm_batch(batches.step(s)) for s in range(cfg.steps)]
-    trainer.train(
-        model,
-        opt,
-        train_set,
-        args=args,
-        loss=trainer.default_loss,
-        iterate_batches=recorder.batches,
-        training_callback=recorder,
-    )
+    # the trainer's own final save goes to a temporary name, renamed only once complete
+    with atomic_path(out_dir / "adapter_mlx_lm" / "adapters.safetensors") as adapter_file:
+        args = trainer.TrainingArgs(
+            batch_size=cfg.batch_size,
+            iters=cfg.steps,
+            steps_per_report=1,
+            steps_per_save=cfg.steps + 1,  # only the final save
+            max_seq_length=cfg.max_seq_len,
+            adapter_file=str(adapter_file),
+            grad_checkpoint=cfg.grad_checkpoint,  # mlx-lm's own: mx.checkpoint around each layer
+        )
+        trainer.train(
+            model,
+            opt,
+            train_set,
+            args=args,
+            loss=trainer.default_loss,
+            iterate_batches=recorder.batches,
+            training_callback=recorder,
+        )
     result.losses = recorder.losses
     recorder.clock.stop()
 

@@ -17,7 +17,7 @@ from ftcore.measure.flops import flops_per_token, gemm_shapes, lora_param_count
 from ftcore.measure.gemm_peak import gemm_peak_cached
 from ftcore.measure.hostinfo import affinity_cores, host_info
 from ftcore.measure.memory_model import memory_model
-from ftcore.result import RunResult
+from ftcore.result import RunResult, atomic_path
 
 
 def optimizer_record(read_back: dict, max_grad_norm: float | None) -> dict[str, Any]:
@@ -125,4 +125,5 @@ def probe_batch(batches: Batches) -> dict[str, Any]:
 
 def save_probe_logits(logits: Any, out_dir: Path) -> None:
     """logits: (1, L, V) fp32 numpy -> out_dir/probe_logits.npy of shape (PROBE_POSITIONS, V)."""
-    np.save(out_dir / PROBE_FILE, np.asarray(logits, dtype=np.float32)[0, :PROBE_POSITIONS])
+    with atomic_path(out_dir / PROBE_FILE) as tmp:
+        np.save(tmp, np.asarray(logits, dtype=np.float32)[0, :PROBE_POSITIONS])

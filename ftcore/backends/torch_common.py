@@ -21,7 +21,7 @@ from ftcore.inputs.batches import Batches
 from ftcore.inputs.lora_init import state_fingerprint
 from ftcore.inputs.records import write_prompt_format
 from ftcore.measure.rss import current_rss_mb
-from ftcore.result import RunResult
+from ftcore.result import RunResult, atomic_path
 from ftcore.run.ranks import rank_threads
 from ftcore.torch.generate import greedy
 from ftcore.torch.lora import get_lora_state
@@ -82,8 +82,8 @@ def wrap_up(run: Run, model, device: torch.device, step_times: list[float], eval
     evals.after(step_times)
     if device.type == "cuda":
         run.result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    adapter = run.out_dir / "adapter"
-    model.save_pretrained(str(adapter))  # adapter_config.json + adapter_model.safetensors
-    write_prompt_format(adapter, run.cfg.prompt_format)  # for `ftcore generate`
+    with atomic_path(run.out_dir / "adapter") as adapter:  # the folder appears whole, or not at all
+        model.save_pretrained(str(adapter))  # adapter_config.json + adapter_model.safetensors
+        write_prompt_format(adapter, run.cfg.prompt_format)  # for `ftcore generate`
     save_probe_logits(probe_logits(model, run.batches, device), run.out_dir)
     return finish_result(run, step_times)

@@ -8,17 +8,26 @@ from ftcore.config import RunConfig, UserError
 from ftcore.inputs.batching import epoch_steps
 from ftcore.inputs.token_rows import Tokenized
 
+# Every step's batch is built in Python and written to OUT/batches.npz before the first step, and
+# progress is said every 10% of the steps: 200,000 steps took ~30 s and 1.2 GiB before the first
+# step here, then ~20,000 steps (about an hour) before the first progress line.
+MAX_STEPS = 100_000
+
 
 def check_batches_fit(cfg: RunConfig, packed: bool) -> None:
-    """Refuse, before any array is made, training batches that would take more than half of this
-    machine's available memory: steps x batch x max_seq_len x their int64 arrays (an upper bound:
-    `longest` batches may be narrower). `--steps 10000000` once allocated 19 GiB and died."""
+    """Refuse, before any array is made, training batches that cannot be made in reasonable time or
+    memory: more than MAX_STEPS steps, or more than half of this machine's available memory (steps
+    x batch x max_seq_len x their int64 arrays, an upper bound: `longest` batches may be
+    narrower). `--steps 10000000` once allocated 19 GiB and died; `--steps 200000` seemed hung."""
     import psutil
 
+    asked = f"--epochs {cfg.epochs} ({cfg.steps} steps)" if cfg.epochs is not None else f"--steps {cfg.steps}"
+    if cfg.steps > MAX_STEPS:
+        raise UserError(f"{asked}: at most {MAX_STEPS} steps: every step's batch is made and written to the run "
+                        "folder before the first step, and a benchmark needs far fewer; run fewer steps or epochs")
     need = cfg.steps * cfg.batch_size * cfg.max_seq_len * 8 * (4 if packed else 3)
     room = psutil.virtual_memory().available / 2
     if need > room:
-        asked = f"--epochs {cfg.epochs} ({cfg.steps} steps)" if cfg.epochs is not None else f"--steps {cfg.steps}"
         raise UserError(f"{asked}: the training batches would take up to {need / 2**30:.1f} GiB "
                         f"(steps x batch x --max-seq-len x {4 if packed else 3} int64 arrays), more than half "
                         f"of this machine's available memory ({2 * room / 2**30:.1f} GiB); run fewer steps or epochs")

@@ -48,6 +48,7 @@ from ftcore.inputs.token_rows import (
     template_length,
     tokenize_records,
 )
+from ftcore.result import atomic_path
 
 
 @dataclass
@@ -124,7 +125,8 @@ class Batches:
             arrays.update({f"eval{i}_{k}": v for k, v in b.items()})
         arrays.update({f"answers_{k}": v for k, v in self.answers.items()})
         arrays["stats"] = np.frombuffer(json.dumps(self.stats).encode(), dtype=np.uint8)
-        np.savez(path, **arrays)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> Batches:

@@ -25,8 +25,6 @@ computed (like padding) and are not counted as real tokens.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 PAD_MULTIPLE = 32  # `longest` pads a batch to 1 + a multiple of this (mlx-lm's pad_to)
@@ -86,7 +84,7 @@ def steps_per_epoch(n: int, batch_size: int, batching: str) -> float:
     """Steps one whole pass over n units (records; packed rows for `packed`) takes: `longest` and
     `packed` end a pass with a short batch (ceil(n / batch)), `padded` runs on into the next epoch
     (n / batch, a fraction)."""
-    return n / batch_size if batching == "padded" else math.ceil(n / batch_size)
+    return n / batch_size if batching == "padded" else -(-n // batch_size)
 
 
 def filled(rows: list[int], batch_size: int) -> tuple[list[int], int]:
@@ -96,5 +94,8 @@ def filled(rows: list[int], batch_size: int) -> tuple[list[int], int]:
 
 
 def epoch_steps(epochs: int, n: int, batch_size: int, batching: str) -> int:
-    """Steps that `epochs` whole passes over n units take (--epochs)."""
-    return max(1, math.ceil(epochs * steps_per_epoch(n, batch_size, batching)))
+    """Steps that `epochs` whole passes over n units take (--epochs); in integers, exact for any
+    `epochs` (a float product overflows above ~1e308)."""
+    if batching == "padded":
+        return max(1, -(-epochs * n // batch_size))  # ceil(epochs * n / batch_size)
+    return max(1, epochs * -(-n // batch_size))  # every pass ends with its short batch

@@ -19,6 +19,7 @@ import numpy as np
 from ftcore.config import UserError
 from ftcore.inputs import length_profile
 from ftcore.inputs.synthetic import synthetic_records
+from ftcore.result import write_atomic
 
 # The Stanford Alpaca prompt templates (tatsu-lab/stanford_alpaca, train.py).
 PROMPT_WITH_INPUT = (
@@ -48,7 +49,7 @@ def chat_messages(record: dict[str, str], with_answer: bool = True) -> list[dict
 
 
 def write_prompt_format(adapter_dir: Path, prompt_format: str) -> None:
-    (adapter_dir / PROMPT_FORMAT_FILE).write_text(json.dumps({"prompt_format": prompt_format}) + "\n")
+    write_atomic(adapter_dir / PROMPT_FORMAT_FILE, (json.dumps({"prompt_format": prompt_format}) + "\n").encode())
 
 
 def read_prompt_format(adapter_dir: Path) -> str:

@@ -7,7 +7,7 @@ layout as `ftcore.mlx.lora.lora_state`; mlx-lm stores the transposes (lora_a (in
 
 from __future__ import annotations
 
-import json
+import io
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,12 +15,13 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from safetensors.numpy import save_file
+import safetensors.numpy
 
 from ftcore.config import RunConfig
 from ftcore.inputs.records import write_prompt_format
 from ftcore.mlx.lora import LORA_LEAVES
 from ftcore.mlx.weight_names import ConversionError, hf_to_mlx_key, mlx_to_hf_key
+from ftcore.result import atomic_path, json_bytes, write_atomic
 
 # PEFT: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r); a state_dict()
 # taken from the live model also carries the adapter name: lora_A.default.weight.
@@ -104,7 +105,9 @@ def save_mlx_lm_adapter(
     if any(per_layer[i] != keys for i in layers):
         raise ConversionError("mlx-lm needs the same adapted modules in every layer")
     out_dir.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out_dir / "adapters.safetensors"), arrays)
+    buf = io.BytesIO()  # written by Python, atomically: a full disk is an OSError naming the file
+    mx.save_safetensors(buf, arrays)
+    write_atomic(out_dir / "adapters.safetensors", buf.getvalue())
     config = {
         "fine_tune_type": "lora",
         "num_layers": len(layers),
@@ -115,7 +118,7 @@ def save_mlx_lm_adapter(
             "keys": sorted(keys),
         },
     }
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_atomic(out_dir / "adapter_config.json", json_bytes(config))
     return out_dir
 
 
@@ -124,13 +127,22 @@ def save_adapters(
 ) -> None:
     """PEFT format in out_dir/adapter (loads with PeftModel.from_pretrained), mlx-lm format in
     out_dir/adapter_mlx_lm. `state`: `lora_state` keys and PEFT layout."""
-    peft_dir = out_dir / "adapter"
-    peft_dir.mkdir(parents=True, exist_ok=True)
-    save_file(
-        mlx_to_peft_adapter(state),
-        str(peft_dir / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    with atomic_path(out_dir / "adapter") as peft_dir:  # the folder appears whole, or not at all
+        peft_dir.mkdir()
+        write_peft_adapter(cfg, state, model_dir, peft_dir)
+    info = {
+        "rank": cfg.lora_rank,
+        "alpha": cfg.lora_alpha,
+        "dropout": cfg.lora_dropout,
+        "num_layers": num_layers,
+    }
+    save_mlx_lm_adapter(state, info, out_dir / "adapter_mlx_lm")
+
+
+def write_peft_adapter(cfg: RunConfig, state: dict[str, mx.array], model_dir: Path, peft_dir: Path) -> None:
+    """The PEFT adapter's files (weights, adapter_config.json, prompt format) into peft_dir."""
+    weights = safetensors.numpy.save(mlx_to_peft_adapter(state), metadata={"format": "pt"})
+    write_atomic(peft_dir / "adapter_model.safetensors", weights)
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -152,12 +164,5 @@ def save_adapters(
         "alpha_pattern": {},
         "revision": None,
     }
-    (peft_dir / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+    write_atomic(peft_dir / "adapter_config.json", json_bytes(peft_config))
     write_prompt_format(peft_dir, cfg.prompt_format)  # for `ftcore generate`
-    info = {
-        "rank": cfg.lora_rank,
-        "alpha": cfg.lora_alpha,
-        "dropout": cfg.lora_dropout,
-        "num_layers": num_layers,
-    }
-    save_mlx_lm_adapter(state, info, out_dir / "adapter_mlx_lm")

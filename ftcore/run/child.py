@@ -2,7 +2,9 @@
 ftcore.run.backend_process.BackendProcess) loads config + batches, measures peak RSS around the
 backend's `train`, and writes result.json atomically: status `ok`, `diverged` (a non-finite loss or
 gradient stopped it, ftcore.backends.step_clock.Diverged) or `failed` (an exception; its
-traceback in `traceback`). It runs in its own session and dies with the parent (ftcore.run.procs).
+traceback in `traceback`; a full disk in one line, ftcore.result.DiskFull). When even result.json
+finds no room, the reason is its last line on stderr, exit status 1. It runs in its own session
+and dies with the parent (ftcore.run.procs).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ftcore.backends.step_clock import Diverged
 from ftcore.config import RunConfig, UserError
 from ftcore.inputs.batches import Batches
 from ftcore.measure.rss import PeakRSS
-from ftcore.result import RunResult
+from ftcore.result import DiskFull, RunResult
 from ftcore.run.procs import die_with_parent
 from ftcore.run.ranks import RankInfo, announce, write_rank_file
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         except Diverged as e:
             result, code = e.result(args.backend, cfg.to_dict()), 1
             print(f"[{args.backend}] {result.error}", file=sys.stderr)
-        except UserError as e:
+        except (UserError, DiskFull) as e:  # one line, no traceback: the row says it
             result, code = RunResult.failed(args.backend, cfg.to_dict(), str(e)), 1
         except Exception as e:  # the row says why; the traceback stays in the result for debugging
             result, code = (
@@ -67,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                         step_targets=result.step_targets)  # this rank's shard's, summed by the parent
         if ranks.rank:
             return code
-    result.write_json(args.out / RESULT_FILE)
+    try:
+        result.write_json(args.out / RESULT_FILE)
+    except DiskFull as e:  # the parent reads its row's reason from this line
+        print(f"[{args.backend}] failed: {result.error if result.status != 'ok' else e}", file=sys.stderr)
+        return 1
     return code
 
 

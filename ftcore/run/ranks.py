@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftcore.config import RunConfig, UserError
-from ftcore.result import RunResult, write_json_atomic
+from ftcore.result import RunResult, write_atomic, write_json_atomic
 
 DIST_ENV = "FTCORE_WORLD_SIZE"  # set by the parent for a launched child: the world it expects
 RANKS_DIR = "ranks"  # out_dir/ranks/rank-<r>.json: one file per rank, written at its end
@@ -212,7 +212,7 @@ def announce(out_dir: Path, rank: int) -> None:
     os.dup2(null, 0)
     os.close(null)
     (out_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-    (out_dir / RANKS_DIR / f"started-{rank}").write_text(str(os.getpid()))
+    write_atomic(out_dir / RANKS_DIR / f"started-{rank}", str(os.getpid()).encode())
     os.environ[RANK_DIR_ENV] = str(out_dir / RANKS_DIR)
 
 

@@ -7,7 +7,8 @@
   deleted only once the new one has ended ok; a replacement that failed or was interrupted puts
   the old one back (a failed one is kept beside it as `<name>.failed-<time>-<pid>`).
 * `status.json` in the folder says `running` while the run lasts, then `complete`, `failed`
-  (a backend did not finish ok) or `interrupted`, with the exit code.
+  (a backend did not finish ok, or the disk filled up) or `interrupted`, with the exit code. On a
+  full disk it is rewritten in place, where an atomic rewrite has no room.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from ftcore.cache_dir import file_in_the_way
 from ftcore.config import UserError
-from ftcore.result import write_json_atomic
+from ftcore.result import DiskFull, json_bytes, write_json_atomic
 
 STATUS_FILE = "status.json"
 
@@ -113,14 +114,41 @@ class RunDir:
         return out
 
     def _write_status(self) -> None:
-        write_json_atomic(self.path / STATUS_FILE, self._status)
+        path = self.path / STATUS_FILE
+        try:
+            write_json_atomic(path, self._status)
+        except DiskFull as full:
+            # no room for a second copy: rewrite it in place, within the block the file already
+            # holds (a few hundred bytes), which a full disk does not refuse
+            try:
+                with open(path, "r+b") as f:
+                    f.write(json_bytes(self._status))
+                    f.truncate()
+            except OSError:
+                raise full from None
 
     def end(self, status: str, exit_code: int) -> None:
         """The run ended (`complete` or `failed`). Complete: the replaced run, if any, is deleted
         now. Failed: the replaced run is put back in its place (it stays until a new run ends
         ok) and this one is kept beside it as `<name>.failed-<time>`, said in one line."""
         self._status.update(status=status, exit_code=exit_code, ended_utc=_now())
-        self._write_status()
+        try:
+            self._write_status()
+        finally:  # a status that cannot be written (a full disk) still puts a replaced run back
+            self._put_back(status)
+
+    def mark_failed(self, exit_code: int) -> str:
+        """After an OSError (a full disk): status.json says failed. Returns "" or, when even that
+        cannot be written, the words that say so, for the same error line."""
+        if self.path is None:
+            return ""
+        try:
+            self.end("failed", exit_code)
+        except OSError as e:
+            return f"; {self.path / STATUS_FILE} could not be marked failed either ({e.strerror or e})"
+        return ""
+
+    def _put_back(self, status: str) -> None:
         if self._aside is None:
             return
         if status == "complete":
