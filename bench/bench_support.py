@@ -43,7 +43,7 @@ def missing_package(backend: str) -> str | None:
 # What a case's timed call is; recorded in machine_info so a baseline of other work is named.
 TIMING_METHOD = "one training step per round (step gate)"
 TIMED_WHAT = ("benchmark time = one training step of a process that loaded once (the step gate, "
-              "ftcore.run.stepgate): from the parent's 'go' to the child's answer after the step's sync "
+              "ftcore.process.step_gate): from the parent's 'go' to the child's answer after the step's sync "
               "point; rounds pool the timed steps of several fresh processes, whose start, load "
               "and warm-up steps run untimed (pytest-benchmark's setup)")
 

@@ -8,7 +8,7 @@ take with the batching I would use? Data: the built-in Alpaca-length profile
 the mode (mlx-lm has no packed rows).
 
 What is timed: the second of two epochs. A case starts one backend process with the step gate
-(ftcore.run.stepgate); its first epoch (loading, compiling every batch width the epoch has, the
+(ftcore.process.step_gate); its first epoch (loading, compiling every batch width the epoch has, the
 allocator's growth) runs in pedantic's untimed `setup`, then the benchmark round lets it run the
 second epoch's steps one by one, each waited on to its sync point. So the figure is one
 steady-state epoch of that batching, the same records in a new batch order.

@@ -1,7 +1,7 @@
 """Step-timed fine-tune cases: backend x size x batch/sequence x precision.
 
 What is timed: one training step. A case runs a few fresh backend processes one after another
-(ftcore.run.backend_process's BackendProcess with the step gate, ftcore.run.stepgate); each loads the model once,
+(ftcore.run.backend_process's BackendProcess with the step gate, ftcore.process.step_gate); each loads the model once,
 runs its warm-up steps (compilation, allocator) untimed, then every pytest-benchmark round lets it
 run one step and waits for the answer sent after the step's sync point (loss.item(), mx.eval).
 Starting a process, loading and warm-up happen in pedantic's untimed `setup`. So min / median / IQR

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftcore.inputs.arch import LORA_TARGETS, parse_targets
+from ftcore.lora_targets import LORA_TARGETS, parse_targets
 
 
 class UserError(Exception):
@@ -91,7 +91,7 @@ class RunConfig:
     lora_alpha: float = option(16.0, "scale = alpha / rank")
     lora_dropout: float = option(0.0)
     lora_targets: tuple[str, ...] = option(LORA_TARGETS, f"comma list from {','.join(LORA_TARGETS)}")  # all 7 linears of each layer
-    # data parallel (ftcore.run.ranks): processes per machine, machines, and how the launcher finds them
+    # data parallel (ftcore.process.ranks): processes per machine, machines, and how the launcher finds them
     nproc: int = option(1, "processes per machine, each a shard of every global batch; threads are split over them; compare also runs each backend at 1 process", group="data parallel (torchrun / mlx.launch; torch and mlx backends)")
     nnodes: int = option(1, "machines; torch needs --rdzv-endpoint, mlx --hostfile")
     rdzv_endpoint: str | None = option(None, "torchrun rendezvous HOST:PORT for --nnodes > 1")

@@ -80,7 +80,7 @@ class RunResult:
     precision: str = ""
     blas: str = ""  # what BLAS this framework really calls (ftcore.measure.blas)
     threads: int = 0  # a data-parallel run: all ranks' threads together
-    # data parallel (ftcore.run.ranks): ranks, threads of one rank, rank 0's all-reduce time of every
+    # data parallel (ftcore.process.ranks): ranks, threads of one rank, rank 0's all-reduce time of every
     # step and its mean over the timed steps; peak_rss_mb is then summed over ranks
     world_size: int = 1
     rank_threads: int = 0

@@ -23,9 +23,9 @@ import torch
 from helpers import passive_omp, with_chat_template
 from hypothesis import strategies as st
 
-from ftcore.inputs.arch import LORA_TARGETS
 from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.inputs.presets import PRESET_CONFIGS
+from ftcore.lora_targets import LORA_TARGETS
 from ftcore.mlx.adapters import peft_to_mlx_adapter
 from ftcore.mlx.convert import convert_hf_to_mlx
 from ftcore.mlx.lora import apply_lora, load_lora_state

@@ -1,5 +1,5 @@
 """The shape of the package, checked from its source: no import cycles (imports inside functions
-included), no backend named outside ftcore/backends/, no module over 300 lines, no function with
+included), imports only downward (FLOORS), no backend named outside ftcore/backends/, no module over 300 lines, no function with
 more than 6 parameters, no two modules of one file name (but the ftcore/torch/ <-> ftcore/mlx/
 mirror), and nothing that cites a document outside the repository."""
 
@@ -92,6 +92,48 @@ def test_cycle_finder_sees_a_cycle_made_by_an_import_inside_a_function(tmp_path:
     (pkg / "a.py").write_text("from ftcore.b import g\n")
     (pkg / "b.py").write_text("def g():\n    from ftcore import a\n")
     assert find_cycle(import_graph(source_modules(pkg))) == ["ftcore.a", "ftcore.b", "ftcore.a"]
+
+
+# The floors of the package, lowest first: a module imports its own floor and those below, never
+# one above (ftcore.process is the child side of a run, which backends/, torch/ and mlx/ use;
+# ftcore.run the parent side). A module belongs to the floor of its longest listed prefix.
+FLOORS = (
+    ("ftcore.config", "ftcore.result", "ftcore.cache_dir", "ftcore.lora_targets"),
+    ("ftcore.process",),
+    ("ftcore.inputs", "ftcore.measure"),
+    ("ftcore.torch", "ftcore.mlx"),
+    ("ftcore.backends",),
+    ("ftcore.report",),
+    ("ftcore.run", "ftcore.bench"),
+    ("ftcore", "ftcore.cli", "ftcore.__main__"),
+)
+
+
+def floor_of(module: str) -> int:
+    owners = [(len(p), i) for i, f in enumerate(FLOORS) for p in f if module == p or module.startswith(p + ".")]
+    return max(owners)[1]
+
+
+def imports_up(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module on a higher floor: "importer -> imported"."""
+    return [f"{m} -> {d}" for m, deps in sorted(graph.items()) for d in sorted(deps) if floor_of(d) > floor_of(m)]
+
+
+def test_imports_go_only_downward() -> None:
+    graph = import_graph(source_modules())
+    assert {floor_of(m) for m in graph} == set(range(len(FLOORS)))  # every floor holds a module
+    assert imports_up(graph) == []
+
+
+def test_floor_check_sees_an_import_back_up(tmp_path: Path) -> None:
+    pkg = tmp_path / "ftcore"
+    for sub in ("backends", "run"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "run" / "ranks.py").write_text("")
+    (pkg / "backends" / "torch.py").write_text("def f():\n    from ftcore.run.ranks import shard\n")
+    assert imports_up(import_graph(source_modules(pkg))) == ["ftcore.backends.torch -> ftcore.run.ranks"]
 
 
 def backend_name_uses(path: Path, root: Path = ROOT) -> list[str]:

@@ -1,4 +1,4 @@
-"""Data-parallel runs (--nproc, ftcore.run.ranks) through the command line: an N-process run trains
+"""Data-parallel runs (--nproc, ftcore.process.ranks) through the command line: an N-process run trains
 exactly what the one-process run trains, its figures are recorded and reported, a rank that dies
 ends the backend as a failed row with nothing left running, and user mistakes are one line."""
 
@@ -20,7 +20,8 @@ import pytest
 from helpers import ftcore, ftcore_in_process
 
 from ftcore.inputs.loss_contract import target_count
-from ftcore.run.ranks import LAUNCHER_LOGS_DIR, RankWatch, prune_empty_dirs
+from ftcore.process.ranks import LAUNCHER_LOGS_DIR
+from ftcore.run.rank_watch import RankWatch, prune_empty_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +184,7 @@ def test_killed_rank_is_a_failed_row_no_hang_no_orphans(backend, tmp_path):
 def test_rank_watch_ends_a_launcher_whose_rank_died(tmp_path, monkeypatch):
     """A launcher that does not end the survivors (one stuck in a collective): the parent's watch
     kills its group and the announced ranks once a rank is gone without its rank file."""
-    import ftcore.run.ranks as dist
+    import ftcore.run.rank_watch as dist
 
     monkeypatch.setattr(dist, "DEAD_RANK_GRACE_S", 1.0)
     launcher = subprocess.Popen(["sleep", "60"], start_new_session=True)

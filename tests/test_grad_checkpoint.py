@@ -11,7 +11,7 @@ import pytest
 from helpers import ftcore_in_process, ftcore_together
 
 from ftcore.config import RunConfig
-from ftcore.inputs.arch import LORA_TARGETS
+from ftcore.lora_targets import LORA_TARGETS
 from ftcore.measure.memory_model import base_param_count, memory_model
 
 TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,

@@ -14,8 +14,8 @@ from parity_utils import save_and_convert
 
 from ftcore.backends import BACKENDS
 from ftcore.config import RunConfig
-from ftcore.inputs.arch import LORA_TARGETS
 from ftcore.inputs.loss_contract import IGNORE_INDEX
+from ftcore.lora_targets import LORA_TARGETS
 from ftcore.mlx.env import BFS_NO_LIMIT, BFS_WIDTH_ENV
 from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
 from ftcore.mlx.loss import loss_sum_count, to_mx

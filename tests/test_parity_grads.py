@@ -39,8 +39,8 @@ from parity_utils import (
     torch_loss,
 )
 
-from ftcore.inputs.arch import LORA_TARGETS
 from ftcore.inputs.loss_contract import IGNORE_INDEX
+from ftcore.lora_targets import LORA_TARGETS
 from ftcore.mlx.loss import to_mx
 
 pytestmark = pytest.mark.parity

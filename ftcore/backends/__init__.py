@@ -103,7 +103,7 @@ class BackendSpec:
     # True: trains on packed rows (--batching packed: position_ids, per-document causal mask);
     # False: its trainer builds its own masks from plain rows, so `packed` is refused up front
     takes_packed_rows: bool = True
-    # data parallel (--nproc > 1; ftcore.run.ranks): (cfg, child command, out_dir) -> the framework's
+    # data parallel (--nproc > 1; ftcore.process.ranks): (cfg, child command, out_dir) -> the framework's
     # launcher command, and its parent-side check (UserError); None: one process only
     launch: Callable[[RunConfig, list[str], Path], list[str]] | None = None
     check_launch: Callable[[RunConfig], None] | None = None
@@ -115,7 +115,7 @@ class BackendSpec:
     def train(self, cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
         """Train this backend in this process (the child's job: ftcore.run.child)."""
         from ftcore.backends.run_context import Run
-        from ftcore.run.ranks import RankInfo
+        from ftcore.process.ranks import RankInfo
 
         module = importlib.import_module(f"ftcore.backends.{self.module}")
         run = Run(self.name, self.framework, cfg, Path(model_dir), batches, Path(out_dir), RankInfo.from_env())

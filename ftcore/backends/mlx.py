@@ -5,7 +5,7 @@ No torch or transformers import: this process's RSS is MLX's alone.
 Precision: fp32 converts every weight to fp32. bf16 converts the frozen base weights to bf16 and
 keeps LoRA weights, gradients and AdamW state in fp32 (as the torch backend does).
 On the CPU the step splits each batch's rows over one stream per thread (ftcore.mlx.streams).
-Under mlx.launch (ftcore.run.ranks) each rank takes its shard of every global batch, divides its loss by
+Under mlx.launch (ftcore.process.ranks) each rank takes its shard of every global batch, divides its loss by
 the global target count, and one all_sum adds gradients and losses between the compiled gradient
 step and the compiled clip + AdamW step; only rank 0 evaluates and saves.
 """
@@ -47,8 +47,8 @@ from ftcore.mlx.model import Model, load_model
 from ftcore.mlx.optim import make_optimizer, settings
 from ftcore.mlx.runtime import blas_facts, convert, pick_device
 from ftcore.mlx.streams import cpu_streams, loss_and_grads, plan_streams
+from ftcore.process.ranks import rank_threads, shard
 from ftcore.result import RunResult
-from ftcore.run.ranks import rank_threads, shard
 
 # Compile the whole train step (forward, backward, clipping, AdamW) into one graph: element-wise
 # chains (exp, sigmoid, ...) become fused JIT CPU kernels, built with AVX2/FMA by ftcore.mlx.jit.

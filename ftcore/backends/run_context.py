@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ftcore.config import RunConfig
 from ftcore.inputs.batches import Batches
+from ftcore.process.ranks import RankInfo
 from ftcore.result import RunResult
-from ftcore.run.ranks import RankInfo
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Run:
     model_dir: Path
     batches: Batches
     out_dir: Path
-    ranks: RankInfo | None = None  # under a launcher (ftcore.run.ranks); None: one process
+    ranks: RankInfo | None = None  # under a launcher (ftcore.process.ranks); None: one process
     result: RunResult | None = None
 
     @property

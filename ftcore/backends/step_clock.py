@@ -14,9 +14,9 @@ import numpy as np
 from ftcore.backends.progress import Progress
 from ftcore.backends.run_context import Run
 from ftcore.measure.machine_load import MachineLoad, busy_warning
+from ftcore.process.ranks import sibling_pids
+from ftcore.process.step_gate import StepGate
 from ftcore.result import RunResult
-from ftcore.run.ranks import sibling_pids
-from ftcore.run.stepgate import StepGate
 
 
 class Diverged(Exception):
@@ -35,7 +35,7 @@ class Diverged(Exception):
 
 
 class StepClock:
-    """What every training loop does around a step: wait for the step gate (ftcore.run.stepgate),
+    """What every training loop does around a step: wait for the step gate (ftcore.process.step_gate),
     time the step, answer the gate, print progress, and measure the machine's load from other
     processes over the timed steps (ftcore.measure.machine_load).
 

@@ -1,6 +1,6 @@
 """`torch` backend: transformers LlamaForCausalLM + PEFT LoRA (ftcore.torch), trained by a plain loop.
 
-Under torchrun (ftcore.run.ranks) each rank trains on its shard of every global batch, its loss divided
+Under torchrun (ftcore.process.ranks) each rank trains on its shard of every global batch, its loss divided
 by the global target count, and one all-reduce sums gradients and loss before clipping and AdamW,
 so every rank steps identically; only rank 0 evaluates and saves.
 """
@@ -14,8 +14,8 @@ from ftcore.backends.run_context import Run
 from ftcore.backends.step_clock import StepClock
 from ftcore.backends.torch_common import eval_schedule, start, wrap_up
 from ftcore.inputs.loss_contract import target_count
+from ftcore.process.ranks import shard
 from ftcore.result import RunResult
-from ftcore.run.ranks import shard
 from ftcore.torch import dist
 from ftcore.torch.loss import loss_sum_count, to_torch
 from ftcore.torch.optim import make_optimizer, settings

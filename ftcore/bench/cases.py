@@ -64,7 +64,7 @@ class Case:
     batch: int
     seq: int
     precision: str
-    nproc: int = 1  # data-parallel ranks (ftcore.run.ranks); the same global batch
+    nproc: int = 1  # data-parallel ranks (ftcore.process.ranks); the same global batch
 
     @property
     def spec(self) -> Size:

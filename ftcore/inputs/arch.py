@@ -1,5 +1,5 @@
-"""Llama architecture facts, in one place: the linears LoRA can target, their shapes, module paths,
-and reading a Hugging Face config.json.
+"""Llama architecture facts, in one place: the shapes and module paths of the linears LoRA can
+target (their names: ftcore.lora_targets), and reading a Hugging Face config.json.
 
 Every other module (RunConfig, FLOPs, both frameworks, the converter) takes these from here.
 Names are Hugging Face's (`model.layers.{i}.self_attn.q_proj`), which the MLX model keeps too.
@@ -11,9 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # under model.layers.{i}.self_attn
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # under model.layers.{i}.mlp
-LORA_TARGETS = ATTN_TARGETS + MLP_TARGETS  # every per-layer linear of a Llama
+from ftcore.lora_targets import ATTN_TARGETS, LORA_TARGETS, MLP_TARGETS
 
 
 def block_of(target: str) -> str:
@@ -30,9 +28,6 @@ def module_path(layer: int, target: str) -> str:
     return f"model.layers.{layer}.{block_of(target)}.{target}"
 
 
-def parse_targets(text: str) -> tuple[str, ...]:
-    """"q_proj, v_proj" -> ("q_proj", "v_proj"); names are checked by RunConfig."""
-    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def linear_shapes(arch: dict[str, Any]) -> dict[str, tuple[int, int]]:

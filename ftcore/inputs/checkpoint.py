@@ -29,12 +29,12 @@ import numpy as np
 
 from ftcore.config import UserError
 from ftcore.inputs.arch import (
-    LORA_TARGETS,
     linear_shapes,
     module_path,
     normalise_config,
     unsupported,
 )
+from ftcore.lora_targets import LORA_TARGETS
 
 FULL_SCAN_BYTES = 8 << 30  # TinyLlama-1.1B in fp32 is 4.4 GB: scanned whole (~2 s)
 SAMPLE_ELEMENTS = 1 << 20  # per tensor end, above FULL_SCAN_BYTES

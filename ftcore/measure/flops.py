@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ftcore.inputs.arch import LORA_TARGETS, linear_shapes
+from ftcore.inputs.arch import linear_shapes
+from ftcore.lora_targets import LORA_TARGETS
 
 
 def lora_param_count(arch: dict[str, Any], targets: Iterable[str], rank: int) -> int:

@@ -1,4 +1,4 @@
-"""mx.distributed for data-parallel ranks (launched by mlx.launch; ftcore.run.ranks): the ring backend
+"""mx.distributed for data-parallel ranks (launched by mlx.launch; ftcore.process.ranks): the ring backend
 on the CPU, NCCL with the CUDA build, and one all_sum of the LoRA gradients and the loss per step."""
 
 from __future__ import annotations

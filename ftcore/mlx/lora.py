@@ -14,7 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ftcore.inputs.arch import LORA_TARGETS, block_of
+from ftcore.inputs.arch import block_of
+from ftcore.lora_targets import LORA_TARGETS
 from ftcore.mlx.model import Model
 
 LORA_LEAVES = ("lora_A", "lora_B")

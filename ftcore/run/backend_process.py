@@ -23,19 +23,13 @@ from ftcore.config import RunConfig
 from ftcore.inputs.arch import read_arch
 from ftcore.measure.gemm_peak import machine_gemm_peak
 from ftcore.measure.mfu import achieved_gflops, record_mfu
+from ftcore.process.ranks import DIST_ENV, LAUNCHER_LOGS_DIR, rank_threads
 from ftcore.result import RunResult
 from ftcore.run.child import RESULT_FILE
+from ftcore.run.parent_gate import ParentGate
 from ftcore.run.preflight import Prepared
 from ftcore.run.procs import death_reason, oom_kills, reaped, spawn
-from ftcore.run.ranks import (
-    DIST_ENV,
-    LAUNCHER_LOGS_DIR,
-    RankWatch,
-    merge_ranks,
-    prune_empty_dirs,
-    rank_threads,
-)
-from ftcore.run.stepgate import ParentGate
+from ftcore.run.rank_watch import RankWatch, merge_ranks, prune_empty_dirs
 from ftcore.run.training_health import adapter_problem, collapsed
 
 CHILD_MODULE = "ftcore.run.child"
@@ -95,7 +89,7 @@ class BackendProcess:
 
     `wrap` replaces the leading `python -m` (e.g. `python -m memray run -o X.bin -m` for a
     profiling pass). With `gate=True` the child waits before every training step until `step()`
-    asks for it (ftcore.run.stepgate), so a caller can time steps one at a time; call `step()`
+    asks for it (ftcore.process.step_gate), so a caller can time steps one at a time; call `step()`
     exactly cfg.steps times, then `wait()`. The child's stderr (progress lines) is echoed live;
     its last lines become the reason if it dies.
     """
@@ -116,7 +110,7 @@ class BackendProcess:
         if wrap:
             cmd = [*wrap, *cmd[2:]]
         cfg, self.world = prep.cfg, prep.cfg.world_size
-        if self.world > 1:  # the framework's launcher starts the ranks (ftcore.run.ranks)
+        if self.world > 1:  # the framework's launcher starts the ranks (ftcore.process.ranks)
             env = {**child_env(spec, rank_threads(cfg), cfg), DIST_ENV: str(self.world)}
             cmd = spec.launch(cfg, cmd, out_dir)
         else:

@@ -20,9 +20,9 @@ from ftcore.backends.step_clock import Diverged
 from ftcore.config import RunConfig, UserError
 from ftcore.inputs.batches import Batches
 from ftcore.measure.rss import PeakRSS
+from ftcore.process.ranks import RankInfo, announce, write_rank_file
 from ftcore.result import DiskFull, RunResult
 from ftcore.run.procs import die_with_parent
-from ftcore.run.ranks import RankInfo, announce, write_rank_file
 
 RESULT_FILE = "result.json"
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{args.backend}] failed: {type(e).__name__}: {e}", file=sys.stderr)
     result.peak_rss_mb = result.peak_rss_max_rank_mb = rss.peak_mb
     result.rank_threads = result.rank_threads or result.threads  # a loop that did not say
-    if ranks:  # the parent sums the ranks' peaks (ftcore.run.ranks.merge_ranks)
+    if ranks:  # the parent sums the ranks' peaks (ftcore.run.rank_watch.merge_ranks)
         write_rank_file(args.out, ranks.rank, status=result.status, peak_rss_mb=rss.peak_mb,
                         baseline_rss_mb=result.baseline_rss_mb, threads=result.rank_threads,
                         step_targets=result.step_targets)  # this rank's shard's, summed by the parent

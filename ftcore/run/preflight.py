@@ -4,7 +4,7 @@
 * the cache folder ($FTCORE_CACHE) is not blocked by a file (ftcore.cache_dir);
 * flags: RunConfig's own validation, and --threads at most the cores this process may use, and
   enough of them for --nproc ranks; a data-parallel run only with backends that support it and
-  what their launcher needs for several machines (ftcore.run.ranks);
+  what their launcher needs for several machines (ftcore.process.ranks);
 * the model folder: ftcore.inputs.presets.check_model_dir (files, config, every tensor, finite weights);
 * the tokenizer: it loads, and its vocabulary fits the embedding (ftcore.inputs.checkpoint.check_vocab);
 * the data: loads, tokenizes (with --prompt-format chat: the model has a chat template that
@@ -31,7 +31,7 @@ from ftcore.inputs.presets import resolve_model_dir
 from ftcore.inputs.records import load_records
 from ftcore.inputs.tokenizer import load_tokenizer
 from ftcore.measure.hostinfo import affinity_cores
-from ftcore.run.ranks import check_threads
+from ftcore.process.ranks import check_threads
 
 BATCHES_FILE = "batches.npz"
 

@@ -1,4 +1,4 @@
-"""torch.distributed for data-parallel ranks (launched by torchrun; ftcore.run.ranks): gloo on the CPU,
+"""torch.distributed for data-parallel ranks (launched by torchrun; ftcore.process.ranks): gloo on the CPU,
 NCCL on CUDA, and one all-reduce of the LoRA gradients and the loss per step."""
 
 from __future__ import annotations

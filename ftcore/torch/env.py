@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ftcore.config import RunConfig, UserError
 from ftcore.measure import blas_env
-from ftcore.run.ranks import LAUNCHER_LOGS_DIR, under_launcher
+from ftcore.process.ranks import LAUNCHER_LOGS_DIR, under_launcher
 
 
 def child_env(base_env: dict, threads: int) -> dict:
@@ -22,7 +22,7 @@ def child_env(base_env: dict, threads: int) -> dict:
 def launch_command(cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]:
     """`inner` (python -m ftcore.run.child ...) as cfg.nproc ranks per machine under torchrun.
     Its log tree goes into the run folder (without --log-dir torchrun leaves one in /tmp per run);
-    the runner removes it when it holds no file (ftcore.run.ranks.prune_empty_dirs)."""
+    the runner removes it when it holds no file (ftcore.run.rank_watch.prune_empty_dirs)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
            "--max-restarts=0", "--monitor-interval=0.5", f"--log-dir={out_dir / LAUNCHER_LOGS_DIR}"]  # fmt: skip
     if cfg.nnodes > 1:
