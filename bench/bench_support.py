@@ -21,6 +21,7 @@ from typing import Any
 from ftcore.backends import BACKENDS, FRAMEWORK_ENVS
 from ftcore.bench.cases import SIZES, Case, build_cases, parse_list, parse_shape  # noqa: F401
 from ftcore.measure.memory_model import peak_over_model
+from ftcore.result import figures
 
 BACKEND_NAMES = tuple(BACKENDS)
 
@@ -47,27 +48,18 @@ TIMED_WHAT = ("benchmark time = one training step of a process that loaded once 
               "point; rounds pool the timed steps of several fresh processes, whose start, load "
               "and warm-up steps run untimed (pytest-benchmark's setup)")
 
-# Figures every ok run must report (non-None, and > 0 where numeric).
-REQUIRED = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb", "final_loss",
-            "eval_loss", "mfu", "blas", "batch_fingerprint", "train_time_s", "load_time_s",
-            "threads")
+# Figures every ok run must report (non-None, and > 0 where numeric), and those copied into
+# extra_info (MEDIAN_FIELDS: median over the case's processes; the others: the first process's):
+# the schema's tags (ftcore.result.figure).
+REQUIRED = figures("required")
+POSITIVE = figures("positive")
 # Present in every record; None allowed where the framework has no such figure (CPU torch has
 # no allocator peak); MLX backends must report mx.get_peak_memory.
 NULLABLE = ("framework_peak_mb",)
 FRAMEWORKS_WITH_PEAK = ("mlx",)  # frameworks whose backends must report their allocator peak
-POSITIVE = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb", "mfu",
-            "train_time_s", "threads")
-# RunResult fields copied into extra_info (MEDIAN_FIELDS: median over the case's processes), and
-# RunResult.extra entries of the first process when present.
-MEDIAN_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
-                 "framework_peak_mb", "final_loss", "eval_loss", "mfu", "train_time_s",
-                 "load_time_s", "warmup_time_s", "cpu_busy_threads")
-RESULT_FIELDS = ("tokens_per_s", "loss_tokens_per_s", "peak_rss_mb", "baseline_rss_mb",
-                 "framework_peak_mb", "final_loss", "eval_loss", "mfu", "train_time_s",
-                 "load_time_s", "warmup_time_s", "blas", "batch_fingerprint", "threads",
-                 "precision", "steps", "flops_per_token", "trainable_params", "losses",
-                 "step_times_s", "world_size", "rank_threads", "allreduce_time_s",
-                 "peak_rss_max_rank_mb", "cpu_busy_threads", "memory_model")
+MEDIAN_FIELDS = figures("median")
+RESULT_FIELDS = (*MEDIAN_FIELDS, *figures("first"))
+# RunResult.extra entries of the first process, when present
 EXTRA_KEYS = ("machine_gemm_peak_gflops", "framework_gemm_peak_gflops", "mfu_vs_framework_gemm",
               "parent_prepare_s")
 

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return interrupted()
-    except OSError as e:  # unwritable --out, disk full (ftcore.result.DiskFull names the file), ...
+    except OSError as e:  # unwritable --out, disk full (ftcore.files.DiskFull names the file), ...
         if debug:
             raise
         print(f"error: {e}{ACTIVE_RUN.mark_failed(2) if ACTIVE_RUN else ''}", file=sys.stderr)

@@ -1,29 +1,45 @@
-"""RunResult: what one backend's run measured (result.json), and atomic file writes.
+"""RunResult: what one backend's run measured (result.json), and the one schema of its figures.
 
-A result file is written atomically (temp file beside it, fsync, rename), so a reader sees the
-old file or the complete new one, never half of one; non-finite floats (a diverged loss) are
-written as null, so every file is strict JSON. Every file a run writes goes through `atomic_path`
-(a file or folder under a temporary name, renamed when complete), and a full disk is raised as
-`DiskFull`, one line naming the file and the room left on its filesystem.
+A reported figure is declared once, as a field made by `figure(default, label, fmt, tags)`, the
+way RunConfig's flags are made by `option()`. Its metadata is what every consumer reads:
+- the comparison's rows (ftcore.report.comparison) hold every figure tagged `row`;
+- `repeated`: a compare takes it as the median over the usable repeats, with its spread;
+- `label` / `fmt`: its row in the full table (ftcore.report.table places it by name; `fmt` is a
+  format spec, "int" or "text"); `spread`: the table shows "median (min-max)" over repeats;
+- `median` / `first`: a benchmark case's extra_info holds it, as the median over the case's
+  processes or the first process's value (bench/bench_support.py);
+- `required`: an ok run has it (not None or empty), `positive`: and it is > 0 (the bench checks
+  every case, the backend tests every backend).
+`figures(tag)` lists the fields that carry a tag. Files are written through ftcore.files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
-import math
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftcore.files import write_json_atomic
+
 # Fields that were keys of `extra` in older result files: read from there when the file has no field.
 FORMERLY_EXTRA = ("device", "trainable_params_expected", "machine_load", "notes", "warnings", "traceback")
+TAGS = frozenset({"row", "repeated", "spread", "median", "first", "required", "positive"})
+
+
+def figure(default: Any = None, label: str | None = None, fmt: str = "", tags: str = "",
+           factory: Any = None) -> Any:
+    """A RunResult field that is a reported figure (module docstring: what label, fmt and each tag
+    mean). `factory` instead of `default` for a list or dict."""
+    tagged = frozenset(tags.split())
+    if unknown := tagged - TAGS:
+        raise ValueError(f"unknown figure tag(s) {sorted(unknown)}")
+    meta = {"label": label, "fmt": fmt, "tags": tagged}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -43,53 +59,59 @@ class RunResult:
     error: str | None = None
     config: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
-    load_time_s: float = 0.0
-    train_time_s: float = 0.0
-    warmup_time_s: float = 0.0
-    step_times_s: list[float] = field(default_factory=list)
-    steps: int = 0
-    tokens_per_s: float = 0.0  # every position fed, padding included, over timed steps
-    real_tokens_per_s: float = 0.0  # non-pad tokens, over timed steps (what MFU counts)
-    loss_tokens_per_s: float = 0.0  # tokens that count in the loss, over timed steps
-    epoch_time_s: float | None = None  # mean timed step x steps per pass over the training records
-    losses: list[float] = field(default_factory=list)  # one per step
+    load_time_s: float = figure(0.0, "Load/convert time (s)", ".2f", "row repeated median required")
+    train_time_s: float = figure(0.0, "Training time (s)", ".2f", "row repeated spread median positive")
+    warmup_time_s: float = figure(0.0, "Warm-up time (s)", ".2f", "row repeated median")
+    step_times_s: list[float] = figure(factory=list, tags="first")
+    steps: int = figure(0, tags="row first")
+    # every position fed, padding included / non-pad tokens (what MFU counts) / the loss's
+    # tokens, over the timed steps
+    tokens_per_s: float = figure(0.0, "Tokens/s (all)", ".1f", "row repeated median positive")
+    real_tokens_per_s: float = figure(0.0, "Real tokens/s", ".1f", "row repeated")
+    loss_tokens_per_s: float = figure(0.0, "Loss tokens/s", ".1f", "row repeated spread median positive")
+    # mean timed step x steps per pass over the training records
+    epoch_time_s: float | None = figure(None, "Time per epoch (s)", ".2f", "row repeated")
+    losses: list[float] = figure(factory=list, tags="first")  # one per step
     # per step, where the loop owns its step (torch, mlx): the targets its loss was taken over (a
     # data-parallel run: summed over ranks; each rank's own in its rank file) and the gradient
     # norm before clipping (of the summed gradients)
     step_targets: list[int] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
-    final_loss: float | None = None
-    eval_loss: float | None = None
+    final_loss: float | None = figure(None, "Final loss", ".5f", "row median required")
+    eval_loss: float | None = figure(None, "Eval loss", ".5f", "row median required")
     eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss]; step 0 = before training
-    eval_loss_before: float | None = None  # eval loss of the base model (the adapter's B is zero)
-    accuracy_before: float | None = None  # exact-match share of greedy answers to the eval records
-    accuracy_after: float | None = None
+    # eval loss of the base model (the adapter's B is zero)
+    eval_loss_before: float | None = figure(None, "Eval loss before fine-tune", ".5f", "row")
+    accuracy_before: float | None = figure(None, tags="row")  # exact-match share of greedy answers
+    accuracy_after: float | None = figure(None, tags="row")
     generations: dict = field(default_factory=dict)  # "before"/"after": greedy token ids per record
-    target: dict | None = None  # --target-eval-loss: {eval_loss, reached, step, seconds, train_seconds}
-    peak_rss_mb: float = 0.0
-    baseline_rss_mb: float = 0.0  # RSS after model load
-    framework_peak_mb: float | None = None  # mx.get_peak_memory / cuda max allocated; None on CPU torch
-    trainable_params: int = 0
-    flops_per_token: float = 0.0
-    mfu: float | None = None
+    target: dict | None = figure(None, tags="row")  # --target-eval-loss: {eval_loss, reached, step, seconds, ...}
+    peak_rss_mb: float = figure(0.0, "Peak RSS (MB)", ".1f", "row repeated spread median positive")
+    baseline_rss_mb: float = figure(0.0, tags="row repeated median positive")  # RSS after model load
+    # mx.get_peak_memory / cuda max allocated; None on CPU torch
+    framework_peak_mb: float | None = figure(None, "Framework peak (MB)", ".1f", "row repeated median")
+    trainable_params: int = figure(0, "Trainable params", "int", "row first")
+    flops_per_token: float = figure(0.0, tags="row first")
+    mfu: float | None = figure(None, tags="row repeated median positive")
     model_sha256: str = ""  # of the checkpoint's weight files (ftcore.inputs.checkpoint.weights_sha256)
-    batch_fingerprint: str = ""  # of the batches file every backend was given
+    batch_fingerprint: str = figure("", tags="first required")  # of the batches file every backend was given
     fed_batches_fingerprint: str = ""  # of the token ids this backend's loop really fed, step by step
     initial_adapter_fingerprint: str = ""
     optimizer: dict = field(default_factory=dict)
-    precision: str = ""
-    blas: str = ""  # what BLAS this framework really calls (ftcore.measure.blas)
-    threads: int = 0  # a data-parallel run: all ranks' threads together
-    # data parallel (ftcore.process.ranks): ranks, threads of one rank, rank 0's all-reduce time of every
-    # step and its mean over the timed steps; peak_rss_mb is then summed over ranks
-    world_size: int = 1
-    rank_threads: int = 0
+    precision: str = figure("", tags="row first")
+    blas: str = figure("", "BLAS", "text", "row first required")  # the BLAS this framework really calls
+    threads: int = figure(0, "Threads", "int", "row first positive")  # data parallel: all ranks' together
+    # data parallel (ftcore.process.ranks): ranks, threads of one rank, rank 0's all-reduce time of
+    # every step and its mean over the timed steps; peak_rss_mb is then summed over ranks
+    world_size: int = figure(1, "World size (processes)", "int", "row first")
+    rank_threads: int = figure(0, "Threads per rank", "int", "row first")
     allreduce_times_s: list[float] = field(default_factory=list)
-    allreduce_time_s: float | None = None
-    peak_rss_max_rank_mb: float | None = None  # the largest single rank's peak RSS
-    # what one process must hold by ftcore.measure.memory_model (MB by component, "total"), beside peak RSS
-    memory_model: dict | None = None
-    cpu_busy_threads: float | None = None  # this process's CPU seconds / wall seconds, timed steps
+    allreduce_time_s: float | None = figure(None, tags="row first")
+    peak_rss_max_rank_mb: float | None = figure(None, "Peak RSS, largest rank (MB)", ".1f", "row repeated first")
+    # what one process must hold by ftcore.measure.memory_model (MB by component, "total")
+    memory_model: dict | None = figure(None, tags="first")
+    # this process's CPU seconds / wall seconds, timed steps
+    cpu_busy_threads: float | None = figure(None, "CPU threads busy", ".2f", "row repeated median")
     device: str = ""  # what the loop ran on: torch's device ("cpu", "cuda:0"), MLX's device name
     trainable_params_expected: int | None = None  # the closed-form LoRA count (ftcore.inputs.arch)
     # the records that ran: train/eval kept, dropped (no answer token fits), prompt-only
@@ -101,7 +123,6 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)  # the same, said as warnings (RunResult.warn)
     traceback: str | None = None  # a failed run's Python traceback; `error` says what failed
     extra: dict = field(default_factory=dict)  # backend-specific figures only
-
 
     @classmethod
     def failed(cls, backend: str, config: dict | None, error: str) -> RunResult:
@@ -141,103 +162,20 @@ class RunResult:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types only: non-finite floats -> None, tuples -> lists, numpy scalars and arrays
-    -> Python values, anything else -> str."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, str | int | bool):
-        return obj
-    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:  # numpy scalar
-        return jsonable(obj.item())
-    if hasattr(obj, "tolist"):  # numpy array
-        return jsonable(obj.tolist())
-    return str(obj)
+def figures(tag: str) -> tuple[str, ...]:
+    """The RunResult fields that carry `tag`, in field order; `required` includes `positive`."""
+    want = {tag, "positive"} if tag == "required" else {tag}
+    return tuple(f.name for f in dataclasses.fields(RunResult) if want & f.metadata.get("tags", set()))
 
 
-def free_space(path: str | os.PathLike) -> str:
-    """"free: N MB on MOUNT" for the filesystem that holds `path` (or its nearest existing folder)."""
-    at = Path(os.path.abspath(path))
-    while not at.exists() and at != at.parent:
-        at = at.parent
-    mount = at
-    while not os.path.ismount(mount) and mount != mount.parent:
-        mount = mount.parent
-    try:
-        return f"free: {shutil.disk_usage(at).free / 2**20:.0f} MB on {mount}"
-    except OSError:
-        return f"on {mount}"
+def _meta(name: str) -> Any:
+    return next(f.metadata for f in dataclasses.fields(RunResult) if f.name == name)
 
 
-class DiskFull(OSError):
-    """No room left on the disk while writing `filename`; str() is the line a user reads:
-    "no space left on device writing OUT/batches.npz (free: 0 MB on /mnt/x)"."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        super().__init__(errno.ENOSPC, "no space left on device", str(path))
-        self.free = free_space(path)
-
-    def __str__(self) -> str:
-        return f"no space left on device writing {self.filename} ({self.free})"
+def figure_format(name: str) -> tuple[str | None, str]:
+    """(table label, format) of a RunResult figure."""
+    return _meta(name)["label"], _meta(name)["fmt"]
 
 
-def disk_full(exc: BaseException, path: str | os.PathLike) -> bool:
-    """Did writing `path` fail for want of room? An OSError says so in its errno; safetensors
-    (Rust) says "No space left on device" in its text; MLX (C++) only "Unable to write", so a
-    failed write on a filesystem with under 1 MB left counts too."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: never a full disk
-        return False
-    if os.strerror(errno.ENOSPC) in str(exc):
-        return True
-    try:
-        return shutil.disk_usage(Path(path).parent).free < 2**20
-    except OSError:
-        return False
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary name beside `path` (same folder, same suffix, so np.savez or safetensors keep
-    their extension) for a file or a whole folder to be written to; renamed to `path` when the
-    block ends, removed when it raises: `path` is never half-written. A full disk is raised as
-    DiskFull naming `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        full = None
-        if isinstance(e, DiskFull):  # a file inside the folder being written: its final name
-            e.filename = str(e.filename).replace(str(tmp), str(path), 1)
-        elif disk_full(e, tmp):  # said before the partial file is removed and frees its room
-            full = DiskFull(path)
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        if full:
-            raise full from e
-        raise
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def json_bytes(data: Any) -> bytes:
-    """``data`` as indented strict JSON (see jsonable)."""
-    return (json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n").encode()
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """``data`` as indented strict JSON (see jsonable), written atomically."""
-    write_atomic(path, json_bytes(data))
+def figure_tags(name: str) -> frozenset[str]:
+    return _meta(name).get("tags", frozenset())

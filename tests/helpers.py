@@ -3,7 +3,7 @@
 - `ftcore(...)`: the command line in a fresh interpreter;
 - `ftcore_in_process(...)`: the same `cli.main` in this process, for commands that end before any
   child starts (user errors, exit 2): no interpreter start-up per case;
-- `RESULT_FIELDS`: what every backend's result.json must hold;
+- `RESULT_FIELDS`: the figures every backend's result.json must hold on an ok run (not None);
 - `broken_model(...)`: a copy of a checkpoint folder with one thing wrong;
 - `TINY`, `make_hf_model(...)`, `save_hf_model(...)`: tiny random HF Llamas;
 - `torch_logits`, `mlx_logits`, `max_err_real`: logits on both sides and their comparison;
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ftcore.result import figures
 
 try:  # keep "Writing model shards" bars out of the test output
     from huggingface_hub.utils import disable_progress_bars
@@ -92,12 +94,8 @@ def ftcore_in_process(*args: Any) -> subprocess.CompletedProcess:
 
 # ----------------------------------------------------------------------------- results and folders
 
-# The result fields every backend fills in (result.json), whatever else it adds.
-RESULT_FIELDS = (
-    "backend", "status", "error", "config", "env", "load_time_s", "train_time_s", "steps", "tokens_per_s",
-    "loss_tokens_per_s", "losses", "final_loss", "eval_loss", "peak_rss_mb", "baseline_rss_mb",
-    "framework_peak_mb", "trainable_params", "flops_per_token", "mfu",
-)  # fmt: skip
+# The figures every backend fills in (result.json) on an ok run: the schema's `required` tag.
+RESULT_FIELDS = figures("required")
 
 GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
 

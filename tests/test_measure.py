@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ftcore.result
+import ftcore.files
 from ftcore.measure import blas, blas_env, gemm_peak, gemm_timing, hostinfo, mfu
 from ftcore.measure.flops import flops_per_token
 from ftcore.measure.rss import PeakRSS, current_rss_mb
@@ -70,10 +70,10 @@ def test_write_json_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, f
     written = []
 
     def disk_full(*args, **kw):
-        written.extend(tmp_path.glob(".result.json.*.tmp"))  # the half-done write, beside it
+        written.extend(tmp_path.glob(".result.json.*.tmp*"))  # the half-done write, beside it
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ftcore.result.os, fail_at, disk_full)
+    monkeypatch.setattr(ftcore.files.os, fail_at, disk_full)
     with pytest.raises(RuntimeError):
         RunResult.failed("torch", {}, "x").write_json(path)
     monkeypatch.undo()

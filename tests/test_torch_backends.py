@@ -41,7 +41,7 @@ def test_torch_run_is_complete_and_learns(runs):
     r, out = all_runs["torch"]
     assert r.status == "ok", r.error
     saved = json.loads((out / "result.json").read_text())
-    assert set(RESULT_FIELDS) <= set(saved)
+    assert not [f for f in RESULT_FIELDS if saved.get(f) in (None, "")]
     assert len(r.losses) == 20 and r.final_loss == r.losses[-1]
     assert r.final_loss < r.losses[0] - 0.2  # clearly learns within 20 steps
     assert r.eval_loss is not None and np.isfinite(r.eval_loss)

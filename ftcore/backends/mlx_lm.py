@@ -24,6 +24,7 @@ from ftcore.backends.result_fields import finish_result, optimizer_record, start
 from ftcore.backends.run_context import Run
 from ftcore.backends.step_clock import StepClock
 from ftcore.config import RunConfig, UserError
+from ftcore.files import atomic_path
 from ftcore.inputs.arch import block_of, read_arch
 from ftcore.inputs.batches import Batches
 from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
@@ -33,7 +34,7 @@ from ftcore.measure.rss import current_rss_mb
 from ftcore.mlx.adapters import save_adapters
 from ftcore.mlx.optim import settings
 from ftcore.mlx.runtime import blas_facts, pick_device
-from ftcore.result import RunResult, atomic_path
+from ftcore.result import RunResult
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ftcore.backends.run_context import Run
+from ftcore.files import atomic_path
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.batches import Batches
 from ftcore.measure.blas import framework_blas
@@ -17,7 +18,7 @@ from ftcore.measure.flops import flops_per_token, gemm_shapes, lora_param_count
 from ftcore.measure.gemm_peak import gemm_peak_cached
 from ftcore.measure.hostinfo import affinity_cores, host_info
 from ftcore.measure.memory_model import memory_model
-from ftcore.result import RunResult, atomic_path
+from ftcore.result import RunResult
 
 
 def optimizer_record(read_back: dict, max_grad_norm: float | None) -> dict[str, Any]:

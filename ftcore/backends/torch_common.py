@@ -17,12 +17,13 @@ from ftcore.backends.result_fields import (
     start_result,
 )
 from ftcore.backends.run_context import Run
+from ftcore.files import atomic_path
 from ftcore.inputs.batches import Batches
 from ftcore.inputs.lora_init import state_fingerprint
 from ftcore.inputs.records import write_prompt_format
 from ftcore.measure.rss import current_rss_mb
 from ftcore.process.ranks import rank_threads
-from ftcore.result import RunResult, atomic_path
+from ftcore.result import RunResult
 from ftcore.torch.generate import greedy
 from ftcore.torch.lora import get_lora_state
 from ftcore.torch.loss import evaluate, to_torch

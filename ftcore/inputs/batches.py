@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ftcore.config import RunConfig, UserError
+from ftcore.files import atomic_path
 from ftcore.inputs import length_profile
 from ftcore.inputs.batch_checks import check_batches_fit, data_warnings, steps_of_epochs
 from ftcore.inputs.batching import (
@@ -48,7 +49,6 @@ from ftcore.inputs.token_rows import (
     template_length,
     tokenize_records,
 )
-from ftcore.result import atomic_path
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ftcore.config import UserError
+from ftcore.files import write_atomic
 from ftcore.inputs import length_profile
 from ftcore.inputs.synthetic import synthetic_records
-from ftcore.result import write_atomic
 
 # The Stanford Alpaca prompt templates (tatsu-lab/stanford_alpaca, train.py).
 PROMPT_WITH_INPUT = (

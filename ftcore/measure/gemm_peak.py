@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from ftcore.cache_dir import cache_root
+from ftcore.files import write_json_atomic
 from ftcore.measure.blas import framework_blas_threads
 from ftcore.measure.gemm_timing import measure_gemm_peak
 from ftcore.measure.hostinfo import affinity_cores, cpu_model
-from ftcore.result import write_json_atomic
 
 
 def _read_cache(path: Path) -> dict:

@@ -18,10 +18,10 @@ import numpy as np
 import safetensors.numpy
 
 from ftcore.config import RunConfig
+from ftcore.files import atomic_path, json_bytes, write_atomic
 from ftcore.inputs.records import write_prompt_format
 from ftcore.mlx.lora import LORA_LEAVES
 from ftcore.mlx.weight_names import ConversionError, hf_to_mlx_key, mlx_to_hf_key
-from ftcore.result import atomic_path, json_bytes, write_atomic
 
 # PEFT: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r); a state_dict()
 # taken from the live model also carries the adapter name: lora_A.default.weight.

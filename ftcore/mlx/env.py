@@ -31,10 +31,10 @@ from pathlib import Path
 
 from ftcore.cache_dir import cache_root
 from ftcore.config import RunConfig, UserError
+from ftcore.files import write_json_atomic
 from ftcore.measure import blas_env
 from ftcore.mlx import jit
 from ftcore.process.ranks import free_ports, hostfile_hosts, under_launcher
-from ftcore.result import write_json_atomic
 
 BFS_WIDTH_ENV = "MLX_BFS_MAX_WIDTH"
 BFS_NO_LIMIT = 2**31 - 1  # MLX reads the width as a C int

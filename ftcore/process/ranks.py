@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftcore.config import RunConfig, UserError
-from ftcore.result import write_atomic, write_json_atomic
+from ftcore.files import write_atomic, write_json_atomic
 
 DIST_ENV = "FTCORE_WORLD_SIZE"  # set by the parent for a launched child: the world it expects
 RANKS_DIR = "ranks"  # out_dir/ranks/rank-<r>.json: one file per rank, written at its end

@@ -12,13 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ftcore.files import jsonable, write_atomic
 from ftcore.report.comparison import build_comparison, max_loss_diff
 from ftcore.report.console import SHORT_ROWS, format_run, format_short
 from ftcore.report.fairness import fairness_checks
 from ftcore.report.footnotes import FOOTNOTES
 from ftcore.report.plots import plots
-from ftcore.report.table import TABLE_ROWS, format_table, markdown
-from ftcore.result import jsonable, write_atomic
+from ftcore.report.rows import TABLE_ROWS
+from ftcore.report.table import format_table, markdown
 
 __all__ = [
     "FOOTNOTES", "SHORT_ROWS", "TABLE_ROWS", "build_comparison", "fairness_checks", "format_run",

@@ -12,11 +12,12 @@ from datetime import datetime, timezone
 from itertools import combinations
 from typing import Any
 
+from ftcore.files import jsonable
 from ftcore.measure.memory_model import peak_over_model
 from ftcore.report.fairness import fairness_checks
 from ftcore.report.values import backend_name, finite, ok_rows, ratio
 from ftcore.report.verdict import build_verdict, busy, usable
-from ftcore.result import jsonable
+from ftcore.result import figures
 
 
 def _pair_diff(a: list[Any], b: list[Any]) -> dict[str, Any]:
@@ -72,14 +73,7 @@ def max_loss_diff(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-_ROW_FIELDS = (
-    "backend", "status", "error", "load_time_s", "train_time_s", "warmup_time_s", "steps",
-    "tokens_per_s", "real_tokens_per_s", "loss_tokens_per_s", "epoch_time_s", "final_loss", "eval_loss", "peak_rss_mb",
-    "baseline_rss_mb", "framework_peak_mb", "trainable_params", "flops_per_token", "mfu",
-    "precision", "blas", "threads", "eval_loss_before", "accuracy_before", "accuracy_after",
-    "target", "world_size", "rank_threads", "allreduce_time_s", "peak_rss_max_rank_mb",
-    "cpu_busy_threads",
-)  # fmt: skip
+_ROW_FIELDS = ("backend", "status", "error", *figures("row"))  # the schema: ftcore.result
 
 
 def greedy_agreement(r: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -132,9 +126,7 @@ def _env_summary(r: dict[str, Any]) -> dict[str, Any]:
 
 
 # Figures a row takes as the median over its usable repeats (ok, not BUSY), with their spread.
-REPEATED_FIELDS = ("train_time_s", "tokens_per_s", "real_tokens_per_s", "loss_tokens_per_s",
-                   "epoch_time_s", "peak_rss_mb", "baseline_rss_mb", "framework_peak_mb", "mfu",
-                   "load_time_s", "warmup_time_s", "cpu_busy_threads", "peak_rss_max_rank_mb")
+REPEATED_FIELDS = figures("repeated")
 
 
 def _over_repeats(result: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:

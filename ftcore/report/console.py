@@ -18,7 +18,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from ftcore.report.table import TABLE_ROWS, TARGET_ROWS, _fairness_lines, headline
+from ftcore.report.rows import TABLE_ROWS, TARGET_ROWS
+from ftcore.report.table import _fairness_lines, headline
 from ftcore.report.values import NA, fmt, num
 from ftcore.report.verdict import verdict_lines
 

@@ -5,91 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ftcore.report.footnotes import FOOTNOTES
-from ftcore.report.values import NA, fmt, fmt_int, fmt_text, short
+from ftcore.report.rows import TABLE_ROWS, TARGET_ROWS
+from ftcore.report.values import NA, fmt, fmt_int, short
 from ftcore.report.verdict import verdict_lines
-
-# (label, how to render one row): the classic comparison table's rows first (training time,
-# memory, final loss, speedup, memory efficiency), then the extra figures.
-TABLE_ROWS: list[tuple[str, Any]] = [
-    ("Training time (s)", lambda r: _with_spread(r, "train_time_s", ".2f")),
-    ("Time per epoch (s)", lambda r: fmt(r.get("epoch_time_s"), ".2f")),
-    ("Peak RSS (MB)", lambda r: _with_spread(r, "peak_rss_mb", ".1f")),
-    ("Framework peak (MB)", lambda r: fmt(r.get("framework_peak_mb"), ".1f")),
-    ("Memory model (MB)", lambda r: fmt(r.get("memory_model_mb"), ".1f")),
-    ("Peak RSS / model", lambda r: fmt(r.get("peak_rss_over_model"), ".2f", "x")),
-    ("Final loss", lambda r: fmt(r.get("final_loss"), ".5f")),
-    ("Eval loss", lambda r: fmt(r.get("eval_loss"), ".5f")),
-    ("Eval loss before fine-tune", lambda r: fmt(r.get("eval_loss_before"), ".5f")),
-    ("Eval loss drop (%)", lambda r: fmt(_percent(r.get("eval_loss_drop")), ".1f")),
-    ("Exact match before -> after (%)", lambda r: _before_after(r)),
-    ("Greedy agreement", lambda r: _agreement(r)),
-    ("Speedup factor", lambda r: fmt(r.get("speedup"), ".2f", "x")),
-    ("Memory efficiency", lambda r: fmt(r.get("memory_efficiency"), ".2f", "x")),
-    ("Tokens/s (all)", lambda r: fmt(r.get("tokens_per_s"), ".1f")),
-    ("Real tokens/s", lambda r: fmt(r.get("real_tokens_per_s"), ".1f")),
-    ("Loss tokens/s", lambda r: _with_spread(r, "loss_tokens_per_s", ".1f")),
-    ("Padding share (%)", lambda r: fmt(_padding_percent(r), ".1f")),
-    ("MFU (%)", lambda r: fmt(r.get("mfu_percent"), ".2f")),
-    ("Load/convert time (s)", lambda r: fmt(r.get("load_time_s"), ".2f")),
-    ("Warm-up time (s)", lambda r: fmt(r.get("warmup_time_s"), ".2f")),
-    ("Trainable params", lambda r: fmt_int(r.get("trainable_params"))),
-    ("BLAS", lambda r: fmt_text(r.get("blas"))),
-    ("Threads", lambda r: fmt_int(r.get("threads") or None)),  # 0: not recorded
-    ("CPU threads busy", lambda r: fmt(r.get("cpu_busy_threads"), ".2f")),
-    ("World size (processes)", lambda r: fmt_int(r.get("world_size"))),
-    ("Threads per rank", lambda r: fmt_int(r.get("rank_threads") or None)),
-    ("All-reduce (ms/step)", lambda r: fmt(None if r.get("allreduce_time_s") is None else 1000 * r["allreduce_time_s"], ".2f")),
-    ("Peak RSS, largest rank (MB)", lambda r: fmt(r.get("peak_rss_max_rank_mb"), ".1f")),
-    ("Scaling efficiency", lambda r: fmt(r.get("scaling_efficiency"), ".2f")),
-    ("Machine (timed steps)", lambda r: {True: "BUSY", False: "quiet"}.get(r.get("machine_busy"), NA)),
-    ("Status", lambda r: "ok" if r.get("status") == "ok" else str(r.get("status") or "failed").upper()),
-]
-
-
-def _with_spread(r: dict[str, Any], key: str, spec: str) -> str:
-    """A figure over repeated runs: "median (min-max)"; one run: the figure alone."""
-    lo_hi = (r.get("spread") or {}).get(key) if (r.get("runs") or 0) > 1 else None
-    return f"{fmt(r.get(key), spec)} ({fmt(lo_hi[0], spec)}-{fmt(lo_hi[1], spec)})" if lo_hi else fmt(r.get(key), spec)
-
-
-def _padding_percent(r: dict[str, Any]) -> float | None:
-    real, fed = r.get("real_tokens_per_s"), r.get("tokens_per_s")
-    return 100 * (1 - real / fed) if real is not None and fed else None
-
-
-def _percent(v: Any) -> float | None:
-    return None if v is None else 100.0 * v
-
-
-def _before_after(r: dict[str, Any]) -> str:
-    a, b = r.get("accuracy_before"), r.get("accuracy_after")
-    if a is None and b is None:
-        return NA
-    return f"{fmt(_percent(a), '.1f')} -> {fmt(_percent(b), '.1f')}"
-
-
-def _agreement(r: dict[str, Any]) -> str:
-    g = r.get("greedy_agreement")
-    return f"{g['same']}/{g['of']} = {g['vs']}" if g else NA
-
-
-def _target_steps(r: dict[str, Any]) -> str:
-    t = r.get("target")
-    if not t:
-        return NA
-    return str(t["step"]) if t.get("reached") else f"not reached in {r.get('steps')}"
-
-
-def _target_seconds(r: dict[str, Any]) -> str:
-    t = r.get("target")
-    return fmt(t.get("seconds"), ".2f") if t and t.get("reached") else NA
-
-
-# shown only when the run had --target-eval-loss
-TARGET_ROWS: list[tuple[str, Any]] = [
-    ("Steps to target eval loss", _target_steps),
-    ("Time to target (s)", _target_seconds),
-]
 
 
 def _cells(comparison: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

@@ -2,7 +2,7 @@
 ftcore.run.backend_process.BackendProcess) loads config + batches, measures peak RSS around the
 backend's `train`, and writes result.json atomically: status `ok`, `diverged` (a non-finite loss or
 gradient stopped it, ftcore.backends.step_clock.Diverged) or `failed` (an exception; its
-traceback in `traceback`; a full disk in one line, ftcore.result.DiskFull). When even result.json
+traceback in `traceback`; a full disk in one line, ftcore.files.DiskFull). When even result.json
 finds no room, the reason is its last line on stderr, exit status 1. It runs in its own session
 and dies with the parent (ftcore.run.procs).
 """
@@ -18,10 +18,11 @@ from pathlib import Path
 from ftcore.backends import BACKENDS, get_backend
 from ftcore.backends.step_clock import Diverged
 from ftcore.config import RunConfig, UserError
+from ftcore.files import DiskFull
 from ftcore.inputs.batches import Batches
 from ftcore.measure.rss import PeakRSS
 from ftcore.process.ranks import RankInfo, announce, write_rank_file
-from ftcore.result import DiskFull, RunResult
+from ftcore.result import RunResult
 from ftcore.run.procs import die_with_parent
 
 RESULT_FILE = "result.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ftcore.cache_dir import file_in_the_way
 from ftcore.config import UserError
-from ftcore.result import DiskFull, json_bytes, write_json_atomic
+from ftcore.files import DiskFull, json_bytes, write_json_atomic
 
 STATUS_FILE = "status.json"
 
