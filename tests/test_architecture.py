@@ -105,7 +105,7 @@ FLOORS = (
     ("ftcore.backends",),
     ("ftcore.report",),
     ("ftcore.run", "ftcore.bench"),
-    ("ftcore", "ftcore.cli", "ftcore.__main__"),
+    ("ftcore", "ftcore.cli", "ftcore.cli_args", "ftcore.__main__"),
 )
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from ftcore import config
-from ftcore.cli import Parser
+from ftcore.cli_args import Parser
 from ftcore.config import RunConfig, UserError, add_run_options, config_from_args, option
 
 pytestmark = pytest.mark.unit

@@ -125,10 +125,10 @@ class DiffPlan:
     backends: list[str]
 
 
-def bench_diff(plan: DiffPlan) -> int:
-    """Run the comparison and print the table; 1 when a case is slower, else 0."""
-    base, head, expr, threshold, runs = plan.base, plan.head, plan.expr, plan.threshold, plan.runs
-    warmup, timed, sizes, json_path, backends = plan.warmup, plan.timed, plan.sizes, plan.json_path, plan.backends
+def check_plan(plan: DiffPlan) -> list[Case]:
+    """The plan's cases, once every flag is checked (UserError): before any run, so a mistake is
+    said at once and not after minutes of runs."""
+    threshold, runs, warmup, timed, json_path = plan.threshold, plan.runs, plan.warmup, plan.timed, plan.json_path
     fewest = smallest_runs_for(ALPHA)
     if not math.isfinite(threshold) or threshold < 0:
         raise UserError(f"bench-diff: --threshold must be a finite fraction >= 0, not {threshold}")
@@ -146,11 +146,19 @@ def bench_diff(plan: DiffPlan) -> int:
         raise UserError(f"bench-diff: --warmup-steps {warmup} + --timed-steps {timed} is {warmup + timed} steps; "
                         f"each run needs at least {lr_warmup} (its learning-rate warm-up)")
     try:
-        cases = [c for c in build_cases(sizes, backends, None, None) if matches(expr, c.id)]
+        cases = [c for c in build_cases(plan.sizes, plan.backends, None, None) if matches(plan.expr, c.id)]
     except ValueError as e:
         raise UserError(str(e)) from None
     if not cases:
-        raise UserError(f"bench-diff: no case matches -k {expr!r}")
+        raise UserError(f"bench-diff: no case matches -k {plan.expr!r}")
+    return cases
+
+
+def bench_diff(plan: DiffPlan) -> int:
+    """Run the comparison and print the table; 1 when a case is slower, else 0."""
+    cases = check_plan(plan)
+    base, head, threshold, runs = plan.base, plan.head, plan.threshold, plan.runs
+    warmup, timed, json_path = plan.warmup, plan.timed, plan.json_path
     repo = Path(_git(Path.cwd(), "rev-parse", "--show-toplevel"))
     # a kill (SIGTERM) unwinds like Ctrl-C does, so the worktrees below are always removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

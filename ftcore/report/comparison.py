@@ -146,6 +146,40 @@ def _over_repeats(result: dict[str, Any], runs: list[dict[str, Any]]) -> dict[st
     return out
 
 
+def _row(i: int, r: dict[str, Any], ref: dict[str, Any] | None, scaled: list[dict[str, Any]]) -> dict[str, Any]:
+    """One backend's row: its figures (medians over repeats), the ratios against the reference
+    `ref`, and the derived figures the table shows."""
+    row = {k: r.get(k) for k in _ROW_FIELDS}
+    row["backend"] = backend_name(r, i)
+    if r.get("status") != "ok":  # a failed run's figures are defaults, not measurements
+        row = {k: (row[k] if k in ("backend", "status", "error") else None) for k in row}
+    good = r.get("status") == "ok" and ref is not None
+    row["speedup"] = ratio(ref.get("train_time_s"), r.get("train_time_s")) if good else None
+    row["memory_efficiency"] = (
+        ratio(ref.get("peak_rss_mb"), r.get("peak_rss_mb")) if good else None
+    )
+    row["tokens_per_s_ratio"] = (
+        ratio(r.get("tokens_per_s"), ref.get("tokens_per_s")) if good else None
+    )
+    m = finite(r.get("mfu"))
+    row["mfu_percent"] = None if m is None else 100.0 * m
+    before, after = finite(r.get("eval_loss_before")), finite(r.get("eval_loss"))
+    row["eval_loss_drop"] = 1 - after / before if good and before and after is not None else None
+    row["greedy_agreement"] = greedy_agreement(r, ref) if good else None
+    eff = next((x["efficiency"] for x in scaled if x["backend"] == r.get("backend")), None)
+    if r.get("status") == "ok" and eff is not None:  # the one-process row is the reference
+        row["scaling_efficiency"] = eff if (r.get("world_size") or 1) > 1 else 1.0
+    else:
+        row["scaling_efficiency"] = None
+    model = r.get("memory_model") if r.get("status") == "ok" else None
+    row["memory_model_mb"] = (model or {}).get("total")
+    row["peak_rss_over_model"] = peak_over_model(r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), model)
+    load = r.get("machine_load") or {}
+    row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
+    row["runs"], row["busy_runs"], row["spread"] = r["repeats_used"], r["repeats_busy"], r["spread"]
+    return row
+
+
 def build_comparison(results: list[dict[str, Any]], reference: str | None = None,
                      repeats: list[list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """The machine-readable comparison (`comparison.json`).
@@ -172,37 +206,7 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
     ref = next((r for r in ok if r.get("backend") == reference), ok[0] if ok else None)
 
     scaled = scaling(summed)
-    rows = []
-    for i, r in enumerate(summed):
-        row = {k: r.get(k) for k in _ROW_FIELDS}
-        row["backend"] = backend_name(r, i)
-        if r.get("status") != "ok":  # a failed run's figures are defaults, not measurements
-            row = {k: (row[k] if k in ("backend", "status", "error") else None) for k in row}
-        good = r.get("status") == "ok" and ref is not None
-        row["speedup"] = ratio(ref.get("train_time_s"), r.get("train_time_s")) if good else None
-        row["memory_efficiency"] = (
-            ratio(ref.get("peak_rss_mb"), r.get("peak_rss_mb")) if good else None
-        )
-        row["tokens_per_s_ratio"] = (
-            ratio(r.get("tokens_per_s"), ref.get("tokens_per_s")) if good else None
-        )
-        m = finite(r.get("mfu"))
-        row["mfu_percent"] = None if m is None else 100.0 * m
-        before, after = finite(r.get("eval_loss_before")), finite(r.get("eval_loss"))
-        row["eval_loss_drop"] = 1 - after / before if good and before and after is not None else None
-        row["greedy_agreement"] = greedy_agreement(r, ref) if good else None
-        eff = next((x["efficiency"] for x in scaled if x["backend"] == r.get("backend")), None)
-        if r.get("status") == "ok" and eff is not None:  # the one-process row is the reference
-            row["scaling_efficiency"] = eff if (r.get("world_size") or 1) > 1 else 1.0
-        else:
-            row["scaling_efficiency"] = None
-        model = r.get("memory_model") if r.get("status") == "ok" else None
-        row["memory_model_mb"] = (model or {}).get("total")
-        row["peak_rss_over_model"] = peak_over_model(r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), model)
-        load = r.get("machine_load") or {}
-        row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
-        row["runs"], row["busy_runs"], row["spread"] = r["repeats_used"], r["repeats_busy"], r["spread"]
-        rows.append(row)
+    rows = [_row(i, r, ref, scaled) for i, r in enumerate(summed)]
 
     checks = fairness_checks(results)
     names = [row["backend"] for row in rows]

@@ -44,7 +44,6 @@ def _plot_losses(comparison: dict[str, Any]) -> bytes:
         f"LoRA training loss: {model}, {cfg.get('precision', '?')}, "
         f"batch {cfg.get('batch_size', '?')} x seq {cfg.get('max_seq_len', '?')}"
     )
-    from matplotlib.ticker import FormatStrFormatter
 
     rows = [r for r in _ok_result_rows(comparison) if r.get("losses")]
     fig = _new_figure()
@@ -78,32 +77,38 @@ def _plot_losses(comparison: dict[str, Any]) -> bytes:
     ax.grid(True, alpha=0.3)
     ax.legend(title="backend")
     if two:
-        ax.tick_params(labelbottom=False)
-        axd = fig.add_subplot(gs[1], sharex=ax)
-        ref = rows[0]
-        for i, r in enumerate(rows[1:], start=1):
-            d = [
-                abs(a - b) if a is not None and b is not None else math.nan
-                for a, b in (
-                    (finite(x), finite(y))
-                    for x, y in zip(ref["losses"], r["losses"], strict=False)
-                )
-            ]
-            axd.plot(range(1, len(d) + 1), d, color=colors[i], linestyle=_STYLES[i % len(_STYLES)],
-                     marker=_MARKERS[i % len(_MARKERS)], markersize=4, label=str(r.get("backend")))  # fmt: skip
-        axd.set_ylabel(f"|loss diff|\nvs {ref.get('backend')}")
-        # fixed format: no "1e-4" offset text drawn over the top panel
-        axd.yaxis.set_major_formatter(FormatStrFormatter("%.1e"))
-        axd.yaxis.get_major_locator().set_params(nbins=4)
-        axd.legend(fontsize=8, loc="upper right")
-        axd.grid(True, alpha=0.3)
-        axd.set_xlabel("step")
-        fig.align_ylabels([ax, axd])
+        _plot_loss_diffs(fig, gs[1], ax, rows, colors)
     else:
         ax.set_xlabel("step")
     ax.xaxis.get_major_locator().set_params(integer=True)
     fig.subplots_adjust(left=0.16, right=0.97, top=0.92, bottom=0.1)
     return _png(fig)
+
+def _plot_loss_diffs(fig: Any, cell: Any, ax: Any, rows: list[dict[str, Any]], colors: list[str]) -> None:
+    """The lower panel: each backend's |loss difference| from the first, per step."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.tick_params(labelbottom=False)
+    axd = fig.add_subplot(cell, sharex=ax)
+    ref = rows[0]
+    for i, r in enumerate(rows[1:], start=1):
+        d = [
+            abs(a - b) if a is not None and b is not None else math.nan
+            for a, b in (
+                (finite(x), finite(y))
+                for x, y in zip(ref["losses"], r["losses"], strict=False)
+            )
+        ]
+        axd.plot(range(1, len(d) + 1), d, color=colors[i], linestyle=_STYLES[i % len(_STYLES)],
+                 marker=_MARKERS[i % len(_MARKERS)], markersize=4, label=str(r.get("backend")))  # fmt: skip
+    axd.set_ylabel(f"|loss diff|\nvs {ref.get('backend')}")
+    # fixed format: no "1e-4" offset text drawn over the top panel
+    axd.yaxis.set_major_formatter(FormatStrFormatter("%.1e"))
+    axd.yaxis.get_major_locator().set_params(nbins=4)
+    axd.legend(fontsize=8, loc="upper right")
+    axd.grid(True, alpha=0.3)
+    axd.set_xlabel("step")
+    fig.align_ylabels([ax, axd])
 
 
 def _bars(

@@ -140,6 +140,19 @@ def _md_cell(s: str) -> str:
 
 
 def markdown(comparison: dict[str, Any]) -> str:
+    """report.md: the setup, the full table with its footnotes, the checks, failures, the
+    environment, the backend notes and the plots."""
+    out = [*_md_setup(comparison), *_md_results(comparison), *_md_checks(comparison)]
+    out += _md_environment(comparison)
+    notes = _backend_notes(comparison)
+    if notes:
+        out += ["## Backend notes", "", *[f"- {n}" for n in notes], ""]
+    out += ["## Plots", "", "![loss curves](loss_curves.png)", "![throughput](throughput.png)",
+            "![memory](memory.png)", ""]
+    return "\n".join(out)
+
+
+def _md_setup(comparison: dict[str, Any]) -> list[str]:
     cfg = comparison.get("config") or {}
     model = cfg.get("model") or f"preset {cfg.get('preset', NA)}"
     out = ["# ftcore comparison", "", f"**{headline(comparison)}**", ""]
@@ -161,18 +174,25 @@ def markdown(comparison: dict[str, Any]) -> str:
     ]
     if comparison.get("reference_note"):
         out.append(f"- Note: {comparison['reference_note']}")
+    return out
 
+
+def _md_results(comparison: dict[str, Any]) -> list[str]:
     header, body = _cells(comparison)
-    out += ["", "## Results", ""]
+    out = ["", "## Results", ""]
     out.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
     out.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     out += ["| " + " | ".join(_md_cell(c) for c in cells) + " |" for cells in body]
     out += [""] + [f"- {n}" for n in FOOTNOTES]
-
     out += ["", "## Loss agreement", "", _loss_diff_line(comparison)]
     if scaled := scaling_lines(comparison):
         out += ["", "## Data-parallel scaling", "", *[f"- {x}" for x in scaled]]
-    out += ["", "## Fairness checks", "", "| check | result | detail |", "|---|---|---|"]
+    return out
+
+
+def _md_checks(comparison: dict[str, Any]) -> list[str]:
+    """The fairness checks' table and the failed backends with their errors."""
+    out = ["", "## Fairness checks", "", "| check | result | detail |", "|---|---|---|"]
     for c in comparison.get("fairness") or []:
         res = (
             "PASS"
@@ -180,15 +200,17 @@ def markdown(comparison: dict[str, Any]) -> str:
             else ("MISMATCH (not recorded)" if c.get("status") == "missing" else "MISMATCH")
         )
         out.append(f"| {c['check']} | {res} | {_md_cell(str(c['detail']))} |")
-
     errors = _error_lines(comparison)
     if errors:
         out += ["", "## Failed backends", ""] + [f"- {_md_cell(e)}" for e in errors]
         for r in comparison.get("rows") or []:
             if r.get("status") != "ok" and r.get("error"):
                 out += ["", f"`{r['backend']}` error:", "", "```", str(r["error"]).rstrip(), "```"]
+    return out
 
-    out += ["", "## Environment", ""]
+
+def _md_environment(comparison: dict[str, Any]) -> list[str]:
+    out = ["", "## Environment", ""]
     for name, env in (comparison.get("environment") or {}).items():
         versions = (
             ", ".join(f"{k} {v}" for k, v in sorted((env.get("versions") or {}).items())) or NA
@@ -204,15 +226,4 @@ def markdown(comparison: dict[str, Any]) -> str:
             f"- Threads: {env.get('threads') if env.get('threads') is not None else NA}",
             "",
         ]
-    notes = _backend_notes(comparison)
-    if notes:
-        out += ["## Backend notes", "", *[f"- {n}" for n in notes], ""]
-    out += [
-        "## Plots",
-        "",
-        "![loss curves](loss_curves.png)",
-        "![throughput](throughput.png)",
-        "![memory](memory.png)",
-        "",
-    ]
-    return "\n".join(out)
+    return out
