@@ -14,6 +14,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from ftcore.lora_targets import LORA_TARGETS, parse_targets
@@ -27,10 +28,20 @@ PRESETS = ("tiny-pretrained", "tiny", "tinyllama-1.1b")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "gpu")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-# How training and eval rows become batches (ftcore.inputs.batches): `padded` pads every row to
-# --max-seq-len; `longest` is mlx-lm's trainer: rows sorted by length, consecutive batches in a
-# seeded order, each padded to 1 + 32 * ceil(longest / 32) (at most --max-seq-len).
-BATCHINGS = ("padded", "longest", "packed")
+
+
+class Batching(StrEnum):
+    """How training and eval rows become batches (ftcore.inputs.batching): `padded` pads every row
+    to --max-seq-len; `longest` is mlx-lm's trainer: rows sorted by length, consecutive batches in
+    a seeded order, each padded to 1 + 32 * ceil(longest / 32) (at most --max-seq-len); `packed`
+    puts several records in a row. A StrEnum: equal to, and written (flags, JSON) as, its value."""
+
+    PADDED = "padded"
+    LONGEST = "longest"
+    PACKED = "packed"
+
+
+BATCHINGS = tuple(b.value for b in Batching)  # the --batching choices
 # How a record becomes text (ftcore.inputs.records): the Alpaca template, or the tokenizer's own chat template
 PROMPT_FORMATS = ("alpaca", "chat")
 
@@ -58,7 +69,7 @@ class RunConfig:
     num_samples: int = option(256, "training records drawn by seed")
     eval_samples: int = option(32, "held-out records for eval loss (0 disables eval)")
     max_seq_len: int = option(128, "tokens per row at most: longer records are truncated")
-    batching: str = option("longest", "padded: every row padded to --max-seq-len; longest: as mlx-lm's trainer, records sorted by length, consecutive batches in a seeded order, each padded to 1 + 32*ceil(longest/32); packed: several records per row (first-fit-decreasing), each attending only to itself, positions restarting at 0", choices=BATCHINGS)
+    batching: Batching = option(Batching.LONGEST, "padded: every row padded to --max-seq-len; longest: as mlx-lm's trainer, records sorted by length, consecutive batches in a seeded order, each padded to 1 + 32*ceil(longest/32); packed: several records per row (first-fit-decreasing), each attending only to itself, positions restarting at 0", choices=BATCHINGS)
     mask_prompt: bool = option(True, "loss on the response only")
     prompt_format: str = option("alpaca", "alpaca: the Stanford Alpaca template; chat: the model's own chat template (user = instruction + input, assistant = output; loss on the assistant turn), as mlx-lm formats chat data", choices=PROMPT_FORMATS)
     # run
@@ -102,6 +113,8 @@ class RunConfig:
             object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
         else:
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.batching in BATCHINGS:  # a flag's or JSON's string; anything else is refused below
+            object.__setattr__(self, "batching", Batching(self.batching))
         self._validate()
 
     def _validate(self) -> None:
@@ -237,9 +250,10 @@ def _shown(default: Any) -> str:
 
 def add_run_options(p: argparse.ArgumentParser, config: type = RunConfig) -> None:
     """One flag per field of `config` (dest = field name), made from the field (ftcore.config.option):
-    int/float fields take that type, str and tuple fields a string (a tuple's comma list is split
-    by the config), a bool a switch (--x when its default is off; --x/--no-x otherwise). Every
-    flag's default is None: an unset flag keeps the config's own default."""
+    int/float fields take that type, str, StrEnum and tuple fields a string (the config makes the
+    StrEnum member of it, and splits a tuple's comma list), a bool a switch (--x when its default
+    is off; --x/--no-x otherwise). Every flag's default is None: an unset flag keeps the config's
+    own default."""
     hints = typing.get_type_hints(config)
     group: argparse._ActionsContainer = p
     for f in dataclasses.fields(config):
@@ -255,7 +269,7 @@ def add_run_options(p: argparse.ArgumentParser, config: type = RunConfig) -> Non
             kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         elif kind in (int, float):
             kw["type"] = kind
-        elif kind not in (str, tuple):
+        elif kind not in (str, tuple) and not (isinstance(kind, type) and issubclass(kind, StrEnum)):
             raise TypeError(f"RunConfig.{f.name}: no flag for type {hints[f.name]}")
         if "choices" in meta:
             kw["choices"] = meta["choices"]

@@ -268,21 +268,21 @@ def peft_dir_into_mlx(mlx_dir: Path, adapter_dir: Path):
     return mlx_model_with_adapter(mlx_dir, targets, rank, alpha, state)[0]
 
 
-def torch_loss(pm, batch: dict[str, np.ndarray]) -> torch.Tensor:
+def torch_loss(pm, batch: dict[str, np.ndarray], packed: bool) -> torch.Tensor:
     """ftcore's loss on the torch side: the torch backend's own loss_sum_count, sum / count."""
     from ftcore.torch.loss import loss_sum_count
 
-    s, n = loss_sum_count(pm, {k: torch.from_numpy(v) for k, v in batch.items()})
+    s, n = loss_sum_count(pm, {k: torch.from_numpy(v) for k, v in batch.items()}, packed)
     return s / n.clamp(min=1)
 
 
-def mlx_loss_and_grads(model, batch: dict[str, mx.array]) -> tuple[mx.array, dict]:
+def mlx_loss_and_grads(model, batch: dict[str, mx.array], packed: bool) -> tuple[mx.array, dict]:
     """The MLX backend's own training-step loss and gradients: its rows split over two CPU streams
     as the step does on two threads (one stream when the rows are odd)."""
     from ftcore.mlx.streams import cpu_streams, loss_and_grads
 
     n_streams = 2 if batch["input_ids"].shape[0] % 2 == 0 else 1
-    return loss_and_grads(model, batch, cpu_streams(n_streams))
+    return loss_and_grads(model, batch, packed, cpu_streams(n_streams))
 
 
 # ----------------------------------------------------------------------------- comparisons

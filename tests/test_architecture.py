@@ -1,7 +1,8 @@
 """The shape of the package, checked from its source: no import cycles (imports inside functions
-included), imports only downward (FLOORS), no backend named outside ftcore/backends/, no module over 300 lines, no function with
-more than 6 parameters, no two modules of one file name (but the ftcore/torch/ <-> ftcore/mlx/
-mirror), and nothing that cites a document outside the repository."""
+included), imports only downward (FLOORS), no backend named outside ftcore/backends/, the batching
+mode asked of Batches.mode (never guessed from the arrays nor compared as a string), no module
+over 300 lines, no function with more than 6 parameters, no two modules of one file name (but the
+ftcore/torch/ <-> ftcore/mlx/ mirror), and nothing that cites a document outside the repository."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ftcore.backends import BACKENDS
+from ftcore.config import BATCHINGS
 
 pytestmark = pytest.mark.unit
 
@@ -178,6 +180,51 @@ def test_backend_name_check_sees_comparisons(tmp_path: Path) -> None:
     probe.write_text('def f(b, path):\n    if b == "mlx":\n        pass\n'
                      '    ok = b in ("torch", "x") and "mlx" in path\n    return b.startswith("mlx")\n')
     assert sorted(backend_name_uses(probe, tmp_path)) == ["probe.py:2", "probe.py:4", "probe.py:5"]
+
+
+def mode_sniffs(path: Path, root: Path = ROOT) -> list[str]:
+    """Places in `path` that decide the batching mode other than by Batching / Batches.mode: from
+    the arrays (`"position_ids" in batch`, `not in`, `batch.get("position_ids")`) or by a mode's
+    string (`cfg.batching == "packed"`, `x in ("padded", ...)`)."""
+
+    def is_positions(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and node.value == "position_ids"
+
+    def is_mode(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and node.value in BATCHINGS
+
+    def sniffs(node: ast.Compare) -> bool:
+        sides = [node.left, *node.comparators]
+        for op, left, right in zip(node.ops, sides[:-1], sides[1:], strict=True):
+            if isinstance(op, ast.In | ast.NotIn) and is_positions(left):
+                return True
+            if isinstance(op, ast.Eq | ast.NotEq | ast.Is | ast.IsNot) and (is_mode(left) or is_mode(right)):
+                return True
+            if (isinstance(op, ast.In | ast.NotIn) and isinstance(right, ast.Tuple | ast.List | ast.Set)
+                    and any(map(is_mode, right.elts))):
+                return True
+        return False
+
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Compare) and sniffs(node) or (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "get" and node.args and is_positions(node.args[0])):
+            hits.append(f"{path.relative_to(root)}:{node.lineno}")
+    return hits
+
+
+def test_the_batching_mode_is_asked_never_guessed() -> None:
+    """Whether rows are packed is Batches.mode's to say (every backend asks `batches.packed`), and a
+    mode is a Batching member, not a string compared in place."""
+    assert [hit for p in PACKAGE.rglob("*.py") for hit in mode_sniffs(p)] == []
+
+
+def test_mode_check_sees_a_guess(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text('def f(batch, cfg, keys):\n    if "position_ids" in batch:\n        pass\n'
+                     '    p = batch.get("position_ids")\n    q = "position_ids" not in keys\n'
+                     '    return cfg.batching == "packed" or cfg.batching in ("padded", "x") or p or q\n')
+    assert sorted(mode_sniffs(probe, tmp_path)) == ["probe.py:2", "probe.py:4", "probe.py:5", "probe.py:6", "probe.py:6"]
 
 
 def long_modules(package: Path = PACKAGE, limit: int = MAX_LINES) -> dict[str, int]:

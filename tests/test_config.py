@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import re
 
 import pytest
 
-from ftcore.config import RunConfig, UserError
+from ftcore.config import Batching, RunConfig, UserError, add_run_options, config_from_args
+from ftcore.files import jsonable
 
 pytestmark = pytest.mark.unit
 
@@ -29,6 +33,7 @@ pytestmark = pytest.mark.unit
         ({"lora_dropout": 1.0}, "--lora-dropout"),
         ({"max_seq_len": 4}, "--max-seq-len"),
         ({"num_layers": 0}, "--num-layers"),
+        ({"batching": "sorted"}, "--batching"),
     ],
 )
 def test_bad_values_name_the_field(change, field):
@@ -40,6 +45,20 @@ def test_targets_from_comma_string_and_round_trip():
     cfg = RunConfig(lora_targets="q_proj, v_proj,o_proj")
     assert cfg.lora_targets == ("q_proj", "v_proj", "o_proj")
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_batching_is_a_member_and_written_as_its_string():
+    """The flag and JSON carry the mode's string; the config holds the Batching member."""
+    p = argparse.ArgumentParser()
+    add_run_options(p)
+    cfg = config_from_args(p.parse_args(["--batching", "packed"]))
+    assert cfg.batching is Batching.PACKED and RunConfig().batching is Batching.LONGEST
+    assert "(default longest)" in re.sub(r"\s+", " ", p.format_help())
+    written = json.loads(cfg.to_json())
+    assert type(written["batching"]) is str and written["batching"] == "packed"
+    assert json.dumps(jsonable({"batching": cfg.batching})) == '{"batching": "packed"}'
+    back = RunConfig(**written)
+    assert back == cfg and back.batching is Batching.PACKED
 
 
 def test_unknown_field_refused():

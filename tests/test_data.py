@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ftcore.config import RunConfig, UserError
+from ftcore.config import Batching, RunConfig, UserError
 from ftcore.inputs.batches import build_batches
 from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count
 from ftcore.inputs.records import (
@@ -150,6 +150,22 @@ def test_batches_round_trip_through_npz(tok, tmp_path):
     assert c.fingerprint == b.fingerprint and c.stats == b.stats and len(c.eval) == 3
 
 
+@pytest.mark.parametrize("mode", list(Batching))
+def test_batches_keep_their_mode_through_npz(tok, tmp_path, mode):
+    b = build_batches(RunConfig(num_samples=8, eval_samples=2, batch_size=2, steps=3, batching=mode.value), tok)
+    assert b.mode is mode and b.packed == (mode is Batching.PACKED) == ("position_ids" in b.train)
+    b.save(tmp_path / "b.npz")
+    c = type(b).load(tmp_path / "b.npz")
+    assert c.mode is mode and c.row_keys == b.row_keys and c.fingerprint == b.fingerprint and c.steps == 3
+
+
+def test_the_mode_not_the_arrays_says_what_a_step_feeds(tok):
+    """A `longest` batch that happens to hold position_ids still feeds plain rows (no per-record mask)."""
+    b = build_batches(RunConfig(num_samples=8, eval_samples=0, batch_size=2, steps=2, batching="longest"), tok)
+    b.train["position_ids"] = np.zeros_like(b.train["input_ids"])
+    assert not b.packed and sorted(b.step(0)) == ["attention_mask", "input_ids", "labels"]
+
+
 def test_epochs_cycle_through_all_examples(tok):
     cfg = RunConfig(num_samples=4, eval_samples=0, batch_size=2, steps=6, batching="padded")  # 3 epochs
     rows = build_batches(cfg, tok).train["input_ids"].reshape(12, -1)
@@ -255,8 +271,8 @@ def test_longest_pads_each_batch_to_a_multiple_of_32_plus_one(tok):
         assert e["input_ids"].shape[1] == min(1 + 32 * -(-int(e["attention_mask"].sum(1).max()) // 32), 160)
     # every position fed is counted once: padded = sum of width x rows, real = the mask's sum
     t = b.step_tokens()
-    assert t["padded"] == int(b.train["widths"].sum()) * 4 and t["real"] == int(b.train["attention_mask"].sum())
-    assert b.stats["padding_share"] == pytest.approx(1 - t["real"] / t["padded"])
+    assert t["fed"] == int(b.train["widths"].sum()) * 4 and t["real"] == int(b.train["attention_mask"].sum())
+    assert b.stats["padding_share"] == pytest.approx(1 - t["real"] / t["fed"]) and b.stats["fed_tokens"] == t["fed"]
     assert b.stats["steps_per_epoch"] == -(-30 // 4)  # a whole pass ends with a short batch
 
 
@@ -334,6 +350,20 @@ def test_epochs_train_every_record_once_per_epoch(tok, batching, batch):
     assert prep.cfg.steps == len(prep.batches.train["widths"]) == 2 * prep.batches.stats["steps_per_epoch"]
 
 
+@pytest.mark.parametrize("batching", ["padded", "longest"])
+def test_preflight_runs_the_steps_build_batches_resolved_for_epochs(batching):
+    """--epochs: build_batches resolves the steps (Batches.steps) and the run's config takes them
+    from there, not from its own arithmetic (`padded` ceil(3 x n / 4), `longest` 3 x ceil(n / 4))."""
+    from ftcore.inputs.batching import epoch_steps
+    from ftcore.run.preflight import check_run
+
+    cfg = RunConfig(preset="tiny", num_samples=30, eval_samples=0, batch_size=4, epochs=3, batching=batching)
+    prep = check_run(cfg)
+    n = prep.batches.stats["train_records"]
+    assert prep.cfg.steps == prep.batches.steps == epoch_steps(3, n, 4, Batching(batching)) != cfg.steps
+    assert prep.batches.steps == {"padded": -(-3 * n // 4), "longest": 3 * -(-n // 4)}[batching]
+
+
 def test_steps_keep_mlx_lm_s_passes_without_a_short_batch(tok):
     """--steps with `longest`: mlx-lm's loop, a remainder smaller than a batch left out of every
     pass (no filler rows); `padded` with --epochs runs on into the next epoch (ceil(N x n / batch))."""
@@ -364,7 +394,7 @@ def test_filler_rows_change_neither_loss_nor_count(tok, tiny_model_dir, tmp_path
 
         def run(batch):
             with torch.no_grad():
-                total, count = loss_sum_count(model, {k: torch.from_numpy(v) for k, v in batch.items()})
+                total, count = loss_sum_count(model, {k: torch.from_numpy(v) for k, v in batch.items()}, b.packed)
             return float(total), int(count)
     else:
         import mlx.core as mx
@@ -376,7 +406,7 @@ def test_filler_rows_change_neither_loss_nor_count(tok, tiny_model_dir, tmp_path
         model, _ = load_model(convert_hf_to_mlx(tiny_model_dir, tmp_path / "mlx"))
 
         def run(batch):
-            total, count = loss_sum_count(model, {k: mx.array(v) for k, v in batch.items()})
+            total, count = loss_sum_count(model, {k: mx.array(v) for k, v in batch.items()}, b.packed)
             return float(total), int(count)
 
     whole, alone = run(step), run({k: v[:real] for k, v in step.items()})
@@ -492,7 +522,7 @@ def test_the_fingerprint_sees_the_batching_mode_and_the_positions(tok):
     assert a.fingerprint != b.fingerprint
     import dataclasses
 
-    relabelled = dataclasses.replace(a, stats={**a.stats, "batching": "packed"})  # same arrays, other mode
+    relabelled = dataclasses.replace(a, mode=Batching.PADDED)  # same arrays, other mode
     assert relabelled.fingerprint != a.fingerprint
     moved = build_batches(cfg.replace(batching="packed"), tok, long)
     moved.train["position_ids"] = moved.train["position_ids"] + 1

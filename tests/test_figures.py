@@ -17,7 +17,7 @@ import pytest
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.run_context import Run
 from ftcore.bench.bench_diff import summarise
-from ftcore.config import RunConfig
+from ftcore.config import Batching, RunConfig
 from ftcore.inputs.batches import Batches
 from ftcore.measure.stats import EXACT_LIMIT, compare_runs
 from ftcore.measure.stats import u_test_p as mann_whitney_p
@@ -37,7 +37,7 @@ def _scored(answers: list[list[int]], outputs: list[list[int]]) -> tuple[float, 
     ids = np.full((n, width), -1)
     for i, a in enumerate(answers):
         ids[i, : len(a)] = a
-    batches = Batches(train={}, eval=[], stats={"eos_id": EOS}, answers={
+    batches = Batches(train={}, eval=[], mode=Batching.LONGEST, stats={"eos_id": EOS}, answers={
         "prompt_ids": np.arange(n)[:, None] + 10, "prompt_len": np.ones(n, int),
         "answer_ids": ids, "answer_len": np.array([len(a) for a in answers])})
     asked = []

@@ -14,7 +14,7 @@ import torch
 from helpers import TINY, save_hf_model
 from transformers import LlamaForCausalLM
 
-from ftcore.config import RunConfig
+from ftcore.config import Batching, RunConfig
 from ftcore.inputs.batches import Batches
 from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.mlx.convert import convert_hf_to_mlx
@@ -66,7 +66,7 @@ def test_eval_loss_is_token_weighted_over_uneven_batches(dirs) -> None:
     hf_dir, mlx_dir = dirs
     tm = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     mm, _ = load_model(mlx_dir)
-    batches = Batches(train={}, eval=_uneven_eval())
+    batches = Batches(train={}, eval=_uneven_eval(), mode=Batching.LONGEST)
     parts = [_ce_by_hand(torch_logits(tm, b["input_ids"], b["attention_mask"]), b) for b in batches.eval]
     assert [n for _, n in parts] == [120, 4]
     weighted = sum(s for s, _ in parts) / sum(n for _, n in parts)

@@ -66,9 +66,9 @@ def test_mlx_grad_checkpoint_with_dropout_is_refused(tmp_path) -> None:
 def test_memory_model_counts_tinyllama() -> None:
     assert base_param_count(TINYLLAMA) == 1_100_048_384  # TinyLlama-1.1B's parameter count
     cfg = RunConfig(precision="fp32", max_seq_len=256, lora_targets=LORA_TARGETS, lora_rank=8)
-    plain = memory_model(TINYLLAMA, cfg, 2)
-    ckpt = memory_model(TINYLLAMA, cfg.replace(grad_checkpoint=True), 2)
-    half = memory_model(TINYLLAMA, cfg.replace(precision="bf16"), 2)
+    plain = memory_model(TINYLLAMA, cfg, 2, 256)
+    ckpt = memory_model(TINYLLAMA, cfg.replace(grad_checkpoint=True), 2, 256)
+    half = memory_model(TINYLLAMA, cfg.replace(precision="bf16"), 2, 256)
     assert plain["weights"] == pytest.approx(1_100_048_384 * 4 / 2**20)
     assert half["weights"] == pytest.approx(plain["weights"] / 2)
     lora = 22 * 8 * (2048 + 2048 + 2 * (2048 + 256) + 2048 + 2048 + 3 * (2048 + 5632))

@@ -46,7 +46,7 @@ def test_both_backends_compute_the_textbook_loss(tmp_path: Path) -> None:
     tb = {k: torch.from_numpy(v) for k, v in b.items()}
     with torch.no_grad():
         full = model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"]).logits
-        t_sum, t_n = torch_loss.loss_sum_count(model, tb)
+        t_sum, t_n = torch_loss.loss_sum_count(model, tb, packed=False)
     ref_sum, ref_n = reference_sum_count(full.numpy(), b["labels"])
     assert int(t_n) == ref_n == 8 + 5 + 1
     assert abs(float(t_sum) - ref_sum) <= 1e-5 * abs(ref_sum)
@@ -57,7 +57,7 @@ def test_both_backends_compute_the_textbook_loss(tmp_path: Path) -> None:
 
     mlx_model, _ = load_model(mlx_dir)
     mb = mlx_loss.to_mx(b)
-    m_sum, m_n = mlx_loss.loss_sum_count(mlx_model, mb)
+    m_sum, m_n = mlx_loss.loss_sum_count(mlx_model, mb, packed=False)
     m_full = np.array(mlx_model(mb["input_ids"], mb["attention_mask"]))
     m_ref_sum, _ = reference_sum_count(m_full, b["labels"])
     assert int(m_n.item()) == ref_n

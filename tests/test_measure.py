@@ -251,3 +251,30 @@ def test_openblas_kernels_follow_the_cpus_vector_isa(monkeypatch: pytest.MonkeyP
 def test_blas_warning() -> None:
     assert "reference BLAS" in blas.blas_warning({"reference": True, "gflops": 7.0})
     assert blas.blas_warning({"name": "openblas", "reference": False, "gflops": 240.0}) is None
+
+
+def test_two_lengths_for_flops_and_gemm_shapes_and_for_the_memory_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's FLOPs per token and GEMM shapes (the child's, and the parent's when it makes them
+    itself) take Batches.seq_len, the steps' mean width, here well below --max-seq-len
+    (`longest`); the memory model the widest step's width, Batches.widest, where the peak is."""
+    from ftcore.backends.result_fields import start_result
+    from ftcore.backends.run_context import Run
+    from ftcore.config import RunConfig
+    from ftcore.inputs.arch import read_arch
+    from ftcore.measure.memory_model import MB
+    from ftcore.run import backend_process
+    from ftcore.run.preflight import check_run
+
+    prep = check_run(RunConfig(preset="tiny", data="builtin:alpaca-lengths", num_samples=16, eval_samples=0,
+                               batch_size=4, steps=4, max_seq_len=256, threads=1))
+    b, arch = prep.batches, read_arch(prep.model_dir)
+    assert b.seq_len == round(float(b.train["widths"].mean())) < b.widest == int(b.train["widths"].max()) <= 256
+    result = start_result(Run(backend="torch", framework="torch", cfg=prep.cfg, model_dir=prep.model_dir,
+                              batches=b, out_dir=tmp_path))
+    assert result.flops_per_token == flops_per_token(arch, b.seq_len, prep.cfg.lora_targets, 8)["total"]
+    assert result.memory_model["logits"] == pytest.approx(2 * 4 * b.widest * arch["vocab_size"] * 4 / MB)
+    assert {m for m, _, _ in result.extra["gemm_shapes"]} == {4 * b.seq_len}  # one thread: the whole batch
+    seen = []
+    monkeypatch.setattr(backend_process, "machine_gemm_peak", lambda *a, shapes, **k: seen.append(shapes) or 1.0)
+    backend_process.gemm_peak(prep)
+    assert [list(s) for s in seen[0]] == [list(s) for s in result.extra["gemm_shapes"]]

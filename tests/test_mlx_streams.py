@@ -54,10 +54,10 @@ def model(tmp_path_factory):
 @pytest.mark.parametrize("n_streams", [2, 4])
 def test_split_over_streams_equals_one_pass(model, n_streams: int) -> None:
     batch = _batch(4)
-    loss_1, grads_1 = loss_and_grads(model, batch, cpu_streams(1))
-    loss_n, grads_n = loss_and_grads(model, batch, cpu_streams(n_streams))
+    loss_1, grads_1 = loss_and_grads(model, batch, False, cpu_streams(1))
+    loss_n, grads_n = loss_and_grads(model, batch, False, cpu_streams(n_streams))
     # the mean over the whole batch's targets, not a mean of per-group means
-    total, count = loss_sum_count(model, batch)
+    total, count = loss_sum_count(model, batch, False)
     assert abs(loss_1.item() - (total / count).item()) <= 1e-6 * loss_1.item()
     assert abs(loss_n.item() - loss_1.item()) <= 1e-6 * loss_1.item()
     flat_1, flat_n = dict(tree_flatten(grads_1)), dict(tree_flatten(grads_n))
@@ -70,7 +70,7 @@ def test_split_over_streams_equals_one_pass(model, n_streams: int) -> None:
 
 def test_split_needs_equal_groups(model) -> None:
     with pytest.raises(ValueError, match="3 rows do not split evenly over 2 streams"):
-        loss_and_grads(model, _batch(3), cpu_streams(2))
+        loss_and_grads(model, _batch(3), False, cpu_streams(2))
 
 
 def test_plan_streams(monkeypatch: pytest.MonkeyPatch) -> None:

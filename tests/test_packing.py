@@ -79,17 +79,17 @@ def models():
     return pm, mlx_model
 
 
-def torch_sum_and_grads(pm, batch: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+def torch_sum_and_grads(pm, batch: dict[str, np.ndarray], packed: bool) -> tuple[float, dict[str, np.ndarray]]:
     pm.zero_grad()
-    s, _ = loss_sum_count(pm, {k: torch.from_numpy(v) for k, v in batch.items()})
+    s, _ = loss_sum_count(pm, {k: torch.from_numpy(v) for k, v in batch.items()}, packed)
     s.backward()
     grads = {n: p.grad.numpy().copy() for n, p in pm.named_parameters() if p.requires_grad}
     return s.item(), grads
 
 
-def mlx_sum_and_grads(model, batch: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+def mlx_sum_and_grads(model, batch: dict[str, np.ndarray], packed: bool) -> tuple[float, dict[str, np.ndarray]]:
     count = max(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), 1)
-    loss, grads = mlx_loss_and_grads(model, to_mx(batch))  # mean over targets: x count = sum
+    loss, grads = mlx_loss_and_grads(model, to_mx(batch), packed)  # mean over targets: x count = sum
     return float(loss.item()) * count, {k: np.array(g) * count for k, g in tree_flatten(grads)}
 
 
@@ -100,8 +100,8 @@ def test_a_packed_row_is_its_records_run_alone(models, framework: str, seed: int
     run = torch_sum_and_grads if framework == "torch" else mlx_sum_and_grads
     model = models[0] if framework == "torch" else models[1]
     tok = records(seed, n=3 + seed)
-    packed_sum, packed_grads = run(model, packed_row(tok))
-    sums, grads = zip(*(run(model, alone(tok, i)) for i in range(len(tok.ids))), strict=True)
+    packed_sum, packed_grads = run(model, packed_row(tok), True)
+    sums, grads = zip(*(run(model, alone(tok, i), False) for i in range(len(tok.ids))), strict=True)
     assert abs(packed_sum - sum(sums)) <= EXACT * max(1.0, abs(sum(sums)))
     for name, g in packed_grads.items():
         expected = sum(gi[name] for gi in grads)
@@ -120,8 +120,8 @@ def test_torch_and_mlx_agree_on_packed_batches(models) -> None:
             batch[k][r, : v.shape[1]] = v[0]
             if k == "labels":
                 batch[k][r, v.shape[1] :] = IGNORE_INDEX
-    t_sum, t_grads = torch_sum_and_grads(models[0], batch)
-    m_sum, m_grads = mlx_sum_and_grads(models[1], batch)
+    t_sum, t_grads = torch_sum_and_grads(models[0], batch, True)
+    m_sum, m_grads = mlx_sum_and_grads(models[1], batch, True)
     assert abs(t_sum - m_sum) <= 1e-4 * abs(t_sum)
     assert len(t_grads) == len(m_grads)
 
@@ -140,7 +140,7 @@ def test_the_models_rotate_packed_records_from_position_0(models, monkeypatch) -
         with_kwargs=True,
     )
     try:
-        torch_sum_and_grads(models[0], batch)
+        torch_sum_and_grads(models[0], batch, True)
     finally:
         handle.remove()
     assert seen_torch and (seen_torch[0][0, :n] == expected).all()
@@ -155,7 +155,7 @@ def test_the_models_rotate_packed_records_from_position_0(models, monkeypatch) -
     import ftcore.mlx.model as mlx_model_module
 
     monkeypatch.setattr(mlx_model_module, "rope_at", recording)
-    mlx_sum_and_grads(models[1], batch)
+    mlx_sum_and_grads(models[1], batch, True)
     assert seen_mlx and all((p[0, :n] == expected).all() for p in seen_mlx)
 
 

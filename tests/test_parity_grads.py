@@ -87,7 +87,7 @@ def _grads(cfg, lora, batch, seed):
             mlx_dir, lora["targets"], lora["rank"], lora["alpha"], peft_state_np(pm)
         )
 
-    loss_t = torch_loss(pm, batch)
+    loss_t = torch_loss(pm, batch, packed=False)
     loss_t.backward()
     g_torch = {}
     for name, p in pm.named_parameters():
@@ -96,7 +96,7 @@ def _grads(cfg, lora, batch, seed):
             assert m, name
             g_torch[f"{m[1]}.{m[2]}"] = p.grad.numpy().copy()
 
-    loss_m, g = mlx_loss_and_grads(model, to_mx(batch))
+    loss_m, g = mlx_loss_and_grads(model, to_mx(batch), packed=False)
     mx.eval(loss_m, g)
     g_mlx = {k: np.array(v) for k, v in tree_flatten(g)}
     return float(loss_t.detach()), float(loss_m), g_torch, g_mlx

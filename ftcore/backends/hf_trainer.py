@@ -57,7 +57,7 @@ def train(run: Run) -> RunResult:
     class LossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             clock.feed(inputs["input_ids"].cpu().numpy())
-            loss_sum, count = loss_sum_count(model, inputs)
+            loss_sum, count = loss_sum_count(model, inputs, batches.packed)
             loss = loss_sum / count.clamp(min=1)
             result.losses.append(loss.item())
             return loss

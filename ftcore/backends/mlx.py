@@ -129,7 +129,7 @@ def train(run: Run) -> RunResult:
     def step_fn(batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
         # Python runs here only while mx.compile traces: once per new input shape (width)
         result.extra["compiled_traces"] += 1
-        loss, grads = loss_and_grads(model, batch, streams)
+        loss, grads = loss_and_grads(model, batch, batches.packed, streams)
         if cfg.max_grad_norm is not None:  # the norm before clipping
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
@@ -141,7 +141,7 @@ def train(run: Run) -> RunResult:
     state = [model.state, opt.state, mx.random.state]
     step = mx.compile(step_fn, inputs=state, outputs=state) if COMPILE else step_fn
     if ranks:  # two compiled halves with the all_sum between them
-        grads_part = compile_grads(model, streams, state)
+        grads_part = compile_grads(model, batches.packed, streams, state)
         apply_part = compile_apply(model, opt, cfg, state)
 
         def step(batch: dict[str, mx.array], count: mx.array) -> tuple[mx.array, mx.array]:
@@ -220,11 +220,11 @@ def train(run: Run) -> RunResult:
     return finish_result(run, step_times)
 
 
-def compile_grads(model: Model, streams: tuple, state: list):
+def compile_grads(model: Model, packed: bool, streams: tuple, state: list):
     """(shard, global target count) -> (this rank's loss share, its gradients), compiled."""
 
     def grads_fn(batch: dict[str, mx.array], count: mx.array) -> tuple[mx.array, dict]:
-        return loss_and_grads(model, batch, streams, count)
+        return loss_and_grads(model, batch, packed, streams, count)
 
     return mx.compile(grads_fn, inputs=state, outputs=state) if COMPILE else grads_fn
 

@@ -45,7 +45,7 @@ def throughput(run: Run, step_times: list[float]) -> dict[str, float]:
         "train_time_s": train_time,
         "epoch_time_s": per_step * batches.stats["steps_per_epoch"] if per_step else None,
         "warmup_time_s": sum(step_times[:w]),
-        "tokens_per_s": rate(tokens["padded"]),
+        "tokens_per_s": rate(tokens["fed"]),
         "real_tokens_per_s": rate(tokens["real"]),
         "loss_tokens_per_s": rate(tokens["loss"]),
     }
@@ -56,9 +56,8 @@ def start_result(run: Run) -> RunResult:
     BLAS probed is this process's framework's (run.framework)."""
     cfg, batches, framework = run.cfg, run.batches, run.framework
     arch = read_arch(run.model_dir)
-    # per real token; attention's share at the batches' mean width (= max_seq_len when `padded`)
-    mean_width = int(round(float(batches.train["widths"].mean())))
-    flops = flops_per_token(arch, mean_width, cfg.lora_targets, cfg.lora_rank)["total"]
+    seq_len = batches.seq_len  # the length of per-token work: FLOPs and GEMM shapes (Batches.seq_len)
+    flops = flops_per_token(arch, seq_len, cfg.lora_targets, cfg.lora_rank)["total"]  # per real token
     result = run.result = RunResult(
         backend=run.backend,
         status="ok",
@@ -70,14 +69,14 @@ def start_result(run: Run) -> RunResult:
         precision=cfg.precision,
     )
     # one process: a rank holds the model and its shard's rows
-    result.memory_model = memory_model(arch, cfg, cfg.batch_size // cfg.world_size)
+    result.memory_model = memory_model(arch, cfg, cfg.batch_size // cfg.world_size, batches.widest)  # the peak step
     # what LoRA on these targets should train; the backend counts what its model really trains
     result.trainable_params_expected = lora_param_count(arch, cfg.lora_targets, cfg.lora_rank)
     result.records = {k: batches.stats.get(f"{k}_records") for k in ("train", "eval", "dropped", "prompt_only")}
     # the run's GEMM shapes: the GEMM peaks MFU divides by are measured over them too
     # (ftcore.measure.flops.gemm_shapes; the parent reads them back, ftcore.measure.mfu)
     threads = cfg.threads or affinity_cores()
-    result.extra["gemm_shapes"] = gemm_shapes(arch, cfg.batch_size, cfg.max_seq_len, threads)
+    result.extra["gemm_shapes"] = gemm_shapes(arch, cfg.batch_size, seq_len, threads)
     return result
 
 

@@ -97,7 +97,7 @@ class StepClock:
         self.gate.after(step, loss)
         w = self.cfg.timing_warmup_steps
         timed = self.times[w:]
-        tps = self.batches.step_tokens(w, len(self.times))["padded"] / sum(timed) if timed else None
+        tps = self.batches.step_tokens(w, len(self.times))["fed"] / sum(timed) if timed else None
         self.progress.update(step, loss, tps)
 
     def stop(self) -> None:

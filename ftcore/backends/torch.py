@@ -46,7 +46,7 @@ def train(run: Run) -> RunResult:
         clock.feed(fed["input_ids"])  # the global batch, which the ranks split
         clock.lr(opt.param_groups[0]["lr"])
         clock.begin(step)
-        loss_sum, count = loss_sum_count(model, batch)
+        loss_sum, count = loss_sum_count(model, batch, batches.packed)
         if ranks:  # the global count: summed over ranks this is the one-process loss
             loss = loss_sum / max(target_count(fed["labels"]), 1)
         else:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ftcore.config import RunConfig, UserError
+from ftcore.config import Batching, RunConfig, UserError
 from ftcore.files import atomic_path
 from ftcore.inputs import length_profile
 from ftcore.inputs.batch_checks import check_batches_fit, data_warnings, steps_of_epochs
@@ -55,10 +55,12 @@ from ftcore.inputs.token_rows import (
 class Batches:
     """What every backend trains and evaluates on.
 
+    mode: how the rows were batched (RunConfig.batching); `packed` rows carry position_ids, and
+    every backend asks the mode (`packed`), not the arrays, whether to build the per-record mask.
     train[k]: (steps, batch, width) int64 for k in input_ids / labels / attention_mask (and
-    position_ids when packed: `row_keys`), width the widest step's; train["widths"]: (steps,) each step's own width. Step s is `step(s)`:
-    train[k][s, :, :widths[s]] (the columns past it are padding). eval: list of dicts of
-    (<=batch, width) arrays.
+    position_ids when packed: `row_keys`), width the widest step's; train["widths"]: (steps,) each
+    step's own width. Step s is `step(s)`: train[k][s, :, :widths[s]] (the columns past it are
+    padding). eval: list of dicts of (<=batch, width) arrays.
     answers: the eval records whose whole response fits, for greedy generation and exact-match
     accuracy: prompt_ids (n, P) and answer_ids (n, A) int64 padded with -1, prompt_len and
     answer_len (n,); an answer is the response's tokens up to and including the first EOS.
@@ -66,20 +68,44 @@ class Batches:
 
     train: dict[str, np.ndarray]
     eval: list[dict[str, np.ndarray]]
+    mode: Batching
     stats: dict[str, Any] = field(default_factory=dict)
     answers: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def packed(self) -> bool:
+        """Several records per row: the loss needs the per-record mask built from position_ids."""
+        return self.mode == Batching.PACKED
 
     @property
     def row_keys(self) -> tuple[str, ...]:
         """The per-token arrays of a batch: position_ids too when the rows are packed."""
         keys = ("input_ids", "labels", "attention_mask")
-        return (*keys, "position_ids") if "position_ids" in self.train else keys
+        return (*keys, "position_ids") if self.packed else keys
+
+    @property
+    def steps(self) -> int:
+        """Training steps the batches hold: --steps, or what --epochs came to (build_batches), the
+        count the run then takes (ftcore.run.preflight)."""
+        return len(self.train["widths"])
+
+    @property
+    def seq_len(self) -> int:
+        """The run's sequence length for work per token: its training steps' mean width, rounded
+        (= max_seq_len when `padded`). FLOPs per token and the GEMM shapes take it
+        (ftcore.backends.result_fields), from these same arrays in every process."""
+        return int(round(float(self.train["widths"].mean())))
+
+    @property
+    def widest(self) -> int:
+        """The widest training step's width: what peak memory must hold (the memory model)."""
+        return int(self.train["widths"].max())
 
     @property
     def fingerprint(self) -> str:
         """sha256 (16 hex) of the batching mode and every array fed: a packed run whose rows each
         hold one record feeds the same tokens as a `longest` one, yet is another run."""
-        h = hashlib.sha256(str(self.stats.get("batching")).encode())
+        h = hashlib.sha256(self.mode.value.encode())
         keys = self.row_keys
         parts = [(self.train, (*keys, "widths")), *((p, keys) for p in self.eval), (self.answers, sorted(self.answers))]
         for part, names in parts:
@@ -106,15 +132,15 @@ class Batches:
         return {k: self.train[k][s, :, :width] for k in self.row_keys}
 
     def step_tokens(self, first: int = 0, stop: int | None = None) -> dict[str, int]:
-        """Over steps [first, stop): `padded` positions fed (batch x width, what the step
-        computes on), `real` (non-pad) tokens of the rows trained on (a short batch's filler rows
+        """Over steps [first, stop): `fed` positions (batch x width, padding included: what the
+        step computes on), `real` (non-pad) tokens of the rows trained on (a short batch's filler rows
         are computed like padding: ftcore.inputs.batching) and `loss` tokens (targets the loss is
         taken over)."""
         widths = self.train["widths"][first:stop]
         rows = self.train["input_ids"].shape[1]
         trained = trained_rows(self.train["labels"][first:stop])  # (steps, batch)
         return {
-            "padded": int(widths.sum()) * rows,
+            "fed": int(widths.sum()) * rows,
             "real": int((self.train["attention_mask"][first:stop] * trained[..., None]).sum()),
             "loss": target_count(self.train["labels"][first:stop]),
         }
@@ -125,6 +151,7 @@ class Batches:
             arrays.update({f"eval{i}_{k}": v for k, v in b.items()})
         arrays.update({f"answers_{k}": v for k, v in self.answers.items()})
         arrays["stats"] = np.frombuffer(json.dumps(self.stats).encode(), dtype=np.uint8)
+        arrays["mode"] = np.array(self.mode.value)
         with atomic_path(path) as tmp:
             np.savez(tmp, **arrays)
 
@@ -136,7 +163,8 @@ class Batches:
             evals = [{k[len(f"eval{i}_") :]: z[k] for k in z.files if k.startswith(f"eval{i}_")} for i in range(n_eval)]
             answers = {k[len("answers_") :]: z[k] for k in z.files if k.startswith("answers_")}
             stats = json.loads(z["stats"].tobytes().decode())
-        return cls(train=train, eval=evals, stats=stats, answers=answers)
+            mode = Batching(str(z["mode"]))
+        return cls(train=train, eval=evals, mode=mode, stats=stats, answers=answers)
 
 
 def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None) -> Batches:
@@ -167,7 +195,7 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
             f"only {n} training records keep a loss token at --max-seq-len {cfg.max_seq_len} "
             f"({train_tok.dropped} dropped); need at least --batch-size {cfg.batch_size}"
         )
-    packed = cfg.batching == "packed"
+    packed = cfg.batching == Batching.PACKED
     # the units batches are cut from: records, or packed rows of records
     units = pack_tokenized(train_tok, cfg.max_seq_len) if packed else train_tok
     eval_units = pack_tokenized(eval_tok, cfg.max_seq_len) if packed else eval_tok
@@ -178,10 +206,10 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         )
     pad_id = pad_id_of(tokenizer)
     lengths = [len(ids) for ids in units.ids]
-    if cfg.epochs is not None:  # whole passes instead of --steps; the caller takes the steps from here
+    if cfg.epochs is not None:  # whole passes instead of --steps; the caller takes Batches.steps
         cfg = cfg.replace(steps=steps_of_epochs(cfg, len(lengths), "packed rows" if packed else "training records"))
     check_batches_fit(cfg, packed)
-    if cfg.batching == "padded":
+    if cfg.batching == Batching.PADDED:
         order = padded_order(len(lengths), cfg.batch_size, cfg.steps, cfg.seed)
     else:  # sorted as mlx-lm sorts: records by their whole length, packed rows by their filled one
         sort_keys = lengths if packed else train_tok.full_lens
@@ -200,7 +228,7 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         for rows in eval_rows
     ]
     answers = _answers(eval_tok, int(tokenizer.eos_token_id))
-    batches = Batches(train=train, eval=evals, answers=answers)
+    batches = Batches(train=train, eval=evals, mode=cfg.batching, answers=answers)
     tokens = batches.step_tokens()
     batches.stats = {
         "train_records": n,
@@ -208,13 +236,12 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         "dropped_records": train_tok.dropped + eval_tok.dropped,
         "prompt_only_records": train_tok.prompt_only,
         "data_warnings": data_warnings(train_recs + eval_recs, train_tok, eval_tok, cfg),
-        "batching": cfg.batching,
         "packed_rows": len(lengths) if packed else None,  # rows the training records were packed into
         "filler_rows": cfg.steps * cfg.batch_size - sum(real_rows),  # short batches' rows with no targets
-        "padded_tokens": tokens["padded"],
+        "fed_tokens": tokens["fed"],
         "loss_tokens": tokens["loss"],
         "real_tokens": tokens["real"],
-        "padding_share": 1 - tokens["real"] / tokens["padded"],
+        "padding_share": 1 - tokens["real"] / tokens["fed"],
         # steps of one whole pass over the units (`longest`, `packed`: the last batch short)
         "steps_per_epoch": steps_per_epoch(len(lengths), cfg.batch_size, cfg.batching),
         "distinct_widths": len(set(widths)),

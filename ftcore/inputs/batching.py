@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ftcore.config import Batching
+
 PAD_MULTIPLE = 32  # `longest` pads a batch to 1 + a multiple of this (mlx-lm's pad_to)
 
 
-def batch_width(lengths: list[int], max_seq_len: int, batching: str) -> int:
+def batch_width(lengths: list[int], max_seq_len: int, batching: Batching) -> int:
     """The padded width of a batch whose rows have these lengths (see the module docstring)."""
-    if batching == "padded":
+    if batching == Batching.PADDED:
         return max_seq_len
     return min(1 + PAD_MULTIPLE * -(-max(lengths) // PAD_MULTIPLE), max_seq_len)
 
@@ -80,11 +82,11 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def steps_per_epoch(n: int, batch_size: int, batching: str) -> float:
+def steps_per_epoch(n: int, batch_size: int, batching: Batching) -> float:
     """Steps one whole pass over n units (records; packed rows for `packed`) takes: `longest` and
     `packed` end a pass with a short batch (ceil(n / batch)), `padded` runs on into the next epoch
     (n / batch, a fraction)."""
-    return n / batch_size if batching == "padded" else -(-n // batch_size)
+    return n / batch_size if batching == Batching.PADDED else -(-n // batch_size)
 
 
 def filled(rows: list[int], batch_size: int) -> tuple[list[int], int]:
@@ -93,9 +95,9 @@ def filled(rows: list[int], batch_size: int) -> tuple[list[int], int]:
     return rows + [rows[k % len(rows)] for k in range(batch_size - len(rows))], len(rows)
 
 
-def epoch_steps(epochs: int, n: int, batch_size: int, batching: str) -> int:
+def epoch_steps(epochs: int, n: int, batch_size: int, batching: Batching) -> int:
     """Steps that `epochs` whole passes over n units take (--epochs); in integers, exact for any
     `epochs` (a float product overflows above ~1e308)."""
-    if batching == "padded":
+    if batching == Batching.PADDED:
         return max(1, -(-epochs * n // batch_size))  # ceil(epochs * n / batch_size)
     return max(1, epochs * -(-n // batch_size))  # every pass ends with its short batch

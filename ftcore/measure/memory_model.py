@@ -55,10 +55,11 @@ def saved_per_token_layer(arch: dict[str, Any], seq_len: int, targets: Iterable[
     return attention + mlp + rank * len(list(targets))
 
 
-def memory_model(arch: dict[str, Any], cfg: RunConfig, rows: int) -> dict[str, Any]:
+def memory_model(arch: dict[str, Any], cfg: RunConfig, rows: int, seq_len: int) -> dict[str, Any]:
     """{component: MB, ..., "total": MB, "checkpoint": bool} for one training process of `rows`
-    rows at the run's precision, max_seq_len, LoRA targets and rank, and --grad-checkpoint."""
-    precision, seq_len, rank, checkpoint = cfg.precision, cfg.max_seq_len, cfg.lora_rank, cfg.grad_checkpoint
+    rows of `seq_len` tokens (the run's widest step, Batches.widest) at the run's precision, LoRA targets and
+    rank, and --grad-checkpoint."""
+    precision, rank, checkpoint = cfg.precision, cfg.lora_rank, cfg.grad_checkpoint
     targets = list(cfg.lora_targets)
     b = BYTES[precision]
     tokens = rows * seq_len

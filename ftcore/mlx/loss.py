@@ -16,14 +16,16 @@ def to_mx(batch: dict[str, np.ndarray]) -> dict[str, mx.array]:
     return {k: mx.array(v.astype(np.int32)) for k, v in batch.items()}
 
 
-def loss_sum_count(model: Model, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
+def loss_sum_count(model: Model, batch: dict[str, mx.array], packed: bool) -> tuple[mx.array, mx.array]:
     """Summed next-token cross-entropy over targets that are not IGNORE_INDEX, and their count.
+    packed: the rows hold several records (Batches.packed), each attending to itself only.
 
     Same shift and normalisation as the torch backend: logits (fp32) at positions 0..L-2 against
     labels[:, 1:]; the last position predicts nothing, so its logits are not computed.
     """
-    # packed rows carry position_ids: per-document mask and positions (ftcore.mlx.model)
-    h = model.model(batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"))
+    # packed rows: per-document mask and positions from their position_ids (ftcore.mlx.model)
+    positions = batch["position_ids"] if packed else None
+    h = model.model(batch["input_ids"], batch["attention_mask"], position_ids=positions)
     h = h[:, :-1]  # (B, L-1, hidden)
     logits = model.head(h).astype(mx.float32)  # (B, L-1, V); astype is a no-op in fp32
     targets = batch["labels"][:, 1:]
@@ -41,7 +43,7 @@ def evaluate(model: Model, batches: Batches) -> float | None:
     model.eval()
     total, count = 0.0, 0
     for b in batches.eval:
-        s, n = loss_sum_count(model, to_mx(b))
+        s, n = loss_sum_count(model, to_mx(b), batches.packed)
         total, count = total + s.item(), count + n.item()
     model.train()
     return total / max(count, 1)

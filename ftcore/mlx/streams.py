@@ -23,10 +23,11 @@ from ftcore.mlx.model import Model
 
 
 def loss_and_grads(
-    model: Model, batch: dict[str, mx.array], streams: tuple[mx.Stream, ...],
+    model: Model, batch: dict[str, mx.array], packed: bool, streams: tuple[mx.Stream, ...],
     count: mx.array | None = None,
 ) -> tuple[mx.array, dict]:
-    """Mean loss over the batch's targets and its gradients w.r.t. the trainable parameters.
+    """Mean loss over the batch's targets and its gradients w.r.t. the trainable parameters
+    (packed: several records per row, Batches.packed).
 
     The rows are split into len(streams) equal groups; each group's forward and backward runs on
     its own stream (a thread of its own on the CPU). Summed losses and gradients are divided by the
@@ -39,7 +40,7 @@ def loss_and_grads(
     rows = n_rows // len(streams)
     if count is None:
         count = mx.maximum((batch["labels"][:, 1:] != IGNORE_INDEX).sum(), 1)
-    sum_and_grad = nn.value_and_grad(model, lambda m, b: loss_sum_count(m, b)[0])
+    sum_and_grad = nn.value_and_grad(model, lambda m, b: loss_sum_count(m, b, packed)[0])
     totals, grads = [], []
     for i, stream in enumerate(streams):
         with mx.stream(stream):

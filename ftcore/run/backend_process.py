@@ -68,7 +68,7 @@ def gemm_peak(prep: Prepared, shapes: list | None = None, at_least: float | None
     cfg = prep.cfg
     envs = {fw: make(base_env(), cfg.threads) for fw, make in FRAMEWORK_ENVS.items()}
     if shapes is None:
-        shapes = gemm_shapes(read_arch(prep.model_dir), cfg.batch_size, cfg.max_seq_len, cfg.threads)
+        shapes = gemm_shapes(read_arch(prep.model_dir), cfg.batch_size, prep.batches.seq_len, cfg.threads)
     return machine_gemm_peak(cfg.precision, envs, shapes=tuple(map(tuple, shapes)), at_least=at_least)
 
 

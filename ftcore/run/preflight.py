@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ftcore.backends import BACKENDS, get_backend
 from ftcore.cache_dir import cache_root
-from ftcore.config import RunConfig, UserError
+from ftcore.config import Batching, RunConfig, UserError
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.batches import Batches, build_batches
 from ftcore.inputs.checkpoint import check_vocab, weights_sha256
@@ -76,7 +76,7 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
     for spec in specs:
         if why := spec.missing():
             raise UserError(why)
-        if cfg.batching == "packed" and not spec.takes_packed_rows:
+        if cfg.batching == Batching.PACKED and not spec.takes_packed_rows:
             able = ", ".join(n for n, s in BACKENDS.items() if s.takes_packed_rows)
             raise UserError(f"--batching packed: the {spec.name} backend's trainer cannot take several "
                             f"records per row (backends that can: {able}); use --batching longest")
@@ -103,8 +103,7 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
     batches = build_batches(cfg, tokenizer, records)
     for line in batches.stats["data_warnings"]:  # once, before any backend starts
         print(f"warning: {line}", file=sys.stderr, flush=True)
-    if cfg.epochs is not None:  # the steps the epochs took (ftcore.inputs.batching.epoch_steps)
-        cfg = cfg.replace(steps=len(batches.train["widths"]))
+    cfg = cfg.replace(steps=batches.steps)  # what --epochs came to (build_batches); else --steps
     if cfg.threads is None:
         cfg = cfg.replace(threads=cores)
     for spec in specs:

@@ -10,8 +10,9 @@ from ftcore.inputs.batches import Batches
 from ftcore.inputs.loss_contract import IGNORE_INDEX
 
 
-def loss_sum_count(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum_count(model, batch: dict[str, torch.Tensor], packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over targets that are not IGNORE_INDEX, and their count.
+    packed: the rows hold several records (Batches.packed), each attending to itself only.
 
     Position t predicts token t+1: logits at positions 0..L-2 against labels[:, 1:]. The last
     position predicts nothing, so its logits are not computed (`logits_to_keep`, as the MLX backend
@@ -19,7 +20,7 @@ def loss_sum_count(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """
     ids = batch["input_ids"]
     keep = torch.arange(ids.shape[1] - 1, device=ids.device)  # logits at positions 0..L-2
-    logits = model(**model_inputs(batch, model.dtype), logits_to_keep=keep).logits  # (B, L-1, V)
+    logits = model(**model_inputs(batch, model.dtype, packed), logits_to_keep=keep).logits  # (B, L-1, V)
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
@@ -43,10 +44,10 @@ def packed_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor, dtype:
     return torch.where(keep, torch.zeros((), dtype=dtype, device=doc.device), blocked)[:, None]
 
 
-def model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs: ids and the 2-D padding mask, or for packed rows (position_ids
-    present) the per-document 4-D mask and the positions restarting at each record."""
-    if "position_ids" not in batch:
+def model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype, packed: bool) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs: ids and the 2-D padding mask, or for packed rows (which carry
+    position_ids) the per-document 4-D mask and the positions restarting at each record."""
+    if not packed:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     return {
         "input_ids": batch["input_ids"],
@@ -67,7 +68,7 @@ def evaluate(model, batches: Batches, device: torch.device) -> float | None:
     model.eval()
     total, count = 0.0, 0
     for b in batches.eval:
-        s, n = loss_sum_count(model, to_torch(b, device))
+        s, n = loss_sum_count(model, to_torch(b, device), batches.packed)
         total, count = total + s.item(), count + int(n.item())
     model.train()
     return total / max(count, 1)
