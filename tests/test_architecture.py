@@ -138,6 +138,32 @@ def test_floor_check_sees_an_import_back_up(tmp_path: Path) -> None:
     assert imports_up(import_graph(source_modules(pkg))) == ["ftcore.backends.torch -> ftcore.run.ranks"]
 
 
+# The input pipeline's stages, in order: each module may import an earlier stage, never a later one.
+PIPELINE = (
+    ("ftcore.inputs.records",),
+    ("ftcore.inputs.token_rows",),
+    ("ftcore.inputs.batching", "ftcore.inputs.batch_checks"),
+    ("ftcore.inputs.batches",),
+)
+
+
+def pipeline_back_calls(graph: dict[str, set[str]]) -> list[str]:
+    stage = {m: i for i, names in enumerate(PIPELINE) for m in names}
+    return [f"{m} -> {d}" for m, deps in sorted(graph.items()) if m in stage
+            for d in sorted(deps) if d in stage and stage[d] > stage[m]]  # fmt: skip
+
+
+def test_the_input_pipeline_runs_one_way() -> None:
+    graph = import_graph(source_modules())
+    assert all(m in graph for names in PIPELINE for m in names)
+    assert pipeline_back_calls(graph) == []
+
+
+def test_pipeline_check_sees_a_stage_calling_a_later_one() -> None:
+    graph = {"ftcore.inputs.token_rows": {"ftcore.inputs.batching"}, "ftcore.inputs.batches": {"ftcore.inputs.records"}}
+    assert pipeline_back_calls(graph) == ["ftcore.inputs.token_rows -> ftcore.inputs.batching"]
+
+
 def backend_name_uses(path: Path, root: Path = ROOT) -> list[str]:
     """Places in `path` that compare something with a backend's name (or a prefix of one):
     `x == "mlx"`, `x in ("torch", ...)`, `x.startswith("mlx")`."""

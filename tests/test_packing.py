@@ -23,8 +23,9 @@ from helpers import make_hf_model
 from mlx.utils import tree_flatten
 from parity_utils import add_peft, mlx_loss_and_grads, mlx_model_with_adapter, save_and_convert
 
+from ftcore.inputs.batching import pack_tokenized, pad_rows
 from ftcore.inputs.loss_contract import IGNORE_INDEX
-from ftcore.inputs.token_rows import Tokenized, pack_tokenized, pad_rows
+from ftcore.inputs.token_rows import Tokenized
 from ftcore.mlx import ops as mlx_ops
 from ftcore.mlx.loss import to_mx
 from ftcore.torch.loss import loss_sum_count

@@ -1,9 +1,12 @@
-"""Alpaca data pipeline, the same for every backend.
+"""The Alpaca input pipeline, the same for every backend, in three stages, each one module that
+takes the previous stage's output and never calls back into it (`build_batches` is the three calls):
 
-records (ftcore.inputs.records: instruction, input, output) -> rendered in RunConfig.prompt_format
-(ftcore.inputs.token_rows: Alpaca prompt + response + EOS, or the model's chat template) -> token
-ids, labels with -100 on prompt (when masking) and padding -> numpy batches. Every backend consumes the
-byte-identical arrays; their sha256 fingerprint goes into every result.
+1. records (ftcore.inputs.records: load, validate, the seeded train/eval split);
+2. token rows (ftcore.inputs.token_rows: rendered in RunConfig.prompt_format, tokenised, labels
+   with -100 on the prompt when masking, truncated);
+3. batches (ftcore.inputs.batching's rules, arrays here: packed or not, ordered, padded;
+   fingerprinted). Every backend consumes the byte-identical arrays; their sha256 fingerprint goes
+   into every result.
 
 Batching (RunConfig.batching, ftcore.inputs.batching): `padded` (every row at max_seq_len), `longest`
 (mlx-lm's trainer: sorted by length, consecutive batches in a seeded order, each padded to
@@ -25,30 +28,19 @@ import numpy as np
 
 from ftcore.config import Batching, RunConfig, UserError
 from ftcore.files import atomic_path
-from ftcore.inputs import length_profile
 from ftcore.inputs.batch_checks import check_batches_fit, data_warnings, steps_of_epochs
 from ftcore.inputs.batching import (
     batch_width,
     filled,
     longest_order,
+    pack_tokenized,
+    pad_rows,
     padded_order,
     steps_per_epoch,
 )
 from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count, trained_rows
-from ftcore.inputs.records import (
-    SYNTHETIC_SIZE,
-    format_prompt,
-    load_records,
-    select_records,
-)
-from ftcore.inputs.token_rows import (
-    Tokenized,
-    pack_tokenized,
-    pad_id_of,
-    pad_rows,
-    template_length,
-    tokenize_records,
-)
+from ftcore.inputs.records import records_for
+from ftcore.inputs.token_rows import Tokenized, pad_id_of, token_rows_for
 
 
 @dataclass
@@ -168,43 +160,26 @@ class Batches:
 
 
 def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None) -> Batches:
-    """Records -> subset/split by seed -> tokens -> `cfg.steps` training batches + eval batches,
-    batched as cfg.batching says (module docstring)."""
-    if records is None:
-        records = load_records(cfg.data, seed=cfg.seed)
-    if records is None:  # the built-in Alpaca-length profile: lengths in the model's tokens
-        def tokens(r: dict[str, str]) -> int:  # prompt + response + EOS
-            return len(tokenizer(format_prompt(r) + r["output"])["input_ids"]) + 1
+    """The input pipeline's three stages (module docstring): records -> token rows -> batches."""
+    train_recs, eval_recs = records_for(cfg, tokenizer, records)  # ftcore.inputs.records
+    train_tok, eval_tok = token_rows_for(train_recs, eval_recs, tokenizer, cfg)  # ftcore.inputs.token_rows
+    batches = batches_of(train_tok, eval_tok, cfg, tokenizer)  # ftcore.inputs.batching's rules
+    batches.stats["data_warnings"] = data_warnings(train_recs + eval_recs, train_tok, eval_tok, cfg)
+    return batches
 
-        records = length_profile.alpaca_length_records(tokens, SYNTHETIC_SIZE, seed=cfg.seed)
-    t_len = template_length(tokenizer, cfg.prompt_format)
-    if cfg.max_seq_len <= t_len:
-        raise UserError(
-            f"--max-seq-len {cfg.max_seq_len} is shorter than the prompt template ({t_len} tokens)"
-        )
-    train_recs, eval_recs = select_records(records, cfg.num_samples, cfg.eval_samples, cfg.seed)
-    train_tok = tokenize_records(train_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
-    eval_tok = tokenize_records(eval_recs, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
-    if cfg.eval_samples > 0 and eval_recs and not eval_tok.ids:
-        raise UserError(f"--eval-samples {cfg.eval_samples}: all {len(eval_recs)} eval records are dropped (no answer "
-                        f"token fits in --max-seq-len {cfg.max_seq_len}); --max-seq-len {eval_tok.keeps_all_at} "
-                        "keeps them, or --eval-samples 0")
-    n = len(train_tok.ids)
-    if n < cfg.batch_size:
-        raise UserError(
-            f"only {n} training records keep a loss token at --max-seq-len {cfg.max_seq_len} "
-            f"({train_tok.dropped} dropped); need at least --batch-size {cfg.batch_size}"
-        )
+
+def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokenizer: Any) -> Batches:
+    """Stage three: the run's training steps (`cfg.steps`, or what --epochs come to) and eval
+    batches, batched as cfg.batching says, with their stats."""
     packed = cfg.batching == Batching.PACKED
     # the units batches are cut from: records, or packed rows of records
     units = pack_tokenized(train_tok, cfg.max_seq_len) if packed else train_tok
-    eval_units = pack_tokenized(eval_tok, cfg.max_seq_len) if packed else eval_tok
     if len(units.ids) < cfg.batch_size:
         raise UserError(
-            f"the {n} training records pack into {len(units.ids)} rows of --max-seq-len {cfg.max_seq_len}; "
-            f"need at least --batch-size {cfg.batch_size} rows (more --num-samples, or a smaller --batch-size)"
+            f"the {len(train_tok.ids)} training records pack into {len(units.ids)} rows of --max-seq-len "
+            f"{cfg.max_seq_len}; need at least --batch-size {cfg.batch_size} rows (more --num-samples, or a "
+            "smaller --batch-size)"
         )
-    pad_id = pad_id_of(tokenizer)
     lengths = [len(ids) for ids in units.ids]
     if cfg.epochs is not None:  # whole passes instead of --steps; the caller takes Batches.steps
         cfg = cfg.replace(steps=steps_of_epochs(cfg, len(lengths), "packed rows" if packed else "training records"))
@@ -214,28 +189,17 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
     else:  # sorted as mlx-lm sorts: records by their whole length, packed rows by their filled one
         sort_keys = lengths if packed else train_tok.full_lens
         order = longest_order(sort_keys, cfg.batch_size, cfg.steps, cfg.seed, whole_epochs=cfg.epochs is not None)
-    widths = [batch_width([lengths[i] for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
-    order, real_rows = zip(*(filled(rows, cfg.batch_size) for rows in order), strict=True)
-    train = pad_rows(units, [i for rows in order for i in rows], max(widths), pad_id)
-    train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}
-    for s, real in enumerate(real_rows):  # a short batch's filler rows: no targets (batching docstring)
-        train["labels"][s, real:] = IGNORE_INDEX
-    train["widths"] = np.array(widths, dtype=np.int64)
-    n_eval = len(eval_units.ids)
-    eval_rows = [list(range(i, min(i + cfg.batch_size, n_eval))) for i in range(0, n_eval, cfg.batch_size)]
-    evals = [
-        pad_rows(eval_units, rows, batch_width([len(eval_units.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching), pad_id)
-        for rows in eval_rows
-    ]
+    train, real_rows = _train_arrays(units, order, cfg, pad_id_of(tokenizer))
+    eval_units = pack_tokenized(eval_tok, cfg.max_seq_len) if packed else eval_tok
     answers = _answers(eval_tok, int(tokenizer.eos_token_id))
-    batches = Batches(train=train, eval=evals, mode=cfg.batching, answers=answers)
+    batches = Batches(train=train, eval=_eval_arrays(eval_units, cfg, pad_id_of(tokenizer)), mode=cfg.batching,
+                      answers=answers)
     tokens = batches.step_tokens()
     batches.stats = {
-        "train_records": n,
+        "train_records": len(train_tok.ids),
         "eval_records": len(eval_tok.ids),
         "dropped_records": train_tok.dropped + eval_tok.dropped,
         "prompt_only_records": train_tok.prompt_only,
-        "data_warnings": data_warnings(train_recs + eval_recs, train_tok, eval_tok, cfg),
         "packed_rows": len(lengths) if packed else None,  # rows the training records were packed into
         "filler_rows": cfg.steps * cfg.batch_size - sum(real_rows),  # short batches' rows with no targets
         "fed_tokens": tokens["fed"],
@@ -244,11 +208,33 @@ def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] 
         "padding_share": 1 - tokens["real"] / tokens["fed"],
         # steps of one whole pass over the units (`longest`, `packed`: the last batch short)
         "steps_per_epoch": steps_per_epoch(len(lengths), cfg.batch_size, cfg.batching),
-        "distinct_widths": len(set(widths)),
+        "distinct_widths": len(set(train["widths"].tolist())),
         "answer_records": len(answers.get("prompt_len", ())),
         "eos_id": int(tokenizer.eos_token_id),
     }
     return batches
+
+
+def _train_arrays(units: Tokenized, order: list[list[int]], cfg: RunConfig, pad_id: int,
+                  ) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The training steps' (steps, batch, width) arrays and `widths`, and each step's real rows
+    (a short batch is made up with filler rows: ftcore.inputs.batching)."""
+    widths = [batch_width([len(units.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
+    full, real_rows = zip(*(filled(rows, cfg.batch_size) for rows in order), strict=True)
+    train = pad_rows(units, [i for rows in full for i in rows], max(widths), pad_id)
+    train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}
+    for s, real in enumerate(real_rows):  # a short batch's filler rows: no targets
+        train["labels"][s, real:] = IGNORE_INDEX
+    train["widths"] = np.array(widths, dtype=np.int64)
+    return train, list(real_rows)
+
+
+def _eval_arrays(units: Tokenized, cfg: RunConfig, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """Eval batches in record order, each padded as the run's batching pads."""
+    n = len(units.ids)
+    rows = [list(range(i, min(i + cfg.batch_size, n))) for i in range(0, n, cfg.batch_size)]
+    widths = [batch_width([len(units.ids[i]) for i in r], cfg.max_seq_len, cfg.batching) for r in rows]
+    return [pad_rows(units, r, w, pad_id) for r, w in zip(rows, widths, strict=True)]
 
 
 def _answers(tok: Tokenized, eos: int) -> dict[str, np.ndarray]:

@@ -1,5 +1,6 @@
-"""How records become batches (RunConfig.batching): which records go together, in which order,
-padded to what width. ftcore.inputs.batches builds the arrays; this module decides their shape.
+"""The input pipeline's third stage, its rules: how token rows become batches (RunConfig.batching):
+which records go together (packed into rows or not), in which order, padded to what width.
+ftcore.inputs.batches builds the run's arrays with them.
 
 - `padded`: every row padded to max_seq_len; batches walk seeded permutations of the records,
   epoch after epoch (an epoch's tail continues into the next batch);
@@ -28,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 from ftcore.config import Batching
+from ftcore.inputs.loss_contract import IGNORE_INDEX
+from ftcore.inputs.token_rows import Tokenized
 
 PAD_MULTIPLE = 32  # `longest` pads a batch to 1 + a multiple of this (mlx-lm's pad_to)
 
@@ -101,3 +104,35 @@ def epoch_steps(epochs: int, n: int, batch_size: int, batching: Batching) -> int
     if batching == Batching.PADDED:
         return max(1, -(-epochs * n // batch_size))  # ceil(epochs * n / batch_size)
     return max(1, epochs * -(-n // batch_size))  # every pass ends with its short batch
+
+
+def pack_tokenized(tok: Tokenized, capacity: int) -> Tokenized:
+    """Token rows -> packed rows (pack_rows): ids and labels concatenated, each
+    record's first label IGNORE_INDEX (the previous record's last token must not predict it; alone,
+    position 0 is never a target either), positions restarting at 0 for each record."""
+    rows = pack_rows([len(ids) for ids in tok.ids], capacity)
+    ids = [[t for i in row for t in tok.ids[i]] for row in rows]
+    labels = [[IGNORE_INDEX if k == 0 else y for i in row for k, y in enumerate(tok.labels[i])] for row in rows]
+    positions = [[k for i in row for k in range(len(tok.ids[i]))] for row in rows]
+    return Tokenized(ids, labels, tok.dropped, positions=positions)
+
+
+def pad_rows(tok: Tokenized, rows: list[int], width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded (len(rows), width) int64 arrays for the given example indices; packed rows
+    also get `position_ids` (0 on padding)."""
+    n = len(rows)
+    input_ids = np.full((n, width), pad_id, dtype=np.int64)
+    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    positions = np.zeros((n, width), dtype=np.int64)
+    for r, i in enumerate(rows):
+        k = len(tok.ids[i])
+        input_ids[r, :k] = tok.ids[i]
+        labels[r, :k] = tok.labels[i]
+        mask[r, :k] = 1
+        if tok.positions is not None:
+            positions[r, :k] = tok.positions[i]
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    if tok.positions is not None:
+        out["position_ids"] = positions
+    return out

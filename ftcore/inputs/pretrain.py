@@ -124,8 +124,9 @@ def family_exact_match(model: Any, tokenizer: Any, n_per_family: int = 32, seed:
     aside). So one forward pass per family stands in for a decoding loop."""
     import torch
 
+    from ftcore.inputs.batching import pad_rows
     from ftcore.inputs.loss_contract import IGNORE_INDEX
-    from ftcore.inputs.token_rows import pad_id_of, pad_rows, tokenize_records
+    from ftcore.inputs.token_rows import pad_id_of, tokenize_records
 
     shares = {}
     for family in ALL_FAMILIES:

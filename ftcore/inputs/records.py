@@ -4,8 +4,9 @@ built-in sets), the seeded train/eval split, and the prompt format each record i
 template with the record as one user turn (instruction, then a blank line and the input when
 there is one) and one assistant turn (output), as mlx-lm renders chat data.
 
-A record is {"instruction", "input", "output"} strings (input may be empty). ftcore.inputs.batches turns
-records into token ids and batches.
+A record is {"instruction", "input", "output"} strings (input may be empty). This is the input
+pipeline's first stage (`records_for`: the run's training and eval records); ftcore.inputs.token_rows
+turns them into token rows, ftcore.inputs.batches into batches.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ftcore.config import UserError
+from ftcore.config import RunConfig, UserError
 from ftcore.files import write_atomic
 from ftcore.inputs import length_profile
 from ftcore.inputs.synthetic import synthetic_records
@@ -167,3 +168,17 @@ def select_records(
     order = np.random.default_rng(seed).permutation(len(records))[:need]
     picked = [records[i] for i in order]
     return picked[:num_samples], picked[num_samples:]
+
+
+def records_for(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None,
+                ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Stage one: the run's (training, eval) records: `records`, or cfg.data loaded (the built-in
+    Alpaca-length profile sized in this tokenizer's tokens), then the seeded split."""
+    if records is None:
+        records = load_records(cfg.data, seed=cfg.seed)
+    if records is None:  # the built-in Alpaca-length profile: lengths in the model's tokens
+        def tokens(r: dict[str, str]) -> int:  # prompt + response + EOS
+            return len(tokenizer(format_prompt(r) + r["output"])["input_ids"]) + 1
+
+        records = length_profile.alpaca_length_records(tokens, SYNTHETIC_SIZE, seed=cfg.seed)
+    return select_records(records, cfg.num_samples, cfg.eval_samples, cfg.seed)

@@ -1,18 +1,14 @@
-"""Records -> token rows, the same for every backend: the prompt template rendered and tokenised,
-labels masked on the prompt (when masking), EOS appended, truncated to max_seq_len; rows packed
-(several records a row) and padded to a width. ftcore.inputs.batches makes the run's batches of them."""
+"""The input pipeline's second stage: records -> token rows, the same for every backend (the prompt
+template rendered and tokenised, labels masked on the prompt when masking, EOS appended, truncated
+to max_seq_len). Stage one (ftcore.inputs.records) gives it the run's records; stage three
+(ftcore.inputs.batching, ftcore.inputs.batches) packs, orders and pads its rows into batches."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from ftcore.config import UserError
-from ftcore.inputs.batching import (
-    pack_rows,
-)
+from ftcore.config import RunConfig, UserError
 from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.inputs.records import (
     chat_messages,
@@ -130,35 +126,22 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0
 
 
-def pack_tokenized(tok: Tokenized, capacity: int) -> Tokenized:
-    """Records -> packed rows (ftcore.inputs.batching.pack_rows): ids and labels concatenated, each
-    record's first label IGNORE_INDEX (the previous record's last token must not predict it; alone,
-    position 0 is never a target either), positions restarting at 0 for each record."""
-    rows = pack_rows([len(ids) for ids in tok.ids], capacity)
-    ids = [[t for i in row for t in tok.ids[i]] for row in rows]
-    labels = [[IGNORE_INDEX if k == 0 else y for i in row for k, y in enumerate(tok.labels[i])] for row in rows]
-    positions = [[k for i in row for k in range(len(tok.ids[i]))] for row in rows]
-    return Tokenized(ids, labels, tok.dropped, positions=positions)
-
-
-def pad_rows(tok: Tokenized, rows: list[int], width: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded (len(rows), width) int64 arrays for the given example indices; packed rows
-    also get `position_ids` (0 on padding)."""
-    n = len(rows)
-    input_ids = np.full((n, width), pad_id, dtype=np.int64)
-    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((n, width), dtype=np.int64)
-    positions = np.zeros((n, width), dtype=np.int64)
-    for r, i in enumerate(rows):
-        k = len(tok.ids[i])
-        input_ids[r, :k] = tok.ids[i]
-        labels[r, :k] = tok.labels[i]
-        mask[r, :k] = 1
-        if tok.positions is not None:
-            positions[r, :k] = tok.positions[i]
-    out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-    if tok.positions is not None:
-        out["position_ids"] = positions
-    return out
-
-
+def token_rows_for(train: list[dict[str, str]], evals: list[dict[str, str]], tokenizer: Any,
+                   cfg: RunConfig) -> tuple[Tokenized, Tokenized]:
+    """Stage two: the run's training and eval records as token rows, refused in one line when the
+    prompt template leaves no room, every eval record is dropped, or too few training ones remain."""
+    t_len = template_length(tokenizer, cfg.prompt_format)
+    if cfg.max_seq_len <= t_len:
+        raise UserError(f"--max-seq-len {cfg.max_seq_len} is shorter than the prompt template ({t_len} tokens)")
+    train_tok = tokenize_records(train, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
+    eval_tok = tokenize_records(evals, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
+    if cfg.eval_samples > 0 and evals and not eval_tok.ids:
+        raise UserError(f"--eval-samples {cfg.eval_samples}: all {len(evals)} eval records are dropped (no answer "
+                        f"token fits in --max-seq-len {cfg.max_seq_len}); --max-seq-len {eval_tok.keeps_all_at} "
+                        "keeps them, or --eval-samples 0")
+    if len(train_tok.ids) < cfg.batch_size:
+        raise UserError(
+            f"only {len(train_tok.ids)} training records keep a loss token at --max-seq-len {cfg.max_seq_len} "
+            f"({train_tok.dropped} dropped); need at least --batch-size {cfg.batch_size}"
+        )
+    return train_tok, eval_tok
