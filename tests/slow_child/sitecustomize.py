@@ -28,10 +28,10 @@ def _slow_step_clock(module) -> None:
         return
     end = module.StepClock.end
 
-    def slowed_end(self, step, loss, seconds=None, grad_norm=None):
+    def slowed_end(self, step, loss, seconds=None, **kw):  # kw: what end() records besides the time
         if seconds is None:  # the step ran between begin and end: stretch it
             time.sleep((factor - 1) * (time.perf_counter() - self._t))
-        return end(self, step, loss, seconds, grad_norm)
+        return end(self, step, loss, seconds, **kw)
 
     module.StepClock.end = slowed_end
 
