@@ -1,11 +1,13 @@
 """Every parity tolerance: how far two computations that ftcore says agree may differ (torch vs
 MLX, a backend vs the reference backend, N processes vs one, a checkpointed layer vs a kept one,
-a packed row vs its records alone). Tests, the bench and the docs read them from here.
+a packed row vs its records alone). Tests, the bench, the report's fairness check and the docs
+read them from here (tests/test_architecture.py: no test or bench file defines its own).
 
-Each line says what the constant bounds and the worst value it was set from ("measured", with
-where). The fp32 bounds of an in-process property are at most 10x the worst value on a stated set
-of cases (tests/parity_utils.py TOLERANCE_EXAMPLES), and the tests named beside them measure that
-set again. u = fp32 unit roundoff (2^-23); "n" a dot product's length.
+Each comment says what the constant bounds and the worst value measured that it was set from.
+Where a `test_tolerance*_are_at_most_10x_the_measured` sits beside a bound (forward logits, loss
+and gradients in one process, the training trajectories), it measures the stated cases again and
+fails when the bound no longer holds them or is more than 10x above them.
+u = fp32 unit roundoff (2^-23); n = a dot product's length.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ FP32_STREAMS_GRAD_RTOL = 1e-5
 FP32_LORA_LAYER_ATOL = 1e-5
 FP32_LORA_LAYER_RTOL = 1e-4
 FP32_DOT_ULPS = 4
-# bf16 base, fp32 adapter: output <= one bf16 ulp of |y| and of |W x| + OUTPUT_DOT_RTOL sum|x||W|;
+# bf16 base, fp32 adapter: output <= one bf16 ulp of |y| and of |W x| + OUTPUT_DOT_RTOL sum|a_i b_i|;
 # adapter gradients <= GRAD_ATOL + the fp32 dot budget; measured gradients worst err/tol 0.14 (200 cases)
 BF16_LORA_OUTPUT_DOT_RTOL = 1e-6
 BF16_LORA_GRAD_ATOL = 1e-7
