@@ -18,8 +18,7 @@ import bench_support as bs
 import pytest
 
 from ftcore.backends import BACKENDS, REFERENCE_BACKEND
-
-LOSS_ATOL = 1e-4  # fp32 per-step loss agreement with the reference backend (docs/contracts.md)
+from ftcore.tolerances import REFERENCE_LOSS_ATOL
 
 
 @pytest.fixture(scope="session")
@@ -97,4 +96,4 @@ def test_finetune(benchmark, finetune_case: bs.Case, bench_opts, prepared, losse
     reference = seen.get(REFERENCE_BACKEND)
     if case.precision == "fp32" and BACKENDS[case.backend].same_numerics and reference:
         diff = max(abs(a - b) for a, b in zip(reference, results[0].losses, strict=True))
-        assert diff < LOSS_ATOL, f"{case.backend} per-step losses differ from {REFERENCE_BACKEND}'s by {diff:.2e}"
+        assert diff < REFERENCE_LOSS_ATOL, f"{case.backend} per-step losses differ from {REFERENCE_BACKEND}'s by {diff:.2e}"

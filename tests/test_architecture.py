@@ -2,11 +2,13 @@
 included), imports only downward (FLOORS), no backend named outside ftcore/backends/, the batching
 mode asked of Batches.mode (never guessed from the arrays nor compared as a string), no module
 over 300 lines, no function with more than 6 parameters, no two modules of one file name (but the
-ftcore/torch/ <-> ftcore/mlx/ mirror), and nothing that cites a document outside the repository."""
+ftcore/torch/ <-> ftcore/mlx/ mirror), nothing that cites a document outside the repository, and
+every parity tolerance in ftcore/tolerances.py (none defined in a test or bench file; each one used)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -100,7 +102,7 @@ def test_cycle_finder_sees_a_cycle_made_by_an_import_inside_a_function(tmp_path:
 # one above (ftcore.process is the child side of a run, which backends/, torch/ and mlx/ use;
 # ftcore.run the parent side). A module belongs to the floor of its longest listed prefix.
 FLOORS = (
-    ("ftcore.config", "ftcore.result", "ftcore.files", "ftcore.cache_dir", "ftcore.lora_targets"),
+    ("ftcore.config", "ftcore.result", "ftcore.files", "ftcore.cache_dir", "ftcore.lora_targets", "ftcore.tolerances"),
     ("ftcore.process",),
     ("ftcore.inputs", "ftcore.measure"),
     ("ftcore.torch", "ftcore.mlx"),
@@ -356,3 +358,72 @@ def test_the_repository_cites_no_document_outside_it() -> None:
         text = path.read_text(errors="replace")
         hits += [f"{name}: {word}" for word in outside if word in text]
     assert hits == []
+
+
+# ----------------------------------------------------------------------------- parity tolerances
+
+TOLERANCES = PACKAGE / "tolerances.py"
+TOL_NAME = re.compile(r"(^|_)[A-Z]?TOL(_|$)")  # a name with a word TOL, ATOL, RTOL, GTOL: LOGITS_ATOL
+
+
+def is_number(node: ast.AST) -> bool:
+    """A number written out: 1e-4, -3, 2.0**-7, 3 * 1e-5."""
+    if isinstance(node, ast.UnaryOp):
+        return is_number(node.operand)
+    if isinstance(node, ast.BinOp):
+        return is_number(node.left) and is_number(node.right)
+    return isinstance(node, ast.Constant) and type(node.value) in (int, float)
+
+
+def own_tolerances(files: list[Path], root: Path = ROOT) -> list[str]:
+    """Module-level names like *TOL* / *ATOL* / *RTOL* given a number in `files`: "path:line NAME"."""
+    hits = []
+    for path in files:
+        for node in ast.parse(path.read_text(), filename=str(path)).body:
+            pairs = ([(t, node.value) for t in node.targets] if isinstance(node, ast.Assign)
+                     else [(node.target, node.value)] if isinstance(node, ast.AnnAssign) and node.value else [])
+            hits += [f"{path.relative_to(root)}:{node.lineno} {t.id}" for t, v in pairs
+                     if isinstance(t, ast.Name) and TOL_NAME.search(t.id) and is_number(v)]
+    return hits
+
+
+def test_no_test_or_bench_file_defines_its_own_parity_tolerance() -> None:
+    files = sorted([*(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")])
+    assert len(files) > 40 and ROOT / "bench" / "test_finetune_bench.py" in files
+    assert own_tolerances(files) == [], "parity tolerances live in ftcore/tolerances.py"
+
+
+def test_tolerance_check_sees_a_test_s_own_tolerance(tmp_path: Path) -> None:
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("LOGITS_ATOL = 1e-4\nGRAD_RTOL: float = -2.0**-7\nTOLERANCE_EXAMPLES = 30\n"
+                     "NAME_ATOL = FP32_LOGITS_ATOL\n\ndef f():\n    LOCAL_TOL = 1e-3\n")
+    assert own_tolerances([probe], tmp_path) == ["test_probe.py:1 LOGITS_ATOL", "test_probe.py:2 GRAD_RTOL"]
+
+
+def unused_tolerances(module: Path, files: list[Path]) -> list[str]:
+    """Module-level constants of `module` that no file of `files` reads (a name or an attribute;
+    an import alone or a comment does not count)."""
+    names = [t.id for node in ast.parse(module.read_text()).body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name) and t.id.isupper()]
+    read = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Name):
+                read.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                read.add(node.attr)
+    return [n for n in names if n not in read]
+
+
+def test_every_parity_tolerance_is_used() -> None:
+    files = [p for p in [*PACKAGE.rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]
+             if p != TOLERANCES]
+    assert len(ast.parse(TOLERANCES.read_text()).body) > 20
+    assert unused_tolerances(TOLERANCES, files) == []
+
+
+def test_unused_tolerance_check_sees_one(tmp_path: Path) -> None:
+    (tmp_path / "tolerances.py").write_text("A_ATOL = 1e-4\nB_RTOL = 1e-3\nC_ATOL = 1e-5\n")
+    (tmp_path / "test_a.py").write_text("from tolerances import A_ATOL, C_ATOL\nimport tolerances\n"
+                                        "# B_RTOL\nassert 0 < A_ATOL < tolerances.B_RTOL\n")
+    assert unused_tolerances(tmp_path / "tolerances.py", [tmp_path / "test_a.py"]) == ["C_ATOL"]

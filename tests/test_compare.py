@@ -13,6 +13,7 @@ from ftcore.config import RunConfig
 from ftcore.inputs.batches import Batches
 from ftcore.run.compare import compare
 from ftcore.run.preflight import prepare
+from ftcore.tolerances import REFERENCE_LOSS_ATOL
 
 pytestmark = pytest.mark.integration
 
@@ -204,7 +205,7 @@ def test_compare_loss_difference_below_1e4(default_compare):
     res, out = default_compare
     comparison = json.loads((out / "comparison.json").read_text())
     diff = comparison["loss_diff"]["max_abs_diff"]
-    assert 0 <= diff < 1e-4, diff
+    assert 0 <= diff < REFERENCE_LOSS_ATOL, diff
     assert f"{diff:.3e}" in res.stdout  # the printed table says it too
     assert comparison["all_fair"] is True
     rows = {r["backend"]: r for r in comparison["rows"]}
@@ -226,7 +227,7 @@ def test_compare_local_sentencepiece_checkpoint_and_alpaca_hf(tmp_path, sentence
     assert res.returncode == 0, res.stderr[-2000:]
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["ok_backends"] == ["torch", "mlx"]
-    assert comparison["loss_diff"]["max_abs_diff"] < 1e-4
+    assert comparison["loss_diff"]["max_abs_diff"] < REFERENCE_LOSS_ATOL
     assert json.loads((out / "torch" / "result.json").read_text())["config"]["model"] == str(sentencepiece_model_dir)
 
 

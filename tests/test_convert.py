@@ -28,6 +28,7 @@ from ftcore.mlx.convert import (
 from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
 from ftcore.mlx.model import load_model
 from ftcore.mlx.weight_names import hf_to_mlx_key, mlx_to_hf_key
+from ftcore.tolerances import FP32_LOGITS_ATOL
 
 pytestmark = pytest.mark.unit
 
@@ -269,7 +270,7 @@ def test_mlx_lm_loads_our_adapter(tmp_path, hf_dir):
     ref, _ = mlx_lm_utils.load_model(hf_dir)
     load_adapters(ref, str(out))
     ids = mx.array([[3, 14, 15, 92, 65, 35]])
-    np.testing.assert_allclose(np.array(ref(ids)), np.array(model(ids)), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.array(ref(ids)), np.array(model(ids)), atol=FP32_LOGITS_ATOL, rtol=0)
 
 
 @pytest.mark.mlx_lm

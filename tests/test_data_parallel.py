@@ -22,14 +22,13 @@ from helpers import ftcore, ftcore_in_process
 from ftcore.inputs.loss_contract import target_count
 from ftcore.process.ranks import LAUNCHER_LOGS_DIR
 from ftcore.run.rank_watch import RankWatch, prune_empty_dirs
+from ftcore.tolerances import FP32_DATA_PARALLEL_GRAD_NORM_RTOL, FP32_DATA_PARALLEL_LOSS_ATOL
 
 pytestmark = pytest.mark.integration
 
 # 4 rows over 2 ranks; clipping at 0.05 is active every step, so it must see the summed gradients
 SMALL = ["--num-samples", "16", "--eval-samples", "4", "--max-seq-len", "64", "--batch-size", "4",
          "--max-grad-norm", "0.05"]  # fmt: skip
-PARITY_ATOL = 1e-5  # fp32, N processes vs one (measured: <= 1e-6)
-GRAD_NORM_RTOL = 5e-6  # fp32, the norm before clipping, N processes vs one (measured: <= 5.9e-7)
 DEVICE = os.environ.get("FTCORE_TEST_DEVICE", "cpu")  # scripts/gpu_check.sh sets gpu
 
 
@@ -68,10 +67,10 @@ def test_nproc2_losses_equal_one_process(compare_nproc2):
         # The gradient norm before clipping: clipping at 0.05 would hide a scaled gradient (each
         # rank on the whole batch: 2x) from the losses and the weights.
         assert len(one["grad_norms"]) == len(two["grad_norms"]) == 4, name
-        np.testing.assert_allclose(two["grad_norms"], one["grad_norms"], rtol=GRAD_NORM_RTOL, err_msg=name)
+        np.testing.assert_allclose(two["grad_norms"], one["grad_norms"], rtol=FP32_DATA_PARALLEL_GRAD_NORM_RTOL, err_msg=name)
         diff = np.abs(np.array(one["losses"]) - np.array(two["losses"])).max()
-        assert diff <= PARITY_ATOL, (name, one["losses"], two["losses"])
-        assert abs(one["eval_loss"] - two["eval_loss"]) <= PARITY_ATOL  # the same adapter at the end
+        assert diff <= FP32_DATA_PARALLEL_LOSS_ATOL, (name, one["losses"], two["losses"])
+        assert abs(one["eval_loss"] - two["eval_loss"]) <= FP32_DATA_PARALLEL_LOSS_ATOL  # the same adapter at the end
         assert one["fed_batches_fingerprint"] == two["fed_batches_fingerprint"]
 
 

@@ -19,6 +19,7 @@ from ftcore.inputs.batches import Batches
 from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.mlx.convert import convert_hf_to_mlx
 from ftcore.mlx.model import load_model
+from ftcore.tolerances import FP32_EVAL_LOSS_ATOL
 
 pytestmark = pytest.mark.parity
 
@@ -72,8 +73,8 @@ def test_eval_loss_is_token_weighted_over_uneven_batches(dirs) -> None:
     weighted = sum(s for s, _ in parts) / sum(n for _, n in parts)
     per_batch = np.mean([s / n for s, n in parts])
     assert abs(weighted - per_batch) > 1e-2  # the two definitions differ here by far more than 1e-5
-    assert torch_evaluate(tm, batches, torch.device("cpu")) == pytest.approx(weighted, abs=1e-5)
-    assert mlx_evaluate(mm, batches) == pytest.approx(weighted, abs=1e-5)
+    assert torch_evaluate(tm, batches, torch.device("cpu")) == pytest.approx(weighted, abs=FP32_EVAL_LOSS_ATOL)
+    assert mlx_evaluate(mm, batches) == pytest.approx(weighted, abs=FP32_EVAL_LOSS_ATOL)
 
 
 # ----------------------------------------------------------------------------- LoRA dropout

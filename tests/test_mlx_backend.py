@@ -23,6 +23,7 @@ from ftcore.mlx.lora import apply_lora, load_lora_state
 from ftcore.mlx.model import load_model
 from ftcore.run.backend_process import run_backend
 from ftcore.run.preflight import prepare
+from ftcore.tolerances import FP32_LOGITS_ATOL, FP32_LOSS_ATOL
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +100,7 @@ def test_peft_adapter_reproduces_mlx_logits(mlx_run, prep, tiny_model_dir):
     base = LlamaForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     theirs = torch_logits(peft_model, batch["input_ids"], batch["attention_mask"])
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, theirs, atol=FP32_LOGITS_ATOL, rtol=0)
 
 
 def test_conversion_cache_reused(mlx_run, prep, tmp_path):
@@ -150,7 +151,7 @@ def test_mlx_lm_reference_runs(mlx_run, prep, tiny_model_dir, tmp_path):
     ours_mask = batch["labels"][:, 1:] != -100
     assert theirs_mask.sum() == ours_mask.sum() + (ol[:, 1] < batch["input_ids"].shape[1]).sum()
     assert not (ours_mask & ~theirs_mask).any()
-    assert result.losses[0] == pytest.approx(ce[theirs_mask].mean(), abs=1e-5)
+    assert result.losses[0] == pytest.approx(ce[theirs_mask].mean(), abs=FP32_LOSS_ATOL)
 
     # mlx-lm reads back its own adapter folder; our model with the PEFT copy gives the same logits
     model, _ = mlx_lm_load_model(tiny_model_dir, model_config={"tie_word_embeddings": False})
@@ -160,7 +161,7 @@ def test_mlx_lm_reference_runs(mlx_run, prep, tiny_model_dir, tmp_path):
     theirs = np.array(model(mx.array(batch["input_ids"])))
     peft_state = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     ours = mlx_logits(prep, mlx_run[0], peft_to_mlx_adapter(peft_state), batch)
-    np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours[real], theirs[real], atol=FP32_LOGITS_ATOL, rtol=0)
 
 
 def test_mlx_compiles_once_per_distinct_width(tmp_path, write_alpaca):

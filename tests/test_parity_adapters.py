@@ -24,9 +24,9 @@ from parity_utils import (
     save_and_convert,
 )
 
-pytestmark = pytest.mark.parity
+from ftcore.tolerances import FP32_LOGITS_ATOL
 
-LOGITS_ATOL = 1e-4
+pytestmark = pytest.mark.parity
 
 
 def _peft_logits(pm, batch) -> np.ndarray:
@@ -55,4 +55,4 @@ def test_saved_peft_adapter_loads_into_mlx(case):
     ref, got = _peft_logits(pm, batch), _mlx_logits(model, batch)
     err = max_err_real(ref, got, batch["attention_mask"])
     note(f"max |logit| {np.abs(ref).max():.3g}, err {err:.3g}")
-    assert err < LOGITS_ATOL
+    assert err < FP32_LOGITS_ATOL

@@ -30,21 +30,25 @@ from parity_utils import (
     tinyllama_width_config,
 )
 
+from ftcore.tolerances import (
+    FP32_LOGITS_ERROR_FLOOR,
+    FP32_LOGITS_ERROR_RATIO,
+    FP32_LONG_LOGITS_ATOL,
+    LONG_LOGITS_FLAT_POSITIONS,
+)
+
 pytestmark = pytest.mark.parity
 
 # The fp32 logits contract (MLX vs transformers + peft), short batches: MLX's fp32 logits are as
 # accurate as transformers + peft's, both measured against the same PEFT model in float64 at every
-# real position: |mlx - ref64| <= FP32_ERROR_RATIO * max(|torch - ref64|, FP32_ERROR_FLOOR). An
-# absolute bound fails on ill-conditioned draws that are no bug (3 layers at init std 0.22, head_dim
-# 2, LoRA scale 32: torch's own fp32 error 1.3e-4, MLX's 3.1e-5, their difference 1.6e-4), while a
-# wrong operation in MLX moves its error by orders of magnitude. Measured on the stated cases
-# (parity_utils.TOLERANCE_EXAMPLES; test_tolerance_is_at_most_10x_the_measured makes it again):
-# worst ratio 2.77 (median 1.1), so 3.6x headroom; |mlx - torch| itself at most 1.4e-5 there.
-FP32_ERROR_RATIO = 10.0
-FP32_ERROR_FLOOR = 1e-6  # ~ fp32 rounding of O(10) logits: a case torch computes almost exactly
-# The long-sequence bound's base (long_logits_tol), measured on its own: 600 long cases, worst
-# err/bound 0.41.
-LONG_LOGITS_ATOL = 1e-4
+# real position: |mlx - ref64| <= FP32_LOGITS_ERROR_RATIO * max(|torch - ref64|,
+# FP32_LOGITS_ERROR_FLOOR) (ftcore/tolerances.py). An absolute bound fails on ill-conditioned draws
+# that are no bug (3 layers at init std 0.22, head_dim 2, LoRA scale 32: torch's own fp32 error
+# 1.3e-4, MLX's 3.1e-5, their difference 1.6e-4), while a wrong operation in MLX moves its error by
+# orders of magnitude. Measured on the stated cases (parity_utils.TOLERANCE_EXAMPLES;
+# test_tolerance_is_at_most_10x_the_measured makes it again): worst ratio 2.77 (median 1.1), so
+# 3.6x headroom; |mlx - torch| itself at most 1.4e-5 there. The long-sequence bound
+# (long_logits_tol) was measured on its own: 600 long cases, worst err/bound 0.41.
 
 
 def _logits_pair(cfg, lora, batch, seed, attn="sdpa", fp64=False):
@@ -82,11 +86,11 @@ def _float64_logits(pm, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _error_ratio(ref, got, ref64, mask) -> tuple[float, str]:
-    """(|mlx - ref64| / max(|torch - ref64|, FP32_ERROR_FLOOR), why) over real positions."""
+    """(|mlx - ref64| / max(|torch - ref64|, FP32_LOGITS_ERROR_FLOOR), why) over real positions."""
     e_torch, e_mlx = max_err_real(ref, ref64, mask), max_err_real(got, ref64, mask)
     why = (f"max |logit| {np.abs(ref).max():.3g}; vs float64: torch {e_torch:.3g}, mlx {e_mlx:.3g}; "
            f"|mlx - torch| {max_err_real(ref, got, mask):.3g}")  # fmt: skip
-    return e_mlx / max(e_torch, FP32_ERROR_FLOOR), why
+    return e_mlx / max(e_torch, FP32_LOGITS_ERROR_FLOOR), why
 
 
 @given(case=model_cases(), attn=st.sampled_from(["sdpa", "eager"]))
@@ -97,7 +101,7 @@ def test_model_logits_match_peft(case, attn):
     ratio, why = _error_ratio(ref, got, ref64, mask)
     note(f"{why}; LoRA moved logits by {max_err_real(ref, no_lora, mask):.3g}")
     assert np.isfinite(got).all()
-    assert ratio <= FP32_ERROR_RATIO, why
+    assert ratio <= FP32_LOGITS_ERROR_RATIO, why
 
 
 def _short_ratio(case) -> float:
@@ -107,20 +111,21 @@ def _short_ratio(case) -> float:
 
 
 def test_tolerance_is_at_most_10x_the_measured():
-    """The measurement recorded beside FP32_ERROR_RATIO, made again on the stated cases
-    (parity_utils.TOLERANCE_EXAMPLES): within it, and FP32_ERROR_RATIO at most 10x it."""
+    """The measurement recorded beside FP32_LOGITS_ERROR_RATIO, made again on the stated cases
+    (parity_utils.TOLERANCE_EXAMPLES): within it, and FP32_LOGITS_ERROR_RATIO at most 10x it."""
     worst = max(measured_on_stated_cases(model_cases(), _short_ratio))
     print(f"stated cases: worst MLX / torch error against float64 {worst:.3g}")
-    assert worst < FP32_ERROR_RATIO <= 10 * worst, worst
+    assert worst < FP32_LOGITS_ERROR_RATIO <= 10 * worst, worst
 
 
 def long_logits_tol(length: int) -> np.ndarray:
-    """Per-position bound (L,): the 1e-4 contract up to position 32, then growing linearly. fp32
+    """Per-position bound (L,): FP32_LONG_LOGITS_ATOL up to position LONG_LOGITS_FLAT_POSITIONS,
+    then growing linearly. fp32
     RoPE angles p * theta^(-2i/d) carry an absolute error ~p * 6e-8 rad, rounded differently in
     each framework (each equally far from float64: 6e-5 at p = 512, theta 60), so the rotated
     q/k and the scores drift apart with p. Measured over 600 long cases: worst err/bound 0.41
     (max err 3.1e-4 at p ~ 430; 4.1e-5 below p = 64)."""
-    return LONG_LOGITS_ATOL * np.maximum(1.0, np.arange(length) / 32)
+    return FP32_LONG_LOGITS_ATOL * np.maximum(1.0, np.arange(length) / LONG_LOGITS_FLAT_POSITIONS)
 
 
 def _check_long(case):
@@ -170,4 +175,4 @@ def test_tinyllama_width_one_layer():
     ratio, why = _error_ratio(ref, got, ref64, mask)
     effect = max_err_real(ref, no_lora, mask)
     assert effect > 1e-2, f"{why}; LoRA effect {effect:.3g}"  # the adapter really acts
-    assert ratio <= FP32_ERROR_RATIO, why
+    assert ratio <= FP32_LOGITS_ERROR_RATIO, why

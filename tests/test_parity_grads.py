@@ -42,11 +42,12 @@ from parity_utils import (
 from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.lora_targets import LORA_TARGETS
 from ftcore.mlx.loss import to_mx
+from ftcore.tolerances import FP32_GRAD_ABS, FP32_GRAD_GTOL, FP32_GRAD_RTOL, FP32_LOSS_ATOL
 
 pytestmark = pytest.mark.parity
 
 # Tolerances (fp32). Per LoRA tensor k, with g_all = all LoRA gradients together:
-#   ||g_mlx_k - g_torch_k|| <= GRAD_RTOL * ||g_torch_k|| + GRAD_GTOL * ||g_all|| + GRAD_ABS * sqrt(numel_k)
+#   ||g_mlx_k - g_torch_k|| <= FP32_GRAD_RTOL * ||g_torch_k|| + FP32_GRAD_GTOL * ||g_all|| + FP32_GRAD_ABS * sqrt(numel_k)
 # - relative to the tensor's own norm: a wrong scale / normalisation / RoPE moves every gradient by
 #   O(1) relative, so 1e-3 is still a tight test of the function computed;
 # - relative to the global gradient norm: rounding in backprop scales with the signals flowing
@@ -61,12 +62,8 @@ pytestmark = pytest.mark.parity
 # Earlier, over 500 random cases (large-init configs, up to 3 layers): worst per-tensor relative
 # error 4.2e-4 (peaked attention at init std 0.3; typical 1e-6), 0.6 of this budget; over 42 long
 # cases 0.37, at TinyLlama width 0.2.
-GRAD_RTOL = 3e-5
-GRAD_GTOL = 3e-6
-GRAD_ABS = 3e-9
 # Mean loss (values up to ~10): worst |diff| 1.9e-6 on the stated cases (5.2x below), 4.8e-6 over
-# the 500 random ones.
-LOSS_ATOL = 1e-5
+# the 500 random ones. The constants: ftcore/tolerances.py.
 
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])\.default\.weight$")
 
@@ -113,9 +110,9 @@ def _errors(case) -> tuple[float, float, str]:
         (
             float(np.linalg.norm(g_mlx[k] - g_torch[k]))
             / max(
-                GRAD_RTOL * float(np.linalg.norm(g_torch[k]))
-                + GRAD_GTOL * total
-                + GRAD_ABS * np.sqrt(g_torch[k].size),
+                FP32_GRAD_RTOL * float(np.linalg.norm(g_torch[k]))
+                + FP32_GRAD_GTOL * total
+                + FP32_GRAD_ABS * np.sqrt(g_torch[k].size),
                 1e-30,
             ),
             k,
@@ -131,18 +128,18 @@ def _errors(case) -> tuple[float, float, str]:
 
 def _check(case):
     loss_diff, err_over_budget, why = _errors(case)
-    assert loss_diff < LOSS_ATOL, why
+    assert loss_diff < FP32_LOSS_ATOL, why
     assert err_over_budget <= 1.0, why
 
 
 def test_tolerances_are_at_most_10x_the_measured():
-    """The measurement recorded beside GRAD_* and LOSS_ATOL, made again on the stated cases
+    """The measurement recorded beside FP32_GRAD_* and FP32_LOSS_ATOL, made again on the stated cases
     (parity_utils.TOLERANCE_EXAMPLES), masked and unmasked prompts alike: within the tolerance,
     and the tolerance at most 10x it."""
     measured = measured_on_stated_cases(cases(mask_prompt=None), _errors)
     loss, ratio = max(m[0] for m in measured), max(m[1] for m in measured)
     print(f"stated cases: worst loss diff {loss:.3g}, worst gradient err/budget {ratio:.3g}")
-    assert loss < LOSS_ATOL <= 10 * loss, loss
+    assert loss < FP32_LOSS_ATOL <= 10 * loss, loss
     assert 0.1 <= ratio <= 1.0, ratio  # the budget is at most 10x the worst error
 
 

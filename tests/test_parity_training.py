@@ -22,6 +22,18 @@ import numpy as np
 import pytest
 from parity_utils import backend_runs, initial_peft_adapter, read_adapter, rel_norm_err
 
+from ftcore.tolerances import (
+    BF16_ADAPTER_RTOL,
+    BF16_EVAL_LOSS_ATOL,
+    BF16_GLOBAL_RTOL,
+    BF16_MIN_COSINE,
+    BF16_STEP_LOSS_ATOL,
+    BF16_VS_FP32_ATOL,
+    FP32_ADAPTER_RTOL,
+    FP32_STEP_LOSS_ATOL,
+    LR_RTOL,
+)
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # child processes: the real backends
 
 # fp32. Measured (2-core EPYC), 128 tokens: per-step loss diff <= 1.9e-6, eval diff <= 1.3e-6,
@@ -33,8 +45,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # child processes: the
 # Measured over the seven fp32 runs below (FP32_RUNS; seeds as in parity_utils.TRAJECTORIES, 2
 # threads, 2-core EPYC; test_tolerances_are_at_most_10x_the_measured makes it again): per-step or
 # eval loss diff <= 6.2e-6, adapter tensor rel err (or relative to the update) <= 4.3e-4.
-FP32_LOSS_ATOL = 4e-5  # per-step and eval, torch vs MLX: 6.5x the 6.2e-6 measured
-FP32_ADAPTER_RTOL = 3e-3  # 2x the 1.47e-3 measured on a Zen 2 EPYC (no AVX-512; 4.3e-4 on an AVX-512 one); a skipped clipping gives 6.7e-3
+# FP32_STEP_LOSS_ATOL: 6.5x the 6.2e-6 measured; FP32_ADAPTER_RTOL: 2x the 1.47e-3 measured on a
+# Zen 2 EPYC (no AVX-512; 4.3e-4 on an AVX-512 one); a skipped clipping gives 6.7e-3.
 # bf16 (frozen base in bf16, LoRA + AdamW in fp32 in both). The frameworks round bf16 matmuls,
 # RMSNorm and RoPE in different orders, so this is agreement, not identity. Each bound is 1.3-3.4x
 # its measured value (128 tokens, 2 threads; made again by the test below): per-step loss diff
@@ -43,12 +55,6 @@ FP32_ADAPTER_RTOL = 3e-3  # 2x the 1.47e-3 measured on a Zen 2 EPYC (no AVX-512;
 # backend 1.9e-3.
 # LoRA matmuls in bf16 in MLX do not show here (loss diff 1.1e-3, global 0.032): the bf16 base's
 # rounding hides them; test_parity_lora_layer.py's bf16 property catches them.
-BF16_LOSS_ATOL = 4e-3
-BF16_EVAL_ATOL = 2.2e-3
-BF16_ADAPTER_RTOL = 0.13
-BF16_GLOBAL_RTOL = 0.065
-BF16_MIN_COSINE = 0.993
-BF16_VS_FP32_ATOL = 3e-3
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +86,9 @@ def _ok(r):
     assert r["torch"].initial_adapter_fingerprint == r["mlx"].initial_adapter_fingerprint
     torch_opt, mlx_opt = dict(r["torch"].optimizer), dict(r["mlx"].optimizer)
     # the LR each step used, read back from each optimizer (MLX holds it as a float32)
-    np.testing.assert_allclose(torch_opt.pop("lr_per_step"), mlx_opt.pop("lr_per_step"), rtol=1e-6)
+    np.testing.assert_allclose(torch_opt.pop("lr_per_step"), mlx_opt.pop("lr_per_step"), rtol=LR_RTOL)
     # the decay each optimizer applies to each adapter tensor (one param group decaying lora_B only
-    # moves the losses barely past FP32_LOSS_ATOL)
+    # moves the losses barely past FP32_STEP_LOSS_ATOL)
     decay = {b: opt.pop("weight_decay_per_tensor") for b, opt in (("torch", torch_opt), ("mlx", mlx_opt))}
     off = sorted((k, decay["torch"].get(k), decay["mlx"].get(k)) for k in decay["torch"].keys() | decay["mlx"].keys()
                  if decay["torch"].get(k) != decay["mlx"].get(k))  # fmt: skip
@@ -135,7 +141,7 @@ def test_fp32_losses_and_adapters_match(runs, name):
     assert lt[-1] < lt[0]  # it trained
     # The weights first: a defect in the update (e.g. weight decay on lora_B only in one backend)
     # moves them 3.6x past FP32_ADAPTER_RTOL (0.011) while it moves the losses barely past
-    # FP32_LOSS_ATOL (4.6e-5).
+    # FP32_STEP_LOSS_ATOL (4.6e-5).
     tensor, update, glob, _ = _adapter_errors(r)
     worst_t, worst_u = max(tensor, key=tensor.get), max(update, key=update.get)
     assert tensor[worst_t] < FP32_ADAPTER_RTOL, (
@@ -145,8 +151,8 @@ def test_fp32_losses_and_adapters_match(runs, name):
         f"{worst_u}: relative to its update {update[worst_u]:.3g}"
     )
     assert glob < FP32_ADAPTER_RTOL, f"global update rel err {glob:.3g}"
-    assert diff.max() < FP32_LOSS_ATOL, f"per-step |torch - mlx| = {diff.tolist()}"
-    assert eval_diff.max() < FP32_LOSS_ATOL, f"eval |torch - mlx| = {eval_diff.tolist()}"
+    assert diff.max() < FP32_STEP_LOSS_ATOL, f"per-step |torch - mlx| = {diff.tolist()}"
+    assert eval_diff.max() < FP32_STEP_LOSS_ATOL, f"eval |torch - mlx| = {eval_diff.tolist()}"
 
 
 def test_longest_runs_fed_narrower_batches(runs):
@@ -185,8 +191,8 @@ def test_bf16_losses_and_adapters_agree(runs):
     )
     assert glob < BF16_GLOBAL_RTOL, f"global update rel err {glob:.3g}"
     assert min(cos.values()) > BF16_MIN_COSINE, f"worst cosine {min(cos.values()):.5f}"
-    assert diff.max() < BF16_LOSS_ATOL, f"per-step |torch - mlx| = {diff.tolist()}"
-    assert eval_diff.max() < BF16_EVAL_ATOL, f"eval |torch - mlx| = {eval_diff.tolist()}"
+    assert diff.max() < BF16_STEP_LOSS_ATOL, f"per-step |torch - mlx| = {diff.tolist()}"
+    assert eval_diff.max() < BF16_EVAL_LOSS_ATOL, f"eval |torch - mlx| = {eval_diff.tolist()}"
     # bf16 stays close to the fp32 run of the same backend (a bf16-only drift would show).
     for b in ("torch", "mlx"):
         drift = np.abs(np.array(r[b].losses) - np.array(runs["fp32"][b].losses)).max()
@@ -205,10 +211,10 @@ def test_tolerances_are_at_most_10x_the_measured(runs):
     b_drift = max(np.abs(np.array(runs["bf16"][b].losses) - np.array(runs["fp32"][b].losses)).max()
                   for b in ("torch", "mlx"))  # fmt: skip
     measured = {  # name: (worst measured, tolerance)
-        "FP32_LOSS_ATOL": (loss, FP32_LOSS_ATOL),
+        "FP32_STEP_LOSS_ATOL": (loss, FP32_STEP_LOSS_ATOL),
         "FP32_ADAPTER_RTOL": (adapter, FP32_ADAPTER_RTOL),
-        "BF16_LOSS_ATOL": (b_diff.max(), BF16_LOSS_ATOL),
-        "BF16_EVAL_ATOL": (b_eval.max(), BF16_EVAL_ATOL),
+        "BF16_STEP_LOSS_ATOL": (b_diff.max(), BF16_STEP_LOSS_ATOL),
+        "BF16_EVAL_LOSS_ATOL": (b_eval.max(), BF16_EVAL_LOSS_ATOL),
         "BF16_ADAPTER_RTOL": (max(b_tensor.values()), BF16_ADAPTER_RTOL),
         "BF16_GLOBAL_RTOL": (b_glob, BF16_GLOBAL_RTOL),
         "1 - BF16_MIN_COSINE": (1 - min(b_cos.values()), 1 - BF16_MIN_COSINE),

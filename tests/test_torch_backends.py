@@ -19,6 +19,7 @@ from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
 from ftcore.measure.flops import lora_param_count
 from ftcore.run.backend_process import run_backend
 from ftcore.run.preflight import prepare
+from ftcore.tolerances import FP32_LOGITS_ATOL, REFERENCE_LOSS_ATOL
 
 pytestmark = pytest.mark.integration
 
@@ -64,8 +65,8 @@ def test_hf_trainer_matches_the_plain_loop(runs):
     t, h = all_runs["torch"][0], all_runs["hf-trainer"][0]
     assert h.status == "ok", h.error
     diff = np.abs(np.array(t.losses) - np.array(h.losses)).max()
-    assert diff < 1e-4, diff
-    assert abs(t.eval_loss - h.eval_loss) < 1e-4
+    assert diff < REFERENCE_LOSS_ATOL, diff
+    assert abs(t.eval_loss - h.eval_loss) < REFERENCE_LOSS_ATOL
     assert h.extra["trainer_overhead_s"] >= 0 and "trainer_init_s" in h.extra
 
 
@@ -85,8 +86,8 @@ def test_hf_trainer_matches_the_plain_loop_in_every_batching(tmp_path, batching)
     t, h = (BACKENDS[b].train(prep.cfg, prep.model_dir, prep.batches, tmp_path / b) for b in ("torch", "hf-trainer"))
     assert t.status == h.status == "ok", (t.error, h.error)
     assert t.fed_batches_fingerprint == h.fed_batches_fingerprint
-    np.testing.assert_allclose(h.losses, t.losses, rtol=0, atol=1e-4)
-    assert abs(t.eval_loss - h.eval_loss) < 1e-4
+    np.testing.assert_allclose(h.losses, t.losses, rtol=0, atol=REFERENCE_LOSS_ATOL)
+    assert abs(t.eval_loss - h.eval_loss) < REFERENCE_LOSS_ATOL
 
 
 @pytest.mark.parametrize("backend", ["torch", "hf-trainer"])
@@ -107,7 +108,7 @@ def test_saved_adapter_reproduces_trained_logits(runs, backend):
             attention_mask=torch.from_numpy(b["attention_mask"]),
         ).logits[0, :PROBE_POSITIONS]
     trained = np.load(out / PROBE_FILE)
-    np.testing.assert_allclose(logits.numpy(), trained, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits.numpy(), trained, atol=FP32_LOGITS_ATOL, rtol=0)
     # and the adapter really moved: the base model alone gives other logits
     with torch.no_grad(), model.disable_adapter():
         plain = model(input_ids=torch.from_numpy(b["input_ids"])).logits[0, :PROBE_POSITIONS]

@@ -23,10 +23,9 @@ from parity_utils import backend_runs, peft_dir_into_mlx
 from ftcore.mlx.convert import convert_hf_to_mlx
 from ftcore.mlx.lora import apply_lora, load_lora_state
 from ftcore.mlx.model import load_model
+from ftcore.tolerances import FP32_LOGITS_ATOL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-LOGITS_ATOL = 1e-4
 
 
 def _peft_logits(pm, batch) -> np.ndarray:
@@ -89,7 +88,7 @@ def test_torch_trained_adapter_loads_into_mlx(fp32_runs, probe_batches, base_mod
         assert (
             max_err_real(ref, _mlx_logits(base, batch), mask) > 0.1
         )  # the adapter acts (measured ~2)
-        assert max_err_real(ref, got, mask) < LOGITS_ATOL
+        assert max_err_real(ref, got, mask) < FP32_LOGITS_ATOL
 
 
 def test_mlx_trained_adapter_loads_into_peft(fp32_runs, probe_batches, base_models):
@@ -131,4 +130,4 @@ def test_mlx_trained_adapter_loads_into_peft(fp32_runs, probe_batches, base_mode
         assert (
             max_err_real(got, _mlx_logits(base, batch), mask) > 0.1
         )  # the adapter acts (measured ~2)
-        assert max_err_real(ref, got, mask) < LOGITS_ATOL
+        assert max_err_real(ref, got, mask) < FP32_LOGITS_ATOL

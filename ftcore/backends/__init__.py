@@ -92,7 +92,8 @@ class BackendSpec:
     # run in the parent before any backend starts (ftcore.run.preflight); raises UserError
     check: Callable[[RunConfig, Path], None] | None = None
     # True: computes the loss contract with AdamW as REFERENCE_BACKEND does, so its fp32
-    # per-step losses must equal the reference's within 1e-4 (checked by tests and bench)
+    # per-step losses must equal the reference's within ftcore.tolerances.REFERENCE_LOSS_ATOL
+    # (checked by tests and bench)
     same_numerics: bool = True
     # True: its loop owns the steps, so it evaluates every --eval-every steps, stops at
     # --target-eval-loss and measures greedy exact-match accuracy (backends.eval_schedule)

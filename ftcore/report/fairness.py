@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from ftcore.report.values import backend_name, ok_rows, same, short
+from ftcore.tolerances import LR_RTOL
 
 # Config keys that may legitimately differ between backends (not part of the experiment); the
 # process count is what a scaling comparison varies (threads are compared in all: `threads`).
@@ -53,7 +54,7 @@ def lr_schedule_key(r: dict[str, Any]) -> Any:
         return None
     want = [scheduled_lr(cfg, s) for s in range(len(lrs))]
     return [[s, a, w] for s, (a, w) in enumerate(zip(lrs, want, strict=True))
-            if not math.isclose(a, w, rel_tol=1e-6, abs_tol=1e-12)][:3]
+            if not math.isclose(a, w, rel_tol=LR_RTOL, abs_tol=1e-12)][:3]
 
 
 # ----------------------------------------------------------------------------- fairness
