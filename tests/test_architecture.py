@@ -1,9 +1,10 @@
 """The shape of the package, checked from its source: no import cycles (imports inside functions
 included), imports only downward (FLOORS), no backend named outside ftcore/backends/, the batching
 mode asked of Batches.mode (never guessed from the arrays nor compared as a string), no module
-over 300 lines, no function with more than 6 parameters, no two modules of one file name (but the
-ftcore/torch/ <-> ftcore/mlx/ mirror), nothing that cites a document outside the repository, and
-every parity tolerance in ftcore/tolerances.py (none defined in a test or bench file; each one used)."""
+over 300 lines, no function with more than 6 parameters or over 60 lines, no two modules of one
+file name (but the ftcore/torch/ <-> ftcore/mlx/ mirror), nothing that cites a document outside
+the repository, and every parity tolerance in ftcore/tolerances.py (none defined in a test or bench
+file; each one used)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "ftcore"
 MAX_LINES = 300
 MAX_PARAMS = 6  # self / cls not counted; *args and **kwargs count one each
+MAX_FUNCTION_LINES = 60  # in ftcore/backends/: the shared loop (backends.loop) holds the long part
 # the one deliberate mirror: a module in each of these folders with one name does one job per framework
 MIRROR = ("torch", "mlx")
 
@@ -310,6 +312,35 @@ def test_parameter_check_sees_a_wide_function(tmp_path: Path) -> None:
         "    def wide(self, a, b, c, d, e, f, g):\n        pass\n"
     )
     assert wide_functions(pkg) == {"ftcore/a.py:3 seven": 7, "ftcore/a.py:5 star": 7, "ftcore/a.py:10 wide": 7}
+
+
+def long_functions(folder: Path = PACKAGE / "backends", limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    """Functions and methods of the modules in `folder` over `limit` lines, decorators and
+    docstring included: {"path:line name": lines}."""
+    out = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if (lines := node.end_lineno - first + 1) > limit:
+                    out[f"{path.relative_to(folder.parent)}:{node.lineno} {node.name}"] = lines
+    return out
+
+
+def test_no_function_is_over_60_lines() -> None:
+    """Anywhere in the package: a backend writes its Recipe (ftcore.backends.loop), not a loop of
+    its own, and a long function is parts with names."""
+    assert long_functions(PACKAGE) == {}
+
+
+def test_function_length_check_sees_a_long_function(tmp_path: Path) -> None:
+    folder = tmp_path / "backends"
+    folder.mkdir()
+    (folder / "b.py").write_text(  # 60 lines, then 61 with its decorator
+        "def ok():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1)
+        + "class R:\n    @staticmethod\n    def long():\n" + "        x = 1\n" * (MAX_FUNCTION_LINES - 1)
+    )
+    assert long_functions(folder) == {"backends/b.py:63 long": MAX_FUNCTION_LINES + 1}
 
 
 def repeated_module_names(package: Path = PACKAGE) -> dict[str, list[str]]:

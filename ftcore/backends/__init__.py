@@ -1,16 +1,16 @@
 """The backends: one BackendSpec each, in BACKENDS. Everything outside this package (runner, CLI,
 report, bench) reads a backend's facts from its spec and never compares backend names.
 
-Adding a backend: write `ftcore/backends/<backend name>.py` with
+Adding a backend: write `ftcore/backends/<backend name>.py` with its Recipe (backends.loop) and
 
-    train(run: Run) -> RunResult     # run: backends.run_context.Run (cfg, batches, out_dir, ...)
+    train(run: Run) -> RunResult     # train_with(run, MyRecipe(run)); run: backends.run_context.Run
 
 and add one BackendSpec to BACKENDS. `train` runs inside a fresh process (ftcore.run.child) with
-`child_env`'s environment: it loads the checkpoint, trains `cfg.steps` steps on `run.batches`
-starting from `ftcore.inputs.lora_init.initial_lora_state`, evaluates (backends.eval_schedule),
-times each step (backends.step_clock), saves the adapter under run.out_dir/adapter and returns
-the measured figures (backends.result_fields: `start_result` / `finish_result` fill the shared
-ones). Whatever it wants the report to say goes in `result.note(...)`.
+`child_env`'s environment. backends.loop.train_with owns the run's order and the per-step sequence
+(batches, shards, LR, step clock, evals, target stop, rank 0's end, the shared result figures);
+the recipe loads the checkpoint (LoRA from `ftcore.inputs.lora_init.initial_lora_state`), makes
+one optimizer step, and saves the adapter under run.out_dir/adapter. Whatever it wants the
+report to say goes in `result.note(...)`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ class EvalSchedule:
     zero, so this is the base model), eval loss every cfg.eval_every steps, both again after the
     last step; and the stop at --target-eval-loss. Fills run.result.
 
+        # as backends.loop.train_with runs it:
         evals = EvalSchedule(run, evaluate, generate)   # evaluate() -> loss,
         evals.before()                                  # generate(prompt, n, eos) -> ids
         for step ...: <step>; if evals.after_step(step, clock.times): break

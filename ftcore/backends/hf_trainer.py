@@ -12,10 +12,12 @@ import time
 
 import torch
 
+from ftcore.backends.eval_schedule import EvalSchedule
+from ftcore.backends.loop import Recipe, train_with
 from ftcore.backends.result_fields import optimizer_record
 from ftcore.backends.run_context import Run
 from ftcore.backends.step_clock import StepClock
-from ftcore.backends.torch_common import eval_schedule, start, wrap_up
+from ftcore.backends.torch_common import eval_schedule, save_torch, start
 from ftcore.inputs.batches import Batches
 from ftcore.result import RunResult
 from ftcore.torch.loss import loss_sum_count
@@ -43,78 +45,86 @@ class Rows(torch.utils.data.Dataset):
         return {k: v[i, :width] for k, v in self.arrays.items()}
 
 
+class TrainerRecipe(Recipe):
+    """The Trainer runs the steps (`steps`); its callbacks time them on the shared clock."""
+
+    def setup(self) -> EvalSchedule:
+        self.model, self.device = start(self.run)
+        return eval_schedule(self.run, self.model, self.device)
+
+    def steps(self, clock: StepClock, evals: EvalSchedule | None) -> None:
+        from transformers import Trainer, TrainerCallback
+
+        cfg, result, packed, device = self.run.cfg, self.run.result, self.run.batches.packed, self.device
+        losses: list[float] = []
+
+        class LossTrainer(Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                clock.feed(inputs["input_ids"].cpu().numpy())
+                loss_sum, count = loss_sum_count(model, inputs, packed)
+                loss = loss_sum / count.clamp(min=1)
+                losses.append(loss.item())
+                return loss
+
+        class StepTimes(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                clock.begin(state.global_step)
+                clock.lr(opt.param_groups[0]["lr"])  # set by the scheduler for this step
+
+            def on_step_end(self, args, state, control, **kwargs):
+                sync(device)
+                clock.end(state.global_step - 1, losses[-1])
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = make_optimizer(cfg, params)
+        result.optimizer = optimizer_record(settings(opt, self.model), cfg.max_grad_norm)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_at(s) / cfg.lr)
+        args = self.arguments()
+        t_init = time.perf_counter()
+        trainer = LossTrainer(model=self.model, args=args, train_dataset=Rows(self.run.batches),
+                              optimizers=(opt, sched), callbacks=[StepTimes()])  # fmt: skip
+        trainer_init_s = time.perf_counter() - t_init
+        t_train = time.perf_counter()
+        trainer.train()
+        train_call_s = time.perf_counter() - t_train
+        result.extra.update(
+            # the Trainer's own cost next to the plain loop: set-up, and train() time outside the steps
+            trainer_init_s=trainer_init_s,
+            trainer_train_call_s=train_call_s,
+            trainer_overhead_s=train_call_s - sum(clock.times),
+        )
+        if cfg.eval_every:
+            result.note("--eval-every ignored: hf-trainer evaluates before and after training only")
+
+    def arguments(self):
+        """TrainingArguments that make the Trainer's steps ours: batch, order, LR, clipping."""
+        from transformers import TrainingArguments
+
+        cfg = self.run.cfg
+        return TrainingArguments(
+            output_dir=str(self.run.out_dir / "trainer"),
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=cfg.steps,
+            learning_rate=cfg.lr,
+            max_grad_norm=cfg.max_grad_norm or 0.0,  # 0 disables the Trainer's default clipping at 1.0
+            train_sampling_strategy="sequential",  # our batch order, not a shuffle of its own
+            dataloader_drop_last=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            remove_unused_columns=False,
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=self.device.type == "cpu",
+            seed=cfg.seed,
+        )
+
+    def finish(self) -> None:
+        save_torch(self.run, self.model, self.device)
+
+
 def train(run: Run) -> RunResult:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    cfg, batches = run.cfg, run.batches
-    model, device = start(run)
-    result = run.result
-    evals = eval_schedule(run, model, device)
-    evals.before()
-
-    clock = StepClock(run)
-
-    class LossTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            clock.feed(inputs["input_ids"].cpu().numpy())
-            loss_sum, count = loss_sum_count(model, inputs, batches.packed)
-            loss = loss_sum / count.clamp(min=1)
-            result.losses.append(loss.item())
-            return loss
-
-    class StepTimes(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            clock.begin(state.global_step)
-            clock.lr(opt.param_groups[0]["lr"])  # set by the scheduler for this step
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync(device)
-            clock.end(state.global_step - 1, result.losses[-1])
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, params)
-    result.optimizer = optimizer_record(settings(opt, model), cfg.max_grad_norm)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_at(s) / cfg.lr)
-    args = TrainingArguments(
-        output_dir=str(run.out_dir / "trainer"),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=1,
-        max_steps=cfg.steps,
-        learning_rate=cfg.lr,
-        max_grad_norm=cfg.max_grad_norm or 0.0,  # 0 disables the Trainer's default clipping at 1.0
-        train_sampling_strategy="sequential",  # our batch order, not a shuffle of its own
-        dataloader_drop_last=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        remove_unused_columns=False,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=device.type == "cpu",
-        seed=cfg.seed,
-    )
-    t_init = time.perf_counter()
-    trainer = LossTrainer(
-        model=model,
-        args=args,
-        train_dataset=Rows(batches),
-        optimizers=(opt, sched),
-        callbacks=[StepTimes()],
-    )
-    trainer_init_s = time.perf_counter() - t_init
-    t_train = time.perf_counter()
-    trainer.train()
-    train_call_s = time.perf_counter() - t_train
-    clock.stop()
-
-    result.extra.update(
-        # the Trainer's own cost next to the plain loop: set-up, and train() time outside the steps
-        trainer_init_s=trainer_init_s,
-        trainer_train_call_s=train_call_s,
-        trainer_overhead_s=train_call_s - sum(clock.times),
-    )
-    if cfg.eval_every:
-        result.note("--eval-every ignored: hf-trainer evaluates before and after training only")
-    return wrap_up(run, model, device, clock.times, evals)
+    return train_with(run, TrainerRecipe(run))

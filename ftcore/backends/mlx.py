@@ -1,5 +1,6 @@
-"""`mlx` backend: ftcore's MLX Llama (`ftcore.mlx`) with LoRALinear, trained step for step like the
-torch backend (same loss, LR per step, AdamW with bias correction, clipping, eval, adapter).
+"""`mlx` backend: ftcore's MLX Llama (`ftcore.mlx`) with LoRALinear, trained by the shared loop
+(backends.loop) step for step like the torch backend (same loss, LR per step, AdamW with bias
+correction, clipping, eval, adapter).
 
 No torch or transformers import: this process's RSS is MLX's alone.
 Precision: fp32 converts every weight to fp32. bf16 converts the frozen base weights to bf16 and
@@ -21,8 +22,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ftcore.backends.eval_schedule import EvalSchedule
+from ftcore.backends.loop import Recipe, train_with
 from ftcore.backends.result_fields import (
-    finish_result,
     optimizer_record,
     probe_batch,
     record_ranks,
@@ -30,11 +31,9 @@ from ftcore.backends.result_fields import (
     start_result,
 )
 from ftcore.backends.run_context import Run
-from ftcore.backends.step_clock import StepClock
 from ftcore.config import RunConfig
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
-from ftcore.inputs.loss_contract import target_count
 from ftcore.measure.blas import blas_threads, set_blas_threads
 from ftcore.measure.rss import current_rss_mb
 from ftcore.mlx import dist, jit
@@ -47,7 +46,7 @@ from ftcore.mlx.model import Model, load_model
 from ftcore.mlx.optim import make_optimizer, settings
 from ftcore.mlx.runtime import blas_facts, convert, pick_device
 from ftcore.mlx.streams import cpu_streams, loss_and_grads, plan_streams
-from ftcore.process.ranks import rank_threads, shard
+from ftcore.process.ranks import rank_threads
 from ftcore.result import RunResult
 
 # Compile the whole train step (forward, backward, clipping, AdamW) into one graph: element-wise
@@ -83,141 +82,150 @@ def load(cfg: RunConfig, model_dir: Path, result: RunResult) -> Model:
     return model
 
 
+class MlxRecipe(Recipe):
+    def setup(self) -> EvalSchedule:
+        run, cfg = self.run, self.run.cfg
+        self.device = device = pick_device(cfg.device)  # before anything slow: a bad --device fails at once
+        mx.set_default_device(device)
+        mx.random.seed(cfg.seed)  # LoRA dropout masks
+        result = start_result(run)
+        if run.ranks:
+            cfg = run.cfg = cfg.replace(threads=rank_threads(cfg))  # this rank's threads, for streams and BLAS
+            self.group = dist.init(device, run.ranks.world)
+        blas_facts(result, cfg)
+
+        self.model = model = load(cfg, run.model_dir, result)
+        result.baseline_rss_mb = current_rss_mb()
+        result.initial_adapter_fingerprint = state_fingerprint(
+            {k: np.array(v) for k, v in lora_state(model).items()}
+        )
+        mx.reset_peak_memory()
+        # before any stream sets the BLAS to one thread (ready())
+        return EvalSchedule(run, lambda: evaluate(model, run.batches),
+                            lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
+
+    def ready(self) -> None:
+        """Row streams, AdamW, and the compiled step."""
+        run, cfg, result, device, model = self.run, self.run.cfg, self.run.result, self.device, self.model
+        # One stream per thread, each with a 1-thread BLAS (where its threads can be set: otherwise
+        # streams x BLAS threads would oversubscribe the cores).
+        rows = cfg.batch_size // run.ranks.world if run.ranks else cfg.batch_size
+        self.n_streams = n_streams = plan_streams(device, result.threads, rows)
+        if n_streams > 1 and not set_blas_threads(1):
+            self.n_streams = n_streams = 1
+        streams = cpu_streams(n_streams) if device == mx.cpu else (mx.default_stream(device),)
+        result.extra["cpu_streams"] = n_streams
+
+        self.opt = opt = make_optimizer(cfg)
+        opt.init(model.trainable_parameters())
+        trainable = tree_flatten(model.trainable_parameters())  # what opt.update updates
+        result.optimizer = optimizer_record(settings(opt, [k for k, _ in trainable]), cfg.max_grad_norm)
+        result.trainable_params = sum(v.size for _, v in trainable)
+        # threads really at work in a step: one per stream, times the BLAS threads each one calls
+        result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
+        record_ranks(run)
+
+        result.extra["compiled_traces"] = 0  # counted by the one-process step's traces
+        # The LR lives in opt.state, so setting it per step feeds the compiled graph a new input.
+        self.state = state = [model.state, opt.state, mx.random.state]
+        if run.ranks:  # two compiled halves with the all_sum between them
+            self.grads_part = compile_grads(model, run.batches.packed, streams, state)
+            self.apply_part = compile_apply(model, opt, cfg, state)
+        else:
+            self.whole = self.compile_step(streams)
+        model.train()
+        self.kernels_before = jit.built_kernels()
+
+    def compile_step(self, streams: tuple):
+        """batch -> (loss, norm before clipping): forward, backward, clipping, AdamW in one graph."""
+        model, opt, cfg, result = self.model, self.opt, self.run.cfg, self.run.result
+        packed = self.run.batches.packed
+
+        def step_fn(batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
+            # Python runs here only while mx.compile traces: once per new input shape (width)
+            result.extra["compiled_traces"] += 1
+            loss, grads = loss_and_grads(model, batch, packed, streams)
+            if cfg.max_grad_norm is not None:  # the norm before clipping
+                grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            else:
+                grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+            opt.update(model, grads)
+            return loss, grad_norm
+
+        return mx.compile(step_fn, inputs=self.state, outputs=self.state) if COMPILE else step_fn
+
+    def batch(self, rows: dict) -> dict[str, mx.array]:
+        return to_mx(rows)
+
+    def set_lr(self, lr: float) -> float:
+        self.opt.learning_rate = lr
+        return self.opt.learning_rate.item()
+
+    def step(self, batch: dict[str, mx.array], global_targets: int | None) -> tuple[float, float]:
+        if global_targets is None:
+            loss, grad_norm = self.whole(batch)
+        else:  # two compiled halves with the all_sum between them
+            loss, grads = self.grads_part(batch, mx.array(global_targets, mx.float32))
+            grads, loss, seconds = dist.all_sum_step(grads, loss, self.group)
+            self.run.result.allreduce_times_s.append(seconds)
+            grad_norm = self.apply_part(grads)
+        mx.eval(loss, grad_norm, self.state)  # MLX is lazy: the step's work happens here
+        return loss.item(), grad_norm.item()
+
+    def after_step(self, step: int) -> None:
+        # the first step's builds (inside the warm-up step's time), then any a new width added
+        if step not in (0, self.run.cfg.steps - 1):
+            return
+        if built := jit.announce_new_kernels(self.kernels_before, "mlx"):
+            extra = self.run.result.extra
+            so_far = extra.get("mlx_kernels_built", {"kernels": 0, "seconds": 0.0})
+            extra["mlx_kernels_built"] = {**built, "kernels": so_far["kernels"] + built["kernels"],
+                                          "seconds": round(so_far["seconds"] + built["seconds"], 2)}
+            self.kernels_before = jit.built_kernels()
+
+    def end_steps(self) -> None:
+        if self.n_streams > 1:
+            set_blas_threads(self.run.result.rank_threads)  # eval and the GEMM probe run on one stream
+
+    def finish(self) -> None:
+        run, cfg, result, model = self.run, self.run.cfg, self.run.result, self.model
+        self.threads_note()
+        result.framework_peak_mb = mx.get_peak_memory() / 2**20
+        result.extra["framework_peak_note"] = (
+            "mx.get_peak_memory() since after load: MLX array buffers in use at the peak of training + "
+            "eval (weights, activations, grads, optimizer state); excludes the allocator cache and "
+            "non-MLX memory"
+        )
+        save_adapters(cfg, lora_state(model), len(model.model.layers), run.model_dir, run.out_dir)
+        model.eval()
+        probe = to_mx(probe_batch(run.batches))
+        save_probe_logits(
+            np.array(model(probe["input_ids"], probe["attention_mask"]).astype(mx.float32)), run.out_dir
+        )
+        result.device = self.device.name
+        result.extra["compiled"] = COMPILE
+        result.extra["precision_mode"] = (
+            "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
+        )
+
+    def threads_note(self) -> None:
+        result, n_streams = self.run.result, self.n_streams
+        busy = result.cpu_busy_threads
+        if n_streams > 1:
+            result.note(
+                f"threads: each batch's rows split over {n_streams} MLX CPU streams, each one thread "
+                "with a 1-thread BLAS"
+                + (f"; {busy:.2f} threads busy over the timed steps" if busy is not None else "")
+            )
+        elif self.run.cfg.grad_checkpoint and self.device == mx.cpu and result.threads > 1:
+            result.note(
+                f"threads: one MLX CPU stream with a {result.threads}-thread BLAS: with "
+                "--grad-checkpoint mx.eval keeps its default width, which row streams cannot share"
+            )
+
+
 def train(run: Run) -> RunResult:
-    cfg, batches, model_dir, ranks = run.cfg, run.batches, run.model_dir, run.ranks
-    device = pick_device(cfg.device)  # before anything slow: a bad --device fails at once
-    mx.set_default_device(device)
-    mx.random.seed(cfg.seed)  # LoRA dropout masks
-    result = start_result(run)
-    if ranks:
-        cfg = run.cfg = cfg.replace(threads=rank_threads(cfg))  # this rank's threads, for streams and BLAS
-        group = dist.init(device, ranks.world)
-    blas_facts(result, cfg)
-
-    model = load(cfg, model_dir, result)
-    result.baseline_rss_mb = current_rss_mb()
-    result.initial_adapter_fingerprint = state_fingerprint(
-        {k: np.array(v) for k, v in lora_state(model).items()}
-    )
-    mx.reset_peak_memory()
-    # before any stream sets the BLAS to one thread
-    evals = EvalSchedule(run, lambda: evaluate(model, batches),
-                         lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
-    if run.lead:
-        evals.before()  # rank 0 only, as every eval
-
-    # One stream per thread, each with a 1-thread BLAS (where its threads can be set: otherwise
-    # streams x BLAS threads would oversubscribe the cores).
-    rows = cfg.batch_size // ranks.world if ranks else cfg.batch_size
-    n_streams = plan_streams(device, result.threads, rows)
-    if n_streams > 1 and not set_blas_threads(1):
-        n_streams = 1
-    streams = cpu_streams(n_streams) if device == mx.cpu else (mx.default_stream(device),)
-    result.extra["cpu_streams"] = n_streams
-
-    opt = make_optimizer(cfg)
-    opt.init(model.trainable_parameters())
-    trainable = tree_flatten(model.trainable_parameters())  # what opt.update updates
-    result.optimizer = optimizer_record(settings(opt, [k for k, _ in trainable]), cfg.max_grad_norm)
-    result.trainable_params = sum(v.size for _, v in trainable)
-    # threads really at work in a step: one per stream, times the BLAS threads each one calls
-    result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
-    record_ranks(run)
-
-    result.extra["compiled_traces"] = 0
-
-    def step_fn(batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
-        # Python runs here only while mx.compile traces: once per new input shape (width)
-        result.extra["compiled_traces"] += 1
-        loss, grads = loss_and_grads(model, batch, batches.packed, streams)
-        if cfg.max_grad_norm is not None:  # the norm before clipping
-            grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        else:
-            grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
-        opt.update(model, grads)
-        return loss, grad_norm
-
-    # The LR lives in opt.state, so setting it per step feeds the compiled graph a new input.
-    state = [model.state, opt.state, mx.random.state]
-    step = mx.compile(step_fn, inputs=state, outputs=state) if COMPILE else step_fn
-    if ranks:  # two compiled halves with the all_sum between them
-        grads_part = compile_grads(model, batches.packed, streams, state)
-        apply_part = compile_apply(model, opt, cfg, state)
-
-        def step(batch: dict[str, mx.array], count: mx.array) -> tuple[mx.array, mx.array]:
-            loss, grads = grads_part(batch, count)
-            grads, loss, seconds = dist.all_sum_step(grads, loss, group)
-            result.allreduce_times_s.append(seconds)
-            return loss, apply_part(grads)
-
-    model.train()
-    clock = StepClock(run)
-    kernels_before = jit.built_kernels()
-    for i in range(cfg.steps):
-        fed = batches.step(i)
-        mine = shard(fed, ranks.rank, ranks.world) if ranks else fed
-        batch, targets = to_mx(mine), target_count(mine["labels"])  # this rank's rows
-        opt.learning_rate = cfg.lr_at(i)
-        clock.feed(fed["input_ids"])
-        clock.lr(opt.learning_rate.item())
-        clock.begin(i)
-        if ranks:  # the global count: summed over ranks this is the one-process loss
-            loss, grad_norm = step(batch, mx.array(max(target_count(fed["labels"]), 1), mx.float32))
-        else:
-            loss, grad_norm = step(batch)
-        mx.eval(loss, grad_norm, state)  # MLX is lazy: the step's work happens here
-        loss_value = loss.item()
-        clock.end(i, loss_value, grad_norm=grad_norm.item(), targets=targets)
-        result.losses.append(loss_value)
-        if (i == 0 or i == cfg.steps - 1) and (built := jit.announce_new_kernels(kernels_before, "mlx")):
-            # the first step's builds (inside the warm-up step's time), then any a new width added
-            so_far = result.extra.get("mlx_kernels_built", {"kernels": 0, "seconds": 0.0})
-            result.extra["mlx_kernels_built"] = {**built, "kernels": so_far["kernels"] + built["kernels"],
-                                                 "seconds": round(so_far["seconds"] + built["seconds"], 2)}
-            kernels_before = jit.built_kernels()
-        if not run.lead:
-            continue  # eval: rank 0 only (the others wait in the next all_sum)
-        if evals.after_step(i, clock.times):
-            break  # --target-eval-loss reached (one process only: refused with --nproc > 1)
-    clock.stop()
-    step_times = clock.times
-    if not run.lead:
-        return result  # identical weights: rank 0 evaluates and saves
-
-    if n_streams > 1:
-        set_blas_threads(result.rank_threads)  # eval and the GEMM probe in finish_result() run on one stream
-    busy = result.cpu_busy_threads
-    if n_streams > 1:
-        result.note(
-            f"threads: each batch's rows split over {n_streams} MLX CPU streams, each one thread "
-            "with a 1-thread BLAS"
-            + (f"; {busy:.2f} threads busy over the timed steps" if busy is not None else "")
-        )
-    elif cfg.grad_checkpoint and device == mx.cpu and result.threads > 1:
-        result.note(
-            f"threads: one MLX CPU stream with a {result.threads}-thread BLAS: with "
-            "--grad-checkpoint mx.eval keeps its default width, which row streams cannot share"
-        )
-
-    evals.after(step_times)
-    result.framework_peak_mb = mx.get_peak_memory() / 2**20
-    result.extra["framework_peak_note"] = (
-        "mx.get_peak_memory() since after load: MLX array buffers in use at the peak of training + "
-        "eval (weights, activations, grads, optimizer state); excludes the allocator cache and "
-        "non-MLX memory"
-    )
-    save_adapters(cfg, lora_state(model), len(model.model.layers), model_dir, run.out_dir)
-    model.eval()
-    probe = to_mx(probe_batch(batches))
-    save_probe_logits(
-        np.array(model(probe["input_ids"], probe["attention_mask"]).astype(mx.float32)), run.out_dir
-    )
-    result.device = device.name
-    result.extra["compiled"] = COMPILE
-    result.extra["precision_mode"] = (
-        "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
-    )
-    return finish_result(run, step_times)
+    return train_with(run, MlxRecipe(run))
 
 
 def compile_grads(model: Model, packed: bool, streams: tuple, state: list):

@@ -20,7 +20,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ftcore.backends.result_fields import finish_result, optimizer_record, start_result
+from ftcore.backends.eval_schedule import EvalSchedule
+from ftcore.backends.loop import Recipe, train_with
+from ftcore.backends.result_fields import optimizer_record, start_result
 from ftcore.backends.run_context import Run
 from ftcore.backends.step_clock import StepClock
 from ftcore.config import RunConfig, UserError
@@ -190,10 +192,8 @@ class Recorder:
     `batches` is the iterate_batches hook for training: the step gate waits there, right before
     mlx-lm starts its step clock."""
 
-    def __init__(self, run: Run, opt: optim.Optimizer) -> None:
-        self.clock = StepClock(run)
-        self.opt = opt
-        self.losses: list[float] = []
+    def __init__(self, clock: StepClock, opt: optim.Optimizer) -> None:
+        self.clock, self.opt = clock, opt
 
     def batches(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
         for step, batch in enumerate(dataset):
@@ -203,79 +203,74 @@ class Recorder:
 
     def on_train_loss_report(self, info: dict) -> None:
         # iterations_per_second = 1 / that step's wall time, read after mx.eval in mlx-lm's loop
-        self.losses.append(float(info["train_loss"]))
         self.clock.lr(self.opt.learning_rate.item())  # the schedule's value for the step just done
-        self.clock.end(len(self.losses) - 1, self.losses[-1], 1.0 / info["iterations_per_second"])
+        step = len(self.clock.losses)
+        self.clock.end(step, float(info["train_loss"]), 1.0 / info["iterations_per_second"])
 
     def on_val_loss_report(self, info: dict) -> None:
         pass
 
 
+class MlxLmRecipe(Recipe):
+    """mlx-lm's trainer runs the steps (`steps`), timed on the shared clock by Recorder; its own
+    evaluate measures the eval loss after training (no evals before or during)."""
+
+    def setup(self) -> None:
+        self.trainer, utils, load_model = import_mlx_lm()
+        run, cfg = self.run, self.run.cfg
+        self.device = device = pick_device(cfg.device)
+        mx.set_default_device(device)
+        mx.random.seed(cfg.seed)
+        result = start_result(run)
+        blas_facts(result, cfg)
+        # mlx-lm imports transformers (tokenizer_utils), which imports torch when installed: its RSS
+        result.extra["torch_imported"] = "torch" in sys.modules
+        self.model = model = load(cfg, run.model_dir, result, utils, load_model)
+        result.baseline_rss_mb = current_rss_mb()
+        result.initial_adapter_fingerprint = state_fingerprint(
+            {k: np.array(v) for k, v in peft_layout(model).items()}
+        )
+        result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        if device == mx.cpu:  # one stream: MLX's ops on one thread, GEMMs on the BLAS's threads
+            result.threads = blas_threads() or 1
+        mx.reset_peak_memory()
+
+    def steps(self, clock: StepClock, evals: EvalSchedule | None) -> None:
+        cfg, trainer, model = self.run.cfg, self.trainer, self.model
+        opt = make_optimizer(cfg, self.run.result, list(peft_layout(model)))
+        recorder = Recorder(clock, opt)
+        train_set = [mlx_lm_batch(self.run.batches.step(s)) for s in range(cfg.steps)]
+        # the trainer's own final save goes to a temporary name, renamed only once complete
+        with atomic_path(self.run.out_dir / "adapter_mlx_lm" / "adapters.safetensors") as adapter_file:
+            args = trainer.TrainingArgs(
+                batch_size=cfg.batch_size,
+                iters=cfg.steps,
+                steps_per_report=1,
+                steps_per_save=cfg.steps + 1,  # only the final save
+                max_seq_length=cfg.max_seq_len,
+                adapter_file=str(adapter_file),
+                grad_checkpoint=cfg.grad_checkpoint,  # mlx-lm's own: mx.checkpoint around each layer
+            )
+            trainer.train(model, opt, train_set, args=args, loss=trainer.default_loss,
+                          iterate_batches=recorder.batches, training_callback=recorder)  # fmt: skip
+
+    def finish(self) -> None:
+        run, cfg, result, batches = self.run, self.run.cfg, self.run.result, self.run.batches
+        if batches.eval:
+            eval_set = [mlx_lm_batch(b) for b in batches.eval]
+            result.eval_loss = self.trainer.evaluate(self.model, eval_set, cfg.batch_size, num_batches=-1,
+                                                     max_seq_length=cfg.max_seq_len, iterate_batches=our_batches)
+            result.eval_losses.append([cfg.steps, result.eval_loss])
+        result.framework_peak_mb = mx.get_peak_memory() / 2**20
+        save_adapters(cfg, peft_layout(self.model), len(self.model.layers), run.model_dir, run.out_dir)
+        result.device = self.device.name
+        result.extra["compiled"] = True  # mlx-lm's trainer always compiles its step
+        for note in numerics_notes(cfg, batches):
+            result.note(f"numerics differ: {note}")
+        result.extra["precision_mode"] = (
+            "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + Adam"
+        )
+
+
 def train(run: Run) -> RunResult:
-    trainer, utils, load_model = import_mlx_lm()
-    cfg, batches, model_dir, out_dir = run.cfg, run.batches, run.model_dir, run.out_dir
-    device = pick_device(cfg.device)
-    mx.set_default_device(device)
-    mx.random.seed(cfg.seed)
-    result = start_result(run)
-    blas_facts(result, cfg)
-    # mlx-lm imports transformers (tokenizer_utils), which imports torch when installed: its RSS
-    result.extra["torch_imported"] = "torch" in sys.modules
-
-    model = load(cfg, model_dir, result, utils, load_model)
-    result.baseline_rss_mb = current_rss_mb()
-    result.initial_adapter_fingerprint = state_fingerprint(
-        {k: np.array(v) for k, v in peft_layout(model).items()}
-    )
-    result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    if device == mx.cpu:  # one stream: MLX's ops on one thread, GEMMs on the BLAS's threads
-        result.threads = blas_threads() or 1
-    mx.reset_peak_memory()
-
-    opt = make_optimizer(cfg, result, list(peft_layout(model)))
-    recorder = Recorder(run, opt)
-    train_set = [mlx_lm_batch(batches.step(s)) for s in range(cfg.steps)]
-    # the trainer's own final save goes to a temporary name, renamed only once complete
-    with atomic_path(out_dir / "adapter_mlx_lm" / "adapters.safetensors") as adapter_file:
-        args = trainer.TrainingArgs(
-            batch_size=cfg.batch_size,
-            iters=cfg.steps,
-            steps_per_report=1,
-            steps_per_save=cfg.steps + 1,  # only the final save
-            max_seq_length=cfg.max_seq_len,
-            adapter_file=str(adapter_file),
-            grad_checkpoint=cfg.grad_checkpoint,  # mlx-lm's own: mx.checkpoint around each layer
-        )
-        trainer.train(
-            model,
-            opt,
-            train_set,
-            args=args,
-            loss=trainer.default_loss,
-            iterate_batches=recorder.batches,
-            training_callback=recorder,
-        )
-    result.losses = recorder.losses
-    recorder.clock.stop()
-
-    if batches.eval:
-        eval_set = [mlx_lm_batch(b) for b in batches.eval]
-        result.eval_loss = trainer.evaluate(
-            model,
-            eval_set,
-            cfg.batch_size,
-            num_batches=-1,
-            max_seq_length=cfg.max_seq_len,
-            iterate_batches=our_batches,
-        )
-        result.eval_losses.append([cfg.steps, result.eval_loss])
-    result.framework_peak_mb = mx.get_peak_memory() / 2**20
-    save_adapters(cfg, peft_layout(model), len(model.layers), model_dir, out_dir)
-    result.device = device.name
-    result.extra["compiled"] = True  # mlx-lm's trainer always compiles its step
-    for note in numerics_notes(cfg, batches):
-        result.note(f"numerics differ: {note}")
-    result.extra["precision_mode"] = (
-        "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + Adam"
-    )
-    return finish_result(run, recorder.clock.times)
+    return train_with(run, MlxLmRecipe(run))

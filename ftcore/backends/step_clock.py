@@ -101,8 +101,8 @@ class StepClock:
         self.progress.update(step, loss, tps)
 
     def stop(self) -> None:
-        """Record what the steps fed and used (token ids, learning rates) and the load of the
-        machine over the timed steps; a busy machine is a warning."""
+        """Record the steps' losses, what they fed and used (token ids, learning rates) and the
+        load of the machine over the timed steps; a busy machine is a warning."""
         result = self.run.result
         result.fed_batches_fingerprint = self._fed.hexdigest()[:16]
         timed = slice(self.cfg.timing_warmup_steps, None)
@@ -111,7 +111,8 @@ class StepClock:
             result.cpu_busy_threads = sum(self.cpu_times[timed]) / sum(self.times[timed])
         if result.optimizer:
             result.optimizer["lr_per_step"] = list(self.lrs)
-        result.step_targets, result.grad_norms = list(self.targets), list(self.grad_norms)
+        result.losses, result.step_targets = list(self.losses), list(self.targets)
+        result.grad_norms = list(self.grad_norms)
         record = result.machine_load = self.load.stop()
         if (warning := busy_warning(record)) and not self.progress.quiet:
             print(f"[{result.backend}] {warning}", file=sys.stderr, flush=True)

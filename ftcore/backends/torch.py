@@ -1,4 +1,5 @@
-"""`torch` backend: transformers LlamaForCausalLM + PEFT LoRA (ftcore.torch), trained by a plain loop.
+"""`torch` backend: transformers LlamaForCausalLM + PEFT LoRA (ftcore.torch), trained by the shared
+loop (backends.loop) with this step: loss, backward, clipping, AdamW.
 
 Under torchrun (ftcore.process.ranks) each rank trains on its shard of every global batch, its loss divided
 by the global target count, and one all-reduce sums gradients and loss before clipping and AdamW,
@@ -9,69 +10,66 @@ from __future__ import annotations
 
 import torch
 
+from ftcore.backends.eval_schedule import EvalSchedule
+from ftcore.backends.loop import Recipe, train_with
 from ftcore.backends.result_fields import optimizer_record
 from ftcore.backends.run_context import Run
-from ftcore.backends.step_clock import StepClock
-from ftcore.backends.torch_common import eval_schedule, start, wrap_up
-from ftcore.inputs.loss_contract import target_count
-from ftcore.process.ranks import shard
+from ftcore.backends.torch_common import eval_schedule, save_torch, start
 from ftcore.result import RunResult
 from ftcore.torch import dist
 from ftcore.torch.loss import loss_sum_count, to_torch
 from ftcore.torch.optim import make_optimizer, settings
 
 
-def train(run: Run) -> RunResult:
-    cfg, batches, ranks = run.cfg, run.batches, run.ranks
-    if ranks:
-        dist.pick_rank_gpu(cfg, ranks.local_rank)
-    model, device = start(run)
-    result = run.result
-    if ranks:
-        dist.init(device, cfg.nproc)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, params)
-    result.optimizer = optimizer_record(settings(opt, model), cfg.max_grad_norm)
-    evals = eval_schedule(run, model, device)
-    if run.lead:
-        evals.before()  # rank 0 only, as every eval
-    model.train()
-    clock = StepClock(run)
-    for step in range(cfg.steps):
-        fed = batches.step(step)
-        mine = shard(fed, ranks.rank, ranks.world) if ranks else fed
-        batch, targets = to_torch(mine, device), target_count(mine["labels"])  # this rank's rows
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr_at(step)
-        clock.feed(fed["input_ids"])  # the global batch, which the ranks split
-        clock.lr(opt.param_groups[0]["lr"])
-        clock.begin(step)
-        loss_sum, count = loss_sum_count(model, batch, batches.packed)
-        if ranks:  # the global count: summed over ranks this is the one-process loss
-            loss = loss_sum / max(target_count(fed["labels"]), 1)
-        else:
-            loss = loss_sum / count.clamp(min=1)
-        loss.backward()
+class TorchRecipe(Recipe):
+    def setup(self) -> EvalSchedule:
+        run, cfg, ranks = self.run, self.run.cfg, self.run.ranks
         if ranks:
-            loss_value, seconds = dist.all_reduce_step(params, loss, device)
-            result.allreduce_times_s.append(seconds)
-        if cfg.max_grad_norm is not None:  # the norm before clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            dist.pick_rank_gpu(cfg, ranks.local_rank)
+        self.model, self.device = start(run)
+        if ranks:
+            dist.init(self.device, cfg.nproc)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(cfg, self.params)
+        run.result.optimizer = optimizer_record(settings(self.opt, self.model), cfg.max_grad_norm)
+        return eval_schedule(run, self.model, self.device)
+
+    def ready(self) -> None:
+        self.model.train()
+
+    def batch(self, rows: dict) -> dict[str, torch.Tensor]:
+        return to_torch(rows, self.device)
+
+    def set_lr(self, lr: float) -> float:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        return self.opt.param_groups[0]["lr"]
+
+    def step(self, batch: dict[str, torch.Tensor], global_targets: int | None) -> tuple[float, float]:
+        run, params = self.run, self.params
+        loss_sum, count = loss_sum_count(self.model, batch, run.batches.packed)
+        loss = loss_sum / (count.clamp(min=1) if global_targets is None else global_targets)
+        loss.backward()
+        if run.ranks:
+            loss_value, seconds = dist.all_reduce_step(params, loss, self.device)
+            run.result.allreduce_times_s.append(seconds)
+        if run.cfg.max_grad_norm is not None:  # the norm before clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if not ranks:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if not run.ranks:
             loss_value = loss.item()  # sync point: the step's work is done after this
-        clock.end(step, loss_value, grad_norm=grad_norm.item(), targets=targets)
-        result.losses.append(loss_value)
-        if not run.lead:
-            continue  # eval: rank 0 only (the others wait in the next all-reduce)
-        if evals.after_step(step, clock.times):
-            break  # --target-eval-loss reached (one process only: refused with --nproc > 1)
-    clock.stop()
-    if ranks:
-        dist.close()
-        if ranks.rank:
-            return result  # identical weights: rank 0 evaluates and saves
-    return wrap_up(run, model, device, clock.times, evals)
+        return loss_value, grad_norm.item()
+
+    def end_steps(self) -> None:
+        if self.run.ranks:
+            dist.close()
+
+    def finish(self) -> None:
+        save_torch(self.run, self.model, self.device)
+
+
+def train(run: Run) -> RunResult:
+    return train_with(run, TorchRecipe(run))

@@ -1,5 +1,5 @@
-"""The start and end shared by the `torch` and `hf-trainer` backends: threads, seed, the timed
-model load, eval, the adapter in PEFT format, probe logits and the throughput figures."""
+"""The start and end shared by the `torch` and `hf-trainer` recipes: threads, seed, the timed
+model load, eval, the adapter in PEFT format and probe logits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.result_fields import (
-    finish_result,
     probe_batch,
     record_ranks,
     save_probe_logits,
@@ -23,7 +22,6 @@ from ftcore.inputs.lora_init import state_fingerprint
 from ftcore.inputs.records import write_prompt_format
 from ftcore.measure.rss import current_rss_mb
 from ftcore.process.ranks import rank_threads
-from ftcore.result import RunResult
 from ftcore.torch.generate import greedy
 from ftcore.torch.lora import get_lora_state
 from ftcore.torch.loss import evaluate, to_torch
@@ -77,14 +75,11 @@ def eval_schedule(run: Run, model, device: torch.device) -> EvalSchedule:
                         lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
 
 
-def wrap_up(run: Run, model, device: torch.device, step_times: list[float], evals: EvalSchedule) -> RunResult:
-    """Shared end: eval loss and accuracy after training, CUDA peak, the adapter in PEFT format,
-    probe logits, throughput."""
-    evals.after(step_times)
+def save_torch(run: Run, model, device: torch.device) -> None:
+    """Shared end, after the final eval: CUDA peak, the adapter in PEFT format, probe logits."""
     if device.type == "cuda":
         run.result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
     with atomic_path(run.out_dir / "adapter") as adapter:  # the folder appears whole, or not at all
         model.save_pretrained(str(adapter))  # adapter_config.json + adapter_model.safetensors
         write_prompt_format(adapter, run.cfg.prompt_format)  # for `ftcore generate`
     save_probe_logits(probe_logits(model, run.batches, device), run.out_dir)
-    return finish_result(run, step_times)
