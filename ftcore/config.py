@@ -47,9 +47,10 @@ PROMPT_FORMATS = ("alpaca", "chat")
 
 def option(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None,
            group: str | None = None) -> Any:
-    """A RunConfig field with its command-line flag (ftcore.config_flags.add_run_options): `--<name>`
-    with this help, choices and flag group (`group` starts a new one; later fields stay in it).
-    The flag's type comes from the annotation; "(default X)" is added unless the help says it."""
+    """A RunConfig field with its command-line flag (ftcore.config_flags.add_run_options):
+    `--<name>` with this help, choices and flag group (`group` starts a new one; later fields stay
+    in it). The flag's type comes from the annotation; "(default X)" is added unless the help says
+    it."""
     meta = {"help": help, "choices": choices, "group": group}
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
 
