@@ -44,9 +44,7 @@ def recipe_lr(step: int, r: dict[str, Any] = PRETRAIN_RECIPE) -> float:
     return r["lr"] * (r["min_lr_ratio"] + (1 - r["min_lr_ratio"]) * cosine)
 
 
-def pretrain(
-    model: Any, tokenizer: Any, recipe: dict[str, Any] = PRETRAIN_RECIPE, log=sys.stderr
-) -> dict[str, Any]:
+def pretrain(model: Any, tokenizer: Any, recipe: dict[str, Any] = PRETRAIN_RECIPE, log=sys.stderr) -> dict[str, Any]:
     """Train every parameter of the (torch, fp32) `model` in place; returns what happened
     (steps, seconds, first/last loss, threads) for the preset's ftcore_preset.json."""
     import torch
@@ -67,8 +65,7 @@ def pretrain(
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(r["steps"]):
-        # dropped records shorten the tail
-        rows = range(step * B, min((step + 1) * B, len(tok.ids)))
+        rows = range(step * B, min((step + 1) * B, len(tok.ids)))  # dropped records shorten the tail
         if not rows:
             break
         width = max(len(tok.ids[i]) for i in rows)  # (B, width): padded to this batch's longest
