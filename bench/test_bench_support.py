@@ -103,7 +103,7 @@ def test_case_ids_and_groups():
 
 def test_case_run_args_reproduce_the_case_config():
     from ftcore.cli_args import build_parser
-    from ftcore.config import config_from_args
+    from ftcore.config_flags import config_from_args
 
     case = bs.Case("tinyllama-4l", "mlx", 2, 256, "fp32")
     args = build_parser().parse_args(["run", *case.run_args(2, 5), "--out", "x"])

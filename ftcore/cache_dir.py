@@ -34,8 +34,10 @@ def cache_root(env: Mapping[str, str] | None = None) -> Path:
         except KeyError:  # no entry in the user database (some containers)
             home = ""
         if not home:
-            raise UserError("HOME is empty or unset and the user database names no home folder; set HOME, "
-                            "or FTCORE_CACHE to a folder for ftcore's cache")
+            raise UserError(
+                "HOME is empty or unset and the user database names no home folder; set HOME, "
+                "or FTCORE_CACHE to a folder for ftcore's cache"
+            )
         root, named = Path(home) / ".cache" / "ftcore", "the cache folder"
     if blocker := file_in_the_way(root):
         what = "is a file" if blocker == root else f"cannot be made: {blocker} is a file"

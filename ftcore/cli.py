@@ -19,11 +19,8 @@ from pathlib import Path
 from ftcore.backends import BACKENDS
 from ftcore.bench.cases import SIZES
 from ftcore.cli_args import DEBUG_ENV, build_parser
-from ftcore.config import (
-    RunConfig,
-    UserError,
-    config_from_args,
-)
+from ftcore.config import RunConfig, UserError
+from ftcore.config_flags import config_from_args
 from ftcore.inputs.presets import resolve_model_dir
 from ftcore.report import format_run, format_short, format_table
 from ftcore.result import RunResult
@@ -41,7 +38,10 @@ def parse_backends(text: str, twice_ok: bool = False) -> list[str]:
     names = [b.strip() for b in text.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown or not names:
-        raise UserError(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'} (choose from {','.join(BACKENDS)})")
+        raise UserError(
+            f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'} (choose from "
+            f"{','.join(BACKENDS)})"
+        )
     if len(set(names)) != len(names) and not twice_ok:
         raise UserError("--backends: a backend is named twice")
     return names
@@ -86,12 +86,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     comparison = compare(backends, prep.save(out), out, schedule=schedule)
     if args.verbose:
         print(format_table(comparison))
-        print(f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: {out / 'loss_curves.png'}")
+        print(
+            f"\nreport: {out / 'report.md'}   data: {out / 'comparison.json'}   plot: "
+            f"{out / 'loss_curves.png'}"
+        )
     else:  # the short answer; the full table with footnotes and environment is in report.md
         width = shutil.get_terminal_size().columns
         print(format_short(comparison, width))
-        print(f"\nFull table, footnotes, environment: report.md (or --verbose)\nreport: {out / 'report.md'}"
-              f"\ndata:   {out / 'comparison.json'}")
+        print(
+            "\nFull table, footnotes, environment: report.md (or --verbose)\nreport: "
+            f"{out / 'report.md'}\ndata:   {out / 'comparison.json'}"
+        )
     return finish_run([RunResult.from_dict(r) for r in comparison["results"]])
 
 
@@ -99,7 +104,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ftcore.mlx.convert import ConversionError, convert_hf_to_mlx  # imports MLX
 
     if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
-        raise UserError(f"--out {args.out}: not empty; pass --force to replace an earlier conversion there")
+        raise UserError(
+            f"--out {args.out}: not empty; pass --force to replace an earlier conversion there"
+        )
     try:
         out = convert_hf_to_mlx(args.model, args.out, dtype=args.dtype)
     except ConversionError as e:
@@ -111,9 +118,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ftcore.run.generate_text import Prompting, generate
 
-    cfg = RunConfig(model=str(args.model) if args.model else None, preset=args.preset or RunConfig().preset)
+    cfg = RunConfig(
+        model=str(args.model) if args.model else None, preset=args.preset or RunConfig().preset
+    )
     how = Prompting(args.input, args.raw, args.prompt_format)
-    for out in generate(resolve_model_dir(cfg), args.adapter, args.backend, args.prompt, args.max_new_tokens, how):
+    for out in generate(
+        resolve_model_dir(cfg), args.adapter, args.backend, args.prompt, args.max_new_tokens, how
+    ):
         print(json.dumps(out) if args.json else out["text"])
     return 0
 
@@ -121,8 +132,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.world_size > 1:
-        raise UserError("profile: --nproc/--nnodes must be 1: memray records one process, and the ranks "
-                        "would write one capture file; profile one process (ftcore run for --nproc speed)")
+        raise UserError(
+            "profile: --nproc/--nnodes must be 1: memray records one process, and the ranks "
+            "would write one capture file; profile one process (ftcore run for --nproc speed)"
+        )
     from ftcore.run.memray_profile import profile
 
     run_dir = open_run(args.out, args.replace)
@@ -152,12 +165,31 @@ def cmd_bench_diff(args: argparse.Namespace) -> int:
     sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
     if unknown := [x for x in sizes if x not in SIZES]:
         raise UserError(f"--sizes: unknown {', '.join(unknown)} (choose from {','.join(SIZES)})")
-    return bench_diff(DiffPlan(args.base, args.head, args.expr, args.threshold, args.runs, args.warmup_steps,
-                               args.timed_steps, sizes, args.json, parse_backends(args.backends)))
+    return bench_diff(
+        DiffPlan(
+            args.base,
+            args.head,
+            args.expr,
+            args.threshold,
+            args.runs,
+            args.warmup_steps,
+            args.timed_steps,
+            sizes,
+            args.json,
+            parse_backends(args.backends),
+        )
+    )
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "convert": cmd_convert, "generate": cmd_generate, "profile": cmd_profile,
-            "pretrain": cmd_pretrain, "bench-diff": cmd_bench_diff}
+COMMANDS = {
+    "run": cmd_run,
+    "compare": cmd_compare,
+    "convert": cmd_convert,
+    "generate": cmd_generate,
+    "profile": cmd_profile,
+    "pretrain": cmd_pretrain,
+    "bench-diff": cmd_bench_diff,
+}
 
 
 def _interrupt(signum, frame) -> None:  # SIGTERM takes Ctrl-C's path
@@ -179,7 +211,9 @@ def interrupted() -> int:
     if ACTIVE_RUN is not None and ACTIVE_RUN.path is not None:
         replacing = ACTIVE_RUN.replacing
         ACTIVE_RUN.interrupted()
-        where = f"; {ACTIVE_RUN.path} " + ("kept as it was" if replacing else "is marked interrupted")
+        where = f"; {ACTIVE_RUN.path} " + (
+            "kept as it was" if replacing else "is marked interrupted"
+        )
     print(f"error: interrupted{where}", file=sys.stderr)
     # a late Ctrl-C must not kill the exit itself (Python restores SIG_DFL while shutting down)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -210,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not the user's: one line unless asked for the traceback
         if debug:
             raise
-        print(f"error: internal error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
+        print(
+            f"error: internal error: {type(e).__name__}: {e} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

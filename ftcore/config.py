@@ -1,18 +1,16 @@
 """RunConfig: the one object that drives every backend.
 
-Every run flag is made from one field here (`option`: help, choices, group; `add_run_options`
-builds the flags), so a new option is one field. A bad value is refused on creation with a
-message naming the field, before any model is loaded or any data is read.
+Every run flag is made from one field here (`option`: help, choices, group;
+ftcore.config_flags.add_run_options builds the flags), so a new option is one field. A bad value is
+refused on creation with a message naming the field, before any model is loaded or any data is
+read.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -42,15 +40,17 @@ class Batching(StrEnum):
 
 
 BATCHINGS = tuple(b.value for b in Batching)  # the --batching choices
-# How a record becomes text (ftcore.inputs.records): the Alpaca template, or the tokenizer's own chat template
+# How a record becomes text (ftcore.inputs.records): the Alpaca template, or the tokenizer's own
+# chat template
 PROMPT_FORMATS = ("alpaca", "chat")
 
 
 def option(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None,
            group: str | None = None) -> Any:
-    """A RunConfig field with its command-line flag (ftcore.cli.add_run_options): `--<name>`
-    with this help, choices and flag group (`group` starts a new one; later fields stay in it).
-    The flag's type comes from the annotation; "(default X)" is added unless the help says it."""
+    """A RunConfig field with its command-line flag (ftcore.config_flags.add_run_options):
+    `--<name>` with this help, choices and flag group (`group` starts a new one; later fields stay
+    in it). The flag's type comes from the annotation; "(default X)" is added unless the help says
+    it."""
     meta = {"help": help, "choices": choices, "group": group}
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
 
@@ -66,34 +66,64 @@ class RunConfig:
     """Every run option, one field each; a new option is one field here (its flag follows)."""
 
     # model: a local HF folder wins over a preset
-    model: str | None = option(None, "local Hugging Face Llama folder (overrides --preset)", group="model")
-    preset: str = option("tiny-pretrained", "built-in checkpoint made locally: tiny-pretrained (pretrained once on the built-in tasks), tiny (random init), tinyllama-1.1b (TinyLlama's architecture, random init)", choices=PRESETS)  # ftcore.inputs.presets
+    model: str | None = option(None, "local Hugging Face Llama folder (overrides --preset)",
+                               group="model")
+    # ftcore.inputs.presets
+    preset: str = option(
+        "tiny-pretrained", "built-in checkpoint made locally: tiny-pretrained (pretrained once on "
+        "the built-in tasks), tiny (random init), tinyllama-1.1b (TinyLlama's architecture, random "
+        "init)", choices=PRESETS)
     num_layers: int | None = option(None, "keep only the first N layers of the preset")
     allow_pickle: bool = option(False, "accept pickle weights from --model")  # *.bin / *.pt
     # data: None means the built-in synthetic Alpaca-format set
-    data: str | None = option(None, "Alpaca .json/.jsonl or datasets.save_to_disk folder, or builtin:alpaca-lengths (built-in tasks in records of Stanford Alpaca's token lengths) (default: built-in synthetic)", group="data")
+    data: str | None = option(
+        None, "Alpaca .json/.jsonl or datasets.save_to_disk folder, or builtin:alpaca-lengths "
+        "(built-in tasks in records of Stanford Alpaca's token lengths) (default: built-in "
+        "synthetic)", group="data")
     num_samples: int = option(256, "training records drawn by seed")
     eval_samples: int = option(32, "held-out records for eval loss (0 disables eval)")
     max_seq_len: int = option(128, "tokens per row at most: longer records are truncated")
-    batching: Batching = option(Batching.LONGEST, "padded: every row padded to --max-seq-len; longest: as mlx-lm's trainer, records sorted by length, consecutive batches in a seeded order, each padded to 1 + 32*ceil(longest/32); packed: several records per row (first-fit-decreasing), each attending only to itself, positions restarting at 0", choices=BATCHINGS)
+    batching: Batching = option(
+        Batching.LONGEST, "padded: every row padded to --max-seq-len; longest: as mlx-lm's "
+        "trainer, records sorted by length, consecutive batches in a seeded order, each padded to "
+        "1 + 32*ceil(longest/32); packed: several records per row (first-fit-decreasing), each "
+        "attending only to itself, positions restarting at 0", choices=BATCHINGS)
     mask_prompt: bool = option(True, "loss on the response only")
-    prompt_format: str = option("alpaca", "alpaca: the Stanford Alpaca template; chat: the model's own chat template (user = instruction + input, assistant = output; loss on the assistant turn), as mlx-lm formats chat data", choices=PROMPT_FORMATS)
+    prompt_format: str = option(
+        "alpaca", "alpaca: the Stanford Alpaca template; chat: the model's own chat template "
+        "(user = instruction + input, assistant = output; loss on the assistant turn), as mlx-lm "
+        "formats chat data", choices=PROMPT_FORMATS)
     # run
     batch_size: int = option(4, group="training")
     steps: int = option(60, "optimiser steps")
-    epochs: int | None = option(None, "whole passes over the training records instead of --steps (overrides it): steps = epochs x steps per epoch")  # ftcore.inputs.batching.epoch_steps
-    timing_warmup_steps: int = option(1, "first steps left out of throughput")  # compilation, allocator
-    eval_every: int = option(10, "evaluate before training, every N steps and at the end; 0: before and end only")
+    # ftcore.inputs.batching.epoch_steps
+    epochs: int | None = option(
+        None,
+        "whole passes over the training records instead of --steps (overrides it): steps = "
+        "epochs x steps per epoch",
+    )
+    # compilation, allocator
+    timing_warmup_steps: int = option(1, "first steps left out of throughput")
+    eval_every: int = option(10, "evaluate before training, every N steps and at the end; "
+                             "0: before and end only")
     # None: only on the built-in data, whose answers are exact (free-form answers of real data
     # rarely match, and cost long decodes)
-    eval_generate: bool | None = option(None, "greedy answers to the eval records, before and after training: exact-match accuracy (default: on for the built-in data, whose answers are exact; off for --data)")
-    target_eval_loss: float | None = option(None, "stop once a periodic eval reaches this loss; report steps and seconds to it")  # needs eval_every > 0
+    eval_generate: bool | None = option(
+        None,
+        "greedy answers to the eval records, before and after training: exact-match accuracy "
+        "(default: on for the built-in data, whose answers are exact; off for --data)",
+    )
+    target_eval_loss: float | None = option(  # needs eval_every > 0
+        None, "stop once a periodic eval reaches this loss; report steps and seconds to it")
     seed: int = option(0, "data subset, batch order and initial LoRA weights")
     precision: str = option("fp32", choices=PRECISIONS)
     device: str = option("cpu", choices=DEVICES)
     threads: int | None = option(None, "threads per framework (default: all cores)")
     # less memory, ~1/3 more FLOPs
-    grad_checkpoint: bool = option(False, "gradient checkpointing: recompute each layer's activations in the backward pass instead of keeping them (torch: transformers' gradient_checkpointing_enable; mlx, mlx-lm: mx.checkpoint per layer)")
+    grad_checkpoint: bool = option(
+        False, "gradient checkpointing: recompute each layer's activations in the backward pass "
+        "instead of keeping them (torch: transformers' gradient_checkpointing_enable; mlx, "
+        "mlx-lm: mx.checkpoint per layer)")
     # optimiser: AdamW with bias correction in every backend
     lr: float = option(3e-3, "peak learning rate", group="optimiser (AdamW with bias correction)")
     lr_schedule: str = option("cosine", "after warm-up", choices=LR_SCHEDULES)
@@ -107,12 +137,20 @@ class RunConfig:
     lora_rank: int = option(8, group="LoRA")
     lora_alpha: float = option(16.0, "scale = alpha / rank")
     lora_dropout: float = option(0.0)
-    lora_targets: tuple[str, ...] = option(LORA_TARGETS, f"comma list from {','.join(LORA_TARGETS)}")  # all 7 linears of each layer
-    # data parallel (ftcore.process.ranks): processes per machine, machines, and how the launcher finds them
-    nproc: int = option(1, "processes per machine, each a shard of every global batch; threads are split over them; compare also runs each backend at 1 process", group="data parallel (torchrun / mlx.launch; torch and mlx backends)")
+    lora_targets: tuple[str, ...] = option(  # all 7 linears of each layer
+        LORA_TARGETS, f"comma list from {','.join(LORA_TARGETS)}")
+    # data parallel (ftcore.process.ranks): processes per machine, machines, and how the launcher
+    # finds them
+    nproc: int = option(
+        1,
+        "processes per machine, each a shard of every global batch; threads are split over them; "
+        "compare also runs each backend at 1 process",
+        group="data parallel (torchrun / mlx.launch; torch and mlx backends)",
+    )
     nnodes: int = option(1, "machines; torch needs --rdzv-endpoint, mlx --hostfile")
     rdzv_endpoint: str | None = option(None, "torchrun rendezvous HOST:PORT for --nnodes > 1")
-    hostfile: str | None = option(None, "mlx.launch JSON hostfile, one entry per machine, for --nnodes > 1")
+    hostfile: str | None = option(None, "mlx.launch JSON hostfile, one entry per machine, for "
+                                  "--nnodes > 1")
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):
@@ -131,46 +169,60 @@ class RunConfig:
         self._validate_lora_and_processes()
 
     def _validate_data_and_steps(self) -> None:
-        _need(self.preset in PRESETS, "preset", f"unknown preset {self.preset!r} (one of {', '.join(PRESETS)})")
+        _need(self.preset in PRESETS, "preset",
+              f"unknown preset {self.preset!r} (one of {', '.join(PRESETS)})")
         _need(self.num_layers is None or self.num_layers >= 1, "num_layers", "must be >= 1")
         _need(self.num_layers is None or not self.model, "num_layers",
-             "truncates a --preset only; with --model DIR, train a checkpoint of the depth you want")
+              "truncates a --preset only; with --model DIR, train a checkpoint of the depth you "
+              "want")
         _need(self.num_samples >= 1, "num_samples", "must be >= 1")
         _need(self.eval_samples >= 0, "eval_samples", "must be >= 0")
         _need(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
-        _need(self.prompt_format in PROMPT_FORMATS, "prompt_format", f"unknown prompt format {self.prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
-        _need(self.batching in BATCHINGS, "batching", f"unknown batching {self.batching!r} (one of {', '.join(BATCHINGS)})")
+        _need(self.prompt_format in PROMPT_FORMATS, "prompt_format",
+              f"unknown prompt format {self.prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
+        _need(self.batching in BATCHINGS, "batching",
+              f"unknown batching {self.batching!r} (one of {', '.join(BATCHINGS)})")
         _need(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _need(
-            self.batch_size <= self.num_samples,
-            "batch_size",
-            f"batch size {self.batch_size} is larger than the training subset ({self.num_samples} samples)",
-        )
+        _need(self.batch_size <= self.num_samples, "batch_size",
+              f"batch size {self.batch_size} is larger than the training subset "
+              f"({self.num_samples} samples)")
         _need(self.steps >= 1, "steps", "must be >= 1")
         _need(self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1")
-        _need(0 <= self.timing_warmup_steps < self.steps, "timing_warmup_steps", "must be >= 0 and < --steps")
+        _need(0 <= self.timing_warmup_steps < self.steps, "timing_warmup_steps",
+              "must be >= 0 and < --steps")
         _need(self.eval_every >= 0, "eval_every", "must be >= 0")
         if self.target_eval_loss is not None:
-            _need(math.isfinite(self.target_eval_loss) and self.target_eval_loss > 0, "target_eval_loss", "must be a positive number")
-            _need(self.eval_samples > 0, "target_eval_loss", "needs eval records (--eval-samples > 0)")
+            _need(math.isfinite(self.target_eval_loss) and self.target_eval_loss > 0,
+                  "target_eval_loss", "must be a positive number")
+            _need(self.eval_samples > 0, "target_eval_loss",
+                  "needs eval records (--eval-samples > 0)")
             _need(self.eval_every > 0, "target_eval_loss", "needs periodic eval (--eval-every > 0)")
-            _need(self.nproc * self.nnodes == 1, "target_eval_loss", "one process only (rank 0 evaluates; the ranks cannot stop together)")
+            _need(self.nproc * self.nnodes == 1, "target_eval_loss",
+                  "one process only (rank 0 evaluates; the ranks cannot stop together)")
 
     def _validate_optimizer(self) -> None:
-        _need(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (numpy's seed range), got {self.seed}")
-        _need(self.precision in PRECISIONS, "precision", f"unknown precision {self.precision!r} (one of {', '.join(PRECISIONS)})")
-        _need(self.device in DEVICES, "device", f"unknown device {self.device!r} (one of {', '.join(DEVICES)})")
+        _need(0 <= self.seed < 2**32, "seed",
+              f"must be in [0, 2**32) (numpy's seed range), got {self.seed}")
+        _need(self.precision in PRECISIONS, "precision",
+              f"unknown precision {self.precision!r} (one of {', '.join(PRECISIONS)})")
+        _need(self.device in DEVICES, "device",
+              f"unknown device {self.device!r} (one of {', '.join(DEVICES)})")
         _need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
-        _need(math.isfinite(self.lr) and self.lr > 0, "lr", f"learning rate must be a positive number, got {self.lr}")
-        _need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"unknown schedule {self.lr_schedule!r} (one of {', '.join(LR_SCHEDULES)})")
+        _need(math.isfinite(self.lr) and self.lr > 0, "lr",
+              f"learning rate must be a positive number, got {self.lr}")
+        _need(self.lr_schedule in LR_SCHEDULES, "lr_schedule",
+              f"unknown schedule {self.lr_schedule!r} (one of {', '.join(LR_SCHEDULES)})")
         _need(0 <= self.warmup_steps <= self.steps, "warmup_steps", "must be between 0 and --steps")
-        _need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+              "must be >= 0")
         _need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
         _need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
         # an infinite eps makes every Adam update 0: nothing would train, yet every step "ran"
-        _need(math.isfinite(self.adam_eps) and self.adam_eps > 0, "adam_eps", f"must be a finite number > 0, got {self.adam_eps}")
-        _need(self.max_grad_norm is None or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
-             "max_grad_norm", f"must be a finite number > 0, got {self.max_grad_norm}")
+        _need(math.isfinite(self.adam_eps) and self.adam_eps > 0, "adam_eps",
+              f"must be a finite number > 0, got {self.adam_eps}")
+        _need(self.max_grad_norm is None
+              or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
+              "max_grad_norm", f"must be a finite number > 0, got {self.max_grad_norm}")
 
     def _validate_lora_and_processes(self) -> None:
         _need(self.lora_rank >= 1, "lora_rank", f"rank must be >= 1, got {self.lora_rank}")
@@ -188,9 +240,11 @@ class RunConfig:
              "more than one machine needs --rdzv-endpoint (torch) or --hostfile (mlx)")
         _need(len(self.lora_targets) > 0, "lora_targets", "name at least one module")
         for t in self.lora_targets:
-            _need(t in LORA_TARGETS, "lora_targets", f"unknown target module {t!r} (choose from {','.join(LORA_TARGETS)})")
+            _need(t in LORA_TARGETS, "lora_targets",
+                  f"unknown target module {t!r} (choose from {','.join(LORA_TARGETS)})")
         twice = sorted({t for t in self.lora_targets if self.lora_targets.count(t) > 1})
-        _need(not twice, "lora_targets", f"{', '.join(twice)} named twice (each module takes one adapter)")
+        _need(not twice, "lora_targets",
+              f"{', '.join(twice)} named twice (each module takes one adapter)")
 
     @property
     def generates(self) -> bool:
@@ -208,7 +262,8 @@ class RunConfig:
         return self.lora_alpha / self.lora_rank
 
     def lr_at(self, step: int) -> float:
-        """Learning rate used for optimiser step `step` (0-based); the same formula in every backend.
+        """Learning rate used for optimiser step `step` (0-based); the same formula in every
+        backend.
 
         Linear warm-up over `warmup_steps` (like transformers' schedules), then constant, linear
         decay to 0 or cosine decay to 0 over the remaining steps.
@@ -240,55 +295,3 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
-
-
-# ----------------------------------------------------------------------------- run flags
-
-
-def _flag_type(hint: Any) -> Any:
-    """The field's type without None: `int | None` -> int."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        rest = [a for a in typing.get_args(hint) if a is not type(None)]
-        return rest[0] if len(rest) == 1 else hint
-    return typing.get_origin(hint) or hint
-
-
-def _shown(default: Any) -> str:
-    if isinstance(default, bool):
-        return "on" if default else "off"
-    if isinstance(default, tuple):
-        return ",".join(default)
-    return f"{default:g}" if isinstance(default, float) else str(default)
-
-
-def add_run_options(p: argparse.ArgumentParser, config: type = RunConfig) -> None:
-    """One flag per field of `config` (dest = field name), made from the field (ftcore.config.option):
-    int/float fields take that type, str, StrEnum and tuple fields a string (the config makes the
-    StrEnum member of it, and splits a tuple's comma list), a bool a switch (--x when its default
-    is off; --x/--no-x otherwise). Every flag's default is None: an unset flag keeps the config's
-    own default."""
-    hints = typing.get_type_hints(config)
-    group: argparse._ActionsContainer = p
-    for f in dataclasses.fields(config):
-        meta = f.metadata
-        if "group" in meta:
-            group = p.add_argument_group(meta["group"])
-        kind, default = _flag_type(hints[f.name]), f.default
-        help_text = meta.get("help", "")
-        if default is not None and "(default" not in help_text and default is not False:
-            help_text = f"{help_text} (default {_shown(default)})".strip()
-        kw: dict[str, Any] = {"help": help_text, "default": None}
-        if kind is bool:
-            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
-        elif kind in (int, float):
-            kw["type"] = kind
-        elif kind not in (str, tuple) and not (isinstance(kind, type) and issubclass(kind, StrEnum)):
-            raise TypeError(f"RunConfig.{f.name}: no flag for type {hints[f.name]}")
-        if "choices" in meta:
-            kw["choices"] = meta["choices"]
-        group.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def config_from_args(args: argparse.Namespace, config: type = RunConfig) -> Any:
-    fields = {f.name for f in dataclasses.fields(config)}
-    return config(**{k: v for k, v in vars(args).items() if k in fields and v is not None})

@@ -36,7 +36,8 @@ def jsonable(obj: Any) -> Any:
 
 
 def free_space(path: str | os.PathLike) -> str:
-    """"free: N MB on MOUNT" for the filesystem that holds `path` (or its nearest existing folder)."""
+    """"free: N MB on MOUNT" for the filesystem that holds `path` (or its nearest existing
+    folder)."""
     at = Path(os.path.abspath(path))
     while not at.exists() and at != at.parent:
         at = at.parent

@@ -24,8 +24,16 @@ from typing import Any
 
 from ftcore.files import write_json_atomic
 
-# Fields that were keys of `extra` in older result files: read from there when the file has no field.
-FORMERLY_EXTRA = ("device", "trainable_params_expected", "machine_load", "notes", "warnings", "traceback")
+# Fields that were keys of `extra` in older result files: read from there when the file has no
+# field.
+FORMERLY_EXTRA = (
+    "device",
+    "trainable_params_expected",
+    "machine_load",
+    "notes",
+    "warnings",
+    "traceback",
+)
 TAGS = frozenset({"row", "repeated", "spread", "median", "first", "required", "positive"})
 
 
@@ -60,7 +68,9 @@ class RunResult:
     config: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
     load_time_s: float = figure(0.0, "Load/convert time (s)", ".2f", "row repeated median required")
-    train_time_s: float = figure(0.0, "Training time (s)", ".2f", "row repeated spread median positive")
+    train_time_s: float = figure(
+        0.0, "Training time (s)", ".2f", "row repeated spread median positive"
+    )
     warmup_time_s: float = figure(0.0, "Warm-up time (s)", ".2f", "row repeated median")
     step_times_s: list[float] = figure(factory=list, tags="first")
     steps: int = figure(0, tags="row first")
@@ -68,7 +78,9 @@ class RunResult:
     # tokens, over the timed steps
     tokens_per_s: float = figure(0.0, "Tokens/s (all)", ".1f", "row repeated median positive")
     real_tokens_per_s: float = figure(0.0, "Real tokens/s", ".1f", "row repeated")
-    loss_tokens_per_s: float = figure(0.0, "Loss tokens/s", ".1f", "row repeated spread median positive")
+    loss_tokens_per_s: float = figure(
+        0.0, "Loss tokens/s", ".1f", "row repeated spread median positive"
+    )
     # mean timed step x steps per pass over the training records
     epoch_time_s: float | None = figure(None, "Time per epoch (s)", ".2f", "row repeated")
     losses: list[float] = figure(factory=list, tags="first")  # one per step
@@ -79,35 +91,47 @@ class RunResult:
     grad_norms: list[float] = field(default_factory=list)
     final_loss: float | None = figure(None, "Final loss", ".5f", "row median required")
     eval_loss: float | None = figure(None, "Eval loss", ".5f", "row median required")
-    eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss]; step 0 = before training
+    # [step, loss]; step 0 = before training
+    eval_losses: list[list[float]] = field(default_factory=list)
     # eval loss of the base model (the adapter's B is zero)
     eval_loss_before: float | None = figure(None, "Eval loss before fine-tune", ".5f", "row")
     accuracy_before: float | None = figure(None, tags="row")  # exact-match share of greedy answers
     accuracy_after: float | None = figure(None, tags="row")
     generations: dict = field(default_factory=dict)  # "before"/"after": greedy token ids per record
-    target: dict | None = figure(None, tags="row")  # --target-eval-loss: {eval_loss, reached, step, seconds, ...}
+    # --target-eval-loss: {eval_loss, reached, step, seconds, ...}
+    target: dict | None = figure(None, tags="row")
     peak_rss_mb: float = figure(0.0, "Peak RSS (MB)", ".1f", "row repeated spread median positive")
-    baseline_rss_mb: float = figure(0.0, tags="row repeated median positive")  # RSS after model load
+    # RSS after model load
+    baseline_rss_mb: float = figure(0.0, tags="row repeated median positive")
     # mx.get_peak_memory / cuda max allocated; None on CPU torch
-    framework_peak_mb: float | None = figure(None, "Framework peak (MB)", ".1f", "row repeated median")
+    framework_peak_mb: float | None = figure(
+        None, "Framework peak (MB)", ".1f", "row repeated median"
+    )
     trainable_params: int = figure(0, "Trainable params", "int", "row first")
     flops_per_token: float = figure(0.0, tags="row first")
     mfu: float | None = figure(None, tags="row repeated median positive")
-    model_sha256: str = ""  # of the checkpoint's weight files (ftcore.inputs.checkpoint.weights_sha256)
-    batch_fingerprint: str = figure("", tags="first required")  # of the batches file every backend was given
-    fed_batches_fingerprint: str = ""  # of the token ids this backend's loop really fed, step by step
+    # of the checkpoint's weight files (ftcore.inputs.checkpoint.weights_sha256)
+    model_sha256: str = ""
+    # of the batches file every backend was given
+    batch_fingerprint: str = figure("", tags="first required")
+    # of the token ids this backend's loop really fed, step by step
+    fed_batches_fingerprint: str = ""
     initial_adapter_fingerprint: str = ""
     optimizer: dict = field(default_factory=dict)
     precision: str = figure("", tags="row first")
-    blas: str = figure("", "BLAS", "text", "row first required")  # the BLAS this framework really calls
-    threads: int = figure(0, "Threads", "int", "row first positive")  # data parallel: all ranks' together
+    # the BLAS this framework really calls
+    blas: str = figure("", "BLAS", "text", "row first required")
+    # data parallel: all ranks' together
+    threads: int = figure(0, "Threads", "int", "row first positive")
     # data parallel (ftcore.process.ranks): ranks, threads of one rank, rank 0's all-reduce time of
     # every step and its mean over the timed steps; peak_rss_mb is then summed over ranks
     world_size: int = figure(1, "World size (processes)", "int", "row first")
     rank_threads: int = figure(0, "Threads per rank", "int", "row first")
     allreduce_times_s: list[float] = field(default_factory=list)
     allreduce_time_s: float | None = figure(None, tags="row first")
-    peak_rss_max_rank_mb: float | None = figure(None, "Peak RSS, largest rank (MB)", ".1f", "row repeated first")
+    peak_rss_max_rank_mb: float | None = figure(
+        None, "Peak RSS, largest rank (MB)", ".1f", "row repeated first"
+    )
     # what one process must hold by ftcore.measure.memory_model (MB by component, "total")
     memory_model: dict | None = figure(None, tags="first")
     # this process's CPU seconds / wall seconds, timed steps
@@ -116,8 +140,8 @@ class RunResult:
     trainable_params_expected: int | None = None  # the closed-form LoRA count (ftcore.inputs.arch)
     # the records that ran: train/eval kept, dropped (no answer token fits), prompt-only
     records: dict | None = None
-    # other processes' CPU use on the run's cores over the timed steps (ftcore.measure.machine_load):
-    # {..., "busy": bool}; busy shows as BUSY in the report
+    # other processes' CPU use on the run's cores over the timed steps
+    # (ftcore.measure.machine_load): {..., "busy": bool}; busy shows as BUSY in the report
     machine_load: dict | None = None
     notes: list[str] = field(default_factory=list)  # lines for the report (RunResult.note)
     warnings: list[str] = field(default_factory=list)  # the same, said as warnings (RunResult.warn)
@@ -165,7 +189,9 @@ class RunResult:
 def figures(tag: str) -> tuple[str, ...]:
     """The RunResult fields that carry `tag`, in field order; `required` includes `positive`."""
     want = {tag, "positive"} if tag == "required" else {tag}
-    return tuple(f.name for f in dataclasses.fields(RunResult) if want & f.metadata.get("tags", set()))
+    return tuple(
+        f.name for f in dataclasses.fields(RunResult) if want & f.metadata.get("tags", set())
+    )
 
 
 def _meta(name: str) -> Any:

@@ -12,7 +12,8 @@ u = fp32 unit roundoff (2^-23); n = a dot product's length.
 
 from __future__ import annotations
 
-# ---------------------------------------------------------------- the run's contract (report, bench)
+# ---------------------------------------------------------------- the run's contract (report,
+# bench)
 
 # fp32 per-step and eval losses of a `same_numerics` backend vs REFERENCE_BACKEND's in one run
 # (compare, bench, hf-trainer vs torch); measured 2.5e-5 on the default run, ~2e-6 on `tiny`
@@ -21,20 +22,24 @@ REFERENCE_LOSS_ATOL = 1e-4
 # ---------------------------------------------------------------- fp32 logits (one process)
 
 # logits of one model + adapter computed two ways (MLX vs transformers + peft, mlx-lm vs ftcore's
-# MLX model, a saved adapter reloaded), short batches; measured |mlx - torch| <= 1.4e-5 (stated cases)
+# MLX model, a saved adapter reloaded), short batches; measured |mlx - torch| <= 1.4e-5 (stated
+# cases)
 FP32_LOGITS_ATOL = 1e-4
 # short random batches: |mlx - ref64| <= RATIO * max(|torch - ref64|, FLOOR), ref64 = the PEFT
 # model in float64; measured worst ratio 2.77, median 1.1 (tests/test_parity_forward.py)
 FP32_LOGITS_ERROR_RATIO = 10.0
-FP32_LOGITS_ERROR_FLOOR = 1e-6  # ~ fp32 rounding of O(10) logits: torch's error when it is almost exact
+# ~ fp32 rounding of O(10) logits: torch's error when it is almost exact
+FP32_LOGITS_ERROR_FLOOR = 1e-6
 # long batches (up to 512 tokens): |mlx - peft| at position p <= ATOL * max(1, p / FLAT_POSITIONS)
 # (fp32 RoPE angles drift with p); measured over 600 cases worst err/bound 0.41 (3.1e-4 at p ~ 430)
 FP32_LONG_LOGITS_ATOL = 1e-4
 LONG_LOGITS_FLAT_POSITIONS = 32
-# bf16 logits, MLX vs transformers, relative to max |logit|; measured 0.09 at max |logit| 7.4 (0.012)
+# bf16 logits, MLX vs transformers, relative to max |logit|; measured 0.09 at max |logit| 7.4
+# (0.012)
 BF16_LOGITS_RTOL = 0.03
 
-# ---------------------------------------------------------------- fp32 loss and gradients (one process)
+# ---------------------------------------------------------------- fp32 loss and gradients (one
+# process)
 
 # mean loss of one batch (values up to ~10) computed two ways (MLX vs torch, mlx-lm's step 0 vs
 # float64 CE of ftcore's MLX logits); measured 1.9e-6 (stated cases), 4.8e-6 over 500 random ones
@@ -69,8 +74,9 @@ FP32_STREAMS_GRAD_RTOL = 1e-5
 FP32_LORA_LAYER_ATOL = 1e-5
 FP32_LORA_LAYER_RTOL = 1e-4
 FP32_DOT_ULPS = 4
-# bf16 base, fp32 adapter: output <= one bf16 ulp of |y| and of |W x| + OUTPUT_DOT_RTOL sum|a_i b_i|;
-# adapter gradients <= GRAD_ATOL + the fp32 dot budget; measured gradients worst err/tol 0.14 (200 cases)
+# bf16 base, fp32 adapter: output <= one bf16 ulp of |y| and of |W x| + OUTPUT_DOT_RTOL sum|a_i
+# b_i|; adapter gradients <= GRAD_ATOL + the fp32 dot budget; measured gradients worst err/tol 0.14
+# (200 cases)
 BF16_LORA_OUTPUT_DOT_RTOL = 1e-6
 BF16_LORA_GRAD_ATOL = 1e-7
 # AdamW after `steps` steps, torch and MLX vs the float64 formula and each other, elementwise:
@@ -98,10 +104,12 @@ BF16_GLOBAL_RTOL = 0.065  # bf16 all adapter updates together, relative; measure
 BF16_MIN_COSINE = 0.993  # bf16 worst cosine between the two backends' updates; measured 0.9947
 BF16_VS_FP32_ATOL = 3e-3  # one backend's bf16 vs fp32 per-step losses; measured 1.9e-3
 
-# ---------------------------------------------------------------- one backend, two ways of running it
+# ---------------------------------------------------------------- one backend, two ways of running
+# it
 
 # fp32 per-step and eval losses, --nproc 2 vs one process; measured <= 1e-6 on the test's tiny run
-# (tests/test_data_parallel.py), 4.8e-6 at TinyLlama width, 4 layers, 6 steps (docs/data-parallel.md)
+# (tests/test_data_parallel.py), 4.8e-6 at TinyLlama width, 4 layers, 6 steps
+# (docs/data-parallel.md)
 FP32_DATA_PARALLEL_LOSS_ATOL = 1e-5
 # fp32 gradient norm before clipping, --nproc 2 vs one process, relative; measured <= 5.9e-7
 FP32_DATA_PARALLEL_GRAD_NORM_RTOL = 5e-6

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from ftcore.config import Batching, RunConfig, UserError, add_run_options, config_from_args
+from ftcore.config import Batching, RunConfig, UserError
+from ftcore.config_flags import add_run_options, config_from_args
 from ftcore.files import jsonable
 
 pytestmark = pytest.mark.unit

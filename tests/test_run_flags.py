@@ -1,5 +1,5 @@
 """The run options are generated from RunConfig's fields (ftcore.config.option ->
-add_run_options): the same flags as the hand-written list they replaced, and a new
+ftcore.config_flags.add_run_options): the same flags as the hand-written list they replaced, and a new
 field is a new flag with no other edit."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 
 from ftcore import config
 from ftcore.cli_args import Parser
-from ftcore.config import RunConfig, UserError, add_run_options, config_from_args, option
+from ftcore.config import RunConfig, UserError, option
+from ftcore.config_flags import add_run_options, config_from_args
 
 pytestmark = pytest.mark.unit
 

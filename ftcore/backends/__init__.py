@@ -98,14 +98,15 @@ class BackendSpec:
     # True: its loop owns the steps, so it evaluates every --eval-every steps, stops at
     # --target-eval-loss and measures greedy exact-match accuracy (backends.eval_schedule)
     owns_steps: bool = True
-    # True: --grad-checkpoint recomputes a layer with the same LoRA dropout masks (torch replays its
-    # RNG); False: new masks (MLX's random state is global), so checkpointing with dropout is refused
+    # True: --grad-checkpoint recomputes a layer with the same LoRA dropout masks (torch replays
+    # its RNG); False: new masks (MLX's random state is global), so checkpointing with dropout is
+    # refused
     checkpoint_keeps_dropout: bool = True
     # True: trains on packed rows (--batching packed: position_ids, per-document causal mask);
     # False: its trainer builds its own masks from plain rows, so `packed` is refused up front
     takes_packed_rows: bool = True
-    # data parallel (--nproc > 1; ftcore.process.ranks): (cfg, child command, out_dir) -> the framework's
-    # launcher command, and its parent-side check (UserError); None: one process only
+    # data parallel (--nproc > 1; ftcore.process.ranks): (cfg, child command, out_dir) -> the
+    # framework's launcher command, and its parent-side check (UserError); None: one process only
     launch: Callable[[RunConfig, list[str], Path], list[str]] | None = None
     check_launch: Callable[[RunConfig], None] | None = None
 
@@ -119,7 +120,15 @@ class BackendSpec:
         from ftcore.process.ranks import RankInfo
 
         module = importlib.import_module(f"ftcore.backends.{self.module}")
-        run = Run(self.name, self.framework, cfg, Path(model_dir), batches, Path(out_dir), RankInfo.from_env())
+        run = Run(
+            self.name,
+            self.framework,
+            cfg,
+            Path(model_dir),
+            batches,
+            Path(out_dir),
+            RankInfo.from_env(),
+        )
         return module.train(run)
 
     def missing(self) -> str | None:
@@ -150,11 +159,14 @@ BACKENDS: dict[str, BackendSpec] = {
             child_env=mlx_env.row_streams_env, before_spawn=convert_for_mlx,
             check=check_mlx_converted, launch=mlx_env.launch_command,
             check_launch=mlx_env.check_launch, checkpoint_keeps_dropout=False,
-            summary="ftcore's own MLX Llama (ftcore.mlx), weights converted from the same checkpoint",
+            summary=(
+                "ftcore's own MLX Llama (ftcore.mlx), weights converted from the same checkpoint"
+            ),
         ),
         BackendSpec(
             name="mlx-lm", framework="mlx", module="mlx_lm", package="mlx_lm",
-            install_hint="pip install 'ftcore[mlx-lm]'", child_env=framework_env("mlx"), check=check_mlx,
+            install_hint="pip install 'ftcore[mlx-lm]'", child_env=framework_env("mlx"),
+            check=check_mlx,
             same_numerics=False,  # its own loss normalisation and Adam, as its users get them
             owns_steps=False,  # mlx-lm's trainer runs the steps: eval after training only
             checkpoint_keeps_dropout=False,

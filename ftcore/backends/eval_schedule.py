@@ -30,8 +30,8 @@ class EvalSchedule:
         self.evaluate, self.generate = evaluate, generate
         self.t0 = 0.0
         if self.cfg.target_eval_loss is not None:
-            self.result.target = {"eval_loss": self.cfg.target_eval_loss, "reached": False, "step": None,
-                                  "seconds": None, "train_seconds": None}  # fmt: skip
+            self.result.target = {"eval_loss": self.cfg.target_eval_loss, "reached": False,
+                                  "step": None, "seconds": None, "train_seconds": None}  # fmt: skip
 
     def _answers(self, when: str) -> float | None:
         items = self.batches.answer_items()
@@ -76,6 +76,8 @@ class EvalSchedule:
         done = len(step_times)
         self.result.step_times_s = list(step_times)
         last = self.result.eval_losses[-1] if self.result.eval_losses else None
-        self.result.eval_loss = last[1] if last and last[0] == done and done > 0 else self._eval_at(done)
+        self.result.eval_loss = (
+            last[1] if last and last[0] == done and done > 0 else self._eval_at(done)
+        )
         self.result.accuracy_after = self._answers("after")
         self.result.steps = done

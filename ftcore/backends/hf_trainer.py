@@ -34,7 +34,8 @@ class Rows(torch.utils.data.Dataset):
         self.widths = batches.train["widths"]
         self.arrays = {
             k: torch.from_numpy(batches.train[k].reshape(steps * self.batch, length))
-            for k in batches.row_keys  # position_ids too when packed: loss_sum_count builds the mask
+            # position_ids too when packed: loss_sum_count builds the mask
+            for k in batches.row_keys
         }
 
     def __len__(self) -> int:
@@ -55,7 +56,12 @@ class TrainerRecipe(Recipe):
     def steps(self, clock: StepClock, evals: EvalSchedule | None) -> None:
         from transformers import Trainer, TrainerCallback
 
-        cfg, result, packed, device = self.run.cfg, self.run.result, self.run.batches.packed, self.device
+        cfg, result, packed, device = (
+            self.run.cfg,
+            self.run.result,
+            self.run.batches.packed,
+            self.device,
+        )
         losses: list[float] = []
 
         class LossTrainer(Trainer):
@@ -88,7 +94,8 @@ class TrainerRecipe(Recipe):
         trainer.train()
         train_call_s = time.perf_counter() - t_train
         result.extra.update(
-            # the Trainer's own cost next to the plain loop: set-up, and train() time outside the steps
+            # the Trainer's own cost next to the plain loop: set-up, and train() time outside
+            # the steps
             trainer_init_s=trainer_init_s,
             trainer_train_call_s=train_call_s,
             trainer_overhead_s=train_call_s - sum(clock.times),
@@ -107,7 +114,8 @@ class TrainerRecipe(Recipe):
             gradient_accumulation_steps=1,
             max_steps=cfg.steps,
             learning_rate=cfg.lr,
-            max_grad_norm=cfg.max_grad_norm or 0.0,  # 0 disables the Trainer's default clipping at 1.0
+            max_grad_norm=cfg.max_grad_norm
+            or 0.0,  # 0 disables the Trainer's default clipping at 1.0
             train_sampling_strategy="sequential",  # our batch order, not a shuffle of its own
             dataloader_drop_last=True,
             dataloader_num_workers=0,

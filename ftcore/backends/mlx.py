@@ -6,9 +6,9 @@ No torch or transformers import: this process's RSS is MLX's alone.
 Precision: fp32 converts every weight to fp32. bf16 converts the frozen base weights to bf16 and
 keeps LoRA weights, gradients and AdamW state in fp32 (as the torch backend does).
 On the CPU the step splits each batch's rows over one stream per thread (ftcore.mlx.streams).
-Under mlx.launch (ftcore.process.ranks) each rank takes its shard of every global batch, divides its loss by
-the global target count, and one all_sum adds gradients and losses between the compiled gradient
-step and the compiled clip + AdamW step; only rank 0 evaluates and saves.
+Under mlx.launch (ftcore.process.ranks) each rank takes its shard of every global batch, divides its
+loss by the global target count, and one all_sum adds gradients and losses between the compiled
+gradient step and the compiled clip + AdamW step; only rank 0 evaluates and saves.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ COMPILE = True
 
 
 def load(cfg: RunConfig, model_dir: Path, result: RunResult) -> Model:
-    """Cached HF -> MLX conversion at the run's precision, then the model with the shared adapters."""
+    """Cached HF -> MLX conversion at the run's precision, then the model with the shared
+    adapters."""
     t0 = time.perf_counter()
     started_ns = time.time_ns()
     mlx_dir = convert(cfg, model_dir)
@@ -85,12 +86,16 @@ def load(cfg: RunConfig, model_dir: Path, result: RunResult) -> Model:
 class MlxRecipe(Recipe):
     def setup(self) -> EvalSchedule:
         run, cfg = self.run, self.run.cfg
-        self.device = device = pick_device(cfg.device)  # before anything slow: a bad --device fails at once
+        self.device = device = pick_device(
+            cfg.device
+        )  # before anything slow: a bad --device fails at once
         mx.set_default_device(device)
         mx.random.seed(cfg.seed)  # LoRA dropout masks
         result = start_result(run)
         if run.ranks:
-            cfg = run.cfg = cfg.replace(threads=rank_threads(cfg))  # this rank's threads, for streams and BLAS
+            cfg = run.cfg = cfg.replace(
+                threads=rank_threads(cfg)
+            )  # this rank's threads, for streams and BLAS
             self.group = dist.init(device, run.ranks.world)
         blas_facts(result, cfg)
 
@@ -106,7 +111,13 @@ class MlxRecipe(Recipe):
 
     def ready(self) -> None:
         """Row streams, AdamW, and the compiled step."""
-        run, cfg, result, device, model = self.run, self.run.cfg, self.run.result, self.device, self.model
+        run, cfg, result, device, model = (
+            self.run,
+            self.run.cfg,
+            self.run.result,
+            self.device,
+            self.model,
+        )
         # One stream per thread, each with a 1-thread BLAS (where its threads can be set: otherwise
         # streams x BLAS threads would oversubscribe the cores).
         rows = cfg.batch_size // run.ranks.world if run.ranks else cfg.batch_size
@@ -119,7 +130,9 @@ class MlxRecipe(Recipe):
         self.opt = opt = make_optimizer(cfg)
         opt.init(model.trainable_parameters())
         trainable = tree_flatten(model.trainable_parameters())  # what opt.update updates
-        result.optimizer = optimizer_record(settings(opt, [k for k, _ in trainable]), cfg.max_grad_norm)
+        result.optimizer = optimizer_record(
+            settings(opt, [k for k, _ in trainable]), cfg.max_grad_norm
+        )
         result.trainable_params = sum(v.size for _, v in trainable)
         # threads really at work in a step: one per stream, times the BLAS threads each one calls
         result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
@@ -137,7 +150,8 @@ class MlxRecipe(Recipe):
         self.kernels_before = jit.built_kernels()
 
     def compile_step(self, streams: tuple):
-        """batch -> (loss, norm before clipping): forward, backward, clipping, AdamW in one graph."""
+        """batch -> (loss, norm before clipping): forward, backward, clipping, AdamW in one
+        graph."""
         model, opt, cfg, result = self.model, self.opt, self.run.cfg, self.run.result
         packed = self.run.batches.packed
 
@@ -148,7 +162,9 @@ class MlxRecipe(Recipe):
             if cfg.max_grad_norm is not None:  # the norm before clipping
                 grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
             else:
-                grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+                grad_norm = mx.sqrt(
+                    sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))
+                )
             opt.update(model, grads)
             return loss, grad_norm
 
@@ -179,28 +195,34 @@ class MlxRecipe(Recipe):
         if built := jit.announce_new_kernels(self.kernels_before, "mlx"):
             extra = self.run.result.extra
             so_far = extra.get("mlx_kernels_built", {"kernels": 0, "seconds": 0.0})
-            extra["mlx_kernels_built"] = {**built, "kernels": so_far["kernels"] + built["kernels"],
-                                          "seconds": round(so_far["seconds"] + built["seconds"], 2)}
+            extra["mlx_kernels_built"] = {
+                **built,
+                "kernels": so_far["kernels"] + built["kernels"],
+                "seconds": round(so_far["seconds"] + built["seconds"], 2),
+            }
             self.kernels_before = jit.built_kernels()
 
     def end_steps(self) -> None:
         if self.n_streams > 1:
-            set_blas_threads(self.run.result.rank_threads)  # eval and the GEMM probe run on one stream
+            set_blas_threads(
+                self.run.result.rank_threads
+            )  # eval and the GEMM probe run on one stream
 
     def finish(self) -> None:
         run, cfg, result, model = self.run, self.run.cfg, self.run.result, self.model
         self.threads_note()
         result.framework_peak_mb = mx.get_peak_memory() / 2**20
         result.extra["framework_peak_note"] = (
-            "mx.get_peak_memory() since after load: MLX array buffers in use at the peak of training + "
-            "eval (weights, activations, grads, optimizer state); excludes the allocator cache and "
-            "non-MLX memory"
+            "mx.get_peak_memory() since after load: MLX array buffers in use at the peak of "
+            "training + eval (weights, activations, grads, optimizer state); excludes the "
+            "allocator cache and non-MLX memory"
         )
         save_adapters(cfg, lora_state(model), len(model.model.layers), run.model_dir, run.out_dir)
         model.eval()
         probe = to_mx(probe_batch(run.batches))
         save_probe_logits(
-            np.array(model(probe["input_ids"], probe["attention_mask"]).astype(mx.float32)), run.out_dir
+            np.array(model(probe["input_ids"], probe["attention_mask"]).astype(mx.float32)),
+            run.out_dir,
         )
         result.device = self.device.name
         result.extra["compiled"] = COMPILE
@@ -213,8 +235,8 @@ class MlxRecipe(Recipe):
         busy = result.cpu_busy_threads
         if n_streams > 1:
             result.note(
-                f"threads: each batch's rows split over {n_streams} MLX CPU streams, each one thread "
-                "with a 1-thread BLAS"
+                f"threads: each batch's rows split over {n_streams} MLX CPU streams, each one "
+                "thread with a 1-thread BLAS"
                 + (f"; {busy:.2f} threads busy over the timed steps" if busy is not None else "")
             )
         elif self.run.cfg.grad_checkpoint and self.device == mx.cpu and result.threads > 1:
@@ -244,7 +266,9 @@ def compile_apply(model: Model, opt, cfg: RunConfig, state: list):
         if cfg.max_grad_norm is not None:
             grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
-            grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+            grad_norm = mx.sqrt(
+                sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))
+            )
         opt.update(model, grads)
         return grad_norm
 

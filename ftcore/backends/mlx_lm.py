@@ -100,7 +100,8 @@ def our_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm
 
 
 def load(cfg: RunConfig, model_dir: Path, result: RunResult, utils, load_model):
-    """mlx-lm's loader on the HF folder, cast to the run's precision, LoRA set to the shared init."""
+    """mlx-lm's loader on the HF folder, cast to the run's precision, LoRA set to the shared
+    init."""
     arch = read_arch(model_dir)
     t0 = time.perf_counter()
     # mlx-lm's ModelArgs defaults tie_word_embeddings=True (its sanitize then drops lm_head), and
@@ -160,14 +161,14 @@ def numerics_notes(cfg: RunConfig, batches: Batches) -> list[str]:
     ours = target_count(batches.train["labels"])
     theirs = sum(mlx_lm_target_count(batches.step(s)) for s in range(cfg.steps))
     notes = [
-        f"loss: mlx-lm's default_loss counts targets at positions offset..length inclusive, i.e. one "
-        f"pad target after each untruncated row: {theirs} targets over the run vs {ours} in the other "
-        "backends; the mean is over its count",
-        "loss: the model sees tokens[:, :-1] (tokens/s still counts full rows, as elsewhere) with a "
-        "causal mask only (no padding mask: the same for the counted targets under right padding); "
-        "cross-entropy runs in the logits' dtype",
-        "Adam: no bias correction (MLX default bias_correction=False); the other backends use AdamW "
-        "with bias correction, so steps differ from the first update",
+        "loss: mlx-lm's default_loss counts targets at positions offset..length inclusive, i.e. "
+        f"one pad target after each untruncated row: {theirs} targets over the run vs {ours} in "
+        "the other backends; the mean is over its count",
+        "loss: the model sees tokens[:, :-1] (tokens/s still counts full rows, as elsewhere) with "
+        "a causal mask only (no padding mask: the same for the counted targets under right "
+        "padding); cross-entropy runs in the logits' dtype",
+        "Adam: no bias correction (MLX default bias_correction=False); the other backends use "
+        "AdamW with bias correction, so steps differ from the first update",
         "mlx-lm's trainer clears MLX's buffer cache after every step (clear_cache_threshold=0)",
     ]
     if cfg.weight_decay > 0:
@@ -182,7 +183,8 @@ def numerics_notes(cfg: RunConfig, batches: Batches) -> list[str]:
         notes.append("--eval-every ignored: eval runs once, after training")
     if cfg.precision == "bf16":
         notes.append(
-            "bf16: mlx-lm's LoRALinear rounds the LoRA term to bf16 before adding it to the base output"
+            "bf16: mlx-lm's LoRALinear rounds the LoRA term to bf16 before adding it to the base "
+            "output"
         )
     return notes
 
@@ -241,7 +243,9 @@ class MlxLmRecipe(Recipe):
         recorder = Recorder(clock, opt)
         train_set = [mlx_lm_batch(self.run.batches.step(s)) for s in range(cfg.steps)]
         # the trainer's own final save goes to a temporary name, renamed only once complete
-        with atomic_path(self.run.out_dir / "adapter_mlx_lm" / "adapters.safetensors") as adapter_file:
+        with atomic_path(
+            self.run.out_dir / "adapter_mlx_lm" / "adapters.safetensors"
+        ) as adapter_file:
             args = trainer.TrainingArgs(
                 batch_size=cfg.batch_size,
                 iters=cfg.steps,
@@ -249,7 +253,8 @@ class MlxLmRecipe(Recipe):
                 steps_per_save=cfg.steps + 1,  # only the final save
                 max_seq_length=cfg.max_seq_len,
                 adapter_file=str(adapter_file),
-                grad_checkpoint=cfg.grad_checkpoint,  # mlx-lm's own: mx.checkpoint around each layer
+                # mlx-lm's own: mx.checkpoint around each layer
+                grad_checkpoint=cfg.grad_checkpoint,
             )
             trainer.train(model, opt, train_set, args=args, loss=trainer.default_loss,
                           iterate_batches=recorder.batches, training_callback=recorder)  # fmt: skip
@@ -258,11 +263,19 @@ class MlxLmRecipe(Recipe):
         run, cfg, result, batches = self.run, self.run.cfg, self.run.result, self.run.batches
         if batches.eval:
             eval_set = [mlx_lm_batch(b) for b in batches.eval]
-            result.eval_loss = self.trainer.evaluate(self.model, eval_set, cfg.batch_size, num_batches=-1,
-                                                     max_seq_length=cfg.max_seq_len, iterate_batches=our_batches)
+            result.eval_loss = self.trainer.evaluate(
+                self.model,
+                eval_set,
+                cfg.batch_size,
+                num_batches=-1,
+                max_seq_length=cfg.max_seq_len,
+                iterate_batches=our_batches,
+            )
             result.eval_losses.append([cfg.steps, result.eval_loss])
         result.framework_peak_mb = mx.get_peak_memory() / 2**20
-        save_adapters(cfg, peft_layout(self.model), len(self.model.layers), run.model_dir, run.out_dir)
+        save_adapters(
+            cfg, peft_layout(self.model), len(self.model.layers), run.model_dir, run.out_dir
+        )
         result.device = self.device.name
         result.extra["compiled"] = True  # mlx-lm's trainer always compiles its step
         for note in numerics_notes(cfg, batches):

@@ -21,7 +21,9 @@ class Progress:
         if not self.tty and done != self.total and done % max(1, self.total // 10):
             return
         tps = f"{tokens_per_s:8.1f} tok/s" if tokens_per_s else "    warm-up"
-        line = f"[{self.backend}] step {done:>4}/{self.total}  loss {loss:.4f}  {tps}  {time.perf_counter() - self.t0:6.1f}s"
+        elapsed = time.perf_counter() - self.t0
+        line = (f"[{self.backend}] step {done:>4}/{self.total}  loss {loss:.4f}  {tps}  "
+                f"{elapsed:6.1f}s")
         print(
             ("\r" + line) if self.tty else line,
             end="" if self.tty and done < self.total else "\n",

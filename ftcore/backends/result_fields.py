@@ -56,8 +56,12 @@ def start_result(run: Run) -> RunResult:
     BLAS probed is this process's framework's (run.framework)."""
     cfg, batches, framework = run.cfg, run.batches, run.framework
     arch = read_arch(run.model_dir)
-    seq_len = batches.seq_len  # the length of per-token work: FLOPs and GEMM shapes (Batches.seq_len)
-    flops = flops_per_token(arch, seq_len, cfg.lora_targets, cfg.lora_rank)["total"]  # per real token
+    seq_len = (
+        batches.seq_len
+    )  # the length of per-token work: FLOPs and GEMM shapes (Batches.seq_len)
+    flops = flops_per_token(arch, seq_len, cfg.lora_targets, cfg.lora_rank)[
+        "total"
+    ]  # per real token
     result = run.result = RunResult(
         backend=run.backend,
         status="ok",
@@ -69,10 +73,14 @@ def start_result(run: Run) -> RunResult:
         precision=cfg.precision,
     )
     # one process: a rank holds the model and its shard's rows
-    result.memory_model = memory_model(arch, cfg, cfg.batch_size // cfg.world_size, batches.widest)  # the peak step
+    result.memory_model = memory_model(
+        arch, cfg, cfg.batch_size // cfg.world_size, batches.widest
+    )  # the peak step
     # what LoRA on these targets should train; the backend counts what its model really trains
     result.trainable_params_expected = lora_param_count(arch, cfg.lora_targets, cfg.lora_rank)
-    result.records = {k: batches.stats.get(f"{k}_records") for k in ("train", "eval", "dropped", "prompt_only")}
+    result.records = {
+        k: batches.stats.get(f"{k}_records") for k in ("train", "eval", "dropped", "prompt_only")
+    }
     # the run's GEMM shapes: the GEMM peaks MFU divides by are measured over them too
     # (ftcore.measure.flops.gemm_shapes; the parent reads them back, ftcore.measure.mfu)
     threads = cfg.threads or affinity_cores()
@@ -104,10 +112,14 @@ def finish_result(run: Run, step_times: list[float]) -> RunResult:
     if cfg.device == "gpu":  # this GPU's measured GEMM peak (the machine probes are CPU-only)
         from ftcore.measure.gemm_timing import measure_gemm_peak
 
-        result.extra["gpu_gemm_peak_gflops"] = measure_gemm_peak(framework, cfg.precision, n=8192, device="gpu")
+        result.extra["gpu_gemm_peak_gflops"] = measure_gemm_peak(
+            framework, cfg.precision, n=8192, device="gpu"
+        )
     if cfg.device == "cpu":  # the GEMM probes measure this machine's CPU only
         shapes = tuple(tuple(s) for s in result.extra.get("gemm_shapes", ()))
-        result.extra["framework_gemm_peak_gflops"] = gemm_peak_cached(framework, cfg.precision, shapes=shapes)
+        result.extra["framework_gemm_peak_gflops"] = gemm_peak_cached(
+            framework, cfg.precision, shapes=shapes
+        )
     return result
 
 

@@ -35,9 +35,9 @@ class Diverged(Exception):
 
 
 class StepClock:
-    """What every training loop does around a step: wait for the step gate (ftcore.process.step_gate),
-    time the step, answer the gate, print progress, and measure the machine's load from other
-    processes over the timed steps (ftcore.measure.machine_load).
+    """What every training loop does around a step: wait for the step gate
+    (ftcore.process.step_gate), time the step, answer the gate, print progress, and measure the
+    machine's load from other processes over the timed steps (ftcore.measure.machine_load).
 
         clock.begin(i); <the step, ending at a sync point>; clock.end(i, loss, grad_norm)
         ... after the last step: clock.stop()
@@ -49,7 +49,9 @@ class StepClock:
 
     def __init__(self, run: Run) -> None:
         self.run, self.cfg, self.batches, rank = run, run.cfg, run.batches, run.rank
-        self.gate = StepGate({} if rank else None)  # ranks > 0 follow rank 0 through the collectives
+        self.gate = StepGate(
+            {} if rank else None
+        )  # ranks > 0 follow rank 0 through the collectives
         self.load = MachineLoad(sibling_pids)
         self.progress = Progress(run.backend, run.cfg.steps, quiet=rank > 0)
         self.times: list[float] = []
@@ -62,7 +64,8 @@ class StepClock:
         self.cpu_times: list[float] = []  # CPU seconds of all this process's threads, per step
 
     def feed(self, input_ids: Any) -> None:
-        """Hash the token ids (B, L) the loop really feeds the model this step (numpy-convertible)."""
+        """Hash the token ids (B, L) the loop really feeds the model this step
+        (numpy-convertible)."""
         ids = np.ascontiguousarray(np.asarray(input_ids), dtype=np.int64)
         self._fed.update(str(ids.shape).encode())
         self._fed.update(ids.tobytes())
@@ -78,8 +81,14 @@ class StepClock:
         self._cpu = time.process_time()
         self._t = time.perf_counter()
 
-    def end(self, step: int, loss: float, seconds: float | None = None,
-            grad_norm: float | None = None, targets: int | None = None) -> None:
+    def end(
+        self,
+        step: int,
+        loss: float,
+        seconds: float | None = None,
+        grad_norm: float | None = None,
+        targets: int | None = None,
+    ) -> None:
         """`seconds`: the step's time when the loop measured it itself (mlx-lm's trainer);
         `grad_norm`: before clipping; `targets`: the target tokens of the rows this process fed."""
         self.times.append(time.perf_counter() - self._t if seconds is None else seconds)

@@ -1,9 +1,9 @@
 """`torch` backend: transformers LlamaForCausalLM + PEFT LoRA (ftcore.torch), trained by the shared
 loop (backends.loop) with this step: loss, backward, clipping, AdamW.
 
-Under torchrun (ftcore.process.ranks) each rank trains on its shard of every global batch, its loss divided
-by the global target count, and one all-reduce sums gradients and loss before clipping and AdamW,
-so every rank steps identically; only rank 0 evaluates and saves.
+Under torchrun (ftcore.process.ranks) each rank trains on its shard of every global batch, its loss
+divided by the global target count, and one all-reduce sums gradients and loss before clipping and
+AdamW, so every rank steps identically; only rank 0 evaluates and saves.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ class TorchRecipe(Recipe):
             group["lr"] = lr
         return self.opt.param_groups[0]["lr"]
 
-    def step(self, batch: dict[str, torch.Tensor], global_targets: int | None) -> tuple[float, float]:
+    def step(
+        self, batch: dict[str, torch.Tensor], global_targets: int | None
+    ) -> tuple[float, float]:
         run, params = self.run, self.params
         loss_sum, count = loss_sum_count(self.model, batch, run.batches.packed)
         loss = loss_sum / (count.clamp(min=1) if global_targets is None else global_targets)

@@ -61,7 +61,9 @@ def start(run: Run):
     result.initial_adapter_fingerprint = state_fingerprint(get_lora_state(model))
     result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # transformers' own flag: whether its layers really recompute in the backward pass
-    result.extra["grad_checkpoint_active"] = bool(getattr(model, "is_gradient_checkpointing", False))
+    result.extra["grad_checkpoint_active"] = bool(
+        getattr(model, "is_gradient_checkpointing", False)
+    )
     result.threads = torch.get_num_threads()  # what torch reports, not what was asked for
     record_ranks(run)
     if device.type == "cuda":

@@ -142,8 +142,13 @@ def parse_shape(text: str) -> tuple[int, int]:
         raise ValueError(f"bad shape {text!r}: expected BATCHxSEQ, e.g. 4x128") from None
 
 
-def build_cases(sizes: Sequence[str], backends: Sequence[str], precisions: Sequence[str] | None,
-                shapes: Sequence[tuple[int, int]] | None, nprocs: Sequence[int] = (1,)) -> list[Case]:
+def build_cases(
+    sizes: Sequence[str],
+    backends: Sequence[str],
+    precisions: Sequence[str] | None,
+    shapes: Sequence[tuple[int, int]] | None,
+    nprocs: Sequence[int] = (1,),
+) -> list[Case]:
     """Cartesian product; per-size defaults where an axis is not given. A process count above 1
     only for data-parallel backends and batches it divides."""
     from ftcore.backends import BACKENDS
@@ -155,7 +160,8 @@ def build_cases(sizes: Sequence[str], backends: Sequence[str], precisions: Seque
         for precision in precisions or SIZES[size].precisions
         for nproc in nprocs
         for backend in backends
-        if nproc == 1 or (backend in BACKENDS and BACKENDS[backend].data_parallel and batch % nproc == 0)
+        if nproc == 1
+        or (backend in BACKENDS and BACKENDS[backend].data_parallel and batch % nproc == 0)
     ]
 
 

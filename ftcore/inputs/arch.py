@@ -31,7 +31,8 @@ def module_path(layer: int, target: str) -> str:
 
 
 def linear_shapes(arch: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each per-layer linear; k/v have kv_heads * head_dim outputs."""
+    """(in_features, out_features) of each per-layer linear; k/v have kv_heads * head_dim
+    outputs."""
     h, inter = arch["hidden_size"], arch["intermediate_size"]
     heads = arch["num_attention_heads"]
     kv = arch.get("num_key_value_heads") or heads

@@ -8,8 +8,8 @@ takes the previous stage's output and never calls back into it (`build_batches` 
    fingerprinted). Every backend consumes the byte-identical arrays; their sha256 fingerprint goes
    into every result.
 
-Batching (RunConfig.batching, ftcore.inputs.batching): `padded` (every row at max_seq_len), `longest`
-(mlx-lm's trainer: sorted by length, consecutive batches in a seeded order, each padded to
+Batching (RunConfig.batching, ftcore.inputs.batching): `padded` (every row at max_seq_len),
+`longest` (mlx-lm's trainer: sorted by length, consecutive batches in a seeded order, each padded to
 1 + 32 * ceil(longest / 32)) or `packed` (several records per row, first-fit-decreasing, with
 `position_ids` restarting at 0 for each record, from which every backend builds the per-document
 causal mask), for training and eval batches alike (eval batches keep their order). Batches of one
@@ -99,7 +99,11 @@ class Batches:
         hold one record feeds the same tokens as a `longest` one, yet is another run."""
         h = hashlib.sha256(self.mode.value.encode())
         keys = self.row_keys
-        parts = [(self.train, (*keys, "widths")), *((p, keys) for p in self.eval), (self.answers, sorted(self.answers))]
+        parts = [
+            (self.train, (*keys, "widths")),
+            *((p, keys) for p in self.eval),
+            (self.answers, sorted(self.answers)),
+        ]
         for part, names in parts:
             for k in names:
                 a = np.ascontiguousarray(part[k], dtype=np.int64)
@@ -109,12 +113,16 @@ class Batches:
         return h.hexdigest()[:16]
 
     def answer_items(self) -> list[tuple[list[int], list[int]]]:
-        """(prompt token ids, expected answer token ids ending with EOS) per answerable eval record."""
+        """(prompt token ids, expected answer token ids ending with EOS) per answerable eval
+        record."""
         a = self.answers
         if not a:
             return []
         return [
-            (a["prompt_ids"][i, : a["prompt_len"][i]].tolist(), a["answer_ids"][i, : a["answer_len"][i]].tolist())
+            (
+                a["prompt_ids"][i, : a["prompt_len"][i]].tolist(),
+                a["answer_ids"][i, : a["answer_len"][i]].tolist(),
+            )
             for i in range(len(a["prompt_len"]))
         ]
 
@@ -125,9 +133,9 @@ class Batches:
 
     def step_tokens(self, first: int = 0, stop: int | None = None) -> dict[str, int]:
         """Over steps [first, stop): `fed` positions (batch x width, padding included: what the
-        step computes on), `real` (non-pad) tokens of the rows trained on (a short batch's filler rows
-        are computed like padding: ftcore.inputs.batching) and `loss` tokens (targets the loss is
-        taken over)."""
+        step computes on), `real` (non-pad) tokens of the rows trained on (a short batch's filler
+        rows are computed like padding: ftcore.inputs.batching) and `loss` tokens (targets the loss
+        is taken over)."""
         widths = self.train["widths"][first:stop]
         rows = self.train["input_ids"].shape[1]
         trained = trained_rows(self.train["labels"][first:stop])  # (steps, batch)
@@ -152,23 +160,31 @@ class Batches:
         with np.load(path) as z:
             train = {k[len("train_") :]: z[k] for k in z.files if k.startswith("train_")}
             n_eval = len({k.split("_")[0] for k in z.files if k.startswith("eval")})
-            evals = [{k[len(f"eval{i}_") :]: z[k] for k in z.files if k.startswith(f"eval{i}_")} for i in range(n_eval)]
+            evals = [
+                {k[len(f"eval{i}_") :]: z[k] for k in z.files if k.startswith(f"eval{i}_")}
+                for i in range(n_eval)
+            ]
             answers = {k[len("answers_") :]: z[k] for k in z.files if k.startswith("answers_")}
             stats = json.loads(z["stats"].tobytes().decode())
             mode = Batching(str(z["mode"]))
         return cls(train=train, eval=evals, mode=mode, stats=stats, answers=answers)
 
 
-def build_batches(cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None) -> Batches:
+def build_batches(
+    cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None
+) -> Batches:
     """The input pipeline's three stages (module docstring): records -> token rows -> batches."""
     train_recs, eval_recs = records_for(cfg, tokenizer, records)  # ftcore.inputs.records
-    train_tok, eval_tok = token_rows_for(train_recs, eval_recs, tokenizer, cfg)  # ftcore.inputs.token_rows
+    # ftcore.inputs.token_rows
+    train_tok, eval_tok = token_rows_for(train_recs, eval_recs, tokenizer, cfg)
     batches = batches_of(train_tok, eval_tok, cfg, tokenizer)  # ftcore.inputs.batching's rules
     batches.stats["data_warnings"] = data_warnings(train_recs + eval_recs, train_tok, eval_tok, cfg)
     return batches
 
 
-def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokenizer: Any) -> Batches:
+def batches_of(
+    train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokenizer: Any
+) -> Batches:
     """Stage three: the run's training steps (`cfg.steps`, or what --epochs come to) and eval
     batches, batched as cfg.batching says, with their stats."""
     packed = cfg.batching == Batching.PACKED
@@ -176,32 +192,44 @@ def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokeni
     units = pack_tokenized(train_tok, cfg.max_seq_len) if packed else train_tok
     if len(units.ids) < cfg.batch_size:
         raise UserError(
-            f"the {len(train_tok.ids)} training records pack into {len(units.ids)} rows of --max-seq-len "
-            f"{cfg.max_seq_len}; need at least --batch-size {cfg.batch_size} rows (more --num-samples, or a "
-            "smaller --batch-size)"
+            f"the {len(train_tok.ids)} training records pack into {len(units.ids)} rows of "
+            f"--max-seq-len {cfg.max_seq_len}; need at least --batch-size {cfg.batch_size} rows "
+            "(more --num-samples, or a smaller --batch-size)"
         )
     lengths = [len(ids) for ids in units.ids]
     if cfg.epochs is not None:  # whole passes instead of --steps; the caller takes Batches.steps
-        cfg = cfg.replace(steps=steps_of_epochs(cfg, len(lengths), "packed rows" if packed else "training records"))
+        cfg = cfg.replace(
+            steps=steps_of_epochs(
+                cfg, len(lengths), "packed rows" if packed else "training records"
+            )
+        )
     check_batches_fit(cfg, packed)
     if cfg.batching == Batching.PADDED:
         order = padded_order(len(lengths), cfg.batch_size, cfg.steps, cfg.seed)
     else:  # sorted as mlx-lm sorts: records by their whole length, packed rows by their filled one
         sort_keys = lengths if packed else train_tok.full_lens
-        order = longest_order(sort_keys, cfg.batch_size, cfg.steps, cfg.seed, whole_epochs=cfg.epochs is not None)
+        order = longest_order(
+            sort_keys, cfg.batch_size, cfg.steps, cfg.seed, whole_epochs=cfg.epochs is not None
+        )
     train, real_rows = _train_arrays(units, order, cfg, pad_id_of(tokenizer))
     eval_units = pack_tokenized(eval_tok, cfg.max_seq_len) if packed else eval_tok
     answers = _answers(eval_tok, int(tokenizer.eos_token_id))
-    batches = Batches(train=train, eval=_eval_arrays(eval_units, cfg, pad_id_of(tokenizer)), mode=cfg.batching,
-                      answers=answers)
+    batches = Batches(
+        train=train,
+        eval=_eval_arrays(eval_units, cfg, pad_id_of(tokenizer)),
+        mode=cfg.batching,
+        answers=answers,
+    )
     tokens = batches.step_tokens()
     batches.stats = {
         "train_records": len(train_tok.ids),
         "eval_records": len(eval_tok.ids),
         "dropped_records": train_tok.dropped + eval_tok.dropped,
         "prompt_only_records": train_tok.prompt_only,
-        "packed_rows": len(lengths) if packed else None,  # rows the training records were packed into
-        "filler_rows": cfg.steps * cfg.batch_size - sum(real_rows),  # short batches' rows with no targets
+        # rows the training records were packed into
+        "packed_rows": len(lengths) if packed else None,
+        # short batches' rows with no targets
+        "filler_rows": cfg.steps * cfg.batch_size - sum(real_rows),
         "fed_tokens": tokens["fed"],
         "loss_tokens": tokens["loss"],
         "real_tokens": tokens["real"],
@@ -219,7 +247,10 @@ def _train_arrays(units: Tokenized, order: list[list[int]], cfg: RunConfig, pad_
                   ) -> tuple[dict[str, np.ndarray], list[int]]:
     """The training steps' (steps, batch, width) arrays and `widths`, and each step's real rows
     (a short batch is made up with filler rows: ftcore.inputs.batching)."""
-    widths = [batch_width([len(units.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching) for rows in order]
+    widths = [
+        batch_width([len(units.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching)
+        for rows in order
+    ]
     full, real_rows = zip(*(filled(rows, cfg.batch_size) for rows in order), strict=True)
     train = pad_rows(units, [i for rows in full for i in rows], max(widths), pad_id)
     train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}
@@ -233,7 +264,9 @@ def _eval_arrays(units: Tokenized, cfg: RunConfig, pad_id: int) -> list[dict[str
     """Eval batches in record order, each padded as the run's batching pads."""
     n = len(units.ids)
     rows = [list(range(i, min(i + cfg.batch_size, n))) for i in range(0, n, cfg.batch_size)]
-    widths = [batch_width([len(units.ids[i]) for i in r], cfg.max_seq_len, cfg.batching) for r in rows]
+    widths = [
+        batch_width([len(units.ids[i]) for i in r], cfg.max_seq_len, cfg.batching) for r in rows
+    ]
     return [pad_rows(units, r, w, pad_id) for r, w in zip(rows, widths, strict=True)]
 
 

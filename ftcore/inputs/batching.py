@@ -112,7 +112,10 @@ def pack_tokenized(tok: Tokenized, capacity: int) -> Tokenized:
     position 0 is never a target either), positions restarting at 0 for each record."""
     rows = pack_rows([len(ids) for ids in tok.ids], capacity)
     ids = [[t for i in row for t in tok.ids[i]] for row in rows]
-    labels = [[IGNORE_INDEX if k == 0 else y for i in row for k, y in enumerate(tok.labels[i])] for row in rows]
+    labels = [
+        [IGNORE_INDEX if k == 0 else y for i in row for k, y in enumerate(tok.labels[i])]
+        for row in rows
+    ]
     positions = [[k for i in row for k in range(len(tok.ids[i]))] for row in rows]
     return Tokenized(ids, labels, tok.dropped, positions=positions)
 

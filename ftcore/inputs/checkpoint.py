@@ -73,9 +73,17 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
     archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llama" and not (isinstance(archs, list) and set(archs) & set(LLAMA_ARCHITECTURES)):
-        what = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else cfg.get("model_type") or "unknown"
-        raise UserError(f"{model_dir}: a {what} model; ftcore supports Llama-architecture models only")
+    if cfg.get("model_type") != "llama" and not (
+        isinstance(archs, list) and set(archs) & set(LLAMA_ARCHITECTURES)
+    ):
+        what = (
+            ", ".join(map(str, archs))
+            if isinstance(archs, list) and archs
+            else cfg.get("model_type") or "unknown"
+        )
+        raise UserError(
+            f"{model_dir}: a {what} model; ftcore supports Llama-architecture models only"
+        )
     for key in SIZE_FIELDS:
         v = cfg.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -199,15 +207,22 @@ def check_checkpoint(model_dir: Path, allow_pickle: bool = False) -> dict[str, A
     for f in files:
         if is_pickle:
             for name, v in pickled[f].items():
-                found[name] = Tensor(name, TORCH_DTYPES.get(str(v.dtype), str(v.dtype)), tuple(v.shape), f)
+                found[name] = Tensor(
+                    name, TORCH_DTYPES.get(str(v.dtype), str(v.dtype)), tuple(v.shape), f
+                )
         else:
             found.update({t.name: t for t in _safetensors_header(f)})
     expected = expected_tensors(arch)
     if missing := [k for k in expected if k not in found]:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"{model_dir}: the weights lack {missing[0]}{more} (config.json implies them)")
+        raise UserError(
+            f"{model_dir}: the weights lack {missing[0]}{more} (config.json implies them)"
+        )
     if unknown := [k for k in found if k not in expected and not _optional(k, arch)]:
-        raise UserError(f"{model_dir}: tensor {unknown[0]} ({found[unknown[0]].file.name}) is not part of a Llama model")
+        raise UserError(
+            f"{model_dir}: tensor {unknown[0]} ({found[unknown[0]].file.name}) is not part of a "
+            "Llama model"
+        )
     for name, shape in expected.items():
         t = found[name]
         if t.shape != shape:

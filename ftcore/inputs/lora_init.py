@@ -20,8 +20,8 @@ def initial_lora_state(
 ) -> dict[str, np.ndarray]:
     """fp32 initial adapters keyed `<module_path>.lora_A` / `.lora_B`.
 
-    A ~ U(-1/sqrt(in), 1/sqrt(in)) — the bound of PEFT's kaiming_uniform_(a=sqrt(5)) — and B = 0,
-    drawn from one numpy generator in a fixed (layer, target) order.
+    A ~ U(-1/sqrt(in), 1/sqrt(in)) — the bound of PEFT's kaiming_uniform_(a=sqrt(5)) — and
+    B = 0, drawn from one numpy generator in a fixed (layer, target) order.
     """
     rng = np.random.default_rng(seed)
     shapes = linear_shapes(arch)

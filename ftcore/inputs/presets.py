@@ -76,7 +76,8 @@ def preset_config(preset: str, num_layers: int | None = None) -> dict[str, Any]:
     if num_layers is not None:
         if num_layers > cfg["num_hidden_layers"]:
             raise UserError(
-                f"--num-layers {num_layers}: preset {preset} has only {cfg['num_hidden_layers']} layers"
+                f"--num-layers {num_layers}: preset {preset} has only {cfg['num_hidden_layers']} "
+                "layers"
             )
         cfg["num_hidden_layers"] = num_layers
     return cfg
@@ -102,20 +103,25 @@ def hf_llama_config(arch: dict[str, Any]) -> Any:
 
 PRETRAINED_PRESETS = ("tiny-pretrained",)  # pretrained while materialised (ftcore.inputs.pretrain)
 # Checkpoints shipped as package data: made once by `ftcore pretrain`, identical on every machine.
-SHIPPED_PRESETS = {"tiny-pretrained": Path(__file__).resolve().parents[1] / "presets" / "tiny-pretrained"}
-
+SHIPPED_PRESETS = {
+    "tiny-pretrained": Path(__file__).resolve().parents[1] / "presets" / "tiny-pretrained"
+}
 
 
 def preset_fingerprint(preset: str, arch: dict[str, Any]) -> str:
     """Hash of everything that makes the preset's checkpoint: its config, seeds, tokenizer settings
     and corpus, and for a pretrained preset the recipe, its data and its training code
-    (ftcore.inputs.pretrain.recipe_inputs). It hashes what the recipe produces (text), not source files,
-    so an edit that changes no data and no training code keeps the fingerprint."""
+    (ftcore.inputs.pretrain.recipe_inputs). It hashes what the recipe produces (text), not source
+    files, so an edit that changes no data and no training code keeps the fingerprint."""
     from ftcore.inputs import pretrain
 
     h = hashlib.sha256()
     recipe = pretrain.PRETRAIN_RECIPE if preset in PRETRAINED_PRESETS else None
-    h.update(json.dumps([arch, PRESET_INIT_SEED, TOKENIZER_VOCAB, TOKENIZER_CORPUS, recipe], sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [arch, PRESET_INIT_SEED, TOKENIZER_VOCAB, TOKENIZER_CORPUS, recipe], sort_keys=True
+        ).encode()
+    )
     h.update(tokenizer_corpus().encode())
     if recipe:
         h.update(pretrain.recipe_inputs().encode())
@@ -141,7 +147,9 @@ def shipped_preset(preset: str, arch: dict[str, Any]) -> Path | None:
     return folder
 
 
-def materialize_preset(preset: str, num_layers: int | None = None, root: Path | None = None) -> Path:
+def materialize_preset(
+    preset: str, num_layers: int | None = None, root: Path | None = None
+) -> Path:
     """The preset's HF checkpoint folder: the shipped one where there is one (shipped_preset),
     else made once (atomically, one maker at a time: a second process waits on a lock and reuses
     it) and reused from the cache."""
@@ -156,7 +164,8 @@ def materialize_preset(preset: str, num_layers: int | None = None, root: Path | 
     locks = out.parent.parent / "locks"
     locks.mkdir(exist_ok=True)
     with open(locks / f"{name}.lock", "a+") as lock:
-        wait_for_lock(lock, f"the {preset} preset")  # released when the file closes, or the process dies
+        # released when the file closes, or the process dies
+        wait_for_lock(lock, f"the {preset} preset")
         if not (out / "ftcore_preset.json").exists():
             build_preset(preset, arch, out)
     return out
@@ -172,10 +181,16 @@ def wait_for_lock(lock: Any, what: str) -> None:
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "another process"
-        print(f"ftcore: waiting for process {holder}, which is making {what}", file=sys.stderr, flush=True)
+        print(
+            f"ftcore: waiting for process {holder}, which is making {what}",
+            file=sys.stderr,
+            flush=True,
+        )
         t0 = time.monotonic()
         fcntl.flock(lock, fcntl.LOCK_EX)
-        print(f"ftcore: waited {time.monotonic() - t0:.0f} s for {what}", file=sys.stderr, flush=True)
+        print(
+            f"ftcore: waited {time.monotonic() - t0:.0f} s for {what}", file=sys.stderr, flush=True
+        )
     lock.seek(0)
     lock.truncate()
     lock.write(str(os.getpid()))
@@ -257,8 +272,11 @@ def resolve_model_dir(cfg: RunConfig) -> Path:
 
 
 def check_preset_out(out: Path, replace: bool) -> None:
-    """`ftcore pretrain --out`: an empty or new folder (or --replace), not below a file (UserError)."""
+    """`ftcore pretrain --out`: an empty or new folder (or --replace), not below a file
+    (UserError)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not replace:
         raise UserError(f"--out {out}: not an empty folder; pass --replace to rebuild it")
     if blocker := file_in_the_way(out):
-        raise UserError(f"--out {out}: {blocker} is a file, not a folder; choose an --out outside it")
+        raise UserError(
+            f"--out {out}: {blocker} is a file, not a folder; choose an --out outside it"
+        )

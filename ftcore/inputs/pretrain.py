@@ -1,8 +1,8 @@
 """Full-parameter pretraining of the `tiny-pretrained` preset, offline, on the built-in word tasks.
 
 The weights ftcore uses are made once, by `ftcore pretrain --out DIR`, and shipped in the package
-(ftcore/presets/tiny-pretrained, served by ftcore.inputs.presets.shipped_preset): float results of this
-recipe depend on the CPU and thread count (summation order), so a preset pretrained on each
+(ftcore/presets/tiny-pretrained, served by ftcore.inputs.presets.shipped_preset): float results of
+this recipe depend on the CPU and thread count (summation order), so a preset pretrained on each
 user's machine would be a different base model on each. The recipe is fixed (PRETRAIN_RECIPE; it,
 its data and this module's training code make the preset's fingerprint, recipe_inputs): a fresh
 seeded model, AdamW, linear warm-up then cosine decay, gradient clipping, the loss on responses
@@ -30,7 +30,8 @@ PRETRAIN_RECIPE: dict[str, Any] = dict(
     warmup_steps=30,
     min_lr_ratio=0.1,  # cosine decays to 10% of lr
     max_grad_norm=1.0,
-    data_seed=3,  # 1 and 2 gave bases that already answer the held-out "Spell W in reverse" (44%, 94%)
+    # 1 and 2 gave bases that already answer the held-out "Spell W in reverse" (44%, 94%)
+    data_seed=3,
     families=[f.__name__ for f in PRETRAIN_FAMILIES],
 )
 
@@ -105,7 +106,9 @@ def recipe_inputs(r: dict[str, Any] = PRETRAIN_RECIPE) -> str:
     schedule)."""
     from ftcore.inputs.records import format_prompt
 
-    records = synthetic_records(r["steps"] * r["batch_size"], seed=r["data_seed"], families=PRETRAIN_FAMILIES)
+    records = synthetic_records(
+        r["steps"] * r["batch_size"], seed=r["data_seed"], families=PRETRAIN_FAMILIES
+    )
     data = "\n".join(format_prompt(x) + x["output"] for x in records)
     return data + training_code(pretrain) + training_code(recipe_lr)
 
@@ -114,10 +117,14 @@ def training_code(fn: Any) -> str:
     """`fn`'s source without its ftcore import lines: where a helper module lives (a rename, a
     move) is not what the loop computes, so it does not make a new preset."""
     lines = inspect.getsource(fn).splitlines(keepends=True)
-    return "".join(ln for ln in lines if not ln.lstrip().startswith(("from ftcore", "import ftcore")))
+    return "".join(
+        ln for ln in lines if not ln.lstrip().startswith(("from ftcore", "import ftcore"))
+    )
 
 
-def family_exact_match(model: Any, tokenizer: Any, n_per_family: int = 32, seed: int = 7) -> dict[str, float]:
+def family_exact_match(
+    model: Any, tokenizer: Any, n_per_family: int = 32, seed: int = 7
+) -> dict[str, float]:
     """Greedy exact-match share per built-in task family (`n_per_family` records each), computed
     teacher-forced: a greedy answer is the expected one (response + EOS) exactly when, fed the
     expected prefix, the model's argmax is the expected token at every answer position (ties
@@ -131,11 +138,19 @@ def family_exact_match(model: Any, tokenizer: Any, n_per_family: int = 32, seed:
     shares = {}
     for family in ALL_FAMILIES:
         rng = random.Random(seed)
-        tok = tokenize_records([family(rng) for _ in range(n_per_family)], tokenizer, 1024, mask_prompt=True)
-        rows = pad_rows(tok, list(range(len(tok.ids))), max(map(len, tok.ids)), pad_id_of(tokenizer))
-        ids, labels, mask = (torch.from_numpy(rows[k]) for k in ("input_ids", "labels", "attention_mask"))  # (n, width)
+        tok = tokenize_records(
+            [family(rng) for _ in range(n_per_family)], tokenizer, 1024, mask_prompt=True
+        )
+        rows = pad_rows(
+            tok, list(range(len(tok.ids))), max(map(len, tok.ids)), pad_id_of(tokenizer)
+        )
+        # (n, width)
+        ids, labels, mask = (
+            torch.from_numpy(rows[k]) for k in ("input_ids", "labels", "attention_mask")
+        )
         with torch.no_grad():
-            pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)  # predicts ids[:, 1:]
+            # predicts ids[:, 1:]
+            pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
         target = labels[:, 1:]
         right = ((pred == target) | (target == IGNORE_INDEX)).all(dim=1)
         shares[family.__name__] = round(right.float().mean().item(), 4)

@@ -5,8 +5,8 @@ template with the record as one user turn (instruction, then a blank line and th
 there is one) and one assistant turn (output), as mlx-lm renders chat data.
 
 A record is {"instruction", "input", "output"} strings (input may be empty). This is the input
-pipeline's first stage (`records_for`: the run's training and eval records); ftcore.inputs.token_rows
-turns them into token rows, ftcore.inputs.batches into batches.
+pipeline's first stage (`records_for`: the run's training and eval records);
+ftcore.inputs.token_rows turns them into token rows, ftcore.inputs.batches into batches.
 """
 
 from __future__ import annotations
@@ -43,14 +43,20 @@ PROMPT_FORMAT_FILE = "ftcore_prompt_format.json"
 
 
 def chat_messages(record: dict[str, str], with_answer: bool = True) -> list[dict[str, str]]:
-    """The record as a conversation: user = instruction (+ blank line + input), assistant = output."""
+    """The record as a conversation: user = instruction (+ blank line + input), assistant =
+    output."""
     user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
     messages = [{"role": "user", "content": user}]
-    return messages + [{"role": "assistant", "content": record["output"]}] if with_answer else messages
+    return (
+        messages + [{"role": "assistant", "content": record["output"]}] if with_answer else messages
+    )
 
 
 def write_prompt_format(adapter_dir: Path, prompt_format: str) -> None:
-    write_atomic(adapter_dir / PROMPT_FORMAT_FILE, (json.dumps({"prompt_format": prompt_format}) + "\n").encode())
+    write_atomic(
+        adapter_dir / PROMPT_FORMAT_FILE,
+        (json.dumps({"prompt_format": prompt_format}) + "\n").encode(),
+    )
 
 
 def read_prompt_format(adapter_dir: Path) -> str:
@@ -82,9 +88,9 @@ def load_records(path: str | Path | None, seed: int = 0) -> list[dict[str, str]]
     """Alpaca-format records from a .json list, a .jsonl file or a `save_to_disk` folder.
 
     None gives the built-in synthetic set; `builtin:alpaca-lengths` gives None here: those records
-    are made with the model's tokenizer (ftcore.inputs.length_profile, in build_batches). Every record
-    must have string `instruction` and `output`; `input` is optional. Problems raise UserError
-    naming the file and record.
+    are made with the model's tokenizer (ftcore.inputs.length_profile, in build_batches). Every
+    record must have string `instruction` and `output`; `input` is optional. Problems raise
+    UserError naming the file and record.
     """
     if path is None:
         return synthetic_records(SYNTHETIC_SIZE, seed=seed)

@@ -18,16 +18,19 @@ from ftcore.inputs.records import (
 
 @dataclass
 class Tokenized:
-    ids: list[list[int]]  # prompt + response + EOS (alpaca) or the rendered chat, truncated to max_seq_len
+    # prompt + response + EOS (alpaca) or the rendered chat, truncated to max_seq_len
+    ids: list[list[int]]
     labels: list[list[int]]  # ids with IGNORE_INDEX on the prompt (when masking)
     dropped: int  # records left with no loss token after truncation
     prompt_lens: list[int] = field(default_factory=list)  # tokens of each kept record's prompt
-    complete: list[bool] = field(default_factory=list)  # the whole response + EOS fit in max_seq_len
+    # the whole response + EOS fit in max_seq_len
+    complete: list[bool] = field(default_factory=list)
     # packed rows only (pack_tokenized): each token's position in its own record, 0 at its start
     positions: list[list[int]] | None = None
     keeps_all_at: int = 0  # the smallest max_seq_len at which no record is dropped (0: none was)
     prompt_only: int = 0  # kept records none of whose answer fits (they train on prompt text only)
-    full_lens: list[int] = field(default_factory=list)  # each kept record's length before truncation
+    # each kept record's length before truncation
+    full_lens: list[int] = field(default_factory=list)
 
 
 CHAT_TEMPLATE_PLACES = "chat_template in tokenizer_config.json, or chat_template.jinja"
@@ -40,7 +43,10 @@ def chat_template_problem(tokenizer: Any) -> str | None:
     if template is None:
         return f"has no chat template ({CHAT_TEMPLATE_PLACES})"
     if not template or (isinstance(template, str) and not template.strip()):
-        return f"has a blank chat template (empty or whitespace: it renders nothing; {CHAT_TEMPLATE_PLACES})"
+        return (
+            "has a blank chat template (empty or whitespace: it renders nothing; "
+            f"{CHAT_TEMPLATE_PLACES})"
+        )
     return None
 
 
@@ -50,7 +56,9 @@ def template_length(tokenizer: Any, prompt_format: str = "alpaca") -> int:
     return len(rendered_ids([empty], tokenizer, prompt_format)[0][0])
 
 
-def rendered_ids(records: list[dict[str, str]], tokenizer: Any, prompt_format: str) -> tuple[list, list]:
+def rendered_ids(
+    records: list[dict[str, str]], tokenizer: Any, prompt_format: str
+) -> tuple[list, list]:
     """(prompt ids, full ids) per record, each in two batched calls. alpaca: tokenizer(prompt),
     tokenizer(prompt + output) + EOS, the prompt's token count marking where the loss starts, as
     in Stanford Alpaca's preprocessing. chat: tokenizer.apply_chat_template on the user turn with
@@ -62,7 +70,9 @@ def rendered_ids(records: list[dict[str, str]], tokenizer: Any, prompt_format: s
     if prompt_format == "alpaca":
         prompts = [format_prompt(r) for r in records]
         prompt_ids = tokenizer(prompts)["input_ids"]
-        fulls = tokenizer([pr + r["output"] for pr, r in zip(prompts, records, strict=True)])["input_ids"]
+        fulls = tokenizer([pr + r["output"] for pr, r in zip(prompts, records, strict=True)])[
+            "input_ids"
+        ]
         return prompt_ids, [list(f) + [eos] for f in fulls]
     import jinja2
 
@@ -70,18 +80,27 @@ def rendered_ids(records: list[dict[str, str]], tokenizer: Any, prompt_format: s
     if why := chat_template_problem(tokenizer):
         raise UserError(f"--prompt-format chat: {model_dir} {why}; use --prompt-format alpaca")
     try:
-        prompt_ids = tokenizer.apply_chat_template([chat_messages(r, False) for r in records],
-                                                   add_generation_prompt=True, tokenize=True)["input_ids"]
-        full_ids = tokenizer.apply_chat_template([chat_messages(r) for r in records], tokenize=True)["input_ids"]
-    except jinja2.TemplateError as e:  # a syntax error, the template's raise_exception(...), an undefined name
+        prompt_ids = tokenizer.apply_chat_template(
+            [chat_messages(r, False) for r in records], add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+        full_ids = tokenizer.apply_chat_template(
+            [chat_messages(r) for r in records], tokenize=True
+        )["input_ids"]
+    # a syntax error, the template's raise_exception(...), an undefined name
+    except jinja2.TemplateError as e:
         line = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
         what = " ".join(str(getattr(e, "message", None) or e).split())
-        raise UserError(f"--prompt-format chat: the chat template of {model_dir} fails to render ({type(e).__name__}"
-                        f"{line}: {what}); fix it ({CHAT_TEMPLATE_PLACES}) or use --prompt-format alpaca") from None
+        raise UserError(
+            f"--prompt-format chat: the chat template of {model_dir} fails to render "
+            f"({type(e).__name__}{line}: {what}); fix it ({CHAT_TEMPLATE_PLACES}) or use "
+            "--prompt-format alpaca"
+        ) from None
     for p, f in zip(prompt_ids, full_ids, strict=True):
         if list(f[: len(p)]) != list(p):
-            raise UserError("--prompt-format chat: the chat template renders the prompt differently inside the "
-                            "whole conversation, so the answer's start is unknown; use --prompt-format alpaca")
+            raise UserError(
+                "--prompt-format chat: the chat template renders the prompt differently inside the "
+                "whole conversation, so the answer's start is unknown; use --prompt-format alpaca"
+            )
     return prompt_ids, full_ids
 
 
@@ -107,7 +126,8 @@ def tokenize_records(
         # position 0 is never a target (labels shift by one), so a loss token must sit at >= 1
         if all(t == IGNORE_INDEX for t in labels[1:]):
             dropped += 1
-            keeps_all_at = max(keeps_all_at, len(p_ids) + 1 if mask_prompt else 2)  # one answer token
+            # one answer token
+            keeps_all_at = max(keeps_all_at, len(p_ids) + 1 if mask_prompt else 2)
             continue
         prompt_only += len(ids) <= len(p_ids)
         ids_out.append(ids)
@@ -129,19 +149,29 @@ def pad_id_of(tokenizer: Any) -> int:
 def token_rows_for(train: list[dict[str, str]], evals: list[dict[str, str]], tokenizer: Any,
                    cfg: RunConfig) -> tuple[Tokenized, Tokenized]:
     """Stage two: the run's training and eval records as token rows, refused in one line when the
-    prompt template leaves no room, every eval record is dropped, or too few training ones remain."""
+    prompt template leaves no room, every eval record is dropped, or too few training ones
+    remain."""
     t_len = template_length(tokenizer, cfg.prompt_format)
     if cfg.max_seq_len <= t_len:
-        raise UserError(f"--max-seq-len {cfg.max_seq_len} is shorter than the prompt template ({t_len} tokens)")
-    train_tok = tokenize_records(train, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
-    eval_tok = tokenize_records(evals, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format)
+        raise UserError(
+            f"--max-seq-len {cfg.max_seq_len} is shorter than the prompt template ({t_len} tokens)"
+        )
+    train_tok = tokenize_records(
+        train, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format
+    )
+    eval_tok = tokenize_records(
+        evals, tokenizer, cfg.max_seq_len, cfg.mask_prompt, cfg.prompt_format
+    )
     if cfg.eval_samples > 0 and evals and not eval_tok.ids:
-        raise UserError(f"--eval-samples {cfg.eval_samples}: all {len(evals)} eval records are dropped (no answer "
-                        f"token fits in --max-seq-len {cfg.max_seq_len}); --max-seq-len {eval_tok.keeps_all_at} "
-                        "keeps them, or --eval-samples 0")
+        raise UserError(
+            f"--eval-samples {cfg.eval_samples}: all {len(evals)} eval records are dropped (no "
+            f"answer token fits in --max-seq-len {cfg.max_seq_len}); --max-seq-len "
+            f"{eval_tok.keeps_all_at} keeps them, or --eval-samples 0"
+        )
     if len(train_tok.ids) < cfg.batch_size:
         raise UserError(
-            f"only {len(train_tok.ids)} training records keep a loss token at --max-seq-len {cfg.max_seq_len} "
-            f"({train_tok.dropped} dropped); need at least --batch-size {cfg.batch_size}"
+            f"only {len(train_tok.ids)} training records keep a loss token at --max-seq-len "
+            f"{cfg.max_seq_len} ({train_tok.dropped} dropped); need at least --batch-size "
+            f"{cfg.batch_size}"
         )
     return train_tok, eval_tok

@@ -60,9 +60,13 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(
+            str(model_dir), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:  # transformers raises many types for broken tokenizer folders
-        raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+        raise UserError(
+            f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})"
+        ) from None
 
 
 def tokenizer_corpus() -> str:

@@ -157,7 +157,9 @@ def mlx_blas_info(time_gemm: bool = True, n: int = 512) -> dict:
     gflops = None
     if time_gemm:
         gflops = measure_gemm_peak("mlx", "fp32", n=n, timing=Timing(repeats=3, max_time_s=1.0))
-    threads = blas_threads() if name in ("openblas", "mkl") else (1 if name == "reference" else None)
+    threads = (
+        blas_threads() if name in ("openblas", "mkl") else (1 if name == "reference" else None)
+    )
     return {"name": name, "path": path, "gflops": gflops, "reference": name == "reference",
             "threads": threads, "mapped": mapped_libraries("blas")}
 
@@ -183,7 +185,10 @@ def probe_mlx_blas_subprocess(preload: str | None, timeout: float = 60) -> dict:
         env["LD_PRELOAD"] = preload
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    code = "import json; from ftcore.measure.blas import mlx_blas_info; print(json.dumps(mlx_blas_info()))"
+    code = (
+        "import json; from ftcore.measure.blas import mlx_blas_info; "
+        "print(json.dumps(mlx_blas_info()))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:

@@ -98,7 +98,8 @@ def without_blas_preload(env: dict) -> dict:
 # OPENBLAS_CORETYPE=SkylakeX 242 (Haswell 142; torch's MKL 202). Kernel sets by vector ISA:
 _AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 _AVX2_CORES = ("haswell", "zen")
-_AVX512_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}  # what SkylakeX kernels use
+# what SkylakeX kernels use
+_AVX512_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}
 
 
 def cpu_vector_isa(flags: set[str] | None = None) -> str | None:

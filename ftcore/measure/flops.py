@@ -65,7 +65,9 @@ def flops_per_token(arch: dict[str, Any], seq_len: int, lora_targets: Iterable[s
 MAX_PROBE_GFLOP = 4.0  # GEMMs larger than this run at the large-square rate: not probed one by one
 
 
-def gemm_shapes(arch: dict[str, Any], batch: int, seq_len: int, threads: int) -> list[tuple[int, int, int]]:
+def gemm_shapes(
+    arch: dict[str, Any], batch: int, seq_len: int, threads: int
+) -> list[tuple[int, int, int]]:
     """(m, k, n) of the base-weight GEMMs one training step runs, forward and backward (input
     gradient: (m, n) @ (n, k)), for the whole batch (m = batch * seq_len) and for one row stream
     (m / threads, the MLX CPU split), small enough to probe quickly (<= MAX_PROBE_GFLOP).
@@ -76,5 +78,7 @@ def gemm_shapes(arch: dict[str, Any], batch: int, seq_len: int, threads: int) ->
     rows = {batch * seq_len}
     if threads > 1 and batch % threads == 0:
         rows.add(batch // threads * seq_len)
-    shapes = {(m, k, n) for m in rows for k, n in pairs} | {(m, n, k) for m in rows for k, n in pairs}
+    shapes = {(m, k, n) for m in rows for k, n in pairs} | {
+        (m, n, k) for m in rows for k, n in pairs
+    }
     return sorted(s for s in shapes if 2 * s[0] * s[1] * s[2] <= MAX_PROBE_GFLOP * 1e9)

@@ -30,14 +30,16 @@ def _read_cache(path: Path) -> dict:
 
 
 def _shapes_key(shapes: tuple[tuple[int, int, int], ...]) -> str:
-    return hashlib.sha256(json.dumps(sorted(shapes)).encode()).hexdigest()[:12] if shapes else "square"
+    return (
+        hashlib.sha256(json.dumps(sorted(shapes)).encode()).hexdigest()[:12] if shapes else "square"
+    )
 
 
 def gemm_peak_cached(framework: str, precision: str, n: int = 1024, device: str = "cpu",
                      refresh: bool = False, shapes: tuple[tuple[int, int, int], ...] = ()) -> float:
     """This process's GEMM peak for ``framework`` over a square and the run's ``shapes``
-    (ftcore.measure.gemm_timing.measure_gemm_peak), measured once per (cpu model, cores, framework, precision,
-    blas, threads, n, device, shapes) and cached.
+    (ftcore.measure.gemm_timing.measure_gemm_peak), measured once per (cpu model, cores, framework,
+    precision, blas, threads, n, device, shapes) and cached.
 
     Concurrent writers may drop each other's new entries (last replace wins); that only costs
     a re-measurement.
@@ -57,8 +59,13 @@ def gemm_peak_cached(framework: str, precision: str, n: int = 1024, device: str 
     return gflops
 
 
-def machine_gemm_peak(precision: str, envs: dict[str, dict[str, str]], refresh: bool = False,
-                      shapes: tuple[tuple[int, int, int], ...] = (), at_least: float | None = None) -> float | None:
+def machine_gemm_peak(
+    precision: str,
+    envs: dict[str, dict[str, str]],
+    refresh: bool = False,
+    shapes: tuple[tuple[int, int, int], ...] = (),
+    at_least: float | None = None,
+) -> float | None:
     """This machine's CPU GEMM peak at `precision`: the best over frameworks, each measured in a
     fresh process with the environment its backends run in (``envs``: framework -> environment,
     from ftcore.backends.framework_envs). Cached; None if no framework could be probed.
@@ -90,17 +97,28 @@ def _machine_gemm_peak(precision: str, envs: dict[str, dict[str, str]], refresh:
         if importlib.util.find_spec(fw) is None:
             continue
         env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))}
-        code = (f"from ftcore.measure.gemm_peak import gemm_peak_cached; "
-                f"print(gemm_peak_cached({fw!r}, {precision!r}, refresh={refresh!r}, shapes={shapes!r}))")
+        code = (
+            "from ftcore.measure.gemm_peak import gemm_peak_cached; "
+            f"print(gemm_peak_cached({fw!r}, {precision!r}, refresh={refresh!r}, "
+            f"shapes={shapes!r}))"
+        )
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                              timeout=300)
         if out.returncode == 0 and out.stdout.strip():
             peaks[fw] = float(out.stdout.strip().splitlines()[-1])
     if not peaks:
         return None
-    why = "re-measured: an MFU above 100% showed the cached figure was low" if refresh else "once per machine and run shape"
-    print(f"ftcore: measured this machine's {precision} GEMM peak ({', '.join(peaks)}) in "
-          f"{time.perf_counter() - t0:.1f} s ({why}; cached in {path})", file=sys.stderr, flush=True)
+    why = (
+        "re-measured: an MFU above 100% showed the cached figure was low"
+        if refresh
+        else "once per machine and run shape"
+    )
+    print(
+        f"ftcore: measured this machine's {precision} GEMM peak ({', '.join(peaks)}) in "
+        f"{time.perf_counter() - t0:.1f} s ({why}; cached in {path})",
+        file=sys.stderr,
+        flush=True,
+    )
     earlier = cached.get("gflops", 0) if isinstance(cached, dict) else 0
     best = max([*peaks.values(), earlier])
     cache = _read_cache(path)

@@ -57,7 +57,8 @@ class Timing:
 
 def gemm_gflops(framework: str, precision: str, shape: tuple[int, int, int], device: str = "cpu",
                 timing: Timing = Timing()) -> float:
-    """Best throughput of an (m x k) @ (k x n) GEMM, shape (m, k, n), in GFLOP/s, after one warm-up run."""
+    """Best throughput of an (m x k) @ (k x n) GEMM, shape (m, k, n), in GFLOP/s, after one warm-up
+    run."""
     m, k, n = shape
     repeats, max_time_s = timing.repeats, timing.max_time_s
     run = GEMMS[framework](precision, m, k, n, device)
@@ -73,8 +74,16 @@ def gemm_gflops(framework: str, precision: str, shape: tuple[int, int, int], dev
     return 2 * m * k * n / best / 1e9
 
 
-def measure_gemm_peak(framework: str, precision: str, n: int = 1024, device: str = "cpu",
-                      shapes: tuple[tuple[int, int, int], ...] = (), timing: Timing = Timing()) -> float:
+def measure_gemm_peak(
+    framework: str,
+    precision: str,
+    n: int = 1024,
+    device: str = "cpu",
+    shapes: tuple[tuple[int, int, int], ...] = (),
+    timing: Timing = Timing(),
+) -> float:
     """Best GEMM throughput in GFLOP/s over an ``n``x``n`` square and the (m, k, n) ``shapes``
     (the run's own, ftcore.measure.flops.gemm_shapes): a peak no GEMM of that run can beat."""
-    return max(gemm_gflops(framework, precision, shape, device, timing) for shape in [(n, n, n), *shapes])
+    return max(
+        gemm_gflops(framework, precision, shape, device, timing) for shape in [(n, n, n), *shapes]
+    )

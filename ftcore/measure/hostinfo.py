@@ -14,7 +14,13 @@ from pathlib import Path
 
 VERSIONED = ("torch", "transformers", "peft", "mlx", "mlx-lm", "datasets", "numpy")
 # Thread and preload settings decide which BLAS runs and how wide: results record them as given.
-BLAS_ENV = ("LD_PRELOAD", "OPENBLAS_CORETYPE", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+BLAS_ENV = (
+    "LD_PRELOAD",
+    "OPENBLAS_CORETYPE",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
 
 
 def cpu_model() -> str:

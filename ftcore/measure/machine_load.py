@@ -62,7 +62,8 @@ def _pids_cpu_s(pids: list[int]) -> float:
 
 class MachineLoad:
     """`start()` then `stop()` around the timed work; `stop()` returns the record (or None).
-    `siblings()`: pids whose CPU time is the run's own too (the other ranks of a data-parallel run)."""
+    `siblings()`: pids whose CPU time is the run's own too (the other ranks of a data-parallel
+    run)."""
 
     def __init__(self, siblings=None) -> None:
         self._start: tuple[float, float, tuple[int, int]] | None = None
@@ -104,11 +105,16 @@ def judge(record: dict) -> dict:
     """Set `busy` and `reason` of a {wall_s, cores, other_cores, steal_fraction} record: too short
     a window cannot tell (busy None); else busy when either share is above its limit."""
     if record["wall_s"] < MIN_WINDOW_S:
-        record["busy"], record["reason"] = None, f"window {record['wall_s']:.2f} s too short to tell"
+        record["busy"], record["reason"] = (
+            None,
+            f"window {record['wall_s']:.2f} s too short to tell",
+        )
         return record
     reasons = []
     if record["other_cores"] > BUSY_OTHER_CORES:
-        reasons.append(f"other processes kept {record['other_cores']:.2f} of {record['cores']} cores busy")
+        reasons.append(
+            f"other processes kept {record['other_cores']:.2f} of {record['cores']} cores busy"
+        )
     if record["steal_fraction"] > BUSY_STEAL_FRACTION:
         reasons.append(f"the hypervisor stole {100 * record['steal_fraction']:.0f}% of CPU time")
     record["busy"] = bool(reasons)

@@ -44,7 +44,9 @@ def base_param_count(arch: dict[str, Any]) -> int:
     return vocab * h + layers * per_layer + h + head
 
 
-def saved_per_token_layer(arch: dict[str, Any], seq_len: int, targets: Iterable[str], rank: int) -> int:
+def saved_per_token_layer(
+    arch: dict[str, Any], seq_len: int, targets: Iterable[str], rank: int
+) -> int:
     """Activation values one layer keeps per token for its backward pass (see the module doc)."""
     h, inter = arch["hidden_size"], arch["intermediate_size"]
     heads = arch["num_attention_heads"]
@@ -57,8 +59,8 @@ def saved_per_token_layer(arch: dict[str, Any], seq_len: int, targets: Iterable[
 
 def memory_model(arch: dict[str, Any], cfg: RunConfig, rows: int, seq_len: int) -> dict[str, Any]:
     """{component: MB, ..., "total": MB, "checkpoint": bool} for one training process of `rows`
-    rows of `seq_len` tokens (the run's widest step, Batches.widest) at the run's precision, LoRA targets and
-    rank, and --grad-checkpoint."""
+    rows of `seq_len` tokens (the run's widest step, Batches.widest) at the run's precision, LoRA
+    targets and rank, and --grad-checkpoint."""
     precision, rank, checkpoint = cfg.precision, cfg.lora_rank, cfg.grad_checkpoint
     targets = list(cfg.lora_targets)
     b = BYTES[precision]

@@ -2,7 +2,8 @@
 (PEFT format in adapter/, mlx-lm format in adapter_mlx_lm/).
 
 PEFT keys: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r), the same
-layout as `ftcore.mlx.lora.lora_state`; mlx-lm stores the transposes (lora_a (in, r), lora_b (r, out)).
+layout as `ftcore.mlx.lora.lora_state`; mlx-lm stores the transposes
+(lora_a (in, r), lora_b (r, out)).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def _module_path(module: str, to_mlx: bool) -> str:
 
 
 def peft_to_mlx_adapter(peft_state: Mapping[str, np.ndarray | mx.array]) -> dict[str, mx.array]:
-    """PEFT adapter state (`get_peft_model_state_dict`, as numpy) -> `lora_state` keys, no transposes."""
+    """PEFT adapter state (`get_peft_model_state_dict`, as numpy) -> `lora_state` keys, no
+    transposes."""
     out: dict[str, mx.array] = {}
     for key, value in peft_state.items():
         m = _PEFT_KEY.match(key)
@@ -54,7 +56,8 @@ def peft_to_mlx_adapter(peft_state: Mapping[str, np.ndarray | mx.array]) -> dict
 
 
 def mlx_to_peft_adapter(state: Mapping[str, mx.array]) -> dict[str, np.ndarray]:
-    """`lora_state` -> PEFT `get_peft_model_state_dict` keys, as numpy (bf16 widened to fp32, exactly)."""
+    """`lora_state` -> PEFT `get_peft_model_state_dict` keys, as numpy (bf16 widened to fp32,
+    exactly)."""
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
         module, leaf = key.rsplit(".", 1)
@@ -139,7 +142,9 @@ def save_adapters(
     save_mlx_lm_adapter(state, info, out_dir / "adapter_mlx_lm")
 
 
-def write_peft_adapter(cfg: RunConfig, state: dict[str, mx.array], model_dir: Path, peft_dir: Path) -> None:
+def write_peft_adapter(
+    cfg: RunConfig, state: dict[str, mx.array], model_dir: Path, peft_dir: Path
+) -> None:
     """The PEFT adapter's files (weights, adapter_config.json, prompt format) into peft_dir."""
     weights = safetensors.numpy.save(mlx_to_peft_adapter(state), metadata={"format": "pt"})
     write_atomic(peft_dir / "adapter_model.safetensors", weights)

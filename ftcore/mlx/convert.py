@@ -1,14 +1,14 @@
 """HF <-> MLX weights: a checked, cached, atomic conversion of a local Llama checkpoint.
 
-Every source tensor goes through an explicit name table (`HF_TO_MLX`, ftcore.mlx.weight_names): it is either mapped or
-deliberately dropped, and an unknown key is an error. MLX uses HF's names, so the table is mostly
-identity; it exists so that nothing is copied (or lost) by accident.
+Every source tensor goes through an explicit name table (`HF_TO_MLX`, ftcore.mlx.weight_names): it
+is either mapped or deliberately dropped, and an unknown key is an error. MLX uses HF's names, so
+the table is mostly identity; it exists so that nothing is copied (or lost) by accident.
 
 A conversion folder holds `model.safetensors`, `config.json` (the HF config), the source's
 tokenizer files and `ftcore_conversion.json`, a manifest written last that fingerprints the source
 files: the layout `mlx_lm.load(folder)` reads (it picks up `model*.safetensors` and needs the
-tokenizer beside the weights), with the tensors bit for bit the HF ones (or cast to --dtype). The folder
-is built under a temporary name next to its destination and renamed into place, so a folder
+tokenizer beside the weights), with the tensors bit for bit the HF ones (or cast to --dtype). The
+folder is built under a temporary name next to its destination and renamed into place, so a folder
 without a matching manifest is never a finished conversion.
 """
 
@@ -157,7 +157,8 @@ def _load_hf_tensors(hf_dir: Path, args: ModelArgs) -> dict[str, mx.array]:
                 raise ConversionError(f"{path.name}: tensor {key!r} does not belong to this config")
             if tuple(value.shape) != expected[name]:
                 raise ConversionError(
-                    f"{path.name}: {key} has shape {tuple(value.shape)}, config says {expected[name]}"
+                    f"{path.name}: {key} has shape {tuple(value.shape)}, config says "
+                    f"{expected[name]}"
                 )
             if value.dtype not in _DTYPE_NAMES:
                 raise ConversionError(
@@ -176,7 +177,8 @@ def _is_replaceable(out_dir: Path) -> bool:
     if not out_dir.exists():
         return True
     earlier = {WEIGHTS_FILE, "weights.safetensors", CONFIG_FILE, MANIFEST_FILE, *TOKENIZER_FILES}
-    return out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= earlier  # weights.safetensors: format 1
+    # weights.safetensors: format 1
+    return out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= earlier
 
 
 def convert_hf_to_mlx(
@@ -194,8 +196,10 @@ def convert_hf_to_mlx(
             f"{out_dir} exists and is not an ftcore conversion; refusing to overwrite it"
         )
     if blocker := file_in_the_way(out_dir.parent):
-        raise ConversionError(f"{out_dir}: {blocker} is a file, not a folder, so the conversion cannot be "
-                              "written below it; choose an output folder outside it")
+        raise ConversionError(
+            f"{out_dir}: {blocker} is a file, not a folder, so the conversion cannot be "
+            "written below it; choose an output folder outside it"
+        )
     sources = _sources_fingerprint(hf_dir)  # taken first: a source edited meanwhile reads as stale
     weights = _load_hf_tensors(hf_dir, args)
     if target is not None:

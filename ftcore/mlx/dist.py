@@ -1,5 +1,6 @@
-"""mx.distributed for data-parallel ranks (launched by mlx.launch; ftcore.process.ranks): the ring backend
-on the CPU, NCCL with the CUDA build, and one all_sum of the LoRA gradients and the loss per step."""
+"""mx.distributed for data-parallel ranks (launched by mlx.launch; ftcore.process.ranks): the ring
+backend on the CPU, NCCL with the CUDA build, and one all_sum of the LoRA gradients and the loss per
+step."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 def init(device: mx.Device, world: int):
     group = mx.distributed.init(strict=True, backend="nccl" if device == mx.gpu else "ring")
     if group.size() != world:
-        raise RuntimeError(f"mx.distributed sees {group.size()} ranks, the launcher was asked for {world}")
+        raise RuntimeError(
+            f"mx.distributed sees {group.size()} ranks, the launcher was asked for {world}"
+        )
     return group
 
 

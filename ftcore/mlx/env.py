@@ -69,7 +69,9 @@ def launch_command(cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]
            "--starting-port", str(free_ports(cfg.world_size))]  # fmt: skip
     if cfg.nnodes > 1:
         expanded = out_dir / "hostfile.json"
-        write_json_atomic(expanded, [h for h in hostfile_hosts(cfg.hostfile) for _ in range(cfg.nproc)])
+        write_json_atomic(
+            expanded, [h for h in hostfile_hosts(cfg.hostfile) for _ in range(cfg.nproc)]
+        )
         cmd += ["--hostfile", str(expanded)]
     else:
         cmd += ["-n", str(cfg.nproc)]

@@ -11,8 +11,9 @@ ftcore does the same for its MLX child processes (``ftcore.mlx.env.child_env``),
 has those features: a ``g++`` wrapper that adds the flags goes first on PATH, and TMPDIR points
 at a kernel cache of its own, because MLX's cache key (the kernel name) ignores flags.
 Measured on a 2-core EPYC with FLAGS below: a compiled exp over 2.9M floats 34 -> 1.7 ms,
-silu(gate) * up 46 -> 2.4 ms (the first three flags alone: 8 and 25 ms). Kernels MLX ships prebuilt (softmax, logsumexp, ...) are not affected, which is why the
-MLX model writes those out on the CPU (``ftcore.mlx.ops``).
+silu(gate) * up 46 -> 2.4 ms (the first three flags alone: 8 and 25 ms). Kernels MLX ships prebuilt
+(softmax, logsumexp, ...) are not affected, which is why the MLX model writes those out on the CPU
+(``ftcore.mlx.ops``).
 
 ``FTCORE_NO_MLX_JIT_FLAGS=1`` turns this off (to measure stock MLX). Results record what was used
 (``FTCORE_MLX_JIT``, read by the MLX backends).
@@ -80,7 +81,9 @@ def install_wrapper(cache: Path) -> Path:
     g++ skips a precompiled header built with other flags and reads the header instead."""
     real = os.path.realpath(shutil.which("g++") or "g++")
     include = mlx_include_dir()
-    key = hashlib.sha256(f"{cpu_model()}|{real}|{' '.join(FLAGS)}|{include}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{cpu_model()}|{real}|{' '.join(FLAGS)}|{include}".encode()).hexdigest()[
+        :12
+    ]
     root = cache / "mlx-jit" / key
     wrapper = root / "bin" / "g++"
     flags = f"{' '.join(FLAGS)} -frecord-gcc-switches"
@@ -88,10 +91,10 @@ def install_wrapper(cache: Path) -> Path:
     if include is not None:
         gch = root / "pch" / (PREAMBLE + ".gch")
         pch = (
-            f"if [ ! -e '{gch}' ]; then\n"
-            f"  mkdir -p '{gch.parent}' && t='{gch}'.$$\n"
-            f"  '{real}' {flags} {MLX_COMMAND_FLAGS} -I '{include}' -x c++-header '{include / PREAMBLE}' "
-            '-o "$t" >/dev/null 2>&1 && mv -f "$t" ' f"'{gch}' || rm -f \"$t\"\n"
+            f"if [ ! -e '{gch}' ]; then\n  mkdir -p '{gch.parent}' && t='{gch}'.$$\n  '{real}' "
+            f"{flags} {MLX_COMMAND_FLAGS} -I '{include}' -x c++-header '{include / PREAMBLE}' "
+            '-o "$t" >/dev/null 2>&1 && mv -f "$t" '
+            f"'{gch}' || rm -f \"$t\"\n"
             "fi\n"
         )
     # -frecord-gcc-switches stores the command line in each kernel (.GCC.command.line), so a
@@ -154,6 +157,10 @@ def announce_new_kernels(before: set[str], backend: str) -> dict | None:
         source = d / (name[len("lib") : -len(".so")] + ".cpp")
         if source.exists():
             seconds += max(0.0, (d / name).stat().st_mtime - source.stat().st_mtime)
-    print(f"[{backend}] MLX built {len(new)} CPU kernels for this machine with g++ in {seconds:.1f} s "
-          f"(one-time: cached in {d})", file=sys.stderr, flush=True)
+    print(
+        f"[{backend}] MLX built {len(new)} CPU kernels for this machine with g++ in {seconds:.1f} "
+        f"s (one-time: cached in {d})",
+        file=sys.stderr,
+        flush=True,
+    )
     return {"kernels": len(new), "seconds": round(seconds, 2), "cache": str(d)}

@@ -1,4 +1,5 @@
-"""The loss contract (ftcore.inputs.loss_contract) in MLX: summed CE over target tokens and its count, and eval."""
+"""The loss contract (ftcore.inputs.loss_contract) in MLX: summed CE over target tokens and its
+count, and eval."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def to_mx(batch: dict[str, np.ndarray]) -> dict[str, mx.array]:
     return {k: mx.array(v.astype(np.int32)) for k, v in batch.items()}
 
 
-def loss_sum_count(model: Model, batch: dict[str, mx.array], packed: bool) -> tuple[mx.array, mx.array]:
+def loss_sum_count(
+    model: Model, batch: dict[str, mx.array], packed: bool
+) -> tuple[mx.array, mx.array]:
     """Summed next-token cross-entropy over targets that are not IGNORE_INDEX, and their count.
     packed: the rows hold several records (Batches.packed), each attending to itself only.
 

@@ -1,11 +1,12 @@
-"""Llama in MLX with Hugging Face parameter names: `Model(args)(input_ids, attention_mask) -> logits`.
+"""Llama in MLX with Hugging Face parameter names:
+`Model(args)(input_ids, attention_mask) -> logits`.
 
 Parameter paths equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...), so
 converted weights load by name. The forward pass matches `transformers`' LlamaForCausalLM (eager /
 sdpa attention): rotate_half RoPE (`traditional=False`) at positions 0..L-1 (padding included, as
 HF does when no position_ids are given) or, for packed rows, at the given `position_ids` with the
-per-document causal mask (ftcore.mlx.ops.packed_mask), GQA, RMSNorm, SwiGLU, untied lm_head unless the config
-ties it. Attention, softmax and silu come from ftcore.mlx.ops; LoRA from ftcore.mlx.lora.
+per-document causal mask (ftcore.mlx.ops.packed_mask), GQA, RMSNorm, SwiGLU, untied lm_head unless
+the config ties it. Attention, softmax and silu come from ftcore.mlx.ops; LoRA from ftcore.mlx.lora.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import mlx.nn as nn
 from ftcore.inputs.arch import normalise_config, unsupported
 from ftcore.mlx.ops import additive_mask, attention, packed_mask, rope_at, silu
 
-WEIGHTS_FILE = "model.safetensors"  # in a conversion folder (ftcore.mlx.convert), as mlx-lm names it
+# in a conversion folder (ftcore.mlx.convert), as mlx-lm names it
+WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class KVCache:
 
 
 def cached_causal_mask(new: int, offset: int, dtype: mx.Dtype) -> mx.array:
-    """Additive (1, 1, new, offset+new) mask: new token i (at position offset+i) sees keys 0..offset+i."""
+    """Additive (1, 1, new, offset+new) mask: new token i (at position offset+i) sees keys
+    0..offset+i."""
     keys = mx.arange(offset + new)[None, :]
     queries = mx.arange(offset, offset + new)[:, None]
     blocked = mx.array(mx.finfo(dtype).min, dtype=dtype)
@@ -99,7 +102,8 @@ class Attention(nn.Module):
         if positions is not None:  # packed rows: (B, L) positions restarting at each record
             q, k = rope_at(q, positions, self.rope.base), rope_at(k, positions, self.rope.base)
         else:
-            offset = 0 if cache is None else cache.offset  # new tokens sit at positions offset..offset+L-1
+            # new tokens sit at positions offset..offset+L-1
+            offset = 0 if cache is None else cache.offset
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, KV, offset+L, D)
@@ -133,7 +137,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The decoder stack (HF `LlamaModel`): token ids -> final normed hidden states (B, L, hidden)."""
+    """The decoder stack (HF `LlamaModel`): token ids -> final normed hidden states
+    (B, L, hidden)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -144,8 +149,13 @@ class LlamaModel(nn.Module):
         # backward pass from its input (mx.checkpoint) instead of being kept
         self.checkpoint_layers = False
 
-    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None,
-                 cache: list[KVCache] | None = None, position_ids: mx.array | None = None) -> mx.array:
+    def __call__(
+        self,
+        input_ids: mx.array,
+        attention_mask: mx.array | None = None,
+        cache: list[KVCache] | None = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
         """`cache` (one KVCache per layer, for decoding; no padding): the new tokens attend to the
         cached ones and to each other causally, and are appended to the cache. `position_ids`
         (B, L) (packed rows, with attention_mask): each record attends to itself only."""
@@ -180,7 +190,8 @@ def checkpointed(layer: DecoderLayer, h: mx.array, mask: mx.array | str,
 
 
 class Model(nn.Module):
-    """HF `LlamaForCausalLM`: `model(input_ids (B, L), attention_mask (B, L) | None) -> logits (B, L, V)`."""
+    """HF `LlamaForCausalLM`:
+    `model(input_ids (B, L), attention_mask (B, L) | None) -> logits (B, L, V)`."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -201,7 +212,8 @@ class Model(nn.Module):
 
 
 def load_model(mlx_dir: str | Path) -> tuple[Model, ModelArgs]:
-    """Load a converter output folder (ftcore.mlx.convert: config.json + model.safetensors); dtype as stored."""
+    """Load a converter output folder (ftcore.mlx.convert: config.json + model.safetensors); dtype
+    as stored."""
     mlx_dir = Path(mlx_dir)
     args = ModelArgs.from_hf_config(json.loads((mlx_dir / "config.json").read_text()))
     model = Model(args)

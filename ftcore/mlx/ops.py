@@ -14,7 +14,8 @@ import mlx.nn as nn
 
 
 def additive_mask(attention_mask: mx.array | None, length: int, dtype: mx.Dtype) -> mx.array | str:
-    """Additive (B, 1, L, L) mask: causal AND key is a real token (attention_mask 1 = real, 0 = pad).
+    """Additive (B, 1, L, L) mask: causal AND key is a real token (attention_mask 1 = real, 0 =
+    pad).
 
     Blocked entries get the dtype's most negative finite value (not -inf), so a fully masked row
     (a pad query under left padding) softmaxes to a uniform row instead of NaN.
@@ -73,8 +74,11 @@ def _softmax_written_out_vjp(x: mx.array, cotangent: mx.array, probs: mx.array) 
     return probs * (cotangent - (cotangent * probs).sum(axis=-1, keepdims=True))
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str) -> mx.array:
-    """Softmax attention with GQA: q (B, H, L, D), k/v (B, KV, L, D) -> (B, H, L, D); softmax in fp32.
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str
+) -> mx.array:
+    """Softmax attention with GQA: q (B, H, L, D), k/v (B, KV, L, D) -> (B, H, L, D); softmax in
+    fp32.
 
     On a GPU this is mx.fast.scaled_dot_product_attention. On the CPU it is written out: the fused
     primitive's CPU fallback runs its softmax (exp) in a prebuilt single-threaded kernel, while

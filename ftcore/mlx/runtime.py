@@ -36,7 +36,8 @@ def convert(cfg: RunConfig, model_dir: Path) -> Path:
 
 
 def blas_facts(result: RunResult, cfg: RunConfig) -> None:
-    """Record the BLAS MLX really calls (from the probe env_info ran in this process) and threads."""
+    """Record the BLAS MLX really calls (from the probe env_info ran in this process) and
+    threads."""
     probe = result.env.get("mlx_blas")  # ftcore.measure.blas.mlx_blas_info(): dladdr + a timed GEMM
     result.extra["blas_probe"] = probe
     result.blas = f"{probe['name']} ({probe['path']})" if probe else "unknown (probe failed)"

@@ -20,7 +20,9 @@ HF_TO_MLX: dict[str, str | None] = {
     "model.layers.{}.self_attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
     "model.layers.{}.self_attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
     "model.layers.{}.self_attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": (
+        "model.layers.{}.post_attention_layernorm.weight"
+    ),
     "model.layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
     "model.layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
     "model.layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",

@@ -1,11 +1,11 @@
 """Step gate: a parent process times a backend's training steps one at a time.
 
 The benchmark suite starts one backend process per case (ftcore.run.backend_process.BackendProcess
-with gate=True; its channels: ParentGate). That process loads once and then, before each training step, waits for a "go" line
-from the parent on a pipe, and after the step's results are materialised (loss.item(), mx.eval)
-answers with one line. The parent's timed call is "send go, read the answer", so what
-pytest-benchmark times and compares is one training step, not interpreter start-up, imports and
-model load.
+with gate=True; its channels: ParentGate). That process loads once and then, before each training
+step, waits for a "go" line from the parent on a pipe, and after the step's results are materialised
+(loss.item(), mx.eval) answers with one line. The parent's timed call is "send go, read the answer",
+so what pytest-benchmark times and compares is one training step, not interpreter start-up, imports
+and model load.
 
 Without FTCORE_STEP_GATE in the environment (every ordinary run) the gate does nothing.
 """

@@ -49,7 +49,8 @@ def max_loss_diff(results: list[dict[str, Any]]) -> dict[str, Any] | None:
 
     Returns None with fewer than two successful rows, else
     {"max_abs_diff", "pair": [a, b], "step" (1-based), "index" (0-based), "reference",
-     "pairs": [every pair], "vs_reference": {backend: diff vs the first ok backend, with max_rel_diff}}.
+     "pairs": [every pair], "vs_reference": {backend: diff vs the first ok backend, with
+     max_rel_diff}}.
     """
     rows = ok_rows(results)
     if len(rows) < 2:
@@ -131,7 +132,8 @@ REPEATED_FIELDS = figures("repeated")
 
 def _over_repeats(result: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The result with REPEATED_FIELDS replaced by their median over the usable runs (all ok runs
-    when every one was BUSY), plus `repeats_used`, `repeats_busy` and `spread` {field: [min, max]}."""
+    when every one was BUSY), plus `repeats_used`, `repeats_busy` and `spread` {field: [min,
+    max]}."""
     ok = [r for r in runs if r.get("status") == "ok"]
     used = usable(runs) or ok
     out = {**result, "repeats_used": len(used), "repeats_busy": sum(map(busy, runs)), "spread": {}}
@@ -146,7 +148,9 @@ def _over_repeats(result: dict[str, Any], runs: list[dict[str, Any]]) -> dict[st
     return out
 
 
-def _row(i: int, r: dict[str, Any], ref: dict[str, Any] | None, scaled: list[dict[str, Any]]) -> dict[str, Any]:
+def _row(
+    i: int, r: dict[str, Any], ref: dict[str, Any] | None, scaled: list[dict[str, Any]]
+) -> dict[str, Any]:
     """One backend's row: its figures (medians over repeats), the ratios against the reference
     `ref`, and the derived figures the table shows."""
     row = {k: r.get(k) for k in _ROW_FIELDS}
@@ -173,7 +177,9 @@ def _row(i: int, r: dict[str, Any], ref: dict[str, Any] | None, scaled: list[dic
         row["scaling_efficiency"] = None
     model = r.get("memory_model") if r.get("status") == "ok" else None
     row["memory_model_mb"] = (model or {}).get("total")
-    row["peak_rss_over_model"] = peak_over_model(r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), model)
+    row["peak_rss_over_model"] = peak_over_model(
+        r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), model
+    )
     load = r.get("machine_load") or {}
     row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
     row["runs"], row["busy_runs"], row["spread"] = r["repeats_used"], r["repeats_busy"], r["spread"]

@@ -64,11 +64,13 @@ SHORT_ROWS: list[tuple[str, Any, Any]] = [
     ("Peak RSS (MB)", _full("Peak RSS (MB)"), ALWAYS),
     ("Memory efficiency vs {ref}", _full("Memory efficiency"), ALWAYS),
     ("Loss tokens/s", _full("Loss tokens/s"), ALWAYS),
-    ("Eval loss before -> after", lambda r, c: _arrow(r, "eval_loss_before", "eval_loss", ".3f"), ALWAYS),
+    ("Eval loss before -> after",
+     lambda r, c: _arrow(r, "eval_loss_before", "eval_loss", ".3f"), ALWAYS),
     ("Exact match before -> after (%)", _full("Exact match before -> after (%)"), ALWAYS),
     ("Greedy agreement", _full("Greedy agreement"), ALWAYS),
     ("Loss diff vs {ref} (largest)", _loss_diff, ALWAYS),
-    *[(label, lambda r, c, fn=fn: fn(r), ALWAYS) for label, fn in TARGET_ROWS],  # --target-eval-loss
+    # --target-eval-loss
+    *[(label, lambda r, c, fn=fn: fn(r), ALWAYS) for label, fn in TARGET_ROWS],
     *[(label, _full(label), DATA_PARALLEL) for label in (
         "World size (processes)", "Threads per rank", "All-reduce (ms/step)",
         "Peak RSS, largest rank (MB)", "Scaling efficiency")],
@@ -120,8 +122,13 @@ def _fairness(comparison: dict[str, Any], width: int) -> list[str]:
     line = f"Fairness: {passed}/{len(checks)} checks PASS"
     if passed == len(checks):
         return [line]
-    failing = [ln for ln, c in zip(_fairness_lines(comparison), checks, strict=True) if not c.get("ok")]
-    return [line + "; not passed:", *[textwrap.shorten(ln, width, placeholder=" ...") for ln in failing]]
+    failing = [
+        ln for ln, c in zip(_fairness_lines(comparison), checks, strict=True) if not c.get("ok")
+    ]
+    return [
+        line + "; not passed:",
+        *[textwrap.shorten(ln, width, placeholder=" ...") for ln in failing],
+    ]
 
 
 def format_short(comparison: dict[str, Any], width: int = WIDTH) -> str:
@@ -135,11 +142,17 @@ def format_short(comparison: dict[str, Any], width: int = WIDTH) -> str:
     if note := comparison.get("reference_note"):
         lines += wrap(f"Note: {note}")
     rows = comparison.get("rows") or []
-    lines += ["", *_tables(["", *[str(r.get("backend")) for r in rows]], short_rows(comparison), width), ""]
+    lines += [
+        "",
+        *_tables(["", *[str(r.get("backend")) for r in rows]], short_rows(comparison), width),
+        "",
+    ]
     lines += _fairness(comparison, width)
     for r in comparison.get("results") or []:
         for w in r.get("warnings") or []:
-            lines.append(textwrap.shorten(f"warning: {r.get('backend')}: {w}", width, placeholder=" ..."))
+            lines.append(
+                textwrap.shorten(f"warning: {r.get('backend')}: {w}", width, placeholder=" ...")
+            )
     return "\n".join(lines)
 
 
@@ -151,10 +164,15 @@ def format_run(r: Any) -> str:
     first = r.losses[0] if r.losses else None
     mfu = None if r.mfu is None else 100 * r.mfu
     return "\n".join([
-        f"backend          {r.backend} ({r.precision}, {r.device or 'cpu'}, {r.threads} threads, BLAS {r.blas})",
-        f"loss             {fmt(first, '.4f')} -> {fmt(r.final_loss, '.4f')} over {r.steps} steps; eval {fmt(r.eval_loss, '.4f')}",
-        f"time             load {fmt(r.load_time_s, '.2f')} s, warm-up {fmt(r.warmup_time_s, '.2f')} s, train {fmt(r.train_time_s, '.2f')} s",
-        f"throughput       {fmt(r.tokens_per_s, '.1f')} tok/s (all tokens), {fmt(r.loss_tokens_per_s, '.1f')} loss tok/s",
-        f"memory           peak RSS {fmt(r.peak_rss_mb, '.0f')} MB, after load {fmt(r.baseline_rss_mb, '.0f')} MB, framework peak {fmt(r.framework_peak_mb, '.0f')} MB",
+        f"backend          {r.backend} ({r.precision}, {r.device or 'cpu'}, {r.threads} threads, "
+        f"BLAS {r.blas})",
+        f"loss             {fmt(first, '.4f')} -> {fmt(r.final_loss, '.4f')} over {r.steps} "
+        f"steps; eval {fmt(r.eval_loss, '.4f')}",
+        f"time             load {fmt(r.load_time_s, '.2f')} s, warm-up "
+        f"{fmt(r.warmup_time_s, '.2f')} s, train {fmt(r.train_time_s, '.2f')} s",
+        f"throughput       {fmt(r.tokens_per_s, '.1f')} tok/s (all tokens), "
+        f"{fmt(r.loss_tokens_per_s, '.1f')} loss tok/s",
+        f"memory           peak RSS {fmt(r.peak_rss_mb, '.0f')} MB, after load "
+        f"{fmt(r.baseline_rss_mb, '.0f')} MB, framework peak {fmt(r.framework_peak_mb, '.0f')} MB",
         f"MFU              {fmt(mfu, '.2f')} % of measured GEMM peak",
     ])  # fmt: skip

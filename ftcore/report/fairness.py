@@ -108,7 +108,12 @@ def _lr_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
     elif off:
         status, detail = "mismatch", "; ".join(off)
     else:
-        status, detail = "pass", f"all {len(rows)} applied the {rows[0]['config']['lr_schedule']} schedule" if rows else "no rows"
+        status, detail = (
+            "pass",
+            f"all {len(rows)} applied the {rows[0]['config']['lr_schedule']} schedule"
+            if rows
+            else "no rows",
+        )
     return {"check": "lr_schedule", "ok": status == "pass", "status": status, "detail": detail}
 
 
@@ -129,8 +134,15 @@ def _decay_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
             off.append(f"{n}: {len(diff)} of {len(keys)} tensors differ from {first}, e.g. "
                        + ", ".join(f"{k} {first}={ref.get(k)} {n}={v.get(k)}" for k in diff[:2]))
     decays = ", ".join(map(str, sorted(set(ref.values()))))
-    detail = "; ".join(off) or f"all {len(rows)} alike on each of {len(ref)} tensors (decay {decays})"
-    return {"check": "weight_decay", "ok": not off, "status": "mismatch" if off else "pass", "detail": detail}
+    detail = (
+        "; ".join(off) or f"all {len(rows)} alike on each of {len(ref)} tensors (decay {decays})"
+    )
+    return {
+        "check": "weight_decay",
+        "ok": not off,
+        "status": "mismatch" if off else "pass",
+        "detail": detail,
+    }
 
 
 def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

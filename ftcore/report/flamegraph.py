@@ -30,11 +30,15 @@ ASSETS = {
     "lodash@4.17.21/lodash.min.js": "lodash@4.17.21/lodash.min.js",
     "plotly.js@2.11.1/dist/plotly.min.js": "plotly.js-basic-dist-min@2.11.1/plotly-basic.min.js",
     "d3@7.9.0/dist/d3.min.js": "d3@7.9.0/d3.min.js",
-    "d3-scale-chromatic@3.1.0/dist/d3-scale-chromatic.min.js": "d3-scale-chromatic@3.1.0/d3-scale-chromatic.min.js",
+    "d3-scale-chromatic@3.1.0/dist/d3-scale-chromatic.min.js": (
+        "d3-scale-chromatic@3.1.0/d3-scale-chromatic.min.js"
+    ),
     "d3-flame-graph@4.1.3/dist/d3-flamegraph.min.js": "d3-flame-graph@4.1.3/d3-flamegraph.min.js",
 }
 # the two tag shapes memray writes for CDN files
-_CDN_TAG = re.compile(r'<script src="(https?://[^"]+)"></script>|<link rel="stylesheet" href="(https?://[^"]+)">')
+_CDN_TAG = re.compile(
+    r'<script src="(https?://[^"]+)"></script>|<link rel="stylesheet" href="(https?://[^"]+)">'
+)
 _SOURCE_MAP = re.compile(r"/[/*]# sourceMappingURL=\S+?(?: \*/)?$", re.M)
 
 
@@ -48,7 +52,8 @@ def inline_cdn_assets(html: str) -> tuple[str, list[str]]:
         if local is None:
             missing.append(url)
             return m.group(0)
-        text = _SOURCE_MAP.sub("", (ASSET_DIR / local).read_text(encoding="utf-8"))  # no map fetches
+        # no map fetches
+        text = _SOURCE_MAP.sub("", (ASSET_DIR / local).read_text(encoding="utf-8"))
         if m.group(1):  # a literal "</script" would end the inline element early
             return "<script>" + re.sub(r"</(script)", r"<\\/\1", text, flags=re.I) + "</script>"
         return "<style>" + re.sub(r"</(style)", r"<\\/\1", text, flags=re.I) + "</style>"
@@ -57,7 +62,8 @@ def inline_cdn_assets(html: str) -> tuple[str, list[str]]:
 
 
 class _Loads(HTMLParser):
-    """Collects the URLs a page would fetch by itself (links a person clicks, <a href>, excluded)."""
+    """Collects the URLs a page would fetch by itself (links a person clicks, <a href>,
+    excluded)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -67,7 +73,12 @@ class _Loads(HTMLParser):
     def handle_starttag(self, tag, attrs):
         self._in_style = tag == "style"
         for name, value in attrs:
-            if tag != "a" and name in ("src", "href", "data", "poster") and value and _remote(value):
+            if (
+                tag != "a"
+                and name in ("src", "href", "data", "poster")
+                and value
+                and _remote(value)
+            ):
                 self.urls.append(value)
 
     def handle_endtag(self, tag):
@@ -75,7 +86,11 @@ class _Loads(HTMLParser):
 
     def handle_data(self, data):
         if self._in_style:
-            self.urls += [u for u in re.findall(r"""(?:url\(|@import)\s*['"]?([^'")\s]+)""", data) if _remote(u)]
+            self.urls += [
+                u
+                for u in re.findall(r"""(?:url\(|@import)\s*['"]?([^'")\s]+)""", data)
+                if _remote(u)
+            ]
 
 
 def _remote(url: str) -> bool:
@@ -110,7 +125,11 @@ def top_allocators(capture: Path, n: int = 10) -> tuple[list[Site], float]:
         frames = rec.stack_trace(max_stacks=1)  # innermost first
         if not frames and native:
             frames = rec.native_stack_trace(max_stacks=1)
-        key = (frames[0][0], f"{Path(frames[0][1]).name}:{frames[0][2]}") if frames else ("(no frame)", "")
+        key = (
+            (frames[0][0], f"{Path(frames[0][1]).name}:{frames[0][2]}")
+            if frames
+            else ("(no frame)", "")
+        )
         acc = sites.setdefault(key, [0, 0])
         acc[0] += rec.size
         acc[1] += rec.n_allocations
@@ -127,7 +146,9 @@ def write_top_png(sites: list[Site], peak_mb: float, png: Path, title: str) -> N
 
     fig = Figure(figsize=(8, 1.3 + 0.32 * max(len(sites), 1)))
     ax = fig.subplots()
-    labels = [_short(f"{s.function} ({s.location})" if s.location else s.function) for s in sites][::-1]
+    labels = [_short(f"{s.function} ({s.location})" if s.location else s.function) for s in sites][
+        ::-1
+    ]
     values = [s.mb for s in sites][::-1]
     bars = ax.barh(labels, values, color="#d9534f")
     ax.bar_label(bars, labels=[f"{v:.1f} MB" for v in values], padding=3, fontsize=8)
@@ -146,8 +167,11 @@ def _short(text: str, width: int = 50) -> str:
 def write_reports(capture: Path, html: Path, png: Path, title: str) -> list[str]:
     """memray's flamegraph of `capture` as a self-contained `html`, and `png` of its top
     allocation sites beside it. Returns warnings (one line each; empty when all is inline)."""
-    subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-f", "-o", str(html), str(capture)],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "memray", "flamegraph", "-f", "-o", str(html), str(capture)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     page, missing = inline_cdn_assets(html.read_text(encoding="utf-8"))
     html.write_text(page, encoding="utf-8")
     sites, peak = top_allocators(capture)

@@ -64,14 +64,16 @@ def _plot_losses(comparison: dict[str, Any]) -> bytes:
         xs = list(range(1, len(ys) + 1))
         # Decreasing widths, different dashes and hollow markers: identical curves stay visible.
         ax.plot(
-            xs, ys, label=str(r.get("backend")), color=colors[i], linestyle=_STYLES[i % len(_STYLES)],
-            marker=_MARKERS[i % len(_MARKERS)], markevery=(i % every, every),
+            xs, ys, label=str(r.get("backend")), color=colors[i],
+            linestyle=_STYLES[i % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)],
+            markevery=(i % every, every),
             markersize=max(4, 9 - 2 * i), markerfacecolor="none", linewidth=max(1.0, 2.6 - 0.5 * i),
         )  # fmt: skip
         evals = [(x, finite(y)) for x, y in r.get("eval_losses") or [] if finite(y) is not None]
         if evals:  # eval points: step 0 is before training
-            ax.plot([x for x, _ in evals], [y for _, y in evals], linestyle="none", color=colors[i],
-                    marker="*", markersize=max(6, 12 - 2 * i), label=f"{r.get('backend')} eval")  # fmt: skip
+            ax.plot([x for x, _ in evals], [y for _, y in evals], linestyle="none",
+                    color=colors[i], marker="*", markersize=max(6, 12 - 2 * i),
+                    label=f"{r.get('backend')} eval")  # fmt: skip
     ax.set_ylabel("loss (mean CE over target tokens)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -84,7 +86,9 @@ def _plot_losses(comparison: dict[str, Any]) -> bytes:
     fig.subplots_adjust(left=0.16, right=0.97, top=0.92, bottom=0.1)
     return _png(fig)
 
-def _plot_loss_diffs(fig: Any, cell: Any, ax: Any, rows: list[dict[str, Any]], colors: list[str]) -> None:
+def _plot_loss_diffs(
+    fig: Any, cell: Any, ax: Any, rows: list[dict[str, Any]], colors: list[str]
+) -> None:
     """The lower panel: each backend's |loss difference| from the first, per step."""
     from matplotlib.ticker import FormatStrFormatter
 
@@ -100,7 +104,8 @@ def _plot_loss_diffs(fig: Any, cell: Any, ax: Any, rows: list[dict[str, Any]], c
             )
         ]
         axd.plot(range(1, len(d) + 1), d, color=colors[i], linestyle=_STYLES[i % len(_STYLES)],
-                 marker=_MARKERS[i % len(_MARKERS)], markersize=4, label=str(r.get("backend")))  # fmt: skip
+                 marker=_MARKERS[i % len(_MARKERS)], markersize=4,
+                 label=str(r.get("backend")))  # fmt: skip
     axd.set_ylabel(f"|loss diff|\nvs {ref.get('backend')}")
     # fixed format: no "1e-4" offset text drawn over the top panel
     axd.yaxis.set_major_formatter(FormatStrFormatter("%.1e"))
@@ -137,7 +142,11 @@ def _bars(
 
 def _bar_names(comparison: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [
-        (str(r.get("backend")) + ("" if r.get("status") == "ok" else f"\n({r.get('status') or 'failed'})"), r)
+        (
+            str(r.get("backend"))
+            + ("" if r.get("status") == "ok" else f"\n({r.get('status') or 'failed'})"),
+            r,
+        )
         for r in comparison.get("rows") or []
     ]
 
@@ -153,7 +162,9 @@ def _bar_plot(comparison: dict[str, Any], title: str, ylabel: str, fmt: str,
         _empty(ax, "no backends")
     else:
         series = [(label, [finite(r.get(field)) for _, r in named]) for label, field in fields]
-        series = [(label, vals) for label, vals in series if any(v is not None for v in vals)] or series
+        series = [
+            (label, vals) for label, vals in series if any(v is not None for v in vals)
+        ] or series
         _bars(ax, [n for n, _ in named], series, fmt)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("backend")

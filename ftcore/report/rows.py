@@ -40,11 +40,22 @@ TABLE_LAYOUT: list[str | tuple[str, Any]] = [
     "cpu_busy_threads",
     "world_size",
     "rank_threads",
-    ("All-reduce (ms/step)", lambda r: fmt(None if r.get("allreduce_time_s") is None else 1000 * r["allreduce_time_s"], ".2f")),
+    (
+        "All-reduce (ms/step)",
+        lambda r: fmt(
+            None if r.get("allreduce_time_s") is None else 1000 * r["allreduce_time_s"], ".2f"
+        ),
+    ),
     "peak_rss_max_rank_mb",
     ("Scaling efficiency", lambda r: fmt(r.get("scaling_efficiency"), ".2f")),
-    ("Machine (timed steps)", lambda r: {True: "BUSY", False: "quiet"}.get(r.get("machine_busy"), NA)),
-    ("Status", lambda r: "ok" if r.get("status") == "ok" else str(r.get("status") or "failed").upper()),
+    (
+        "Machine (timed steps)",
+        lambda r: {True: "BUSY", False: "quiet"}.get(r.get("machine_busy"), NA),
+    ),
+    (
+        "Status",
+        lambda r: "ok" if r.get("status") == "ok" else str(r.get("status") or "failed").upper(),
+    ),
 ]
 
 
@@ -62,13 +73,19 @@ def _figure_row(name: str) -> tuple[str, Any]:
     return label, lambda r: fmt(r.get(name), spec)
 
 
-TABLE_ROWS: list[tuple[str, Any]] = [_figure_row(x) if isinstance(x, str) else x for x in TABLE_LAYOUT]
+TABLE_ROWS: list[tuple[str, Any]] = [
+    _figure_row(x) if isinstance(x, str) else x for x in TABLE_LAYOUT
+]
 
 
 def _with_spread(r: dict[str, Any], key: str, spec: str) -> str:
     """A figure over repeated runs: "median (min-max)"; one run: the figure alone."""
     lo_hi = (r.get("spread") or {}).get(key) if (r.get("runs") or 0) > 1 else None
-    return f"{fmt(r.get(key), spec)} ({fmt(lo_hi[0], spec)}-{fmt(lo_hi[1], spec)})" if lo_hi else fmt(r.get(key), spec)
+    return (
+        f"{fmt(r.get(key), spec)} ({fmt(lo_hi[0], spec)}-{fmt(lo_hi[1], spec)})"
+        if lo_hi
+        else fmt(r.get(key), spec)
+    )
 
 
 def _padding_percent(r: dict[str, Any]) -> float | None:

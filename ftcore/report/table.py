@@ -17,7 +17,10 @@ def _cells(comparison: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     if any(r.get("target") for r in rows):
         target = next(r["target"]["eval_loss"] for r in rows if r.get("target"))
         at = [label for label, _ in spec].index("Greedy agreement") + 1
-        spec[at:at] = [(f"{label} {target:g}" if label.startswith("Steps") else label, fn) for label, fn in TARGET_ROWS]
+        spec[at:at] = [
+            (f"{label} {target:g}" if label.startswith("Steps") else label, fn)
+            for label, fn in TARGET_ROWS
+        ]
     body = [[label] + [fn(r) for r in rows] for label, fn in spec]
     return header, body
 
@@ -44,7 +47,8 @@ def _loss_diff_line(comparison: dict[str, Any]) -> str:
         return "Largest per-step loss difference: n/a (no finite losses to compare)"
     a, b = d["pair"]
     extra = [
-        f"{n} vs {d['reference']}: {fmt(p.get('max_abs_diff'), '.3e')} (step {p.get('step')}, rel {fmt(p.get('max_rel_diff'), '.2e')})"
+        f"{n} vs {d['reference']}: {fmt(p.get('max_abs_diff'), '.3e')} (step {p.get('step')}, rel "
+        f"{fmt(p.get('max_rel_diff'), '.2e')})"
         for n, p in (d.get("vs_reference") or {}).items()
     ]
     mism = [
@@ -67,8 +71,8 @@ def scaling_lines(comparison: dict[str, Any]) -> list[str]:
         out.append(
             f"Scaling {x['backend']}: 1 process x {fmt_int(x.get('one_process_threads'))} threads "
             f"{fmt(x.get('one_process_tokens_per_s'), '.1f')} tok/s; {x['world_size']} processes x "
-            f"{fmt_int(x.get('rank_threads'))} thread(s) {fmt(x.get('tokens_per_s'), '.1f')} tok/s; "
-            f"efficiency {fmt(x.get('efficiency'), '.2f')}"
+            f"{fmt_int(x.get('rank_threads'))} thread(s) {fmt(x.get('tokens_per_s'), '.1f')} "
+            f"tok/s; efficiency {fmt(x.get('efficiency'), '.2f')}"
         )
     return out
 
@@ -76,7 +80,8 @@ def scaling_lines(comparison: dict[str, Any]) -> list[str]:
 def _fairness_lines(comparison: dict[str, Any]) -> list[str]:
     label = {"pass": "PASS", "mismatch": "MISMATCH", "missing": "MISMATCH (not recorded)"}
     return [
-        f"  {label.get(c.get('status'), 'PASS' if c.get('ok') else 'MISMATCH'):<8} {c['check']}: {c['detail']}"
+        f"  {label.get(c.get('status'), 'PASS' if c.get('ok') else 'MISMATCH'):<8} {c['check']}: "
+        f"{c['detail']}"
         for c in comparison.get("fairness") or []
     ]
 
@@ -90,7 +95,10 @@ def _error_lines(comparison: dict[str, Any]) -> list[str]:
         lines = [ln for ln in err.splitlines() if ln.strip()]
         last = lines[-1] if lines else err
         more = " (full traceback in comparison.json)" if len(lines) > 1 else ""
-        out.append(f"{r.get('backend')} {str(r.get('status') or 'failed').upper()}: {short(last, 300)}{more}")
+        out.append(
+            f"{r.get('backend')} {str(r.get('status') or 'failed').upper()}: "
+            f"{short(last, 300)}{more}"
+        )
     return out
 
 
@@ -103,7 +111,9 @@ def headline(comparison: dict[str, Any]) -> str:
         lines = [ln.strip() for ln in str(err or "no error recorded").splitlines() if ln.strip()]
         return short(lines[-1] if lines else "no error recorded", 120)
 
-    what = "; ".join(f"{r.get('backend')} {r.get('status')}: {last_line(r.get('error'))}" for r in bad)
+    what = "; ".join(
+        f"{r.get('backend')} {r.get('status')}: {last_line(r.get('error'))}" for r in bad
+    )
     return f"NOT OK - {what}"
 
 
@@ -117,9 +127,16 @@ def _backend_notes(comparison: dict[str, Any]) -> list[str]:
 
 
 def format_table(comparison: dict[str, Any]) -> str:
-    """The grid table (one column per backend), then loss diff, fairness, errors and backend notes."""
+    """The grid table (one column per backend), then loss diff, fairness, errors and backend
+    notes."""
     header, body = _cells(comparison)
-    lines = [headline(comparison), "", _grid(header, body), "", *verdict_lines(comparison.get("verdict"))]
+    lines = [
+        headline(comparison),
+        "",
+        _grid(header, body),
+        "",
+        *verdict_lines(comparison.get("verdict")),
+    ]
     if comparison.get("reference"):
         lines.append(f"Reference for ratios: {comparison['reference']}")
     if comparison.get("reference_note"):
@@ -165,9 +182,10 @@ def _md_setup(comparison: dict[str, Any]) -> list[str]:
         f"{cfg.get('num_samples', NA)} samples, max_seq_len {cfg.get('max_seq_len', NA)}",
         f"- Batch {cfg.get('batch_size', NA)}, {cfg.get('steps', NA)} steps, precision "
         f"{cfg.get('precision', NA)}, device {cfg.get('device', NA)}, seed {cfg.get('seed', NA)}",
-        f"- AdamW lr {cfg.get('lr', NA)} ({cfg.get('lr_schedule', NA)}, warm-up {cfg.get('warmup_steps', NA)}), "
-        f"betas ({cfg.get('adam_beta1', NA)}, {cfg.get('adam_beta2', NA)}), eps {cfg.get('adam_eps', NA)}, "
-        f"weight decay {cfg.get('weight_decay', NA)}",
+        f"- AdamW lr {cfg.get('lr', NA)} ({cfg.get('lr_schedule', NA)}, warm-up "
+        f"{cfg.get('warmup_steps', NA)}), betas ({cfg.get('adam_beta1', NA)}, "
+        f"{cfg.get('adam_beta2', NA)}), eps {cfg.get('adam_eps', NA)}, weight decay "
+        f"{cfg.get('weight_decay', NA)}",
         f"- LoRA rank {cfg.get('lora_rank', NA)}, alpha {cfg.get('lora_alpha', NA)}, dropout "
         f"{cfg.get('lora_dropout', NA)}, targets {', '.join(cfg.get('lora_targets') or []) or NA}",
         f"- Reference for ratios: {comparison.get('reference') or NA}",

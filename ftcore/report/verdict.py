@@ -48,14 +48,20 @@ def usable(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_figures(r: dict[str, Any]) -> dict[str, Any]:
     """One run's entry under verdict["repeats"]."""
     steps = timed_steps(r)
-    return {"status": r.get("status"), "busy": busy(r), "median_step_s": statistics.median(steps) if steps else None,
-            "train_time_s": r.get("train_time_s"), "peak_rss_mb": r.get("peak_rss_mb"),
-            "loss_tokens_per_s": r.get("loss_tokens_per_s")}
+    return {
+        "status": r.get("status"),
+        "busy": busy(r),
+        "median_step_s": statistics.median(steps) if steps else None,
+        "train_time_s": r.get("train_time_s"),
+        "peak_rss_mb": r.get("peak_rss_mb"),
+        "loss_tokens_per_s": r.get("loss_tokens_per_s"),
+    }
 
 
 def _suggest_repeats(ratio: float, lo: float, hi: float, runs: int) -> int | None:
     """Runs a side that would likely decide it: the interval's half-width (log scale) shrinks as
-    1/sqrt(runs) until it clears the nearer edge of the 1 +- BAND band; None if it sits on an edge."""
+    1/sqrt(runs) until it clears the nearer edge of the 1 +- BAND band; None if it sits on an
+    edge."""
     centre, half = math.log(ratio), (math.log(hi) - math.log(lo)) / 2
     edge = math.log(1 + BAND)
     room = abs(abs(centre) - edge)
@@ -64,31 +70,39 @@ def _suggest_repeats(ratio: float, lo: float, hi: float, runs: int) -> int | Non
     return min(MAX_SUGGESTED_REPEATS, max(runs + 1, math.ceil(runs * (half / room) ** 2)))
 
 
-def judge(kind: str, a: str, b: str, runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]]) -> dict[str, Any]:
+def judge(
+    kind: str, a: str, b: str, runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]]
+) -> dict[str, Any]:
     """One verdict entry (kind "speed" or "memory") of B against A from their runs."""
     use_a, use_b = usable(runs_a), usable(runs_b)
     entry: dict[str, Any] = {
-        "kind": kind, "pair": [a, b], "winner": None, "ratio": None, "ci_low": None, "ci_high": None,
-        "p_value": None, "runs": {a: len(use_a), b: len(use_b)},
+        "kind": kind, "pair": [a, b], "winner": None, "ratio": None, "ci_low": None,
+        "ci_high": None, "p_value": None, "runs": {a: len(use_a), b: len(use_b)},
         "busy_left_out": {a: sum(map(busy, runs_a)), b: sum(map(busy, runs_b))},
         "outcome": "undecided", "suggested_repeats": None,
     }  # fmt: skip
     if not use_a or not use_b:
         return entry
     if kind == "speed":  # step times: B over A, read the other way round as speed
-        s = compare_runs([timed_steps(r) for r in use_a], [timed_steps(r) for r in use_b]).inverted()
+        s = compare_runs(
+            [timed_steps(r) for r in use_a], [timed_steps(r) for r in use_b]
+        ).inverted()
     else:
         peaks_a, peaks_b = ([[r.get("peak_rss_mb")] for r in u] for u in (use_a, use_b))
         if any(p[0] is None or p[0] <= 0 for p in peaks_a + peaks_b):
             return entry
         s = compare_runs(peaks_a, peaks_b).inverted()
-    entry.update(ratio=s.ratio, ci_low=s.ci_low, ci_high=s.ci_high, p_value=s.p_value, outcome=s.outcome)
+    entry.update(
+        ratio=s.ratio, ci_low=s.ci_low, ci_high=s.ci_high, p_value=s.p_value, outcome=s.outcome
+    )
     if s.outcome == "decided":
         entry["winner"] = b if s.ratio > 1 else a
     elif s.ci_low is None:  # one run a side: no spread between runs to judge by
         entry["suggested_repeats"] = MIN_RUNS_FOR_INTERVAL
     elif s.outcome == "undecided":
-        entry["suggested_repeats"] = _suggest_repeats(s.ratio, s.ci_low, s.ci_high, min(len(use_a), len(use_b)))
+        entry["suggested_repeats"] = _suggest_repeats(
+            s.ratio, s.ci_low, s.ci_high, min(len(use_a), len(use_b))
+        )
     return entry
 
 
@@ -103,25 +117,35 @@ def nondeterminism(repeats: dict[str, list[dict[str, Any]]]) -> list[str]:
         for i, r in ok[1:]:
             keys = [k for k in DETERMINISTIC if r.get(k) != first.get(k)]
             if keys:
-                differ.append(f"run {i} vs run {first_i}: {', '.join(keys)}{_largest_loss_gap(first, r, keys)}")
+                differ.append(
+                    f"run {i} vs run {first_i}: "
+                    f"{', '.join(keys)}{_largest_loss_gap(first, r, keys)}"
+                )
         if differ:
-            out.append(f"non-deterministic: {label}'s repeats differ on figures that must be identical "
-                       f"(same batches, seed and threads): {'; '.join(differ)}")
+            out.append(
+                f"non-deterministic: {label}'s repeats differ on figures that must be identical "
+                f"(same batches, seed and threads): {'; '.join(differ)}"
+            )
     return out
 
 
 def _largest_loss_gap(a: dict[str, Any], b: dict[str, Any], keys: list[str]) -> str:
     if "losses" not in keys:
         return ""
-    gaps = [(abs(x - y), i + 1) for i, (x, y) in enumerate(zip(a.get("losses") or [], b.get("losses") or [], strict=False))
-            if isinstance(x, float) and isinstance(y, float) and math.isfinite(x) and math.isfinite(y)]
+    gaps = [
+        (abs(x - y), i + 1)
+        for i, (x, y) in enumerate(zip(a.get("losses") or [], b.get("losses") or [], strict=False))
+        if isinstance(x, float) and isinstance(y, float) and math.isfinite(x) and math.isfinite(y)
+    ]
     if not gaps:
         return ""
     gap, step = max(gaps)
     return f" (largest loss gap {gap:.2e} at step {step})"
 
 
-def build_verdict(repeats: dict[str, list[dict[str, Any]]], reference: str | None) -> dict[str, Any] | None:
+def build_verdict(
+    repeats: dict[str, list[dict[str, Any]]], reference: str | None
+) -> dict[str, Any] | None:
     """{"speed", "memory": the reference against the other backend (the first other, when there
     are several), "pairs": the reference against every other backend, "repeats": per-run figures,
     "nondeterministic": warning lines}; None with fewer than two backends that ran ok at least once
@@ -166,13 +190,17 @@ def line(entry: dict[str, Any]) -> str:
         if win == a:  # the ratio reads B over A; say it as the winner's advantage
             r, lo, hi = 1 / r, 1 / hi, 1 / lo
         said = f"{r:.2f}x {lose}'s speed" if speed else f"{r:.2f}x below {lose}"
-        return (f"{'Faster' if speed else 'Less peak RSS'}: {win}, {said} (95% CI {lo:.2f}-{hi:.2f}, "
-                f"{_runs_text(entry, a, b)}, p={entry['p_value']:.3g}{busy_note})")
+        return (
+            f"{'Faster' if speed else 'Less peak RSS'}: {win}, {said} (95% CI {lo:.2f}-{hi:.2f}, "
+            f"{_runs_text(entry, a, b)}, p={entry['p_value']:.3g}{busy_note})"
+        )
     ratio_name = f"{b}/{a}" if speed else f"{a}/{b}"
     if entry["outcome"] == "no_clear_difference":
         return (f"No clear {what} difference: {ratio_name} {r:.2f}x ({ci}, "
                 f"{_runs_text(entry, a, b)}{busy_note})")
-    hint = f"; --repeats {entry['suggested_repeats']} to decide" if entry["suggested_repeats"] else ""
+    hint = (
+        f"; --repeats {entry['suggested_repeats']} to decide" if entry["suggested_repeats"] else ""
+    )
     return (f"{title} undecided after {_runs_text(entry, a, b)}: {ratio_name} {r:.2f}x "
             f"({ci}{busy_note}){hint}")
 

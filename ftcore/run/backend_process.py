@@ -59,7 +59,9 @@ def child_env(spec: BackendSpec, threads: int, cfg: RunConfig) -> dict[str, str]
     return spec.child_env(base_env(), threads, cfg)
 
 
-def gemm_peak(prep: Prepared, shapes: list | None = None, at_least: float | None = None) -> float | None:
+def gemm_peak(
+    prep: Prepared, shapes: list | None = None, at_least: float | None = None
+) -> float | None:
     """This machine's GEMM peak for the run (a large square and the run's own GEMM shapes: the
     child's, else made here the same way), each framework probed in its backends' environment;
     re-measured when below `at_least` GFLOP/s (ftcore.measure.gemm_peak.machine_gemm_peak)."""
@@ -68,8 +70,12 @@ def gemm_peak(prep: Prepared, shapes: list | None = None, at_least: float | None
     cfg = prep.cfg
     envs = {fw: make(base_env(), cfg.threads) for fw, make in FRAMEWORK_ENVS.items()}
     if shapes is None:
-        shapes = gemm_shapes(read_arch(prep.model_dir), cfg.batch_size, prep.batches.seq_len, cfg.threads)
-    return machine_gemm_peak(cfg.precision, envs, shapes=tuple(map(tuple, shapes)), at_least=at_least)
+        shapes = gemm_shapes(
+            read_arch(prep.model_dir), cfg.batch_size, prep.batches.seq_len, cfg.threads
+        )
+    return machine_gemm_peak(
+        cfg.precision, envs, shapes=tuple(map(tuple, shapes)), at_least=at_least
+    )
 
 
 def child_command(backend: str, prep: Prepared, out_dir: Path) -> list[str]:
@@ -121,7 +127,11 @@ class BackendProcess:
         self.proc = spawn(cmd, env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True,
                           pass_fds=self.gate.child_fds if self.gate else ())
-        self.watch = RankWatch(out_dir, self.world, self.proc.pid, self.proc.stdin) if self.world > 1 else None
+        self.watch = (
+            RankWatch(out_dir, self.world, self.proc.pid, self.proc.stdin)
+            if self.world > 1
+            else None
+        )
         if self.gate:
             self.gate.spawned()
         if on_start:
@@ -190,7 +200,9 @@ class BackendProcess:
         if result.status == "ok":  # every backend held to one rule: it learned, and sanely
             vocab = read_arch(prep.model_dir)["vocab_size"]
             reason = collapsed(result.losses, vocab)
-            problem = adapter_problem(self.out_dir / "adapter") or (("diverged", reason) if reason else None)
+            problem = adapter_problem(self.out_dir / "adapter") or (
+                ("diverged", reason) if reason else None
+            )
             if problem:
                 result.status, result.error = problem
         if self.before_spawn_s is not None:
@@ -198,7 +210,9 @@ class BackendProcess:
         machine_peak = None
         if result.status == "ok" and prep.cfg.device == "cpu":
             # a cached peak below what this run achieved was taken under load: re-measured
-            machine_peak = gemm_peak(prep, result.extra.get("gemm_shapes"), at_least=achieved_gflops(result))
+            machine_peak = gemm_peak(
+                prep, result.extra.get("gemm_shapes"), at_least=achieved_gflops(result)
+            )
             result.extra["machine_gemm_peak_gflops"] = machine_peak
         record_mfu(result, machine_peak)
         result.extra["process_wall_s"] = time.time() - self.started  # start-up to exit, all of it
@@ -228,9 +242,14 @@ class BackendProcess:
         prune_empty_dirs(self.out_dir / LAUNCHER_LOGS_DIR)
         # a rank without its rank file died before its end, seen by the watch or not (a launcher
         # that ends at once after a rank's death leaves it no poll to see it)
-        if dead := sorted(set(self.watch.dead) | set(merge_ranks(result, self.out_dir, self.world))):
+        if dead := sorted(
+            set(self.watch.dead) | set(merge_ranks(result, self.out_dir, self.world))
+        ):
             why = f"rank(s) {', '.join(map(str, dead))} of {self.world} died mid-run"
-            result.status, result.error = "failed", f"{self.backend} {why}; {result.error or ''}".rstrip("; ")
+            result.status, result.error = (
+                "failed",
+                f"{self.backend} {why}; {result.error or ''}".rstrip("; "),
+            )
 
 
 def run_backend(

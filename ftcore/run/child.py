@@ -67,13 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     if ranks:  # the parent sums the ranks' peaks (ftcore.run.rank_watch.merge_ranks)
         write_rank_file(args.out, ranks.rank, status=result.status, peak_rss_mb=rss.peak_mb,
                         baseline_rss_mb=result.baseline_rss_mb, threads=result.rank_threads,
-                        step_targets=result.step_targets)  # this rank's shard's, summed by the parent
+                        # this rank's shard's, summed by the parent
+                        step_targets=result.step_targets)
         if ranks.rank:
             return code
     try:
         result.write_json(args.out / RESULT_FILE)
     except DiskFull as e:  # the parent reads its row's reason from this line
-        print(f"[{args.backend}] failed: {result.error if result.status != 'ok' else e}", file=sys.stderr)
+        print(
+            f"[{args.backend}] failed: {result.error if result.status != 'ok' else e}",
+            file=sys.stderr,
+        )
         return 1
     return code
 

@@ -4,10 +4,11 @@ batches; then the comparison report with its verdict (ftcore.report.verdict).
 
 How many runs (Schedule): `repeats` fixed, or adaptive (one run when there is one backend, nothing
 to compare it with): at least MIN_RUNS runs a backend, then more rounds while the speed verdict is
-undecided, as long as another round (as long as the last one took) fits in `time_budget_s`. A run whose timed steps were BUSY (another process took the
-CPU) is left out of the statistics and made up for by another round while the budget lasts. A
-failed run stops the rounds: that backend's row is failed. One-time costs (MLX building its
-kernels, the GEMM-peak probe) happen in the first round, outside every timed step.
+undecided, as long as another round (as long as the last one took) fits in `time_budget_s`. A run
+whose timed steps were BUSY (another process took the CPU) is left out of the statistics and made up
+for by another round while the budget lasts. A failed run stops the rounds: that backend's row is
+failed. One-time costs (MLX building its kernels, the GEMM-peak probe) happen in the first round,
+outside every timed step.
 
 Folders: OUT/<label>/ holds a backend's first run (result.json, adapter/), OUT/<label>/repeats/<k>/
 its k-th (k >= 2). A backend named twice (`--backends torch,torch`: an A/A run, this machine's
@@ -50,7 +51,9 @@ class Schedule:
         if repeats is not None and repeats < 1:
             raise UserError(f"--repeats: must be >= 1, not {repeats}")
         if not math.isfinite(time_budget_s) or time_budget_s < 0:
-            raise UserError(f"--time-budget-s: must be a finite number of seconds >= 0, not {time_budget_s}")
+            raise UserError(
+                f"--time-budget-s: must be a finite number of seconds >= 0, not {time_budget_s}"
+            )
         return cls(repeats, time_budget_s)
 
     @property
@@ -107,7 +110,10 @@ def compare(
     cfg.nproc > 1 each backend runs at one process (label NAME) and data-parallel (NAME-xW, W
     ranks) in every round: the scaling and parity reference."""
     # (folder, row label, backend, prepared run): folder = label, or label-xW for W ranks
-    sides = [(label, label, name, prep) for label, name in zip(labels_for(backends), backends, strict=True)]
+    sides = [
+        (label, label, name, prep)
+        for label, name in zip(labels_for(backends), backends, strict=True)
+    ]
     world = prep.cfg.world_size
     if world > 1:  # each backend at one process too: the parity and scaling-efficiency reference
         one = dataclasses.replace(prep, cfg=prep.cfg.replace(nproc=1, nnodes=1))
@@ -119,10 +125,15 @@ def compare(
         t0 = time.monotonic()
         for folder, label, name, p in sides if rounds % 2 == 0 else sides[::-1]:
             k = len(repeats[folder]) + 1
-            print(f"== [round {rounds + 1}] {folder}" + (f" (run {k})" if k > 1 else ""), file=sys.stderr, flush=True)
+            print(
+                f"== [round {rounds + 1}] {folder}" + (f" (run {k})" if k > 1 else ""),
+                file=sys.stderr,
+                flush=True,
+            )
             hook = (lambda proc, name=name: on_start(name, proc)) if on_start else None
             result = run_backend(name, p, run_dir(out_dir, folder, k), on_start=hook).to_dict()
-            result["backend"] = label  # the row's name (torch#2); its result.json keeps the backend's
+            # the row's name (torch#2); its result.json keeps the backend's
+            result["backend"] = label
             repeats[folder].append(result)
         rounds, last_round_s = rounds + 1, time.monotonic() - t0
         if not schedule.another_round(repeats, rounds, time.monotonic() - started, last_round_s):

@@ -5,10 +5,13 @@
 * flags: RunConfig's own validation, and --threads at most the cores this process may use, and
   enough of them for --nproc ranks; a data-parallel run only with backends that support it and
   what their launcher needs for several machines (ftcore.process.ranks);
-* the model folder: ftcore.inputs.presets.check_model_dir (files, config, every tensor, finite weights);
-* the tokenizer: it loads, and its vocabulary fits the embedding (ftcore.inputs.checkpoint.check_vocab);
+* the model folder: ftcore.inputs.presets.check_model_dir (files, config, every tensor, finite
+  weights);
+* the tokenizer: it loads, and its vocabulary fits the embedding
+  (ftcore.inputs.checkpoint.check_vocab);
 * the data: loads, tokenizes (with --prompt-format chat: the model has a chat template that
-  renders, ftcore.inputs.token_rows.rendered_ids) and fills the batches (ftcore.inputs.batches.build_batches);
+  renders, ftcore.inputs.token_rows.rendered_ids) and fills the batches
+  (ftcore.inputs.batches.build_batches);
 * each backend: its package is installed, and its spec's `check` passes (device present; for
   MLX the cached conversion of this checkpoint is made here, so a conversion error stops the run
   before torch has spent its time).
@@ -54,16 +57,22 @@ class Prepared:
         return self
 
 
-def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Prepared:
-    """Every check of the module docstring; raises UserError (one line). Writes nothing but the
-    cache (a preset checkpoint, the MLX conversion)."""
-    cache_root()  # the cache folder can be made (not below a file), before any backend needs it
+def check_cores(cfg: RunConfig) -> int:
+    """The cores this process may use, once --threads is checked against them (UserError)."""
     cores = affinity_cores()
     if cfg.threads is not None and cfg.threads > cores:
         raise UserError(
             f"--threads {cfg.threads}: this process may use {cores} cores; more threads than "
             "cores would time the operating system's scheduler, not the framework"
         )
+    return cores
+
+
+def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Prepared:
+    """Every check of the module docstring; raises UserError (one line). Writes nothing but the
+    cache (a preset checkpoint, the MLX conversion)."""
+    cache_root()  # the cache folder can be made (not below a file), before any backend needs it
+    cores = check_cores(cfg)
     specs = [get_backend(b) for b in backends]
     check_threads(cfg if cfg.threads is not None else cfg.replace(threads=cores))
     for spec in specs:
@@ -78,8 +87,10 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
             raise UserError(why)
         if cfg.batching == Batching.PACKED and not spec.takes_packed_rows:
             able = ", ".join(n for n, s in BACKENDS.items() if s.takes_packed_rows)
-            raise UserError(f"--batching packed: the {spec.name} backend's trainer cannot take several "
-                            f"records per row (backends that can: {able}); use --batching longest")
+            raise UserError(
+                f"--batching packed: the {spec.name} backend's trainer cannot take several "
+                f"records per row (backends that can: {able}); use --batching longest"
+            )
         if cfg.target_eval_loss is not None and not spec.owns_steps:
             raise UserError(
                 f"--target-eval-loss: the {spec.name} backend's trainer runs its own steps and "
@@ -98,8 +109,11 @@ def check_run(cfg: RunConfig, backends: list[str] | tuple[str, ...] = ()) -> Pre
     check_vocab(arch, tokenizer, model_dir)
     limit = arch.get("max_position_embeddings")
     if limit and cfg.max_seq_len > limit:
-        raise UserError(f"--max-seq-len {cfg.max_seq_len}: the model was built for at most {limit} positions "
-                        f"(max_position_embeddings in {model_dir / 'config.json'}); use --max-seq-len {limit} or less")
+        raise UserError(
+            f"--max-seq-len {cfg.max_seq_len}: the model was built for at most {limit} positions "
+            f"(max_position_embeddings in {model_dir / 'config.json'}); use --max-seq-len {limit} "
+            "or less"
+        )
     batches = build_batches(cfg, tokenizer, records)
     for line in batches.stats["data_warnings"]:  # once, before any backend starts
         print(f"warning: {line}", file=sys.stderr, flush=True)

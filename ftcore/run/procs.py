@@ -92,7 +92,12 @@ def death_reason(signum: int, oom_before: int | None) -> str:
     """'killed by SIGKILL', or the OOM killer when the kernel's counter says so."""
     name = signal.Signals(signum).name
     after = oom_kills()
-    if signum == signal.SIGKILL and oom_before is not None and after is not None and after > oom_before:
+    if (
+        signum == signal.SIGKILL
+        and oom_before is not None
+        and after is not None
+        and after > oom_before
+    ):
         return "killed by the kernel's OOM killer (out of memory)"
     return f"killed by {name}"
 

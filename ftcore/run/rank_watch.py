@@ -70,7 +70,11 @@ class RankWatch:
         pids = self._pids()
         if len(pids) == self.world and not self.nudged:
             self._nudge()
-        dead = [r for r, pid in pids.items() if not alive(pid) and not rank_file(self.out_dir, r).exists()]
+        dead = [
+            r
+            for r, pid in pids.items()
+            if not alive(pid) and not rank_file(self.out_dir, r).exists()
+        ]
         if not dead:
             return False
         self.dead = sorted(set(self.dead) | set(dead))

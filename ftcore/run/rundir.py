@@ -75,15 +75,22 @@ class RunDir:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a folder")
         if blocker := file_in_the_way(out):
-            raise UserError(f"--out {out}: {blocker} is a file, not a folder, so the run folder cannot be made "
-                            "below it; choose an --out outside it")
+            raise UserError(
+                f"--out {out}: {blocker} is a file, not a folder, so the run folder cannot be made "
+                "below it; choose an --out outside it"
+            )
         if out.is_dir() and any(out.iterdir()) and not self.replace:
-            raise UserError(f"--out {out}: holds an earlier run{_dead_run(out)}; pass --replace to replace it whole")
+            raise UserError(
+                f"--out {out}: holds an earlier run{_dead_run(out)}; pass --replace to replace it "
+                "whole"
+            )
 
     def claim(self) -> Path:
         self.check()
         try:
-            self.path = self._new_default() if self.requested is None else self._take(self.requested)
+            self.path = (
+                self._new_default() if self.requested is None else self._take(self.requested)
+            )
         except OSError as e:
             raise UserError(f"cannot create the run folder: {e.strerror}: {e.filename}") from None
         self._status = {"status": "running", "pid": os.getpid(), "command": sys.argv,
@@ -145,7 +152,9 @@ class RunDir:
         try:
             self.end("failed", exit_code)
         except OSError as e:
-            return f"; {self.path / STATUS_FILE} could not be marked failed either ({e.strerror or e})"
+            return (
+                f"; {self.path / STATUS_FILE} could not be marked failed either ({e.strerror or e})"
+            )
         return ""
 
     def _put_back(self, status: str) -> None:
@@ -154,11 +163,16 @@ class RunDir:
         if status == "complete":
             shutil.rmtree(self._aside, ignore_errors=True)
         else:
-            failed = self.path.with_name(f"{self.path.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            failed = self.path.with_name(
+                f"{self.path.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            )
             os.rename(self.path, failed)
             os.rename(self._aside, self.path)
-            print(f"ftcore: this run did not end ok, so {self.path} keeps the earlier run it was to replace; "
-                  f"this one is in {failed}", file=sys.stderr)
+            print(
+                f"ftcore: this run did not end ok, so {self.path} keeps the earlier run it was to "
+                f"replace; this one is in {failed}",
+                file=sys.stderr,
+            )
         self._aside = None
 
     def interrupted(self, exit_code: int = 130) -> None:

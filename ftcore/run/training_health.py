@@ -50,11 +50,16 @@ def adapter_problem(adapter_dir: Path) -> tuple[str, str] | None:
         return "diverged", f"the trained adapter holds NaN or Inf ({bad[0]}, {len(bad)} tensor(s))"
     name, biggest = largest_weight(tensors)
     if biggest > EXPLODED:
-        return "diverged", f"the adapter's weights exploded: max |w| = {biggest:.3g} in {name} (> {EXPLODED:g})"
+        return (
+            "diverged",
+            f"the adapter's weights exploded: max |w| = {biggest:.3g} in {name} (> {EXPLODED:g})",
+        )
     b = [v for k, v in tensors.items() if "lora_B" in k]
     if b and all(not v.any() for v in b):
-        return "failed", ("the adapter did not move: every lora_B is still 0 after training, so no update "
-                          "was applied (check --lr, --adam-eps, --max-grad-norm)")
+        return "failed", (
+            "the adapter did not move: every lora_B is still 0 after training, so no update "
+            "was applied (check --lr, --adam-eps, --max-grad-norm)"
+        )
     return None
 
 

@@ -1,5 +1,5 @@
-"""torch.distributed for data-parallel ranks (launched by torchrun; ftcore.process.ranks): gloo on the CPU,
-NCCL on CUDA, and one all-reduce of the LoRA gradients and the loss per step."""
+"""torch.distributed for data-parallel ranks (launched by torchrun; ftcore.process.ranks): gloo on
+the CPU, NCCL on CUDA, and one all-reduce of the LoRA gradients and the loss per step."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from ftcore.torch.model import sync
 
-TIMEOUT = timedelta(minutes=10)  # a collective waiting this long fails (the parent's watch is first)
+# a collective waiting this long fails (the parent's watch is first)
+TIMEOUT = timedelta(minutes=10)
 
 
 def pick_rank_gpu(cfg, local_rank: int) -> None:

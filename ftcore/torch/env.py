@@ -24,9 +24,14 @@ def launch_command(cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]
     Its log tree goes into the run folder (without --log-dir torchrun leaves one in /tmp per run);
     the runner removes it when it holds no file (ftcore.run.rank_watch.prune_empty_dirs)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}",
-           "--max-restarts=0", "--monitor-interval=0.5", f"--log-dir={out_dir / LAUNCHER_LOGS_DIR}"]  # fmt: skip
+           "--max-restarts=0", "--monitor-interval=0.5",
+           f"--log-dir={out_dir / LAUNCHER_LOGS_DIR}"]  # fmt: skip
     if cfg.nnodes > 1:
-        cmd += [f"--nnodes={cfg.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}"]
+        cmd += [
+            f"--nnodes={cfg.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+        ]
     else:
         cmd += ["--standalone"]  # a local rendezvous on a free port
     return under_launcher([*cmd, "-m", *inner[2:]])  # torchrun -m MODULE ARGS

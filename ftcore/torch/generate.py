@@ -1,4 +1,5 @@
-"""Greedy decoding through transformers' `generate` (KV cache included), base or base + PEFT adapter."""
+"""Greedy decoding through transformers' `generate` (KV cache included), base or base + PEFT
+adapter."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The loss contract (ftcore.inputs.loss_contract) in torch: summed CE over target tokens and its count, and eval."""
+"""The loss contract (ftcore.inputs.loss_contract) in torch: summed CE over target tokens and its
+count, and eval."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from ftcore.inputs.batches import Batches
 from ftcore.inputs.loss_contract import IGNORE_INDEX
 
 
-def loss_sum_count(model, batch: dict[str, torch.Tensor], packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum_count(
+    model, batch: dict[str, torch.Tensor], packed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over targets that are not IGNORE_INDEX, and their count.
     packed: the rows hold several records (Batches.packed), each attending to itself only.
 
@@ -20,7 +23,8 @@ def loss_sum_count(model, batch: dict[str, torch.Tensor], packed: bool) -> tuple
     """
     ids = batch["input_ids"]
     keep = torch.arange(ids.shape[1] - 1, device=ids.device)  # logits at positions 0..L-2
-    logits = model(**model_inputs(batch, model.dtype, packed), logits_to_keep=keep).logits  # (B, L-1, V)
+    # (B, L-1, V)
+    logits = model(**model_inputs(batch, model.dtype, packed), logits_to_keep=keep).logits
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
@@ -31,7 +35,9 @@ def loss_sum_count(model, batch: dict[str, torch.Tensor], packed: bool) -> tuple
     return loss, (targets != IGNORE_INDEX).sum()
 
 
-def packed_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def packed_mask(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Additive (B, 1, L, L) per-document causal mask of packed rows: query i sees key j when
     j <= i, both lie in the same record (a record starts where its position is 0) and j is a real
     token; blocked entries get dtype's most negative finite value (0 elsewhere). transformers uses
@@ -44,7 +50,9 @@ def packed_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor, dtype:
     return torch.where(keep, torch.zeros((), dtype=dtype, device=doc.device), blocked)[:, None]
 
 
-def model_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype, packed: bool) -> dict[str, torch.Tensor]:
+def model_inputs(
+    batch: dict[str, torch.Tensor], dtype: torch.dtype, packed: bool
+) -> dict[str, torch.Tensor]:
     """The model's keyword inputs: ids and the 2-D padding mask, or for packed rows (which carry
     position_ids) the per-document 4-D mask and the positions restarting at each record."""
     if not packed:

@@ -50,7 +50,8 @@ def load_peft_model(cfg: RunConfig, model_dir: Path, device: torch.device):
     with torch.no_grad():  # weights may be mmapped lazily: page them in now, so load time and
         for p in model.parameters():  # RSS after load cover them (as mx.eval does for MLX)
             p.sum()
-    if cfg.grad_checkpoint:  # each decoder layer recomputed in the backward pass (training mode only);
+    # each decoder layer recomputed in the backward pass (training mode only);
+    if cfg.grad_checkpoint:
         # non-reentrant: gradients reach the LoRA weights without the inputs requiring grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_cfg = LoraConfig(
