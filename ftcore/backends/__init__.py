@@ -56,7 +56,7 @@ def convert_for_mlx(cfg: RunConfig, model_dir: Path) -> None:
 def check_torch(cfg: RunConfig, model_dir: Path) -> None:
     """--device gpu needs a device torch can see (torch is imported only then)."""
     if cfg.device != "cpu":
-        from ftcore.torch.model import pick_device
+        from ftcore.torch.runtime import pick_device
 
         pick_device(cfg.device)
 

@@ -21,8 +21,8 @@ from ftcore.backends.torch_common import eval_schedule, save_torch, start
 from ftcore.inputs.batches import Batches
 from ftcore.result import RunResult
 from ftcore.torch.loss import loss_sum_count
-from ftcore.torch.model import sync
 from ftcore.torch.optim import make_optimizer, settings
+from ftcore.torch.runtime import sync
 
 
 class Rows(torch.utils.data.Dataset):

@@ -23,9 +23,10 @@ from ftcore.inputs.records import write_prompt_format
 from ftcore.measure.rss import current_rss_mb
 from ftcore.process.ranks import rank_threads
 from ftcore.torch.generate import greedy
-from ftcore.torch.lora import get_lora_state
+from ftcore.torch.lora import lora_state
 from ftcore.torch.loss import evaluate, to_torch
-from ftcore.torch.model import load_peft_model, pick_device, sync
+from ftcore.torch.model import load_peft_model
+from ftcore.torch.runtime import pick_device, sync
 
 
 @torch.no_grad()
@@ -58,7 +59,7 @@ def start(run: Run):
     sync(device)
     result.load_time_s = time.perf_counter() - t0
     result.baseline_rss_mb = current_rss_mb()
-    result.initial_adapter_fingerprint = state_fingerprint(get_lora_state(model))
+    result.initial_adapter_fingerprint = state_fingerprint(lora_state(model))
     result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # transformers' own flag: whether its layers really recompute in the backward pass
     result.extra["grad_checkpoint_active"] = bool(

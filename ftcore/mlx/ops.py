@@ -31,7 +31,7 @@ def additive_mask(attention_mask: mx.array | None, length: int, dtype: mx.Dtype)
 def packed_mask(position_ids: mx.array, attention_mask: mx.array, dtype: mx.Dtype) -> mx.array:
     """Additive (B, 1, L, L) per-document causal mask of packed rows: query i sees key j when
     j <= i, both lie in the same record (a record starts where its position is 0) and j is a real
-    token. The torch backend builds the same mask (ftcore.torch.loss.packed_mask)."""
+    token. The torch backend builds the same mask (ftcore.torch.ops.packed_mask)."""
     doc = mx.cumsum((position_ids == 0).astype(mx.int32), axis=-1)  # (B, L): record of each token
     L = doc.shape[1]
     causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))

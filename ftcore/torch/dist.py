@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ftcore.torch.model import sync
+from ftcore.torch.runtime import sync
 
 # a collective waiting this long fails (the parent's watch is first)
 TIMEOUT = timedelta(minutes=10)

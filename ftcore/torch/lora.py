@@ -13,7 +13,7 @@ import torch
 _PEFT_PARAM = re.compile(r"\.(lora_A|lora_B)\.[^.]+\.weight$")
 
 
-def set_lora_state(model, state: dict[str, np.ndarray]) -> None:
+def load_lora_state(model, state: dict[str, np.ndarray]) -> None:
     """Copy PEFT-layout arrays keyed `<module path>.lora_A|lora_B` into a PeftModel."""
     base = model.base_model.model
     with torch.no_grad():
@@ -23,7 +23,7 @@ def set_lora_state(model, state: dict[str, np.ndarray]) -> None:
             layer.weight.copy_(torch.from_numpy(value))
 
 
-def get_lora_state(model) -> dict[str, np.ndarray]:
+def lora_state(model) -> dict[str, np.ndarray]:
     base = model.base_model.model
     state = {}
     for name, module in base.named_modules():

@@ -10,30 +10,12 @@ from pathlib import Path
 
 import torch
 
-from ftcore.config import RunConfig, UserError
+from ftcore.config import RunConfig
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.lora_init import initial_lora_state
-from ftcore.torch.lora import set_lora_state
+from ftcore.torch.lora import load_lora_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    raise UserError("--device gpu: torch sees no CUDA or MPS device on this machine")
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued kernels so a wall-clock reading covers the work (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def load_peft_model(cfg: RunConfig, model_dir: Path, device: torch.device):
@@ -63,7 +45,7 @@ def load_peft_model(cfg: RunConfig, model_dir: Path, device: torch.device):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora_cfg)
-    set_lora_state(
+    load_lora_state(
         model, initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed)
     )
     return model
