@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.backends import BACKENDS, FRAMEWORK_ENVS
-from ftcore.bench.cases import SIZES, Case, build_cases, parse_list, parse_shape  # noqa: F401
 from ftcore.measure.memory_model import peak_over_model
 from ftcore.result import figures
+from ftcore.run.bench_cases import SIZES, Case, build_cases, parse_list, parse_shape  # noqa: F401
 
 BACKEND_NAMES = tuple(BACKENDS)
 

@@ -111,7 +111,7 @@ def test_case_run_args_reproduce_the_case_config():
 
 
 def test_k_expressions_select_like_pytest():
-    from ftcore.bench.cases import matches
+    from ftcore.run.bench_cases import matches
 
     name = "tiny-b4-s128-fp32-mlx-lm"
     assert matches("tiny and fp32 and mlx", name) and matches(None, name)

@@ -20,9 +20,9 @@ import bench_support as bs
 import pytest
 
 from ftcore.backends import BACKENDS
-from ftcore.bench.cases import BENCH_TARGETS, SIZES
 from ftcore.config import BATCHINGS, RunConfig
 from ftcore.inputs.length_profile import NAME as ALPACA_LENGTHS
+from ftcore.run.bench_cases import BENCH_TARGETS, SIZES
 
 BATCH, SEQ = 4, 512
 RECORDS = 64  # training records: 16 steps an epoch with `longest`, ~6 with `packed`

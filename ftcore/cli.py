@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from ftcore.backends import BACKENDS
-from ftcore.bench.cases import SIZES
 from ftcore.cli_args import DEBUG_ENV, build_parser
 from ftcore.config import RunConfig, UserError
 from ftcore.config_flags import config_from_args
@@ -25,6 +24,7 @@ from ftcore.inputs.presets import resolve_model_dir
 from ftcore.report import format_run, format_short, format_table
 from ftcore.result import RunResult
 from ftcore.run.backend_process import OFFLINE_ENV, run_backend
+from ftcore.run.bench_cases import SIZES
 from ftcore.run.compare import Schedule, compare
 from ftcore.run.preflight import check_run
 from ftcore.run.procs import kill_all, stop_all
@@ -160,7 +160,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_diff(args: argparse.Namespace) -> int:
-    from ftcore.bench.bench_diff import DiffPlan, bench_diff
+    from ftcore.run.bench_diff import DiffPlan, bench_diff
 
     sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
     if unknown := [x for x in sizes if x not in SIZES]:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.backends import BACKENDS
-from ftcore.bench.cases import SIZES
 from ftcore.config import PRESETS, PROMPT_FORMATS, RunConfig, UserError
 from ftcore.config_flags import add_run_options
+from ftcore.run.bench_cases import SIZES
 from ftcore.run.compare import DEFAULT_TIME_BUDGET_S, MIN_RUNS
 
 DEBUG_ENV = "FTCORE_DEBUG"

@@ -115,7 +115,7 @@ FLOORS = (
     ("ftcore.torch", "ftcore.mlx"),
     ("ftcore.backends",),
     ("ftcore.report",),
-    ("ftcore.run", "ftcore.bench"),
+    ("ftcore.run",),
     ("ftcore", "ftcore.cli", "ftcore.cli_args", "ftcore.__main__"),
 )
 

@@ -2,7 +2,7 @@
 child pytest sessions: a fine-tune case whose processes ran busy says so in one console line, and
 `--benchmark-compare-fail` against a baseline from this machine calls its comparison not
 decidable instead of a regression (exit 0). The baseline-side rule (its entry records busy
-processes) and "a quiet regression still fails" are in tests/test_bench_compare.py's step 2.
+processes) and "a quiet regression still fails" are in tests/test_baseline_compare.py's step 2.
 
 Load-proof, as tests/test_step_timing.py's busy test: the case runs while CPU hogs (one per core)
 run, so its processes are busy whatever else runs on this machine, and the test asserts what the
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_bench_compare import ROOT, TIME_STATS, pytest_bench, store
+from test_baseline_compare import ROOT, TIME_STATS, pytest_bench, store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,8 +37,8 @@ PASSIVE_OMP = {"OMP_WAIT_POLICY": "passive"}
 def quiet_gemm_peak(tmp_path: Path) -> None:
     """Measure (or find cached) the case's GEMM peak before the hogs start, as the bench's own
     `prepared` fixture would: measured under them, a low figure would be cached for later runs."""
-    from ftcore.bench.cases import Case
     from ftcore.run.backend_process import gemm_peak
+    from ftcore.run.bench_cases import Case
     from ftcore.run.preflight import prepare
 
     gemm_peak(prepare(Case("tiny", "torch", 4, 128, "fp32").config(WARMUP, ROUNDS), tmp_path / "prep"))

@@ -16,12 +16,12 @@ import pytest
 
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.run_context import Run
-from ftcore.bench.bench_diff import summarise
 from ftcore.config import Batching, RunConfig
 from ftcore.inputs.batches import Batches
 from ftcore.measure.stats import EXACT_LIMIT, compare_runs
 from ftcore.measure.stats import u_test_p as mann_whitney_p
 from ftcore.result import RunResult
+from ftcore.run.bench_diff import summarise
 
 pytestmark = pytest.mark.unit
 

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ftcore.bench.cases import Case, build_cases, matches
 from ftcore.config import RunConfig, UserError
 from ftcore.files import write_json_atomic
 from ftcore.measure.machine_load import MachineLoad
 from ftcore.measure.stats import ALPHA, compare_runs, smallest_runs_for
+from ftcore.run.bench_cases import Case, build_cases, matches
 
 
 def summarise(runs_a: list[list[float]], runs_b: list[list[float]], threshold: float) -> dict:

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from ftcore.bench.bench_diff import summarise
 from ftcore.measure.stats import compare_runs
 from ftcore.measure.stats import u_test_p as mann_whitney_p
 from ftcore.process.step_gate import GATE_ENV, StepGate
+from ftcore.run.bench_diff import summarise
 
 pytestmark = pytest.mark.unit
 
