@@ -28,9 +28,9 @@ from ftcore.run.bench_cases import SIZES
 from ftcore.run.compare import Schedule, compare
 from ftcore.run.preflight import check_run
 from ftcore.run.procs import kill_all, stop_all
-from ftcore.run.rundir import RunDir
+from ftcore.run.rundir import RunFolder
 
-ACTIVE_RUN: RunDir | None = None  # the folder being written, marked if the run is interrupted
+ACTIVE_RUN: RunFolder | None = None  # the folder being written, marked if the run is interrupted
 
 def parse_backends(text: str, twice_ok: bool = False) -> list[str]:
     """Backend names from a comma list; `twice_ok`: a backend may be named again (compare's A/A
@@ -47,10 +47,10 @@ def parse_backends(text: str, twice_ok: bool = False) -> list[str]:
     return names
 
 
-def open_run(out: Path | None, replace: bool) -> RunDir:
+def open_run(out: Path | None, replace: bool) -> RunFolder:
     """The run's folder, to be claimed once every input check has passed (ftcore.run.rundir)."""
     global ACTIVE_RUN
-    ACTIVE_RUN = RunDir(out, replace)
+    ACTIVE_RUN = RunFolder(out, replace)
     ACTIVE_RUN.check()  # refuse an earlier run in --out before the slower checks
     return ACTIVE_RUN
 

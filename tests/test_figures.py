@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ftcore.backends.eval_schedule import EvalSchedule
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 from ftcore.config import Batching, RunConfig
 from ftcore.inputs.batches import Batches
 from ftcore.measure.stats import EXACT_LIMIT, compare_runs
@@ -47,7 +47,7 @@ def _scored(answers: list[list[int]], outputs: list[list[int]]) -> tuple[float, 
         asked.append(budget)
         return outputs[prompt[0] - 10]
 
-    run = Run("t", "torch", RunConfig(), Path("."), batches, Path("."), result=RunResult(backend="t"))
+    run = BackendRun("t", "torch", RunConfig(), Path("."), batches, Path("."), result=RunResult(backend="t"))
     q = EvalSchedule(run, lambda: None, generate)
     q.before()
     return q.result.accuracy_before, asked

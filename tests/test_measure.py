@@ -258,7 +258,7 @@ def test_two_lengths_for_flops_and_gemm_shapes_and_for_the_memory_model(tmp_path
     itself) take Batches.seq_len, the steps' mean width, here well below --max-seq-len
     (`longest`); the memory model the widest step's width, Batches.widest, where the peak is."""
     from ftcore.backends.result_fields import start_result
-    from ftcore.backends.run_context import Run
+    from ftcore.backends.run_context import BackendRun
     from ftcore.config import RunConfig
     from ftcore.inputs.arch import read_arch
     from ftcore.measure.memory_model import MB
@@ -269,7 +269,7 @@ def test_two_lengths_for_flops_and_gemm_shapes_and_for_the_memory_model(tmp_path
                                batch_size=4, steps=4, max_seq_len=256, threads=1))
     b, arch = prep.batches, read_arch(prep.model_dir)
     assert b.seq_len == round(float(b.train["widths"].mean())) < b.widest == int(b.train["widths"].max()) <= 256
-    result = start_result(Run(backend="torch", framework="torch", cfg=prep.cfg, model_dir=prep.model_dir,
+    result = start_result(BackendRun(backend="torch", framework="torch", cfg=prep.cfg, model_dir=prep.model_dir,
                               batches=b, out_dir=tmp_path))
     assert result.flops_per_token == flops_per_token(arch, b.seq_len, prep.cfg.lora_targets, 8)["total"]
     assert result.memory_model["logits"] == pytest.approx(2 * 4 * b.widest * arch["vocab_size"] * 4 / MB)

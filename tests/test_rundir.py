@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from ftcore.config import UserError
-from ftcore.run.rundir import STATUS_FILE, RunDir
+from ftcore.run.rundir import STATUS_FILE, RunFolder
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +23,7 @@ def test_default_folders_claimed_at_once_are_distinct(tmp_path):
 
     def claim():
         barrier.wait()
-        got.append(RunDir(None, root=tmp_path).claim())
+        got.append(RunFolder(None, root=tmp_path).claim())
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for t in threads:
@@ -39,18 +39,18 @@ def test_out_holding_a_run_is_refused_unless_replaced(tmp_path):
     (out / "mlx").mkdir(parents=True)
     (out / "mlx" / "result.json").write_text("old")
     with pytest.raises(UserError, match="--replace"):
-        RunDir(out).claim()
+        RunFolder(out).claim()
     assert (out / "mlx" / "result.json").read_text() == "old"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert RunDir(empty).claim() == empty  # an empty folder is fine
+    assert RunFolder(empty).claim() == empty  # an empty folder is fine
 
 
 def test_replaced_run_is_replaced_whole(tmp_path):
     out = tmp_path / "run"
     (out / "mlx").mkdir(parents=True)
     (out / "mlx" / "result.json").write_text("old")
-    run = RunDir(out, replace=True)
+    run = RunFolder(out, replace=True)
     assert run.claim() == out and not (out / "mlx").exists()  # nothing old beside the new run
     run.end("complete", 0)
     assert status(out)["status"] == "complete" and status(out)["exit_code"] == 0
@@ -61,7 +61,7 @@ def test_interrupted_replacement_puts_the_old_run_back(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "comparison.json").write_text("old")
-    run = RunDir(out, replace=True)
+    run = RunFolder(out, replace=True)
     run.claim()
     (out / "batches.npz").write_text("half")
     run.interrupted()
@@ -70,7 +70,7 @@ def test_interrupted_replacement_puts_the_old_run_back(tmp_path):
 
 
 def test_interrupted_new_run_is_marked(tmp_path):
-    run = RunDir(tmp_path / "new")
+    run = RunFolder(tmp_path / "new")
     path = run.claim()
     run.interrupted()
     assert status(path)["status"] == "interrupted" and status(path)["exit_code"] == 130
@@ -80,7 +80,7 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(UserError, match="not a folder"):
-        RunDir(f).claim()
+        RunFolder(f).claim()
 
 
 def test_kill_reason_names_the_oom_killer_only_when_its_counter_rose():
@@ -134,8 +134,8 @@ def test_a_run_whose_process_died_is_named_so(tmp_path):
     out.mkdir()
     (out / STATUS_FILE).write_text(json.dumps({"status": "running", "pid": gone.pid}))
     with pytest.raises(UserError, match=r"died without ending it .* pass --replace"):
-        RunDir(out).claim()
+        RunFolder(out).claim()
     (out / STATUS_FILE).write_text(json.dumps({"status": "running", "pid": os.getpid()}))
     with pytest.raises(UserError) as e:
-        RunDir(out).claim()
+        RunFolder(out).claim()
     assert "without ending it" not in str(e.value) and "holds an earlier run; pass --replace" in str(e.value)

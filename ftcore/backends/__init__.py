@@ -3,7 +3,7 @@ report, bench) reads a backend's facts from its spec and never compares backend 
 
 Adding a backend: write `ftcore/backends/<backend name>.py` with its Recipe (backends.loop) and
 
-    train(run: Run) -> RunResult     # train_with(run, MyRecipe(run)); run: backends.run_context.Run
+    train(run: BackendRun) -> RunResult   # train_with(run, MyRecipe(run)) (backends.run_context)
 
 and add one BackendSpec to BACKENDS. `train` runs inside a fresh process (ftcore.run.child) with
 `child_env`'s environment. backends.loop.train_with owns the run's order and the per-step sequence
@@ -116,11 +116,11 @@ class BackendSpec:
 
     def train(self, cfg: RunConfig, model_dir: Path, batches: Batches, out_dir: Path) -> RunResult:
         """Train this backend in this process (the child's job: ftcore.run.child)."""
-        from ftcore.backends.run_context import Run
+        from ftcore.backends.run_context import BackendRun
         from ftcore.process.ranks import RankInfo
 
         module = importlib.import_module(f"ftcore.backends.{self.module}")
-        run = Run(
+        run = BackendRun(
             self.name,
             self.framework,
             cfg,

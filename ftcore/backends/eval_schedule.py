@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 
 
 class EvalSchedule:
@@ -25,7 +25,7 @@ class EvalSchedule:
     target, evals included (as MLPerf counts it); `train_seconds` is the step time alone.
     """
 
-    def __init__(self, run: Run, evaluate: Any, generate: Any) -> None:
+    def __init__(self, run: BackendRun, evaluate: Any, generate: Any) -> None:
         self.cfg, self.batches, self.result = run.cfg, run.batches, run.result
         self.evaluate, self.generate = evaluate, generate
         self.t0 = 0.0

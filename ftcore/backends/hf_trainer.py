@@ -15,7 +15,7 @@ import torch
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.loop import Recipe, train_with
 from ftcore.backends.result_fields import optimizer_record
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 from ftcore.backends.step_clock import StepClock
 from ftcore.backends.torch_common import eval_schedule, save_torch, start
 from ftcore.inputs.batches import Batches
@@ -134,5 +134,5 @@ class TrainerRecipe(Recipe):
         save_torch(self.run, self.model, self.device)
 
 
-def train(run: Run) -> RunResult:
+def train(run: BackendRun) -> RunResult:
     return train_with(run, TrainerRecipe(run))

@@ -23,7 +23,7 @@ from typing import Any
 
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.result_fields import finish_result
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 from ftcore.backends.step_clock import StepClock
 from ftcore.inputs.loss_contract import target_count
 from ftcore.process.ranks import shard
@@ -33,7 +33,7 @@ from ftcore.result import RunResult
 class Recipe:
     """What a backend writes: its model, optimizer and step. `self.run` is the run it trains."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: BackendRun) -> None:
         self.run = run
 
     def setup(self) -> EvalSchedule | None:
@@ -96,7 +96,7 @@ def owned_steps(recipe: Recipe, clock: StepClock, evals: EvalSchedule | None) ->
             break  # --target-eval-loss reached (one process only: refused with --nproc > 1)
 
 
-def train_with(run: Run, recipe: Recipe) -> RunResult:
+def train_with(run: BackendRun, recipe: Recipe) -> RunResult:
     """A backend's whole run in this process (see the module's doc)."""
     evals = recipe.setup()
     if run.lead and evals is not None:

@@ -30,7 +30,7 @@ from ftcore.backends.result_fields import (
     save_probe_logits,
     start_result,
 )
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 from ftcore.config import RunConfig
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
@@ -246,7 +246,7 @@ class MlxRecipe(Recipe):
             )
 
 
-def train(run: Run) -> RunResult:
+def train(run: BackendRun) -> RunResult:
     return train_with(run, MlxRecipe(run))
 
 

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.loop import Recipe, train_with
 from ftcore.backends.result_fields import optimizer_record, start_result
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 from ftcore.backends.step_clock import StepClock
 from ftcore.config import RunConfig, UserError
 from ftcore.files import atomic_path
@@ -285,5 +285,5 @@ class MlxLmRecipe(Recipe):
         )
 
 
-def train(run: Run) -> RunResult:
+def train(run: BackendRun) -> RunResult:
     return train_with(run, MlxLmRecipe(run))

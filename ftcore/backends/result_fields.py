@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 from ftcore.files import atomic_path
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.batches import Batches
@@ -28,7 +28,7 @@ def optimizer_record(read_back: dict, max_grad_norm: float | None) -> dict[str, 
     return {**read_back, "max_grad_norm": max_grad_norm, "lr_per_step": []}
 
 
-def throughput(run: Run, step_times: list[float]) -> dict[str, float]:
+def throughput(run: BackendRun, step_times: list[float]) -> dict[str, float]:
     """Timing figures over the steps after the timing warm-up.
 
     tokens_per_s counts every position of the batches as fed (padding included: what the step
@@ -51,7 +51,7 @@ def throughput(run: Run, step_times: list[float]) -> dict[str, float]:
     }
 
 
-def start_result(run: Run) -> RunResult:
+def start_result(run: BackendRun) -> RunResult:
     """run.result: a RunResult with every field that does not depend on the training itself. The
     BLAS probed is this process's framework's (run.framework)."""
     cfg, batches, framework = run.cfg, run.batches, run.framework
@@ -88,7 +88,7 @@ def start_result(run: Run) -> RunResult:
     return result
 
 
-def record_ranks(run: Run) -> None:
+def record_ranks(run: BackendRun) -> None:
     """World size and threads of a data-parallel run: `threads` becomes all ranks' threads
     together, the figure compared for fairness; `rank_threads` one's."""
     result = run.result
@@ -98,7 +98,7 @@ def record_ranks(run: Run) -> None:
         result.threads = result.threads * run.ranks.world
 
 
-def finish_result(run: Run, step_times: list[float]) -> RunResult:
+def finish_result(run: BackendRun, step_times: list[float]) -> RunResult:
     """Fill the throughput fields from the per-step wall times, and measure this framework's own
     GEMM peak in this process (its BLAS and threads as trained; on a GPU, that GPU's). MFU itself
     is computed from these by the parent, in one place (ftcore.measure.mfu.record_mfu)."""

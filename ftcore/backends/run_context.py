@@ -14,7 +14,7 @@ from ftcore.result import RunResult
 
 
 @dataclass
-class Run:
+class BackendRun:
     """Made by BackendSpec.train in the child (ftcore.run.child); `result` is set by
     result_fields.start_result and filled by the loop. `cfg` may be replaced by the loop (a rank's
     own thread count) after the result recorded the run's config."""

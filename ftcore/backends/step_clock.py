@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ftcore.backends.progress import Progress
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 from ftcore.measure.machine_load import MachineLoad, busy_warning
 from ftcore.process.ranks import sibling_pids
 from ftcore.process.step_gate import StepGate
@@ -47,7 +47,7 @@ class StepClock:
     their loss is checked) is not finite.
     """
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: BackendRun) -> None:
         self.run, self.cfg, self.batches, rank = run, run.cfg, run.batches, run.rank
         self.gate = StepGate(
             {} if rank else None

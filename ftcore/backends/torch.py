@@ -13,7 +13,7 @@ import torch
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.loop import Recipe, train_with
 from ftcore.backends.result_fields import optimizer_record
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 from ftcore.backends.torch_common import eval_schedule, save_torch, start
 from ftcore.result import RunResult
 from ftcore.torch import dist
@@ -73,5 +73,5 @@ class TorchRecipe(Recipe):
         save_torch(self.run, self.model, self.device)
 
 
-def train(run: Run) -> RunResult:
+def train(run: BackendRun) -> RunResult:
     return train_with(run, TorchRecipe(run))

@@ -15,7 +15,7 @@ from ftcore.backends.result_fields import (
     save_probe_logits,
     start_result,
 )
-from ftcore.backends.run_context import Run
+from ftcore.backends.run_context import BackendRun
 from ftcore.files import atomic_path
 from ftcore.inputs.batches import Batches
 from ftcore.inputs.lora_init import state_fingerprint
@@ -38,7 +38,7 @@ def probe_logits(model, batches: Batches, device: torch.device) -> np.ndarray:
     return logits.float().cpu().numpy()
 
 
-def start(run: Run):
+def start(run: BackendRun):
     """Shared by `torch` and `hf-trainer`: threads, seed, device, the timed model load and the
     RSS after it; sets run.result. Returns (model, device)."""
     cfg = run.cfg
@@ -72,13 +72,13 @@ def start(run: Run):
     return model, device
 
 
-def eval_schedule(run: Run, model, device: torch.device) -> EvalSchedule:
+def eval_schedule(run: BackendRun, model, device: torch.device) -> EvalSchedule:
     """Eval loss and greedy exact-match accuracy of this torch model, before, during and after."""
     return EvalSchedule(run, lambda: evaluate(model, run.batches, device),
                         lambda prompt, n, eos: greedy(model, prompt, n, eos))  # fmt: skip
 
 
-def save_torch(run: Run, model, device: torch.device) -> None:
+def save_torch(run: BackendRun, model, device: torch.device) -> None:
     """Shared end, after the final eval: CUDA peak, the adapter in PEFT format, probe logits."""
     if device.type == "cuda":
         run.result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20

@@ -52,7 +52,7 @@ def _dead_run(out: Path) -> str:
     return ""
 
 
-class RunDir:
+class RunFolder:
     """The folder one command writes. `claim()` it after every input check has passed (nothing
     is written for a refused run), then `end(status, exit_code)` or `interrupted()`."""
 
