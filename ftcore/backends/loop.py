@@ -19,6 +19,7 @@ feed / lr / begin / end from its callbacks, so losses, times and LRs are recorde
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 from ftcore.backends.eval_schedule import EvalSchedule
@@ -30,50 +31,59 @@ from ftcore.process.ranks import shard
 from ftcore.result import RunResult
 
 
-class Recipe:
-    """What a backend writes: its model, optimizer and step. `self.run` is the run it trains."""
+class Recipe(ABC):
+    """What a backend writes: its model, optimizer and steps. `self.run` is the run it trains. A
+    backend whose trainer runs its own steps (hf-trainer, mlx-lm) writes `steps`; one whose step
+    ftcore's loop drives writes a StepRecipe."""
 
     def __init__(self, run: BackendRun) -> None:
         self.run = run
 
+    @abstractmethod
     def setup(self) -> EvalSchedule | None:
         """Load the model and optimizer, start run.result (result_fields.start_result); the
         evals to run before, during and after training, or None (the backend evaluates itself)."""
-        raise NotImplementedError
 
-    def ready(self) -> None:
+    def ready(self) -> None:  # noqa: B027 (an optional hook: nothing by default)
         """After the eval before training: what must wait for it, and the model in train mode."""
 
+    @abstractmethod
+    def steps(self, clock: StepClock, evals: EvalSchedule | None) -> None:
+        """Run the training steps, each timed and recorded on `clock`."""
+
+    def end_steps(self) -> None:  # noqa: B027 (an optional hook: nothing by default)
+        """Every rank, after the last step."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """Rank 0, after the final eval: peak memory, the adapter, probe logits, its own notes."""
+
+
+class StepRecipe(Recipe):
+    """A recipe whose steps ftcore's shared loop drives (`owned_steps`): it writes one step."""
+
+    @abstractmethod
     def batch(self, rows: dict) -> Any:
         """This rank's rows (numpy, (B/W, L)) as the step's input on the device."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_lr(self, lr: float) -> float:
         """Give the optimizer this step's LR; the LR it holds now, read back."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self, batch: Any, global_targets: int | None) -> tuple[float, float]:
         """One optimizer step, to its sync point: (loss, gradient norm before clipping).
         `global_targets`: under data parallel, the global batch's targets (>= 1), which the
         rank's summed loss is divided by before the ranks' sum; None: one process."""
-        raise NotImplementedError
 
     def after_step(self, step: int) -> None:
         """After step `step` was recorded (every rank)."""
 
     def steps(self, clock: StepClock, evals: EvalSchedule | None) -> None:
-        """Run the steps: the shared loop, unless a trainer runs its own."""
         owned_steps(self, clock, evals)
 
-    def end_steps(self) -> None:
-        """Every rank, after the last step."""
 
-    def finish(self) -> None:
-        """Rank 0, after the final eval: peak memory, the adapter, probe logits, its own notes."""
-        raise NotImplementedError
-
-
-def owned_steps(recipe: Recipe, clock: StepClock, evals: EvalSchedule | None) -> None:
+def owned_steps(recipe: StepRecipe, clock: StepClock, evals: EvalSchedule | None) -> None:
     """The per-step sequence of a loop that owns its steps (see the module's doc)."""
     run = recipe.run
     cfg, batches, ranks = run.cfg, run.batches, run.ranks

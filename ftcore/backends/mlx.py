@@ -22,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ftcore.backends.eval_schedule import EvalSchedule
-from ftcore.backends.loop import Recipe, train_with
+from ftcore.backends.loop import StepRecipe, train_with
 from ftcore.backends.result_fields import (
     optimizer_record,
     probe_batch,
@@ -83,7 +83,7 @@ def load(cfg: RunConfig, model_dir: Path, result: RunResult) -> Model:
     return model
 
 
-class MlxRecipe(Recipe):
+class MlxRecipe(StepRecipe):
     def setup(self) -> EvalSchedule:
         run, cfg = self.run, self.run.cfg
         self.device = device = pick_device(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ftcore.backends.eval_schedule import EvalSchedule
-from ftcore.backends.loop import Recipe, train_with
+from ftcore.backends.loop import StepRecipe, train_with
 from ftcore.backends.result_fields import optimizer_record
 from ftcore.backends.run_context import BackendRun
 from ftcore.backends.torch_common import eval_schedule, save_torch, start
@@ -21,7 +21,7 @@ from ftcore.torch.loss import loss_sum_count, to_torch
 from ftcore.torch.optim import make_optimizer, settings
 
 
-class TorchRecipe(Recipe):
+class TorchRecipe(StepRecipe):
     def setup(self) -> EvalSchedule:
         run, cfg, ranks = self.run, self.run.cfg, self.run.ranks
         if ranks:
