@@ -30,7 +30,7 @@ def cache_root(env: Mapping[str, str] | None = None) -> Path:
         root, named = Path(env["FTCORE_CACHE"]).expanduser(), "FTCORE_CACHE"
     else:
         try:
-            home = os.environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
+            home = env.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
         except KeyError:  # no entry in the user database (some containers)
             home = ""
         if not home:

@@ -173,6 +173,19 @@ def test_pipeline_check_sees_a_stage_calling_a_later_one() -> None:
     assert pipeline_back_calls(graph) == ["ftcore.inputs.token_rows -> ftcore.inputs.batching"]
 
 
+def compares_with(node: ast.Compare, is_const) -> bool:
+    """Whether `node` compares something with a constant `is_const` accepts: `x == "mlx"`,
+    `x is not C`, `x in ("torch", ...)`; not `"mlx" in path` (a substring test)."""
+    sides = [node.left, *node.comparators]
+    for op, left, right in zip(node.ops, sides[:-1], sides[1:], strict=True):
+        if isinstance(op, ast.Eq | ast.NotEq | ast.Is | ast.IsNot) and (is_const(left) or is_const(right)):
+            return True
+        if (isinstance(op, ast.In | ast.NotIn) and isinstance(right, ast.Tuple | ast.List | ast.Set)
+                and any(map(is_const, right.elts))):
+            return True
+    return False
+
+
 def backend_name_uses(path: Path, root: Path = ROOT) -> list[str]:
     """Places in `path` that compare something with a backend's name (or a prefix of one):
     `x == "mlx"`, `x in ("torch", ...)`, `x.startswith("mlx")`."""
@@ -181,24 +194,13 @@ def backend_name_uses(path: Path, root: Path = ROOT) -> list[str]:
     def is_name(node: ast.AST) -> bool:
         return isinstance(node, ast.Constant) and node.value in names
 
-    def compares_name(node: ast.Compare) -> bool:
-        """`x == "mlx"` / `x in ("torch", ...)`; not `"mlx" in path` (a substring test)."""
-        sides = [node.left, *node.comparators]
-        for op, left, right in zip(node.ops, sides[:-1], sides[1:], strict=True):
-            if isinstance(op, ast.Eq | ast.NotEq | ast.Is | ast.IsNot) and (is_name(left) or is_name(right)):
-                return True
-            if (isinstance(op, ast.In | ast.NotIn) and isinstance(right, ast.Tuple | ast.List | ast.Set)
-                    and any(map(is_name, right.elts))):
-                return True
-        return False
-
     def is_prefix(node: ast.AST) -> bool:
         return (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value != ""
                 and any(n.startswith(node.value) for n in names))
 
     hits = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Compare) and compares_name(node) or (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        if isinstance(node, ast.Compare) and compares_with(node, is_name) or (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
               and node.func.attr in ("startswith", "endswith") and any(map(is_prefix, node.args))):
             hits.append(f"{path.relative_to(root)}:{node.lineno}")
     return hits
@@ -229,16 +231,9 @@ def mode_sniffs(path: Path, root: Path = ROOT) -> list[str]:
         return isinstance(node, ast.Constant) and node.value in BATCHINGS
 
     def sniffs(node: ast.Compare) -> bool:
-        sides = [node.left, *node.comparators]
-        for op, left, right in zip(node.ops, sides[:-1], sides[1:], strict=True):
-            if isinstance(op, ast.In | ast.NotIn) and is_positions(left):
-                return True
-            if isinstance(op, ast.Eq | ast.NotEq | ast.Is | ast.IsNot) and (is_mode(left) or is_mode(right)):
-                return True
-            if (isinstance(op, ast.In | ast.NotIn) and isinstance(right, ast.Tuple | ast.List | ast.Set)
-                    and any(map(is_mode, right.elts))):
-                return True
-        return False
+        arrays = any(isinstance(op, ast.In | ast.NotIn) and is_positions(left)
+                     for op, left in zip(node.ops, [node.left, *node.comparators], strict=False))
+        return arrays or compares_with(node, is_mode)
 
     hits = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):

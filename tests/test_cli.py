@@ -383,3 +383,6 @@ def test_an_empty_home_is_taken_as_unset(monkeypatch):
     assert unset == Path.home() / ".cache" / "ftcore"
     monkeypatch.setenv("HOME", "")
     assert cache_root() == unset != Path("/.cache/ftcore")
+    # the mapping given (a child's environment) decides, not this process's
+    assert cache_root({"HOME": "/elsewhere"}) == Path("/elsewhere/.cache/ftcore")
+    assert cache_root({"HOME": ""}) == unset
