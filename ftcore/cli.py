@@ -29,6 +29,7 @@ from ftcore.run.compare import Schedule, compare
 from ftcore.run.preflight import check_run
 from ftcore.run.procs import kill_all, stop_all
 from ftcore.run.rundir import RunFolder
+from ftcore.run.size_defaults import size_defaults
 
 ACTIVE_RUN: RunFolder | None = None  # the folder being written, marked if the run is interrupted
 
@@ -81,9 +82,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     backends = parse_backends(args.backends, twice_ok=True)
     schedule = Schedule.checked(args.repeats, args.time_budget_s)
     run_dir = open_run(args.out, args.replace)
-    prep = check_run(config_from_args(args), list(dict.fromkeys(backends)))
+    given = {k for k, v in vars(args).items() if v is not None}  # the flags the user set
+    cfg, size_note = size_defaults(config_from_args(args), given)
+    if size_note:
+        print(f"note: {size_note}", file=sys.stderr, flush=True)
+    prep = check_run(cfg, list(dict.fromkeys(backends)))
     out = run_dir.claim()
-    comparison = compare(backends, prep.save(out), out, schedule=schedule)
+    comparison = compare(backends, prep.save(out), out, schedule=schedule, note=size_note)
     if args.verbose:
         print(format_table(comparison))
         print(

@@ -102,8 +102,9 @@ class RunConfig:
         "whole passes over the training records instead of --steps (overrides it): steps = "
         "epochs x steps per epoch",
     )
-    # compilation, allocator
-    timing_warmup_steps: int = option(1, "first steps left out of throughput")
+    project_records: int | None = option(None, "records a projected epoch holds (default: the "
+                                         "data's; 52,002 for builtin:alpaca-lengths)")
+    timing_warmup_steps: int = option(1, "first steps left out of throughput")  # compilation
     eval_every: int = option(10, "evaluate before training, every N steps and at the end; "
                              "0: before and end only")
     # None: only on the built-in data, whose answers are exact (free-form answers of real data
@@ -188,6 +189,8 @@ class RunConfig:
               f"({self.num_samples} samples)")
         _need(self.steps >= 1, "steps", "must be >= 1")
         _need(self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1")
+        _need(self.project_records is None or self.project_records >= 1, "project_records",
+              "must be >= 1")
         _need(0 <= self.timing_warmup_steps < self.steps, "timing_warmup_steps",
               "must be >= 0 and < --steps")
         _need(self.eval_every >= 0, "eval_every", "must be >= 0")

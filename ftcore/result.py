@@ -81,8 +81,19 @@ class RunResult:
     loss_tokens_per_s: float = figure(
         0.0, "Loss tokens/s", ".1f", "row repeated spread median positive"
     )
-    # mean timed step x steps per pass over the training records
-    epoch_time_s: float | None = figure(None, "Time per epoch (s)", ".2f", "row repeated")
+    # The epoch projection (ftcore.measure.projection): one pass over `epoch_records` records
+    # (--project-records, else the data's), priced per width from the timed steps; a compare
+    # projects from all its repeats. epoch_widths: {width: steps} of that pass; step_widths: each
+    # step's width. With --epochs N, finetune_time_s is all N (the start-up once).
+    epoch_time_s: float | None = figure(None, tags="row")
+    epoch_time_ci_s: list[float] | None = figure(None, tags="row")  # 95% [low, high]
+    epoch_records: int | None = figure(None, tags="row first")
+    epoch_steps: float | None = figure(None, tags="row first")
+    epoch_method: str | None = figure(None, tags="row first")
+    finetune_time_s: float | None = figure(None, tags="row")
+    finetune_time_ci_s: list[float] | None = figure(None, tags="row")
+    epoch_widths: dict = field(default_factory=dict)
+    step_widths: list[int] = field(default_factory=list)
     losses: list[float] = figure(factory=list, tags="first")  # one per step
     # per step, where the loop owns its step (torch, mlx): the targets its loss was taken over (a
     # data-parallel run: summed over ranks; each rank's own in its rank file) and the gradient

@@ -125,7 +125,7 @@ def test_compare_prints_the_short_answer_or_with_verbose_the_full_table(verbose,
             return self
 
     monkeypatch.setattr(cli, "check_run", lambda cfg, backends: Prep())
-    monkeypatch.setattr(cli, "compare", lambda backends, prep, out, schedule: comparison)
+    monkeypatch.setattr(cli, "compare", lambda backends, prep, out, schedule, note: comparison)
     out = ftcore_in_process("compare", "--out", tmp_path / "c", *(["--verbose"] if verbose else []))
     assert out.returncode == 0, out.stderr
     full = report.format_table(comparison)

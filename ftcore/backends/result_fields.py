@@ -18,6 +18,7 @@ from ftcore.measure.flops import flops_per_token, gemm_shapes, lora_param_count
 from ftcore.measure.gemm_peak import gemm_peak_cached
 from ftcore.measure.hostinfo import affinity_cores, host_info
 from ftcore.measure.memory_model import memory_model
+from ftcore.measure.projection import project_runs
 from ftcore.result import RunResult
 
 
@@ -40,10 +41,8 @@ def throughput(run: BackendRun, step_times: list[float]) -> dict[str, float]:
     train_time = sum(timed)
     tokens = batches.step_tokens(w, len(step_times))
     rate = (lambda n: n / train_time) if train_time > 0 else (lambda n: 0.0)
-    per_step = train_time / len(timed) if timed else None
     return {
         "train_time_s": train_time,
-        "epoch_time_s": per_step * batches.stats["steps_per_epoch"] if per_step else None,
         "warmup_time_s": sum(step_times[:w]),
         "tokens_per_s": rate(tokens["fed"]),
         "real_tokens_per_s": rate(tokens["real"]),
@@ -81,6 +80,12 @@ def start_result(run: BackendRun) -> RunResult:
     result.records = {
         k: batches.stats.get(f"{k}_records") for k in ("train", "eval", "dropped", "prompt_only")
     }
+    result.step_widths = [int(w) for w in batches.train["widths"]]
+    # the epoch projected (ftcore.measure.projection): --project-records, else the data's records,
+    # with the length distribution of the records trained
+    result.epoch_records = cfg.project_records or batches.stats["data_records"]
+    scale = result.epoch_records / batches.stats["train_records"]
+    result.epoch_widths = {w: n * scale for w, n in batches.stats["epoch_widths"].items()}
     # the run's GEMM shapes: the GEMM peaks MFU divides by are measured over them too
     # (ftcore.measure.flops.gemm_shapes; the parent reads them back, ftcore.measure.mfu)
     threads = cfg.threads or affinity_cores()
@@ -105,6 +110,10 @@ def finish_result(run: BackendRun, step_times: list[float]) -> RunResult:
     cfg, result, framework = run.cfg, run.result, run.framework
     result.step_times_s = list(step_times)
     for k, v in throughput(run, step_times).items():
+        setattr(result, k, v)
+    run_figures = {"config": cfg.to_dict(), "step_times_s": result.step_times_s,
+                   "step_widths": result.step_widths, "epoch_widths": result.epoch_widths}
+    for k, v in (project_runs([run_figures]) or {}).items():  # this run alone; a compare pools
         setattr(result, k, v)
     result.final_loss = result.losses[-1] if result.losses else None
     ar = result.allreduce_times_s[cfg.timing_warmup_steps :]

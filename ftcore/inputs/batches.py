@@ -31,6 +31,7 @@ from ftcore.files import atomic_path
 from ftcore.inputs.batch_checks import check_batches_fit, data_warnings, steps_of_epochs
 from ftcore.inputs.batching import (
     batch_width,
+    epoch_widths,
     filled,
     longest_order,
     pack_tokenized,
@@ -39,7 +40,7 @@ from ftcore.inputs.batching import (
     steps_per_epoch,
 )
 from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count, trained_rows
-from ftcore.inputs.records import records_for
+from ftcore.inputs.records import data_records, load_records, records_for
 from ftcore.inputs.token_rows import Tokenized, pad_id_of, token_rows_for
 
 
@@ -174,22 +175,20 @@ def build_batches(
     cfg: RunConfig, tokenizer: Any, records: list[dict[str, str]] | None = None
 ) -> Batches:
     """The input pipeline's three stages (module docstring): records -> token rows -> batches."""
+    records = load_records(cfg.data, seed=cfg.seed) if records is None else records  # read once
     train_recs, eval_recs = records_for(cfg, tokenizer, records)  # ftcore.inputs.records
-    # ftcore.inputs.token_rows
-    train_tok, eval_tok = token_rows_for(train_recs, eval_recs, tokenizer, cfg)
+    train_tok, eval_tok = token_rows_for(train_recs, eval_recs, tokenizer, cfg)  # inputs.token_rows
     batches = batches_of(train_tok, eval_tok, cfg, tokenizer)  # ftcore.inputs.batching's rules
     batches.stats["data_warnings"] = data_warnings(train_recs + eval_recs, train_tok, eval_tok, cfg)
+    batches.stats["data_records"] = data_records(cfg, records)
     return batches
 
 
-def batches_of(
-    train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokenizer: Any
-) -> Batches:
+def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokenizer: Any) -> Batches:
     """Stage three: the run's training steps (`cfg.steps`, or what --epochs come to) and eval
     batches, batched as cfg.batching says, with their stats."""
     packed = cfg.batching == Batching.PACKED
-    # the units batches are cut from: records, or packed rows of records
-    units = pack_tokenized(train_tok, cfg.max_seq_len) if packed else train_tok
+    units = pack_tokenized(train_tok, cfg.max_seq_len) if packed else train_tok  # records or rows
     if len(units.ids) < cfg.batch_size:
         raise UserError(
             f"the {len(train_tok.ids)} training records pack into {len(units.ids)} rows of "
@@ -204,10 +203,11 @@ def batches_of(
             )
         )
     check_batches_fit(cfg, packed)
+    # sorted as mlx-lm sorts: records by their whole length, packed rows by their filled one
+    sort_keys = lengths if packed else train_tok.full_lens
     if cfg.batching == Batching.PADDED:
         order = padded_order(len(lengths), cfg.batch_size, cfg.steps, cfg.seed)
-    else:  # sorted as mlx-lm sorts: records by their whole length, packed rows by their filled one
-        sort_keys = lengths if packed else train_tok.full_lens
+    else:
         order = longest_order(
             sort_keys, cfg.batch_size, cfg.steps, cfg.seed, whole_epochs=cfg.epochs is not None
         )
@@ -236,6 +236,7 @@ def batches_of(
         "padding_share": 1 - tokens["real"] / tokens["fed"],
         # steps of one whole pass over the units (`longest`, `packed`: the last batch short)
         "steps_per_epoch": steps_per_epoch(len(lengths), cfg.batch_size, cfg.batching),
+        "epoch_widths": epoch_widths(lengths, sort_keys, cfg),  # that pass's {width: steps}
         "distinct_widths": len(set(train["widths"].tolist())),
         "answer_records": len(answers.get("prompt_len", ())),
         "eos_id": int(tokenizer.eos_token_id),

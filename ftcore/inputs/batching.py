@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ftcore.config import Batching
+from ftcore.config import Batching, RunConfig
 from ftcore.inputs.loss_contract import IGNORE_INDEX
 from ftcore.inputs.token_rows import Tokenized
 
@@ -90,6 +90,24 @@ def steps_per_epoch(n: int, batch_size: int, batching: Batching) -> float:
     `packed` end a pass with a short batch (ceil(n / batch)), `padded` runs on into the next epoch
     (n / batch, a fraction)."""
     return n / batch_size if batching == Batching.PADDED else -(-n // batch_size)
+
+
+def epoch_widths(lengths: list[int], sort_keys: list[int], cfg: RunConfig) -> dict[str, float]:
+    """One whole pass over the units as {width: steps at that width} (keys as strings, for JSON):
+    what a step costs depends on its width, so the epoch projection (ftcore.measure.projection)
+    prices each width apart. `padded`: n / batch steps at max_seq_len; `longest`, `packed`: the
+    units sorted by `sort_keys` and cut into batches, the last one short (the --epochs pass:
+    longest_order with whole_epochs), each at its own width (from `lengths`, the truncated
+    units)."""
+    if cfg.batching == Batching.PADDED:
+        return {str(cfg.max_seq_len): steps_per_epoch(len(lengths), cfg.batch_size, cfg.batching)}
+    by_key = sorted(range(len(lengths)), key=sort_keys.__getitem__)
+    out: dict[int, float] = {}
+    for i in range(0, len(by_key), cfg.batch_size):
+        rows = by_key[i : i + cfg.batch_size]
+        w = batch_width([lengths[j] for j in rows], cfg.max_seq_len, cfg.batching)
+        out[w] = out.get(w, 0) + 1
+    return {str(w): n for w, n in sorted(out.items())}
 
 
 def filled(rows: list[int], batch_size: int) -> tuple[list[int], int]:

@@ -161,6 +161,21 @@ def _check_record(r: Any, i: int, p: Path) -> dict[str, str]:
     return {"instruction": r["instruction"], "input": inp, "output": r["output"]}
 
 
+ALPACA_RECORDS = 52002  # Stanford Alpaca's alpaca_data.json
+
+
+def data_records(cfg: RunConfig, records: list[dict[str, str]] | None) -> int:
+    """Records one epoch of the user's data holds, what the epoch projection prices unless
+    --project-records says (ftcore.measure.projection): Stanford Alpaca's 52,002 for
+    builtin:alpaca-lengths (its lengths stand for them); a file's records (`records`, loaded)
+    less the held-out eval ones; the --num-samples drawn of the built-in set (made to size)."""
+    if cfg.data == length_profile.NAME:
+        return ALPACA_RECORDS
+    if cfg.data is None or records is None:
+        return cfg.num_samples
+    return len(records) - cfg.eval_samples
+
+
 def select_records(
     records: list[dict[str, str]], num_samples: int, eval_samples: int, seed: int
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:

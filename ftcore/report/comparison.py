@@ -14,6 +14,7 @@ from typing import Any
 
 from ftcore.files import jsonable
 from ftcore.measure.memory_model import peak_over_model
+from ftcore.measure.projection import project_runs
 from ftcore.report.fairness import fairness_checks
 from ftcore.report.values import backend_name, finite, ok_rows, ratio
 from ftcore.report.verdict import build_verdict, busy, usable
@@ -132,7 +133,8 @@ REPEATED_FIELDS = figures("repeated")
 
 def _over_repeats(result: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The result with REPEATED_FIELDS replaced by their median over the usable runs (all ok runs
-    when every one was BUSY), plus `repeats_used`, `repeats_busy` and `spread` {field: [min,
+    when every one was BUSY), the epoch projection made from all of them
+    (ftcore.measure.projection), plus `repeats_used`, `repeats_busy` and `spread` {field: [min,
     max]}."""
     ok = [r for r in runs if r.get("status") == "ok"]
     used = usable(runs) or ok
@@ -145,6 +147,7 @@ def _over_repeats(result: dict[str, Any], runs: list[dict[str, Any]]) -> dict[st
             out[key] = statistics.median(values)
             out["spread"][key] = [min(values), max(values)]
     out["machine_load"] = {**(result.get("machine_load") or {}), "busy": all(map(busy, used))}
+    out.update(project_runs(used) or {})  # the epoch priced from every usable run's steps
     return out
 
 

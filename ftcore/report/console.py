@@ -20,7 +20,7 @@ from typing import Any
 
 from ftcore.report.rows import TABLE_ROWS, TARGET_ROWS
 from ftcore.report.table import _fairness_lines, headline
-from ftcore.report.values import NA, fmt, num
+from ftcore.report.values import NA, fmt, fmt_int, num
 from ftcore.report.verdict import verdict_lines
 
 WIDTH = 80  # at most; narrower when the terminal is
@@ -64,6 +64,8 @@ SHORT_ROWS: list[tuple[str, Any, Any]] = [
     ("Peak RSS (MB)", _full("Peak RSS (MB)"), ALWAYS),
     ("Memory efficiency vs {ref}", _full("Memory efficiency"), ALWAYS),
     ("Loss tokens/s", _full("Loss tokens/s"), ALWAYS),
+    ("Epoch of {records} records", _full("Epoch, projected (95% CI)"), ALWAYS),
+    ("Fine-tune, {epochs} epochs", _full("Fine-tune, projected (95% CI)"), ALWAYS),
     ("Eval loss before -> after",
      lambda r, c: _arrow(r, "eval_loss_before", "eval_loss", ".3f"), ALWAYS),
     ("Exact match before -> after (%)", _full("Exact match before -> after (%)"), ALWAYS),
@@ -90,7 +92,9 @@ def short_rows(comparison: dict[str, Any]) -> list[list[str]]:
         cells = [cell(r, comparison) for r in rows]
         if all(c == NA for c in cells):
             continue
-        out.append([_target_label(label, rows).format(ref=ref), *cells])
+        names = {"ref": ref, "records": fmt_int(rows[0].get("epoch_records")),
+                 "epochs": (comparison.get("config") or {}).get("epochs")}
+        out.append([_target_label(label, rows).format(**names), *cells])
     return out
 
 
@@ -139,8 +143,9 @@ def format_short(comparison: dict[str, Any], width: int = WIDTH) -> str:
     lines = wrap(headline(comparison))
     for said in verdict_lines(comparison.get("verdict")):
         lines += wrap(said)
-    if note := comparison.get("reference_note"):
-        lines += wrap(f"Note: {note}")
+    for key in ("reference_note", "size_note"):
+        if note := comparison.get(key):
+            lines += wrap(f"Note: {note}")
     rows = comparison.get("rows") or []
     lines += [
         "",

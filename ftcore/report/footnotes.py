@@ -10,8 +10,12 @@ FOOTNOTES = [
     "no interval).",
     "Tokens/s (all) counts every position fed, padding included (batch x each batch's width); "
     "real tokens/s the non-pad tokens; loss tokens/s only the target tokens the loss is taken "
-    "over; padding share = 1 - real / all. Time per epoch = the timed steps' mean step time x "
-    "the steps one pass over the training records takes.",
+    "over; padding share = 1 - real / all.",
+    "Epoch, projected: one pass over the records per projected epoch (--project-records, else "
+    "the data's), with the trained records' length distribution, priced per batch width by a fit "
+    "t = a + b*width over every run's timed steps, plus the warm-up's one-time start-up; 95% "
+    "interval from a two-level bootstrap of the runs and their steps (ftcore.measure.projection). "
+    "Fine-tune: --epochs N such passes.",
     "Memory = peak RSS of the backend's own process; framework peak (mx.get_peak_memory, "
     "torch.cuda.max_memory_allocated) is shown beside it, never instead.",
     "Speedup factor = reference training time / this training time; memory efficiency = "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftcore.report.values import NA, fmt, fmt_int, fmt_text
+from ftcore.report.values import NA, finite, fmt, fmt_int, fmt_text
 from ftcore.result import figure_format, figure_tags
 
 # The full table's rows, in order: a RunResult figure by name (its label and format are the
@@ -14,7 +14,9 @@ from ftcore.result import figure_format, figure_tags
 # derived row, (label, how to render it from the comparison row).
 TABLE_LAYOUT: list[str | tuple[str, Any]] = [
     "train_time_s",
-    "epoch_time_s",
+    ("Epoch, projected (95% CI)", lambda r: projected(r, "epoch_time")),
+    ("Records per projected epoch", lambda r: fmt_int(r.get("epoch_records"))),
+    ("Fine-tune, projected (95% CI)", lambda r: projected(r, "finetune_time")),
     "peak_rss_mb",
     "framework_peak_mb",
     ("Memory model (MB)", lambda r: fmt(r.get("memory_model_mb"), ".1f")),
@@ -86,6 +88,20 @@ def _with_spread(r: dict[str, Any], key: str, spec: str) -> str:
         if lo_hi
         else fmt(r.get(key), spec)
     )
+
+
+def duration(seconds: float | None, ci: list[float] | None = None) -> str:
+    """Seconds in the unit a person plans by (s, min, h), with the interval in the same unit."""
+    if seconds is None:
+        return NA
+    unit, per = ("h", 3600.0) if seconds >= 7200 else ("min", 60.0) if seconds >= 120 else ("s", 1)
+    text = f"{seconds / per:.1f} {unit}"
+    return f"{text} ({ci[0] / per:.1f}-{ci[1] / per:.1f})" if ci else text
+
+
+def projected(r: dict[str, Any], key: str) -> str:
+    """An epoch projection's cell (ftcore.measure.projection): `<key>_s` with `<key>_ci_s`."""
+    return duration(finite(r.get(f"{key}_s")), r.get(f"{key}_ci_s"))
 
 
 def _padding_percent(r: dict[str, Any]) -> float | None:

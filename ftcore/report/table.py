@@ -139,8 +139,9 @@ def format_table(comparison: dict[str, Any]) -> str:
     ]
     if comparison.get("reference"):
         lines.append(f"Reference for ratios: {comparison['reference']}")
-    if comparison.get("reference_note"):
-        lines.append(f"Note: {comparison['reference_note']}")
+    for key in ("reference_note", "size_note"):
+        if comparison.get(key):
+            lines.append(f"Note: {comparison[key]}")
     lines.append(_loss_diff_line(comparison))
     lines += scaling_lines(comparison)
     lines.append("Fairness checks:")
@@ -190,8 +191,9 @@ def _md_setup(comparison: dict[str, Any]) -> list[str]:
         f"{cfg.get('lora_dropout', NA)}, targets {', '.join(cfg.get('lora_targets') or []) or NA}",
         f"- Reference for ratios: {comparison.get('reference') or NA}",
     ]
-    if comparison.get("reference_note"):
-        out.append(f"- Note: {comparison['reference_note']}")
+    for key in ("reference_note", "size_note"):
+        if comparison.get(key):
+            out.append(f"- Note: {comparison[key]}")
     return out
 
 

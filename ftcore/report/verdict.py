@@ -5,8 +5,9 @@ Input: `repeats` = {label: [result dicts, one per run of that backend, in run or
 reference label (A); every other label is a B. A run counts when it ran ok and its timed steps
 were not BUSY (ftcore.measure.machine_load); BUSY runs are left out and counted.
 
-- speed:  per run, the median of its timed step times; ratio = B's speed / A's speed
-          (= median of A's run medians / median of B's);
+- speed:  per run, the median of its timed step times, each taken relative to that step's median
+          over every run of both sides (relative_steps: steps differ in width); ratio = B's speed
+          / A's speed (= median of A's run medians / median of B's);
 - memory: per run, its peak RSS; ratio = A's peak / B's peak (how many times less B holds).
 
 Both ratios read "B's advantage over A": above 1, B is better. Outcome (ftcore.measure.stats):
@@ -20,6 +21,8 @@ from __future__ import annotations
 import math
 import statistics
 from typing import Any
+
+import numpy as np
 
 from ftcore.measure.stats import BAND, compare_runs
 
@@ -43,6 +46,18 @@ def busy(r: dict[str, Any]) -> bool:
 def usable(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The runs the statistics use: ok, with timed steps, on a machine that was not BUSY."""
     return [r for r in runs if r.get("status") == "ok" and timed_steps(r) and not busy(r)]
+
+
+def relative_steps(a: list[list[float]], b: list[list[float]]
+                   ) -> tuple[list[list[float]], list[list[float]]]:
+    """Each timed step's time over that step's median across every run of both sides. Step i is
+    the same batch (the same width) in every run, and widths differ a lot between steps (`longest`
+    at --max-seq-len 512: 65 to 225 columns, 10 to 32 s a step at TinyLlama's size); as a share of
+    its step's pooled median, a run's values vary with its backend's speed and noise, not with the
+    widths it meets; a constant speed ratio between the sides comes out unchanged."""
+    n = min(len(r) for r in a + b)
+    ref = np.median(np.array([r[:n] for r in a + b], dtype=float), axis=0)  # (n,) per step
+    return ([list(np.array(r[:n]) / ref) for r in a], [list(np.array(r[:n]) / ref) for r in b])
 
 
 def run_figures(r: dict[str, Any]) -> dict[str, Any]:
@@ -84,9 +99,8 @@ def judge(
     if not use_a or not use_b:
         return entry
     if kind == "speed":  # step times: B over A, read the other way round as speed
-        s = compare_runs(
-            [timed_steps(r) for r in use_a], [timed_steps(r) for r in use_b]
-        ).inverted()
+        s = compare_runs(*relative_steps(
+            [timed_steps(r) for r in use_a], [timed_steps(r) for r in use_b])).inverted()
     else:
         peaks_a, peaks_b = ([[r.get("peak_rss_mb")] for r in u] for u in (use_a, use_b))
         if any(p[0] is None or p[0] <= 0 for p in peaks_a + peaks_b):

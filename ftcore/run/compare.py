@@ -104,11 +104,13 @@ def compare(
     out_dir: Path,
     on_start: Callable[[str, subprocess.Popen], None] | None = None,
     schedule: Schedule = Schedule(),
+    note: str | None = None,
 ) -> dict:
     """Run the backends in interleaved rounds (Schedule), each run in its own process, then write
     the comparison (comparison.json with its verdict, report.md, plots) into out_dir. With
     cfg.nproc > 1 each backend runs at one process (label NAME) and data-parallel (NAME-xW, W
-    ranks) in every round: the scaling and parity reference."""
+    ranks) in every round: the scaling and parity reference. `note`: what the answer must say
+    about how it was made (ftcore.run.size_defaults), comparison["size_note"]."""
     # (folder, row label, backend, prepared run): folder = label, or label-xW for W ranks
     sides = [
         (label, label, name, prep)
@@ -141,6 +143,7 @@ def compare(
     comparison = build_comparison(representatives(repeats), repeats=list(repeats.values()))
     comparison["schedule"] = {"repeats": schedule.repeats, "time_budget_s": schedule.time_budget_s,
                               "rounds": rounds, "repeats_wall_s": time.monotonic() - started}
+    comparison["size_note"] = note
     write_report(comparison, out_dir)
     return comparison
 
