@@ -184,7 +184,8 @@ def build_batches(
     return batches
 
 
-def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokenizer: Any) -> Batches:
+def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokenizer: Any,
+               ) -> Batches:
     """Stage three: the run's training steps (`cfg.steps`, or what --epochs come to) and eval
     batches, batched as cfg.batching says, with their stats."""
     packed = cfg.batching == Batching.PACKED
@@ -226,8 +227,7 @@ def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokeni
         "eval_records": len(eval_tok.ids),
         "dropped_records": train_tok.dropped + eval_tok.dropped,
         "prompt_only_records": train_tok.prompt_only,
-        # rows the training records were packed into
-        "packed_rows": len(lengths) if packed else None,
+        "packed_rows": len(lengths) if packed else None,  # rows the records were packed into
         # short batches' rows with no targets
         "filler_rows": cfg.steps * cfg.batch_size - sum(real_rows),
         "fed_tokens": tokens["fed"],
