@@ -82,9 +82,9 @@ def start_result(run: BackendRun) -> RunResult:
     }
     result.step_widths = [int(w) for w in batches.train["widths"]]
     # the epoch projected (ftcore.measure.projection): --project-records, else the data's records,
-    # with the length distribution of the records trained
+    # like the --num-samples drawn: their lengths, and the same share too long to train
     result.epoch_records = cfg.project_records or batches.stats["data_records"]
-    scale = result.epoch_records / batches.stats["train_records"]
+    scale = result.epoch_records / cfg.num_samples
     result.epoch_widths = {w: n * scale for w, n in batches.stats["epoch_widths"].items()}
     # the run's GEMM shapes: the GEMM peaks MFU divides by are measured over them too
     # (ftcore.measure.flops.gemm_shapes; the parent reads them back, ftcore.measure.mfu)
