@@ -11,14 +11,15 @@ width apart instead of scaling one mean step:
          run's warm-up steps (their time less the fit's: compilation, kernel builds), once;
 - 95%    an interval for the epoch a fresh run will train: a two-level bootstrap (runs, then
          steps within each picked run; refit per draw) of the projection, times that run's own
-         level (runs differ: 1 + the runs' spread x Student's t, R - 1 degrees of freedom), plus
-         the spread of a sum of that many steps' residuals (normal, sd * sqrt(n)); percentiles.
-         With one run it covers step-to-step noise only.
+         level (runs differ: exp(the runs' log spread x Student's t, R - 1 degrees of freedom)),
+         plus the spread of a sum of that many steps' residuals (normal, sd * sqrt(n));
+         percentiles. With one run it covers step-to-step noise only.
 
 The epoch's widths come from the run's records (ftcore.inputs.batching.epoch_widths); projecting
-N records scales those counts by N / records (the same length distribution, N of them).
-Checked by a study test (tests/test_epoch_projection.py): a measured one-epoch run lies inside
-the interval projected from a short run.
+N records scales those counts by N / --num-samples (records like the ones drawn: their lengths,
+the same share too long to train). Checked by tests/test_epoch_projection.py (simulated runs)
+and a study (tests/test_epoch_projection_study.py): a measured one-epoch run lies inside the
+interval projected from a short compare.
 """
 
 from __future__ import annotations
@@ -95,9 +96,9 @@ def project(
     noise = rng.standard_normal(draws) * residual_sd * math.sqrt(n_steps)
     # the run that will train the epoch is another run: its level (its steps over the fit) varies
     # as the measured runs' levels do; Student's t with R - 1 degrees of freedom for R runs
-    levels = (t / (a[0] + b[0] * w)).mean(axis=1)  # (R,) each run's speed level, ~1
+    levels = np.log((t / (a[0] + b[0] * w)).mean(axis=1))  # (R,) each run's log speed level
     spread = levels.std(ddof=1) if r > 1 else 0.0
-    level = 1 + spread * (rng.standard_t(r - 1, draws) if r > 1 else 0.0)
+    level = np.exp(spread * (rng.standard_t(r - 1, draws) if r > 1 else 0.0))
     totals = total(ad, bd, once[picked].mean(axis=1)) * level + noise
     lo, hi = (float(x) for x in np.percentile(totals, [2.5, 97.5]))
     return Projection(point, (lo, hi), n_steps, method)
@@ -119,7 +120,7 @@ def start_up_s(widths: Sequence[int], times: Sequence[float], warmup: int,
 def project_runs(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The epoch projection of a backend's runs (result dicts of one config: step_times_s,
     step_widths, epoch_widths {width: steps for epoch_records records}, config): epoch_time_s,
-    epoch_time_ci_s, epoch_steps, epoch_method and, with --epochs N, finetune_time_s and
+    epoch_time_ci_s, epoch_steps, epoch_method and, with --epochs N > 1, finetune_time_s and
     finetune_time_ci_s (N epochs, the start-up once). None without timed steps or widths."""
     runs = []
     for r in results:
@@ -138,7 +139,7 @@ def project_runs(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         "epoch_steps": epoch.steps, "epoch_method": epoch.method,
     }  # fmt: skip
     epochs = (results[0].get("config") or {}).get("epochs")
-    if epochs:  # N epochs: every step N times, the start-up once
+    if epochs and epochs > 1:  # N epochs: every step N times, the start-up once
         whole = project(fit_input, {k: n * epochs for k, n in epoch_widths.items()})
         out["finetune_time_s"] = whole.seconds
         out["finetune_time_ci_s"] = list(whole.ci) if whole.ci else None
