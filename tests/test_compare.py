@@ -18,7 +18,7 @@ from ftcore.tolerances import REFERENCE_LOSS_ATOL
 pytestmark = pytest.mark.integration
 
 SHORT_ROWS = ("Training time (s)", "Speedup vs torch", "Peak RSS (MB)", "Memory efficiency vs torch",
-              "Loss tokens/s", "Eval loss before -> after", "Exact match before -> after (%)",
+              "Loss tokens/s", "Epoch of 256 records", "Eval loss before -> after", "Exact match before -> after (%)",
               "Greedy agreement", "Loss diff vs torch (largest)")  # fmt: skip
 
 
@@ -129,6 +129,10 @@ def test_compare_prints_the_short_answer_and_writes_the_full_report(default_comp
     for label, _ in TABLE_ROWS:
         assert f"| {label} |" in report, label
     assert all(f"- {note}" in report for note in FOOTNOTES) and "## Environment" in report
+    for row in json.loads((out / "comparison.json").read_text())["rows"]:  # the projected epoch
+        assert (row["epoch_records"], row["epoch_steps"]) == (256, 64)  # the built-in 256 records
+        low, high = row["epoch_time_ci_s"]
+        assert 0 < low < row["epoch_time_s"] < high
 
 
 # comparison.json's keys when the result figures the report reads became typed fields (#28): each
@@ -136,16 +140,19 @@ def test_compare_prints_the_short_answer_and_writes_the_full_report(default_comp
 # machine_load, notes, warnings, traceback) is now a field of the result.
 TOP_KEYS = {"created_utc", "reference", "reference_note", "backends", "ok_backends", "failed_backends", "all_ok",
             "rows", "fairness", "all_fair", "loss_diff", "scaling", "environment", "config", "results",
-            "verdict", "schedule"}
+            "verdict", "schedule", "size_note"}
 ROW_KEYS = {"accuracy_after", "accuracy_before", "allreduce_time_s", "backend", "baseline_rss_mb", "blas",
-            "cpu_busy_threads", "epoch_time_s", "error", "eval_loss", "eval_loss_before", "eval_loss_drop", "final_loss",
+            "cpu_busy_threads", "epoch_time_s", "epoch_time_ci_s", "epoch_records", "epoch_steps", "epoch_method",
+            "finetune_time_s", "finetune_time_ci_s", "error", "eval_loss", "eval_loss_before", "eval_loss_drop", "final_loss",
             "flops_per_token", "framework_peak_mb", "greedy_agreement", "load_time_s", "loss_tokens_per_s",
             "machine_busy", "memory_efficiency", "memory_model_mb", "mfu", "mfu_percent", "peak_rss_max_rank_mb",
             "peak_rss_mb", "peak_rss_over_model", "precision", "rank_threads", "real_tokens_per_s", "scaling_efficiency",
             "speedup", "status", "steps", "target", "threads", "tokens_per_s", "tokens_per_s_ratio", "train_time_s",
             "trainable_params", "warmup_time_s", "world_size", "runs", "busy_runs", "spread"}
 RESULT_KEYS = {"accuracy_after", "accuracy_before", "allreduce_time_s", "allreduce_times_s", "backend", "baseline_rss_mb",
-               "batch_fingerprint", "blas", "config", "cpu_busy_threads", "env", "epoch_time_s", "error", "eval_loss",
+               "batch_fingerprint", "blas", "config", "cpu_busy_threads", "env", "epoch_time_s", "epoch_time_ci_s",
+               "epoch_records", "epoch_steps", "epoch_method", "finetune_time_s", "finetune_time_ci_s", "epoch_widths",
+               "step_widths", "error", "eval_loss",
                "eval_loss_before", "eval_losses", "extra", "fed_batches_fingerprint", "final_loss", "flops_per_token",
                "framework_peak_mb", "generations", "initial_adapter_fingerprint", "load_time_s", "loss_tokens_per_s",
                "losses", "memory_model", "mfu", "model_sha256", "optimizer", "peak_rss_max_rank_mb", "peak_rss_mb",

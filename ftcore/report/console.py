@@ -18,7 +18,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from ftcore.report.rows import TABLE_ROWS, TARGET_ROWS
+from ftcore.report.rows import TABLE_ROWS, TARGET_ROWS, duration
 from ftcore.report.table import _fairness_lines, headline
 from ftcore.report.values import NA, fmt, fmt_int, num
 from ftcore.report.verdict import verdict_lines
@@ -180,4 +180,6 @@ def format_run(r: Any) -> str:
         f"memory           peak RSS {fmt(r.peak_rss_mb, '.0f')} MB, after load "
         f"{fmt(r.baseline_rss_mb, '.0f')} MB, framework peak {fmt(r.framework_peak_mb, '.0f')} MB",
         f"MFU              {fmt(mfu, '.2f')} % of measured GEMM peak",
+        f"epoch            {fmt_int(r.epoch_records)} records, projected: "
+        f"{duration(r.epoch_time_s, r.epoch_time_ci_s)} (95% CI, this run's steps)",
     ])  # fmt: skip
