@@ -154,3 +154,25 @@ def test_the_speed_verdict_reads_steps_of_different_widths_as_pairs() -> None:
     s = build_verdict({"torch": side(1.2), "mlx": side(1.0)}, "torch")["speed"]
     assert s["outcome"] == "decided" and s["winner"] == "mlx"
     assert 1.05 < s["ci_low"] < 1.2 < s["ci_high"] < 1.35
+
+
+def test_compare_at_tinyllama_size_takes_the_size_defaults_and_says_so(tmp_path, monkeypatch):
+    """`ftcore compare --preset tinyllama-1.1b ...` hands the checks a config with the size's
+    defaults (the flags given stay) and says so in a note line, before anything runs."""
+    from ftcore import cli
+    from tests.helpers import ftcore_in_process
+
+    seen = {}
+
+    def stop(cfg, backends):  # the checks before any run: look at the config, then stop there
+        seen["cfg"] = cfg
+        raise UserError("stopped by the test")
+
+    monkeypatch.setattr(cli, "check_run", stop)
+    out = ftcore_in_process("compare", "--preset", "tinyllama-1.1b", "--data",
+                            "builtin:alpaca-lengths", "--max-seq-len", "512", "--eval-samples", "2",
+                            "--out", tmp_path / "c")  # fmt: skip
+    assert out.returncode == 2 and "stopped by the test" in out.stderr
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.eval_samples, cfg.generates, cfg.max_seq_len) == (3, 2, False, 512)
+    assert "note: a 1.10B-parameter model: defaults at this size are --steps 3 (1 warm-up" in out.stderr
