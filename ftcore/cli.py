@@ -23,7 +23,7 @@ from ftcore.config import RunConfig, UserError
 from ftcore.config_flags import config_from_args
 from ftcore.inputs.presets import resolve_model_dir
 from ftcore.report import format_run, format_short, format_table
-from ftcore.report.sweep import format_sweep
+from ftcore.report.sweep_report import format_sweep
 from ftcore.result import RunResult
 from ftcore.run.backend_process import OFFLINE_ENV, run_backend
 from ftcore.run.bench_cases import SIZES

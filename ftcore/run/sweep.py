@@ -1,7 +1,7 @@
 """`ftcore sweep`: the compare verdict across model sizes. One short compare
 (ftcore.run.compare.compare: the same processes, rounds and verdict) per point, each into its own
 sub-folder OUT/<point>/; after each point sweep.json and speedup_vs_size.png are rewritten
-(ftcore.report.sweep), so an interrupted or failed sweep keeps every point it finished.
+(ftcore.report.sweep_report), so an interrupted or failed sweep keeps every point it finished.
 
 Points: TinyLlama's architecture (`tinyllama-1.1b`, width 2048) cut to each depth of --layers
 (default DEFAULT_LAYERS), plus the embedded default model (`tiny-pretrained`, width 128, 4 layers)
@@ -21,7 +21,7 @@ from ftcore.config import RunConfig, UserError
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.presets import PRESET_CONFIGS
 from ftcore.measure.memory_model import base_param_count
-from ftcore.report.sweep import crossover, median_steps, write_sweep
+from ftcore.report.sweep_report import crossover, median_steps, write_sweep
 from ftcore.run.compare import Schedule, compare, labels_for
 from ftcore.run.preflight import Prepared
 

@@ -39,10 +39,11 @@ def median_steps(comparison: dict[str, Any]) -> dict[str, float | None]:
 
 
 def params_text(n: int) -> str:
-    """1100048384 -> "1.10B", 33947648 -> "33.9M"."""
+    """Three figures: 1100048384 -> "1.10B", 33947648 -> "33.9M", 446848 -> "447k"."""
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if n >= size:
-            return f"{n / size:.3g}{unit}" if n < 100 * size else f"{n / size:.0f}{unit}"
+            x = n / size
+            return f"{x:.{2 if x < 10 else 1 if x < 100 else 0}f}{unit}"
     return str(n)
 
 
