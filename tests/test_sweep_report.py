@@ -111,6 +111,8 @@ def test_table_has_a_row_a_point_smallest_first_and_the_plot_is_a_png() -> None:
     assert lines[2].split() == ["1", "2048", "176M", "1.30", "[1.20-1.40]", "mlx", "faster", "2/2",
                                 "0.500", "0.385"]  # fmt: skip
     assert lines[3].split()[:7] == ["22", "2048", "1.10B", "0.80", "[0.70-0.90]", "torch", "faster"]
+    busy = {**SMALL, "speed": {**SMALL["speed"], "busy_left_out": {"torch": 1, "mlx": 0}}}
+    assert "mlx faster (1 BUSY left out)" in format_sweep({**record, "points": [busy]})
     assert lines[-1] == "Across sizes: X"
     png = plot_sweep(record)
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000

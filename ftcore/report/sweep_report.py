@@ -103,9 +103,10 @@ def _outcome_text(p: dict[str, Any]) -> str:
     if p["status"] != "ok":
         return "failed"
     speed = p.get("speed") or {}
-    if speed.get("outcome") == "decided":
-        return f"{speed['winner']} faster"
-    return (speed.get("outcome") or "n/a").replace("_", " ")
+    said = (f"{speed['winner']} faster" if speed.get("outcome") == "decided"
+            else (speed.get("outcome") or "n/a").replace("_", " "))  # fmt: skip
+    busy = sum((speed.get("busy_left_out") or {}).values())
+    return f"{said} ({busy} BUSY left out)" if busy else said
 
 
 def format_sweep(record: dict[str, Any]) -> str:
