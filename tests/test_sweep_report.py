@@ -84,10 +84,14 @@ def test_crossover_names_the_size_where_the_winner_changes() -> None:
 
 
 def test_crossover_says_so_when_nothing_or_everything_is_decided() -> None:
-    undecided = [point(1, 64, 10**5, "undecided"), point(2, 64, 2 * 10**5, "no_clear_difference")]
-    said = crossover(undecided)
-    assert said.startswith("no size decided the speed winner")
-    assert "no clear difference at 2 layers x 64" in said and "undecided at 1 layers x 64" in said
+    busy = point(4, 64, 4 * 10**5, "undecided")
+    busy["speed"].update(ratio=None, ci_low=None, ci_high=None)  # every run of a side BUSY
+    undecided = [point(1, 64, 10**5, "undecided"), point(2, 64, 2 * 10**5, "no_clear_difference"),
+                 busy]
+    assert crossover(undecided) == (
+        "no size decided the speed winner; no ratio (no usable runs) at 4 layers x 64 (400k "
+        "params); no clear difference (within 1 +- 5%) at 2 layers x 64 (200k params); undecided "
+        "at 1 layers x 64 (100k params)")
     assert crossover([SMALL, point(4, 2048, 300_000_000, "decided", "mlx")]) == \
         "mlx is faster at every size"
     assert crossover([SMALL, MID]) == ("mlx is faster at every decided size; undecided at 8 "

@@ -65,7 +65,7 @@ def crossover(points: list[dict[str, Any]]) -> str:
     decided = [p for p in pts if _winner(p)]
     runs = [(w, list(g)) for w, g in groupby(decided, key=_winner)]
     if not runs:
-        said = f"no size decided the speed winner (every interval reaches into 1 +- {BAND:.0%})"
+        said = "no size decided the speed winner"
     elif len(runs) == 1:
         every = "size" if len(decided) == len(pts) else "decided size"
         said = f"{runs[0][0]} is faster at every {every}"
@@ -78,17 +78,24 @@ def crossover(points: list[dict[str, Any]]) -> str:
             f"{w} at {', '.join(str(p['layers']) + ' layers x ' + str(p['width']) for p in g)}"
             for w, g in runs)
     rest = [p for p in pts if not _winner(p)]
-    for what in ("failed", "no_clear_difference", "undecided"):
+    for what in STATES:
         named = [p for p in rest if _state(p) == what]
         if named:
-            said += f"; {what.replace('_', ' ')} at " + ", ".join(map(point_label, named))
+            said += f"; {STATES[what]} at " + ", ".join(map(point_label, named))
     return said
 
 
+# what a point that decided nothing says, in the order the crossover sentence names them
+STATES = {"failed": "failed", "no_ratio": "no ratio (no usable runs)",
+          "no_clear_difference": f"no clear difference (within 1 +- {BAND:.0%})",
+          "undecided": "undecided"}  # fmt: skip
+
+
 def _state(p: dict[str, Any]) -> str:
+    speed = p.get("speed") or {}
     if p["status"] != "ok":
         return "failed"
-    return (p.get("speed") or {}).get("outcome") or "undecided"
+    return "no_ratio" if speed.get("ratio") is None else speed.get("outcome") or "undecided"
 
 
 def _ratio_text(speed: dict[str, Any] | None) -> str:

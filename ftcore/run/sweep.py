@@ -30,9 +30,14 @@ DEFAULT_LAYERS = (1, 2, 4, 8, 16, 22)
 EXTRA_PRESET = "tiny-pretrained"  # the embedded default model: one more point of the default sweep
 # Sweep's own defaults for the compare flags a user does not give: a short compare a point (4
 # steps, the first a timing warm-up; no eval, no greedy answers) and 2 runs a backend, the fewest
-# that give an interval, with no extra rounds. Measured per point with these defaults on this
-# 2-core VM (torch,mlx, 2 runs each, model load included; shared cores, so a range):
-#   L1 ~?  L2 ~?  L4 ~?  L8 ~?  L16 ~?  L22 ~?  tiny-pretrained ~? s
+# that give an interval, with no extra rounds. Measured per point with these defaults (torch,mlx,
+# 2 runs each, process start and model load included) on this 2-core VM on 2026-12-05, while
+# other jobs held the load average at 5-6 (every run BUSY): tiny-pretrained 52 s, L1 125 s, L2
+# 125 s, L4 198 s, L8 347 s, L22 ~820 s (a one-run compare: torch 278 s, mlx 136 s), L16 ~640 s
+# (scaled from L8), the checks before the first point ~45 s: ~39 min in all. A process got about
+# a third of the cores, so ~13 min on a quiet machine (estimated, not measured); so does
+# 2 backends x 2 runs x 4 steps x (L + 1.5 for the head) layers x ~0.4 s a layer (a step at L22:
+# ~1.1 TFLOP at ~120 GFLOPS), plus ~10 s a process: ~12 min.
 SWEEP_DEFAULTS = {"steps": 4, "timing_warmup_steps": 1, "eval_samples": 0,
                   "eval_generate": False, "repeats": 2, "time_budget_s": 0.0}
 
@@ -45,8 +50,8 @@ class Point:
 
 def parse_layers(text: str | None, preset: str) -> list[int]:
     """The depths of --layers ("1,2,4"), ascending (none given: DEFAULT_LAYERS below the preset's
-    depth, and its depth); UserError (one line) for an empty list, a
-    non-integer, a depth < 1, one named twice or one beyond the preset's layers."""
+    depth, and its depth); UserError (one line) for an empty list, a non-integer, a depth < 1, one
+    named twice or one beyond the preset's layers."""
     if text is None:
         most = PRESET_CONFIGS[preset]["num_hidden_layers"]
         return [n for n in DEFAULT_LAYERS if n < most] + [most]
