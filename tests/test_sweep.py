@@ -99,6 +99,7 @@ def test_a_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path):
     first, second = record["points"]
     assert first["status"] == "failed" and "FTCORE_TEST_FAIL_STEPS=tiny-L1" in first["errors"][0]
     assert first["speed"] is None and first["rounds"] == 1  # a failed run ends that point's rounds
+    assert first["median_step_s"] == {"mlx": None, "mlx#2": None}  # no step ran
     assert second["status"] == "ok" and second["speed"]["pair"] == ["mlx", "mlx#2"]
     assert second["rounds"] == 2 and set(second["median_step_s"]) == {"mlx", "mlx#2"}
     assert (out / "tiny-L2" / "mlx#2" / "repeats" / "2" / "result.json").is_file()
