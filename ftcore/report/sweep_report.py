@@ -14,7 +14,7 @@ from typing import Any
 
 from ftcore.files import json_bytes, write_atomic
 from ftcore.measure.stats import BAND
-from ftcore.report.plots import _new_figure, _png
+from ftcore.report.plots import new_figure, png_bytes
 from ftcore.report.verdict import timed_steps
 
 JSON_FILE, PLOT_FILE = "sweep.json", "speedup_vs_size.png"
@@ -142,7 +142,7 @@ def format_sweep(record: dict[str, Any]) -> str:
 def plot_sweep(record: dict[str, Any]) -> bytes:
     """speedup_vs_size.png: each point's speed ratio with its 95% interval (error bars) against
     its parameter count (log x), a line at 1.0, each point labelled by its layers."""
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     labels = record["labels"]
     shown = [p for p in record["points"] if (p.get("speed") or {}).get("ratio") is not None]
@@ -167,7 +167,7 @@ def plot_sweep(record: dict[str, Any]) -> bytes:
     if not shown:
         ax.text(0.5, 0.5, "no point has a speed ratio", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def write_sweep(record: dict[str, Any], out: Path) -> dict[str, Path]:
