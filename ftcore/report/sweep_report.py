@@ -159,6 +159,7 @@ def plot_sweep(record: dict[str, Any]) -> bytes:
                     fontsize=9)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
+    ax.margins(x=0.12)  # room for the last point's label
     ax.set_xlabel("base parameters (log scale)")
     pair = f"{labels[1]}/{labels[0]}" if len(labels) > 1 else "speed ratio"
     ax.set_ylabel(f"{pair} speed (95% CI)")
