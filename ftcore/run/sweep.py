@@ -31,13 +31,14 @@ EXTRA_PRESET = "tiny-pretrained"  # the embedded default model: one more point o
 # Sweep's own defaults for the compare flags a user does not give: a short compare a point (4
 # steps, the first a timing warm-up; no eval, no greedy answers) and 2 runs a backend, the fewest
 # that give an interval, with no extra rounds. Measured per point with these defaults (torch,mlx,
-# 2 runs each, process start and model load included) on this 2-core VM on 2026-12-05, while
-# other jobs held the load average at 5-6 (every run BUSY): tiny-pretrained 52 s, L1 125 s, L2
-# 125 s, L4 198 s, L8 347 s, L22 ~820 s (a one-run compare: torch 278 s, mlx 136 s), L16 ~640 s
-# (scaled from L8), the checks before the first point ~45 s: ~39 min in all. A process got about
-# a third of the cores, so ~13 min on a quiet machine (estimated, not measured); so does
+# 2 runs each, process start and model load included) on this 2-core VM on 2026-12-05, shared
+# with other jobs (every run BUSY): at load 5-6, tiny-pretrained 52 s, L1 125 s, L2 125 s, L4
+# 198 s, L8 347 s; with one core taken, L16 ~520 s and L22 ~550 s (twice a one-run compare: L16
+# torch 197 s + mlx 61 s, L22 199 s + 76 s; a step at L22 torch ~45 s, mlx ~16 s); the checks
+# before the first point ~45 s: ~33 min in all. Quiet, estimated (not measured): ~13 min, from
 # 2 backends x 2 runs x 4 steps x (L + 1.5 for the head) layers x ~0.4 s a layer (a step at L22:
-# ~1.1 TFLOP at ~120 GFLOPS), plus ~10 s a process: ~12 min.
+# ~1.1 TFLOP at ~120 GFLOPS), plus ~10 s a process. All six depths are kept: 15 min is met only
+# on a quiet machine; --layers 1,2,4,8 when it is not (15 min here at load 5-6).
 SWEEP_DEFAULTS = {"steps": 4, "timing_warmup_steps": 1, "eval_samples": 0,
                   "eval_generate": False, "repeats": 2, "time_budget_s": 0.0}
 
