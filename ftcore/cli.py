@@ -1,4 +1,5 @@
-"""ftcore command line: run | compare | convert | generate | profile | pretrain | bench-diff.
+"""ftcore command line: run | compare | sweep | convert | generate | profile | pretrain |
+bench-diff.
 
 Exit codes: 0 every backend ran ok; 1 a backend failed, diverged or was killed (its row says why);
 2 a user mistake (data, model folder, flags, device, output folder): one line `error: ...` on
@@ -22,6 +23,7 @@ from ftcore.config import RunConfig, UserError
 from ftcore.config_flags import config_from_args
 from ftcore.inputs.presets import resolve_model_dir
 from ftcore.report import format_run, format_short, format_table
+from ftcore.report.sweep_report import format_sweep
 from ftcore.result import RunResult
 from ftcore.run.backend_process import OFFLINE_ENV, run_backend
 from ftcore.run.bench_cases import SIZES
@@ -30,6 +32,7 @@ from ftcore.run.preflight import check_run
 from ftcore.run.procs import kill_all, stop_all
 from ftcore.run.rundir import RunFolder
 from ftcore.run.size_defaults import size_defaults
+from ftcore.run.sweep import plan_points, sweep
 
 ACTIVE_RUN: RunFolder | None = None  # the folder being written, marked if the run is interrupted
 
@@ -48,10 +51,10 @@ def parse_backends(text: str, twice_ok: bool = False) -> list[str]:
     return names
 
 
-def open_run(out: Path | None, replace: bool) -> RunFolder:
+def open_run(out: Path | None, replace: bool, prefix: str = "compare") -> RunFolder:
     """The run's folder, to be claimed once every input check has passed (ftcore.run.rundir)."""
     global ACTIVE_RUN
-    ACTIVE_RUN = RunFolder(out, replace)
+    ACTIVE_RUN = RunFolder(out, replace, prefix=prefix)
     ACTIVE_RUN.check()  # refuse an earlier run in --out before the slower checks
     return ACTIVE_RUN
 
@@ -103,6 +106,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"{out / 'report.md'}\ndata:   {out / 'comparison.json'}"
         )
     return finish_run([RunResult.from_dict(r) for r in comparison["results"]])
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    backends = parse_backends(args.backends, twice_ok=True)
+    schedule = Schedule.checked(args.repeats, args.time_budget_s)
+    points = plan_points(config_from_args(args), args.layers, args.preset is not None)
+    run_dir = open_run(args.out, args.replace, prefix="sweep")
+    # every point's inputs checked (presets made, MLX conversions cached) before any point runs
+    preps = [check_run(p.cfg, list(dict.fromkeys(backends))) for p in points]
+    out = run_dir.claim()
+    record = sweep(points, preps, backends, out, schedule)
+    print(format_sweep(record))
+    print(f"\ndata: {out / 'sweep.json'}\nplot: {out / 'speedup_vs_size.png'}")
+    bad = [p for p in record["points"] if p["status"] != "ok"]
+    for p in bad:
+        print(f"error: point {p['name']} failed: {'; '.join(p['errors'])}", file=sys.stderr)
+    ACTIVE_RUN.end("failed" if bad else "complete", 1 if bad else 0)
+    return 1 if bad else 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -189,6 +210,7 @@ def cmd_bench_diff(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run,
     "compare": cmd_compare,
+    "sweep": cmd_sweep,
     "convert": cmd_convert,
     "generate": cmd_generate,
     "profile": cmd_profile,

@@ -12,6 +12,7 @@ from ftcore.config import PRESETS, PROMPT_FORMATS, RunConfig, UserError
 from ftcore.config_flags import add_run_options
 from ftcore.run.bench_cases import SIZES
 from ftcore.run.compare import DEFAULT_TIME_BUDGET_S, MIN_RUNS
+from ftcore.run.sweep import DEFAULT_LAYERS, EXTRA_PRESET, SWEEP_DEFAULTS, SWEEP_PRESET
 
 DEBUG_ENV = "FTCORE_DEBUG"
 REPLACE_HELP = "replace an earlier run in --out (whole; it is kept if this run is interrupted)"
@@ -39,6 +40,7 @@ def build_parser() -> Parser:
     for add in (
         _add_run,
         _add_compare,
+        _add_sweep,
         _add_convert,
         _add_generate,
         _add_profile_and_pretrain,
@@ -76,11 +78,6 @@ def _add_compare(sub: Any, common: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument(
-        "--backends",
-        default=DEFAULT_BACKENDS,
-        help=f"comma list (default {DEFAULT_BACKENDS}); {BACKENDS_HELP}",
-    )
-    p.add_argument(
         "--out",
         type=Path,
         help="output folder, new or empty (default: a new runs/compare-<time>[-n] folder)",
@@ -94,28 +91,53 @@ def _add_compare(sub: Any, common: argparse.ArgumentParser) -> None:
             "short answer"
         ),
     )
+    _add_compare_options(p)
+
+
+def _add_compare_options(p: argparse.ArgumentParser) -> None:
+    """The flags of a compare (compare's and each of sweep's points): backends, runs, the run."""
+    p.add_argument("--backends", default=DEFAULT_BACKENDS,
+                   help=f"comma list (default {DEFAULT_BACKENDS}); {BACKENDS_HELP}")
     p.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        metavar="N",
+        "--repeats", type=int, default=None, metavar="N",
         help=(
             "runs per backend, each a fresh process, interleaved (default: adaptive, at least "
             f"{MIN_RUNS}, more while the speed verdict is undecided and --time-budget-s allows)"
         ),
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--time-budget-s",
-        type=float,
-        default=DEFAULT_TIME_BUDGET_S,
-        metavar="S",
+        "--time-budget-s", type=float, default=DEFAULT_TIME_BUDGET_S, metavar="S",
         help=(
             f"wall time the rounds of runs may take beyond the first {MIN_RUNS} (or --repeats): "
             "more rounds to decide an undecided verdict or to make up for BUSY runs (default "
             f"{DEFAULT_TIME_BUDGET_S:g})"
         ),
-    )
+    )  # fmt: skip
     add_run_options(p)
+
+
+def _add_sweep(sub: Any, common: argparse.ArgumentParser) -> None:
+    own = " ".join(f"--{k.replace('_', '-')} {v:g}" if not isinstance(v, bool) else
+                   f"--{'' if v else 'no-'}{k.replace('_', '-')}"
+                   for k, v in SWEEP_DEFAULTS.items())  # fmt: skip
+    p = sub.add_parser(
+        "sweep", parents=[common], help="the compare verdict across model sizes",
+        description=(
+            f"One short compare per model size: {SWEEP_PRESET} (width 2048) cut to each depth of "
+            f"--layers, plus the embedded default ({EXTRA_PRESET}) unless --preset or --model "
+            "names the model. Writes OUT/sweep.json, OUT/speedup_vs_size.png and OUT/<point>/ "
+            f"(each point's compare). Flags not given take sweep's own defaults: {own} (the "
+            "flags' help gives compare's)."
+        ),
+    )  # fmt: skip
+    p.add_argument("--layers", metavar="N,N,...",
+                   help=f"depths to cut the preset to (default {','.join(map(str, DEFAULT_LAYERS))}"
+                   ": those below the preset's depth, and its depth)")  # fmt: skip
+    p.add_argument("--out", type=Path,
+                   help="output folder, new or empty (default: a new runs/sweep-<time>[-n] folder)")
+    p.add_argument("--replace", action="store_true", help=REPLACE_HELP)
+    _add_compare_options(p)
+    p.set_defaults(**SWEEP_DEFAULTS)
 
 
 def _add_convert(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from helpers import broken_model, ftcore, ftcore_in_process
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("command", ["run", "compare", "convert", "profile", "pretrain"])
+@pytest.mark.parametrize("command", ["run", "compare", "sweep", "convert", "profile", "pretrain"])
 def test_help(command):
     out = ftcore_in_process(command, "--help")
     assert out.returncode == 0 and "--out" in out.stdout

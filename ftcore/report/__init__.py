@@ -2,7 +2,7 @@
 
 comparison.build_comparison (rows, ratios, loss differences, environment) -> fairness (same inputs
 and settings?) -> table (grid and markdown), console (the short printed answer) and plots (PNG);
-write_report writes the files.
+write_report writes the files. sweep_report: `ftcore sweep`'s table, crossover sentence and plot.
 """
 
 from __future__ import annotations

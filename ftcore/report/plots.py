@@ -19,13 +19,13 @@ _STYLES = ["-", "--", "-.", ":"]
 _MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
-def _new_figure() -> Any:
+def new_figure() -> Any:
     from matplotlib.figure import Figure  # no pyplot: no global state, no display
 
     return Figure(figsize=(8, 5), dpi=120)
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     return buf.getvalue()
@@ -46,12 +46,12 @@ def _plot_losses(comparison: dict[str, Any]) -> bytes:
     )
 
     rows = [r for r in _ok_result_rows(comparison) if r.get("losses")]
-    fig = _new_figure()
+    fig = new_figure()
     if not rows:
         ax = fig.add_subplot()
         _empty(ax, "no successful backend recorded losses")
         ax.set_title(title)
-        return _png(fig)
+        return png_bytes(fig)
 
     two = len(rows) > 1
     gs = fig.add_gridspec(2 if two else 1, 1, height_ratios=[3, 1.2] if two else [1], hspace=0.08)
@@ -84,7 +84,7 @@ def _plot_losses(comparison: dict[str, Any]) -> bytes:
         ax.set_xlabel("step")
     ax.xaxis.get_major_locator().set_params(integer=True)
     fig.subplots_adjust(left=0.16, right=0.97, top=0.92, bottom=0.1)
-    return _png(fig)
+    return png_bytes(fig)
 
 def _plot_loss_diffs(
     fig: Any, cell: Any, ax: Any, rows: list[dict[str, Any]], colors: list[str]
@@ -155,7 +155,7 @@ def _bar_plot(comparison: dict[str, Any], title: str, ylabel: str, fmt: str,
               fields: list[tuple[str, str]]) -> bytes:
     """Grouped bars, one group per backend, one bar per (label, row field); a field no backend
     recorded (framework peak on CPU torch) is left out."""
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     named = _bar_names(comparison)
     if not named:
@@ -171,7 +171,7 @@ def _bar_plot(comparison: dict[str, Any], title: str, ylabel: str, fmt: str,
         ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _plot_throughput(comparison: dict[str, Any]) -> bytes:

@@ -2,7 +2,9 @@
 FTCORE_TEST_SLOW_STEPS="FACTOR:LABEL" (e.g. "1.3:mlx#2"), the ftcore child processes whose --out
 lies under a folder named LABEL take FACTOR times as long for each training step: after the step
 ran, StepClock.end sleeps (FACTOR - 1) x the step's own time before reading the clock. Used by
-tests/test_compare_repeats.py to check that `ftcore compare` names a slower backend slower."""
+tests/test_compare_repeats.py to check that `ftcore compare` names a slower backend slower.
+FTCORE_TEST_FAIL_STEPS="LABEL": those children fail at their first step's end instead (a
+RuntimeError); tests/test_sweep.py uses it for a sweep point that fails."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import sys
 
 _SPEC = os.environ.get("FTCORE_TEST_SLOW_STEPS")
+_FAIL = os.environ.get("FTCORE_TEST_FAIL_STEPS")
 
 
 def _slowed(out: str, label: str) -> bool:
@@ -18,13 +21,18 @@ def _slowed(out: str, label: str) -> bool:
     return label in Path(out).parts
 
 
+def _chosen(label: str) -> bool:
+    """Whether this process is an ftcore child whose --out lies under a folder named `label`."""
+    argv = sys.argv
+    return "--out" in argv and _slowed(argv[argv.index("--out") + 1], label)
+
+
 def _slow_step_clock(module) -> None:
     import time
 
     factor_text, label = _SPEC.split(":", 1)
     factor = float(factor_text)
-    argv = sys.argv
-    if "--out" not in argv or not _slowed(argv[argv.index("--out") + 1], label):
+    if not _chosen(label):
         return
     end = module.StepClock.end
 
@@ -36,11 +44,21 @@ def _slow_step_clock(module) -> None:
     module.StepClock.end = slowed_end
 
 
-if _SPEC:
+def _failing_step_clock(module) -> None:
+    if not _chosen(_FAIL):
+        return
+
+    def failing_end(self, *args, **kw):
+        raise RuntimeError(f"test hook: FTCORE_TEST_FAIL_STEPS={_FAIL}")
+
+    module.StepClock.end = failing_end
+
+
+if _SPEC or _FAIL:
     import importlib.abc
     import importlib.machinery
 
-    class _SlowStepFinder(importlib.abc.MetaPathFinder):
+    class _StepClockFinder(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
             if name != "ftcore.backends.step_clock":
                 return None
@@ -49,9 +67,12 @@ if _SPEC:
 
             def exec_module(module):
                 run(module)
-                _slow_step_clock(module)
+                if _SPEC:
+                    _slow_step_clock(module)
+                if _FAIL:
+                    _failing_step_clock(module)
 
             spec.loader.exec_module = exec_module
             return spec
 
-    sys.meta_path.insert(0, _SlowStepFinder())
+    sys.meta_path.insert(0, _StepClockFinder())
