@@ -1,6 +1,7 @@
 """The `torch-compile` backend against `torch`, both in this process on one prepared run: the tiny
-preset cut to 2 layers, 10 steps of `longest` batches at three widths (65, 129, 192), fp32. The
-compiled forward + loss must train as the eager one does (per-step losses within
+preset cut to 2 layers, 10 steps of `longest` batches at three widths (65, 129, 192), fp32, LoRA
+dropout 0.1 (the compiled graph must draw torch's masks). The compiled forward + loss must train as
+the eager one does (per-step losses within
 REFERENCE_LOSS_ATOL, adapters within FP32_ADAPTER_RTOL), with every width compiled before the
 timed steps and its time recorded apart.
 
@@ -34,7 +35,7 @@ pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
 CFG = RunConfig(preset="tiny", num_layers=2, data="builtin:alpaca-lengths", num_samples=16,
                 eval_samples=4, max_seq_len=192, batch_size=2, steps=10, warmup_steps=1,
-                eval_every=0, eval_generate=False, threads=2)  # fmt: skip
+                eval_every=0, eval_generate=False, threads=2, lora_dropout=0.1)  # fmt: skip
 WIDTHS = [65, 129, 192]  # the widths CFG's steps feed
 
 

@@ -1,6 +1,7 @@
-"""What the report says of compiled and eager steps: the line beside the fairness checks is read
-from each run's `compiled_step` field (never from its backend's name), and `compile_time_s` has
-its table row. `ftcore.report` only: no training."""
+"""torch-compile's parts that need no training: what the report says of compiled and eager steps
+(the line beside the fairness checks is read from each run's `compiled_step` field, never from its
+backend's name), `compile_time_s`'s table row, and the inductor cache in a torch child's
+environment."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from ftcore.report import build_comparison, format_short, format_table
 from ftcore.report.table import markdown
 from ftcore.result import RunResult
+from ftcore.torch import env as torch_env
 
 pytestmark = pytest.mark.unit
 
@@ -48,3 +50,10 @@ def test_compile_time_has_its_row() -> None:
     table = format_table(comparison(("torch", False, None), ("torch-compile", True, 12.5)))
     row = next(line for line in table.splitlines() if line.startswith("| Compile time (s)"))
     assert [cell.strip() for cell in row.split("|")[2:4]] == ["n/a", "12.50"]
+
+
+def test_a_torch_child_keeps_inductors_cache_under_ftcores() -> None:
+    env = torch_env.child_env({"HOME": "/home/u"}, 2)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/home/u/.cache/ftcore/torchinductor"
+    env = torch_env.child_env({"HOME": "/home/u", "FTCORE_CACHE": "/c"}, 2)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/c/torchinductor"
