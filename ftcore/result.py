@@ -72,6 +72,13 @@ class RunResult:
         0.0, "Training time (s)", ".2f", "row repeated spread median positive"
     )
     warmup_time_s: float = figure(0.0, "Warm-up time (s)", ".2f", "row repeated median")
+    # torch.compile's tracing and code generation of every batch width the run feeds, done before
+    # the timed steps and in no step's time (torch-compile); None where nothing is compiled up
+    # front (mlx's mx.compile traces inside the warm-up step)
+    compile_time_s: float | None = figure(None, "Compile time (s)", ".2f", "row repeated median")
+    # whether the training step ran as compiled graphs (torch.compile, mx.compile) or op by op
+    # (eager), as the backend ran it; None: not recorded
+    compiled_step: bool | None = None
     step_times_s: list[float] = figure(factory=list, tags="first")
     steps: int = figure(0, tags="row first")
     # every position fed, padding included / non-pad tokens (what MFU counts) / the loss's

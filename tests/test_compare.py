@@ -162,7 +162,7 @@ RESULT_KEYS = {"accuracy_after", "accuracy_before", "allreduce_time_s", "allredu
 COMMON_EXTRA = {"child_maxrss_mb", "framework_gemm_peak_gflops", "gemm_shapes", "machine_gemm_peak_gflops",
                 "mfu_vs_framework_gemm", "precision_mode", "process_wall_s"}
 EXTRA_KEYS = {"torch": COMMON_EXTRA | {"grad_checkpoint_active"},
-              "mlx": COMMON_EXTRA | {"blas_probe", "compiled", "compiled_traces", "conversion_cache_hit", "conversion_dir",
+              "mlx": COMMON_EXTRA | {"blas_probe", "compiled_traces", "conversion_cache_hit", "conversion_dir",
                                      "convert_time_s", "cpu_streams", "framework_peak_note", "mlx_jit", "parent_prepare_s"}}
 VERDICT_KEYS = {"kind", "pair", "winner", "ratio", "ci_low", "ci_high", "p_value", "runs", "busy_left_out", "outcome",
                 "suggested_repeats"}

@@ -71,7 +71,7 @@ def test_mlx_run_fills_every_field(mlx_run, prep, tiny_model_dir):
     assert result.extra["cpu_streams"] == (threads if CFG.batch_size % threads == 0 else 1)
     assert 0 < result.cpu_busy_threads <= threads + 0.5
     assert result.optimizer["bias_correction"] is True
-    assert isinstance(result.extra["compiled"], bool)
+    assert isinstance(result.compiled_step, bool)
     init = initial_lora_state(read_arch(tiny_model_dir), CFG.lora_targets, CFG.lora_rank, CFG.seed)
     assert result.initial_adapter_fingerprint == state_fingerprint(init)
     # MLX's one decay on every adapter tensor, under the keys the torch side records too

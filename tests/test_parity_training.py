@@ -98,7 +98,7 @@ def _ok(r):
     assert torch_opt["max_grad_norm"] == r["cfg"].max_grad_norm == 1.0
     assert len(r["torch"].losses) == len(r["mlx"].losses) == r["cfg"].steps
     # the step the MLX backend runs by default on 2 cores: compiled, rows over two streams
-    assert r["mlx"].extra["cpu_streams"] == 2 and r["mlx"].extra["compiled"] is True
+    assert r["mlx"].extra["cpu_streams"] == 2 and r["mlx"].compiled_step is True
     # eval before training (step 0), periodic evals at the same steps in both, and the final one
     every, steps = r["cfg"].eval_every, r["cfg"].steps
     want = [0, *range(every, steps, every), steps]

@@ -61,6 +61,16 @@ def check_torch(cfg: RunConfig, model_dir: Path) -> None:
         pick_device(cfg.device)
 
 
+def check_torch_compile(cfg: RunConfig, model_dir: Path) -> None:
+    """What torch-compile does not run: gradient checkpointing (transformers' checkpoint
+    wrapper inside the compiled graph is untested here, so refused rather than guessed); and
+    --nproc > 1 is refused for it as for every one-process backend (no `launch`)."""
+    if cfg.grad_checkpoint:
+        raise UserError("--grad-checkpoint: the torch-compile backend does not compile "
+                        "checkpointed layers; use the torch backend for --grad-checkpoint")
+    check_torch(cfg, model_dir)
+
+
 def check_mlx(cfg: RunConfig, model_dir: Path) -> None:
     """The device exists for MLX, and the weights are safetensors (MLX cannot read pickle)."""
     from ftcore.mlx.runtime import pick_device
@@ -146,6 +156,12 @@ BACKENDS: dict[str, BackendSpec] = {
             install_hint="pip install ftcore", child_env=framework_env("torch"), check=check_torch,
             launch=torch_env.launch_command, check_launch=torch_env.check_launch,
             summary="transformers LlamaForCausalLM + PEFT LoRA, a plain training loop",
+        ),
+        BackendSpec(
+            name="torch-compile", framework="torch", module="torch_compile", package="peft",
+            install_hint="pip install ftcore", child_env=framework_env("torch"),
+            check=check_torch_compile,
+            summary="the torch backend's loop with its forward and loss under torch.compile",
         ),
         BackendSpec(
             name="hf-trainer", framework="torch", module="hf_trainer", package="transformers",

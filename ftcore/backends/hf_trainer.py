@@ -86,6 +86,7 @@ class TrainerRecipe(Recipe):
         result.optimizer = optimizer_record(settings(opt, self.model), cfg.max_grad_norm)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_at(s) / cfg.lr)
         args = self.arguments()
+        result.compiled_step = bool(args.torch_compile)  # the Trainer's own switch; off: eager
         t_init = time.perf_counter()
         trainer = LossTrainer(model=self.model, args=args, train_dataset=Rows(self.run.batches),
                               optimizers=(opt, sched), callbacks=[StepTimes()])  # fmt: skip

@@ -225,7 +225,7 @@ class MlxRecipe(StepRecipe):
             run.out_dir,
         )
         result.device = self.device.name
-        result.extra["compiled"] = COMPILE
+        result.compiled_step = COMPILE
         result.extra["precision_mode"] = (
             "fp32" if cfg.precision == "fp32" else "bf16 base weights, fp32 LoRA + AdamW"
         )

@@ -277,7 +277,8 @@ class MlxLmRecipe(Recipe):
             cfg, peft_layout(self.model), len(self.model.layers), run.model_dir, run.out_dir
         )
         result.device = self.device.name
-        result.extra["compiled"] = True  # mlx-lm's trainer always compiles its step
+        # mlx_lm.tuner.trainer.train wraps its step in @partial(mx.compile, inputs=state, ...)
+        result.compiled_step = True
         for note in numerics_notes(cfg, batches):
             result.note(f"numerics differ: {note}")
         result.extra["precision_mode"] = (

@@ -22,6 +22,10 @@ from ftcore.torch.optim import make_optimizer, settings
 
 
 class TorchRecipe(StepRecipe):
+    # (model, batch, packed) -> (summed loss, target count): the forward and the loss; the
+    # torch-compile recipe replaces it with its torch.compile'd twin (backends.torch_compile)
+    loss_fn = staticmethod(loss_sum_count)
+
     def setup(self) -> EvalSchedule:
         run, cfg, ranks = self.run, self.run.cfg, self.run.ranks
         if ranks:
@@ -32,6 +36,7 @@ class TorchRecipe(StepRecipe):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(cfg, self.params)
         run.result.optimizer = optimizer_record(settings(self.opt, self.model), cfg.max_grad_norm)
+        run.result.compiled_step = False  # eager: every op dispatched from Python, step by step
         return eval_schedule(run, self.model, self.device)
 
     def ready(self) -> None:
@@ -49,7 +54,7 @@ class TorchRecipe(StepRecipe):
         self, batch: dict[str, torch.Tensor], global_targets: int | None
     ) -> tuple[float, float]:
         run, params = self.run, self.params
-        loss_sum, count = loss_sum_count(self.model, batch, run.batches.packed)
+        loss_sum, count = self.loss_fn(self.model, batch, run.batches.packed)
         loss = loss_sum / (count.clamp(min=1) if global_targets is None else global_targets)
         loss.backward()
         if run.ranks:

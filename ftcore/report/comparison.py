@@ -15,7 +15,7 @@ from typing import Any
 from ftcore.files import jsonable
 from ftcore.measure.memory_model import peak_over_model
 from ftcore.measure.projection import project_runs
-from ftcore.report.fairness import fairness_checks
+from ftcore.report.fairness import fairness_checks, step_kinds
 from ftcore.report.values import backend_name, finite, ok_rows, ratio
 from ftcore.report.verdict import build_verdict, busy, usable
 from ftcore.result import figures
@@ -233,6 +233,7 @@ def build_comparison(results: list[dict[str, Any]], reference: str | None = None
             "rows": rows,
             "fairness": checks,
             "all_fair": all(c["ok"] for c in checks),
+            "step_kinds": step_kinds(results),  # compiled / eager, informational
             "loss_diff": max_loss_diff(results),
             "scaling": scaled,
             "verdict": verdict,

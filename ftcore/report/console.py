@@ -18,6 +18,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from ftcore.report.fairness import step_kinds_line
 from ftcore.report.rows import TABLE_ROWS, TARGET_ROWS, duration
 from ftcore.report.table import _fairness_lines, headline
 from ftcore.report.values import NA, fmt, fmt_int, num
@@ -124,14 +125,16 @@ def _fairness(comparison: dict[str, Any], width: int) -> list[str]:
     checks = comparison.get("fairness") or []
     passed = sum(bool(c.get("ok")) for c in checks)
     line = f"Fairness: {passed}/{len(checks)} checks PASS"
+    kinds = textwrap.wrap(step_kinds_line(comparison.get("step_kinds")), width)
     if passed == len(checks):
-        return [line]
+        return [line, *kinds]
     failing = [
         ln for ln, c in zip(_fairness_lines(comparison), checks, strict=True) if not c.get("ok")
     ]
     return [
         line + "; not passed:",
         *[textwrap.shorten(ln, width, placeholder=" ...") for ln in failing],
+        *kinds,
     ]
 
 

@@ -168,3 +168,22 @@ def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         _check("config", rows, lambda r: config_key(r.get("config"))),
         _check("steps", rows, lambda r: len(r.get("losses") or []) or r.get("steps")),
     ]
+
+
+def step_kinds(results: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Which successful backends ran their training step compiled (torch.compile, mx.compile) and
+    which eager, as each one's run recorded it (RunResult.compiled_step): said beside the fairness
+    checks, not one of them (compiling is part of what a backend is)."""
+    kinds: dict[str, list[str]] = {"compiled": [], "eager": [], "not recorded": []}
+    for i, r in enumerate(results):
+        if r.get("status") == "ok":
+            said = r.get("compiled_step")
+            kind = "not recorded" if said is None else "compiled" if said else "eager"
+            kinds[kind].append(backend_name(r, i))
+    return kinds
+
+
+def step_kinds_line(kinds: dict[str, list[str]] | None) -> str:
+    """'Training step: compiled mlx, torch-compile; eager torch' (empty kinds left out)."""
+    said = [f"{kind} {', '.join(names)}" for kind, names in (kinds or {}).items() if names]
+    return "Training step: " + ("; ".join(said) or "no successful backend")

@@ -36,6 +36,7 @@ TABLE_LAYOUT: list[str | tuple[str, Any]] = [
     ("MFU (%)", lambda r: fmt(r.get("mfu_percent"), ".2f")),
     "load_time_s",
     "warmup_time_s",
+    "compile_time_s",
     "trainable_params",
     "blas",
     "threads",

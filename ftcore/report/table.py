@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftcore.report.fairness import step_kinds_line
 from ftcore.report.footnotes import FOOTNOTES
 from ftcore.report.rows import TABLE_ROWS, TARGET_ROWS
 from ftcore.report.values import NA, fmt, fmt_int, short
@@ -146,6 +147,7 @@ def format_table(comparison: dict[str, Any]) -> str:
     lines += scaling_lines(comparison)
     lines.append("Fairness checks:")
     lines += _fairness_lines(comparison)
+    lines.append(f"  {step_kinds_line(comparison.get('step_kinds'))}")
     lines += _error_lines(comparison)
     lines += _backend_notes(comparison)
     lines.append("")
@@ -220,6 +222,7 @@ def _md_checks(comparison: dict[str, Any]) -> list[str]:
             else ("MISMATCH (not recorded)" if c.get("status") == "missing" else "MISMATCH")
         )
         out.append(f"| {c['check']} | {res} | {_md_cell(str(c['detail']))} |")
+    out += ["", step_kinds_line(comparison.get("step_kinds"))]
     errors = _error_lines(comparison)
     if errors:
         out += ["", "## Failed backends", ""] + [f"- {_md_cell(e)}" for e in errors]

@@ -2,6 +2,8 @@
 
 Every BLAS library is removed from LD_PRELOAD: torch's CPU wheel links MKL statically but calls
 sgemm_ through its PLT, so a preloaded OpenBLAS would interpose it (see ftcore.measure.blas).
+torch.compile's caches (inductor's generated kernels, FX and AOTAutograd graphs) live under
+ftcore's cache folder, so a second run on this machine compiles warm (backends.torch_compile).
 """
 
 from __future__ import annotations
@@ -9,14 +11,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ftcore.cache_dir import cache_root
 from ftcore.config import RunConfig, UserError
 from ftcore.measure import blas_env
 from ftcore.process.ranks import LAUNCHER_LOGS_DIR, under_launcher
 
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
 
 def child_env(base_env: dict, threads: int) -> dict:
-    """Environment for a torch process: no BLAS preload, every thread count set to `threads`."""
-    return blas_env.with_threads(blas_env.without_blas_preload(base_env), threads)
+    """Environment for a torch process: no BLAS preload, every thread count set to `threads`,
+    torch.compile's cache in <ftcore cache>/torchinductor."""
+    env = blas_env.with_threads(blas_env.without_blas_preload(base_env), threads)
+    return {**env, INDUCTOR_CACHE_ENV: str(cache_root(base_env) / "torchinductor")}
 
 
 def launch_command(cfg: RunConfig, inner: list[str], out_dir: Path) -> list[str]:
