@@ -83,10 +83,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     backends = parse_backends(args.backends, twice_ok=True)
-    schedule = Schedule.checked(args.repeats, args.time_budget_s)
-    run_dir = open_run(args.out, args.replace)
     given = {k for k, v in vars(args).items() if v is not None}  # the flags the user set
-    cfg, size_note = size_defaults(config_from_args(args), given)
+    cfg, repeats, size_note = size_defaults(config_from_args(args), given)
+    schedule = Schedule.checked(repeats or args.repeats, args.time_budget_s)
+    run_dir = open_run(args.out, args.replace)
     if size_note:
         print(f"note: {size_note}", file=sys.stderr, flush=True)
     prep = check_run(cfg, list(dict.fromkeys(backends)))

@@ -16,7 +16,13 @@ from ftcore.inputs.records import ALPACA_RECORDS, data_records
 from ftcore.inputs.tokenizer import load_tokenizer
 from ftcore.measure.projection import project, project_runs
 from ftcore.report.verdict import build_verdict
-from ftcore.run.size_defaults import AT_SIZE, LARGE_PARAMS, model_params, size_defaults
+from ftcore.run.size_defaults import (
+    AT_SIZE,
+    LARGE_PARAMS,
+    REPEATS_AT_SIZE,
+    model_params,
+    size_defaults,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -127,16 +133,16 @@ def test_records_an_epoch_holds(tok, tmp_path) -> None:
 def test_size_defaults_at_tinyllama_size_and_only_for_flags_not_given() -> None:
     big = RunConfig(preset="tinyllama-1.1b", data="builtin:alpaca-lengths", max_seq_len=512)
     assert model_params(big) == 1_100_048_384
-    cfg, note = size_defaults(big, {"preset", "data", "max_seq_len"})
-    assert (cfg.steps, cfg.eval_samples, cfg.generates) == (3, 0, False)
+    cfg, repeats, note = size_defaults(big, {"preset", "data", "max_seq_len"})
+    assert (cfg.steps, cfg.eval_samples, cfg.generates, repeats) == (3, 0, False, REPEATS_AT_SIZE)
     assert note.startswith("a 1.10B-parameter model: defaults at this size are --steps 3, "
-                           "--eval-samples 0 (1 warm-up step, 2 timed a run)")
-    kept, note = size_defaults(big.replace(steps=6), {"preset", "steps"})
-    assert (kept.steps, kept.eval_samples) == (6, AT_SIZE["eval_samples"])
-    assert size_defaults(big, set(AT_SIZE)) == (big, None)  # every one given: nothing changes
+                           "--eval-samples 0, --repeats 2 (1 warm-up step, 2 timed a run)")
+    kept, repeats, note = size_defaults(big.replace(steps=6), {"preset", "steps", "repeats"})
+    assert (kept.steps, kept.eval_samples, repeats) == (6, AT_SIZE["eval_samples"], None)
+    assert size_defaults(big, {*AT_SIZE, "repeats"}) == (big, None, None)  # all given: no change
     small = RunConfig(preset="tinyllama-1.1b", num_layers=1)  # 175M parameters
-    assert model_params(small) < LARGE_PARAMS and size_defaults(small, set()) == (small, None)
-    assert size_defaults(RunConfig(), set()) == (RunConfig(), None)  # the embedded default
+    assert model_params(small) < LARGE_PARAMS and size_defaults(small, set()) == (small, None, None)
+    assert size_defaults(RunConfig(), set()) == (RunConfig(), None, None)  # the embedded default
 
 
 def test_the_speed_verdict_reads_steps_of_different_widths_as_pairs() -> None:
@@ -169,10 +175,13 @@ def test_compare_at_tinyllama_size_takes_the_size_defaults_and_says_so(tmp_path,
         raise UserError("stopped by the test")
 
     monkeypatch.setattr(cli, "check_run", stop)
+    monkeypatch.setattr(cli, "Schedule", type("Seen", (), {"checked": lambda n, s: seen.update(
+        repeats=n)}))  # fmt: skip
     out = ftcore_in_process("compare", "--preset", "tinyllama-1.1b", "--data",
                             "builtin:alpaca-lengths", "--max-seq-len", "512", "--eval-samples", "2",
                             "--out", tmp_path / "c")  # fmt: skip
     assert out.returncode == 2 and "stopped by the test" in out.stderr
     cfg = seen["cfg"]
     assert (cfg.steps, cfg.eval_samples, cfg.generates, cfg.max_seq_len) == (3, 2, False, 512)
-    assert "note: a 1.10B-parameter model: defaults at this size are --steps 3 (1 warm-up" in out.stderr
+    assert seen["repeats"] == REPEATS_AT_SIZE
+    assert "note: a 1.10B-parameter model: defaults at this size are --steps 3, --repeats 2 (1" in out.stderr
