@@ -36,6 +36,7 @@ HAND_WRITTEN = {
     "batch_size": (("--batch-size",), "store", int, None, TRAIN),
     "steps": (("--steps",), "store", int, None, TRAIN),
     "epochs": (("--epochs",), "store", int, None, TRAIN),
+    "project_records": (("--project-records",), "store", int, None, TRAIN),
     "timing_warmup_steps": (("--timing-warmup-steps",), "store", int, None, TRAIN),
     "eval_every": (("--eval-every",), "store", int, None, TRAIN),
     "eval_generate": (("--eval-generate", "--no-eval-generate"), "bool", None, None, TRAIN),

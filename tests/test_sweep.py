@@ -81,7 +81,7 @@ def test_sweep_prints_a_row_a_point_and_the_crossover(ok_sweep):
     res, out = ok_sweep
     record = json.loads((out / "sweep.json").read_text())
     lines = res.stdout.splitlines()
-    assert lines[0].split()[:3] == ["layers", "width", "params"] and "mlx/torch speed" in lines[0]
+    assert lines[0].split()[:3] == ["layers", "width", "params"] and "mlx/torch [95% CI]" in lines[0]
     for row, p in zip(lines[2:4], record["points"], strict=True):
         assert row.split()[:3] == [str(p["layers"]), "128", params_text(p["params"])]
         ratio = p["speed"]["ratio"]  # None when every run of a side was BUSY

@@ -109,9 +109,8 @@ def test_crossover_with_a_failed_point_and_a_winner_that_changes_twice() -> None
 def test_table_has_a_row_a_point_smallest_first_and_the_plot_is_a_png() -> None:
     record = {"labels": ["torch", "mlx"], "points": [LARGE, SMALL], "crossover": "X"}
     lines = format_sweep(record).splitlines()
-    assert lines[0].split() == ["layers", "width", "params", "mlx/torch", "speed", "[95%", "CI]",
-                                "outcome", "runs", "a", "side", "torch", "step", "(s)", "mlx",
-                                "step", "(s)"]  # fmt: skip
+    assert lines[0].split() == ["layers", "width", "params", "mlx/torch", "[95%", "CI]",
+                                "outcome", "runs", "torch", "s/step", "mlx", "s/step"]  # fmt: skip
     assert lines[2].split() == ["1", "2048", "176M", "1.30", "[1.20-1.40]", "mlx", "faster", "2/2",
                                 "0.500", "0.385"]  # fmt: skip
     assert lines[3].split()[:7] == ["22", "2048", "1.10B", "0.80", "[0.70-0.90]", "torch", "faster"]

@@ -120,9 +120,9 @@ def format_sweep(record: dict[str, Any]) -> str:
     """The printed table, one row a point (smallest model first), then the crossover line."""
     labels = record["labels"]
     a, b = (labels + [""])[:2]
-    ratio_head = f"{b}/{a} speed [95% CI]" if b else "speed ratio"
-    head = ["layers", "width", "params", ratio_head, "outcome", "runs a side",
-            *(f"{x} step (s)" for x in labels)]  # fmt: skip
+    ratio_head = f"{b}/{a} [95% CI]" if b else "speed ratio"
+    head = ["layers", "width", "params", ratio_head, "outcome", "runs",
+            *(f"{x} s/step" for x in labels)]  # fmt: skip
     rows = [head]
     for p in sorted(record["points"], key=lambda p: p["params"]):
         runs = ((p.get("speed") or {}).get("runs") or {}).values()
@@ -158,12 +158,16 @@ def plot_sweep(record: dict[str, Any]) -> bytes:
                     (p["params"], s["ratio"]), textcoords="offset points", xytext=(6, 6),
                     fontsize=9)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    # the band of "no clear difference" (ftcore.measure.stats.BAND), with 1.0 well inside the plot
+    ax.axhspan(1 - BAND, 1 + BAND, color="grey", alpha=0.12, linewidth=0)
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, 1 - 2 * BAND), max(high, 1 + 2 * BAND))
     ax.set_xscale("log")
     ax.margins(x=0.12)  # room for the last point's label
     ax.set_xlabel("base parameters (log scale)")
     pair = f"{labels[1]}/{labels[0]}" if len(labels) > 1 else "speed ratio"
     ax.set_ylabel(f"{pair} speed (95% CI)")
-    ax.set_title(f"{pair} speed against model size (filled: decided)")
+    ax.set_title(f"{pair} speed against model size (filled: decided; band: +-{BAND:.0%})")
     ax.grid(True, which="both", alpha=0.3)
     if not shown:
         ax.text(0.5, 0.5, "no point has a speed ratio", ha="center", transform=ax.transAxes)
