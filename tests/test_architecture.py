@@ -493,3 +493,17 @@ def test_unused_tolerance_check_sees_one(tmp_path: Path) -> None:
     (tmp_path / "test_a.py").write_text("from tolerances import A_ATOL, C_ATOL\nimport tolerances\n"
                                         "# B_RTOL\nassert 0 < A_ATOL < tolerances.B_RTOL\n")
     assert unused_tolerances(tmp_path / "tolerances.py", [tmp_path / "test_a.py"]) == ["C_ATOL"]
+
+
+def test_an_mlx_backend_process_does_not_import_scipy() -> None:
+    """The child that trains a backend measures its own peak RSS: importing SciPy there (the
+    compare's statistics) added ~50 MB to MLX's 105 MB and moved the memory verdict from 4.7x to
+    2.8x. The child's modules import numpy only; the statistics run in the parent."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ftcore.run.child, ftcore.backends.mlx, ftcore.backends.result_fields; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy')[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

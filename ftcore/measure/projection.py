@@ -7,8 +7,9 @@ width apart instead of scaling one mean step:
 - fit    t(w) = a + b * w  by least squares over the timed steps of every run (width w, time t);
          with a single width measured, t(w) = t * w / w_measured (stated as the method); a slope
          below 0 (noise) is taken as 0: time does not fall with width;
-- epoch  sum over the epoch's widths of steps(w) * t(w), plus the one-time start-up of the
-         run's warm-up steps (their time less the fit's: compilation, kernel builds), once;
+- epoch  sum over the epoch's widths of steps(w) * t(w), plus the one-time start-up of a run:
+         its warm-up steps' time less the fit's (compilation), the median over the runs (a kernel
+         build that only the first run on a machine pays is not every run's), once;
 - 95%    an interval for the epoch a fresh run will train: a two-level bootstrap (runs, then
          steps within each picked run; refit per draw) of the projection, times that run's own
          level (runs differ: exp(the runs' log spread x Student's t, R - 1 degrees of freedom)),
@@ -31,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ftcore.measure.stats import BOOTSTRAP
+BOOTSTRAP = 2000  # draws (as ftcore.measure.stats, not imported: SciPy would add ~50 MB to the
+# peak RSS of the backend process that projects its own run)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def project(
         return a * n_steps + b * width_steps + start
 
     a, b = _fit(w.reshape(1, -1), t.reshape(1, -1))
-    point = float(total(a, b, np.array([once.mean()]))[0])
+    start_up = float(np.median(once))  # one run's kernel build is not every run's start-up
+    point = float(total(a, b, np.array([start_up]))[0])
     one_width = len(set(w.ravel().tolist())) == 1
     method = (
         f"per-width fit t(w) = a + b*w over {w.size} timed steps at {len(set(w.ravel()))} widths"
@@ -99,7 +102,7 @@ def project(
     levels = np.log((t / (a[0] + b[0] * w)).mean(axis=1))  # (R,) each run's log speed level
     spread = levels.std(ddof=1) if r > 1 else 0.0
     level = np.exp(spread * (rng.standard_t(r - 1, draws) if r > 1 else 0.0))
-    totals = total(ad, bd, once[picked].mean(axis=1)) * level + noise
+    totals = total(ad, bd, np.full(draws, start_up)) * level + noise
     lo, hi = (float(x) for x in np.percentile(totals, [2.5, 97.5]))
     return Projection(point, (lo, hi), n_steps, method)
 
