@@ -120,16 +120,20 @@ def project(
     return Projection(point, (lo, hi), n_steps, method)
 
 
-def start_up_s(widths: Sequence[int], times: Sequence[float], warmup: int,
-               fit_runs: Sequence[tuple[Sequence[int], Sequence[float]]]) -> float:
-    """One run's one-time start-up: its warm-up steps' time less what the fit (over `fit_runs`'
-    timed steps) gives their widths; never below 0."""
-    if warmup == 0:
-        return 0.0
-    w = np.array([x for ws, _ in fit_runs for x in ws], dtype=float)[None, :]
-    t = np.array([x for _, ts in fit_runs for x in ts], dtype=float)[None, :]
+def pooled_fit(runs: Sequence[tuple[Sequence[int], Sequence[float]]]) -> tuple[float, float]:
+    """(a, b) of t = a + b * w over every (widths, times) run's steps pooled."""
+    w = np.array([x for ws, _ in runs for x in ws], dtype=float)[None, :]
+    t = np.array([x for _, ts in runs for x in ts], dtype=float)[None, :]
     a, b = _fit(w, t)
-    fitted = sum(float(a[0] + b[0] * x) for x in widths[:warmup])
+    return float(a[0]), float(b[0])
+
+
+def start_up_s(widths: Sequence[int], times: Sequence[float], warmup: int,
+               fit: tuple[float, float]) -> float:
+    """One run's one-time start-up: its warm-up steps' time less what the fit (a, b) gives their
+    widths; never below 0."""
+    a, b = fit
+    fitted = sum(a + b * x for x in widths[:warmup])
     return max(0.0, sum(times[:warmup]) - fitted)
 
 
@@ -146,8 +150,8 @@ def project_runs(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
             runs.append((widths, times, warm))
     if not runs:
         return None
-    timed = [(ws[k:], ts[k:]) for ws, ts, k in runs]
-    fit_input = [(ws[k:], ts[k:], start_up_s(ws, ts, k, timed)) for ws, ts, k in runs]
+    fit = pooled_fit([(ws[k:], ts[k:]) for ws, ts, k in runs])  # once, for every run's start-up
+    fit_input = [(ws[k:], ts[k:], start_up_s(ws, ts, k, fit)) for ws, ts, k in runs]
     epoch_widths = {int(k): float(n) for k, n in results[0]["epoch_widths"].items()}
     epoch = project(fit_input, epoch_widths)
     out: dict[str, Any] = {
