@@ -12,37 +12,21 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
+from ftcore.config_checks import check_config
+from ftcore.config_choices import (  # noqa: F401 (re-exported: the choices are RunConfig's)
+    BATCHINGS,
+    DEVICES,
+    FINE_TUNES,
+    LR_SCHEDULES,
+    PRECISIONS,
+    PRESETS,
+    PROMPT_FORMATS,
+    Batching,
+    UserError,
+)
 from ftcore.lora_targets import LORA_TARGETS, parse_targets
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for. The CLI prints `error: <message>` and exits 2."""
-
-
-PRESETS = ("tiny-pretrained", "tiny", "tinyllama-1.1b")
-PRECISIONS = ("fp32", "bf16")
-DEVICES = ("cpu", "gpu")
-LR_SCHEDULES = ("constant", "linear", "cosine")
-
-
-class Batching(StrEnum):
-    """How training and eval rows become batches (ftcore.inputs.batching): `padded` pads every row
-    to --max-seq-len; `longest` is mlx-lm's trainer: rows sorted by length, consecutive batches in
-    a seeded order, each padded to 1 + 32 * ceil(longest / 32) (at most --max-seq-len); `packed`
-    puts several records in a row. A StrEnum: equal to, and written (flags, JSON) as, its value."""
-
-    PADDED = "padded"
-    LONGEST = "longest"
-    PACKED = "packed"
-
-
-BATCHINGS = tuple(b.value for b in Batching)  # the --batching choices
-# How a record becomes text (ftcore.inputs.records): the Alpaca template, or the tokenizer's own
-# chat template
-PROMPT_FORMATS = ("alpaca", "chat")
 
 
 def option(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None,
@@ -53,12 +37,6 @@ def option(default: Any, help: str = "", *, choices: tuple[str, ...] | None = No
     it."""
     meta = {"help": help, "choices": choices, "group": group}
     return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
-
-
-def _need(ok: bool, name: str, why: str) -> None:
-    """RunConfig's checks: refuse the flag `name` (its field's name) in one line when not `ok`."""
-    if not ok:
-        raise UserError(f"--{name.replace('_', '-')}: {why}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +72,11 @@ class RunConfig:
         "(user = instruction + input, assistant = output; loss on the assistant turn), as mlx-lm "
         "formats chat data", choices=PROMPT_FORMATS)
     # run
-    batch_size: int = option(4, group="training")
+    batch_size: int = option(4, "rows per forward and backward pass (the micro-batch)",
+                             group="training")
+    grad_accum: int = option(
+        1, "micro-batches of --batch-size rows per optimiser step: a step trains batch-size x "
+        "grad-accum rows, its loss the mean over all their target tokens")
     steps: int = option(60, "optimiser steps")
     # ftcore.inputs.batching.epoch_steps
     epochs: int | None = option(
@@ -135,7 +117,11 @@ class RunConfig:
     adam_eps: float = option(1e-8)
     max_grad_norm: float | None = option(None, "clip gradients to this norm (default: no clipping)")
     # LoRA: y = W x + (alpha / rank) * B(A(dropout(x)))
-    lora_rank: int = option(8, group="LoRA")
+    fine_tune: str = option(
+        "lora", "lora: adapters on --lora-targets; dora: LoRA plus a learned magnitude per output "
+        "row (PEFT's use_dora); full: every weight of every decoder layer, the embeddings, final "
+        "norm and lm_head frozen (mlx-lm's full)", choices=FINE_TUNES, group="LoRA")
+    lora_rank: int = option(8)
     lora_alpha: float = option(16.0, "scale = alpha / rank")
     lora_dropout: float = option(0.0)
     lora_targets: tuple[str, ...] = option(  # all 7 linears of each layer
@@ -163,91 +149,8 @@ class RunConfig:
         self._validate()
 
     def _validate(self) -> None:
-        """Every field's range (UserError naming the flag): the model and data, the schedule, the
-        optimizer, LoRA and the processes."""
-        self._validate_data_and_steps()
-        self._validate_optimizer()
-        self._validate_lora_and_processes()
-
-    def _validate_data_and_steps(self) -> None:
-        _need(self.preset in PRESETS, "preset",
-              f"unknown preset {self.preset!r} (one of {', '.join(PRESETS)})")
-        _need(self.num_layers is None or self.num_layers >= 1, "num_layers", "must be >= 1")
-        _need(self.num_layers is None or not self.model, "num_layers",
-              "truncates a --preset only; with --model DIR, train a checkpoint of the depth you "
-              "want")
-        _need(self.num_samples >= 1, "num_samples", "must be >= 1")
-        _need(self.eval_samples >= 0, "eval_samples", "must be >= 0")
-        _need(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
-        _need(self.prompt_format in PROMPT_FORMATS, "prompt_format",
-              f"unknown prompt format {self.prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
-        _need(self.batching in BATCHINGS, "batching",
-              f"unknown batching {self.batching!r} (one of {', '.join(BATCHINGS)})")
-        _need(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _need(self.batch_size <= self.num_samples, "batch_size",
-              f"batch size {self.batch_size} is larger than the training subset "
-              f"({self.num_samples} samples)")
-        _need(self.steps >= 1, "steps", "must be >= 1")
-        _need(self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1")
-        _need(self.project_records is None or self.project_records >= 1, "project_records",
-              "must be >= 1")
-        _need(0 <= self.timing_warmup_steps < self.steps, "timing_warmup_steps",
-              "must be >= 0 and < --steps")
-        _need(self.eval_every >= 0, "eval_every", "must be >= 0")
-        if self.target_eval_loss is not None:
-            _need(math.isfinite(self.target_eval_loss) and self.target_eval_loss > 0,
-                  "target_eval_loss", "must be a positive number")
-            _need(self.eval_samples > 0, "target_eval_loss",
-                  "needs eval records (--eval-samples > 0)")
-            _need(self.eval_every > 0, "target_eval_loss", "needs periodic eval (--eval-every > 0)")
-            _need(self.nproc * self.nnodes == 1, "target_eval_loss",
-                  "one process only (rank 0 evaluates; the ranks cannot stop together)")
-
-    def _validate_optimizer(self) -> None:
-        _need(0 <= self.seed < 2**32, "seed",
-              f"must be in [0, 2**32) (numpy's seed range), got {self.seed}")
-        _need(self.precision in PRECISIONS, "precision",
-              f"unknown precision {self.precision!r} (one of {', '.join(PRECISIONS)})")
-        _need(self.device in DEVICES, "device",
-              f"unknown device {self.device!r} (one of {', '.join(DEVICES)})")
-        _need(self.threads is None or self.threads >= 1, "threads", "must be >= 1")
-        _need(math.isfinite(self.lr) and self.lr > 0, "lr",
-              f"learning rate must be a positive number, got {self.lr}")
-        _need(self.lr_schedule in LR_SCHEDULES, "lr_schedule",
-              f"unknown schedule {self.lr_schedule!r} (one of {', '.join(LR_SCHEDULES)})")
-        _need(0 <= self.warmup_steps <= self.steps, "warmup_steps", "must be between 0 and --steps")
-        _need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
-              "must be >= 0")
-        _need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
-        _need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
-        # an infinite eps makes every Adam update 0: nothing would train, yet every step "ran"
-        _need(math.isfinite(self.adam_eps) and self.adam_eps > 0, "adam_eps",
-              f"must be a finite number > 0, got {self.adam_eps}")
-        _need(self.max_grad_norm is None
-              or (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0),
-              "max_grad_norm", f"must be a finite number > 0, got {self.max_grad_norm}")
-
-    def _validate_lora_and_processes(self) -> None:
-        _need(self.lora_rank >= 1, "lora_rank", f"rank must be >= 1, got {self.lora_rank}")
-        _need(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0")
-        _need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        _need(self.nproc >= 1, "nproc", "must be >= 1")
-        _need(self.nnodes >= 1, "nnodes", "must be >= 1")
-        _need(
-            self.batch_size % self.world_size == 0,
-            "batch_size",
-            f"batch size {self.batch_size} does not split evenly over {self.world_size} processes "
-            "(each rank takes an equal shard of every global batch)",
-        )
-        _need(self.nnodes == 1 or bool(self.rdzv_endpoint or self.hostfile), "nnodes",
-             "more than one machine needs --rdzv-endpoint (torch) or --hostfile (mlx)")
-        _need(len(self.lora_targets) > 0, "lora_targets", "name at least one module")
-        for t in self.lora_targets:
-            _need(t in LORA_TARGETS, "lora_targets",
-                  f"unknown target module {t!r} (choose from {','.join(LORA_TARGETS)})")
-        twice = sorted({t for t in self.lora_targets if self.lora_targets.count(t) > 1})
-        _need(not twice, "lora_targets",
-              f"{', '.join(twice)} named twice (each module takes one adapter)")
+        """Every field's range (UserError naming the flag): ftcore.config_checks."""
+        check_config(self)
 
     @property
     def generates(self) -> bool:
@@ -260,17 +163,26 @@ class RunConfig:
         return self.nproc * self.nnodes
 
     @property
+    def step_rows(self) -> int:
+        """Rows one optimiser step trains: --batch-size x --grad-accum (the batches are built at
+        this size; a step splits its rows into grad_accum micro-batches of batch_size)."""
+        return self.batch_size * self.grad_accum
+
+    @property
+    def step_rows_text(self) -> str:
+        """A step's rows as the flags name them: "--batch-size 2 x --grad-accum 4 (8 rows)"."""
+        accum = f" x --grad-accum {self.grad_accum} ({self.step_rows} rows)"
+        return f"--batch-size {self.batch_size}" + (accum if self.grad_accum > 1 else "")
+
+    @property
     def lora_scale(self) -> float:
         """The literal multiplier on B(A(x)): alpha / rank (mlx-lm calls this `scale`)."""
         return self.lora_alpha / self.lora_rank
 
     def lr_at(self, step: int) -> float:
-        """Learning rate used for optimiser step `step` (0-based); the same formula in every
-        backend.
-
-        Linear warm-up over `warmup_steps` (like transformers' schedules), then constant, linear
-        decay to 0 or cosine decay to 0 over the remaining steps.
-        """
+        """Learning rate of optimiser step `step` (0-based), the same in every backend: linear
+        warm-up over `warmup_steps` (as transformers' schedules), then constant, or linear or
+        cosine decay to 0 over the remaining steps."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / (self.warmup_steps + 1)
         if self.lr_schedule == "constant":
@@ -287,9 +199,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
+        if unknown := set(d) - {f.name for f in dataclasses.fields(cls)}:
             raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return cls(**d)
 

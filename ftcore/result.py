@@ -126,6 +126,10 @@ class RunResult:
         None, "Framework peak (MB)", ".1f", "row repeated median"
     )
     trainable_params: int = figure(0, "Trainable params", "int", "row first")
+    # what the model trained, from its trainable tensors' names (ftcore.inputs.arch.fine_tune_of)
+    fine_tune: str = figure("", "Fine-tune (as trained)", "text", "row first")
+    # micro-batches per optimiser step, as the backend's loop or trainer ran them (--grad-accum)
+    grad_accum: int = figure(0, "Micro-batches per step", "int", "row first")
     flops_per_token: float = figure(0.0, tags="row first")
     mfu: float | None = figure(None, tags="row repeated median positive")
     # of the checkpoint's weight files (ftcore.inputs.checkpoint.weights_sha256)

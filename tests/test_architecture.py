@@ -109,7 +109,7 @@ def test_cycle_finder_sees_a_cycle_made_by_an_import_inside_a_function(tmp_path:
 # one above (ftcore.process is the child side of a run, which backends/, torch/ and mlx/ use;
 # ftcore.run the parent side). A module belongs to the floor of its longest listed prefix.
 FLOORS = (
-    ("ftcore.config", "ftcore.config_flags", "ftcore.result", "ftcore.files", "ftcore.cache_dir", "ftcore.lora_targets", "ftcore.tolerances"),
+    ("ftcore.config", "ftcore.config_choices", "ftcore.config_checks", "ftcore.config_flags", "ftcore.result", "ftcore.files", "ftcore.cache_dir", "ftcore.lora_targets", "ftcore.tolerances"),
     ("ftcore.process",),
     ("ftcore.inputs", "ftcore.measure"),
     ("ftcore.torch", "ftcore.mlx"),

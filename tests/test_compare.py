@@ -117,7 +117,7 @@ def test_compare_prints_the_short_answer_and_writes_the_full_report(default_comp
             assert Path(line.split(maxsplit=1)[1]).is_file(), line
         else:
             assert len(line) <= 80, line
-    assert lines[0] == "All 2 backends ran ok." and "Fairness: 11/11 checks PASS" in lines
+    assert lines[0] == "All 2 backends ran ok." and "Fairness: 13/13 checks PASS" in lines
     header = next(i for i, line in enumerate(lines) if line.split() == ["torch", "mlx"])
     busy = any(r["machine_busy"] for r in json.loads((out / "comparison.json").read_text())["rows"])
     rows = [line.split("  ")[0] for line in lines[header + 2 : lines.index("", header)]]

@@ -30,7 +30,7 @@ def _result(backend: str, train: float, rss: float, losses=(2.5, 2.0, 1.5, 1.2),
         tokens_per_s=400 / train, real_tokens_per_s=300 / train, loss_tokens_per_s=100 / train,
         losses=list(losses), final_loss=losses[-1], eval_loss_before=2.6578, eval_loss=0.20539,
         accuracy_before=0.0, accuracy_after=0.84375, generations={"after": [[5, 6], [7]]},
-        trainable_params=74752, batch_fingerprint="a" * 16, fed_batches_fingerprint="b" * 16,
+        trainable_params=74752, fine_tune="lora", grad_accum=1, batch_fingerprint="a" * 16, fed_batches_fingerprint="b" * 16,
         initial_adapter_fingerprint="c" * 16, optimizer=dict(OPTIMIZER), precision="fp32", threads=2,
         machine_load={"busy": False}, step_times_s=[train / len(losses)] * len(losses),
     ).to_dict()  # fmt: skip
@@ -62,7 +62,7 @@ def test_two_backends_give_the_verdict_ten_rows_and_one_fairness_line():
                           "--repeats 3 to decide"]
     assert lines[3] == "Peak RSS undecided after 1 run each: torch/mlx 4.12x (no interval from one run);"
     assert _labels(lines) == DEFAULT_ROWS  # world size, machine and status rows hidden
-    assert "Fairness: 11/11 checks PASS" in lines and not any("PASS " in ln for ln in lines)
+    assert "Fairness: 13/13 checks PASS" in lines and not any("PASS " in ln for ln in lines)
     table = "\n".join(lines)
     assert "2.658 -> 0.205" in table and "0.0 -> 84.4" in table and "2/2 = torch" in table
     assert "2.000e-05" in table and "4.12x" in table
@@ -93,7 +93,7 @@ def test_rows_that_matter_only_sometimes_show_when_they_do():
 def test_a_failing_fairness_check_is_listed_and_the_passing_ones_are_not():
     other = _result("mlx", 2.0, 300.0, batch_fingerprint="f" * 16)
     lines = _short(_result("torch", 3.0, 400.0), other)
-    at = lines.index("Fairness: 10/11 checks PASS; not passed:")
+    at = lines.index("Fairness: 12/13 checks PASS; not passed:")
     assert lines[at + 1].split()[:2] == ["MISMATCH", "batch_fingerprint:"]
     # only the failing check follows, then the informational compiled/eager line
     assert lines[at + 2 :] == ["Training step: not recorded torch, mlx"]
@@ -131,7 +131,7 @@ def test_compare_prints_the_short_answer_or_with_verbose_the_full_table(verbose,
     assert out.returncode == 0, out.stderr
     full = report.format_table(comparison)
     assert (full in out.stdout) is verbose
-    assert ("Fairness: 11/11 checks PASS" in out.stdout) is not verbose
+    assert ("Fairness: 13/13 checks PASS" in out.stdout) is not verbose
     assert f"report: {tmp_path / 'c' / 'report.md'}" in out.stdout
 
 

@@ -14,7 +14,7 @@ from ftcore.files import atomic_path
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.batches import Batches
 from ftcore.measure.blas import framework_blas
-from ftcore.measure.flops import flops_per_token, gemm_shapes, lora_param_count
+from ftcore.measure.flops import flops_per_token, gemm_shapes, trainable_param_count
 from ftcore.measure.gemm_peak import gemm_peak_cached
 from ftcore.measure.hostinfo import affinity_cores, host_info
 from ftcore.measure.memory_model import memory_model
@@ -58,7 +58,7 @@ def start_result(run: BackendRun) -> RunResult:
     seq_len = (
         batches.seq_len
     )  # the length of per-token work: FLOPs and GEMM shapes (Batches.seq_len)
-    flops = flops_per_token(arch, seq_len, cfg.lora_targets, cfg.lora_rank)[
+    flops = flops_per_token(arch, seq_len, cfg.lora_targets, cfg.lora_rank, cfg.fine_tune)[
         "total"
     ]  # per real token
     result = run.result = RunResult(
@@ -75,8 +75,10 @@ def start_result(run: BackendRun) -> RunResult:
     result.memory_model = memory_model(
         arch, cfg, cfg.batch_size // cfg.world_size, batches.widest
     )  # the peak step
-    # what LoRA on these targets should train; the backend counts what its model really trains
-    result.trainable_params_expected = lora_param_count(arch, cfg.lora_targets, cfg.lora_rank)
+    # what --fine-tune should train; the backend counts what its model really trains
+    result.trainable_params_expected = trainable_param_count(
+        arch, cfg.fine_tune, cfg.lora_targets, cfg.lora_rank
+    )
     result.records = {
         k: batches.stats.get(f"{k}_records") for k in ("train", "eval", "dropped", "prompt_only")
     }

@@ -28,6 +28,26 @@ def module_path(layer: int, target: str) -> str:
     return f"model.layers.{layer}.{block_of(target)}.{target}"
 
 
+# Trainable tensors' last name part, per framework: LoRA's A and B (PEFT / ftcore: lora_A, lora_B;
+# mlx-lm: lora_a, lora_b) and DoRA's magnitude per output row (PEFT / ftcore:
+# lora_magnitude_vector; mlx-lm: m)
+ADAPTER_LEAVES = frozenset({"lora_A", "lora_B", "lora_a", "lora_b"})
+MAGNITUDE_LEAVES = frozenset({"lora_magnitude_vector", "m"})
+
+
+def fine_tune_of(names: list[str]) -> str:
+    """What a model trains, from its trainable tensors' names (PEFT names as `lora_state` keys):
+    "dora" (adapters and magnitudes), "lora" (adapters), "full" (the decoder layers' own weights,
+    no adapter), "" (nothing trainable), or "mixed: ..." for anything else (a run to refuse)."""
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    layer_weights = all(n.startswith("model.layers.") for n in names)
+    if not names:
+        return ""
+    if leaves <= ADAPTER_LEAVES | MAGNITUDE_LEAVES and leaves & ADAPTER_LEAVES:
+        return "dora" if leaves & MAGNITUDE_LEAVES else "lora"
+    if not leaves & (ADAPTER_LEAVES | MAGNITUDE_LEAVES) and layer_weights:
+        return "full"
+    return f"mixed: {', '.join(sorted(leaves))}"
 
 
 def linear_shapes(arch: dict[str, Any]) -> dict[str, tuple[int, int]]:

@@ -32,7 +32,7 @@ def check_batches_fit(cfg: RunConfig, packed: bool) -> None:
             "run folder before the first step, and a benchmark needs far fewer; run fewer steps "
             "or epochs"
         )
-    need = cfg.steps * cfg.batch_size * cfg.max_seq_len * 8 * (4 if packed else 3)
+    need = cfg.steps * cfg.step_rows * cfg.max_seq_len * 8 * (4 if packed else 3)
     room = psutil.virtual_memory().available / 2
     if need > room:
         raise UserError(
@@ -75,14 +75,14 @@ def steps_of_epochs(cfg: RunConfig, n: int, units: str) -> int:
     """The steps --epochs take over n units (epoch_steps), refused in one line when fewer than the
     run needs: more than --timing-warmup-steps (those are left out of the timing) and at least
     --warmup-steps (the LR warm-up), which RunConfig would otherwise blame on those flags."""
-    steps = epoch_steps(cfg.epochs, n, cfg.batch_size, cfg.batching)
+    steps = epoch_steps(cfg.epochs, n, cfg.step_rows, cfg.batching)
     need = max(cfg.timing_warmup_steps + 1, cfg.warmup_steps)
     if steps >= need:
         return steps
     enough = next(
         k
         for k in range(cfg.epochs + 1, need + 1)
-        if epoch_steps(k, n, cfg.batch_size, cfg.batching) >= need
+        if epoch_steps(k, n, cfg.step_rows, cfg.batching) >= need
     )
 
     def n_steps(k: int) -> str:
@@ -98,7 +98,7 @@ def steps_of_epochs(cfg: RunConfig, n: int, units: str) -> int:
             f"{cfg.warmup_steps})"
         )
     raise UserError(
-        f"--epochs {cfg.epochs}: {n} {units} at --batch-size {cfg.batch_size} make "
+        f"--epochs {cfg.epochs}: {n} {units} at {cfg.step_rows_text} make "
         f"{n_steps(steps)}, too few: {', and '.join(why)}; use --epochs {enough}, more records "
         "(--num-samples) or a smaller --batch-size"
     )

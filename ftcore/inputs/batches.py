@@ -50,13 +50,15 @@ class Batches:
 
     mode: how the rows were batched (RunConfig.batching); `packed` rows carry position_ids, and
     every backend asks the mode (`packed`), not the arrays, whether to build the per-record mask.
-    train[k]: (steps, batch, width) int64 for k in input_ids / labels / attention_mask (and
+    train[k]: (steps, step rows, width) int64 for k in input_ids / labels / attention_mask (and
     position_ids when packed: `row_keys`), width the widest step's; train["widths"]: (steps,) each
     step's own width. Step s is `step(s)`: train[k][s, :, :widths[s]] (the columns past it are
     padding). eval: list of dicts of (<=batch, width) arrays.
     answers: the eval records whose whole response fits, for greedy generation and exact-match
     accuracy: prompt_ids (n, P) and answer_ids (n, A) int64 padded with -1, prompt_len and
     answer_len (n,); an answer is the response's tokens up to and including the first EOS.
+    micro_batches: --grad-accum, the micro-batches each step's rows are split into
+    (ftcore.inputs.loss_contract.micro_batches); eval batches hold --batch-size rows.
     """
 
     train: dict[str, np.ndarray]
@@ -64,6 +66,7 @@ class Batches:
     mode: Batching
     stats: dict[str, Any] = field(default_factory=dict)
     answers: dict[str, np.ndarray] = field(default_factory=dict)
+    micro_batches: int = 1
 
     @property
     def packed(self) -> bool:
@@ -97,8 +100,11 @@ class Batches:
     @property
     def fingerprint(self) -> str:
         """sha256 (16 hex) of the batching mode and every array fed: a packed run whose rows each
-        hold one record feeds the same tokens as a `longest` one, yet is another run."""
+        hold one record feeds the same tokens as a `longest` one, yet is another run; so is a run
+        that splits the same steps into micro-batches (hashed when there are several)."""
         h = hashlib.sha256(self.mode.value.encode())
+        if self.micro_batches > 1:
+            h.update(f"micro_batches={self.micro_batches}".encode())
         keys = self.row_keys
         parts = [
             (self.train, (*keys, "widths")),
@@ -114,21 +120,17 @@ class Batches:
         return h.hexdigest()[:16]
 
     def answer_items(self) -> list[tuple[list[int], list[int]]]:
-        """(prompt token ids, expected answer token ids ending with EOS) per answerable eval
-        record."""
+        """(prompt token ids, answer token ids ending with EOS) per answerable eval record."""
         a = self.answers
         if not a:
             return []
-        return [
-            (
-                a["prompt_ids"][i, : a["prompt_len"][i]].tolist(),
-                a["answer_ids"][i, : a["answer_len"][i]].tolist(),
-            )
-            for i in range(len(a["prompt_len"]))
-        ]
+        return [(a["prompt_ids"][i, : a["prompt_len"][i]].tolist(),
+                 a["answer_ids"][i, : a["answer_len"][i]].tolist())
+                for i in range(len(a["prompt_len"]))]  # fmt: skip
 
     def step(self, s: int) -> dict[str, np.ndarray]:
-        """Step s's (batch, width) arrays at that step's own width."""
+        """Step s's (step rows, width) arrays at that step's own width (its micro-batches:
+        ftcore.inputs.loss_contract.micro_batches)."""
         width = int(self.train["widths"][s])
         return {k: self.train[k][s, :, :width] for k in self.row_keys}
 
@@ -153,6 +155,7 @@ class Batches:
         arrays.update({f"answers_{k}": v for k, v in self.answers.items()})
         arrays["stats"] = np.frombuffer(json.dumps(self.stats).encode(), dtype=np.uint8)
         arrays["mode"] = np.array(self.mode.value)
+        arrays["micro_batches"] = np.array(self.micro_batches)
         with atomic_path(path) as tmp:
             np.savez(tmp, **arrays)
 
@@ -161,14 +164,13 @@ class Batches:
         with np.load(path) as z:
             train = {k[len("train_") :]: z[k] for k in z.files if k.startswith("train_")}
             n_eval = len({k.split("_")[0] for k in z.files if k.startswith("eval")})
-            evals = [
-                {k[len(f"eval{i}_") :]: z[k] for k in z.files if k.startswith(f"eval{i}_")}
-                for i in range(n_eval)
-            ]
+            evals = [{k[len(f"eval{i}_") :]: z[k] for k in z.files if k.startswith(f"eval{i}_")}
+                     for i in range(n_eval)]  # fmt: skip
             answers = {k[len("answers_") :]: z[k] for k in z.files if k.startswith("answers_")}
             stats = json.loads(z["stats"].tobytes().decode())
             mode = Batching(str(z["mode"]))
-        return cls(train=train, eval=evals, mode=mode, stats=stats, answers=answers)
+            micro = int(z["micro_batches"]) if "micro_batches" in z.files else 1  # older files: 1
+        return cls(train, evals, mode, stats, answers, micro)
 
 
 def build_batches(
@@ -190,10 +192,10 @@ def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokeni
     batches, batched as cfg.batching says, with their stats."""
     packed = cfg.batching == Batching.PACKED
     units = pack_tokenized(train_tok, cfg.max_seq_len) if packed else train_tok  # records or rows
-    if len(units.ids) < cfg.batch_size:
+    if len(units.ids) < cfg.step_rows:
         raise UserError(
             f"the {len(train_tok.ids)} training records pack into {len(units.ids)} rows of "
-            f"--max-seq-len {cfg.max_seq_len}; need at least --batch-size {cfg.batch_size} rows "
+            f"--max-seq-len {cfg.max_seq_len}; need at least {cfg.step_rows_text} rows "
             "(more --num-samples, or a smaller --batch-size)"
         )
     lengths = [len(ids) for ids in units.ids]
@@ -207,10 +209,10 @@ def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokeni
     # sorted as mlx-lm sorts: records by their whole length, packed rows by their filled one
     sort_keys = lengths if packed else train_tok.full_lens
     if cfg.batching == Batching.PADDED:
-        order = padded_order(len(lengths), cfg.batch_size, cfg.steps, cfg.seed)
+        order = padded_order(len(lengths), cfg.step_rows, cfg.steps, cfg.seed)
     else:
         order = longest_order(
-            sort_keys, cfg.batch_size, cfg.steps, cfg.seed, whole_epochs=cfg.epochs is not None
+            sort_keys, cfg.step_rows, cfg.steps, cfg.seed, whole_epochs=cfg.epochs is not None
         )
     train, real_rows = _train_arrays(units, order, cfg, pad_id_of(tokenizer))
     eval_units = pack_tokenized(eval_tok, cfg.max_seq_len) if packed else eval_tok
@@ -220,6 +222,7 @@ def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokeni
         eval=_eval_arrays(eval_units, cfg, pad_id_of(tokenizer)),
         mode=cfg.batching,
         answers=answers,
+        micro_batches=cfg.grad_accum,
     )
     tokens = batches.step_tokens()
     batches.stats = {
@@ -229,13 +232,13 @@ def batches_of(train_tok: Tokenized, eval_tok: Tokenized, cfg: RunConfig, tokeni
         "prompt_only_records": train_tok.prompt_only,
         "packed_rows": len(lengths) if packed else None,  # rows the records were packed into
         # short batches' rows with no targets
-        "filler_rows": cfg.steps * cfg.batch_size - sum(real_rows),
+        "filler_rows": cfg.steps * cfg.step_rows - sum(real_rows),
         "fed_tokens": tokens["fed"],
         "loss_tokens": tokens["loss"],
         "real_tokens": tokens["real"],
         "padding_share": 1 - tokens["real"] / tokens["fed"],
         # steps of one whole pass over the units (`longest`, `packed`: the last batch short)
-        "steps_per_epoch": steps_per_epoch(len(lengths), cfg.batch_size, cfg.batching),
+        "steps_per_epoch": steps_per_epoch(len(lengths), cfg.step_rows, cfg.batching),
         "epoch_widths": epoch_widths(lengths, sort_keys, cfg),  # that pass's {width: steps}
         "distinct_widths": len(set(train["widths"].tolist())),
         "answer_records": len(answers.get("prompt_len", ())),
@@ -252,9 +255,9 @@ def _train_arrays(units: Tokenized, order: list[list[int]], cfg: RunConfig, pad_
         batch_width([len(units.ids[i]) for i in rows], cfg.max_seq_len, cfg.batching)
         for rows in order
     ]
-    full, real_rows = zip(*(filled(rows, cfg.batch_size) for rows in order), strict=True)
+    full, real_rows = zip(*(filled(rows, cfg.step_rows) for rows in order), strict=True)
     train = pad_rows(units, [i for rows in full for i in rows], max(widths), pad_id)
-    train = {k: v.reshape(cfg.steps, cfg.batch_size, max(widths)) for k, v in train.items()}
+    train = {k: v.reshape(cfg.steps, cfg.step_rows, max(widths)) for k, v in train.items()}
     for s, real in enumerate(real_rows):  # a short batch's filler rows: no targets
         train["labels"][s, real:] = IGNORE_INDEX
     train["widths"] = np.array(widths, dtype=np.int64)

@@ -100,11 +100,11 @@ def epoch_widths(lengths: list[int], sort_keys: list[int], cfg: RunConfig) -> di
     longest_order with whole_epochs), each at its own width (from `lengths`, the truncated
     units)."""
     if cfg.batching == Batching.PADDED:
-        return {str(cfg.max_seq_len): steps_per_epoch(len(lengths), cfg.batch_size, cfg.batching)}
+        return {str(cfg.max_seq_len): steps_per_epoch(len(lengths), cfg.step_rows, cfg.batching)}
     by_key = sorted(range(len(lengths)), key=sort_keys.__getitem__)
     out: dict[int, float] = {}
-    for i in range(0, len(by_key), cfg.batch_size):
-        rows = by_key[i : i + cfg.batch_size]
+    for i in range(0, len(by_key), cfg.step_rows):
+        rows = by_key[i : i + cfg.step_rows]
         w = batch_width([lengths[j] for j in rows], cfg.max_seq_len, cfg.batching)
         out[w] = out.get(w, 0) + 1
     return {str(w): n for w, n in sorted(out.items())}

@@ -8,7 +8,12 @@ Training and eval loss = mean next-token cross-entropy over the target tokens:
   masking (`--mask-prompt`, the default);
 * normalisation: the sum over counted targets divided by their count, over the whole batch
   (not a mean of per-row means); eval divides the sum over all held-out batches by their count;
-* cross-entropy is taken on fp32 logits, whatever the weights' precision.
+* cross-entropy is taken on fp32 logits, whatever the weights' precision;
+* gradient accumulation (--grad-accum N): a step's rows are N micro-batches (`micro_batches`),
+  each one's summed cross-entropy divided by the whole step's target count, so the step's loss
+  and gradient are those of one batch of all N micro-batches' rows: the mean over all their
+  targets, not the mean of the micro-batches' means (which weights a micro-batch with few targets
+  as much as one with many).
 
 `ftcore.torch.loss.loss_sum_count` and `ftcore.mlx.loss.loss_sum_count` compute (sum, count) this
 way; tests pin both to `reference_sum_count` below. (mlx-lm's default loss differs: it counts one
@@ -31,6 +36,13 @@ def trained_rows(labels: np.ndarray) -> np.ndarray:
     """(..., L) labels -> (...) bool: the rows with at least one target (every kept record has one;
     a short batch's filler rows have none)."""
     return (labels[..., 1:] != IGNORE_INDEX).any(-1)
+
+
+def micro_batches(rows: dict, n: int) -> list[dict]:
+    """A step's rows (step_rows, L) as n consecutive micro-batches of step_rows / n rows each, at
+    the step's width; numpy, torch or MLX arrays alike (anything sliced along its first axis)."""
+    size = len(next(iter(rows.values()))) // n
+    return [{k: v[i * size : (i + 1) * size] for k, v in rows.items()} for i in range(n)]
 
 
 def reference_sum_count(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:

@@ -168,10 +168,10 @@ def token_rows_for(train: list[dict[str, str]], evals: list[dict[str, str]], tok
             f"answer token fits in --max-seq-len {cfg.max_seq_len}); --max-seq-len "
             f"{eval_tok.keeps_all_at} keeps them, or --eval-samples 0"
         )
-    if len(train_tok.ids) < cfg.batch_size:
+    if len(train_tok.ids) < cfg.step_rows:
         raise UserError(
             f"only {len(train_tok.ids)} training records keep a loss token at --max-seq-len "
-            f"{cfg.max_seq_len} ({train_tok.dropped} dropped); need at least --batch-size "
-            f"{cfg.batch_size}"
+            f"{cfg.max_seq_len} ({train_tok.dropped} dropped); need at least "
+            f"{cfg.step_rows_text}"
         )
     return train_tok, eval_tok

@@ -16,8 +16,20 @@ def lora_param_count(arch: dict[str, Any], targets: Iterable[str], rank: int) ->
     return arch["num_hidden_layers"] * sum(rank * sum(shapes[t]) for t in targets)
 
 
+def trainable_param_count(arch: dict[str, Any], fine_tune: str, targets: Iterable[str],
+                          rank: int) -> int:
+    """What --fine-tune trains, in closed form: lora: rank * (in + out) per targeted linear per
+    layer; dora: that plus one magnitude per output row; full: every decoder layer's 7 linears and
+    2 RMSNorm weights (hidden each)."""
+    shapes, layers, targets = linear_shapes(arch), arch["num_hidden_layers"], list(targets)
+    if fine_tune == "full":
+        return layers * (sum(i * o for i, o in shapes.values()) + 2 * arch["hidden_size"])
+    magnitudes = layers * sum(shapes[t][1] for t in targets) if fine_tune == "dora" else 0
+    return lora_param_count(arch, targets, rank) + magnitudes
+
+
 def flops_per_token(arch: dict[str, Any], seq_len: int, lora_targets: Iterable[str],
-                    lora_rank: int) -> dict[str, Any]:
+                    lora_rank: int, fine_tune: str = "lora") -> dict[str, Any]:
     """Analytic training FLOPs per token for LoRA fine-tuning a Llama (matmuls only).
 
     A matmul of (m x k) by (k x n) counts 2*m*k*n. Per token and layer:
@@ -37,12 +49,17 @@ def flops_per_token(arch: dict[str, Any], seq_len: int, lora_targets: Iterable[s
     Convention: input gradients are counted for every layer, although autograd may skip
     the frozen base matmuls of layer 0 whose input (the embedding) needs no gradient — an
     over-count of at most one layer's B. Norms, RoPE, softmax, SiLU and the loss are ignored.
+
+    --fine-tune full: no LoRA term, and the layers' weights need weight gradients too:
+    backward = L*(2B + 2A) + Hd. dora: as lora per token (its weight norm, out x in x (2r + 2) per
+    target, is per step, not per token, and is not counted).
     """
     layers, vocab, h = arch["num_hidden_layers"], arch["vocab_size"], arch["hidden_size"]
     heads = arch["num_attention_heads"]
     hd = arch.get("head_dim") or h // heads
     shapes = linear_shapes(arch)
-    targets = list(lora_targets) if lora_rank else []
+    full = fine_tune == "full"
+    targets = list(lora_targets) if lora_rank and not full else []
     if unknown := sorted(set(targets) - set(LORA_TARGETS)):
         raise ValueError(f"unknown LoRA target(s) {unknown}; expected some of {LORA_TARGETS}")
     base = sum(2 * i * o for i, o in shapes.values())
@@ -50,7 +67,7 @@ def flops_per_token(arch: dict[str, Any], seq_len: int, lora_targets: Iterable[s
     lora = sum(2 * lora_rank * (shapes[t][0] + shapes[t][1]) for t in targets)
     head = 2 * h * vocab
     fwd = layers * (base + attn + lora) + head
-    bwd = layers * (base + 2 * attn + 2 * lora) + head
+    bwd = layers * ((2 if full else 1) * base + 2 * attn + 2 * lora) + head
     return {
         "forward": float(fwd), "backward": float(bwd), "total": float(fwd + bwd),
         "base_linear_forward": float(layers * base), "attention_forward": float(layers * attn),

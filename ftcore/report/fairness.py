@@ -145,6 +145,20 @@ def _decay_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _as_asked_check(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A figure each backend recorded from what ran (RunResult.fine_tune: its trainable tensors;
+    RunResult.grad_accum: the micro-batches its loop or trainer ran per step), alike across
+    backends and equal to what the config asked for: two backends that both ran LoRA when DoRA
+    was asked are alike, and still a mismatch."""
+    check = _check(name, rows, lambda r: r.get(name) or None)
+    off = [f"{backend_name(r, i)} ran {r.get(name)!r}, asked {(r.get('config') or {}).get(name)!r}"
+           for i, r in enumerate(rows)
+           if r.get(name) and r.get(name) != (r.get("config") or {}).get(name, r.get(name))]
+    if check["ok"] and off:
+        check.update(ok=False, status="mismatch", detail="; ".join(off))
+    return check
+
+
 def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Did every successful backend see the same inputs and settings? Each figure is measured in
     the backend's own run: the token ids its loop fed (hashed step by step), the settings read back
@@ -160,6 +174,8 @@ def fairness_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         _check("fed_batches", rows, lambda r: r.get("fed_batches_fingerprint")),
         _check("initial_adapter_fingerprint", rows, lambda r: r.get("initial_adapter_fingerprint")),
         _check("trainable_params", rows, lambda r: r.get("trainable_params") or None),
+        _as_asked_check("fine_tune", rows),
+        _as_asked_check("grad_accum", rows),
         _check("optimizer", rows, lambda r: optimizer_key(r.get("optimizer"))),
         _decay_check(rows),
         _lr_check(rows),

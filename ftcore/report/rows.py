@@ -37,6 +37,8 @@ TABLE_LAYOUT: list[str | tuple[str, Any]] = [
     "load_time_s",
     "warmup_time_s",
     "compile_time_s",
+    "fine_tune",
+    "grad_accum",
     "trainable_params",
     "blas",
     "threads",
