@@ -96,14 +96,14 @@ def test_an_extra_trainable_tensor_is_caught(setup, monkeypatch):
     from ftcore.backends import torch_common
 
     honest = train(setup, "honest")
-    load = torch_common.load_peft_model
+    load = torch_common.load_training_model
 
     def also_train_a_norm(cfg, model_dir, device):
         model = load(cfg, model_dir, device)
         model.base_model.model.model.norm.weight.requires_grad_(True)
         return model
 
-    monkeypatch.setattr(torch_common, "load_peft_model", also_train_a_norm)
+    monkeypatch.setattr(torch_common, "load_training_model", also_train_a_norm)
     other = train(setup, "norm")
     expected = other["trainable_params_expected"]  # the closed-form LoRA count
     assert other["trainable_params"] > honest["trainable_params"] == expected

@@ -88,9 +88,9 @@ def _lora_term(layer_out: np.ndarray, base_out: np.ndarray, scale: float) -> np.
 
 
 def _torch_q(cfg, model_dir):
-    from ftcore.torch.model import load_peft_model
+    from ftcore.torch.model import load_training_model
 
-    pm = load_peft_model(cfg, model_dir, torch.device("cpu"))
+    pm = load_training_model(cfg, model_dir, torch.device("cpu"))
     q = pm.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():  # the LoRA term of slot i is x_i after dropout, times the scale
         q.lora_A["default"].weight.copy_(torch.eye(8, q.in_features))
@@ -122,7 +122,7 @@ def _mlx_q(cfg, model_dir):
 
 
 def test_lora_dropout_in_both_frameworks(tiny_model_dir) -> None:
-    """Each backend's own adapter set-up (torch: load_peft_model; MLX: mlx_loop.load) with
+    """Each backend's own adapter set-up (torch: load_training_model; MLX: mlx_loop.load) with
     lora_dropout 0.25: in training ~25% of the inputs to A are 0 and the rest 1/(1-p); in eval
     mode none is; torch and MLX drop alike (two-proportion z < 4)."""
     cfg = RunConfig(preset="tiny", lora_dropout=P, lora_targets=("q_proj",), lora_rank=8, lora_alpha=16)

@@ -32,15 +32,15 @@ from ftcore.backends.result_fields import (
 )
 from ftcore.backends.run_context import BackendRun
 from ftcore.config import RunConfig
-from ftcore.inputs.arch import read_arch
-from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
+from ftcore.inputs.arch import fine_tune_of, read_arch
+from ftcore.inputs.lora_init import dora_magnitudes, initial_lora_state, state_fingerprint
 from ftcore.measure.blas import blas_threads, set_blas_threads
 from ftcore.measure.rss import current_rss_mb
 from ftcore.mlx import dist, jit
-from ftcore.mlx.adapters import save_adapters
+from ftcore.mlx.adapters import save_adapters, save_checkpoint
 from ftcore.mlx.convert import MANIFEST_FILE
 from ftcore.mlx.generate import greedy
-from ftcore.mlx.lora import apply_lora, load_lora_state, lora_state
+from ftcore.mlx.lora import adapted_weights, apply_lora, load_lora_state, lora_state
 from ftcore.mlx.loss import evaluate, to_mx
 from ftcore.mlx.model import Model, load_model
 from ftcore.mlx.optim import make_optimizer, settings
@@ -74,10 +74,19 @@ def load(cfg: RunConfig, model_dir: Path, result: RunResult) -> Model:
     mx.clear_cache()  # freed conversion buffers must not count in the baseline RSS
 
     model, _ = load_model(mlx_dir)
-    apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     model.model.checkpoint_layers = cfg.grad_checkpoint
-    init = initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed)
-    load_lora_state(model, {k: mx.array(v) for k, v in init.items()})
+    if cfg.fine_tune == "full":  # every decoder layer's own weights, as mlx-lm's full
+        model.freeze()
+        for layer in model.model.layers:
+            layer.unfreeze()
+    else:
+        dora = cfg.fine_tune == "dora"
+        apply_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                   dora=dora)  # fmt: skip
+        init = initial_lora_state(read_arch(model_dir), cfg.lora_targets, cfg.lora_rank, cfg.seed)
+        if dora:  # the magnitudes from these fp32 weights, as the torch side from its own
+            init |= dora_magnitudes(adapted_weights(model, cfg.lora_targets), init, cfg.lora_scale)
+        load_lora_state(model, {k: mx.array(v) for k, v in init.items()})
     mx.eval(model.parameters())
     result.load_time_s = time.perf_counter() - t0
     return model
@@ -101,9 +110,9 @@ class MlxRecipe(StepRecipe):
 
         self.model = model = load(cfg, run.model_dir, result)
         result.baseline_rss_mb = current_rss_mb()
-        result.initial_adapter_fingerprint = state_fingerprint(
-            {k: np.array(v) for k, v in lora_state(model).items()}
-        )
+        trained = dict(tree_flatten(model.trainable_parameters()))  # as lora_state keys
+        result.initial_adapter_fingerprint = state_fingerprint(trained, cfg.fine_tune == "full")
+        result.fine_tune = fine_tune_of(list(trained))
         mx.reset_peak_memory()
         # before any stream sets the BLAS to one thread (ready())
         return EvalSchedule(run, lambda: evaluate(model, run.batches),
@@ -217,7 +226,11 @@ class MlxRecipe(StepRecipe):
             "training + eval (weights, activations, grads, optimizer state); excludes the "
             "allocator cache and non-MLX memory"
         )
-        save_adapters(cfg, lora_state(model), len(model.model.layers), run.model_dir, run.out_dir)
+        if cfg.fine_tune == "full":
+            save_checkpoint(model, run.model_dir, run.out_dir / "model", cfg.prompt_format)
+        else:
+            save_adapters(cfg, lora_state(model), len(model.model.layers), run.model_dir,
+                          run.out_dir)  # fmt: skip
         model.eval()
         probe = to_mx(probe_batch(run.batches))
         save_probe_logits(

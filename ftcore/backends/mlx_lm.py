@@ -12,63 +12,29 @@ loss curve differs from the other backends; its report notes (`result.notes`) sa
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
 
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.loop import Recipe, train_with
+from ftcore.backends.mlx_lm_model import import_mlx_lm, load, peft_layout
 from ftcore.backends.result_fields import optimizer_record, start_result
 from ftcore.backends.run_context import BackendRun
 from ftcore.backends.step_clock import StepClock
-from ftcore.config import RunConfig, UserError
+from ftcore.config import RunConfig
 from ftcore.files import atomic_path
-from ftcore.inputs.arch import block_of, read_arch
+from ftcore.inputs.arch import fine_tune_of
 from ftcore.inputs.batches import Batches
-from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
+from ftcore.inputs.lora_init import state_fingerprint
 from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count, trained_rows
 from ftcore.measure.blas import blas_threads
 from ftcore.measure.rss import current_rss_mb
-from ftcore.mlx.adapters import save_adapters
+from ftcore.mlx.adapters import save_adapters, save_checkpoint
 from ftcore.mlx.optim import settings
 from ftcore.mlx.runtime import blas_facts, pick_device
 from ftcore.result import RunResult
-
-DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
-
-
-def import_mlx_lm():
-    try:
-        from mlx_lm.tuner import trainer, utils
-        from mlx_lm.utils import load_model
-    except ImportError as e:
-        raise UserError("mlx-lm is not installed (pip install 'ftcore[mlx-lm]')") from e
-    return trainer, utils, load_model
-
-
-def mlx_lm_key(target: str) -> str:
-    """mlx-lm's per-layer LoRA key for a target: q_proj -> self_attn.q_proj."""
-    return f"{block_of(target)}.{target}"
-
-
-def mlx_lm_leaf(key: str) -> str:
-    """`lora_state` key -> mlx-lm's parameter name: ...q_proj.lora_A -> ...q_proj.lora_a."""
-    module, leaf = key.rsplit(".", 1)
-    return f"{module}.{leaf.lower()}"
-
-
-def peft_layout(model) -> dict[str, mx.array]:
-    """mlx-lm's adapters as `lora_state` keys in PEFT layout: lora_a (in, r) -> lora_A (r, in)."""
-    leaves = {"lora_a": "lora_A", "lora_b": "lora_B"}
-    out = {}
-    for key, value in tree_flatten(model.trainable_parameters()):
-        module, leaf = key.rsplit(".", 1)
-        out[f"{module}.{leaves[leaf]}"] = value.T
-    return out
 
 
 def offsets_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -97,40 +63,6 @@ def mlx_lm_target_count(batch: dict[str, np.ndarray]) -> int:
 def our_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
     """mlx-lm's `iterate_batches` hook: yield our prepared (tokens, lengths) pairs in order."""
     yield from dataset
-
-
-def load(cfg: RunConfig, model_dir: Path, result: RunResult, utils, load_model):
-    """mlx-lm's loader on the HF folder, cast to the run's precision, LoRA set to the shared
-    init."""
-    arch = read_arch(model_dir)
-    t0 = time.perf_counter()
-    # mlx-lm's ModelArgs defaults tie_word_embeddings=True (its sanitize then drops lm_head), and
-    # its llama reads a top-level rope_theta only; pass both as HF means them.
-    overrides = {
-        "tie_word_embeddings": bool(arch.get("tie_word_embeddings", False)),
-        "rope_theta": arch["rope_theta"],
-    }
-    model, _ = load_model(Path(model_dir), model_config=overrides)
-    if overrides["tie_word_embeddings"] == hasattr(model, "lm_head"):
-        raise RuntimeError("mlx-lm's model does not match the checkpoint's lm_head tying")
-    model.set_dtype(DTYPES[cfg.precision])  # every float weight; adapters are added in fp32 below
-    model.freeze()
-    lora = {
-        "rank": cfg.lora_rank,
-        "scale": cfg.lora_scale,
-        "dropout": cfg.lora_dropout,
-        "keys": [mlx_lm_key(t) for t in cfg.lora_targets],
-    }
-    utils.linear_to_lora_layers(model, len(model.layers), lora)
-    init = initial_lora_state(arch, cfg.lora_targets, cfg.lora_rank, cfg.seed)
-    weights = [(mlx_lm_leaf(k), mx.array(np.ascontiguousarray(v.T))) for k, v in init.items()]
-    model.load_weights(weights, strict=False)
-    if {k for k, _ in tree_flatten(model.trainable_parameters())} != {k for k, _ in weights}:
-        raise RuntimeError("mlx-lm's trainable adapters do not match the initial LoRA state")
-    mx.eval(model.parameters())
-    result.load_time_s = time.perf_counter() - t0
-    result.extra["mlx_lm_lora_parameters"] = lora
-    return model
 
 
 def make_optimizer(cfg: RunConfig, result: RunResult, names: list[str]) -> optim.Optimizer:
@@ -181,6 +113,11 @@ def numerics_notes(cfg: RunConfig, batches: Batches) -> list[str]:
         )
     if cfg.eval_every:
         notes.append("--eval-every ignored: eval runs once, after training")
+    if cfg.fine_tune == "dora" and cfg.lora_dropout > 0:
+        notes.append(
+            "DoRA with dropout: mlx-lm scales W x + scale * B A d(x) by m / ||W + scale B A||; "
+            "PEFT and the other backends add (m / ||.|| - 1) * W d(x) instead"
+        )
     if cfg.precision == "bf16":
         notes.append(
             "bf16: mlx-lm's LoRALinear rounds the LoRA term to bf16 before adding it to the base "
@@ -229,10 +166,10 @@ class MlxLmRecipe(Recipe):
         result.extra["torch_imported"] = "torch" in sys.modules
         self.model = model = load(cfg, run.model_dir, result, utils, load_model)
         result.baseline_rss_mb = current_rss_mb()
-        result.initial_adapter_fingerprint = state_fingerprint(
-            {k: np.array(v) for k, v in peft_layout(model).items()}
-        )
-        result.trainable_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        trained = peft_layout(model)
+        result.initial_adapter_fingerprint = state_fingerprint(trained, cfg.fine_tune == "full")
+        result.fine_tune = fine_tune_of(list(trained))
+        result.trainable_params = sum(v.size for v in trained.values())
         if device == mx.cpu:  # one stream: MLX's ops on one thread, GEMMs on the BLAS's threads
             result.threads = blas_threads() or 1
         mx.reset_peak_memory()
@@ -273,9 +210,11 @@ class MlxLmRecipe(Recipe):
             )
             result.eval_losses.append([cfg.steps, result.eval_loss])
         result.framework_peak_mb = mx.get_peak_memory() / 2**20
-        save_adapters(
-            cfg, peft_layout(self.model), len(self.model.layers), run.model_dir, run.out_dir
-        )
+        if cfg.fine_tune == "full":
+            save_checkpoint(self.model, run.model_dir, run.out_dir / "model", cfg.prompt_format)
+        else:
+            save_adapters(cfg, peft_layout(self.model), len(self.model.layers), run.model_dir,
+                          run.out_dir)  # fmt: skip
         result.device = self.device.name
         # mlx_lm.tuner.trainer.train wraps its step in @partial(mx.compile, inputs=state, ...)
         result.compiled_step = True

@@ -17,15 +17,17 @@ from ftcore.backends.result_fields import (
 )
 from ftcore.backends.run_context import BackendRun
 from ftcore.files import atomic_path
+from ftcore.inputs.arch import fine_tune_of
 from ftcore.inputs.batches import Batches
 from ftcore.inputs.lora_init import state_fingerprint
 from ftcore.inputs.records import write_prompt_format
+from ftcore.inputs.tokenizer import copy_tokenizer
 from ftcore.measure.rss import current_rss_mb
 from ftcore.process.ranks import rank_threads
 from ftcore.torch.generate import greedy
-from ftcore.torch.lora import lora_state
+from ftcore.torch.lora import trainable_state
 from ftcore.torch.loss import evaluate, to_torch
-from ftcore.torch.model import load_peft_model
+from ftcore.torch.model import load_training_model
 from ftcore.torch.runtime import pick_device, sync
 
 
@@ -55,12 +57,14 @@ def start(run: BackendRun):
     )
 
     t0 = time.perf_counter()
-    model = load_peft_model(cfg, run.model_dir, device)
+    model = load_training_model(cfg, run.model_dir, device)
     sync(device)
     result.load_time_s = time.perf_counter() - t0
     result.baseline_rss_mb = current_rss_mb()
-    result.initial_adapter_fingerprint = state_fingerprint(lora_state(model))
-    result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = trainable_state(model)  # what the optimizer will update, as lora_state keys
+    result.initial_adapter_fingerprint = state_fingerprint(trained, cfg.fine_tune == "full")
+    result.fine_tune = fine_tune_of(list(trained))
+    result.trainable_params = sum(p.numel() for p in trained.values())
     # transformers' own flag: whether its layers really recompute in the backward pass
     result.extra["grad_checkpoint_active"] = bool(
         getattr(model, "is_gradient_checkpointing", False)
@@ -79,10 +83,16 @@ def eval_schedule(run: BackendRun, model, device: torch.device) -> EvalSchedule:
 
 
 def save_torch(run: BackendRun, model, device: torch.device) -> None:
-    """Shared end, after the final eval: CUDA peak, the adapter in PEFT format, probe logits."""
+    """Shared end, after the final eval: CUDA peak, what was trained (the adapter in PEFT format
+    under adapter/; a full fine-tune's checkpoint under model/), probe logits."""
     if device.type == "cuda":
         run.result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    with atomic_path(run.out_dir / "adapter") as adapter:  # the folder appears whole, or not at all
-        model.save_pretrained(str(adapter))  # adapter_config.json + adapter_model.safetensors
-        write_prompt_format(adapter, run.cfg.prompt_format)  # for `ftcore generate`
+    full = run.cfg.fine_tune == "full"
+    with atomic_path(run.out_dir / ("model" if full else "adapter")) as out:  # whole, or not at all
+        # a full fine-tune: config.json + model.safetensors (+ the tokenizer, to load alone);
+        # LoRA / DoRA: adapter_config.json + adapter_model.safetensors
+        model.save_pretrained(str(out))
+        if full:
+            copy_tokenizer(run.model_dir, out)
+        write_prompt_format(out, run.cfg.prompt_format)  # for `ftcore generate`
     save_probe_logits(probe_logits(model, run.batches, device), run.out_dir)

@@ -78,3 +78,18 @@ def tokenizer_corpus() -> str:
     records = synthetic_records(TOKENIZER_CORPUS, seed=0, families=ALL_FAMILIES)
     return "\n".join(format_prompt(r) + r["output"] for r in records)
 
+
+
+# A model folder's tokenizer and generation files: what a fine-tuned checkpoint carries along
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")  # fmt: skip
+
+
+def copy_tokenizer(model_dir: Path, out_dir: Path) -> None:
+    """Copy model_dir's tokenizer files into out_dir (a full fine-tune's checkpoint folder, which
+    then loads alone in transformers, mlx-lm and `ftcore generate`)."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copyfile(Path(model_dir) / name, Path(out_dir) / name)

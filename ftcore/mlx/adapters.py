@@ -1,9 +1,11 @@
 """Adapter files: PEFT <-> MLX adapter state, and the folders the MLX backends write after training
 (PEFT format in adapter/, mlx-lm format in adapter_mlx_lm/).
 
-PEFT keys: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r), the same
-layout as `ftcore.mlx.lora.lora_state`; mlx-lm stores the transposes
-(lora_a (in, r), lora_b (r, out)).
+PEFT keys: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r), and DoRA's
+base_model.model.<module>.lora_magnitude_vector (out,), the same layout as
+`ftcore.mlx.lora.lora_state`; mlx-lm stores the transposes (lora_a (in, r), lora_b (r, out)) and
+DoRA's magnitude as `m` (out,). A full fine-tune is saved as a whole Hugging Face checkpoint
+(`save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import safetensors.numpy
+from mlx.utils import tree_flatten
 
 from ftcore.config import RunConfig
 from ftcore.files import atomic_path, json_bytes, write_atomic
 from ftcore.inputs.records import write_prompt_format
+from ftcore.inputs.tokenizer import copy_tokenizer
 from ftcore.mlx.lora import LORA_LEAVES
 from ftcore.mlx.weight_names import ConversionError, hf_to_mlx_key, mlx_to_hf_key
 
@@ -28,7 +33,9 @@ from ftcore.mlx.weight_names import ConversionError, hf_to_mlx_key, mlx_to_hf_ke
 # taken from the live model also carries the adapter name: lora_A.default.weight.
 _PEFT_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?P<leaf>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
+    r"|^base_model\.model\.(?P<dmodule>.+)\.(?P<dleaf>lora_magnitude_vector)(?:\.[^.]+\.weight)?$"
 )
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's leaf; no ".weight" in PEFT's files
 
 
 def _module_path(module: str, to_mlx: bool) -> str:
@@ -48,7 +55,8 @@ def peft_to_mlx_adapter(peft_state: Mapping[str, np.ndarray | mx.array]) -> dict
         m = _PEFT_KEY.match(key)
         if m is None:
             raise ConversionError(f"not a PEFT LoRA key: {key!r}")
-        name = f"{_module_path(m['module'], to_mlx=True)}.{m['leaf']}"
+        module, leaf = (m["module"], m["leaf"]) if m["module"] else (m["dmodule"], m["dleaf"])
+        name = f"{_module_path(module, to_mlx=True)}.{leaf}"
         if name in out:
             raise ConversionError(f"two PEFT tensors map to {name} (more than one adapter?)")
         out[name] = mx.array(value)
@@ -66,13 +74,14 @@ def mlx_to_peft_adapter(state: Mapping[str, mx.array]) -> dict[str, np.ndarray]:
         if value.dtype == mx.bfloat16:
             value = value.astype(mx.float32)  # numpy has no bf16
         # C order: safetensors.numpy writes raw buffers, a transposed view would be scrambled
-        out[f"base_model.model.{_module_path(module, to_mlx=False)}.{leaf}.weight"] = (
+        suffix = "" if leaf == MAGNITUDE else ".weight"
+        out[f"base_model.model.{_module_path(module, to_mlx=False)}.{leaf}{suffix}"] = (
             np.ascontiguousarray(np.array(value))
         )
     return out
 
 
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(lora_A|lora_B)$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)$")
 
 
 def save_mlx_lm_adapter(
@@ -80,7 +89,8 @@ def save_mlx_lm_adapter(
 ) -> Path:
     """Write an mlx-lm adapter folder (`mlx_lm.tuner.utils.load_adapters` reads it).
 
-    cfg_info: {"rank", "alpha", "dropout" (default 0), "num_layers" (the model's layer count)}.
+    cfg_info: {"rank", "alpha", "dropout" (default 0), "num_layers" (the model's layer count),
+    "fine_tune_type" ("lora" default, or "dora": the state holds magnitudes, saved as `m`)}.
     mlx-lm stores the transposes: lora_a (in, r), lora_b (r, out), under the same module paths,
     and adapts the last `num_layers` layers, each with the same `keys`.
     """
@@ -94,6 +104,9 @@ def save_mlx_lm_adapter(
             raise ConversionError(f"not a per-layer adapter key: {key!r}")
         layer, module, leaf = int(m[1]), m[2], m[3]
         per_layer.setdefault(layer, set()).add(module)
+        if leaf == MAGNITUDE:  # (out,), no transpose
+            arrays[f"model.layers.{layer}.{module}.m"] = value
+            continue
         r = value.shape[0] if leaf == "lora_A" else value.shape[1]
         if r != rank:
             raise ConversionError(f"{key}: rank {r} != configured rank {rank}")
@@ -112,7 +125,7 @@ def save_mlx_lm_adapter(
     mx.save_safetensors(buf, arrays)
     write_atomic(out_dir / "adapters.safetensors", buf.getvalue())
     config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": cfg_info.get("fine_tune_type", "lora"),
         "num_layers": len(layers),
         "lora_parameters": {
             "rank": rank,
@@ -138,6 +151,7 @@ def save_adapters(
         "alpha": cfg.lora_alpha,
         "dropout": cfg.lora_dropout,
         "num_layers": num_layers,
+        "fine_tune_type": cfg.fine_tune,
     }
     save_mlx_lm_adapter(state, info, out_dir / "adapter_mlx_lm")
 
@@ -161,7 +175,7 @@ def write_peft_adapter(
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": cfg.fine_tune == "dora",
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -171,3 +185,18 @@ def write_peft_adapter(
     }
     write_atomic(peft_dir / "adapter_config.json", json_bytes(peft_config))
     write_prompt_format(peft_dir, cfg.prompt_format)  # for `ftcore generate`
+
+
+def save_checkpoint(model: nn.Module, model_dir: Path, out_dir: Path, prompt_format: str) -> None:
+    """A full fine-tune as a Hugging Face checkpoint folder, whole or not at all: model.safetensors
+    (HF names, the trained dtype), the source's config.json and tokenizer, the prompt format. It
+    loads in transformers, mlx-lm and `ftcore generate --model`."""
+    weights = {mlx_to_hf_key(k): v for k, v in tree_flatten(model.parameters())}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        buf = io.BytesIO()  # written by Python, atomically: a full disk names the file
+        mx.save_safetensors(buf, weights, metadata={"format": "pt"})  # transformers needs "pt"
+        write_atomic(tmp / "model.safetensors", buf.getvalue())
+        write_atomic(tmp / "config.json", (Path(model_dir) / "config.json").read_bytes())
+        copy_tokenizer(Path(model_dir), tmp)
+        write_prompt_format(tmp, prompt_format)
