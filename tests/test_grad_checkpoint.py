@@ -72,8 +72,8 @@ def test_memory_model_counts_tinyllama() -> None:
     assert plain["weights"] == pytest.approx(1_100_048_384 * 4 / 2**20)
     assert half["weights"] == pytest.approx(plain["weights"] / 2)
     lora = 22 * 8 * (2048 + 2048 + 2 * (2048 + 256) + 2048 + 2048 + 3 * (2048 + 5632))
-    assert plain["lora_params"] == pytest.approx(lora * 4 / 2**20)
-    assert plain["adamw_state"] == pytest.approx(2 * plain["lora_grads"])  # fp32 in both precisions
+    assert plain["adapters"] == pytest.approx(lora * 4 / 2**20)
+    assert plain["adamw_state"] == pytest.approx(2 * plain["grads"])  # fp32 in both precisions
     assert half["adamw_state"] == plain["adamw_state"]
     assert plain["logits"] == pytest.approx(2 * 512 * 32000 * 4 / 2**20)
     # per token and layer: 4 hidden-size tensors, q,k,v, probs (32 x 256), attention output,
@@ -82,5 +82,31 @@ def test_memory_model_counts_tinyllama() -> None:
     assert plain["saved_activations"] == pytest.approx(22 * 512 * per * 4 / 2**20)
     assert ckpt["saved_activations"] == pytest.approx((22 * 512 * 2048 + 512 * per) * 4 / 2**20)
     assert ckpt["total"] < plain["total"] - 1500  # checkpointing saves ~1.7 GB here
-    parts = [v for k, v in plain.items() if k not in ("total", "checkpoint")]
+    parts = [v for k, v in plain.items() if k not in ("total", "checkpoint", "fine_tune")]
     assert plain["total"] == pytest.approx(sum(parts))
+
+
+@pytest.mark.unit
+def test_memory_model_counts_a_full_fine_tune_and_dora() -> None:
+    """Full: grads and AdamW's two moments for every decoder layer weight, no adapters, no LoRA
+    intermediates; DoRA: LoRA's plus a magnitude per output row (params, grads, moments), two saved
+    outputs per targeted linear and token, and the largest W + scale B A and B A each step."""
+    cfg = RunConfig(precision="fp32", max_seq_len=256, lora_targets=LORA_TARGETS, lora_rank=8)
+    lora, full = memory_model(TINYLLAMA, cfg, 2, 256), memory_model(
+        TINYLLAMA, cfg.replace(fine_tune="full"), 2, 256)
+    dora = memory_model(TINYLLAMA, cfg.replace(fine_tune="dora"), 2, 256)
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632 + 2 * 2048  # 7 linears, 2 norms
+    assert full["adapters"] == 0 and full["fine_tune"] == "full"
+    assert full["grads"] == pytest.approx(22 * layer * 4 / 2**20)  # ~3.6 GB
+    assert full["adamw_state"] == pytest.approx(2 * full["grads"])
+    assert full["saved_activations"] == pytest.approx(
+        lora["saved_activations"] - 22 * 512 * 7 * 8 * 4 / 2**20)
+    outs = 2048 + 256 + 256 + 2048 + 5632 + 5632 + 2048  # out features of the 7 linears
+    assert dora["adapters"] - lora["adapters"] == pytest.approx(22 * outs * 4 / 2**20)
+    assert dora["adamw_state"] - lora["adamw_state"] == pytest.approx(2 * 22 * outs * 4 / 2**20)
+    assert dora["saved_activations"] - lora["saved_activations"] == pytest.approx(
+        22 * 512 * 2 * outs * 4 / 2**20)
+    assert dora["dora_norm"] == pytest.approx(2 * 2048 * 5632 * 4 / 2**20) and lora["dora_norm"] == 0
+    for m in (lora, full, dora):
+        parts = [v for k, v in m.items() if k not in ("total", "checkpoint", "fine_tune")]
+        assert m["total"] == pytest.approx(sum(parts))

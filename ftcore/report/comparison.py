@@ -183,6 +183,8 @@ def _row(
     row["peak_rss_over_model"] = peak_over_model(
         r.get("peak_rss_max_rank_mb"), r.get("peak_rss_mb"), model
     )
+    # the framework's own peak of its arrays (MLX; torch on CUDA) against the model of them
+    row["framework_peak_over_model"] = peak_over_model(None, r.get("framework_peak_mb"), model)
     load = r.get("machine_load") or {}
     row["machine_busy"] = load.get("busy") if r.get("status") == "ok" else None
     row["runs"], row["busy_runs"], row["spread"] = r["repeats_used"], r["repeats_busy"], r["spread"]

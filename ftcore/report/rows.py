@@ -21,6 +21,7 @@ TABLE_LAYOUT: list[str | tuple[str, Any]] = [
     "framework_peak_mb",
     ("Memory model (MB)", lambda r: fmt(r.get("memory_model_mb"), ".1f")),
     ("Peak RSS / model", lambda r: fmt(r.get("peak_rss_over_model"), ".2f", "x")),
+    ("Framework peak / model", lambda r: fmt(r.get("framework_peak_over_model"), ".2f", "x")),
     "final_loss",
     "eval_loss",
     "eval_loss_before",
