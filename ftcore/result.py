@@ -127,7 +127,7 @@ class RunResult:
     )
     trainable_params: int = figure(0, "Trainable params", "int", "row first")
     # what the model trained, from its trainable tensors' names (ftcore.inputs.arch.fine_tune_of)
-    fine_tune: str = figure("", "Fine-tune (as trained)", "text", "row first")
+    fine_tune: str = figure("", "Trained (--fine-tune, as run)", "text", "row first")
     # micro-batches per optimiser step, as the backend's loop or trainer ran them (--grad-accum)
     grad_accum: int = figure(0, "Micro-batches per step", "int", "row first")
     flops_per_token: float = figure(0.0, tags="row first")

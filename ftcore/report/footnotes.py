@@ -20,11 +20,13 @@ FOOTNOTES = [
     "torch.cuda.max_memory_allocated) is shown beside it, never instead.",
     "Speedup factor = reference training time / this training time; memory efficiency = "
     "reference peak RSS / this peak RSS (>1 means better than the reference).",
-    "Memory model = what one process must hold (ftcore.measure.memory_model): weights, LoRA "
-    "parameters, gradients and AdamW state, saved activations (with --grad-checkpoint: each "
-    "layer's input and one layer recomputed), one layer's backward working set, logits and their "
-    "gradient; peak RSS / model (largest rank's for data parallel) shows what a backend holds "
-    "beyond it.",
+    "Memory model = what one process must hold for the run's --fine-tune (ftcore.measure."
+    "memory_model): weights, adapters (LoRA; DoRA's magnitudes too; none for full), gradients "
+    "and AdamW state of every trained parameter, saved activations (with --grad-checkpoint: each "
+    "layer's input and one layer recomputed), one layer's backward working set, DoRA's weight "
+    "norm, logits and their gradient, for one micro-batch; peak RSS / model (largest rank's for "
+    "data parallel) shows what a backend holds beyond it, framework peak / model what its "
+    "arrays hold beyond it (the interpreter and runtime are in RSS, not in the framework peak).",
     "CPU threads busy = the process's CPU seconds / wall seconds over the timed steps.",
     "MFU = achieved training FLOP/s (real tokens/s x FLOPs per token: a pad position is not "
     "useful work) / this machine's measured GEMM peak at that precision.",
