@@ -153,3 +153,15 @@ def test_no_module_writes_a_typed_figure_into_extra():
     for path in Path(ftcore.__file__).parent.rglob("*.py"):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             assert not pattern.search(line), f"{path.name}:{n}: {line.strip()}"
+
+
+def test_a_fine_tune_other_than_one_lora_batch_is_said_under_the_verdict():
+    """--fine-tune dora --grad-accum 2 is said in one line; the default (LoRA, one batch a step)
+    adds none."""
+    cfg = {**CONFIG, "fine_tune": "dora", "grad_accum": 2, "batch_size": 2}
+    dora = _short(*(_result(b, 2.0, 300.0, config=cfg, fine_tune="dora", grad_accum=2)
+                    for b in ("torch", "mlx")))  # fmt: skip
+    assert "Trained: dora, 2 micro-batches of 2 rows a step" in dora
+    assert "Fairness: 13/13 checks PASS" in dora
+    plain = _short(_result("torch", 2.0, 300.0), _result("mlx", 2.0, 300.0))
+    assert not any(ln.startswith("Trained:") for ln in plain)

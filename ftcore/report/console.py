@@ -138,6 +138,17 @@ def _fairness(comparison: dict[str, Any], width: int) -> list[str]:
     ]
 
 
+def _trained(comparison: dict[str, Any]) -> str:
+    """"Trained: dora, 2 micro-batches of 2 rows a step" when --fine-tune or --grad-accum is not
+    the default (LoRA, one batch a step), else ""."""
+    cfg = next((r.get("config") or {} for r in comparison.get("results") or []), {})
+    kind, accum = cfg.get("fine_tune", "lora"), cfg.get("grad_accum", 1)
+    if kind == "lora" and accum == 1:
+        return ""
+    return f"Trained: {kind}, {accum} micro-batch{'es' * (accum > 1)} of {cfg.get('batch_size')} " \
+        "rows a step"
+
+
 def format_short(comparison: dict[str, Any], width: int = WIDTH) -> str:
     """The console answer: verdict, compact table, fairness line, warnings; lines fit `width`
     (a table too wide for it is split by backends)."""
@@ -146,6 +157,7 @@ def format_short(comparison: dict[str, Any], width: int = WIDTH) -> str:
     lines = wrap(headline(comparison))
     for said in verdict_lines(comparison.get("verdict")):
         lines += wrap(said)
+    lines += wrap(_trained(comparison)) if _trained(comparison) else []
     for key in ("reference_note", "size_note"):
         if note := comparison.get(key):
             lines += wrap(f"Note: {note}")
@@ -182,6 +194,8 @@ def format_run(r: Any) -> str:
         f"{fmt(r.loss_tokens_per_s, '.1f')} loss tok/s",
         f"memory           peak RSS {fmt(r.peak_rss_mb, '.0f')} MB, after load "
         f"{fmt(r.baseline_rss_mb, '.0f')} MB, framework peak {fmt(r.framework_peak_mb, '.0f')} MB",
+        f"trained          {r.fine_tune or 'n/a'}, {fmt_int(r.trainable_params)} params, "
+        f"{fmt_int(r.grad_accum or None)} micro-batch(es) a step",
         f"MFU              {fmt(mfu, '.2f')} % of measured GEMM peak",
         f"epoch            {fmt_int(r.epoch_records)} records, projected: "
         f"{duration(r.epoch_time_s, r.epoch_time_ci_s)} (95% CI, this run's steps)",
