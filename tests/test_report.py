@@ -329,3 +329,20 @@ def test_peak_rss_over_model_uses_the_largest_rank(results):
     assert _row(comp, "mlx")["peak_rss_over_model"] == pytest.approx(1.5)  # per process: 1200 / 800
     assert _row(comp, "mlx-lm")["peak_rss_over_model"] is None
     assert "| Peak RSS / model" in report.format_table(comp)
+
+
+def test_fine_tune_must_be_what_ran_and_what_was_asked(results):
+    """Each backend's trained type (read from its trainable tensors) is compared across backends
+    and with the config: two backends that both ran LoRA when DoRA was asked are a mismatch."""
+    def check(rows):
+        return {c["check"]: c for c in report.fairness_checks(rows)}["fine_tune"]
+
+    assert check(results)["ok"]
+    asked_dora = copy.deepcopy(results)
+    for r in asked_dora[:2]:
+        r["config"]["fine_tune"] = "dora"
+    bad = check(asked_dora)
+    assert not bad["ok"] and bad["status"] == "mismatch" and "ran 'lora', asked 'dora'" in bad["detail"]
+    one_off = copy.deepcopy(results)
+    one_off[1]["fine_tune"] = "full"
+    assert check(one_off)["status"] == "mismatch"
