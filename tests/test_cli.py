@@ -63,6 +63,14 @@ BAD_INPUTS = {
                                 "out the first 1 step as warm-up (--timing-warmup-steps 1), and the learning rate warms up "
                                 "over 2 steps (--warmup-steps 2); use --epochs 2, more records (--num-samples) or a smaller --batch-size"),
     "more steps than ftcore runs": (lambda t, m, w: ["--steps", 10**9], "--steps 1000000000: at most 100000 steps"),
+    "no micro-batch": (lambda t, m, w: ["--grad-accum", 0], "--grad-accum: must be >= 1, got 0"),
+    "a step larger than the data": (lambda t, m, w: ["--num-samples", 8, "--batch-size", 4, "--grad-accum", 3],
+                                    "a step of --batch-size 4 x --grad-accum 3 (12 rows) is larger than the training subset"),
+    "accumulation over processes": (lambda t, m, w: ["--grad-accum", 2, "--nproc", 2], "--grad-accum: one process only"),
+    "unknown fine-tune": (lambda t, m, w: ["--fine-tune", "qlora"], "invalid choice: 'qlora'"),
+    "a bf16 full fine-tune": (lambda t, m, w: ["--fine-tune", "full", "--precision", "bf16"],
+                              "--fine-tune: full trains in fp32 only"),
+    "dora over processes": (lambda t, m, w: ["--fine-tune", "dora", "--nproc", 2], "--fine-tune: dora: one process only"),
     "epochs whose steps overflow a float": (lambda t, m, w: ["--epochs", 10**400], "steps): at most 100000 steps"),
 }
 
