@@ -338,6 +338,12 @@ TRAJECTORIES = {
     "fp32-chat-packed": dict(TRAJECTORY_CFG, precision="fp32", batching="packed", prompt_format="chat",
                              model=CHAT_MODEL),
     "profile-packed": dict(LONG_CFG, data="builtin:alpaca-lengths", batching="packed"),
+    # --grad-accum 4: 30 steps of 4 micro-batches of 2 rows (8 rows a step) on 2 of the tiny
+    # preset's layers, padded to 64 tokens, or `longest` at 128 (the records' width, 65)
+    "accum-padded": dict(TRAJECTORY_CFG, precision="fp32", steps=30, grad_accum=4, num_layers=2,
+                         max_seq_len=64),
+    "accum-longest": dict(TRAJECTORY_CFG, precision="fp32", steps=30, grad_accum=4, num_layers=2,
+                          batching="longest"),
 }
 _RUNS: dict[str, Any] = {}
 

@@ -50,6 +50,8 @@ BAD_INPUTS = {
     "non-llama model": (lambda t, m, w: ["--model", broken_model(m, t, "gpt2")], "supports Llama-architecture models only"),
     "pickle-only weights": (lambda t, m, w: ["--model", broken_model(m, t, "pickle-only")], "only pickle weights"),
     "rank 0": (lambda t, m, w: ["--lora-rank", 0], "--lora-rank: rank must be >= 1"),
+    "grad accum 0": (lambda t, m, w: ["--grad-accum", 0], "--grad-accum: must be >= 1, got 0"),
+    "grad accum over ranks": (lambda t, m, w: ["--grad-accum", 2, "--nproc", 2], "--grad-accum: one process only"),
     "unknown target": (lambda t, m, w: ["--lora-targets", "q_proj,qkv"], "unknown target module 'qkv'"),
     "unknown flag": (lambda t, m, w: ["--lora-rnak", 4], "unrecognized arguments: --lora-rnak"),
     "target named twice": (lambda t, m, w: ["--lora-targets", "q_proj,q_proj"], "q_proj named twice"),
@@ -93,6 +95,13 @@ def test_compare_refuses_more_steps_than_ftcore_runs(flags, tmp_path):
     """Before any batch is made (--steps 200000 built for 30 s, then said nothing for an hour)."""
     out_dir = tmp_path / "out"
     assert_user_error(ftcore_in_process("compare", "--out", out_dir, *flags), "at most 100000 steps: every step's", out_dir)
+    assert not out_dir.exists()
+
+
+def test_compare_refuses_grad_accum_0(tmp_path):
+    out_dir = tmp_path / "out"
+    assert_user_error(ftcore_in_process("compare", "--out", out_dir, "--grad-accum", 0), "--grad-accum: must be >= 1",
+                      out_dir)  # fmt: skip
     assert not out_dir.exists()
 
 

@@ -198,7 +198,7 @@ def test_comparison_json_keeps_every_figure(default_compare):
         for d in _at(c, path):
             assert set(d) >= keys, (path, keys - set(d))
     assert [f["check"] for f in c["fairness"]] == ["batch_fingerprint", "fed_batches", "initial_adapter_fingerprint",
-                                                   "trainable_params", "optimizer", "weight_decay", "lr_schedule", "precision", "threads",
+                                                   "trainable_params", "fine_tune", "grad_accum", "optimizer", "weight_decay", "lr_schedule", "precision", "threads",
                                                    "config", "steps"]
     assert set(c["config"]) >= {f.name for f in dataclasses.fields(RunConfig)}
     for r in c["results"]:
@@ -223,12 +223,14 @@ def test_compare_loss_difference_below_1e4(default_compare):
 
 
 def test_compare_local_sentencepiece_checkpoint_and_alpaca_hf(tmp_path, sentencepiece_model_dir, write_alpaca, alpaca_records):
+    """Also with gradient accumulation (--grad-accum 2): each backend records the micro-batches it
+    ran a step, and the `grad_accum` fairness check passes."""
     data = write_alpaca(tmp_path / "alpaca_hf", alpaca_records, "hf")
     out = tmp_path / "run"
     res = ftcore(
         "compare", "--backends", "torch,mlx", "--model", sentencepiece_model_dir, "--data", data,
-        "--num-samples", 16, "--eval-samples", 4, "--batch-size", 2, "--max-seq-len", 96, "--steps", 4, "--out", out,
-        "--repeats", 1,
+        "--num-samples", 16, "--eval-samples", 4, "--batch-size", 2, "--grad-accum", 2, "--max-seq-len", 96,
+        "--steps", 4, "--out", out, "--repeats", 1,
         timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
@@ -236,6 +238,9 @@ def test_compare_local_sentencepiece_checkpoint_and_alpaca_hf(tmp_path, sentence
     assert comparison["ok_backends"] == ["torch", "mlx"]
     assert comparison["loss_diff"]["max_abs_diff"] < REFERENCE_LOSS_ATOL
     assert json.loads((out / "torch" / "result.json").read_text())["config"]["model"] == str(sentencepiece_model_dir)
+    assert [json.loads((out / b / "result.json").read_text())["grad_accum"] for b in ("torch", "mlx")] == [2, 2]
+    check = next(c for c in comparison["fairness"] if c["check"] == "grad_accum")
+    assert check["ok"] and check["status"] == "pass", check
 
 
 def test_a_failed_backend_is_a_row_and_the_others_still_report(tmp_path, small_cfg):

@@ -18,12 +18,13 @@ from ftcore.backends.mlx_lm import offsets_lengths
 from ftcore.config import RunConfig
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
+from ftcore.inputs.loss_contract import micro_batches, target_count
 from ftcore.mlx.adapters import peft_to_mlx_adapter
 from ftcore.mlx.lora import apply_lora, load_lora_state
 from ftcore.mlx.model import load_model
 from ftcore.run.backend_process import run_backend
 from ftcore.run.preflight import prepare
-from ftcore.tolerances import FP32_LOGITS_ATOL, FP32_LOSS_ATOL
+from ftcore.tolerances import FP32_GRAD_ACCUM_ATOL, FP32_LOGITS_ATOL, FP32_LOSS_ATOL, LR_RTOL
 
 pytestmark = pytest.mark.integration
 
@@ -178,3 +179,76 @@ def test_mlx_compiles_once_per_distinct_width(tmp_path, write_alpaca):
     assert result.status == "ok", result.error
     assert result.extra["compiled_traces"] == len(set(widths)) == p.batches.stats["distinct_widths"]
     assert 0 < result.real_tokens_per_s < result.tokens_per_s
+
+
+# --batch-size 8, and --batch-size 2 --grad-accum 4 (the same 8 rows a step), fp32, `longest` over
+# records of ~80-180 tokens: several widths, and micro-batches with uneven target counts
+ACCUM_SHAPES = {"one": (8, 1), "accum": (2, 4)}  # name: (batch_size, grad_accum)
+
+
+@pytest.fixture(scope="module")
+def mlx_accum(tmp_path_factory, tiny_model_dir):
+    """(preps, {name: mlx result}, root) at both ACCUM_SHAPES, the two runs side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import passive_omp
+    from test_data import _varied_records
+
+    root = tmp_path_factory.mktemp("mlx-accum")
+    (root / "varied.json").write_text(json.dumps(_varied_records(40)))
+    base = CFG.replace(data=str(root / "varied.json"), num_samples=32, eval_samples=0, max_seq_len=256,
+                       steps=4, batching="longest")  # fmt: skip
+    preps = {n: prepare(base.replace(batch_size=b, grad_accum=g), root / n) for n, (b, g) in ACCUM_SHAPES.items()}
+    with passive_omp(), ThreadPoolExecutor(2) as pool:
+        futures = {n: pool.submit(run_backend, "mlx", p, root / n / "mlx") for n, p in preps.items()}
+        return preps, {n: f.result() for n, f in futures.items()}, root
+
+
+def test_mlx_grad_accum_equals_one_batch_of_all_rows(mlx_accum, tiny_model_dir):
+    """As in torch (tests/test_torch_backends.py): 4 micro-batches of 2 rows, each one's summed
+    loss over the step's target count, train as one batch of 8: losses and adapter alike."""
+    from parity_utils import initial_peft_adapter, read_adapter
+
+    preps, runs, root = mlx_accum
+    one, acc = runs["one"], runs["accum"]
+    assert one.status == acc.status == "ok", (one.error, acc.error)
+    batches = preps["accum"].batches
+    np.testing.assert_array_equal(batches.train["labels"], preps["one"].batches.train["labels"])
+    counts = [[target_count(m["labels"]) for m in micro_batches(batches.step(s), 4)] for s in range(4)]
+    assert all(len(set(c)) > 1 for c in counts), counts
+    assert (one.grad_accum, acc.grad_accum) == (1, 4)
+    assert json.loads((root / "accum" / "mlx" / "result.json").read_text())["grad_accum"] == 4
+    assert acc.fed_batches_fingerprint == one.fed_batches_fingerprint
+    np.testing.assert_allclose(acc.losses, one.losses, rtol=0, atol=FP32_GRAD_ACCUM_ATOL)
+    trained, want = read_adapter(root / "accum" / "mlx"), read_adapter(root / "one" / "mlx")
+    init = initial_peft_adapter(preps["one"].cfg, tiny_model_dir)
+    for k in want:
+        np.testing.assert_allclose(trained[k], want[k], rtol=0, atol=FP32_GRAD_ACCUM_ATOL, err_msg=k)
+    assert max(np.abs(want[k] - init[k]).max() for k in want) > 100 * FP32_GRAD_ACCUM_ATOL
+
+
+def test_mlx_grad_accum_traces_once_per_width(mlx_accum):
+    """The per-micro-batch gradient function is compiled once per width (the step's count is an
+    array input, not a constant), never once per micro-batch: 16 micro-batches, 3+ widths."""
+    preps, runs, _ = mlx_accum
+    widths = preps["accum"].batches.train["widths"].tolist()
+    assert 1 < len(set(widths)) < len(widths) * 4
+    assert runs["accum"].extra["compiled_traces"] == len(set(widths))
+    assert runs["one"].extra["compiled_traces"] == len(set(widths))
+
+
+@pytest.mark.mlx_lm
+def test_mlx_lm_accumulates_its_own_way(mlx_accum, tmp_path):
+    """mlx-lm's own accumulation (grad_accumulation_steps): one report an optimizer step, at the
+    LR of that update, the whole step's ids fed once, and a note that it averages micro-batch
+    means."""
+    pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (optional extra ftcore[mlx-lm])")
+    preps, runs, _ = mlx_accum
+    cfg = preps["accum"].cfg
+    result = run_backend("mlx-lm", preps["accum"], tmp_path / "out")
+    assert result.status == "ok", result.error
+    assert result.grad_accum == 4 and len(result.losses) == len(result.step_times_s) == cfg.steps
+    assert result.fed_batches_fingerprint == runs["accum"].fed_batches_fingerprint
+    want = [cfg.lr_at(s) for s in range(cfg.steps)]
+    np.testing.assert_allclose(result.optimizer["lr_per_step"], want, rtol=LR_RTOL)
+    assert any(n.startswith("numerics differ: --grad-accum 4: mlx-lm averages") for n in result.notes)

@@ -32,6 +32,7 @@ from ftcore.tolerances import (
     FP32_ADAPTER_RTOL,
     FP32_STEP_LOSS_ATOL,
     LR_RTOL,
+    REFERENCE_LOSS_ATOL,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # child processes: the real backends
@@ -153,6 +154,32 @@ def test_fp32_losses_and_adapters_match(runs, name):
     assert glob < FP32_ADAPTER_RTOL, f"global update rel err {glob:.3g}"
     assert diff.max() < FP32_STEP_LOSS_ATOL, f"per-step |torch - mlx| = {diff.tolist()}"
     assert eval_diff.max() < FP32_STEP_LOSS_ATOL, f"eval |torch - mlx| = {eval_diff.tolist()}"
+
+
+ACCUM_RUNS = ["accum-padded", "accum-longest"]
+
+
+@pytest.fixture(scope="module")
+def accum_runs(tmp_path_factory):
+    return backend_runs(tuple(ACCUM_RUNS), tmp_path_factory.getbasetemp() / "parity-runs")
+
+
+@pytest.mark.parametrize("name", ACCUM_RUNS)
+def test_grad_accum_losses_match(accum_runs, name):
+    """--grad-accum 4, 30 steps: torch's loop (backward per micro-batch into .grad) and MLX's
+    (compiled gradients per micro-batch, summed, then compiled clip + AdamW) train alike."""
+    r = accum_runs[name]
+    _ok(r)
+    assert r["torch"].grad_accum == r["mlx"].grad_accum == r["cfg"].grad_accum == 4
+    widths = set(r["prep"].batches.train["widths"].tolist())
+    assert widths == ({65} if name == "accum-longest" else {r["cfg"].max_seq_len}), widths
+    lt, _, diff, eval_diff = _losses(r)
+    assert lt[-1] < lt[0]
+    assert diff.max() < REFERENCE_LOSS_ATOL, f"per-step |torch - mlx| = {diff.tolist()}"
+    assert eval_diff.max() < REFERENCE_LOSS_ATOL, f"eval |torch - mlx| = {eval_diff.tolist()}"
+    tensor, update, _, _ = _adapter_errors(r)
+    worst = max(max(tensor.values()), max(update.values()))
+    assert worst < FP32_ADAPTER_RTOL, f"adapter rel err {worst:.3g}"
 
 
 def test_longest_runs_fed_narrower_batches(runs):

@@ -147,6 +147,23 @@ def test_fairness_tolerates_float32_rounding_and_flags_missing(results):
     assert not by["threads"]["ok"] and by["threads"]["status"] == "missing"
 
 
+def test_grad_accum_is_compared_and_as_asked(results):
+    """RunResult.grad_accum (the micro-batches a backend's loop ran per step): alike across the
+    backends and equal to the config's --grad-accum; one edited result is a mismatch naming it."""
+    r = copy.deepcopy(results)
+    for row in r[:2]:
+        row["config"]["grad_accum"] = row["grad_accum"] = 2
+    assert {c["check"]: c for c in report.fairness_checks(r)}["grad_accum"]["ok"]
+    r[1]["grad_accum"] = 1  # mlx ran one batch a step
+    check = {c["check"]: c for c in report.fairness_checks(r)}["grad_accum"]
+    assert not check["ok"] and check["status"] == "mismatch" and "mlx=1" in check["detail"], check
+    r[0]["grad_accum"] = 1  # both ran 1, asked 2: alike, and still not as asked
+    check = {c["check"]: c for c in report.fairness_checks(r)}["grad_accum"]
+    assert not check["ok"] and check["detail"] == "torch ran 1, asked 2; mlx ran 1, asked 2", check
+    r[0]["grad_accum"] = r[1]["grad_accum"] = 0  # RunResult's default: not recorded
+    assert {c["check"]: c for c in report.fairness_checks(r)}["grad_accum"]["status"] == "missing"
+
+
 def test_weight_decay_is_compared_per_tensor(results):
     """Both asked for 0.05, one decays lora_B only: a mismatch naming the tensor; the optimizer's
     other settings still agree. A backend that recorded no per-tensor decay is not a pass."""

@@ -16,10 +16,11 @@ from helpers import RESULT_FIELDS
 from ftcore.backends.result_fields import PROBE_FILE, PROBE_POSITIONS, probe_batch
 from ftcore.inputs.arch import read_arch
 from ftcore.inputs.lora_init import initial_lora_state, state_fingerprint
+from ftcore.inputs.loss_contract import micro_batches, target_count
 from ftcore.measure.flops import lora_param_count
 from ftcore.run.backend_process import run_backend
 from ftcore.run.preflight import prepare
-from ftcore.tolerances import FP32_LOGITS_ATOL, REFERENCE_LOSS_ATOL
+from ftcore.tolerances import FP32_GRAD_ACCUM_ATOL, FP32_LOGITS_ATOL, REFERENCE_LOSS_ATOL
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +89,63 @@ def test_hf_trainer_matches_the_plain_loop_in_every_batching(tmp_path, batching)
     assert t.fed_batches_fingerprint == h.fed_batches_fingerprint
     np.testing.assert_allclose(h.losses, t.losses, rtol=0, atol=REFERENCE_LOSS_ATOL)
     assert abs(t.eval_loss - h.eval_loss) < REFERENCE_LOSS_ATOL
+
+
+# --batch-size 8, and --batch-size 2 --grad-accum 4: the same 8 rows a step (the batches are built
+# at batch-size x grad-accum rows), fp32, `padded`, the prompt masked (records of several lengths:
+# the micro-batches' target counts differ)
+ACCUM = dict(preset="tiny", num_samples=16, eval_samples=0, max_seq_len=64, steps=3, warmup_steps=1,
+             batching="padded", threads=1)
+ACCUM_SHAPES = {"one": (8, 1), "accum": (2, 4)}  # name: (batch_size, grad_accum)
+
+
+@pytest.fixture(scope="module")
+def accum_runs(tmp_path_factory, tiny_model_dir):
+    """torch and hf-trainer in this process, each at both ACCUM_SHAPES: (preps, {(backend, name):
+    result}, root); a run's adapter is under root/name/backend."""
+    from ftcore.backends import BACKENDS
+    from ftcore.config import RunConfig
+
+    root = tmp_path_factory.mktemp("accum")
+    preps = {n: prepare(RunConfig(**ACCUM, batch_size=b, grad_accum=g), root / n)
+             for n, (b, g) in ACCUM_SHAPES.items()}  # fmt: skip
+    runs = {(b, n): BACKENDS[b].train(p.cfg, p.model_dir, p.batches, root / n / b)
+            for n, p in preps.items() for b in ("torch", "hf-trainer")}  # fmt: skip
+    return preps, runs, root
+
+
+@pytest.mark.parametrize("backend", ["torch", "hf-trainer"])
+def test_grad_accum_equals_one_batch_of_all_rows(accum_runs, backend):
+    """The loss contract: each micro-batch's summed loss over the WHOLE step's target count, so
+    4 micro-batches of 2 rows train as one batch of 8: the same per-step losses and the same
+    trained adapter (a mean of the micro-batches' means moves the losses by ~0.04)."""
+    from parity_utils import initial_peft_adapter, read_adapter
+
+    preps, runs, root = accum_runs
+    one, acc = runs[backend, "one"], runs[backend, "accum"]
+    assert one.status == acc.status == "ok", (one.error, acc.error)
+    batches = preps["accum"].batches
+    np.testing.assert_array_equal(batches.train["labels"], preps["one"].batches.train["labels"])
+    counts = [[target_count(m["labels"]) for m in micro_batches(batches.step(s), 4)] for s in range(3)]
+    assert all(len(set(c)) > 1 for c in counts), counts  # uneven: a mean of means would differ
+    assert (one.grad_accum, acc.grad_accum) == (1, 4)  # counted by the loop / the Trainer
+    assert acc.fed_batches_fingerprint == one.fed_batches_fingerprint  # each step's 8 rows, whole
+    np.testing.assert_allclose(acc.losses, one.losses, rtol=0, atol=FP32_GRAD_ACCUM_ATOL)
+    trained, want = read_adapter(root / "accum" / backend), read_adapter(root / "one" / backend)
+    init = initial_peft_adapter(preps["one"].cfg, preps["one"].model_dir)
+    for k in want:
+        np.testing.assert_allclose(trained[k], want[k], rtol=0, atol=FP32_GRAD_ACCUM_ATOL, err_msg=k)
+    assert max(np.abs(want[k] - init[k]).max() for k in want) > 100 * FP32_GRAD_ACCUM_ATOL  # trained
+
+
+def test_hf_trainer_accumulates_as_the_plain_loop(accum_runs):
+    """--grad-accum 4: the Trainer's micro-batches are the torch loop's, fed whole once a step, at
+    the same LRs, ending on the same losses."""
+    _, runs, _ = accum_runs
+    t, h = runs["torch", "accum"], runs["hf-trainer", "accum"]
+    assert t.fed_batches_fingerprint == h.fed_batches_fingerprint
+    assert h.optimizer["lr_per_step"] == t.optimizer["lr_per_step"] and len(h.losses) == 3
+    np.testing.assert_allclose(h.losses, t.losses, rtol=0, atol=REFERENCE_LOSS_ATOL)
 
 
 @pytest.mark.parametrize("backend", ["torch", "hf-trainer"])

@@ -2,8 +2,11 @@
 
 Same model and PEFT adapter as `torch` (shared loader), the same AdamW and per-step LR
 (`cfg.lr_at`), the same loss (`loss_sum_count`), and the same batches in the same order:
-the Trainer reads the pre-built rows sequentially with batch size B, so its step s sees exactly
-`batches.step(s)`. What is left is the Trainer's own machinery, reported as overhead.
+the Trainer reads the pre-built rows sequentially, --batch-size rows a micro-batch and
+--grad-accum micro-batches an optimizer step, so its step s sees exactly `batches.step(s)`. With
+accumulation each micro-batch's summed loss is divided by the Trainer's own `num_items_in_batch`,
+the targets (labels[..., 1:] != -100) of all the step's micro-batches (transformers >= 4.46), as
+ftcore's contract says. What is left is the Trainer's own machinery, reported as overhead.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from ftcore.torch.runtime import sync
 
 
 class Rows(torch.utils.data.Dataset):
-    """The training batches flattened to rows: row i belongs to step i // B and has that step's
-    width (Batches.step), so the Trainer's sequential batches of B rows are our steps exactly."""
+    """The training batches flattened to rows: row i belongs to step i // R (R = step rows,
+    --batch-size x --grad-accum) and has that step's width (Batches.step), so the Trainer's
+    sequential micro-batches, --grad-accum of them an update, are our steps exactly."""
 
     def __init__(self, batches: Batches) -> None:
         steps, self.batch, length = batches.train["input_ids"].shape
@@ -62,24 +66,30 @@ class TrainerRecipe(Recipe):
             self.run.batches.packed,
             self.device,
         )
-        losses: list[float] = []
+        micro: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (ids, loss) so far
 
         class LossTrainer(Trainer):
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                clock.feed(inputs["input_ids"].cpu().numpy())
                 loss_sum, count = loss_sum_count(model, inputs, packed)
-                loss = loss_sum / count.clamp(min=1)
-                losses.append(loss.item())
+                # the step's targets over all its micro-batches, counted by the Trainer (which
+                # then does not divide by the accumulation steps again: loss_is_scaled_for_ga)
+                loss = loss_sum / (count.clamp(min=1) if num_items_in_batch is None
+                                   else num_items_in_batch)  # fmt: skip
+                micro.append((inputs["input_ids"], loss.detach()))
                 return loss
 
         class StepTimes(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
+                micro.clear()
                 clock.begin(state.global_step)
                 clock.lr(opt.param_groups[0]["lr"])  # set by the scheduler for this step
 
             def on_step_end(self, args, state, control, **kwargs):
                 sync(device)
-                clock.end(state.global_step - 1, losses[-1])
+                result.grad_accum = len(micro)  # micro-batches this optimizer step ran
+                clock.end(state.global_step - 1, sum(loss.item() for _, loss in micro))
+                # the whole step's ids once, its micro-batches in order: (R, L) as `torch` feeds
+                clock.feed(torch.cat([ids for ids, _ in micro]).cpu().numpy())
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = make_optimizer(cfg, params)
@@ -112,7 +122,7 @@ class TrainerRecipe(Recipe):
         return TrainingArguments(
             output_dir=str(self.run.out_dir / "trainer"),
             per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=1,
+            gradient_accumulation_steps=cfg.grad_accum,
             max_steps=cfg.steps,
             learning_rate=cfg.lr,
             max_grad_norm=cfg.max_grad_norm

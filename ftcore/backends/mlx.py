@@ -8,7 +8,9 @@ keeps LoRA weights, gradients and AdamW state in fp32 (as the torch backend does
 On the CPU the step splits each batch's rows over one stream per thread (ftcore.mlx.streams).
 Under mlx.launch (ftcore.process.ranks) each rank takes its shard of every global batch, divides its
 loss by the global target count, and one all_sum adds gradients and losses between the compiled
-gradient step and the compiled clip + AdamW step; only rank 0 evaluates and saves.
+gradient step and the compiled clip + AdamW step; only rank 0 evaluates and saves. With
+--grad-accum N (one process) the same two halves run: the compiled gradients once per micro-batch,
+summed (ftcore.mlx.accumulate), then clip + AdamW.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ftcore.inputs.lora_init import dora_magnitudes, initial_lora_state, state_f
 from ftcore.measure.blas import blas_threads, set_blas_threads
 from ftcore.measure.rss import current_rss_mb
 from ftcore.mlx import dist, jit
+from ftcore.mlx.accumulate import accumulated_grads
 from ftcore.mlx.adapters import save_adapters, save_checkpoint
 from ftcore.mlx.convert import MANIFEST_FILE
 from ftcore.mlx.generate import greedy
@@ -95,16 +98,14 @@ def load(cfg: RunConfig, model_dir: Path, result: RunResult) -> Model:
 class MlxRecipe(StepRecipe):
     def setup(self) -> EvalSchedule:
         run, cfg = self.run, self.run.cfg
-        self.device = device = pick_device(
-            cfg.device
-        )  # before anything slow: a bad --device fails at once
+        # before anything slow: a bad --device fails at once
+        self.device = device = pick_device(cfg.device)
         mx.set_default_device(device)
         mx.random.seed(cfg.seed)  # LoRA dropout masks
         result = start_result(run)
         if run.ranks:
-            cfg = run.cfg = cfg.replace(
-                threads=rank_threads(cfg)
-            )  # this rank's threads, for streams and BLAS
+            # this rank's threads, for streams and BLAS
+            cfg = run.cfg = cfg.replace(threads=rank_threads(cfg))
             self.group = dist.init(device, run.ranks.world)
         blas_facts(result, cfg)
 
@@ -147,11 +148,13 @@ class MlxRecipe(StepRecipe):
         result.threads = n_streams * (blas_threads() or 1) if device == mx.cpu else result.threads
         record_ranks(run)
 
-        result.extra["compiled_traces"] = 0  # counted by the one-process step's traces
+        result.extra["compiled_traces"] = 0  # counted by the compiled step's (or grads') traces
         # The LR lives in opt.state, so setting it per step feeds the compiled graph a new input.
         self.state = state = [model.state, opt.state, mx.random.state]
-        if run.ranks:  # two compiled halves with the all_sum between them
-            self.grads_part = compile_grads(model, run.batches.packed, streams, state)
+        # two compiled halves: gradients, then (the ranks' all_sum or the micro-batches' sum)
+        # clip + AdamW
+        if run.ranks or cfg.grad_accum > 1:
+            self.grads_part = compile_grads(model, run.batches.packed, streams, state, result.extra)
             self.apply_part = compile_apply(model, opt, cfg, state)
         else:
             self.whole = self.compile_step(streams)
@@ -187,12 +190,18 @@ class MlxRecipe(StepRecipe):
         return self.opt.learning_rate.item()
 
     def step(self, batch: dict[str, mx.array], global_targets: int | None) -> tuple[float, float]:
-        if global_targets is None:
+        if global_targets is None and self.run.cfg.grad_accum == 1:
             loss, grad_norm = self.whole(batch)
+            self.run.result.grad_accum = 1
+        elif global_targets is None:  # --grad-accum: the micro-batches' gradients summed
+            grads, loss, ran = accumulated_grads(self.grads_part, batch, self.run.cfg.grad_accum)
+            self.run.result.grad_accum = ran
+            grad_norm = self.apply_part(grads)
         else:  # two compiled halves with the all_sum between them
             loss, grads = self.grads_part(batch, mx.array(global_targets, mx.float32))
             grads, loss, seconds = dist.all_sum_step(grads, loss, self.group)
             self.run.result.allreduce_times_s.append(seconds)
+            self.run.result.grad_accum = 1
             grad_norm = self.apply_part(grads)
         mx.eval(loss, grad_norm, self.state)  # MLX is lazy: the step's work happens here
         return loss.item(), grad_norm.item()
@@ -263,10 +272,13 @@ def train(run: BackendRun) -> RunResult:
     return train_with(run, MlxRecipe(run))
 
 
-def compile_grads(model: Model, packed: bool, streams: tuple, state: list):
-    """(shard, global target count) -> (this rank's loss share, its gradients), compiled."""
+def compile_grads(model: Model, packed: bool, streams: tuple, state: list, extra: dict):
+    """(rows, count) -> (their summed loss / count, their gradients), compiled: a rank's shard
+    over the global batch's targets, or a micro-batch over its step's. Traces counted in
+    extra["compiled_traces"] (once per new width)."""
 
     def grads_fn(batch: dict[str, mx.array], count: mx.array) -> tuple[mx.array, dict]:
+        extra["compiled_traces"] += 1  # Python runs here only while mx.compile traces
         return loss_and_grads(model, batch, packed, streams, count)
 
     return mx.compile(grads_fn, inputs=state, outputs=state) if COMPILE else grads_fn

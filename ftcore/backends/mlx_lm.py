@@ -20,6 +20,7 @@ import numpy as np
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.loop import Recipe, train_with
 from ftcore.backends.mlx_lm_model import import_mlx_lm, load, peft_layout
+from ftcore.backends.mlx_lm_recorder import Recorder
 from ftcore.backends.result_fields import optimizer_record, start_result
 from ftcore.backends.run_context import BackendRun
 from ftcore.backends.step_clock import StepClock
@@ -28,7 +29,7 @@ from ftcore.files import atomic_path
 from ftcore.inputs.arch import fine_tune_of
 from ftcore.inputs.batches import Batches
 from ftcore.inputs.lora_init import state_fingerprint
-from ftcore.inputs.loss_contract import IGNORE_INDEX, target_count, trained_rows
+from ftcore.inputs.loss_contract import IGNORE_INDEX, micro_batches, target_count, trained_rows
 from ftcore.measure.blas import blas_threads
 from ftcore.measure.rss import current_rss_mb
 from ftcore.mlx.adapters import save_adapters, save_checkpoint
@@ -118,36 +119,19 @@ def numerics_notes(cfg: RunConfig, batches: Batches) -> list[str]:
             "DoRA with dropout: mlx-lm scales W x + scale * B A d(x) by m / ||W + scale B A||; "
             "PEFT and the other backends add (m / ||.|| - 1) * W d(x) instead"
         )
+    if cfg.grad_accum > 1:
+        notes.append(
+            f"--grad-accum {cfg.grad_accum}: mlx-lm averages the micro-batches' mean gradients "
+            "(each micro-batch's loss a mean over its own targets, the sum divided by the "
+            "micro-batches), and reports the mean of their mean losses; the other backends divide "
+            "each micro-batch's summed loss by the whole step's target count"
+        )
     if cfg.precision == "bf16":
         notes.append(
             "bf16: mlx-lm's LoRALinear rounds the LoRA term to bf16 before adding it to the base "
             "output"
         )
     return notes
-
-
-class Recorder:
-    """mlx-lm TrainingCallback: with steps_per_report=1 each report is one step's loss and time.
-    `batches` is the iterate_batches hook for training: the step gate waits there, right before
-    mlx-lm starts its step clock."""
-
-    def __init__(self, clock: StepClock, opt: optim.Optimizer) -> None:
-        self.clock, self.opt = clock, opt
-
-    def batches(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
-        for step, batch in enumerate(dataset):
-            self.clock.begin(step)
-            self.clock.feed(np.array(batch[0]))
-            yield batch
-
-    def on_train_loss_report(self, info: dict) -> None:
-        # iterations_per_second = 1 / that step's wall time, read after mx.eval in mlx-lm's loop
-        self.clock.lr(self.opt.learning_rate.item())  # the schedule's value for the step just done
-        step = len(self.clock.losses)
-        self.clock.end(step, float(info["train_loss"]), 1.0 / info["iterations_per_second"])
-
-    def on_val_loss_report(self, info: dict) -> None:
-        pass
 
 
 class MlxLmRecipe(Recipe):
@@ -177,17 +161,20 @@ class MlxLmRecipe(Recipe):
     def steps(self, clock: StepClock, evals: EvalSchedule | None) -> None:
         cfg, trainer, model = self.run.cfg, self.trainer, self.model
         opt = make_optimizer(cfg, self.run.result, list(peft_layout(model)))
-        recorder = Recorder(clock, opt)
-        train_set = [mlx_lm_batch(self.run.batches.step(s)) for s in range(cfg.steps)]
+        recorder = Recorder(clock, opt, cfg.grad_accum)
+        # the micro-batches in order; mlx-lm accumulates grad_accum of them an update
+        train_set = [mlx_lm_batch(micro) for s in range(cfg.steps)
+                     for micro in micro_batches(self.run.batches.step(s), cfg.grad_accum)]
         # the trainer's own final save goes to a temporary name, renamed only once complete
         with atomic_path(
             self.run.out_dir / "adapter_mlx_lm" / "adapters.safetensors"
         ) as adapter_file:
             args = trainer.TrainingArgs(
                 batch_size=cfg.batch_size,
-                iters=cfg.steps,
-                steps_per_report=1,
-                steps_per_save=cfg.steps + 1,  # only the final save
+                iters=cfg.steps * cfg.grad_accum,  # micro-batches
+                grad_accumulation_steps=cfg.grad_accum,
+                steps_per_report=cfg.grad_accum,  # one report per optimizer step
+                steps_per_save=cfg.steps * cfg.grad_accum + 1,  # only the final save
                 max_seq_length=cfg.max_seq_len,
                 adapter_file=str(adapter_file),
                 # mlx-lm's own: mx.checkpoint around each layer

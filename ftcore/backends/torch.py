@@ -1,5 +1,7 @@
 """`torch` backend: transformers LlamaForCausalLM + PEFT LoRA (ftcore.torch), trained by the shared
-loop (backends.loop) with this step: loss, backward, clipping, AdamW.
+loop (backends.loop) with this step: loss, backward, clipping, AdamW. With --grad-accum N the step
+runs forward + backward on each of its N micro-batches in turn, each one's summed loss divided by
+the whole step's target count (ftcore.inputs.loss_contract), the gradients summing in .grad.
 
 Under torchrun (ftcore.process.ranks) each rank trains on its shard of every global batch, its loss
 divided by the global target count, and one all-reduce sums gradients and loss before clipping and
@@ -15,6 +17,7 @@ from ftcore.backends.loop import StepRecipe, train_with
 from ftcore.backends.result_fields import optimizer_record
 from ftcore.backends.run_context import BackendRun
 from ftcore.backends.torch_common import eval_schedule, save_torch, start
+from ftcore.inputs.loss_contract import IGNORE_INDEX, micro_batches
 from ftcore.result import RunResult
 from ftcore.torch import dist
 from ftcore.torch.loss import loss_sum_count, to_torch
@@ -54,9 +57,17 @@ class TorchRecipe(StepRecipe):
         self, batch: dict[str, torch.Tensor], global_targets: int | None
     ) -> tuple[float, float]:
         run, params = self.run, self.params
-        loss_sum, count = self.loss_fn(self.model, batch, run.batches.packed)
-        loss = loss_sum / (count.clamp(min=1) if global_targets is None else global_targets)
-        loss.backward()
+        if global_targets is None:  # the whole step's targets: every micro-batch divides by them
+            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        else:
+            count = global_targets
+        micros = micro_batches(batch, run.cfg.grad_accum)
+        loss = 0
+        for micro in micros:  # (batch_size, L) each; one micro-batch's activations at a time
+            loss_sum, _ = self.loss_fn(self.model, micro, run.batches.packed)
+            (loss_sum / count).backward()  # adds into .grad
+            loss = loss + loss_sum.detach() / count
+        run.result.grad_accum = len(micros)
         if run.ranks:
             loss_value, seconds = dist.all_reduce_step(params, loss, self.device)
             run.result.allreduce_times_s.append(seconds)

@@ -4,12 +4,13 @@ a PyTorch user who wants speed runs it. Backward runs AOTAutograd's compiled bac
 clipping and AdamW stay eager (torch.optim's foreach kernels), as in `torch`.
 
 The compile is done before the timed loop, as MLX's kernel build is kept out of the timed steps:
-`ready()` runs a forward + backward on the first batch of every distinct width the run will feed,
-then drops the gradients (no optimizer step: the weights and AdamW state are untouched, and the
-RNG is restored so LoRA dropout draws the masks `torch` draws). Its time is `compile_time_s`,
-the graphs compiled `extra["compiled_graphs"]`; a graph compiled inside the timed steps is a
-warning. Inductor's caches live under ftcore's cache (ftcore.torch.env), so a second run compiles
-warm.
+`ready()` runs a forward + backward on the first batch of every distinct width the run will feed
+(its first micro-batch with --grad-accum: the micro-batches of a step share its width, so no new
+graphs), then drops the gradients (no optimizer step: the weights and AdamW state are untouched,
+and the RNG is restored so LoRA dropout draws the masks `torch` draws). Its time is
+`compile_time_s`, the graphs compiled `extra["compiled_graphs"]`; a graph compiled inside the timed
+steps is a warning. Inductor's caches live under ftcore's cache (ftcore.torch.env), so a second
+run compiles warm.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch._inductor.config
 from ftcore.backends.loop import train_with
 from ftcore.backends.run_context import BackendRun
 from ftcore.backends.torch import TorchRecipe
+from ftcore.inputs.loss_contract import micro_batches
 from ftcore.result import RunResult
 from ftcore.torch.loss import loss_sum_count
 from ftcore.torch.runtime import sync
@@ -59,9 +61,9 @@ class TorchCompileRecipe(TorchRecipe):
         t0 = time.perf_counter()
         # the RNG restored after: the timed steps draw the LoRA dropout masks `torch` draws
         with torch.random.fork_rng([self.device] if self.device.type == "cuda" else []):
-            for step in first_of_width.values():
-                loss_sum, count = self.loss_fn(self.model, self.batch(run.batches.step(step)),
-                                               run.batches.packed)  # fmt: skip
+            for step in first_of_width.values():  # a micro-batch: the shape the steps feed
+                micro = micro_batches(run.batches.step(step), run.cfg.grad_accum)[0]
+                loss_sum, count = self.loss_fn(self.model, self.batch(micro), run.batches.packed)
                 (loss_sum / count.clamp(min=1)).backward()
                 self.opt.zero_grad(set_to_none=True)  # no step: weights and AdamW state as loaded
             sync(self.device)
