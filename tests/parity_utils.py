@@ -345,6 +345,11 @@ TRAJECTORIES = {
     "accum-longest": dict(TRAJECTORY_CFG, precision="fp32", steps=30, grad_accum=4, num_layers=2,
                           batching="longest"),
 }
+# --fine-tune dora / full, 30 steps each in both batchings (FINE_TUNE_CFG)
+FINE_TUNE_CFG = dict(TRAJECTORY_CFG, precision="fp32", steps=30, num_samples=16, max_seq_len=64,
+                     eval_every=10)  # fmt: skip
+TRAJECTORIES |= {f"{ft}-{batching}": dict(FINE_TUNE_CFG, fine_tune=ft, batching=batching)
+                 for ft in ("dora", "full") for batching in ("padded", "longest")}  # fmt: skip
 _RUNS: dict[str, Any] = {}
 
 

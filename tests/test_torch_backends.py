@@ -71,22 +71,29 @@ def test_hf_trainer_matches_the_plain_loop(runs):
     assert h.extra["trainer_overhead_s"] >= 0 and "trainer_init_s" in h.extra
 
 
-@pytest.mark.parametrize("batching", ["padded", "packed"])
-def test_hf_trainer_matches_the_plain_loop_in_every_batching(tmp_path, batching):
-    """The default (`longest`) is the test above; here the other two, 6 steps each, both loops run
-    in this process: the Trainer is fed the same rows (position_ids too when packed) and ends on the
-    same losses."""
+@pytest.mark.parametrize("batching, fine_tune", [("padded", "lora"), ("packed", "lora"),
+                                                 ("longest", "dora"), ("longest", "full")])
+def test_hf_trainer_matches_the_plain_loop_in_every_batching(tmp_path, batching, fine_tune):
+    """The default (`longest`, LoRA) is the test above; here the other two batchings, and
+    --fine-tune dora and full, 6 steps each, both loops run in this process: the Trainer is fed
+    the same rows (position_ids too when packed), trains the same weights from the same values
+    and ends on the same losses."""
     from ftcore.backends import BACKENDS
     from ftcore.config import RunConfig
 
     cfg = RunConfig(num_samples=16, eval_samples=4, max_seq_len=128, batch_size=2, steps=6,
-                    warmup_steps=1, batching=batching, threads=1)
+                    warmup_steps=1, batching=batching, threads=1, fine_tune=fine_tune,
+                    weight_decay=0.05)  # on: the Trainer's default groups would spare the norms
     prep = prepare(cfg, tmp_path)
     if batching == "packed":  # 2-3 records a row at 128 tokens
         assert prep.batches.stats["packed_rows"] < prep.batches.stats["train_records"]
     t, h = (BACKENDS[b].train(prep.cfg, prep.model_dir, prep.batches, tmp_path / b) for b in ("torch", "hf-trainer"))
     assert t.status == h.status == "ok", (t.error, h.error)
     assert t.fed_batches_fingerprint == h.fed_batches_fingerprint
+    assert t.fine_tune == h.fine_tune == fine_tune
+    assert t.initial_adapter_fingerprint == h.initial_adapter_fingerprint
+    assert t.trainable_params == h.trainable_params == t.trainable_params_expected
+    assert t.optimizer == h.optimizer  # lr per step, and the decay of each trained tensor
     np.testing.assert_allclose(h.losses, t.losses, rtol=0, atol=REFERENCE_LOSS_ATOL)
     assert abs(t.eval_loss - h.eval_loss) < REFERENCE_LOSS_ATOL
 

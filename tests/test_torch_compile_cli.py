@@ -17,6 +17,8 @@ REFUSED = {
     "--grad-checkpoint": (["--grad-checkpoint"], "--grad-checkpoint: the torch-compile backend"),
     "--nproc 2": (["--nproc", "2", "--threads", "2"],
                   "--nproc/--nnodes: torch-compile runs in one process only"),
+    # fullgraph dynamo stops inside PEFT's DoRA forward (ftcore.backends.check_torch_compile)
+    "--fine-tune dora": (["--fine-tune", "dora"], "--fine-tune dora: the torch-compile backend"),
 }
 
 

@@ -63,11 +63,16 @@ def check_torch(cfg: RunConfig, model_dir: Path) -> None:
 
 def check_torch_compile(cfg: RunConfig, model_dir: Path) -> None:
     """What torch-compile does not run: gradient checkpointing (transformers' checkpoint
-    wrapper inside the compiled graph is untested here, so refused rather than guessed); and
-    --nproc > 1 is refused for it as for every one-process backend (no `launch`)."""
+    wrapper inside the compiled graph is untested here, so refused rather than guessed); DoRA
+    (fullgraph dynamo stops in PEFT's DoRA forward, at its check for a quantized weight:
+    `str.startswith`, peft 0.21 / torch 2.13); and --nproc > 1 is refused for it as for every
+    one-process backend (no `launch`)."""
     if cfg.grad_checkpoint:
         raise UserError("--grad-checkpoint: the torch-compile backend does not compile "
                         "checkpointed layers; use the torch backend for --grad-checkpoint")
+    if cfg.fine_tune == "dora":
+        raise UserError("--fine-tune dora: the torch-compile backend cannot compile PEFT's DoRA "
+                        "layers; use the torch backend for --fine-tune dora")
     check_torch(cfg, model_dir)
 
 
