@@ -71,18 +71,20 @@ def test_hf_trainer_matches_the_plain_loop(runs):
     assert h.extra["trainer_overhead_s"] >= 0 and "trainer_init_s" in h.extra
 
 
-@pytest.mark.parametrize("batching, fine_tune", [("padded", "lora"), ("packed", "lora"),
-                                                 ("longest", "dora"), ("longest", "full")])
-def test_hf_trainer_matches_the_plain_loop_in_every_batching(tmp_path, batching, fine_tune):
+@pytest.mark.parametrize("batching, fine_tune, grad_accum", [
+    ("padded", "lora", 1), ("packed", "lora", 1), ("longest", "dora", 2), ("longest", "full", 2)])
+def test_hf_trainer_matches_the_plain_loop_in_every_batching(tmp_path, batching, fine_tune,
+                                                             grad_accum):
     """The default (`longest`, LoRA) is the test above; here the other two batchings, and
-    --fine-tune dora and full, 6 steps each, both loops run in this process: the Trainer is fed
-    the same rows (position_ids too when packed), trains the same weights from the same values
-    and ends on the same losses."""
+    --fine-tune dora and full with 2 micro-batches a step (the Trainer's own accumulation), 6
+    steps each, both loops run in this process: the Trainer is fed the same rows (position_ids too
+    when packed), trains the same weights from the same values and ends on the same losses."""
     from ftcore.backends import BACKENDS
     from ftcore.config import RunConfig
 
     cfg = RunConfig(num_samples=16, eval_samples=4, max_seq_len=128, batch_size=2, steps=6,
                     warmup_steps=1, batching=batching, threads=1, fine_tune=fine_tune,
+                    grad_accum=grad_accum,
                     weight_decay=0.05)  # on: the Trainer's default groups would spare the norms
     prep = prepare(cfg, tmp_path)
     if batching == "packed":  # 2-3 records a row at 128 tokens
@@ -90,7 +92,7 @@ def test_hf_trainer_matches_the_plain_loop_in_every_batching(tmp_path, batching,
     t, h = (BACKENDS[b].train(prep.cfg, prep.model_dir, prep.batches, tmp_path / b) for b in ("torch", "hf-trainer"))
     assert t.status == h.status == "ok", (t.error, h.error)
     assert t.fed_batches_fingerprint == h.fed_batches_fingerprint
-    assert t.fine_tune == h.fine_tune == fine_tune
+    assert t.fine_tune == h.fine_tune == fine_tune and t.grad_accum == h.grad_accum == grad_accum
     assert t.initial_adapter_fingerprint == h.initial_adapter_fingerprint
     assert t.trainable_params == h.trainable_params == t.trainable_params_expected
     assert t.optimizer == h.optimizer  # lr per step, and the decay of each trained tensor
