@@ -34,10 +34,11 @@ from ftcore.tolerances import FP32_LOGITS_ATOL
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BACKENDS = ("torch", "mlx", "mlx-lm")
-# 3 steps at the full LR (no warm-up): the DoRA magnitudes move enough that loading an adapter
-# without them (or as plain LoRA) moves the probe logits by ~0.1, 1000x the tolerance
-RUN = dict(steps=3, warmup_steps=0, lr=1e-2, num_samples=8, eval_samples=0, batch_size=2, max_seq_len=64,
-           threads=1)  # fmt: skip
+# 3 steps at lr 1e-2, no warm-up: the DoRA magnitudes move so far that an adapter loaded without
+# them (or as plain LoRA) misses the probe logits by >> the tolerance (0.1 already at the default
+# 3e-3), and the greedy answers differ from the base model's
+RUN = dict(steps=3, warmup_steps=0, lr=1e-2, num_samples=8, eval_samples=0, batch_size=2,
+           max_seq_len=64, threads=1)  # fmt: skip
 PROMPTS = ("Spell candle in reverse.", "What is 2 + 3?", "Reverse the word forest.")
 
 
@@ -57,6 +58,7 @@ def runs(tmp_path_factory):
         for job, future in done.items():
             assert future.result().status == "ok", f"{job}: {future.result().error}"
     probe = probe_batch(preps["dora"].batches)
+    assert probe["attention_mask"][0, :PROBE_POSITIONS].all()  # mlx-lm's forward takes no mask
     assert probe_batch(preps["full"].batches)["input_ids"].tolist() == probe["input_ids"].tolist()
     return {"model_dir": preps["dora"].model_dir, "probe": probe} | {
         job: root / job[1] / job[0] for job in jobs
@@ -64,10 +66,9 @@ def runs(tmp_path_factory):
 
 
 def matches_probe(logits: np.ndarray, out, probe) -> float:
-    """max |logits - the run's probe logits| over the probe window's real positions; logits
-    (1, L, V)."""
-    n = int(probe["attention_mask"][0, :PROBE_POSITIONS].sum())
-    return float(np.abs(logits[0, :n] - np.load(out / PROBE_FILE)[:n]).max())
+    """max |logits - the run's probe logits| over the probe window (real tokens: the fixture);
+    logits (1, L, V)."""
+    return float(np.abs(logits[0, :PROBE_POSITIONS] - np.load(out / PROBE_FILE)).max())
 
 
 def hf_logits(model, probe) -> np.ndarray:
@@ -75,7 +76,7 @@ def hf_logits(model, probe) -> np.ndarray:
 
 
 def mlx_lm_logits(model, probe) -> np.ndarray:
-    """mlx-lm's forward takes no mask: the probe window is all real tokens (matches_probe)."""
+    """mlx-lm's forward takes no mask: the probe window is all real tokens (the fixture)."""
     return np.array(model(mx.array(probe["input_ids"])).astype(mx.float32))
 
 
