@@ -164,19 +164,24 @@ def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="greedy answer from a checkpoint (+ adapter) in torch or MLX",
         description=(
-            "Greedy decoding (KV cache, fp32) from a local checkpoint or a preset, with a trained "
-            "adapter (PEFT folder, e.g. RUN/<backend>/adapter) when given; prints the answer."
+            "Greedy decoding (KV cache, fp32) from a local checkpoint (a full fine-tune's: "
+            "RUN/<backend>/model) or a preset, with a trained LoRA or DoRA adapter (PEFT folder, "
+            "e.g. RUN/<backend>/adapter) when given; prints the answer."
         ),
     )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", type=Path, help="local Hugging Face Llama folder")
+    g.add_argument(
+        "--model", type=Path,
+        help="local Hugging Face Llama folder (a full fine-tune's: RUN/<backend>/model)",
+    )  # fmt: skip
     g.add_argument(
         "--preset", choices=PRESETS, help=f"built-in checkpoint (default {RunConfig().preset})"
     )
     p.add_argument(
         "--adapter",
         type=Path,
-        help="PEFT LoRA adapter folder (ftcore writes one per backend: RUN/<backend>/adapter)",
+        help="PEFT LoRA / DoRA adapter folder (ftcore writes one per backend: "
+        "RUN/<backend>/adapter)",
     )
     p.add_argument(
         "--backend",

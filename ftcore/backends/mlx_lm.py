@@ -19,7 +19,7 @@ import numpy as np
 
 from ftcore.backends.eval_schedule import EvalSchedule
 from ftcore.backends.loop import Recipe, train_with
-from ftcore.backends.mlx_lm_model import import_mlx_lm, load, peft_layout
+from ftcore.backends.mlx_lm_model import import_mlx_lm, load, peft_layout, save
 from ftcore.backends.mlx_lm_recorder import Recorder
 from ftcore.backends.result_fields import optimizer_record, start_result
 from ftcore.backends.run_context import BackendRun
@@ -32,7 +32,6 @@ from ftcore.inputs.lora_init import state_fingerprint
 from ftcore.inputs.loss_contract import IGNORE_INDEX, micro_batches, target_count, trained_rows
 from ftcore.measure.blas import blas_threads
 from ftcore.measure.rss import current_rss_mb
-from ftcore.mlx.adapters import save_adapters, save_checkpoint
 from ftcore.mlx.optim import settings
 from ftcore.mlx.runtime import blas_facts, pick_device
 from ftcore.result import RunResult
@@ -197,11 +196,7 @@ class MlxLmRecipe(Recipe):
             )
             result.eval_losses.append([cfg.steps, result.eval_loss])
         result.framework_peak_mb = mx.get_peak_memory() / 2**20
-        if cfg.fine_tune == "full":
-            save_checkpoint(self.model, run.model_dir, run.out_dir / "model", cfg.prompt_format)
-        else:
-            save_adapters(cfg, peft_layout(self.model), len(self.model.layers), run.model_dir,
-                          run.out_dir)  # fmt: skip
+        save(self.model, run)
         result.device = self.device.name
         # mlx_lm.tuner.trainer.train wraps its step in @partial(mx.compile, inputs=state, ...)
         result.compiled_step = True

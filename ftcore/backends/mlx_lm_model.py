@@ -1,9 +1,11 @@
 """The `mlx-lm` backend's model: mlx-lm's own loader and LoRA / DoRA layers (or, for a full
-fine-tune, its layers unfrozen, as its lora.py does), set to the shared initial state, and its
-trainable tensors under `lora_state` keys in PEFT layout (mlx-lm stores the transposes)."""
+fine-tune, its layers unfrozen, as its lora.py does), set to the shared initial state, its
+trainable tensors under `lora_state` keys in PEFT layout (mlx-lm stores the transposes), and what
+the run saves of it (`save`)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -11,9 +13,12 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ftcore.backends.result_fields import probe_batch, save_probe_logits
+from ftcore.backends.run_context import BackendRun
 from ftcore.config import RunConfig, UserError
 from ftcore.inputs.arch import block_of, read_arch
 from ftcore.inputs.lora_init import dora_magnitudes, initial_lora_state
+from ftcore.mlx.adapters import save_adapters, save_checkpoint
 from ftcore.result import RunResult
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
@@ -108,3 +113,21 @@ def add_adapters(model, cfg: RunConfig, arch: dict, utils) -> None:
     model.load_weights(weights, strict=False)
     if {k for k, _ in tree_flatten(model.trainable_parameters())} != {k for k, _ in weights}:
         raise RuntimeError("mlx-lm's trainable adapters do not match the initial LoRA state")
+
+
+def save(model, run: BackendRun) -> None:
+    """What was trained (adapter/ and adapter_mlx_lm/; a full fine-tune's checkpoint under model/)
+    and the probe logits, as the other backends save them."""
+    cfg, out_dir = run.cfg, run.out_dir
+    if cfg.fine_tune == "full":
+        save_checkpoint(model, run.model_dir, out_dir / "model", cfg.prompt_format)
+        # the trainer's own save of the trained layers (no adapter_config.json, so no loader reads
+        # it): model/ holds them whole
+        shutil.rmtree(out_dir / "adapter_mlx_lm", ignore_errors=True)
+    else:
+        save_adapters(cfg, peft_layout(model), len(model.layers), run.model_dir, out_dir)
+    model.eval()
+    # mlx-lm's forward takes no padding mask: causal, so the probe row's positions before its
+    # first pad (the whole probe window on any templated record) are those the others compute
+    logits = model(mx.array(probe_batch(run.batches)["input_ids"]))
+    save_probe_logits(np.array(logits.astype(mx.float32)), out_dir)
