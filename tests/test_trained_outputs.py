@@ -4,7 +4,7 @@ module; the numbers to match are each run's own `probe_logits.npy`, its trained 
 the probe row, ftcore.backends.result_fields.probe_batch).
 
 - DoRA: every backend's adapter/ loads with `PeftModel.from_pretrained` and in ftcore's MLX model
-  (what `ftcore generate` decodes with), mlx and mlx-lm's adapter_mlx_lm/ with
+  (what `ftcore generate` decodes with), every backend's adapter_mlx_lm/ with
   `mlx_lm.load(base, adapter_path=...)`, each within FP32_LOGITS_ATOL of the run's probe logits;
   the MLX backends' PEFT files hold exactly the tensor names and config PEFT itself writes.
 - full: every backend's model/ (no adapter folders) holds the base checkpoint's tensor names and
@@ -108,7 +108,7 @@ def test_dora_adapter_loads_in_peft_and_ftcore_mlx(runs, backend):
 
 
 @pytest.mark.mlx_lm
-@pytest.mark.parametrize("backend", ["mlx", "mlx-lm"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dora_adapter_loads_in_mlx_lm(runs, backend):
     import mlx_lm
 
@@ -131,6 +131,9 @@ def test_full_checkpoint_loads_in_transformers_mlx_lm_and_after_convert(runs, ba
     got = hf_logits(torch_model(out / "model", None), probe)  # LlamaForCausalLM.from_pretrained
     assert matches_probe(got, out, probe) < FP32_LOGITS_ATOL
     assert matches_probe(hf_logits(torch_model(base, None), probe), out, probe) > 1e-2
+    # mlx-lm reads the RoPE base at the top level only (default 10000, which the tiny preset
+    # also uses, so the logits alone would not show a missing one)
+    assert json.loads((out / "model" / "config.json").read_text())["rope_theta"] == 10000.0
     model, _ = mlx_lm.load(str(out / "model"))
     assert matches_probe(mlx_lm_logits(model, probe), out, probe) < FP32_LOGITS_ATOL
     converted = ftcore_in_process("convert", "--model", out / "model", "--out", tmp_path / "mlx")

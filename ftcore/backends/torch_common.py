@@ -3,6 +3,7 @@ model load, eval, the adapter in PEFT format and probe logits."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -16,8 +17,9 @@ from ftcore.backends.result_fields import (
     start_result,
 )
 from ftcore.backends.run_context import BackendRun
-from ftcore.files import atomic_path
-from ftcore.inputs.arch import fine_tune_of
+from ftcore.files import atomic_path, write_json_atomic
+from ftcore.inputs.adapter_format import save_mlx_lm_adapter
+from ftcore.inputs.arch import fine_tune_of, normalise_config
 from ftcore.inputs.batches import Batches
 from ftcore.inputs.lora_init import state_fingerprint
 from ftcore.inputs.records import write_prompt_format
@@ -25,7 +27,7 @@ from ftcore.inputs.tokenizer import copy_tokenizer
 from ftcore.measure.rss import current_rss_mb
 from ftcore.process.ranks import rank_threads
 from ftcore.torch.generate import greedy
-from ftcore.torch.lora import trainable_state
+from ftcore.torch.lora import lora_state, trainable_state
 from ftcore.torch.loss import evaluate, to_torch
 from ftcore.torch.model import load_training_model
 from ftcore.torch.runtime import pick_device, sync
@@ -84,7 +86,8 @@ def eval_schedule(run: BackendRun, model, device: torch.device) -> EvalSchedule:
 
 def save_torch(run: BackendRun, model, device: torch.device) -> None:
     """Shared end, after the final eval: CUDA peak, what was trained (the adapter in PEFT format
-    under adapter/; a full fine-tune's checkpoint under model/), probe logits."""
+    under adapter/ and in mlx-lm's under adapter_mlx_lm/; a full fine-tune's checkpoint under
+    model/), probe logits."""
     if device.type == "cuda":
         run.result.framework_peak_mb = torch.cuda.max_memory_allocated() / 2**20
     full = run.cfg.fine_tune == "full"
@@ -94,5 +97,13 @@ def save_torch(run: BackendRun, model, device: torch.device) -> None:
         model.save_pretrained(str(out))
         if full:
             copy_tokenizer(run.model_dir, out)
+            # rope_theta at the top level too: mlx-lm reads it there only (transformers 5 nests it)
+            config = json.loads((out / "config.json").read_text())
+            write_json_atomic(out / "config.json", normalise_config(config))
         write_prompt_format(out, run.cfg.prompt_format)  # for `ftcore generate`
+    if not full:  # the same adapter in mlx-lm's format, as the MLX backends write it
+        cfg = run.cfg
+        info = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                "num_layers": model.config.num_hidden_layers, "fine_tune_type": cfg.fine_tune}
+        save_mlx_lm_adapter(lora_state(model), info, run.out_dir / "adapter_mlx_lm")
     save_probe_logits(probe_logits(model, run.batches, device), run.out_dir)

@@ -11,10 +11,10 @@ DoRA's magnitude as `m` (out,). A full fine-tune is saved as a whole Hugging Fac
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +24,8 @@ from mlx.utils import tree_flatten
 
 from ftcore.config import RunConfig
 from ftcore.files import atomic_path, json_bytes, write_atomic
+from ftcore.inputs.adapter_format import save_mlx_lm_adapter  # noqa: F401 (re-exported)
+from ftcore.inputs.arch import normalise_config
 from ftcore.inputs.records import write_prompt_format
 from ftcore.inputs.tokenizer import copy_tokenizer
 from ftcore.mlx.lora import LORA_LEAVES
@@ -79,63 +81,6 @@ def mlx_to_peft_adapter(state: Mapping[str, mx.array]) -> dict[str, np.ndarray]:
             np.ascontiguousarray(np.array(value))
         )
     return out
-
-
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)$")
-
-
-def save_mlx_lm_adapter(
-    state: Mapping[str, mx.array], cfg_info: Mapping[str, Any], out_dir: str | Path
-) -> Path:
-    """Write an mlx-lm adapter folder (`mlx_lm.tuner.utils.load_adapters` reads it).
-
-    cfg_info: {"rank", "alpha", "dropout" (default 0), "num_layers" (the model's layer count),
-    "fine_tune_type" ("lora" default, or "dora": the state holds magnitudes, saved as `m`)}.
-    mlx-lm stores the transposes: lora_a (in, r), lora_b (r, out), under the same module paths,
-    and adapts the last `num_layers` layers, each with the same `keys`.
-    """
-    out_dir = Path(out_dir)
-    rank, alpha = int(cfg_info["rank"]), float(cfg_info["alpha"])
-    arrays: dict[str, mx.array] = {}
-    per_layer: dict[int, set[str]] = {}
-    for key, value in state.items():
-        m = _LAYER_KEY.match(key)
-        if m is None:
-            raise ConversionError(f"not a per-layer adapter key: {key!r}")
-        layer, module, leaf = int(m[1]), m[2], m[3]
-        per_layer.setdefault(layer, set()).add(module)
-        if leaf == MAGNITUDE:  # (out,), no transpose
-            arrays[f"model.layers.{layer}.{module}.m"] = value
-            continue
-        r = value.shape[0] if leaf == "lora_A" else value.shape[1]
-        if r != rank:
-            raise ConversionError(f"{key}: rank {r} != configured rank {rank}")
-        arrays[f"model.layers.{layer}.{module}.{leaf.lower()}"] = value.T
-    total = int(cfg_info["num_layers"])
-    layers = sorted(per_layer)
-    if not layers or layers != list(range(total - len(layers), total)):
-        raise ConversionError(
-            f"mlx-lm adapts the last N layers; adapters sit on layers {layers} of {total}"
-        )
-    keys = per_layer[layers[0]]
-    if any(per_layer[i] != keys for i in layers):
-        raise ConversionError("mlx-lm needs the same adapted modules in every layer")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()  # written by Python, atomically: a full disk is an OSError naming the file
-    mx.save_safetensors(buf, arrays)
-    write_atomic(out_dir / "adapters.safetensors", buf.getvalue())
-    config = {
-        "fine_tune_type": cfg_info.get("fine_tune_type", "lora"),
-        "num_layers": len(layers),
-        "lora_parameters": {
-            "rank": rank,
-            "scale": alpha / rank,  # mlx-lm's literal multiplier
-            "dropout": float(cfg_info.get("dropout", 0.0)),
-            "keys": sorted(keys),
-        },
-    }
-    write_atomic(out_dir / "adapter_config.json", json_bytes(config))
-    return out_dir
 
 
 def save_adapters(
@@ -197,6 +142,8 @@ def save_checkpoint(model: nn.Module, model_dir: Path, out_dir: Path, prompt_for
         buf = io.BytesIO()  # written by Python, atomically: a full disk names the file
         mx.save_safetensors(buf, weights, metadata={"format": "pt"})  # transformers needs "pt"
         write_atomic(tmp / "model.safetensors", buf.getvalue())
-        write_atomic(tmp / "config.json", (Path(model_dir) / "config.json").read_bytes())
+        # rope_theta at the top level too: mlx-lm reads it there only (transformers 5 nests it)
+        config = normalise_config(json.loads((Path(model_dir) / "config.json").read_text()))
+        write_atomic(tmp / "config.json", json_bytes(config))
         copy_tokenizer(Path(model_dir), tmp)
         write_prompt_format(tmp, prompt_format)

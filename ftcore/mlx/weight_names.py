@@ -7,10 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-
-class ConversionError(Exception):
-    """A source or conversion folder that cannot be converted; the message is one line."""
-
+from ftcore.inputs.adapter_format import ConversionError  # noqa: F401 (the converter's error)
 
 # HF key template -> MLX key template ("{}" = layer index); None = deliberately dropped.
 HF_TO_MLX: dict[str, str | None] = {

@@ -145,8 +145,9 @@ def _trained(comparison: dict[str, Any]) -> str:
     kind, accum = cfg.get("fine_tune", "lora"), cfg.get("grad_accum", 1)
     if kind == "lora" and accum == 1:
         return ""
-    return f"Trained: {kind}, {accum} micro-batch{'es' * (accum > 1)} of {cfg.get('batch_size')} " \
-        "rows a step"
+    rows = cfg.get("batch_size")
+    return (f"Trained: {kind}, {accum} micro-batch{'es' * (accum > 1)} of {rows} "
+            f"row{'s' * (rows != 1)} a step")
 
 
 def format_short(comparison: dict[str, Any], width: int = WIDTH) -> str:

@@ -41,8 +41,9 @@ def _plot_losses(comparison: dict[str, Any]) -> bytes:
     cfg = comparison.get("config") or {}
     model = Path(str(cfg.get("model"))).name if cfg.get("model") else cfg.get("preset", "?")
     title = (
-        f"LoRA training loss: {model}, {cfg.get('precision', '?')}, "
-        f"batch {cfg.get('batch_size', '?')} x seq {cfg.get('max_seq_len', '?')}"
+        f"{cfg.get('fine_tune', 'lora')} training loss: {model}, {cfg.get('precision', '?')}, "
+        f"batch {cfg.get('batch_size', '?')} x {cfg.get('grad_accum', 1)} x seq "
+        f"{cfg.get('max_seq_len', '?')}"
     )
 
     rows = [r for r in _ok_result_rows(comparison) if r.get("losses")]

@@ -183,8 +183,10 @@ def _md_setup(comparison: dict[str, Any]) -> list[str]:
         + (f" (first {cfg['num_layers']} layers)" if cfg.get("num_layers") else ""),
         f"- Data: `{cfg.get('data') or 'built-in synthetic Alpaca-format set'}`, "
         f"{cfg.get('num_samples', NA)} samples, max_seq_len {cfg.get('max_seq_len', NA)}",
-        f"- Batch {cfg.get('batch_size', NA)}, {cfg.get('steps', NA)} steps, precision "
-        f"{cfg.get('precision', NA)}, device {cfg.get('device', NA)}, seed {cfg.get('seed', NA)}",
+        f"- Fine-tune {cfg.get('fine_tune', 'lora')}, batch {cfg.get('batch_size', NA)} x "
+        f"{cfg.get('grad_accum', 1)} micro-batch(es) a step, {cfg.get('steps', NA)} steps, "
+        f"precision {cfg.get('precision', NA)}, device {cfg.get('device', NA)}, seed "
+        f"{cfg.get('seed', NA)}",
         f"- AdamW lr {cfg.get('lr', NA)} ({cfg.get('lr_schedule', NA)}, warm-up "
         f"{cfg.get('warmup_steps', NA)}), betas ({cfg.get('adam_beta1', NA)}, "
         f"{cfg.get('adam_beta2', NA)}), eps {cfg.get('adam_eps', NA)}, weight decay "
