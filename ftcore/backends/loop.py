@@ -11,7 +11,7 @@ that owns its steps, the per-step sequence; a backend writes only its `Recipe`.
 
 The shared loop, per step s: the global batch (Batches.step), this rank's shard
 (ftcore.process.ranks.shard), `batch(rows)` on the device, `set_lr(cfg.lr_at(s))`, the clock's
-feed / lr / begin, `step(batch, global_targets) -> (loss, grad_norm)` ending at its sync point,
+feed / lr / begin, `step(batch, count) -> (loss, grad_norm)` ending at its sync point,
 clock.end, `after_step(s)`, and on rank 0 the periodic eval and the --target-eval-loss stop.
 A trainer that runs its own steps (hf-trainer, mlx-lm) overrides `steps` and calls the clock's
 feed / lr / begin / end from its callbacks, so losses, times and LRs are recorded alike.
@@ -71,10 +71,11 @@ class StepRecipe(Recipe):
         """Give the optimizer this step's LR; the LR it holds now, read back."""
 
     @abstractmethod
-    def step(self, batch: Any, global_targets: int | None) -> tuple[float, float]:
+    def step(self, batch: Any, count: int) -> tuple[float, float]:
         """One optimizer step, to its sync point: (loss, gradient norm before clipping).
-        `global_targets`: under data parallel, the global batch's targets (>= 1), which the
-        rank's summed loss is divided by before the ranks' sum; None: one process."""
+        `count`: the step's global batch's targets (>= 1), which every summed loss is divided by:
+        each micro-batch's (--grad-accum), and under data parallel each rank's before the ranks'
+        sum (ftcore.inputs.loss_contract)."""
 
     def after_step(self, step: int) -> None:
         """After step `step` was recorded (every rank)."""
@@ -94,10 +95,11 @@ def owned_steps(recipe: StepRecipe, clock: StepClock, evals: EvalSchedule | None
         lr = recipe.set_lr(cfg.lr_at(step))
         clock.feed(fed["input_ids"])  # the global batch, which the ranks split
         clock.lr(lr)
-        # the global count: summed over ranks, the rank losses are the one-process loss
-        global_targets = max(target_count(fed["labels"]), 1) if ranks else None
+        # the global batch's count: summed over ranks and micro-batches, the losses are the
+        # one-batch loss
+        count = max(target_count(fed["labels"]), 1)
         clock.begin(step)
-        loss, grad_norm = recipe.step(batch, global_targets)
+        loss, grad_norm = recipe.step(batch, count)
         clock.end(step, loss, grad_norm=grad_norm, targets=targets)
         recipe.after_step(step)
         if not run.lead or evals is None:

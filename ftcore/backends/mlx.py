@@ -151,8 +151,7 @@ class MlxRecipe(StepRecipe):
         result.extra["compiled_traces"] = 0  # counted by the compiled step's (or grads') traces
         # The LR lives in opt.state, so setting it per step feeds the compiled graph a new input.
         self.state = state = [model.state, opt.state, mx.random.state]
-        # two compiled halves: gradients, then (the ranks' all_sum or the micro-batches' sum)
-        # clip + AdamW
+        # two compiled halves: gradients, then (after the ranks' or micro-batches' sum) clip + AdamW
         if run.ranks or cfg.grad_accum > 1:
             self.grads_part = compile_grads(model, run.batches.packed, streams, state, result.extra)
             self.apply_part = compile_apply(model, opt, cfg, state)
@@ -189,16 +188,17 @@ class MlxRecipe(StepRecipe):
         self.opt.learning_rate = lr
         return self.opt.learning_rate.item()
 
-    def step(self, batch: dict[str, mx.array], global_targets: int | None) -> tuple[float, float]:
-        if global_targets is None and self.run.cfg.grad_accum == 1:
-            loss, grad_norm = self.whole(batch)
+    def step(self, batch: dict[str, mx.array], count: int) -> tuple[float, float]:
+        if not self.run.ranks and self.run.cfg.grad_accum == 1:
+            loss, grad_norm = self.whole(batch)  # its own count: the batch's targets, the same
             self.run.result.grad_accum = 1
-        elif global_targets is None:  # --grad-accum: the micro-batches' gradients summed
-            grads, loss, ran = accumulated_grads(self.grads_part, batch, self.run.cfg.grad_accum)
+        elif not self.run.ranks:  # --grad-accum: the micro-batches' gradients summed
+            n = self.run.cfg.grad_accum
+            grads, loss, ran = accumulated_grads(self.grads_part, batch, n, count)
             self.run.result.grad_accum = ran
             grad_norm = self.apply_part(grads)
         else:  # two compiled halves with the all_sum between them
-            loss, grads = self.grads_part(batch, mx.array(global_targets, mx.float32))
+            loss, grads = self.grads_part(batch, mx.array(count, mx.float32))
             grads, loss, seconds = dist.all_sum_step(grads, loss, self.group)
             self.run.result.allreduce_times_s.append(seconds)
             self.run.result.grad_accum = 1

@@ -17,7 +17,7 @@ from ftcore.backends.loop import StepRecipe, train_with
 from ftcore.backends.result_fields import optimizer_record
 from ftcore.backends.run_context import BackendRun
 from ftcore.backends.torch_common import eval_schedule, save_torch, start
-from ftcore.inputs.loss_contract import IGNORE_INDEX, micro_batches
+from ftcore.inputs.loss_contract import micro_batches
 from ftcore.result import RunResult
 from ftcore.torch import dist
 from ftcore.torch.loss import loss_sum_count, to_torch
@@ -53,14 +53,8 @@ class TorchRecipe(StepRecipe):
             group["lr"] = lr
         return self.opt.param_groups[0]["lr"]
 
-    def step(
-        self, batch: dict[str, torch.Tensor], global_targets: int | None
-    ) -> tuple[float, float]:
+    def step(self, batch: dict[str, torch.Tensor], count: int) -> tuple[float, float]:
         run, params = self.run, self.params
-        if global_targets is None:  # the whole step's targets: every micro-batch divides by them
-            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-        else:
-            count = global_targets
         micros = micro_batches(batch, run.cfg.grad_accum)
         loss = 0
         for micro in micros:  # (batch_size, L) each; one micro-batch's activations at a time

@@ -9,18 +9,20 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from ftcore.inputs.loss_contract import IGNORE_INDEX, micro_batches
+from ftcore.inputs.loss_contract import micro_batches
 
 
 def accumulated_grads(
-    grads_fn: Callable[[dict, mx.array], tuple[mx.array, dict]], batch: dict[str, mx.array], n: int
+    grads_fn: Callable[[dict, mx.array], tuple[mx.array, dict]], batch: dict[str, mx.array], n: int,
+    count: int,
 ) -> tuple[dict, mx.array, int]:
     """(summed gradients, step loss, micro-batches run) of a step's (n * B, L) rows over n
-    micro-batches of B rows.
+    micro-batches of B rows; `count`: the step's targets (>= 1).
     grads_fn(micro, count) -> (micro CE sum / count, its gradients): the compiled per-micro-batch
-    function, traced once per width (every micro-batch of a step has its shape). Evaluated after
-    each micro-batch, so one micro-batch's activations live at a time."""
-    count = mx.maximum((batch["labels"][:, 1:] != IGNORE_INDEX).sum(), 1).astype(mx.float32)
+    function, traced once per width (every micro-batch of a step has its shape; the count is an
+    array input, not a constant). Evaluated after each micro-batch, so one micro-batch's
+    activations live at a time."""
+    count = mx.array(count, mx.float32)
     grads, loss, ran = None, mx.array(0.0), 0
     for micro in micro_batches(batch, n):
         part, g = grads_fn(micro, count)
