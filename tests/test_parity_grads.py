@@ -9,7 +9,11 @@ width, and at TinyLlama-1.1B's width with LoRA on all seven target modules."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -65,6 +69,7 @@ pytestmark = pytest.mark.parity
 # Mean loss (values up to ~10): worst |diff| 1.9e-6 on the stated cases (5.2x below), 4.8e-6 over
 # the 500 random ones. The constants: ftcore/tolerances.py.
 
+HERE = Path(__file__).resolve().parent
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])\.default\.weight$")
 
 
@@ -137,18 +142,33 @@ def _check(case):
     assert err_over_budget <= 1.0, why
 
 
+def stated_measurement() -> tuple[float, float]:
+    """(worst loss diff, worst gradient err/budget) over the stated cases, masked and unmasked
+    prompts alike."""
+    measured = measured_on_stated_cases(cases(mask_prompt=None), _errors)
+    return max(m[0] for m in measured), max(m[1] for m in measured)
+
+
 def test_tolerances_are_at_most_10x_the_measured():
     """The measurement recorded beside FP32_GRAD_* and FP32_LOSS_ATOL, made again on the stated cases
-    (parity_utils.TOLERANCE_EXAMPLES), masked and unmasked prompts alike: within the tolerance,
-    and the tolerance at most 10x (loss) and 20x (gradients) it."""
-    measured = measured_on_stated_cases(cases(mask_prompt=None), _errors)
-    loss, ratio = max(m[0] for m in measured), max(m[1] for m in measured)
+    (parity_utils.TOLERANCE_EXAMPLES): within the tolerance, and the tolerance at most 10x it.
+
+    Measured in a fresh interpreter that imports only this module: fp32 rounding on this path
+    depends on the process's memory layout, so inside a test session the same cases gave 0.08 (after
+    a module importing ftcore.run.backend_process), 0.15 (after ftcore.report) and 0.162 (alone),
+    which MKL_CBWR does not pin."""
+    code = ("import json, test_parity_grads as t; "
+            "print('stated:', json.dumps(t.stated_measurement()))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    loss, ratio = json.loads(out.stdout.split("stated:", 1)[1])
     print(f"stated cases: worst loss diff {loss:.3g}, worst gradient err/budget {ratio:.3g}")
     assert loss < FP32_LOSS_ATOL <= 10 * loss, loss
-    # the budget is at most 20x the worst error: the worst err/budget measured on these cases moves
-    # from run to run (0.157 when FP32_GRAD_* were set; 0.086 in one CI run on 2026-12-05, 0.1 and
-    # above in the runs before it), so a 10x floor failed one run in several
-    assert 0.05 <= ratio <= 1.0, ratio
+    # the budget is at most 10x the worst error (0.157 when FP32_GRAD_* were set, 0.162 in a fresh
+    # interpreter on 2026-12-05)
+    assert 0.1 <= ratio <= 1.0, ratio
 
 
 @given(case=cases(mask_prompt=True))
