@@ -24,7 +24,10 @@ from mlx.utils import tree_flatten
 
 from ftcore.config import RunConfig
 from ftcore.files import atomic_path, json_bytes, write_atomic
-from ftcore.inputs.adapter_format import save_mlx_lm_adapter  # noqa: F401 (re-exported)
+from ftcore.inputs.adapter_format import (  # save_mlx_lm_adapter: re-exported
+    MAGNITUDE,  # DoRA's leaf; no ".weight" in PEFT's files
+    save_mlx_lm_adapter,  # noqa: F401
+)
 from ftcore.inputs.arch import normalise_config
 from ftcore.inputs.records import write_prompt_format
 from ftcore.inputs.tokenizer import copy_tokenizer
@@ -37,7 +40,6 @@ _PEFT_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?P<leaf>lora_A|lora_B)(?:\.[^.]+)?\.weight$"
     r"|^base_model\.model\.(?P<dmodule>.+)\.(?P<dleaf>lora_magnitude_vector)(?:\.[^.]+\.weight)?$"
 )
-MAGNITUDE = "lora_magnitude_vector"  # DoRA's leaf; no ".weight" in PEFT's files
 
 
 def _module_path(module: str, to_mlx: bool) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.config import UserError
+from ftcore.inputs.adapter_format import MAGNITUDE  # DoRA's leaf
 
 # PEFT format (what ftcore writes)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -19,7 +20,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TENSOR_KEY = re.compile(
     r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_A|lora_B|lora_magnitude_vector)$"
 )
-MAGNITUDE = "lora_magnitude_vector"
 
 
 def leaf_key(key: str) -> str:
